@@ -1,0 +1,146 @@
+"""Variable-length attention on torch's scaled_dot_product_attention.
+
+Tokens of all batch items are packed along dim 0: ``q [Tq, H, D]`` holds ``q_seqlens[b]`` rows
+for item b, in order (the same packing as SparseTensor rows). No flash_attn is needed; SDPA picks
+its own kernel (flash / cuDNN / memory-efficient / math) for each call.
+
+Strategy, chosen from the lengths alone:
+- all items the same length (q and kv each): one batched SDPA ``[B, H, L, D]``, no padding;
+- keys/values all the same length but queries differ: queries padded to the longest, no mask
+  (padded query rows are computed and thrown away; every real row sees exactly its own keys);
+- otherwise: one SDPA per batch item (each item's own lengths, no mask, no padding).
+Each path computes per row exactly ``softmax(q k^T * scale) v`` over that item's keys.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["varlen_attention", "dense_attention"]
+
+SeqLens = Union[Sequence[int], torch.Tensor]
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Batched attention in token-major layout.
+
+    Args:
+        q: ``[B, Lq, H, D]``; k: ``[B, Lk, H, D]``; v: ``[B, Lk, H, Dv]``.
+    Returns:
+        ``[B, Lq, H, Dv]``.
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_seqlens: SeqLens,
+    kv_seqlens: Optional[SeqLens] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of each batch item's queries over that item's keys only.
+
+    Args:
+        q: ``[Tq, H, D]`` packed queries, ``Tq = sum(q_seqlens)``.
+        k: ``[Tk, H, D]`` packed keys, ``Tk = sum(kv_seqlens)``.
+        v: ``[Tk, H, Dv]`` packed values.
+        q_seqlens: query rows per item (python ints or a LongTensor[B]; a tensor costs a host sync).
+        kv_seqlens: key rows per item; None means the same as q_seqlens (self-attention).
+        scale: softmax scale; None means ``1/sqrt(D)``.
+    Returns:
+        ``[Tq, H, Dv]`` packed like q.
+    """
+    q_lens = _as_list(q_seqlens)
+    kv_lens = q_lens if kv_seqlens is None else _as_list(kv_seqlens)
+    _check_inputs(q, k, v, q_lens, kv_lens)
+    B = len(q_lens)
+    if B == 0 or q.shape[0] == 0:
+        return q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+
+    kv_equal = all(n == kv_lens[0] for n in kv_lens)
+    if kv_equal and all(n == q_lens[0] for n in q_lens):
+        return _equal_lengths(q, k, v, B, scale)
+    if kv_equal:
+        return _padded_queries(q, k, v, q_lens, scale)
+    return _per_item(q, k, v, q_lens, kv_lens, scale)
+
+
+def _equal_lengths(q, k, v, B: int, scale) -> torch.Tensor:
+    """All items equal length: reshape to ``[B, L, H, D]`` and run one SDPA."""
+    out = dense_attention(
+        q.reshape(B, -1, *q.shape[1:]), k.reshape(B, -1, *k.shape[1:]), v.reshape(B, -1, *v.shape[1:]), scale
+    )
+    return out.reshape(q.shape[0], q.shape[1], v.shape[2])
+
+
+def _padded_queries(q, k, v, q_lens: list[int], scale) -> torch.Tensor:
+    """Equal key counts, ragged queries: pad queries to ``[B, Lq_max, H, D]``, no mask needed."""
+    B, L = len(q_lens), max(q_lens)
+    H, D = q.shape[1], q.shape[2]
+    row_idx, rows_mask = _padding_index(q_lens, L, q.device)
+    q_pad = q.new_zeros(B * L, H, D)
+    q_pad[rows_mask] = q
+    out = dense_attention(q_pad.view(B, L, H, D), k.view(B, -1, *k.shape[1:]), v.view(B, -1, *v.shape[1:]), scale)
+    return out.reshape(B * L, H, v.shape[2])[row_idx]
+
+
+def _per_item(q, k, v, q_lens: list[int], kv_lens: list[int], scale) -> torch.Tensor:
+    """Ragged keys: one SDPA per batch item; items with no queries are skipped."""
+    outs = []
+    q0 = k0 = 0
+    for nq, nk in zip(q_lens, kv_lens):
+        if nq:
+            outs.append(dense_attention(q[None, q0:q0 + nq], k[None, k0:k0 + nk], v[None, k0:k0 + nk], scale)[0])
+        q0 += nq
+        k0 += nk
+    return torch.cat(outs, dim=0)
+
+
+def _padding_index(lens: list[int], L: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows of lengths ``lens`` placed into ``[B, L]`` slots.
+
+    Returns ``(row_idx [T], mask [B*L])``: row ``t`` sits at padded slot ``row_idx[t]``; mask marks
+    real slots. Built on the host (lengths are python ints already), one copy to the device.
+    """
+    row_idx = torch.cat([torch.arange(n) + b * L for b, n in enumerate(lens)]).to(device)
+    mask = torch.zeros(len(lens) * L, dtype=torch.bool)
+    mask[row_idx.cpu()] = True
+    return row_idx, mask.to(device)
+
+
+def _as_list(seqlens: SeqLens) -> list[int]:
+    if isinstance(seqlens, torch.Tensor):
+        return [int(n) for n in seqlens.tolist()]
+    return [int(n) for n in seqlens]
+
+
+def _check_inputs(q, k, v, q_lens: list[int], kv_lens: list[int]) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"varlen_attention needs q/k/v of ndim 3 ([T, H, D]); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if len(q_lens) != len(kv_lens):
+        raise ValueError(f"varlen_attention: {len(q_lens)} query lengths but {len(kv_lens)} key lengths")
+    if sum(q_lens) != q.shape[0]:
+        raise ValueError(f"varlen_attention: q has {q.shape[0]} rows but q_seqlens sum to {sum(q_lens)}")
+    if sum(kv_lens) != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError(
+            f"varlen_attention: k has {k.shape[0]} rows, v {v.shape[0]}, but kv_seqlens sum to {sum(kv_lens)}"
+        )
+    if q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"varlen_attention: head/dim mismatch q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if any(nk == 0 and nq > 0 for nq, nk in zip(q_lens, kv_lens)):
+        raise ValueError("varlen_attention: a batch item has queries but no keys (softmax over nothing)")
+    if any(n < 0 for n in q_lens + kv_lens):
+        raise ValueError("varlen_attention: negative sequence length")
