@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["SparseTensor", "sparse_cat_channels"]
+__all__ = ["SparseTensor", "flat_keys", "sparse_cat", "sparse_cat_channels"]
 
 Operand = Union["SparseTensor", torch.Tensor, float, int]
 
@@ -158,6 +158,9 @@ class SparseTensor:
     def float(self) -> "SparseTensor":
         return self.replace(self.feats.float())
 
+    def double(self) -> "SparseTensor":
+        return self.replace(self.feats.double())
+
     def bfloat16(self) -> "SparseTensor":
         return self.replace(self.feats.bfloat16())
 
@@ -293,13 +296,33 @@ def flat_keys(coords: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tenso
     return ((c[:, 0] * X + c[:, 1]) * Y + c[:, 2]) * Z + c[:, 3]
 
 
+def sparse_cat(tensors: Sequence[SparseTensor], dim: int = 0) -> SparseTensor:
+    """Concatenate SparseTensors.
+
+    ``dim=0``: stack batches (item b of tensor t gets batch index ``b + sum of earlier batch
+    sizes``); spatial shapes must match. Any other dim: concatenate feats along it (same voxels).
+    """
+    if dim != 0:
+        first = tensors[0]
+        for t in tensors[1:]:
+            if t.feats.shape[0] != first.feats.shape[0]:
+                raise ValueError("sparse_cat along features needs tensors on the same voxels")
+        return first.replace(torch.cat([t.feats for t in tensors], dim=dim))
+    shape = tensors[0].spatial_shape
+    coords, start = [], 0
+    for t in tensors:
+        if t.spatial_shape != shape:
+            raise ValueError(f"sparse_cat: spatial shapes differ: {t.spatial_shape} vs {shape}")
+        c = t.coords.clone()
+        c[:, 0] += start
+        coords.append(c)
+        start += t.batch_size
+    return SparseTensor(torch.cat([t.feats for t in tensors], 0), torch.cat(coords, 0), shape, batch_size=start)
+
+
 def sparse_cat_channels(tensors: Sequence[SparseTensor]) -> SparseTensor:
     """Concatenate features of tensors on the same coords along dim 1 (keeps the first's cache)."""
-    first = tensors[0]
-    for t in tensors[1:]:
-        if t.feats.shape[0] != first.feats.shape[0]:
-            raise ValueError("sparse_cat_channels needs tensors on the same voxels")
-    return first.replace(torch.cat([t.feats for t in tensors], dim=1))
+    return sparse_cat(tensors, dim=1)
 
 
 def _check_metadata(feats: torch.Tensor, coords: torch.Tensor, spatial_shape: Sequence[int]) -> None:

@@ -1,0 +1,355 @@
+"""Submanifold 3-D convolution (stride 1, odd kernel, dilation d) on a SparseTensor, pure PyTorch.
+
+Output voxels are the input voxels. For output row n and kernel offset v:
+``out[n] = bias + sum_v W[:, v, :] @ feats[nbr[n, v]]`` where ``nbr[n, v]`` is the row holding the
+voxel at ``coords[n] + d * (i - k//2, j - k//2, l - k//2)`` (``v = (i * k + j) * k + l``, the
+FlexGEMM / official order on (x, y, z)); missing neighbours contribute zero.
+
+Weights are stored like the official checkpoints: ``weight [Co, k, k, k, Ci]``, ``bias [Co]``, so
+``weight.view(Co, k**3 * Ci)`` multiplies the taps laid out ``(v, ci)``. Equivalent dense op:
+``F.conv3d(grid, weight.permute(0, 4, 1, 2, 3), bias, padding=d*(k//2), dilation=d)`` sampled at
+the active voxels of a zero-filled grid.
+
+Three ways to compute, same result (tests hold them to each other and to dense conv3d):
+- ``"gather"``: gather the k^3 input taps of a chunk of rows into ``[m, k^3*Ci]`` and multiply
+  by ``weight.view(Co, k^3*Ci)``; chunks keep the gathered block under ``chunk_bytes``.
+- ``"offset"``: per kernel offset, gather the rows that have that neighbour, multiply by
+  ``W_v`` and scatter-add into the output (skips missing neighbours: the fewest FLOPs).
+- ``"bag"``: one dense GEMM gives every tap's product ``Y = feats @ W_v^T`` for all offsets of a
+  group, then ``embedding_bag(sum)`` adds, per output row, the products of its existing
+  neighbours (reads only those; fp32 accumulation). Offsets are grouped so ``Y`` stays under
+  ``chunk_bytes``.
+``"auto"`` picks by :func:`choose_algorithm` (a rule from the benchmark in
+``benchmarks/bench_sparse_conv.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .tensor import SparseTensor, flat_keys
+
+__all__ = [
+    "SubMConv3d",
+    "SparseConv3d",
+    "NeighbourMap",
+    "neighbour_map",
+    "build_neighbour_map",
+    "kernel_offsets",
+    "submanifold_conv3d",
+    "choose_algorithm",
+    "ALGORITHMS",
+]
+
+ALGORITHMS = ("gather", "offset", "bag")
+DEFAULT_CHUNK_BYTES = 1 << 30
+
+
+def kernel_offsets(kernel_size: int, dilation: int) -> list[tuple[int, int, int]]:
+    """The ``kernel_size**3`` (dx, dy, dz) offsets in neighbour order ``v = (i*k + j)*k + l``."""
+    r = kernel_size // 2
+    steps = [(t - r) * dilation for t in range(kernel_size)]
+    return [(dx, dy, dz) for dx in steps for dy in steps for dz in steps]
+
+
+def build_neighbour_map(
+    coords: torch.Tensor, spatial_shape, kernel_size: int = 3, dilation: int = 1
+) -> torch.Tensor:
+    """Neighbour rows of every voxel.
+
+    Args:
+        coords: ``[N, 4]`` int32 (b, x, y, z); unique rows.
+        spatial_shape: ``(X, Y, Z)``.
+    Returns:
+        ``nbr [N, k^3]`` int32; ``nbr[n, v]`` is the row of voxel ``coords[n] + offset_v``, or ``N``
+        when that voxel is not active (or outside the grid).
+    """
+    N = coords.shape[0]
+    K = kernel_size ** 3
+    nbr = torch.full((N, K), N, dtype=torch.int32, device=coords.device)
+    if N == 0:
+        return nbr
+    X, Y, Z = (int(s) for s in spatial_shape)
+    keys = flat_keys(coords, spatial_shape)
+    sorted_keys, order = torch.sort(keys)
+    xyz = coords[:, 1:].long()
+    limits = (X, Y, Z)
+    center = K // 2
+    for v, (dx, dy, dz) in enumerate(kernel_offsets(kernel_size, dilation)):
+        if v == center:
+            nbr[:, v] = torch.arange(N, dtype=torch.int32, device=coords.device)
+            continue
+        inside = torch.ones(N, dtype=torch.bool, device=coords.device)
+        for axis, d in enumerate((dx, dy, dz)):
+            if d > 0:
+                inside &= xyz[:, axis] < limits[axis] - d
+            elif d < 0:
+                inside &= xyz[:, axis] >= -d
+        target = keys + ((dx * Y + dy) * Z + dz)
+        pos = torch.searchsorted(sorted_keys, target).clamp_(max=N - 1)
+        hit = inside & (sorted_keys[pos] == target)
+        nbr[:, v] = torch.where(hit, order[pos], N).to(torch.int32)
+    return nbr
+
+
+class NeighbourMap:
+    """Neighbour map of one coordinate set plus the index layouts derived from it (lazily).
+
+    Attributes:
+        nbr: ``[N, K]`` int32, missing = N.
+        num_rows: N.  kernel_size, dilation: as built.
+    """
+
+    def __init__(self, nbr: torch.Tensor, kernel_size: int, dilation: int):
+        self.nbr = nbr
+        self.num_rows = nbr.shape[0]
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self._derived: dict = {}
+
+    @property
+    def volume(self) -> int:
+        return self.nbr.shape[1]
+
+    @property
+    def fill(self) -> float:
+        """Mean fraction of existing neighbours (one host sync, cached)."""
+        if "fill" not in self._derived:
+            n = max(self.num_rows * self.volume, 1)
+            self._derived["fill"] = float((self.nbr < self.num_rows).sum().item()) / n
+        return self._derived["fill"]
+
+    def offset_pairs(self) -> list[Optional[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per offset v: ``(out_rows [P_v], in_rows [P_v])`` int64 of existing pairs, or None if none.
+
+        Built once (one host sync for the counts) and cached.
+        """
+        if "pairs" not in self._derived:
+            N = self.num_rows
+            valid_t = (self.nbr < N).t()  # [K, N]
+            counts = valid_t.sum(1).tolist()
+            vn = valid_t.nonzero()  # [P, 2] (v, n), sorted by v then n
+            src = self.nbr.t()[vn[:, 0], vn[:, 1]].long()
+            out_rows = vn[:, 1].split(counts)
+            in_rows = src.split(counts)
+            self._derived["pairs"] = [
+                (o, i) if c else None for o, i, c in zip(out_rows, in_rows, counts)
+            ]
+        return self._derived["pairs"]
+
+    def bag_index(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bags for offsets ``v0 <= v < v1`` (group size g = v1 - v0).
+
+        Returns ``(indices [P], offsets [N])`` for ``embedding_bag`` over a table ``[N*g, Co]``
+        whose row ``n*g + (v - v0)`` is tap v's product of input row n: bag n lists the existing
+        neighbours of output row n, in offset order. Cached per group.
+        """
+        key = ("bag", v0, v1)
+        if key not in self._derived:
+            N, g = self.num_rows, v1 - v0
+            sub = self.nbr[:, v0:v1]
+            valid = sub < N  # [N, g]
+            nv = valid.nonzero()  # [P, 2] (n, vl), row-major
+            idx_dtype = torch.int32 if N * g < 2**31 - 1 else torch.int64
+            indices = (sub[nv[:, 0], nv[:, 1]].long() * g + nv[:, 1]).to(idx_dtype)
+            per_row = valid.sum(1)
+            offsets = (torch.cumsum(per_row, 0) - per_row).to(idx_dtype)
+            self._derived[key] = (indices, offsets)
+        return self._derived[key]
+
+
+def neighbour_map(x: SparseTensor, kernel_size: int = 3, dilation: int = 1) -> NeighbourMap:
+    """The NeighbourMap of x's coords, cached in ``x.cache`` under ``("subm_neighbour_map", k, d)``."""
+    key = ("subm_neighbour_map", int(kernel_size), int(dilation))
+    nm = x.cache.get(key)
+    if nm is None:
+        nm = NeighbourMap(build_neighbour_map(x.coords, x.spatial_shape, kernel_size, dilation), kernel_size, dilation)
+        x.cache[key] = nm
+    return nm
+
+
+def choose_algorithm(device: torch.device, in_channels: int, out_channels: int, fill: Optional[float] = None) -> str:
+    """Rule for ``algo="auto"``.
+
+    - Few neighbours present (``fill < 0.25``): ``"offset"`` (does only the existing taps).
+    - CUDA: ``"bag"`` unless the output is much wider than the input (``Co > 2*Ci``), where
+      ``"gather"`` moves fewer bytes (bag writes k^3*Co per voxel, gather k^3*Ci).
+    - CPU: ``"offset"`` (fewest FLOPs; fastest of the three on CPU in the ``--tiny`` benchmark).
+    """
+    if fill is not None and fill < 0.25:
+        return "offset"
+    if torch.device(device).type == "cuda":
+        return "bag" if out_channels <= 2 * in_channels else "gather"
+    return "offset"
+
+
+def submanifold_conv3d(
+    x: SparseTensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    dilation: int = 1,
+    algo: str = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> SparseTensor:
+    """Submanifold conv of ``x`` (feats ``[N, Ci]``) with ``weight [Co, k, k, k, Ci]``, ``bias [Co]``.
+
+    Weight and bias are cast to ``x.dtype``. Returns a tensor on the same coords (shared cache)
+    with feats ``[N, Co]``.
+    """
+    if x.feats.dim() != 2:
+        raise ValueError(f"submanifold_conv3d needs feats [N, C], got {tuple(x.feats.shape)}")
+    if weight.dim() != 5 or not (weight.shape[1] == weight.shape[2] == weight.shape[3]) or weight.shape[1] % 2 == 0:
+        raise ValueError(f"submanifold_conv3d weight must be [Co, k, k, k, Ci] with odd k, got {tuple(weight.shape)}")
+    Co, k, Ci = weight.shape[0], weight.shape[1], weight.shape[4]
+    if x.feats.shape[1] != Ci:
+        raise ValueError(f"submanifold_conv3d: input has {x.feats.shape[1]} channels, weight expects {Ci}")
+    if algo not in ALGORITHMS and algo != "auto":
+        raise ValueError(f"submanifold_conv3d algo must be one of {ALGORITHMS + ('auto',)}, got {algo!r}")
+    feats = x.feats
+    w = weight.to(feats.dtype)
+    b = None if bias is None else bias.to(feats.dtype)
+    nm = neighbour_map(x, k, dilation)
+    if x.num_voxels == 0:
+        return x.replace(feats.new_zeros(0, Co))
+    if algo == "auto":
+        algo = choose_algorithm(feats.device, Ci, Co, nm.fill if nm.num_rows else None)
+    if algo == "gather":
+        out = _conv_gather(feats, nm, w, b, chunk_bytes)
+    elif algo == "offset":
+        out = _conv_offset(feats, nm, w, b, chunk_bytes)
+    else:
+        out = _conv_bag(feats, nm, w, b, chunk_bytes)
+    return x.replace(out)
+
+
+def _conv_gather(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
+    """Gathered taps ``[m, K*Ci]`` @ ``w.view(Co, K*Ci)^T`` per chunk of m rows."""
+    N, Ci = feats.shape
+    Co, K = w.shape[0], nm.volume
+    w2 = w.reshape(Co, K * Ci).t()
+    x_pad = torch.cat([feats, feats.new_zeros(1, Ci)], 0)  # row N is the zero "missing" row
+    rows = max(1, chunk_bytes // (K * Ci * feats.element_size()))
+    outs = []
+    for a in range(0, N, rows):
+        taps = x_pad[nm.nbr[a:a + rows]].view(-1, K * Ci)
+        outs.append(taps @ w2 if b is None else torch.addmm(b, taps, w2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _conv_offset(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
+    """Per offset: ``out[rows_v] += feats[src_v] @ W_v^T`` (existing pairs only).
+
+    Half-precision inputs accumulate in fp32 (as GEMM kernels do), then round once.
+    """
+    N, Ci = feats.shape
+    Co, K = w.shape[0], nm.volume
+    wv = w.reshape(Co, K, Ci)
+    acc_dtype = torch.float32 if feats.element_size() < 4 else feats.dtype
+    center = K // 2
+    out = (feats @ wv[:, center].t()).to(acc_dtype)  # the centre tap: every row is its own neighbour
+    rows_per_chunk = max(1, chunk_bytes // ((Ci + Co) * feats.element_size()))
+    for v, pair in enumerate(nm.offset_pairs()):
+        if v == center or pair is None:
+            continue
+        out_rows, in_rows = pair
+        wt = wv[:, v].t()
+        for a in range(0, out_rows.shape[0], rows_per_chunk):
+            prod = feats[in_rows[a:a + rows_per_chunk]] @ wt
+            out.index_add_(0, out_rows[a:a + rows_per_chunk], prod.to(acc_dtype))
+    if b is not None:
+        out += b.to(acc_dtype)
+    return out.to(feats.dtype)
+
+
+def _bag_groups(K: int, bytes_per_offset: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Split offsets 0..K-1 into near-equal consecutive groups whose products fit chunk_bytes."""
+    per = max(1, min(K, chunk_bytes // max(bytes_per_offset, 1)))
+    n_groups = math.ceil(K / per)
+    size = math.ceil(K / n_groups)
+    return [(v0, min(K, v0 + size)) for v0 in range(0, K, size)]
+
+
+def _conv_bag(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
+    """``Y = feats @ W_g^T`` ([N, g*Co], all taps of a group), then bag-sum existing neighbours."""
+    N, Ci = feats.shape
+    Co, K = w.shape[0], nm.volume
+    wv = w.reshape(Co, K, Ci)
+    out = None
+    for v0, v1 in _bag_groups(K, N * Co * feats.element_size(), chunk_bytes):
+        g = v1 - v0
+        wg = wv[:, v0:v1].transpose(0, 1).reshape(g * Co, Ci)
+        y = (feats @ wg.t()).view(N * g, Co)  # row n*g + vl = tap (v0+vl) of input row n
+        indices, offsets = nm.bag_index(v0, v1)
+        part = F.embedding_bag(indices, y, offsets, mode="sum")
+        out = part if out is None else out.add_(part)
+    if b is not None:
+        out += b
+    return out
+
+
+class SubMConv3d(nn.Module):
+    """Submanifold sparse conv, official parameter layout.
+
+    Args:
+        in_channels, out_channels: Ci, Co.
+        kernel_size: odd k (3 in TRELLIS.2). dilation: d.
+        bias: add a ``bias [Co]`` parameter.
+        algo: ``"auto" | "gather" | "offset" | "bag"`` (see module docstring).
+        chunk_bytes: memory budget of the largest temporary block.
+    Parameters: ``weight [Co, k, k, k, Ci]``, ``bias [Co]``.
+    forward(x: SparseTensor feats [N, Ci]) -> SparseTensor feats [N, Co] on the same coords.
+    The neighbour map is cached in ``x.cache`` keyed by (kernel, dilation).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        bias: bool = True,
+        algo: str = "auto",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"SubMConv3d kernel_size must be odd, got {kernel_size}")
+        if algo not in ALGORITHMS and algo != "auto":
+            raise ValueError(f"SubMConv3d algo must be one of {ALGORITHMS + ('auto',)}, got {algo!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.algo = algo
+        self.chunk_bytes = chunk_bytes
+        k = kernel_size
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_channels, k, k, k, in_channels, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch Conv3d's default init, in the [Co, k, k, k, Ci] layout."""
+        fan_in = self.in_channels * self.kernel_size ** 3
+        bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
+        nn.init.uniform_(self.weight, -bound, bound)  # == kaiming_uniform_(a=sqrt(5))
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return submanifold_conv3d(x, self.weight, self.bias, self.dilation, self.algo, self.chunk_bytes)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, bias={self.bias is not None}, algo={self.algo!r}"
+        )
+
+
+SparseConv3d = SubMConv3d  # the reference's name for the same layer
