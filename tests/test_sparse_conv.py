@@ -143,3 +143,32 @@ def test_auto_rule():
     assert conv_module.choose_algorithm(torch.device("cuda"), 64, 64, 0.6) == "bag"
     assert conv_module.choose_algorithm(torch.device("cuda"), 64, 512, 0.6) == "gather"
     assert conv_module.choose_algorithm(torch.device("cuda"), 64, 64, 0.1) == "offset"
+
+
+def _shell_sparse(R, channels, shuffle=False):
+    g = torch.arange(R)
+    x, y, z = torch.meshgrid(g, g, g, indexing="ij")
+    d = ((x - (R - 1) / 2) ** 2 + (y - (R - 1) / 2) ** 2 + (z - (R - 1) / 2) ** 2).sqrt()
+    m = (d - R * 0.4).abs() < 1.0
+    xyz = torch.stack([x[m], y[m], z[m]], 1)
+    if shuffle:
+        xyz = xyz[torch.randperm(xyz.shape[0])]
+    coords = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).to(torch.int32)
+    return SparseTensor(torch.randn(coords.shape[0], channels), coords, (R, R, R))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_bag_row_chunks_and_fallback(shuffle):
+    """Sorted shells run the bag algorithm in output-row chunks; shuffled rows fall back to groups."""
+    x = _shell_sparse(16, 4, shuffle)
+    weight, bias = torch.randn(4, 3, 3, 3, 4), torch.randn(4)
+    budget_rows = 900
+    out = submanifold_conv3d(x, weight, bias, 1, "bag", chunk_bytes=budget_rows * 27 * 4 * 4).feats
+    plan = neighbour_map(x).bag_row_plan(budget_rows)
+    if shuffle:
+        assert plan is None
+    else:
+        assert len(plan) > 1
+        assert all(hi - lo <= budget_rows for _, _, lo, hi, _, _ in plan)
+        assert [a for a, *_ in plan] == sorted(a for a, *_ in plan) and plan[-1][1] == x.num_voxels
+    assert rel_err(out, dense_reference(x, weight, bias, 1)) <= 1e-5

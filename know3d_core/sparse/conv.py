@@ -141,6 +141,56 @@ class NeighbourMap:
             ]
         return self._derived["pairs"]
 
+    def bag_row_plan(self, budget_rows: int) -> Optional[list[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]]:
+        """Output-row chunks for the ``"bag"`` algorithm with all K taps at once.
+
+        Each chunk is ``(a, b, lo, hi, indices [P_c], offsets [b - a])``: output rows ``[a, b)`` only
+        read input rows ``[lo, hi)`` with ``hi - lo <= budget_rows``; bag n - a lists
+        ``(src - lo) * K + v`` for the existing neighbours src of row n (offset order), i.e. rows of
+        a table ``[(hi - lo) * K, Co]`` whose row ``(src - lo) * K + v`` is tap v of input ``src``.
+        Relies on neighbours having nearby row numbers (coords sorted, or refined from sorted
+        parents); returns None when no chunking meets the budget (then the caller groups offsets).
+        Cached per budget (a few host syncs when built).
+        """
+        key = ("bag_rows", budget_rows)
+        if key not in self._derived:
+            self._derived[key] = self._plan_row_chunks(budget_rows)
+        return self._derived[key]
+
+    def _plan_row_chunks(self, budget_rows: int):
+        N, K = self.num_rows, self.volume
+        valid = self.nbr < N
+        if N <= budget_rows:
+            bounds = [(0, N, 0, N)]
+        else:
+            row_lo = torch.where(valid, self.nbr, N).amin(1)
+            row_hi = torch.where(valid, self.nbr, -1).amax(1) + 1
+            bounds = None
+            m = budget_rows // 2
+            while m >= 256 and bounds is None:
+                starts = list(range(0, N, m))
+                pad = (-N) % m
+                lo = torch.cat([row_lo, row_lo.new_full((pad,), N)]).view(-1, m).amin(1)
+                hi = torch.cat([row_hi, row_hi.new_zeros(pad)]).view(-1, m).amax(1)
+                lo_l, hi_l = lo.tolist(), hi.tolist()
+                if max(h - l for l, h in zip(lo_l, hi_l)) <= budget_rows:
+                    bounds = [(a, min(a + m, N), l, h) for a, l, h in zip(starts, lo_l, hi_l)]
+                m //= 2
+            if bounds is None:
+                return None
+        nv = valid.nonzero()  # [P, 2] (n, v), row-major
+        flat = self.nbr[nv[:, 0], nv[:, 1]].long() * K + nv[:, 1]
+        per_row = valid.sum(1)
+        row_start = torch.cumsum(per_row, 0) - per_row
+        cut = row_start[[a for a, _, _, _ in bounds]].tolist() + [flat.shape[0]]
+        idx_dtype = torch.int32 if budget_rows * K < 2**31 - 1 else torch.int64
+        plan = []
+        for i, (a, b, lo, hi) in enumerate(bounds):
+            indices = (flat[cut[i]:cut[i + 1]] - lo * K).to(idx_dtype)
+            offsets = (row_start[a:b] - cut[i]).to(idx_dtype)
+            plan.append((a, b, lo, hi, indices, offsets))
+        return plan
+
     def bag_index(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bags for offsets ``v0 <= v < v1`` (group size g = v1 - v0).
 
@@ -274,7 +324,30 @@ def _bag_groups(K: int, bytes_per_offset: int, chunk_bytes: int) -> list[tuple[i
 
 
 def _conv_bag(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
-    """``Y = feats @ W_g^T`` ([N, g*Co], all taps of a group), then bag-sum existing neighbours."""
+    """``Y = feats[lo:] @ W_all^T`` (every tap of a band of input rows), then for each output row
+    the sum of its existing neighbours' taps (``embedding_bag``, fp32 accumulation). Output rows
+    are chunked so ``Y`` fits ``chunk_bytes``; if neighbours lie too far apart in row order the
+    offsets are split into groups instead.
+    """
+    N, Ci = feats.shape
+    Co, K = w.shape[0], nm.volume
+    budget_rows = max(1, chunk_bytes // (K * Co * feats.element_size()))
+    plan = nm.bag_row_plan(budget_rows)
+    if plan is None:
+        return _conv_bag_offset_groups(feats, nm, w, b, chunk_bytes)
+    w_all = w.reshape(Co, K, Ci).transpose(0, 1).reshape(K * Co, Ci).t()  # column v*Co + co
+    outs = []
+    for _, _, lo, hi, indices, offsets in plan:
+        y = feats[lo:hi] @ w_all  # row r = every tap of input row lo + r
+        outs.append(F.embedding_bag(indices, y.view(-1, Co), offsets, mode="sum"))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    if b is not None:
+        out += b
+    return out
+
+
+def _conv_bag_offset_groups(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
+    """Bag algorithm over all rows, offsets in groups: ``Y_g = feats @ W_g^T`` ([N, g*Co])."""
     N, Ci = feats.shape
     Co, K = w.shape[0], nm.volume
     wv = w.reshape(Co, K, Ci)
