@@ -168,14 +168,17 @@ def dense_std(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_std(x: Any) -> torch.Tensor:
-    """Per-item population std over tokens x channels, ``sqrt(E[x^2] - E[x]^2)`` (reference
-    ``VarLenTensor.std``): sparse ``feats [N, C, ...]`` with ``layout`` -> ``[B]``."""
-    f = x.feats.reshape(x.feats.shape[0], -1)
-    row_mean = f.mean(dim=1)
-    row_mean2 = (f * f).mean(dim=1)
-    mean = torch.stack([row_mean[s].mean() for s in x.layout])
-    mean2 = torch.stack([row_mean2[s].mean() for s in x.layout])
-    return (mean2 - mean**2).sqrt()
+    """Per-item population std over tokens x channels, ``sqrt(E[x^2] - E[x]^2)``, computed in the
+    reference's order (``VarLenTensor.std``: row means, then a segment mean per item):
+    sparse ``feats [N, C, ...]`` with ``layout`` -> ``[B]``."""
+    f = x.feats
+    dims = list(range(1, f.dim()))
+    lengths = getattr(x, "seqlens", None)  # know3d_core.sparse caches it on the device
+    if lengths is None:
+        lengths = torch.tensor([s.stop - s.start for s in x.layout], device=f.device)
+    mean = torch.segment_reduce(f.mean(dim=dims, keepdim=True), "mean", lengths=lengths)
+    mean2 = torch.segment_reduce((f**2).mean(dim=dims, keepdim=True), "mean", lengths=lengths)
+    return (mean2 - mean**2).sqrt().reshape(-1)
 
 
 def _default_std(x: Any) -> torch.Tensor:
