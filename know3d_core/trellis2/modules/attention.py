@@ -1,0 +1,147 @@
+"""Multi-head attention of the TRELLIS.2 DiTs (dense batches and packed variable-length batches).
+
+Hidden states are always a 3-D tensor ``[B', L', C]``:
+- dense / equal-length batches: ``[B, L, C]``, ``layout=None``;
+- packed batches of different lengths: ``[1, N, C]`` with a :class:`TokenLayout` that says which
+  rows belong to which sample (attention never mixes samples).
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...sparse import varlen_attention
+from .norm import MultiHeadRMSNorm
+from .rope import apply_rope
+
+__all__ = ["TokenLayout", "attend", "MultiHeadAttention"]
+
+
+@dataclass
+class TokenLayout:
+    """Rows of a packed ``[1, N, C]`` hidden-state tensor holding B samples back to back.
+
+    Attributes:
+        seqlens: ``LongTensor[B]`` rows per sample (device of the features).
+        seqlens_list: the same as python ints.
+        batch_index: ``LongTensor[N]`` sample of each row.
+    """
+
+    seqlens: torch.Tensor
+    seqlens_list: list
+    batch_index: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqlens_list)
+
+    def per_row(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``[B, C]`` -> per-row ``[1, N, C]``."""
+        return v[self.batch_index].unsqueeze(0)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_layout: Optional[TokenLayout] = None,
+    kv_layout: Optional[TokenLayout] = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention (scale ``1/sqrt(D)``), no mask across samples.
+
+    Args:
+        q: ``[B, Lq, H, D]``, or ``[1, Nq, H, D]`` packed per ``q_layout``.
+        k, v: ``[B, Lk, H, D]``, or ``[1, Nk, H, D]`` packed per ``kv_layout``.
+    Returns:
+        ``[B, Lq, H, D]`` (or ``[1, Nq, H, D]`` when q is packed).
+    """
+    if q_layout is None and kv_layout is None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    layout = q_layout if q_layout is not None else kv_layout
+    B = layout.batch_size
+
+    def packed(x, lay):
+        if lay is not None:
+            return x[0], lay.seqlens_list
+        return x.reshape(-1, *x.shape[2:]), [x.shape[1]] * B
+
+    q2, q_lens = packed(q, q_layout)
+    k2, kv_lens = packed(k, kv_layout)
+    v2, _ = packed(v, kv_layout)
+    out = varlen_attention(q2, k2, v2, q_lens, kv_lens)
+    return out.unsqueeze(0) if q_layout is not None else out.reshape(q.shape[0], q.shape[1], *out.shape[1:])
+
+
+RopeTables = Tuple[torch.Tensor, torch.Tensor]
+
+
+class MultiHeadAttention(nn.Module):
+    """Self- or cross-attention with optional per-head q/k RMS norm and RoPE (self only).
+
+    Keys: self: ``to_qkv``; cross: ``to_q``, ``to_kv``; both: ``to_out``, ``q_rms_norm.gamma``,
+    ``k_rms_norm.gamma`` (when ``qk_rms_norm``).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        ctx_channels: Optional[int] = None,
+        type: str = "self",
+        qkv_bias: bool = True,
+        use_rope: bool = False,
+        qk_rms_norm: bool = False,
+    ):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
+        if type not in ("self", "cross"):
+            raise ValueError(f"attention type must be 'self' or 'cross', got {type!r}")
+        if type == "cross" and use_rope:
+            raise ValueError("RoPE is only used in self-attention")
+        self.channels = channels
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+        self.ctx_channels = channels if ctx_channels is None else ctx_channels
+        self._type = type
+        self.use_rope = use_rope
+        self.qk_rms_norm = qk_rms_norm
+        if type == "self":
+            self.to_qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
+        else:
+            self.to_q = nn.Linear(channels, channels, bias=qkv_bias)
+            self.to_kv = nn.Linear(self.ctx_channels, 2 * channels, bias=qkv_bias)
+        if qk_rms_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
+            self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        rope: Optional[RopeTables] = None,
+        layout: Optional[TokenLayout] = None,
+    ) -> torch.Tensor:
+        """x ``[B, L, C]`` (packed ``[1, N, C]`` with ``layout``); context ``[B, Lc, Cc]`` (cross);
+        rope: ``(cos, sin)`` broadcastable to ``[B, L, D/2]`` (self with RoPE). Returns ``[B, L, C]``."""
+        B, L, _ = x.shape
+        H = self.num_heads
+        if self._type == "self":
+            q, k, v = self.to_qkv(x).reshape(B, L, 3, H, -1).unbind(dim=2)
+        else:
+            q = self.to_q(x).reshape(B, L, H, -1)
+            k, v = self.to_kv(context).reshape(context.shape[0], context.shape[1], 2, H, -1).unbind(dim=2)
+        if self.qk_rms_norm:
+            q = self.q_rms_norm(q)
+            k = self.k_rms_norm(k)
+        if self.use_rope:
+            if rope is None:
+                raise ValueError("this attention uses RoPE: pass rope=(cos, sin)")
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        h = attend(q, k, v, q_layout=layout, kv_layout=layout if self._type == "self" else None)
+        return self.to_out(h.reshape(B, L, -1))

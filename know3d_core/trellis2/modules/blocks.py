@@ -1,0 +1,133 @@
+"""Transformer blocks of the TRELLIS.2 flow DiTs (shared by the dense and the sparse model).
+
+Block (``ModulatedTransformerCrossBlock``; the sparse model uses the same block on its voxel tokens):
+    shift/scale/gate (msa, mlp) = chunk6(modulation + mod)            # share_mod
+    x += gate_msa * SelfAttn(norm1(x) * (1 + scale_msa) + shift_msa)   # RoPE, q/k RMS norm
+    x += CrossAttn(norm2(x), cond) [+ knowledge_attn(x, ctx)]          # no modulation, no gate
+    x += gate_mlp * MLP(norm3(x) * (1 + scale_mlp) + shift_mlp)
+norm1/norm3: LayerNorm without affine, norm2: affine; all eps 1e-6, computed in fp32.
+"""
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .attention import MultiHeadAttention, RopeTables, TokenLayout
+from .norm import LayerNorm32
+
+__all__ = ["FeedForwardNet", "ModulatedTransformerCrossBlock"]
+
+
+class FeedForwardNet(nn.Module):
+    """``[.., C] -> [.., C]``: Linear(C, int(C*ratio)) -> GELU(tanh) -> Linear (keys ``mlp.0``, ``mlp.2``)."""
+
+    def __init__(self, channels: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(channels * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class ModulatedTransformerCrossBlock(nn.Module):
+    """Self-attention + image cross-attention + MLP with adaLN modulation.
+
+    Knowledge hook (docs/internals.md): ``knowledge_attn`` is None by default; when the Know3D
+    branch is installed it is called parallel to the image cross-attention with the block input
+    ``x`` (dense ``[B, L, C]``, or a SparseTensor for the sparse model) and the projected knowledge.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        ctx_channels: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        use_rope: bool = False,
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+        qkv_bias: bool = True,
+        share_mod: bool = False,
+    ):
+        super().__init__()
+        self.share_mod = share_mod
+        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
+        self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.self_attn = MultiHeadAttention(
+            channels, num_heads, type="self", qkv_bias=qkv_bias, use_rope=use_rope, qk_rms_norm=qk_rms_norm
+        )
+        self.cross_attn = MultiHeadAttention(
+            channels, num_heads, ctx_channels=ctx_channels, type="cross", qkv_bias=qkv_bias,
+            qk_rms_norm=qk_rms_norm_cross,
+        )
+        self.mlp = FeedForwardNet(channels, mlp_ratio)
+        if share_mod:
+            self.modulation = nn.Parameter(torch.zeros(6 * channels))
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
+        self.knowledge_attn: Optional[nn.Module] = None
+
+    def _modulation(self, mod: torch.Tensor):
+        """mod ``[B, 6C]`` -> six ``[B, C]`` chunks in mod's dtype."""
+        if self.share_mod:
+            return (self.modulation + mod).type(mod.dtype).chunk(6, dim=1)
+        return self.adaLN_modulation(mod).chunk(6, dim=1)
+
+    def _knowledge_delta(self, x: torch.Tensor, ctx: Any, sparse: Any) -> torch.Tensor:
+        """``knowledge_attn`` on the block input, in the representation the model uses.
+
+        Dense models pass rows ``[B, L, C]`` as they are. The sparse model passes its input
+        SparseTensor as ``sparse``: the rows go in as a SparseTensor on those coords
+        (feats ``[N, C]``) and the returned SparseTensor's feats come back as rows.
+        """
+        if sparse is None:
+            return self.knowledge_attn(x, ctx)
+        h = sparse.replace(x.reshape(-1, x.shape[-1]))
+        return self.knowledge_attn(h, ctx).feats.reshape(x.shape)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mod: torch.Tensor,
+        context: torch.Tensor,
+        rope: Optional[RopeTables] = None,
+        layout: Optional[TokenLayout] = None,
+        knowledge_ctx: Any = None,
+        sparse: Any = None,
+    ) -> torch.Tensor:
+        """One block.
+
+        Args:
+            x: ``[B, L, C]`` (or packed ``[1, N, C]`` with ``layout``), block dtype.
+            mod: ``[B, 6C]`` shared modulation (share_mod) or the timestep embedding ``[B, C]``.
+            context: image tokens ``[B, Lc, Cc]``.
+            rope: ``(cos, sin)`` broadcastable to ``[B, L, D/2]``.
+            knowledge_ctx: projected knowledge for ``knowledge_attn`` (None: branch off).
+            sparse: the sparse model's input SparseTensor (its rows are the tokens of x), so that
+                ``knowledge_attn`` receives a SparseTensor; None for the dense model.
+        Returns:
+            ``[B, L, C]``.
+        """
+        chunks = self._modulation(mod)
+        if layout is None:
+            chunks = [c.unsqueeze(1) for c in chunks]
+        else:
+            chunks = [layout.per_row(c) for c in chunks]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks
+
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        x = x + self.self_attn(h, rope=rope, layout=layout) * gate_msa
+        branch = self.cross_attn(self.norm2(x), context, layout=layout)
+        if self.knowledge_attn is not None and knowledge_ctx is not None:
+            x = x + branch + self._knowledge_delta(x, knowledge_ctx, sparse)
+        else:
+            x = x + branch
+        h = self.norm3(x) * (1 + scale_mlp) + shift_mlp
+        return x + self.mlp(h) * gate_mlp
+

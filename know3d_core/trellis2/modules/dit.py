@@ -1,0 +1,159 @@
+"""Common skeleton of the two TRELLIS.2 flow DiTs (constructor arguments, precision, embedders, head).
+
+Precision follows the reference: only the ``nn.Linear`` layers inside ``blocks`` take the model
+dtype (bf16 in the official checkpoints); ``input_layer``, ``t_embedder``, ``adaLN_modulation``,
+``out_layer``, every norm, RMS gamma and ``modulation`` stay fp32. Activations are cast to the block
+dtype before the blocks and back to fp32 for the head.
+"""
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .blocks import ModulatedTransformerCrossBlock
+from .embedder import TimestepEmbedder
+
+__all__ = ["FlowDiT", "parse_dtype"]
+
+_DTYPES = {
+    "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """``'bfloat16'``/``'bf16'``/``torch.bfloat16`` ... -> torch dtype (fp32, bf16 or fp16)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ValueError(f"unsupported dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+
+
+class FlowDiT(nn.Module):
+    """Shared constructor and helpers of ``SparseStructureFlowModel`` and ``SLatFlowModel``.
+
+    Constructor arguments are those of the official checkpoint JSON ``args``. ``use_checkpoint``
+    and ``initialization`` only matter for training and are accepted and ignored; an unknown
+    argument raises ``TypeError`` naming it.
+    """
+
+    supports_empty_init = True  # no state outside the state dict: loaders may build it on "meta"
+
+    def __init__(
+        self,
+        resolution: int,
+        in_channels: int,
+        model_channels: int,
+        cond_channels: int,
+        out_channels: int,
+        num_blocks: int,
+        num_heads: Optional[int] = None,
+        num_head_channels: Optional[int] = 64,
+        mlp_ratio: float = 4,
+        pe_mode: str = "ape",
+        rope_freq: Sequence[float] = (1.0, 10000.0),
+        dtype: Union[str, torch.dtype] = "float32",
+        use_checkpoint: bool = False,
+        share_mod: bool = False,
+        initialization: str = "vanilla",
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
+    ):
+        super().__init__()
+        if pe_mode != "rope":
+            raise ValueError(
+                f"pe_mode {pe_mode!r} is not implemented: every TRELLIS.2 flow checkpoint uses 'rope'"
+            )
+        self.config = dict(
+            resolution=resolution, in_channels=in_channels, model_channels=model_channels,
+            cond_channels=cond_channels, out_channels=out_channels, num_blocks=num_blocks,
+            num_heads=num_heads, num_head_channels=num_head_channels, mlp_ratio=mlp_ratio,
+            pe_mode=pe_mode, rope_freq=list(rope_freq), dtype=str(dtype).replace("torch.", ""),
+            share_mod=share_mod, qk_rms_norm=qk_rms_norm, qk_rms_norm_cross=qk_rms_norm_cross,
+        )
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.cond_channels = cond_channels
+        self.out_channels = out_channels
+        self.num_blocks = num_blocks
+        self.num_heads = num_heads or model_channels // num_head_channels
+        self.head_dim = model_channels // self.num_heads
+        self.mlp_ratio = mlp_ratio
+        self.pe_mode = pe_mode
+        self.rope_freq = tuple(float(f) for f in rope_freq)
+        self.share_mod = share_mod
+        self.qk_rms_norm = qk_rms_norm
+        self.qk_rms_norm_cross = qk_rms_norm_cross
+
+        self.t_embedder = TimestepEmbedder(model_channels)
+        if share_mod:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 6 * model_channels))
+        self.input_layer = nn.Linear(in_channels, model_channels)
+        self.blocks = nn.ModuleList([
+            ModulatedTransformerCrossBlock(
+                model_channels, cond_channels, num_heads=self.num_heads, mlp_ratio=mlp_ratio,
+                use_rope=True, qk_rms_norm=qk_rms_norm, qk_rms_norm_cross=qk_rms_norm_cross,
+                share_mod=share_mod,
+            )
+            for _ in range(num_blocks)
+        ])
+        self.out_layer = nn.Linear(model_channels, out_channels)
+        # Know3D injection point (docs/internals.md): set by knowledge.install_branch.
+        self.knowledge_proj: Optional[nn.Module] = None
+        self.dtype = torch.float32
+        self.convert_to(parse_dtype(dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_layer.weight.device
+
+    def convert_to(self, dtype: Union[str, torch.dtype]) -> "FlowDiT":
+        """Cast the ``nn.Linear`` layers inside ``blocks`` to ``dtype`` (the block compute dtype)."""
+        self.dtype = parse_dtype(dtype)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                for p in module.parameters():
+                    p.data = p.data.to(self.dtype)
+        return self
+
+    def _time_modulation(self, t: Union[torch.Tensor, float], batch_size: int) -> torch.Tensor:
+        """t ``[B]`` (or scalar), on the reference scale (``1000 * t``) -> mod ``[B, 6C]`` (or ``[B, C]``)
+        in the block dtype."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.device)
+        if t.dim() == 0:
+            t = t.expand(batch_size)
+        if t.shape != (batch_size,):
+            raise ValueError(f"t must have shape [{batch_size}] (one time per sample), got {tuple(t.shape)}")
+        mod = self.t_embedder(t)
+        if self.share_mod:
+            mod = self.adaLN_modulation(mod)
+        return mod.to(self.dtype)
+
+    def _check_cond(self, cond: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """cond ``[B, Lc, cond_channels]`` -> block dtype."""
+        if cond.dim() != 3 or cond.shape[0] != batch_size or cond.shape[2] != self.cond_channels:
+            raise ValueError(
+                f"cond must have shape [{batch_size}, L, {self.cond_channels}], got {tuple(cond.shape)}"
+            )
+        return cond.to(self.dtype)
+
+    def _knowledge_context(self, knowledge: Any) -> Any:
+        """``knowledge_proj(knowledge)`` once per forward (None when no knowledge is given)."""
+        if knowledge is None:
+            return None
+        if self.knowledge_proj is None:
+            raise ValueError(
+                "knowledge was given but this model has no knowledge branch: install one with "
+                "know3d_core.knowledge.install_branch(model, ...) or pass knowledge=None"
+            )
+        return self.knowledge_proj(knowledge)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm (no affine, eps 1e-5) and ``out_layer`` in fp32: ``[.., C] -> [.., out]``."""
+        h = h.float()
+        return self.out_layer(F.layer_norm(h, h.shape[-1:]))

@@ -1,0 +1,83 @@
+"""TRELLIS.2 shape SLat flow DiT (``ckpts/slat_flow_img2shape_dit_1_3B_{512,1024}_bf16``).
+
+A plain DiT over sparse voxel tokens (one token per active voxel of the 32^3 / 64^3 / 96^3 grid):
+full self-attention among the tokens of each sample with 3-D RoPE on the voxel coords,
+cross-attention to the DINOv3 image tokens. No down/upsampling, no sparse conv.
+Official config: in/out 32, model_channels 1536, cond 1024, 30 blocks, 12 heads, mlp_ratio 5.3334,
+pe_mode rope, share_mod, qk_rms_norm(+cross), dtype bfloat16 (``resolution`` only matters for
+the unused absolute position embedding). ``ElasticSLatFlowModel`` (upstream: the same network with a
+training-time memory mixin) loads as this class.
+"""
+from typing import Any, Optional, Tuple
+
+import torch
+
+from ..sparse import SparseTensor
+from .modules.attention import TokenLayout
+from .modules.dit import FlowDiT
+from .modules.rope import rope_cos_sin
+
+__all__ = ["SLatFlowModel", "ElasticSLatFlowModel"]
+
+
+class SLatFlowModel(FlowDiT):
+    """Velocity model of the shape-SLat stage. See :class:`FlowDiT` for the arguments.
+
+    Batches: a CFG pair on shared coords (all samples the same number of tokens) runs as a plain
+    ``[B, L, C]`` batch; samples of different lengths are packed ``[1, N, C]`` and attend only
+    within themselves (varlen attention).
+    """
+
+    def _rope_tables(self, x: SparseTensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[N, D/2]`` for the voxel coords of x (cached in x.cache)."""
+        key = ("trellis2_rope", self.head_dim, self.rope_freq)
+        if key not in x.cache:
+            x.cache[key] = rope_cos_sin(x.coords[:, 1:], self.head_dim, self.rope_freq)
+        return x.cache[key]
+
+    def _token_layout(self, x: SparseTensor) -> Optional[TokenLayout]:
+        """None when every sample has the same token count (dense batch), else the packed layout."""
+        if x.batch_size == 1:
+            return None
+        lens = x.seqlens_list
+        if all(n == lens[0] for n in lens):
+            return None
+        return TokenLayout(seqlens=x.seqlens, seqlens_list=lens, batch_index=x.batch_index)
+
+    def forward(
+        self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None
+    ) -> SparseTensor:
+        """Predict the velocity.
+
+        Args:
+            x: noisy latent, SparseTensor with feats ``[N, in_channels]`` (fp32) on coords
+                ``[N, 4]`` (b, x, y, z), rows contiguous per sample.
+            t: ``[B]`` times on the reference scale, i.e. ``1000 * t`` with t in [0, 1].
+            cond: image tokens ``[B, Lc, cond_channels]`` (1029 DINOv3 tokens at 512 px, 4101 at 1024).
+            knowledge: optional Know3D knowledge, passed to ``knowledge_proj`` (see docs/internals.md).
+        Returns:
+            velocity, SparseTensor with feats ``[N, out_channels]`` in x's dtype on x's coords.
+        """
+        if x.feats.dim() != 2 or x.feats.shape[1] != self.in_channels:
+            raise ValueError(f"x.feats must have shape [N, {self.in_channels}], got {tuple(x.feats.shape)}")
+        B = x.batch_size
+        N = x.feats.shape[0]
+        mod = self._time_modulation(t, B)
+        cond = self._check_cond(cond, B)
+        ctx = self._knowledge_context(knowledge)
+        cos, sin = self._rope_tables(x)
+        layout = self._token_layout(x)
+        h = self.input_layer(x.feats.float()).to(self.dtype)
+        if layout is None:
+            h = h.reshape(B, N // B, -1)
+            rope = (cos.reshape(B, N // B, -1), sin.reshape(B, N // B, -1))
+        else:
+            h = h.unsqueeze(0)
+            rope = (cos.unsqueeze(0), sin.unsqueeze(0))
+        for block in self.blocks:
+            h = block(h, mod, cond, rope=rope, layout=layout, knowledge_ctx=ctx, sparse=x)
+        out = self._head(h.reshape(N, -1))
+        return x.replace(out.to(x.dtype))
+
+
+ElasticSLatFlowModel = SLatFlowModel

@@ -1,0 +1,66 @@
+"""TRELLIS.2 sparse-structure flow DiT (``ckpts/ss_flow_img_dit_1_3B_64_bf16``).
+
+A dense DiT on the ``[B, 8, 16, 16, 16]`` structure latent: every voxel is a token (x slowest, z
+fastest), full self-attention with 3-D RoPE, cross-attention to the DINOv3 image tokens.
+Official config: resolution 16, in/out 8, model_channels 1536, cond 1024, 30 blocks, 12 heads,
+mlp_ratio 5.3334, pe_mode rope, share_mod, qk_rms_norm(+cross), dtype bfloat16.
+"""
+from typing import Any, Dict, Tuple
+
+import torch
+
+from .modules.dit import FlowDiT
+from .modules.rope import rope_cos_sin
+
+__all__ = ["SparseStructureFlowModel"]
+
+
+class SparseStructureFlowModel(FlowDiT):
+    """Velocity model of the sparse-structure stage.
+
+    State-dict keys equal the official checkpoint's (no ``rope_phases``: RoPE tables are rebuilt
+    per device and cached outside the state dict). See :class:`FlowDiT` for the arguments.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._rope_cache: Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rope_tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[R^3, D/2]`` for the ``indexing='ij'`` meshgrid of the latent grid."""
+        key = (str(device), self.resolution)
+        if key not in self._rope_cache:
+            r = torch.arange(self.resolution, device=device)
+            grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
+            self._rope_cache[key] = rope_cos_sin(grid, self.head_dim, self.rope_freq)
+        return self._rope_cache[key]
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None
+    ) -> torch.Tensor:
+        """Predict the velocity.
+
+        Args:
+            x: noisy latent ``[B, in_channels, R, R, R]`` (fp32).
+            t: ``[B]`` times on the reference scale, i.e. ``1000 * t`` with t in [0, 1].
+            cond: image tokens ``[B, Lc, cond_channels]`` (1029 DINOv3 tokens at 512 px).
+            knowledge: optional Know3D knowledge, passed to ``knowledge_proj`` (see docs/internals.md).
+        Returns:
+            velocity ``[B, out_channels, R, R, R]`` in x's dtype.
+        """
+        R = self.resolution
+        B = x.shape[0]
+        if tuple(x.shape[1:]) != (self.in_channels, R, R, R):
+            raise ValueError(
+                f"x must have shape [B, {self.in_channels}, {R}, {R}, {R}], got {tuple(x.shape)}"
+            )
+        h = self.input_layer(x.reshape(B, self.in_channels, -1).transpose(1, 2).float())
+        mod = self._time_modulation(t, B)
+        cond = self._check_cond(cond, B)
+        ctx = self._knowledge_context(knowledge)
+        rope = self._rope_tables(x.device)
+        h = h.to(self.dtype)
+        for block in self.blocks:
+            h = block(h, mod, cond, rope=rope, knowledge_ctx=ctx)
+        h = self._head(h)
+        return h.transpose(1, 2).reshape(B, self.out_channels, R, R, R).to(x.dtype)
