@@ -1,0 +1,191 @@
+"""Headless back view: Qwen-Image-Edit-2511 (+ Know3D back-view LoRA) with diffusers components
+and our sampling loop; optional hidden-state capture and early exit."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .capture import CaptureSpec, MMDiTKnowledge
+from .loading import QwenEditComponents, load_qwen_edit, require_zero_cond_t
+from .lora import LoraReport, merge_lora
+from .packing import (CONDITION_IMAGE_AREA, PATCH, VAE_IMAGE_AREA, VAE_SCALE_FACTOR, denormalize_latents,
+                      dimensions_for_area, normalize_latents, pack_latents, unpack_latents)
+from .prompt import DEFAULT_NEGATIVE_PROMPT, BackViewPrompt, encode_prompt
+from .sampler import EditPlusInputs, EditPlusSampler, SampleResult, Trajectory
+from .schedule import flow_match_sigmas
+
+DEFAULT_STEPS = 40        # Qwen-Image-Edit-2511 model card
+DEFAULT_TRUE_CFG = 4.0
+
+
+def _image_processor(vae_scale_factor: int):
+    from diffusers.image_processor import VaeImageProcessor
+    return VaeImageProcessor(vae_scale_factor=vae_scale_factor * PATCH)
+
+
+def output_size(image, vae_scale_factor: int = VAE_SCALE_FACTOR, area: int = 1024 * 1024) -> tuple[int, int]:
+    """(height, width) of the back view: the input's aspect ratio at ~``area`` pixels, multiple of 16."""
+    w, h = dimensions_for_area(area, image.size[0] / image.size[1])
+    m = vae_scale_factor * PATCH
+    return h // m * m, w // m * m
+
+
+def condition_images(images, vae_scale_factor: int = VAE_SCALE_FACTOR, area: int = CONDITION_IMAGE_AREA):
+    """The Qwen2.5-VL copies of the input images (PIL), each resized to ~``area`` pixels."""
+    proc = _image_processor(vae_scale_factor)
+    out = []
+    for img in images:
+        w, h = dimensions_for_area(area, img.size[0] / img.size[1])
+        out.append(proc.resize(img, h, w))
+    return out
+
+
+def vae_images(images, vae_scale_factor: int = VAE_SCALE_FACTOR, area: int = VAE_IMAGE_AREA) -> list[torch.Tensor]:
+    """The VAE copies of the input images: [1, 3, 1, H, W] in [-1, 1] at ~``area`` pixels."""
+    proc = _image_processor(vae_scale_factor)
+    out = []
+    for img in images:
+        w, h = dimensions_for_area(area, img.size[0] / img.size[1])
+        out.append(proc.preprocess(img, h, w).unsqueeze(2))
+    return out
+
+
+@torch.no_grad()
+def encode_reference_latents(vae, images: list[torch.Tensor], batch_size: int = 1
+                             ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """VAE-encode reference images ([1, 3, 1, H, W] each) -> (packed [B, N_ref, 4z], token grids).
+
+    Mode of the latent distribution, per-channel normalised, packed 2x2, concatenated in order.
+    """
+    packed, grids = [], []
+    p = next(vae.parameters())
+    for img in images:
+        z = vae.encode(img.to(p.device, p.dtype)).latent_dist.mode()
+        z = normalize_latents(z, vae.config.latents_mean, vae.config.latents_std)
+        grids.append((z.shape[-2] // 2, z.shape[-1] // 2))
+        tok = pack_latents(z)
+        packed.append(tok.expand(batch_size, -1, -1) if tok.shape[0] == 1 else tok)
+    return torch.cat(packed, dim=1), grids
+
+
+@torch.no_grad()
+def decode_latents(vae, tokens: torch.Tensor, height: int, width: int,
+                   vae_scale_factor: int = VAE_SCALE_FACTOR) -> torch.Tensor:
+    """Packed target latents [B, N, 4z] -> images [B, 3, H, W] in [-1, 1]."""
+    z = unpack_latents(tokens, height // vae_scale_factor, width // vae_scale_factor).to(vae.dtype)
+    z = denormalize_latents(z, vae.config.latents_mean, vae.config.latents_std)
+    return vae.decode(z, return_dict=False)[0][:, :, 0]
+
+
+@dataclass
+class BackViewResult:
+    images: list | None                 # PIL back views (None when decode is skipped)
+    latents: torch.Tensor               # packed [B, N_target, 4z]
+    knowledge: MMDiTKnowledge | None
+    trajectory: Trajectory | None
+    sample: SampleResult
+    inputs: EditPlusInputs
+
+
+class QwenEditBackView:
+    """Front image + back description -> back view (and MMDiT knowledge), headless."""
+
+    def __init__(self, components: QwenEditComponents, prompt: BackViewPrompt | None = None,
+                 vae_image_area: int = VAE_IMAGE_AREA, condition_image_area: int = CONDITION_IMAGE_AREA):
+        if getattr(components.transformer.config, "zero_cond_t", False):
+            require_zero_cond_t()
+        self.c = components
+        self.prompt = prompt or BackViewPrompt()
+        self.vae_image_area = vae_image_area
+        self.condition_image_area = condition_image_area
+        self.sampler = EditPlusSampler(components.transformer, components.model_name)
+        vae = components.vae
+        self.vae_scale_factor = 2 ** len(vae.temperal_downsample) if vae is not None else VAE_SCALE_FACTOR
+        self.loras: list[LoraReport] = []
+
+    @classmethod
+    def from_folder(cls, folder: str, *, dtype=torch.bfloat16, device="cpu", loras=(),
+                    prompt: BackViewPrompt | None = None, **kw) -> "QwenEditBackView":
+        """Load a diffusers-format folder; ``loras``: paths or (path, strength), merged at load."""
+        obj = cls(load_qwen_edit(folder, dtype=dtype, device=device, **kw), prompt=prompt)
+        for item in loras:
+            path, strength = (item, 1.0) if isinstance(item, str) else item
+            obj.load_lora(path, strength)
+        return obj
+
+    def load_lora(self, path: str, strength: float = 1.0) -> LoraReport:
+        report = merge_lora(self.c.transformer, path, strength)
+        self.loras.append(report)
+        return report
+
+    def encode(self, images, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings for ``text`` with the front image(s): ([1, T, D], [1, T])."""
+        if self.c.text_encoder is None or self.c.processor is None:
+            raise RuntimeError("no text encoder/processor loaded: pass prompt_embeds instead")
+        cond = condition_images(images, self.vae_scale_factor, self.condition_image_area)
+        p = next(self.c.transformer.parameters())
+        return encode_prompt(self.c.text_encoder, self.c.processor, cond, text, dtype=p.dtype, device=p.device)
+
+    def prepare(self, images, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
+                height: int | None = None, width: int | None = None) -> EditPlusInputs:
+        """Model inputs: reference latents of ``images`` (PIL list) + prompt embeddings."""
+        if height is None or width is None:
+            h, w = output_size(images[-1], self.vae_scale_factor)
+            height, width = height or h, width or w
+        m = self.vae_scale_factor * PATCH
+        height, width = height // m * m, width // m * m
+        p = next(self.c.transformer.parameters())
+        b = prompt_embeds.shape[0]
+        refs, grids = encode_reference_latents(
+            self.c.vae, vae_images(images, self.vae_scale_factor, self.vae_image_area), b)
+        return EditPlusInputs(
+            prompt_embeds=prompt_embeds.to(p.device, p.dtype),
+            prompt_mask=None if prompt_mask is None else prompt_mask.to(p.device),
+            negative_embeds=None if negative_embeds is None else negative_embeds.to(p.device, p.dtype),
+            negative_mask=None if negative_mask is None else negative_mask.to(p.device),
+            ref_latents=refs.to(p.device, p.dtype), ref_grids=grids,
+            target_grid=(height // m, width // m), vae_scale_factor=self.vae_scale_factor)
+
+    def noise(self, inputs: EditPlusInputs, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Packed Gaussian latents [B, N_target, 4z], drawn like diffusers' pipeline draws them."""
+        from diffusers.utils.torch_utils import randn_tensor
+        p = next(self.c.transformer.parameters())
+        z_dim = self.c.transformer.config.in_channels // (PATCH * PATCH)
+        gh, gw = inputs.target_grid
+        z = randn_tensor((inputs.batch_size, 1, z_dim, gh * 2, gw * 2), generator=generator,
+                         device=p.device, dtype=p.dtype)
+        return pack_latents(z.permute(0, 2, 1, 3, 4))
+
+    @torch.no_grad()
+    def __call__(self, images, description: str = "", *, prompt_embeds=None, prompt_mask=None,
+                 negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, negative_embeds=None, negative_mask=None,
+                 steps: int = DEFAULT_STEPS, true_cfg_scale: float = DEFAULT_TRUE_CFG, generator=None,
+                 latents=None, height=None, width=None, capture: CaptureSpec | None = None,
+                 early_exit: bool = False, decode: bool = True, record_trajectory: bool = True
+                 ) -> BackViewResult:
+        """Generate the back view of ``images`` (PIL front image, or a list: the front image first).
+
+        Either the text encoder builds the prompt ``camera prompt + description`` (and the negative
+        prompt), or ``prompt_embeds``/``negative_embeds`` (+ masks) are given. With ``early_exit``
+        sampling stops at ``capture.sigma`` and nothing is decoded.
+        """
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if prompt_embeds is None:
+            prompt_embeds, prompt_mask = self.encode(images, self.prompt.build(description))
+        if negative_embeds is None and negative_prompt is not None and true_cfg_scale > 1:
+            negative_embeds, negative_mask = self.encode(images, negative_prompt)
+        inputs = self.prepare(images, prompt_embeds, prompt_mask, negative_embeds, negative_mask, height, width)
+        if latents is None:
+            latents = self.noise(inputs, generator)
+        sigmas = flow_match_sigmas(steps, inputs.n_target, self.c.scheduler_config)
+        res = self.sampler.sample(inputs, latents, sigmas, true_cfg_scale=true_cfg_scale, capture=capture,
+                                  early_exit=early_exit, record_trajectory=record_trajectory)
+        pil = None
+        if decode and not res.exited_early:
+            img = decode_latents(self.c.vae, res.latents, *inputs.resolution, self.vae_scale_factor)
+            pil = _image_processor(self.vae_scale_factor).postprocess(img, output_type="pil")
+        if res.knowledge is not None:
+            res.knowledge.extra["loras"] = [r.path for r in self.loras]
+        return BackViewResult(images=pil, latents=res.latents, knowledge=res.knowledge,
+                              trajectory=res.trajectory, sample=res, inputs=inputs)
