@@ -8,7 +8,7 @@ from know3d_core.sparse import conv as conv_module
 
 from _sparse_helpers import random_sparse, sample_dense
 
-ALGOS = ["gather", "offset", "bag"]
+ALGOS = ["gather", "offset", "bag", "csr"]
 
 
 def dense_reference(x: SparseTensor, weight, bias, dilation):
@@ -139,7 +139,7 @@ def test_empty_and_bad_inputs():
 
 
 def test_auto_rule():
-    assert conv_module.choose_algorithm(torch.device("cpu"), 64, 64, 0.6) == "offset"
+    assert conv_module.choose_algorithm(torch.device("cpu"), 64, 64, 0.6) == "bag"
     assert conv_module.choose_algorithm(torch.device("cuda"), 64, 64, 0.6) == "bag"
     assert conv_module.choose_algorithm(torch.device("cuda"), 64, 512, 0.6) == "gather"
     assert conv_module.choose_algorithm(torch.device("cuda"), 64, 64, 0.1) == "offset"
@@ -157,13 +157,14 @@ def _shell_sparse(R, channels, shuffle=False):
     return SparseTensor(torch.randn(coords.shape[0], channels), coords, (R, R, R))
 
 
+@pytest.mark.parametrize("algo", ["bag", "csr"])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_bag_row_chunks_and_fallback(shuffle):
+def test_bag_row_chunks_and_fallback(shuffle, algo):
     """Sorted shells run the bag algorithm in output-row chunks; shuffled rows fall back to groups."""
     x = _shell_sparse(16, 4, shuffle)
     weight, bias = torch.randn(4, 3, 3, 3, 4), torch.randn(4)
     budget_rows = 900
-    out = submanifold_conv3d(x, weight, bias, 1, "bag", chunk_bytes=budget_rows * 27 * 4 * 4).feats
+    out = submanifold_conv3d(x, weight, bias, 1, algo, chunk_bytes=budget_rows * 27 * 4 * 4).feats
     plan = neighbour_map(x).bag_row_plan(budget_rows)
     if shuffle:
         assert plan is None

@@ -10,7 +10,7 @@ Weights are stored like the official checkpoints: ``weight [Co, k, k, k, Ci]``, 
 ``F.conv3d(grid, weight.permute(0, 4, 1, 2, 3), bias, padding=d*(k//2), dilation=d)`` sampled at
 the active voxels of a zero-filled grid.
 
-Three ways to compute, same result (tests hold them to each other and to dense conv3d):
+Four ways to compute, same result (tests hold them to each other and to dense conv3d):
 - ``"gather"``: gather the k^3 input taps of a chunk of rows into ``[m, k^3*Ci]`` and multiply
   by ``weight.view(Co, k^3*Ci)``; chunks keep the gathered block under ``chunk_bytes``.
 - ``"offset"``: per kernel offset, gather the rows that have that neighbour, multiply by
@@ -19,12 +19,15 @@ Three ways to compute, same result (tests hold them to each other and to dense c
   group, then ``embedding_bag(sum)`` adds, per output row, the products of its existing
   neighbours (reads only those; fp32 accumulation). Offsets are grouped so ``Y`` stays under
   ``chunk_bytes``.
+- ``"csr"``: as ``"bag"``, with the per-row sum done as a CSR sparse x dense product (cuSPARSE
+  on CUDA); falls back to ``"bag"`` where the sparse product lacks the dtype (CPU half types).
 ``"auto"`` picks by :func:`choose_algorithm` (a rule from the benchmark in
 ``benchmarks/bench_sparse_conv.py``).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -45,7 +48,7 @@ __all__ = [
     "ALGORITHMS",
 ]
 
-ALGORITHMS = ("gather", "offset", "bag")
+ALGORITHMS = ("gather", "offset", "bag", "csr")
 DEFAULT_CHUNK_BYTES = 1 << 30
 
 
@@ -228,13 +231,13 @@ def choose_algorithm(device: torch.device, in_channels: int, out_channels: int, 
     - Few neighbours present (``fill < 0.25``): ``"offset"`` (does only the existing taps).
     - CUDA: ``"bag"`` unless the output is much wider than the input (``Co > 2*Ci``), where
       ``"gather"`` moves fewer bytes (bag writes k^3*Co per voxel, gather k^3*Ci).
-    - CPU: ``"offset"`` (fewest FLOPs; fastest of the three on CPU in the ``--tiny`` benchmark).
+    - CPU: ``"bag"`` (one GEMM per row chunk, few large ops; the steadiest on a loaded 2-core CPU).
     """
     if fill is not None and fill < 0.25:
         return "offset"
     if torch.device(device).type == "cuda":
         return "bag" if out_channels <= 2 * in_channels else "gather"
-    return "offset"
+    return "bag"
 
 
 def submanifold_conv3d(
@@ -272,7 +275,7 @@ def submanifold_conv3d(
     elif algo == "offset":
         out = _conv_offset(feats, nm, w, b, chunk_bytes)
     else:
-        out = _conv_bag(feats, nm, w, b, chunk_bytes)
+        out = _conv_bag(feats, nm, w, b, chunk_bytes, use_csr=algo == "csr")
     return x.replace(out)
 
 
@@ -323,11 +326,11 @@ def _bag_groups(K: int, bytes_per_offset: int, chunk_bytes: int) -> list[tuple[i
     return [(v0, min(K, v0 + size)) for v0 in range(0, K, size)]
 
 
-def _conv_bag(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
-    """``Y = feats[lo:] @ W_all^T`` (every tap of a band of input rows), then for each output row
-    the sum of its existing neighbours' taps (``embedding_bag``, fp32 accumulation). Output rows
-    are chunked so ``Y`` fits ``chunk_bytes``; if neighbours lie too far apart in row order the
-    offsets are split into groups instead.
+def _conv_bag(feats, nm: NeighbourMap, w, b, chunk_bytes: int, use_csr: bool = False) -> torch.Tensor:
+    """``Y = feats[lo:hi] @ W_all^T`` (every tap of a band of input rows), then for each output row
+    the sum of its existing neighbours' taps (``embedding_bag`` with fp32 accumulation, or a CSR
+    product). Output rows are chunked so ``Y`` fits ``chunk_bytes``; if neighbours lie too far
+    apart in row order the offsets are split into groups instead.
     """
     N, Ci = feats.shape
     Co, K = w.shape[0], nm.volume
@@ -335,15 +338,34 @@ def _conv_bag(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
     plan = nm.bag_row_plan(budget_rows)
     if plan is None:
         return _conv_bag_offset_groups(feats, nm, w, b, chunk_bytes)
+    use_csr = use_csr and (feats.is_cuda or feats.dtype in (torch.float32, torch.float64))
     w_all = w.reshape(Co, K, Ci).transpose(0, 1).reshape(K * Co, Ci).t()  # column v*Co + co
     outs = []
-    for _, _, lo, hi, indices, offsets in plan:
-        y = feats[lo:hi] @ w_all  # row r = every tap of input row lo + r
-        outs.append(F.embedding_bag(indices, y.view(-1, Co), offsets, mode="sum"))
+    for i, (a, b_end, lo, hi, indices, offsets) in enumerate(plan):
+        y = (feats[lo:hi] @ w_all).view(-1, Co)  # row r*K + v = tap v of input row lo + r
+        if use_csr:
+            outs.append(_csr_matrix(nm, budget_rows, i, feats.dtype, y.shape[0]) @ y)
+        else:
+            outs.append(F.embedding_bag(indices, y, offsets, mode="sum"))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     if b is not None:
         out += b
     return out
+
+
+def _csr_matrix(nm: NeighbourMap, budget_rows: int, i: int, dtype, num_cols: int) -> torch.Tensor:
+    """0/1 CSR ``[b - a, num_cols]`` summing chunk i's bags (cached per chunk and dtype)."""
+    key = ("csr", budget_rows, i, dtype)
+    if key not in nm._derived:
+        a, b, _, _, indices, offsets = nm.bag_row_plan(budget_rows)[i]
+        crow = torch.cat([offsets, offsets.new_full((1,), indices.shape[0])])
+        values = torch.ones(indices.shape[0], dtype=dtype, device=indices.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta" (emitted once per process)
+            warnings.simplefilter("ignore")
+            nm._derived[key] = torch.sparse_csr_tensor(
+                crow, indices, values, (b - a, num_cols), check_invariants=False
+            )
+    return nm._derived[key]
 
 
 def _conv_bag_offset_groups(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
@@ -371,7 +393,7 @@ class SubMConv3d(nn.Module):
         in_channels, out_channels: Ci, Co.
         kernel_size: odd k (3 in TRELLIS.2). dilation: d.
         bias: add a ``bias [Co]`` parameter.
-        algo: ``"auto" | "gather" | "offset" | "bag"`` (see module docstring).
+        algo: ``"auto" | "gather" | "offset" | "bag" | "csr"`` (see module docstring).
         chunk_bytes: memory budget of the largest temporary block.
     Parameters: ``weight [Co, k, k, k, Ci]``, ``bias [Co]``.
     forward(x: SparseTensor feats [N, Ci]) -> SparseTensor feats [N, Co] on the same coords.
