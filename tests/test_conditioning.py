@@ -257,8 +257,9 @@ def test_load_checkpoint_folder(tmp_path):
     folder = tmp_path / "dinov3"
     folder.mkdir()
     save_file(official_layout(model), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({**TINY_CFG, "model_type": "dinov3_vit",
-                                                    "architectures": ["DINOv3ViTModel"]}))
+    (folder / "config.json").write_text(json.dumps({  # the keys a Hugging Face config.json carries
+        **TINY_CFG, "model_type": "dinov3_vit", "architectures": ["DINOv3ViTModel"],
+        "torch_dtype": "float32", "transformers_version": "4.56.0.dev0"}))
     loaded = DinoV3FeatureExtractor.from_pretrained(str(folder), image_size=64)
     img = Image.fromarray(np.random.default_rng(9).integers(0, 256, (48, 48, 3), dtype=np.uint8))
     torch.testing.assert_close(loaded(img), DinoV3FeatureExtractor(model, 64)(img), atol=0, rtol=0)

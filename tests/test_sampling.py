@@ -2,6 +2,7 @@
 
 Expected values come from closed forms (exact fractions, analytic flows) or fp64 recomputation.
 """
+import dataclasses
 import os
 from fractions import Fraction
 
@@ -196,7 +197,7 @@ def test_last_step_outside_interval_lands_on_cond_target():
     gen = torch.Generator().manual_seed(3)
     a, b, noise = (torch.randn(1, 6, generator=gen) for _ in range(3))
     p = OFFICIAL_SAMPLER_PARAMS["sparse_structure"]
-    p = SamplerParams(p.steps, p.guidance_strength, p.guidance_rescale, p.guidance_interval, p.rescale_t, sigma_min=0.0)
+    p = dataclasses.replace(p, sigma_min=0.0)
     out = FlowEulerGuidanceIntervalSampler(p).sample(lambda x, t, c: target_flow(x, t, c), noise, a, b)
     torch.testing.assert_close(out, a, atol=1e-5, rtol=1e-5)
 
@@ -438,6 +439,8 @@ def test_sampler_params_from_pipeline_json():
         FlowEulerGuidanceIntervalSampler.from_pipeline_json({**block, "name": "FlowEulerSampler"})
     with pytest.raises(ValueError, match="steps"):
         SamplerParams(steps=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        OFFICIAL_SAMPLER_PARAMS["shape_slat"].steps = 3
 
 
 # ----------------------------------------------------------------------------------- reference golden

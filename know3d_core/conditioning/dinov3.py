@@ -214,8 +214,7 @@ def load_dinov3_model(path: str, dtype: torch.dtype = torch.float32, device: Uni
         cfg = config_from_state_dict(state_dict)
     else:
         raise _missing_file_error(path)
-    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "transformers_version", "torch_dtype", "dtype")}
-    config = config_cls(**cfg)
+    config = config_cls.from_dict(cfg)
     config._attn_implementation = "sdpa"
     with _no_init_weights():
         model = model_cls(config)

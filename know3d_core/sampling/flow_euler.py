@@ -63,11 +63,12 @@ class Cancelled(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ params
-@dataclass
+@dataclass(frozen=True)
 class SamplerParams:
     """Parameters of one sampling run (the ``params`` block of a pipeline.json sampler).
 
-    ``guidance_interval`` is ``(lo, hi)`` on the rescaled time t in [0, 1].
+    ``guidance_interval`` is ``(lo, hi)`` on the rescaled time t in [0, 1]. Frozen: derive
+    variants with ``dataclasses.replace(params, steps=...)``.
     """
 
     steps: int = 12
@@ -78,8 +79,9 @@ class SamplerParams:
     sigma_min: float = 1e-5
 
     def __post_init__(self):
-        self.steps = int(self.steps)
-        self.guidance_interval = (float(self.guidance_interval[0]), float(self.guidance_interval[1]))
+        object.__setattr__(self, "steps", int(self.steps))
+        lo, hi = self.guidance_interval
+        object.__setattr__(self, "guidance_interval", (float(lo), float(hi)))
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.rescale_t <= 0:
