@@ -452,6 +452,9 @@ def save_know3d(
                 if not isinstance(getattr(model, "config", None), Mapping):
                     raise ValueError(f"no config for {name}: pass configs={{'{name}': {{'name': ..., 'args': ...}}}}")
                 cfg = {"name": type(model).__name__, "args": dict(model.config)}
+                if isinstance(getattr(model, "dtype", None), torch.dtype):
+                    # the weights are saved in the dtype the model runs in, not the one it was loaded as
+                    cfg["args"]["dtype"] = str(model.dtype).replace("torch.", "")
             meta_configs[name] = cfg
         for key, value in part.items():
             tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous().clone()

@@ -138,7 +138,6 @@ def _attach_one(module: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: floa
     if getattr(module, _HOOK_ATTR, None) is not None:
         raise LoRAError(f"a LoRA is already attached to this {type(module).__name__}; detach or merge it first")
     device = module.weight.device
-    dtype = dtype or module.weight.dtype
     r, in_f = a.shape
     module.lora_A = nn.Linear(in_f, r, bias=False, device=device, dtype=dtype)
     module.lora_B = nn.Linear(r, b.shape[0], bias=False, device=device, dtype=dtype)
@@ -154,11 +153,12 @@ def attach_lora(
     factors: Factors,
     alpha: float,
     source: str = "LoRA factors",
-    dtype: Optional[torch.dtype] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> int:
     """Unmerged mode: attach the factors as ``lora_A`` / ``lora_B`` sub-modules with a forward hook.
 
-    ``dtype`` is the factors' compute dtype (default: the layer's). Returns the number of layers.
+    ``dtype``: the factors' storage and compute dtype (fp32 by default, whatever the layer's dtype:
+    the verification mode should not add roundings). Returns the number of layers.
     """
     for name, module in _check_factors(model, factors, source).items():
         a, b = factors[name]
