@@ -31,7 +31,8 @@ def test_core_never_imports_comfy():
     for dirpath, _, files in os.walk(core):
         for f in files:
             if f.endswith(".py"):
-                text = open(os.path.join(dirpath, f), encoding="utf-8").read()
+                with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
+                    text = fh.read()
                 for line in text.splitlines():
                     s = line.strip()
                     if s.startswith(("import comfy", "from comfy")):
