@@ -130,9 +130,10 @@ def bench_case(coords, shape, C, dtype, device, args, time_fn) -> list[dict]:
             out = fn().feats
             peak = peak_extra_gib(fn, device)
             ms = statistics.median(time_fn(fn, args.warmup, args.repeats))
-        except torch.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # OOM, or a dtype a backend lacks
+            oom = isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
             rows.append({**base, "algo": algo, "ms": None, "tflops": None, "ratio": None, "peak_extra_gib": None,
-                         "oom": True})
+                         "oom": oom, "error": str(err).splitlines()[0][:200]})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -150,7 +151,7 @@ def print_table(rows) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        ms = "oom" if r.get("oom") else f"{r['ms']:.3f}"
+        ms = "oom" if r.get("oom") else ("error" if r["ms"] is None else f"{r['ms']:.3f}")
         tf = "" if r["tflops"] is None else f"{r['tflops']:.2f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
         peak = "" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}"
@@ -159,6 +160,17 @@ def print_table(rows) -> None:
         print(f"{r['N']:>9} {r['C']:>5} {r['dtype']:>8} {algo:>14} {ms:>9} {tf:>8} {ratio:>6} {peak:>8} "
               f"{r['fill']:>5.2f} {r['build_ms']:>8.2f} {err:>8}")
     print("ratio = dense GEMM time / conv time at equal (all-27-tap) FLOPs; * = dense timed on a row chunk, scaled")
+    for r in rows:
+        if r.get("error"):
+            print(f"  N={r['N']} C={r['C']} {r['algo']}: {r['error']}")
+    print("fastest per case:")
+    for key in sorted({(r["N"], r["C"]) for r in rows}):
+        timed = [r for r in rows if (r["N"], r["C"]) == key and r["algo"] != "dense" and r["ms"] is not None]
+        if timed:
+            best = min(timed, key=lambda r: r["ms"])
+            auto = next((r for r in timed if "(auto)" in r["algo"]), None)
+            auto_note = "" if auto is None else f", auto {auto['algo'].split()[0]} {auto['ms']:.3f} ms"
+            print(f"  N={key[0]} C={key[1]}: {best['algo'].split()[0]} {best['ms']:.3f} ms, ratio {best['ratio']:.2f}{auto_note}")
 
 
 def main(argv=None) -> int:

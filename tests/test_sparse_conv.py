@@ -173,3 +173,10 @@ def test_bag_row_chunks_and_fallback(shuffle, algo):
         assert all(hi - lo <= budget_rows for _, _, lo, hi, _, _ in plan)
         assert [a for a, *_ in plan] == sorted(a for a, *_ in plan) and plan[-1][1] == x.num_voxels
     assert rel_err(out, dense_reference(x, weight, bias, 1)) <= 1e-5
+
+
+def test_greedy_row_chunks_are_maximal():
+    row_lo = torch.tensor([0, 0, 1, 2, 3, 4])
+    row_hi = torch.tensor([2, 3, 4, 5, 6, 6])
+    assert conv_module._greedy_row_chunks(row_lo, row_hi, 4) == [(0, 3, 0, 4), (3, 6, 2, 6)]
+    assert conv_module._greedy_row_chunks(row_lo, row_hi, 1) is None

@@ -50,6 +50,7 @@ __all__ = [
 
 ALGORITHMS = ("gather", "offset", "bag", "csr")
 DEFAULT_CHUNK_BYTES = 1 << 30
+MIN_BAG_ROW_EFFICIENCY = 0.75  # below this share of useful GEMM rows, "bag" groups offsets instead
 
 
 def kernel_offsets(kernel_size: int, dilation: int) -> list[tuple[int, int, int]]:
@@ -152,7 +153,9 @@ class NeighbourMap:
         ``(src - lo) * K + v`` for the existing neighbours src of row n (offset order), i.e. rows of
         a table ``[(hi - lo) * K, Co]`` whose row ``(src - lo) * K + v`` is tap v of input ``src``.
         Relies on neighbours having nearby row numbers (coords sorted, or refined from sorted
-        parents); returns None when no chunking meets the budget (then the caller groups offsets).
+        parents); returns None when no chunking meets the budget, or when the bands overlap so
+        much that fewer than ``MIN_BAG_ROW_EFFICIENCY`` of the GEMM rows are useful (then the
+        caller groups offsets over all rows instead).
         Cached per budget (a few host syncs when built).
         """
         key = ("bag_rows", budget_rows)
@@ -166,20 +169,11 @@ class NeighbourMap:
         if N <= budget_rows:
             bounds = [(0, N, 0, N)]
         else:
-            row_lo = torch.where(valid, self.nbr, N).amin(1)
-            row_hi = torch.where(valid, self.nbr, -1).amax(1) + 1
-            bounds = None
-            m = budget_rows // 2
-            while m >= 256 and bounds is None:
-                starts = list(range(0, N, m))
-                pad = (-N) % m
-                lo = torch.cat([row_lo, row_lo.new_full((pad,), N)]).view(-1, m).amin(1)
-                hi = torch.cat([row_hi, row_hi.new_zeros(pad)]).view(-1, m).amax(1)
-                lo_l, hi_l = lo.tolist(), hi.tolist()
-                if max(h - l for l, h in zip(lo_l, hi_l)) <= budget_rows:
-                    bounds = [(a, min(a + m, N), l, h) for a, l, h in zip(starts, lo_l, hi_l)]
-                m //= 2
-            if bounds is None:
+            row_lo = torch.where(valid, self.nbr, N).amin(1).cpu()
+            row_hi = (torch.where(valid, self.nbr, -1).amax(1) + 1).cpu()
+            bounds = _greedy_row_chunks(row_lo, row_hi, budget_rows)
+            computed = sum(h - l for _, _, l, h in (bounds or []))
+            if bounds is None or computed > N / MIN_BAG_ROW_EFFICIENCY:
                 return None
         nv = valid.nonzero()  # [P, 2] (n, v), row-major
         flat = self.nbr[nv[:, 0], nv[:, 1]].long() * K + nv[:, 1]
@@ -213,6 +207,26 @@ class NeighbourMap:
             offsets = (torch.cumsum(per_row, 0) - per_row).to(idx_dtype)
             self._derived[key] = (indices, offsets)
         return self._derived[key]
+
+
+def _greedy_row_chunks(row_lo: torch.Tensor, row_hi: torch.Tensor, budget_rows: int):
+    """Split rows into consecutive chunks ``[a, b)`` whose input band ``[lo, hi)`` (the smallest
+    and largest neighbour row + 1) spans at most budget_rows; each chunk as long as possible.
+
+    Args: ``row_lo``/``row_hi`` ``[N]`` int (CPU): per row, its smallest / largest neighbour + 1.
+    Returns ``[(a, b, lo, hi), ...]`` or None when a single row's band exceeds the budget.
+    """
+    N = row_lo.shape[0]
+    bounds, a = [], 0
+    while a < N:
+        lo = torch.cummin(row_lo[a:a + budget_rows], 0).values
+        hi = torch.cummax(row_hi[a:a + budget_rows], 0).values
+        fits = int(((hi - lo) <= budget_rows).sum())  # the band only grows: a prefix fits
+        if fits == 0:
+            return None
+        bounds.append((a, a + fits, int(lo[fits - 1]), int(hi[fits - 1])))
+        a += fits
+    return bounds
 
 
 def neighbour_map(x: SparseTensor, kernel_size: int = 3, dilation: int = 1) -> NeighbourMap:
