@@ -8,14 +8,14 @@ pe_mode rope, share_mod, qk_rms_norm(+cross), dtype bfloat16 (``resolution`` onl
 the unused absolute position embedding). ``ElasticSLatFlowModel`` (upstream: the same network with a
 training-time memory mixin) loads as this class.
 """
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 
 from ..sparse import SparseTensor
 from .modules.attention import TokenLayout
 from .modules.dit import FlowDiT
-from .modules.rope import rope_cos_sin
+from .modules.rope import rope_phases
 
 __all__ = ["SLatFlowModel", "ElasticSLatFlowModel"]
 
@@ -28,11 +28,11 @@ class SLatFlowModel(FlowDiT):
     within themselves (varlen attention).
     """
 
-    def _rope_tables(self, x: SparseTensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[N, D/2]`` for the voxel coords of x (cached in x.cache)."""
+    def _rope_tables(self, x: SparseTensor) -> torch.Tensor:
+        """Complex RoPE phases ``[N, D/2]`` of the voxel coords of x (cached in x.cache)."""
         key = ("trellis2_rope", self.head_dim, self.rope_freq)
         if key not in x.cache:
-            x.cache[key] = rope_cos_sin(x.coords[:, 1:], self.head_dim, self.rope_freq)
+            x.cache[key] = rope_phases(x.coords[:, 1:], self.head_dim, self.rope_freq)
         return x.cache[key]
 
     def _token_layout(self, x: SparseTensor) -> Optional[TokenLayout]:
@@ -65,15 +65,15 @@ class SLatFlowModel(FlowDiT):
         mod = self._time_modulation(t, B)
         cond = self._check_cond(cond, B)
         ctx = self._knowledge_context(knowledge)
-        cos, sin = self._rope_tables(x)
+        phases = self._rope_tables(x)
         layout = self._token_layout(x)
         h = self.input_layer(x.feats.float()).to(self.dtype)
         if layout is None:
             h = h.reshape(B, N // B, -1)
-            rope = (cos.reshape(B, N // B, -1), sin.reshape(B, N // B, -1))
+            rope = phases.reshape(B, N // B, -1)
         else:
             h = h.unsqueeze(0)
-            rope = (cos.unsqueeze(0), sin.unsqueeze(0))
+            rope = phases.unsqueeze(0)
         for block in self.blocks:
             h = block(h, mod, cond, rope=rope, layout=layout, knowledge_ctx=ctx, sparse=x)
         out = self._head(h.reshape(N, -1))

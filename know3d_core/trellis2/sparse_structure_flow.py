@@ -10,7 +10,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from .modules.dit import FlowDiT
-from .modules.rope import rope_cos_sin
+from .modules.rope import rope_phases
 
 __all__ = ["SparseStructureFlowModel"]
 
@@ -24,15 +24,15 @@ class SparseStructureFlowModel(FlowDiT):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._rope_cache: Dict[Tuple[str, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: Dict[Tuple[str, int], torch.Tensor] = {}
 
-    def _rope_tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[R^3, D/2]`` for the ``indexing='ij'`` meshgrid of the latent grid."""
+    def _rope_tables(self, device: torch.device) -> torch.Tensor:
+        """Complex RoPE phases ``[R^3, D/2]`` of the ``indexing='ij'`` meshgrid of the latent grid."""
         key = (str(device), self.resolution)
         if key not in self._rope_cache:
             r = torch.arange(self.resolution, device=device)
             grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
-            self._rope_cache[key] = rope_cos_sin(grid, self.head_dim, self.rope_freq)
+            self._rope_cache[key] = rope_phases(grid, self.head_dim, self.rope_freq)
         return self._rope_cache[key]
 
     def forward(

@@ -6,7 +6,7 @@ Hidden states are always a 3-D tensor ``[B', L', C]``:
   rows belong to which sample (attention never mixes samples).
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -75,7 +75,6 @@ def attend(
     return out.unsqueeze(0) if q_layout is not None else out.reshape(q.shape[0], q.shape[1], *out.shape[1:])
 
 
-RopeTables = Tuple[torch.Tensor, torch.Tensor]
 
 
 class MultiHeadAttention(nn.Module):
@@ -123,11 +122,11 @@ class MultiHeadAttention(nn.Module):
         self,
         x: torch.Tensor,
         context: Optional[torch.Tensor] = None,
-        rope: Optional[RopeTables] = None,
+        rope: Optional[torch.Tensor] = None,
         layout: Optional[TokenLayout] = None,
     ) -> torch.Tensor:
         """x ``[B, L, C]`` (packed ``[1, N, C]`` with ``layout``); context ``[B, Lc, Cc]`` (cross);
-        rope: ``(cos, sin)`` broadcastable to ``[B, L, D/2]`` (self with RoPE). Returns ``[B, L, C]``."""
+        rope: complex phases broadcastable to ``[B, L, D/2]`` (self with RoPE). Returns ``[B, L, C]``."""
         B, L, _ = x.shape
         H = self.num_heads
         if self._type == "self":
@@ -140,8 +139,8 @@ class MultiHeadAttention(nn.Module):
             k = self.k_rms_norm(k)
         if self.use_rope:
             if rope is None:
-                raise ValueError("this attention uses RoPE: pass rope=(cos, sin)")
-            q = apply_rope(q, *rope)
-            k = apply_rope(k, *rope)
+                raise ValueError("this attention uses RoPE: pass rope=phases")
+            q = apply_rope(q, rope)
+            k = apply_rope(k, rope)
         h = attend(q, k, v, q_layout=layout, kv_layout=layout if self._type == "self" else None)
         return self.to_out(h.reshape(B, L, -1))

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .attention import MultiHeadAttention, RopeTables, TokenLayout
+from .attention import MultiHeadAttention, TokenLayout
 from .norm import LayerNorm32
 
 __all__ = ["FeedForwardNet", "ModulatedTransformerCrossBlock"]
@@ -96,7 +96,7 @@ class ModulatedTransformerCrossBlock(nn.Module):
         x: torch.Tensor,
         mod: torch.Tensor,
         context: torch.Tensor,
-        rope: Optional[RopeTables] = None,
+        rope: Optional[torch.Tensor] = None,
         layout: Optional[TokenLayout] = None,
         knowledge_ctx: Any = None,
         sparse: Any = None,
@@ -107,7 +107,7 @@ class ModulatedTransformerCrossBlock(nn.Module):
             x: ``[B, L, C]`` (or packed ``[1, N, C]`` with ``layout``), block dtype.
             mod: ``[B, 6C]`` shared modulation (share_mod) or the timestep embedding ``[B, C]``.
             context: image tokens ``[B, Lc, Cc]``.
-            rope: ``(cos, sin)`` broadcastable to ``[B, L, D/2]``.
+            rope: complex RoPE phases broadcastable to ``[B, L, D/2]``.
             knowledge_ctx: projected knowledge for ``knowledge_attn`` (None: branch off).
             sparse: the sparse model's input SparseTensor (its rows are the tokens of x), so that
                 ``knowledge_attn`` receives a SparseTensor; None for the dense model.

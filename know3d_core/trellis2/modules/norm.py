@@ -19,6 +19,8 @@ class LayerNorm32(nn.LayerNorm):
 class MultiHeadRMSNorm(nn.Module):
     """Per-head RMS norm of queries/keys: ``normalize(x) * gamma * sqrt(head_dim)`` in fp32.
 
+    ``x / ||x|| * sqrt(D)`` is ``x / rms(x)``, so this runs as ``F.rms_norm(x) * gamma``
+    (eps far below any real mean square; zero rows stay zero).
     Parameter ``gamma [num_heads, head_dim]`` (checkpoint key ``*.q_rms_norm.gamma``).
     x: ``[..., num_heads, head_dim]`` -> same shape and dtype.
     """
@@ -26,7 +28,8 @@ class MultiHeadRMSNorm(nn.Module):
     def __init__(self, head_dim: int, num_heads: int):
         super().__init__()
         self.scale = head_dim ** 0.5
+        self.eps = 1e-24 / head_dim  # = F.normalize's 1e-12 floor on the norm, as a mean square
         self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(x.float(), dim=-1) * self.gamma * self.scale).to(x.dtype)
+        return (F.rms_norm(x.float(), x.shape[-1:], eps=self.eps) * self.gamma.float()).to(x.dtype)

@@ -5,11 +5,11 @@ angle. With ``F = D // 2 // 3`` frequencies ``f_j = f0 / base**(j / F)``, the an
 integer position ``(x, y, z)`` are ``[x*f_0..x*f_{F-1}, y*f_0.., z*f_0..]`` followed by zero angles
 (identity rotations) up to D/2. All of it is computed in fp32.
 """
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 
-__all__ = ["rope_frequencies", "rope_cos_sin", "apply_rope"]
+__all__ = ["rope_frequencies", "rope_phases", "apply_rope"]
 
 
 def rope_frequencies(head_dim: int, dims: int = 3, rope_freq: Sequence[float] = (1.0, 10000.0)) -> torch.Tensor:
@@ -21,16 +21,16 @@ def rope_frequencies(head_dim: int, dims: int = 3, rope_freq: Sequence[float] = 
     return rope_freq[0] / (rope_freq[1] ** exponents)
 
 
-def rope_cos_sin(
+def rope_phases(
     positions: torch.Tensor, head_dim: int, rope_freq: Sequence[float] = (1.0, 10000.0)
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cosines and sines of the rotation angles of each token.
+) -> torch.Tensor:
+    """Unit complex rotations ``exp(i * angle)`` of each token (complex64).
 
     Args:
         positions: ``[..., dims]`` integer (or float) coordinates.
         head_dim: D.
     Returns:
-        ``(cos, sin)``, each ``[..., D // 2]`` fp32 on the device of ``positions``.
+        ``[..., D // 2]`` complex64 on the device of ``positions``.
     """
     dims = positions.shape[-1]
     freqs = rope_frequencies(head_dim, dims, rope_freq).to(positions.device)
@@ -38,20 +38,18 @@ def rope_cos_sin(
     pad = head_dim // 2 - angles.shape[-1]
     if pad:
         angles = torch.cat([angles, angles.new_zeros(*angles.shape[:-1], pad)], dim=-1)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of the last dim of ``x`` in fp32; result in x's dtype.
 
     Args:
         x: ``[..., L, H, D]``.
-        cos, sin: ``[..., L, D // 2]`` (broadcast over the heads H and leading dims).
+        phases: ``[..., L, D // 2]`` complex64 (broadcast over the heads H and leading dims).
     Returns:
-        ``[..., L, H, D]``: ``(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)`` per pair.
+        ``[..., L, H, D]``: pair ``(x0, x1)`` as ``x0 + i x1`` times the phase, i.e.
+        ``(x0 cos - x1 sin, x0 sin + x1 cos)`` (one complex multiply kernel).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    rotated = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * phases.unsqueeze(-2)).flatten(-2).to(x.dtype)

@@ -1,0 +1,190 @@
+"""Benchmark: TRELLIS.2 flow DiT forwards (sparse-structure flow and shape SLat flow).
+
+Full size (default, CUDA): the official architecture (1536 wide, 30 blocks, 12 heads, mlp 8192,
+bf16 block linears, fp32 norms/embedders/head) with random weights; one forward per timing.
+Rows (research/performance.md has the reference and ComfyUI timings of the same cases):
+- ``ss B=1`` / ``ss B=2``: sparse-structure flow on ``[B, 8, 16, 16, 16]`` (4096 tokens), cond 1029;
+- ``shape N=8k``: shape flow, 8192 voxel tokens on a 32^3 grid, cond 1029 (the 512 stage);
+- ``shape N=8k B=2``: the same as a CFG pair on shared coords (one batched forward);
+- ``shape N=20k`` / ``shape N=40k``: 64^3 grid, cond 4101 (the 1024 stage).
+Timing: CUDA events, median of --repeats after --warmup; ``peak_gib`` = peak allocated memory during
+the forward minus what was allocated before it (weights, inputs).
+
+``--tiny`` runs tiny widths on the CPU (perf_counter) so the script is checked without a GPU.
+
+    python benchmarks/bench_trellis2_flows.py --out flows.json                    # GPU, full size
+    python benchmarks/bench_trellis2_flows.py --sdpa cudnn --out flows_cudnn.json # force a kernel
+    python benchmarks/bench_trellis2_flows.py --tiny --out flows_tiny.json        # CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from know3d_core.sparse import SparseTensor  # noqa: E402
+from know3d_core.trellis2.slat_flow import SLatFlowModel  # noqa: E402
+from know3d_core.trellis2.sparse_structure_flow import SparseStructureFlowModel  # noqa: E402
+from know3d_core.trellis2.tiny import tiny_flow_args  # noqa: E402
+
+FULL = dict(model_channels=1536, cond_channels=1024, num_blocks=30, num_heads=12)
+TINY = dict(model_channels=64, cond_channels=32, num_blocks=2, num_heads=4)
+
+# (name, model kind, batch, tokens, grid, cond tokens); tiny sizes in brackets.
+CASES = [
+    ("ss B=1", "ss", 1, None, 16, (1029, 17)),
+    ("ss B=2", "ss", 2, None, 16, (1029, 17)),
+    ("shape N=8k", "shape512", 1, (8192, 512), (32, 16), (1029, 17)),
+    ("shape N=8k B=2", "shape512", 2, (8192, 512), (32, 16), (1029, 17)),
+    ("shape N=20k", "shape1024", 1, (20000, 1000), (64, 16), (4101, 65)),
+    ("shape N=40k", "shape1024", 1, (40000, 2000), (64, 16), (4101, 65)),
+]
+
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+
+
+def build(kind: str, widths: dict, dtype: str, device: torch.device) -> torch.nn.Module:
+    """Random-weight flow (built on 'meta', allocated on device, initialised in place)."""
+    cls = SparseStructureFlowModel if kind == "ss" else SLatFlowModel
+    with torch.device("meta"):
+        model = cls(**{**tiny_flow_args(kind), **widths, "dtype": dtype})
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "gamma" or name.endswith("norm2.weight"):
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.zero_()
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.05, generator=gen)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=gen)
+    return model.eval()
+
+
+def random_coords(n: int, res: int, batch: int, device) -> torch.Tensor:
+    """``[batch * n, 4]`` int32: the same n random cells of a res^3 grid for every batch item."""
+    flat = torch.randperm(res ** 3, device=device)[:n].sort().values
+    xyz = torch.stack([flat // res ** 2, (flat // res) % res, flat % res], 1)
+    return torch.cat([torch.cat([torch.full_like(xyz[:, :1], b), xyz], 1) for b in range(batch)]).int()
+
+
+def time_ms(fn, device, warmup: int, repeats: int):
+    """(median ms, peak extra GiB) of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def run_case(case, tiny: bool, dtype: str, device, warmup: int, repeats: int, models: dict) -> dict:
+    name, kind, batch, tokens, grid, cond_len = case
+    idx = 1 if tiny else 0
+    widths = TINY if tiny else FULL
+    if kind not in models:
+        models.clear()  # one full-size model on the GPU at a time
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        models[kind] = build(kind, widths, dtype, device)
+    model = models[kind]
+    gen = torch.Generator(device=device).manual_seed(1)
+    lc = cond_len[idx]
+    cond = torch.randn(batch, lc, widths["cond_channels"], device=device, generator=gen)
+    t = torch.full((batch,), 700.0, device=device)
+    if kind == "ss":
+        x = torch.randn(batch, 8, 16, 16, 16, device=device, generator=gen)
+        n_tokens = 4096
+    else:
+        n, res = tokens[idx], grid[idx]
+        coords = random_coords(n, res, batch, device)
+        x = SparseTensor(torch.randn(batch * n, 32, device=device, generator=gen), coords, (res,) * 3,
+                         batch_size=batch)
+        n_tokens = n
+
+    def fwd():
+        with torch.no_grad():
+            return model(x, t, cond)
+
+    ms, peak = time_ms(fwd, device, warmup, repeats)
+    out = fwd()
+    feats = out.feats if isinstance(out, SparseTensor) else out
+    return {"case": name, "batch": batch, "tokens": n_tokens, "cond_tokens": lc, "ms": round(ms, 3),
+            "peak_gib": None if peak is None else round(peak, 3), "finite": bool(torch.isfinite(feats).all())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (script check)")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="block dtype (default: bfloat16; float32 with --tiny, CPU bf16 is slow)")
+    p.add_argument("--sdpa", default="default", choices=["default", *SDPA_BACKENDS],
+                   help="force one torch SDPA kernel (default: torch's own choice)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--cases", default=None, help="comma-separated subset of case names")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    if args.tiny:
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
+    elif device.type != "cuda":
+        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+        return 2
+    cases = CASES if args.cases is None else [c for c in CASES if c[0] in args.cases.split(",")]
+    ctx = contextlib.nullcontext()
+    if args.sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        ctx = sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[args.sdpa]))
+    rows, models = [], {}
+    with ctx:
+        for case in cases:
+            rows.append(run_case(case, args.tiny, args.dtype, device, args.warmup, args.repeats, models))
+            r = rows[-1]
+            print(f"{r['case']:<16} B={r['batch']} tokens={r['tokens']:>6} cond={r['cond_tokens']:>5} "
+                  f"{r['ms']:>10.2f} ms  peak+{r['peak_gib'] if r['peak_gib'] is not None else '-'} GiB"
+                  f"{'' if r['finite'] else '  NON-FINITE'}", flush=True)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": args.dtype, "sdpa": args.sdpa, "tiny": args.tiny,
+        "warmup": args.warmup, "repeats": args.repeats, "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
