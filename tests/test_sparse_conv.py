@@ -180,3 +180,33 @@ def test_greedy_row_chunks_are_maximal():
     row_hi = torch.tensor([2, 3, 4, 5, 6, 6])
     assert conv_module._greedy_row_chunks(row_lo, row_hi, 4) == [(0, 3, 0, 4), (3, 6, 2, 6)]
     assert conv_module._greedy_row_chunks(row_lo, row_hi, 1) is None
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_table_and_sorted_neighbour_maps_agree(dilation):
+    x = random_sparse((7, 6, 5), [120, 90, 30], 1)
+    table = conv_module.build_neighbour_map(x.coords, x.spatial_shape, 3, dilation)
+    hashed = conv_module.build_neighbour_map(x.coords, x.spatial_shape, 3, dilation, max_table_bytes=0)
+    assert torch.equal(table, hashed)
+    # brute force: every pair of voxels at offset v in the same batch item
+    pos = {tuple(r): n for n, r in enumerate(x.coords.tolist())}
+    for n, (b, i, j, k) in enumerate(x.coords.tolist()):
+        for v, (dx, dy, dz) in enumerate(kernel_offsets(3, dilation)):
+            assert table[n, v].item() == pos.get((b, i + dx, j + dy, k + dz), x.num_voxels)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_algorithms_match_dense(dtype):
+    """Every algorithm on the GPU (incl. the cuSPARSE csr path) against the fp64 CPU reference."""
+    x = _shell_sparse(24, 32)
+    weight, bias = torch.randn(48, 3, 3, 3, 32) / 16, torch.randn(48)
+    ref = dense_reference(x.to(dtype), weight.to(dtype), bias.to(dtype), 1)
+    xc = x.to("cuda").to(dtype)
+    tol = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]  # fp32: TF32 may be on
+    for algo in ALGOS + ["auto"]:
+        for chunk in (conv_module.DEFAULT_CHUNK_BYTES, 48 * 27 * 2 * 2000):
+            out = submanifold_conv3d(xc, weight.cuda(), bias.cuda(), 1, algo, chunk_bytes=chunk).feats
+            assert out.dtype == dtype and out.is_cuda
+            assert rel_err(out.cpu(), ref) <= tol, (algo, chunk)

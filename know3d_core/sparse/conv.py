@@ -50,6 +50,7 @@ __all__ = [
 
 ALGORITHMS = ("gather", "offset", "bag", "csr")
 DEFAULT_CHUNK_BYTES = 1 << 30
+DEFAULT_TABLE_BYTES = 1 << 29  # dense lookup table for the neighbour map up to 512 MiB (512^3 grid)
 MIN_BAG_ROW_EFFICIENCY = 0.75  # below this share of useful GEMM rows, "bag" groups offsets instead
 
 
@@ -61,9 +62,18 @@ def kernel_offsets(kernel_size: int, dilation: int) -> list[tuple[int, int, int]
 
 
 def build_neighbour_map(
-    coords: torch.Tensor, spatial_shape, kernel_size: int = 3, dilation: int = 1
+    coords: torch.Tensor,
+    spatial_shape,
+    kernel_size: int = 3,
+    dilation: int = 1,
+    max_table_bytes: int = DEFAULT_TABLE_BYTES,
 ) -> torch.Tensor:
     """Neighbour rows of every voxel.
+
+    Voxels are keyed on a grid padded by the kernel reach on every side, so a neighbour's key is
+    the voxel's key plus a constant per offset and neighbours outside the grid land in empty
+    padding (no bounds checks, no aliasing across rows or batch items). Lookup: a dense int32
+    table over the padded grid when it fits ``max_table_bytes``, else sorted keys + searchsorted.
 
     Args:
         coords: ``[N, 4]`` int32 (b, x, y, z); unique rows.
@@ -74,29 +84,28 @@ def build_neighbour_map(
     """
     N = coords.shape[0]
     K = kernel_size ** 3
-    nbr = torch.full((N, K), N, dtype=torch.int32, device=coords.device)
+    device = coords.device
+    nbr = torch.empty((N, K), dtype=torch.int32, device=device)
     if N == 0:
         return nbr
-    X, Y, Z = (int(s) for s in spatial_shape)
-    keys = flat_keys(coords, spatial_shape)
+    p = dilation * (kernel_size // 2)
+    X, Y, Z = (int(s) + 2 * p for s in spatial_shape)
+    c = coords.long()
+    keys = ((c[:, 0] * X + c[:, 1] + p) * Y + c[:, 2] + p) * Z + c[:, 3] + p
+    deltas = [(dx * Y + dy) * Z + dz for dx, dy, dz in kernel_offsets(kernel_size, dilation)]
+    table_entries = (int(c[:, 0].max()) + 1) * X * Y * Z
+    if table_entries * 4 <= max_table_bytes:
+        table = torch.full((table_entries,), N, dtype=torch.int32, device=device)
+        table[keys] = torch.arange(N, dtype=torch.int32, device=device)
+        for v, delta in enumerate(deltas):
+            nbr[:, v] = table[keys + delta]
+        return nbr
     sorted_keys, order = torch.sort(keys)
-    xyz = coords[:, 1:].long()
-    limits = (X, Y, Z)
-    center = K // 2
-    for v, (dx, dy, dz) in enumerate(kernel_offsets(kernel_size, dilation)):
-        if v == center:
-            nbr[:, v] = torch.arange(N, dtype=torch.int32, device=coords.device)
-            continue
-        inside = torch.ones(N, dtype=torch.bool, device=coords.device)
-        for axis, d in enumerate((dx, dy, dz)):
-            if d > 0:
-                inside &= xyz[:, axis] < limits[axis] - d
-            elif d < 0:
-                inside &= xyz[:, axis] >= -d
-        target = keys + ((dx * Y + dy) * Z + dz)
+    order = order.to(torch.int32)
+    for v, delta in enumerate(deltas):
+        target = keys + delta
         pos = torch.searchsorted(sorted_keys, target).clamp_(max=N - 1)
-        hit = inside & (sorted_keys[pos] == target)
-        nbr[:, v] = torch.where(hit, order[pos], N).to(torch.int32)
+        nbr[:, v] = torch.where(sorted_keys[pos] == target, order[pos], N)
     return nbr
 
 
