@@ -1,0 +1,333 @@
+"""TRELLIS.2 shape SLat decoder (checkpoint ``shape_dec_next_dc_f16c32_fp16``).
+
+``FlexiDualGridVaeDecoder``: a sparse conv U-Net "up" path. Shape SLat ``[N, 32]`` on the token
+grid (32^3 / 64^3 / 96^3) -> ``from_latent`` -> 5 levels of ConvNeXt blocks, the first four ending
+in a channel-to-space block that predicts which of each voxel's 8 children exist (x16 in total)
+-> LayerNorm -> ``output_layer`` -> per-voxel head ``[N', 7]`` on the mesh grid (512 / 1024 /
+1536): dual-vertex offset logits (3), edge-crossing logits (3), quad-split logit (1), decoded into
+a flexible dual grid and a mesh by :mod:`.ovoxel`.
+
+Module names follow the official checkpoint: ``from_latent``, ``blocks.L.j.{conv, norm, mlp.0,
+mlp.2}``, C2S at ``blocks.L.{num_blocks[L]}.{norm1, conv1, conv2, to_subdiv}``, ``output_layer``.
+Sparse conv weights are ``[Co, 3, 3, 3, Ci]``. With ``use_fp16`` the convs and linears inside
+``blocks`` are fp16 while LayerNorms compute in fp32 and ``from_latent`` / ``output_layer`` stay
+fp32, as in the official model.
+
+Inference only (``forward``/``upsample`` run under ``no_grad``). Memory: levels run one after
+another and every intermediate (features, neighbour maps held in a
+tensor's cache) is dropped as soon as the next level exists; ConvNeXt MLPs and the head run in
+row chunks, so the peak is set by the last channel-to-space block.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..mesh.types import Mesh
+from ..sparse import SparseLinear, SparseTensor, SubMConv3d, channel_to_spatial, child_bits
+from .ovoxel import flexible_dual_grid_to_mesh
+
+__all__ = [
+    "FlexiDualGridVaeDecoder",
+    "SparseConvNeXtBlock3d",
+    "SparseResBlockC2S3d",
+    "decode_head",
+    "TINY_ARGS",
+]
+
+# Tiny config with the real structure (5 levels, 4 subdivisions, no blocks at the last level).
+TINY_ARGS = {
+    "resolution": 128,
+    "model_channels": [32, 16, 16, 8, 8],
+    "latent_channels": 32,
+    "num_blocks": [1, 1, 1, 1, 0],
+    "block_type": ["SparseConvNeXtBlock3d"] * 5,
+    "up_block_type": ["SparseResBlockC2S3d"] * 4,
+    "block_args": [{}] * 5,
+    "use_fp16": True,
+}
+
+DEFAULT_CHUNK_ROWS = 1 << 18
+
+
+def _layer_norm32(x: torch.Tensor, norm: Optional[nn.LayerNorm], eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over the last dim computed in fp32 (affine from ``norm`` if given), cast back."""
+    if norm is None:
+        return F.layer_norm(x.float(), x.shape[-1:], None, None, eps).to(x.dtype)
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(x.dtype)
+
+
+def _norm_silu(x: torch.Tensor, norm: Optional[nn.LayerNorm], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """``silu(layer_norm32(x))`` into a new tensor of ``x``'s dtype, in row chunks (bounded fp32 temps)."""
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        out[rows] = F.silu(_layer_norm32(x[rows], norm))
+    return out
+
+
+def _check_block_args(name: str, args: Dict[str, Any], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name}: unsupported block_args {unknown} (supported: {list(allowed)})")
+
+
+class SparseConvNeXtBlock3d(nn.Module):
+    """``x + mlp(norm(conv(x)))``: submanifold conv C->C, LayerNorm (affine, eps 1e-6, fp32),
+    Linear C->rC, SiLU, Linear rC->C. ``SparseTensor [N, C] -> [N, C]``, same coords.
+
+    ``use_checkpoint`` (a training option in the official configs) is accepted and ignored.
+    """
+
+    def __init__(self, channels: int, mlp_ratio: float = 4.0, use_checkpoint: bool = False,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS):
+        super().__init__()
+        self.channels = channels
+        self.chunk_rows = chunk_rows
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.conv = SubMConv3d(channels, channels, 3)
+        hidden = int(channels * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        h = self.conv(x).feats
+        for start in range(0, h.shape[0], self.chunk_rows):
+            rows = slice(start, start + self.chunk_rows)
+            h[rows] = self.mlp(_layer_norm32(h[rows], self.norm)) + x.feats[rows]
+        return x.replace(h)
+
+
+class SparseResBlockC2S3d(nn.Module):
+    """Residual block that doubles the resolution (channel-to-space) with predicted subdivision.
+
+    ``subdiv = to_subdiv(x)`` (logits ``[N, 8]``, child k exists where > 0);
+    ``h = conv1(silu(norm1(x)))`` (Ci -> 8*Co) moved to the children; ``h = conv2(silu(norm2(h)))``;
+    output ``h + skip`` where skip is ``x``'s channel block k (``Ci/8`` channels) of each child,
+    each channel repeated ``Co / (Ci/8)`` times. ``[N, Ci] -> ([N', Co], subdiv logits [N, 8])``.
+    """
+
+    def __init__(self, channels: int, out_channels: int, pred_subdiv: bool = True,
+                 use_checkpoint: bool = False):
+        super().__init__()
+        if channels % 8 or out_channels % (channels // 8):
+            raise ValueError(
+                f"SparseResBlockC2S3d: need channels % 8 == 0 and out_channels % (channels // 8) == 0, "
+                f"got {channels} -> {out_channels}"
+            )
+        self.channels = channels
+        self.out_channels = out_channels
+        self.pred_subdiv = pred_subdiv
+        self.norm1 = nn.LayerNorm(channels, eps=1e-6)
+        self.conv1 = SubMConv3d(channels, out_channels * 8, 3)
+        self.conv2 = SubMConv3d(out_channels, out_channels, 3)
+        if pred_subdiv:
+            self.to_subdiv = SparseLinear(channels, 8)
+
+    def subdivision_logits(self, x: SparseTensor) -> torch.Tensor:
+        return self.to_subdiv(x).feats
+
+    def forward(self, x: SparseTensor, subdiv: Optional[torch.Tensor] = None) -> Tuple[SparseTensor, torch.Tensor]:
+        if self.pred_subdiv:
+            subdiv = self.subdivision_logits(x)
+        if subdiv is None:
+            raise ValueError("SparseResBlockC2S3d without to_subdiv needs subdiv logits [N, 8]")
+        mask = subdiv > 0
+        h = self.conv1(x.replace(_norm_silu(x.feats, self.norm1)))
+        h = channel_to_spatial(h, mask)  # frees conv1's [N, 8*Co] output
+        h = self.conv2(h.replace(_norm_silu(h.feats, None)))
+        skip = channel_to_spatial(x, mask).feats  # [N', Ci/8], same rows as h
+        repeat = self.out_channels // (self.channels // 8)
+        out = h.feats
+        for start in range(0, out.shape[0], DEFAULT_CHUNK_ROWS):
+            rows = slice(start, start + DEFAULT_CHUNK_ROWS)
+            out[rows] += skip[rows].repeat_interleave(repeat, dim=1)
+        return h.replace(out), subdiv
+
+
+_BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
+_UP_BLOCK_TYPES = {"SparseResBlockC2S3d": SparseResBlockC2S3d}
+_BLOCK_ARG_NAMES = {"SparseConvNeXtBlock3d": ("mlp_ratio", "use_checkpoint"), "SparseResBlockC2S3d": ("use_checkpoint",)}
+
+
+def decode_head(feats: torch.Tensor, voxel_margin: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head ``[N, 7]`` -> dual-vertex offsets ``[N, 3]`` in ``(-m, 1+m)`` voxel units, intersected
+    flags ``[N, 3]`` bool, split weights ``[N]`` (softplus)."""
+    feats = feats.float()
+    vertices = (1 + 2 * voxel_margin) * torch.sigmoid(feats[:, 0:3]) - voxel_margin
+    intersected = feats[:, 3:6] > 0
+    split = F.softplus(feats[:, 6])
+    return vertices, intersected, split
+
+
+class FlexiDualGridVaeDecoder(nn.Module):
+    """Shape SLat -> flexible-dual-grid head on a grid 16x finer than the tokens.
+
+    Args mirror the official JSON: ``resolution`` (mesh grid; changed by ``set_resolution``),
+    ``model_channels`` / ``num_blocks`` / ``block_type`` per level, ``up_block_type`` per
+    subdivision, ``block_args`` per level, ``latent_channels``, ``voxel_margin``, ``use_fp16``.
+    """
+
+    supports_empty_init = True
+
+    def __init__(
+        self,
+        resolution: int,
+        model_channels: Sequence[int],
+        latent_channels: int,
+        num_blocks: Sequence[int],
+        block_type: Sequence[str],
+        up_block_type: Sequence[str],
+        block_args: Optional[Sequence[Dict[str, Any]]] = None,
+        voxel_margin: float = 0.5,
+        use_fp16: bool = False,
+    ):
+        super().__init__()
+        levels = len(num_blocks)
+        block_args = [{} for _ in range(levels)] if block_args is None else [dict(a) for a in block_args]
+        if not (len(model_channels) == len(block_type) == len(block_args) == levels and len(up_block_type) == levels - 1):
+            raise ValueError(
+                "FlexiDualGridVaeDecoder: model_channels, num_blocks, block_type, block_args need one entry "
+                "per level and up_block_type one per level but the last"
+            )
+        self.resolution = resolution
+        self.model_channels = list(model_channels)
+        self.latent_channels = latent_channels
+        self.num_blocks = list(num_blocks)
+        self.voxel_margin = voxel_margin
+        self.out_channels = 7
+
+        self.from_latent = SparseLinear(latent_channels, self.model_channels[0])
+        self.output_layer = SparseLinear(self.model_channels[-1], self.out_channels)
+        self.blocks = nn.ModuleList()
+        for i in range(levels):
+            level = nn.ModuleList()
+            for _ in range(self.num_blocks[i]):
+                level.append(self._make(block_type[i], _BLOCK_TYPES, block_args[i], self.model_channels[i]))
+            if i < levels - 1:
+                level.append(self._make(up_block_type[i], _UP_BLOCK_TYPES, block_args[i],
+                                        self.model_channels[i], self.model_channels[i + 1]))
+            self.blocks.append(level)
+        self.dtype = torch.float32
+        self.convert_to(torch.float16 if use_fp16 else torch.float32)
+
+    @staticmethod
+    def _make(name: str, table: Dict[str, type], args: Dict[str, Any], *channels: int) -> nn.Module:
+        if name not in table:
+            raise ValueError(f"FlexiDualGridVaeDecoder: unsupported block type {name!r} (supported: {list(table)})")
+        _check_block_args(name, args, _BLOCK_ARG_NAMES[name])
+        return table[name](*channels, **args)
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def num_subdivisions(self) -> int:
+        return len(self.blocks) - 1
+
+    @property
+    def use_fp16(self) -> bool:
+        return self.dtype == torch.float16
+
+    def set_resolution(self, resolution: int) -> None:
+        """Mesh grid size used by :meth:`to_meshes` (token grid x 16)."""
+        self.resolution = int(resolution)
+
+    def convert_to(self, dtype: torch.dtype) -> None:
+        """Cast the convs and linears inside ``blocks`` to ``dtype`` (LayerNorms stay fp32)."""
+        self.dtype = dtype
+        for module in self.blocks.modules():
+            if isinstance(module, (nn.Linear, SubMConv3d)):
+                module.to(dtype)
+
+    def convert_to_fp16(self) -> None:
+        self.convert_to(torch.float16)
+
+    def convert_to_fp32(self) -> None:
+        self.convert_to(torch.float32)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: SparseTensor) -> None:
+        if x.feats.dim() != 2 or x.feats.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"FlexiDualGridVaeDecoder: expected SLat feats [N, {self.latent_channels}], got {tuple(x.feats.shape)}"
+            )
+
+    def _level(self, i: int, h: SparseTensor, subs: Optional[List[SparseTensor]]) -> SparseTensor:
+        """Run level ``i`` (its ConvNeXt blocks, then its C2S block if any)."""
+        for j, block in enumerate(self.blocks[i]):
+            if isinstance(block, SparseResBlockC2S3d):
+                coarse_coords, coarse_shape = h.coords, h.spatial_shape
+                h, logits = block(h)
+                if subs is not None:
+                    subs.append(SparseTensor(logits, coarse_coords, coarse_shape))  # fresh cache: no maps kept
+            else:
+                h = block(h)
+        return h
+
+    @torch.no_grad()
+    def forward(self, x: SparseTensor, return_subs: bool = False):
+        """SLat ``x`` (feats ``[N, latent]``, any float dtype) -> head SparseTensor ``[N', 7]`` fp32
+        on the grid 16x finer; with ``return_subs`` also the 4 subdivision logit tensors ``[N_l, 8]``
+        (on the coarse coords of each C2S block)."""
+        self._check_input(x)
+        h = self.from_latent(x.replace(x.feats.to(self.from_latent.weight.dtype)))
+        h = h.replace(h.feats.to(self.dtype))
+        subs: Optional[List[SparseTensor]] = [] if return_subs else None
+        for i in range(len(self.blocks)):
+            h = self._level(i, h, subs)
+        out = self._head(h)
+        return (out, subs) if return_subs else out
+
+    def _head(self, h: SparseTensor) -> SparseTensor:
+        """Final non-affine LayerNorm (fp32) and ``output_layer``, in row chunks; fresh cache."""
+        out = torch.empty(h.feats.shape[0], self.out_channels, device=h.device, dtype=self.output_layer.weight.dtype)
+        for start in range(0, h.feats.shape[0], DEFAULT_CHUNK_ROWS):
+            rows = slice(start, start + DEFAULT_CHUNK_ROWS)
+            z = F.layer_norm(h.feats[rows].float(), h.feats.shape[-1:], None, None, 1e-5)
+            out[rows] = F.linear(z.to(out.dtype), self.output_layer.weight, self.output_layer.bias)
+        cache = {"batch_size": h.cache["batch_size"]} if "batch_size" in h.cache else None
+        return SparseTensor(out, h.coords, h.spatial_shape, cache=cache)
+
+    @torch.no_grad()
+    def upsample(self, x: SparseTensor, upsample_times: int = 4) -> torch.Tensor:
+        """Voxel coords ``[N', 4]`` int32 after ``upsample_times`` predicted subdivisions.
+
+        Same coords as the official ``upsample``; the last subdivision only evaluates its
+        ``to_subdiv`` (its convs cannot change the coords).
+        """
+        self._check_input(x)
+        if not 0 <= upsample_times <= self.num_subdivisions:
+            raise ValueError(f"upsample_times must be in [0, {self.num_subdivisions}], got {upsample_times}")
+        h = self.from_latent(x.replace(x.feats.to(self.from_latent.weight.dtype)))
+        h = h.replace(h.feats.to(self.dtype))
+        if upsample_times == 0:
+            return h.coords
+        for i in range(upsample_times - 1):
+            h = self._level(i, h, None)
+        *convnext, c2s = self.blocks[upsample_times - 1]
+        for block in convnext:
+            h = block(h)
+        mask = c2s.subdivision_logits(h) > 0
+        parent, k = mask.nonzero(as_tuple=True)
+        coords = h.coords[parent].clone()
+        coords[:, 1:] = coords[:, 1:] * 2 + child_bits(coords.device)[k]
+        return coords
+
+    # ------------------------------------------------------------------ meshes
+    def to_meshes(self, head: SparseTensor, resolution: Optional[int] = None) -> List[Mesh]:
+        """Head ``[N, 7]`` -> one raw :class:`Mesh` per batch item (model space, not cleaned)."""
+        res = self.resolution if resolution is None else int(resolution)
+        vertices, intersected, split = decode_head(head.feats, self.voxel_margin)
+        meshes = []
+        for rows in head.layout:
+            v, f = flexible_dual_grid_to_mesh(
+                head.coords[rows, 1:], vertices[rows], intersected[rows], split[rows], res
+            )
+            meshes.append(Mesh(v, f, {"resolution": res}))
+        return meshes
+
+    @torch.no_grad()
+    def decode(self, x: SparseTensor, resolution: Optional[int] = None) -> List[Mesh]:
+        """SLat -> raw meshes (``forward`` then ``to_meshes``)."""
+        return self.to_meshes(self.forward(x), resolution)
