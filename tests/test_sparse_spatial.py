@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from know3d_core.sparse import SparseTensor, SubMConv3d, channel_to_spatial, spatial_to_channel
+from know3d_core.sparse import SubMConv3d, channel_to_spatial, spatial_to_channel
 
 from _sparse_helpers import random_sparse
 

@@ -59,6 +59,9 @@ def test_sparse_cat_batches():
     c = sparse_cat([a, b]).validate()
     assert c.batch_size == 3 and c.seqlens.tolist() == [3, 2, 5]
     assert torch.equal(c.coords[5:, 1:], b.coords[:, 1:])
+    parts = c.unbind()
+    assert [p.num_voxels for p in parts] == [3, 2, 5]
+    assert torch.equal(parts[2].coords, b.coords) and torch.equal(parts[2].feats, b.feats)
 
 
 @pytest.mark.parametrize(

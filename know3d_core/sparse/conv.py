@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tensor import SparseTensor, flat_keys
+from .tensor import SparseTensor
 
 __all__ = [
     "SubMConv3d",

@@ -184,6 +184,15 @@ class SparseTensor:
         """``replace(fn(feats))``: run a row-wise function on the features."""
         return self.replace(fn(self.feats))
 
+    def unbind(self) -> list["SparseTensor"]:
+        """One SparseTensor per batch item (batch index 0, same spatial shape)."""
+        out = []
+        for s in self.layout:
+            coords = self.coords[s].clone()
+            coords[:, 0] = 0
+            out.append(SparseTensor(self.feats[s], coords, self.spatial_shape, batch_size=1))
+        return out
+
     # ------------------------------------------------------------------ arithmetic
     def _operand(self, other: Operand):
         """Other operand as something broadcastable against feats ``[N, ...]``.
