@@ -8,10 +8,12 @@ from safetensors.torch import load_file, save_file
 
 from know3d_core.sparse import SparseTensor
 from know3d_core.trellis2.loading import (
+    GEOMETRY_MODELS,
     CheckpointError,
     load_comfy_flow_file,
     load_model,
     load_pipeline_model,
+    load_pipeline_models,
     read_pipeline_config,
     resolve_checkpoint,
     split_state_dict_by_prefix,
@@ -229,3 +231,21 @@ def test_comfy_loader_infers_non_default_widths(tmp_path):
     loaded = load_comfy_flow_file(path)["shape_slat_flow_model_512"]
     assert (loaded.model_channels, loaded.num_blocks, loaded.num_heads, loaded.cond_channels) == (48, 3, 2, 24)
     assert loaded.dtype == torch.bfloat16
+
+
+def test_full_tiny_folder_with_decoders_loads_the_geometry_path(tmp_path):
+    pytest.importorskip("know3d_core.trellis2.sparse_structure_decoder")
+    pytest.importorskip("know3d_core.trellis2.shape_decoder")
+    folder = write_tiny_trellis2(str(tmp_path / "TRELLIS.2-4B"), seed=3)
+    cfg = read_pipeline_config(folder)
+    assert cfg.models["sparse_structure_decoder"] == SS_REF  # the official TRELLIS v1 reference
+    models = load_pipeline_models(folder)
+    assert set(models) == set(GEOMETRY_MODELS)
+    assert [type(models[k]).__name__ for k in GEOMETRY_MODELS] == [
+        "SparseStructureFlowModel", "SparseStructureDecoder", "SLatFlowModel", "SLatFlowModel",
+        "FlexiDualGridVaeDecoder"]
+    dec = load_file(os.path.join(folder, "ckpts", "shape_dec_next_dc_f16c32_fp16.safetensors"))
+    assert {v.dtype for v in dec.values()} == {torch.float16}
+    ss_dec = load_file(os.path.join(folder, "ckpts", "ss_dec_conv3d_16l8_fp16.safetensors"))
+    assert ss_dec["input_layer.weight"].dtype == torch.float32
+    assert {v.dtype for v in ss_dec.values()} == {torch.float16, torch.float32}

@@ -2,7 +2,8 @@
 
 ``write_tiny_trellis2(folder)`` writes ``pipeline.json`` + ``ckpts/NAME.json`` + ``ckpts/NAME.safetensors``
 for every model of the geometry path, under the official file names, with small widths. Flows are
-stored all-bf16 like the real files; decoders in the dtypes their tiny model holds (fp16 body).
+stored all-bf16 like the real files, the shape decoder all-fp16, the sparse-structure decoder fp16
+body with fp32 input/output layers (as the official files).
 The sparse-structure decoder entry keeps the official TRELLIS v1 reference
 (``microsoft/TRELLIS-image-large/ckpts/ss_dec_conv3d_16l8_fp16``) and its files go to ``ckpts/``,
 so loading exercises the local lookup of that reference.
@@ -69,7 +70,7 @@ def random_state_dict(model: nn.Module, seed: int) -> Dict[str, torch.Tensor]:
     """Deterministic random values for every state-dict entry of ``model`` (in its dtypes).
 
     Weights (ndim >= 2) ~ N(0, 1/fan_in) with fan_in = numel / shape[0]; biases ~ N(0, 0.02^2);
-    norm weights / RMS gammas ~ 1 + N(0, 0.1^2); other 1-D entries (e.g. ``modulation``) ~ N(0, 0.1^2);
+    1-D weights (norms) and RMS gammas ~ 1 + N(0, 0.1^2); other 1-D entries (``modulation``) ~ N(0, 0.1^2);
     integer buffers are kept. Unlike the reference init nothing is zero, so outputs are non-trivial.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -79,13 +80,12 @@ def random_state_dict(model: nn.Module, seed: int) -> Dict[str, torch.Tensor]:
             out[key] = value.clone()
             continue
         leaf = key.rsplit(".", 1)[-1]
-        owner = key.rsplit(".", 2)[-2] if key.count(".") >= 1 else ""
         if value.dim() >= 2 and leaf != "gamma":
             fan_in = max(1, value.numel() // value.shape[0])
             v = torch.randn(value.shape, generator=gen) / math.sqrt(fan_in)
         elif leaf == "bias":
             v = 0.02 * torch.randn(value.shape, generator=gen)
-        elif leaf == "gamma" or (leaf == "weight" and "norm" in owner):
+        elif leaf in ("gamma", "weight"):  # RMS gammas and (1-D) norm weights
             v = 1 + 0.1 * torch.randn(value.shape, generator=gen)
         else:
             v = 0.1 * torch.randn(value.shape, generator=gen)
@@ -156,9 +156,11 @@ def write_tiny_trellis2(
         "shape_slat_flow_model_1024": ("SLatFlowModel", tiny_flow_args("shape1024", **widths), torch.bfloat16),
     }
     if with_decoders:
-        for key, module_name, class_name in (
-            ("sparse_structure_decoder", "sparse_structure_decoder", "SparseStructureDecoder"),
-            ("shape_slat_decoder", "shape_decoder", "FlexiDualGridVaeDecoder"),
+        # storage like the official files: the TRELLIS v1 SS decoder mixes F16 (body) and F32
+        # (input/output layers), the shape decoder is all F16.
+        for key, module_name, class_name, storage in (
+            ("sparse_structure_decoder", "sparse_structure_decoder", "SparseStructureDecoder", None),
+            ("shape_slat_decoder", "shape_decoder", "FlexiDualGridVaeDecoder", torch.float16),
         ):
             found = _tiny_decoder(module_name, class_name)
             if found is None:
@@ -166,7 +168,7 @@ def write_tiny_trellis2(
                     f"write_tiny_trellis2: {module_name}.py with {class_name} and TINY_ARGS is not available "
                     "yet; call with with_decoders=False"
                 )
-            specs[key] = (found[0], found[1], None)
+            specs[key] = (found[0], found[1], storage)
 
     models = {}
     for i, (key, (name, args, storage)) in enumerate(specs.items()):
