@@ -86,11 +86,10 @@ def _padded_queries(q, k, v, q_lens: list[int], scale) -> torch.Tensor:
     """Equal key counts, ragged queries: pad queries to ``[B, Lq_max, H, D]``, no mask needed."""
     B, L = len(q_lens), max(q_lens)
     H, D = q.shape[1], q.shape[2]
-    row_idx, rows_mask = _padding_index(q_lens, L, q.device)
-    q_pad = q.new_zeros(B * L, H, D)
-    q_pad[rows_mask] = q
+    row_idx = _padding_index(q_lens, L, q.device)
+    q_pad = q.new_zeros(B * L, H, D).index_copy_(0, row_idx, q)
     out = dense_attention(q_pad.view(B, L, H, D), k.view(B, -1, *k.shape[1:]), v.view(B, -1, *v.shape[1:]), scale)
-    return out.reshape(B * L, H, v.shape[2])[row_idx]
+    return out.reshape(B * L, H, v.shape[2]).index_select(0, row_idx)
 
 
 def _per_item(q, k, v, q_lens: list[int], kv_lens: list[int], scale) -> torch.Tensor:
@@ -105,16 +104,10 @@ def _per_item(q, k, v, q_lens: list[int], kv_lens: list[int], scale) -> torch.Te
     return torch.cat(outs, dim=0)
 
 
-def _padding_index(lens: list[int], L: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For packed rows of lengths ``lens`` placed into ``[B, L]`` slots.
-
-    Returns ``(row_idx [T], mask [B*L])``: row ``t`` sits at padded slot ``row_idx[t]``; mask marks
-    real slots. Built on the host (lengths are python ints already), one copy to the device.
-    """
-    row_idx = torch.cat([torch.arange(n) + b * L for b, n in enumerate(lens)]).to(device)
-    mask = torch.zeros(len(lens) * L, dtype=torch.bool)
-    mask[row_idx.cpu()] = True
-    return row_idx, mask.to(device)
+def _padding_index(lens: list[int], L: int, device) -> torch.Tensor:
+    """``row_idx [T]``: packed row t (items of lengths ``lens``) sits at slot ``row_idx[t]`` of a
+    ``[B * L]`` padded layout. Built on the host from python ints, one async copy (no sync)."""
+    return torch.cat([torch.arange(n) + b * L for b, n in enumerate(lens)]).to(device)
 
 
 def _as_list(seqlens: SeqLens) -> list[int]:
