@@ -54,38 +54,76 @@ def check_weights(folder: str, sub: str, stem: str) -> list[str]:
     raise FileNotFoundError(f"missing weights: neither {single} nor {index}")
 
 
-def _check_strict(model: torch.nn.Module, files: list[str]) -> None:
+def _file_keys(files: list[str]) -> set[str]:
     from safetensors import safe_open
     keys = set()
     for p in files:
         with safe_open(p, framework="pt", device="cpu") as f:
             keys.update(f.keys())
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+    return keys
+
+
+def _rebuild_meta_attributes(model: torch.nn.Module) -> None:
+    """Re-create plain tensor attributes left on the meta device by a meta-device init.
+
+    diffusers' QwenEmbedRope keeps its RoPE tables as plain (complex) tensor attributes, not
+    buffers; they are rebuilt from the module's own constructor arguments.
+    """
+    for name, mod in model.named_modules():
+        bad = [k for k, v in vars(mod).items() if torch.is_tensor(v) and v.is_meta]
+        if not bad:
+            continue
+        if all(hasattr(mod, a) for a in ("theta", "axes_dim", "scale_rope")):
+            fresh = type(mod)(theta=mod.theta, axes_dim=list(mod.axes_dim), scale_rope=mod.scale_rope)
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], fresh)
+        else:
+            raise RuntimeError(f"{type(mod).__name__} ({name}) keeps tensors {bad} outside its state dict; "
+                               "cannot initialise it on the meta device")
+
+
+def load_diffusers_model(cls, folder: str, sub: str, dtype: torch.dtype, device="cpu"):
+    """Strict, meta-device load of a diffusers model from ``folder/sub`` (config + safetensors).
+
+    Builds the model from its config without allocating, checks that the files hold exactly the
+    model's keys and shapes (the error names the folder, missing and unexpected keys), then
+    assigns the tensors read straight onto ``device`` in ``dtype``.
+    """
+    d = os.path.join(folder, sub)
+    cfg = _read_json(_need(os.path.join(d, "config.json"), f"{sub} config"))
+    files = check_weights(folder, sub, "diffusion_pytorch_model")
+    with torch.device("meta"):
+        model = cls.from_config(cfg)
+    expected = model.state_dict()
+    keys = _file_keys(files)
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{os.path.dirname(files[0])}: state dict mismatch: {len(missing)} missing "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        raise ValueError(f"{d}: state dict mismatch: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    from safetensors.torch import load_file
+    state = {}
+    for p in files:
+        for k, v in load_file(p, device=str(device)).items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise ValueError(f"{p}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
+            state[k] = v.to(dtype) if v.is_floating_point() else v
+    model.load_state_dict(state, strict=True, assign=True)
+    _rebuild_meta_attributes(model)
+    return model.eval().requires_grad_(False)
 
 
 def load_transformer(folder: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
     """``folder/transformer`` -> QwenImageTransformer2DModel (strict; 2511 flag honoured)."""
     from diffusers import QwenImageTransformer2DModel
     cfg = _read_json(_need(os.path.join(folder, "transformer", "config.json"), "transformer config"))
-    files = check_weights(folder, "transformer", "diffusion_pytorch_model")
     if cfg.get("zero_cond_t"):
         require_zero_cond_t()
-    model = QwenImageTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
-    _check_strict(model, files)
-    return model.to(device).eval()
+    return load_diffusers_model(QwenImageTransformer2DModel, folder, "transformer", dtype, device)
 
 
 def load_vae(folder: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
     from diffusers import AutoencoderKLQwenImage
-    _need(os.path.join(folder, "vae", "config.json"), "VAE config")
-    files = check_weights(folder, "vae", "diffusion_pytorch_model")
-    vae = AutoencoderKLQwenImage.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-    _check_strict(vae, files)
-    return vae.to(device).eval()
+    return load_diffusers_model(AutoencoderKLQwenImage, folder, "vae", dtype, device)
 
 
 def load_text_encoder(folder: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):

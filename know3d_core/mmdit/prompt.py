@@ -81,7 +81,8 @@ def encode_prompt(text_encoder, processor, images, text: str | list[str],
     images = list(images) if images else []
     device = torch.device(device) if device is not None else next(text_encoder.parameters()).device
     chat = [edit_plus_text(t, len(images)) for t in texts]
-    inputs = processor(text=chat, images=images or None, padding=True, return_tensors="pt").to(device)
+    # the processor pairs images with placeholders across the whole batch: repeat them per prompt
+    inputs = processor(text=chat, images=images * len(chat) or None, padding=True, return_tensors="pt").to(device)
     out = text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                        pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
                        output_hidden_states=True)
