@@ -1,0 +1,257 @@
+"""Benchmark: TRELLIS.2 flow forwards with vs without the Know3D injection branch.
+
+Full size (default, CUDA, bf16): the official flow architecture (1536 wide, 30 blocks, 12 heads) with
+random weights and a Know3D branch for 4096 knowledge tokens x 4 MMDiT layers x 3072 = 12288
+channels. The knowledge keys/values are computed once (``prepare_knowledge``) and reused, as in a
+real generation (every step, both CFG passes). Per case:
+- ``plain_ms``: ``model(x, t, cond)`` (branch installed but no knowledge: the plain TRELLIS.2 path);
+- ``know3d_ms``: ``model(x, t, cond, knowledge=ctx)`` with the prepared context;
+- ``uncached_ms``: the same but projecting the knowledge and every block's K/V in each forward;
+- ``ratio`` = know3d / plain beside ``floor`` = (plain + branch FLOPs) / plain FLOPs (matmuls and
+  attention only, research/performance.md); ``ok`` = ratio <= floor + 0.05 (the issue's target);
+- ``zero_exact``: with the freshly installed (zero-output) branch, the output equals the plain one
+  bit for bit.
+Also ``prepare_ms`` (projection + 30 blocks' K/V, once per generation) and ``kv_cache_gib``.
+Timing: CUDA events, median of --repeats after --warmup.
+
+``--tiny`` runs tiny widths on the CPU (fp32) so the script is checked without a GPU.
+
+    python benchmarks/bench_injection.py --out injection.json           # GPU, full size
+    python benchmarks/bench_injection.py --tiny --out injection_tiny.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from know3d_core.knowledge import install_branch, mmdit_hidden_knowledge, prepare_knowledge  # noqa: E402
+from know3d_core.sparse import SparseTensor  # noqa: E402
+from know3d_core.trellis2.slat_flow import SLatFlowModel  # noqa: E402
+from know3d_core.trellis2.sparse_structure_flow import SparseStructureFlowModel  # noqa: E402
+from know3d_core.trellis2.tiny import tiny_flow_args  # noqa: E402
+
+FULL = dict(model_channels=1536, cond_channels=1024, num_blocks=30, num_heads=12)
+TINY = dict(model_channels=64, cond_channels=32, num_blocks=2, num_heads=4)
+# knowledge: (tokens, layers, width per layer)
+KNOW_FULL = (4096, 4, 3072)
+KNOW_TINY = (64, 4, 12)
+LAYERS = [20, 30, 40, 50]
+SIGMA = 0.25
+
+# (name, model kind, batch, tokens (full, tiny), grid (full, tiny), cond tokens (full, tiny))
+CASES = [
+    ("ss B=1", "ss", 1, (4096, 512), (16, 8), (1029, 17)),
+    ("ss B=2", "ss", 2, (4096, 512), (16, 8), (1029, 17)),
+    ("shape N=8k", "shape512", 1, (8192, 512), (32, 16), (1029, 17)),
+    ("shape N=8k B=2", "shape512", 2, (8192, 512), (32, 16), (1029, 17)),
+    ("shape N=20k", "shape1024", 1, (20000, 1000), (64, 16), (4101, 65)),
+    ("shape N=40k", "shape1024", 1, (40000, 2000), (64, 16), (4101, 65)),
+]
+
+
+def flops(tokens: int, batch: int, cond: int, know: int, w: dict, mlp_ratio: float = 5.3334) -> tuple[float, float]:
+    """(plain forward, branch) FLOPs of the blocks: 2*m*n*k per matmul, 4*Lq*Lk*C per attention.
+
+    The branch adds a query projection, one attention over ``know`` keys and the output projection
+    per block; its K/V projections are done once per generation and not counted.
+    """
+    C, Cc, L = w["model_channels"], w["cond_channels"], tokens
+    hidden = int(C * mlp_ratio)
+    self_attn = 2 * L * C * 3 * C + 4 * L * L * C + 2 * L * C * C
+    cross = 2 * L * C * C + 2 * cond * Cc * 2 * C + 4 * L * cond * C + 2 * L * C * C
+    mlp = 2 * 2 * L * C * hidden
+    branch = 2 * L * C * C + 4 * L * know * C + 2 * L * C * C
+    n = w["num_blocks"] * batch
+    return n * (self_attn + cross + mlp), n * branch
+
+
+def build(kind: str, widths: dict, dtype: str, device: torch.device, resolution=None) -> torch.nn.Module:
+    """Random-weight flow (allocated on device, initialised in place)."""
+    cls = SparseStructureFlowModel if kind == "ss" else SLatFlowModel
+    with torch.device("meta"):
+        model = cls(**{**tiny_flow_args(kind, resolution=resolution), **widths, "dtype": dtype})
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "gamma" or "norm" in name and leaf == "weight":
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.zero_()
+            elif p.dim() == 1:
+                p.normal_(0.0, 0.05, generator=gen)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=gen)
+    return model.eval()
+
+
+def random_coords(n: int, res: int, batch: int, device) -> torch.Tensor:
+    """``[batch * n, 4]`` int32: the same n random cells of a res^3 grid for every batch item."""
+    flat = torch.randperm(res ** 3, device=device)[:n].sort().values
+    xyz = torch.stack([flat // res ** 2, (flat // res) % res, flat % res], 1)
+    return torch.cat([torch.cat([torch.full_like(xyz[:, :1], b), xyz], 1) for b in range(batch)]).int()
+
+
+def time_ms(fn, device, warmup: int, repeats: int) -> float:
+    """Median ms of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def know3d_model(kind: str, tiny: bool, dtype: str, device, knowledge, resolution) -> torch.nn.Module:
+    """Flow with a fresh (zero-output) Know3D branch for ``knowledge``."""
+    model = build(kind, TINY if tiny else FULL, dtype, device, resolution)
+    with torch.device(device):
+        install_branch(model, knowledge.dim, kind="mmdit_hidden", mmdit_layers=LAYERS, sigma=SIGMA)
+    return model.eval()
+
+
+def randomize_out(model) -> None:
+    """Give every zero-initialised output layer random values (a trained branch)."""
+    gen = torch.Generator(device=model.device).manual_seed(2)
+    with torch.no_grad():
+        for block in model.blocks:
+            w = block.knowledge_attn.to_out.weight
+            w.normal_(0.0, 0.02, generator=gen)
+
+
+def run_case(case, tiny: bool, dtype: str, device, warmup: int, repeats: int, state: dict) -> dict:
+    name, kind, batch, tokens, grid, cond_len = case
+    idx = 1 if tiny else 0
+    widths = TINY if tiny else FULL
+    n_know, n_layers, width = KNOW_TINY if tiny else KNOW_FULL
+    gen = torch.Generator(device=device).manual_seed(1)
+    if "knowledge" not in state:
+        hidden = torch.randn(1, n_know, n_layers * width, device=device, generator=gen).to(torch.bfloat16)
+        state["knowledge"] = mmdit_hidden_knowledge(hidden, LAYERS, SIGMA, (16 * 64, 16 * 64), "random")
+    knowledge = state["knowledge"]
+    fresh = state.get("kind") != kind
+    if fresh:
+        state.pop("model", None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        state["model"] = know3d_model(kind, tiny, dtype, device, knowledge, grid[idx] if kind == "ss" else None)
+        state["kind"] = kind
+    model = state["model"]
+
+    lc, n = cond_len[idx], tokens[idx]
+    cond = torch.randn(batch, lc, widths["cond_channels"], device=device, generator=gen)
+    t = torch.full((batch,), 700.0, device=device)
+    if kind == "ss":
+        r = grid[idx]
+        x = torch.randn(batch, 8, r, r, r, device=device, generator=gen)
+    else:
+        res = grid[idx]
+        x = SparseTensor(torch.randn(batch * n, 32, device=device, generator=gen),
+                         random_coords(n, res, batch, device), (res,) * 3, batch_size=batch)
+
+    def data(out):
+        return out.feats if isinstance(out, SparseTensor) else out
+
+    with torch.no_grad():
+        zero_exact = None
+        if fresh:  # the branch is still zero: Know3D == plain, bit for bit
+            ctx0 = prepare_knowledge(model, knowledge)
+            zero_exact = bool(torch.equal(data(model(x, t, cond)), data(model(x, t, cond, knowledge=ctx0))))
+            del ctx0
+            randomize_out(model)
+        def prepare():
+            model.knowledge_proj.clear_cache()  # otherwise the projector hands back its last context
+            return prepare_knowledge(model, knowledge)
+
+        prepare_ms = time_ms(prepare, device, 1, 3)
+        ctx = prepare()
+        kv_gib = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                     for k, v in (ctx.kv(b.knowledge_attn) for b in model.blocks)) / 2 ** 30
+        plain_ms = time_ms(lambda: model(x, t, cond), device, warmup, repeats)
+        know_ms = time_ms(lambda: model(x, t, cond, knowledge=ctx), device, warmup, repeats)
+
+        def uncached():
+            model.knowledge_proj.clear_cache()
+            return model(x, t, cond, knowledge=knowledge)
+
+        uncached_ms = time_ms(uncached, device, max(1, warmup // 2), max(3, repeats // 2))
+        finite = bool(torch.isfinite(data(model(x, t, cond, knowledge=ctx))).all())
+        del ctx
+        model.knowledge_proj.clear_cache()
+    f_plain, f_branch = flops(n, batch, lc, n_know, widths)
+    floor = (f_plain + f_branch) / f_plain
+    ratio = know_ms / plain_ms
+    return {
+        "case": name, "batch": batch, "tokens": n, "cond_tokens": lc, "knowledge_tokens": n_know,
+        "knowledge_dim": n_layers * width, "plain_ms": round(plain_ms, 3), "know3d_ms": round(know_ms, 3),
+        "uncached_ms": round(uncached_ms, 3), "ratio": round(ratio, 4), "floor": round(floor, 4),
+        "ok": ratio <= floor + 0.05, "prepare_ms": round(prepare_ms, 3), "kv_cache_gib": round(kv_gib, 4),
+        "plain_tflop": round(f_plain / 1e12, 3), "branch_tflop": round(f_branch / 1e12, 3),
+        "zero_exact": zero_exact, "finite": finite,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (script check)")
+    p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="block dtype (default: bfloat16; float32 with --tiny)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--cases", default=None, help="comma-separated subset of case names")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    if args.tiny:
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
+    elif device.type != "cuda":
+        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+        return 2
+    cases = CASES if args.cases is None else [c for c in CASES if c[0] in args.cases.split(",")]
+    print(f"{'case':<16}{'plain ms':>10}{'know3d ms':>11}{'ratio':>8}{'floor':>8}  ok  "
+          f"{'uncached':>9}{'prepare':>9}  zero==plain")
+    rows, state = [], {}
+    for case in cases:
+        r = run_case(case, args.tiny, args.dtype, device, args.warmup, args.repeats, state)
+        rows.append(r)
+        print(f"{r['case']:<16}{r['plain_ms']:>10.2f}{r['know3d_ms']:>11.2f}{r['ratio']:>8.3f}{r['floor']:>8.3f}"
+              f"  {'y' if r['ok'] else 'N'}  {r['uncached_ms']:>9.2f}{r['prepare_ms']:>9.2f}  "
+              f"{'-' if r['zero_exact'] is None else r['zero_exact']}{'' if r['finite'] else '  NON-FINITE'}",
+              flush=True)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "warmup": args.warmup,
+        "repeats": args.repeats, "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
