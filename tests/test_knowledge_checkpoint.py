@@ -330,3 +330,22 @@ def test_save_errors(official, tmp_path):
         save_know3d(tmp_path / "x.safetensors", {"a.b": models[SS]})
     with pytest.raises(ValueError, match="content must be"):
         save_know3d(tmp_path / "x.safetensors", models, content="full")
+
+
+def test_a_failed_apply_changes_no_model(official, tmp_path):
+    path = tmp_path / "k.safetensors"
+    save_know3d(path, _trained(official))
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    key = f"{S512}.blocks.1.mlp.mlp.2.lora_A.weight"
+    tensors[key] = tensors[key][:, :-1].contiguous()
+    bad = _write(tmp_path / "bad.safetensors", tensors, meta)
+    dst = {n: _official(official, n) for n in (SS, S512)}
+    with pytest.raises(Exception, match=r"blocks.1.mlp.mlp.2.*A \(4, "):
+        apply_know3d(dst, bad)
+    for name, model in dst.items():
+        assert model.knowledge_proj is None
+        ref = _official(official, name).state_dict()
+        assert set(ref) == set(model.state_dict())
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())

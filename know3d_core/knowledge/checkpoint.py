@@ -35,6 +35,7 @@ from .lora import (
     LORA_A,
     LORA_B,
     attach_lora,
+    check_lora_factors,
     has_attached_lora,
     lora_factors_from_state_dict,
     lora_state_dict,
@@ -303,6 +304,7 @@ def apply_know3d(
         merge: fold the LoRA into the weights (no run-time cost); False attaches it unmerged.
     Returns:
         the file's :class:`Know3DSpec` (check knowledge with ``spec.check``).
+    On any error no model is changed (branches installed so far are removed again).
     """
     ckpt = checkpoint if isinstance(checkpoint, Know3DCheckpoint) else read_know3d(checkpoint)
     if ckpt.content != "delta":
@@ -312,19 +314,25 @@ def apply_know3d(
             raise Know3DFormatError(f"{ckpt.path} has no weights for {name!r} (it has {ckpt.models})")
         if has_branch(model):
             raise Know3DFormatError(f"{name} already carries a Know3D branch; load the delta into official weights")
-    for name, model in models.items():
-        origin = f"{ckpt.path} [{name}]"
-        tensors = ckpt.tensors[name]
-        _install_from_spec(model, ckpt.spec)
-        try:
+    # Branches first (reversible), LoRA factors checked for every model, only then the weights change.
+    installed, plans = [], []
+    try:
+        for name, model in models.items():
+            origin = f"{ckpt.path} [{name}]"
+            tensors = ckpt.tensors[name]
+            _install_from_spec(model, ckpt.spec)
+            installed.append(model)
             _load_branch(model, tensors, origin)
             factors = lora_factors_from_state_dict({k: v for k, v in tensors.items() if _is_lora_key(k)}, origin)
-            if factors:
-                apply = merge_lora if merge else attach_lora
-                apply(model, factors, ckpt.spec.lora_alpha, source=origin)
-        except Exception:
+            check_lora_factors(model, factors, origin)
+            plans.append((model, factors, origin))
+    except Exception:
+        for model in installed:
             remove_branch(model)
-            raise
+        raise
+    for model, factors, origin in plans:
+        if factors:
+            (merge_lora if merge else attach_lora)(model, factors, ckpt.spec.lora_alpha, source=origin)
     return ckpt.spec
 
 

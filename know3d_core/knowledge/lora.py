@@ -26,6 +26,7 @@ import torch.nn as nn
 __all__ = [
     "DEFAULT_LORA_TARGETS",
     "LoRAError",
+    "check_lora_factors",
     "lora_target_names",
     "init_lora",
     "attach_lora",
@@ -79,8 +80,8 @@ def lora_target_names(model: nn.Module, targets: Iterable[str] = DEFAULT_LORA_TA
     return names
 
 
-def _check_factors(model: nn.Module, factors: Factors, source: str) -> dict[str, nn.Module]:
-    """Resolve factor names to linear modules; raise naming the file and the layer on any misfit."""
+def check_lora_factors(model: nn.Module, factors: Factors, source: str = "LoRA factors") -> dict[str, nn.Module]:
+    """Resolve factor names to linear modules; raise naming ``source`` and the layer on any misfit."""
     modules = dict(model.named_modules())
     ranks = set()
     resolved = {}
@@ -113,7 +114,7 @@ def merge_lora(model: nn.Module, factors: Factors, alpha: float, source: str = "
     Returns:
         the number of layers changed.
     """
-    for name, module in _check_factors(model, factors, source).items():
+    for name, module in check_lora_factors(model, factors, source).items():
         a, b = factors[name]
         scale = float(alpha) / a.shape[0]
         w = module.weight
@@ -160,7 +161,7 @@ def attach_lora(
     ``dtype``: the factors' storage and compute dtype (fp32 by default, whatever the layer's dtype:
     the verification mode should not add roundings). Returns the number of layers.
     """
-    for name, module in _check_factors(model, factors, source).items():
+    for name, module in check_lora_factors(model, factors, source).items():
         a, b = factors[name]
         _attach_one(module, a, b, float(alpha) / a.shape[0], dtype)
     return len(factors)
