@@ -8,7 +8,7 @@ import logging
 
 _log = logging.getLogger("know3d")
 
-_FAMILIES: tuple[str, ...] = ()
+_FAMILIES: tuple[str, ...] = ("mesh", "qwen")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
