@@ -11,7 +11,7 @@ WIDTH = 64
 HEADS = 4
 BLOCKS = 2
 COND = 32
-SS_RES = 8          # 512 tokens: small enough for CPU, same code path as 16^3
+SS_RES = 6          # 216 tokens: small enough for CPU, same code path as 16^3
 KNOW_DIM = 48
 
 

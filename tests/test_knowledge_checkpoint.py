@@ -83,6 +83,9 @@ def test_delta_round_trip_unmerged_is_exact(official, tmp_path):
     path = tmp_path / "know3d.safetensors"
     spec = save_know3d(path, src, mmdit_model="tiny-qwen")
     assert spec.lora_rank == 4 and spec.lora_alpha == 8.0 and spec.mmdit_layers == LAYERS
+    from know3d_core.mmdit.capture import CaptureSpec
+    capture = CaptureSpec.from_metadata(spec.capture_metadata())
+    assert capture.layers == tuple(LAYERS) and capture.sigma == SIGMA
     dst = {n: _official(official, n) for n in src}
     got = apply_know3d(dst, path, merge=False)
     assert got == spec

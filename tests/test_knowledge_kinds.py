@@ -45,6 +45,9 @@ def test_vae_latent_and_dino_and_multi_view_constructors():
     assert not mv.injected and mv.provenance["resolution"] == [40, 30]
     with pytest.raises(ValueError, match="no dim"):
         mv.dim
+    assert multi_view_knowledge(torch.rand(1, 8, 8, 3), mode="concat").provenance["mode"] == "concat"
+    with pytest.raises(ValueError, match="multi_view mode 'mix'"):
+        multi_view_knowledge(torch.rand(1, 8, 8, 3), mode="mix")
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\|4\]"):
         multi_view_knowledge(torch.rand(1, 3, 40, 30))
     assert set(INJECTED_KINDS) | {"multi_view"} == set(KINDS)

@@ -119,6 +119,10 @@ class Know3DSpec:
         """Raise ``KnowledgeMismatchError`` naming both unless ``knowledge`` is what this was trained for."""
         check_knowledge(knowledge, self.knowledge_kind, self.knowledge_dim, self.mmdit_layers, self.sigma, origin)
 
+    def capture_metadata(self) -> dict[str, Any]:
+        """``{"layers", "sigma"}`` for ``mmdit.capture.CaptureSpec.from_metadata`` (None for other kinds)."""
+        return {"layers": self.mmdit_layers, "sigma": self.sigma}
+
     def to_metadata(self) -> dict[str, str]:
         return {
             "knowledge_kind": self.knowledge_kind,

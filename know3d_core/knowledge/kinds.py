@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from .multi_view import MULTI_VIEW_MODES
+
 __all__ = [
     "Knowledge",
     "KnowledgeMismatchError",
@@ -89,6 +91,10 @@ class Knowledge:
         missing = [k for k in REQUIRED_PROVENANCE[self.kind] if k not in self.provenance]
         if missing:
             raise ValueError(f"{self.kind} knowledge provenance lacks {missing} (has {sorted(self.provenance)})")
+        if self.kind == MULTI_VIEW and self.provenance.get("mode", MULTI_VIEW_MODES[0]) not in MULTI_VIEW_MODES:
+            raise ValueError(
+                f"multi_view mode {self.provenance['mode']!r} is not one of {', '.join(MULTI_VIEW_MODES)}"
+            )
         if self.kind == MMDIT_HIDDEN:
             layers = list(self.provenance["layers"])
             if not layers or self.dim % len(layers):
@@ -240,7 +246,10 @@ def dino_image_knowledge(
 
 
 def multi_view_knowledge(image: torch.Tensor, source: str = "qwen_back_view", **extra: Any) -> Knowledge:
-    """The decoded back image ``[B, H, W, 3]`` (values in [0, 1]) as a second view for TRELLIS.2."""
+    """The decoded back image ``[B, H, W, 3]`` (values in [0, 1]) as a second view for TRELLIS.2.
+
+    ``extra`` may set ``mode`` (one of ``MULTI_VIEW_MODES``; the pipeline's default is "stochastic").
+    """
     if image.dim() == 4 and image.shape[-1] not in (3, 4):
         raise ValueError(f"multi_view image must be [B, H, W, 3|4], got {tuple(image.shape)}")
     res = [int(image.shape[1]), int(image.shape[2])] if image.dim() == 4 else []
