@@ -249,3 +249,13 @@ def test_full_tiny_folder_with_decoders_loads_the_geometry_path(tmp_path):
     ss_dec = load_file(os.path.join(folder, "ckpts", "ss_dec_conv3d_16l8_fp16.safetensors"))
     assert ss_dec["input_layer.weight"].dtype == torch.float32
     assert {v.dtype for v in ss_dec.values()} == {torch.float16, torch.float32}
+
+
+def test_comfy_is_512_metadata_marks_img2shape_as_the_512_model(tmp_path):
+    model = SLatFlowModel(**tiny_flow_args("shape512"))
+    sd = {"img2shape." + k: v.to(torch.bfloat16) for k, v in random_state_dict(model, 2).items()}
+    path = str(tmp_path / "t512.safetensors")
+    save_file(sd, path, metadata={"is_512": "true"})
+    assert set(load_comfy_flow_file(path)) == {"shape_slat_flow_model_512"}
+    save_file(sd, path)
+    assert set(load_comfy_flow_file(path)) == {"shape_slat_flow_model_1024"}

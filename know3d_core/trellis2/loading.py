@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .modules.dit import parse_dtype
@@ -447,17 +448,23 @@ def build_flows_from_state_dict(
     source: str = "<state dict>",
     include_texture: bool = False,
     ss_resolution: Optional[int] = None,
+    is_512: bool = False,
 ) -> Dict[str, nn.Module]:
     """Build and strictly load every flow found in a ComfyUI-prefixed state dict.
 
     Returns ``{pipeline key: model}`` for the prefixes present (``"sparse_structure_flow_model"``,
     ``"shape_slat_flow_model_512"``, ``"shape_slat_flow_model_1024"``; the texture flow only with
     ``include_texture``). ``ss_resolution`` overrides the structure latent size (default 16).
+    ``is_512`` (ComfyUI's file metadata flag): the ``img2shape.`` weights are the 512 model.
     """
     parts = split_state_dict_by_prefix(state_dict, COMFY_FLOW_PREFIXES, source)
     models = {}
     for prefix, sub in parts.items():
         key = COMFY_FLOW_PREFIXES[prefix]
+        if prefix == "img2shape." and is_512:
+            if "img2shape_512." in parts:
+                raise CheckpointError(f"{source}: metadata is_512 but the file also holds img2shape_512.*")
+            key = "shape_slat_flow_model_512"
         if key.startswith("tex_") and not include_texture:
             continue
         name, base = FULL_SIZE_FLOW_CONFIGS[key]
@@ -477,14 +484,18 @@ def load_comfy_flow_file(
     ss_resolution: Optional[int] = None,
 ) -> Dict[str, nn.Module]:
     """Load a ComfyUI TRELLIS.2 diffusion file (one .safetensors, prefixed keys); see
-    :func:`build_flows_from_state_dict`."""
+    :func:`build_flows_from_state_dict`. The file's metadata ``is_512`` marks ``img2shape.`` as the
+    512 model (as ComfyUI reads it)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
+    with safe_open(path, framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
     state_dict = load_file(path, device=str(device))
     if not state_dict:
         raise CheckpointError(f"{path} holds no tensors")
+    is_512 = str(metadata.get("is_512", "")).strip().lower() in ("1", "true", "yes")
     return build_flows_from_state_dict(
         state_dict, dtype=dtype, device=device, source=path, include_texture=include_texture,
-        ss_resolution=ss_resolution,
+        ss_resolution=ss_resolution, is_512=is_512,
     )
