@@ -89,10 +89,12 @@ def test_early_exit_runs_exactly_the_steps_down_to_sigma(backview, embeds, full_
     spec = CaptureSpec(layers=(1, 3), sigma=sigma)
     k = nearest_step(flow_match_sigmas(6, 24), sigma).index
     calls, h = _count_forwards(backview.c.transformer)
+    seen = []
     try:
-        early = _run(backview, embeds, capture=spec, early_exit=True)
+        early = _run(backview, embeds, capture=spec, early_exit=True, progress=lambda i, n: seen.append((i, n)))
     finally:
         h.remove()
+    assert seen == [(i + 1, k + 1) for i in range(k + 1)]
     # steps 0..k-1 run cond + uncond, step k runs its cond forward only
     assert len(calls) == 2 * k + 1 == early.sample.forwards and early.sample.steps_run == k + 1
     assert early.sample.exited_early and early.images is None
@@ -112,6 +114,23 @@ def test_knowledge_provenance(backview, embeds):
     assert k.resolution == (64, 96) and k.token_grid == (4, 6) and k.model_name == "tiny"
     meta = k.metadata()
     assert meta["branch"] == "cond" and meta["tokens"] == "target" and meta["shape"] == [1, 24, 96]
+
+
+def test_cancel_stops_before_the_next_step(backview, embeds):
+    from know3d_core.sampling import Cancelled
+    polls = []
+
+    def cancel():
+        polls.append(1)
+        return len(polls) > 2
+
+    calls, h = _count_forwards(backview.c.transformer)
+    try:
+        with pytest.raises(Cancelled, match="before step 3 of 6"):
+            _run(backview, embeds, cancel=cancel)
+    finally:
+        h.remove()
+    assert len(calls) == 4     # two full CFG steps ran
 
 
 def test_sampler_validates_inputs(backview, embeds):

@@ -162,13 +162,14 @@ class QwenEditBackView:
                  negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT, negative_embeds=None, negative_mask=None,
                  steps: int = DEFAULT_STEPS, true_cfg_scale: float = DEFAULT_TRUE_CFG, generator=None,
                  latents=None, height=None, width=None, capture: CaptureSpec | None = None,
-                 early_exit: bool = False, decode: bool = True, record_trajectory: bool = True
-                 ) -> BackViewResult:
+                 early_exit: bool = False, decode: bool = True, record_trajectory: bool = True,
+                 progress=None, cancel=None) -> BackViewResult:
         """Generate the back view of ``images`` (PIL front image, or a list: the front image first).
 
         Either the text encoder builds the prompt ``camera prompt + description`` (and the negative
         prompt), or ``prompt_embeds``/``negative_embeds`` (+ masks) are given. With ``early_exit``
-        sampling stops at ``capture.sigma`` and nothing is decoded.
+        sampling stops at ``capture.sigma`` and nothing is decoded. ``progress(step, total)`` and
+        ``cancel()`` as in ``EditPlusSampler.sample``.
         """
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if prompt_embeds is None:
@@ -180,7 +181,8 @@ class QwenEditBackView:
             latents = self.noise(inputs, generator)
         sigmas = flow_match_sigmas(steps, inputs.n_target, self.c.scheduler_config)
         res = self.sampler.sample(inputs, latents, sigmas, true_cfg_scale=true_cfg_scale, capture=capture,
-                                  early_exit=early_exit, record_trajectory=record_trajectory)
+                                  early_exit=early_exit, record_trajectory=record_trajectory,
+                                  progress=progress, cancel=cancel)
         pil = None
         if decode and not res.exited_early:
             img = decode_latents(self.c.vae, res.latents, *inputs.resolution, self.vae_scale_factor)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..sampling.flow_euler import Cancelled
 from .capture import CaptureSpec, HiddenStateCollector, MMDiTKnowledge
 from .diffusers_hooks import capture_block_outputs, transformer_blocks
 from .packing import PATCH, VAE_SCALE_FACTOR
@@ -135,13 +136,18 @@ class EditPlusSampler:
     def sample(self, inputs: EditPlusInputs, latents: torch.Tensor, sigmas: torch.Tensor, *,
                true_cfg_scale: float = 4.0, capture: CaptureSpec | None = None, early_exit: bool = False,
                record_trajectory: bool = True, trajectory_device=None, store_device=None,
-               callback: Callable[[int, float, torch.Tensor], None] | None = None) -> SampleResult:
+               callback: Callable[[int, float, torch.Tensor], None] | None = None,
+               progress: Callable[[int, int], None] | None = None,
+               cancel: Callable[[], bool] | None = None) -> SampleResult:
         """Denoise ``latents`` [B, N_target, 4z] (pure noise at sigmas[0]) along ``sigmas`` [N+1].
 
         capture: hidden states to take from the cond forward of the step nearest ``capture.sigma``.
         early_exit: stop after that forward (needs ``capture``); the remaining steps, the uncond
         forward of the capture step and the decode are skipped.
-        callback(i, sigma_i, latents_after_step) runs after every completed step.
+        callback(i, sigma_i, latents_after_step) runs after every completed Euler step.
+        progress(step, total) runs once per step that runs a forward, step = 1..total, where
+        total = capture step + 1 with early exit, else the schedule length.
+        cancel() is polled before every step; True raises ``know3d_core.sampling.Cancelled``.
         """
         if early_exit and capture is None:
             raise ValueError("early_exit needs a capture spec (the sigma to stop at)")
@@ -163,7 +169,10 @@ class EditPlusSampler:
             collector = HiddenStateCollector(capture.resolve_layers(self.num_blocks), store_device)
         traj = Trajectory(sigmas=sigmas.detach().to("cpu", torch.float32)) if record_trajectory else None
         forwards = 0
+        total = choice.index + 1 if early_exit else n_steps
         for i in range(n_steps):
+            if cancel is not None and cancel():
+                raise Cancelled(f"back-view sampling cancelled before step {i + 1} of {total}")
             if traj is not None:
                 saved = latents if trajectory_device is None else latents.to(trajectory_device)
                 traj.steps.append(TrajectoryStep(index=i, sigma=sched[i], latents=saved))
@@ -175,6 +184,8 @@ class EditPlusSampler:
                 v = self.velocity(latents, t, inputs.prompt_embeds, pos_mask, inputs)
             forwards += 1
             if early_exit and choice is not None and i == choice.index:
+                if progress is not None:
+                    progress(i + 1, total)
                 return SampleResult(latents=latents, trajectory=traj,
                                     knowledge=self._knowledge(collector, choice, inputs), steps_run=i + 1,
                                     forwards=forwards, exited_early=True, capture_step=choice)
@@ -189,6 +200,8 @@ class EditPlusSampler:
             latents = (latents.to(torch.float32) + dt * v).to(v.dtype)
             if callback is not None:
                 callback(i, sched[i], latents)
+            if progress is not None:
+                progress(i + 1, total)
         knowledge = self._knowledge(collector, choice, inputs) if collector is not None else None
         return SampleResult(latents=latents, trajectory=traj, knowledge=knowledge, steps_run=n_steps,
                             forwards=forwards, exited_early=False, capture_step=choice)
