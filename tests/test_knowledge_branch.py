@@ -136,18 +136,20 @@ def test_fresh_branch_output_is_exactly_zero():
 
 
 # ------------------------------------------------------------------ sparse: ragged batches
-def test_sparse_ragged_batch_equals_each_sample_alone():
+@pytest.mark.parametrize("lengths", [[23, 37], [30, 30]])
+@pytest.mark.parametrize("shared", [True, False])
+def test_sparse_batch_equals_each_sample_alone(lengths, shared):
+    """Ragged or equal lengths, one knowledge for all samples or one per sample."""
     model = with_branch(tiny_slat())
-    lengths = [23, 37]
     x, t, cond = _slat_inputs(lengths)
-    k = knowledge_tensor(batch=2, seed=5)
+    k = knowledge_tensor(batch=1 if shared else 2, seed=5)
     with torch.no_grad():
         both = model(x, t, cond, knowledge=k).feats
         rows = 0
         for b, n in enumerate(lengths):
             xb = type(x)(x.feats[rows:rows + n], torch.cat([torch.zeros_like(x.coords[rows:rows + n, :1]),
                                                              x.coords[rows:rows + n, 1:]], 1), x.spatial_shape)
-            alone = model(xb, t[b:b + 1], cond[b:b + 1], knowledge=k[b:b + 1]).feats
+            alone = model(xb, t[b:b + 1], cond[b:b + 1], knowledge=k[:1] if shared else k[b:b + 1]).feats
             torch.testing.assert_close(both[rows:rows + n], alone, rtol=1e-5, atol=1e-5)
             rows += n
 
@@ -213,6 +215,18 @@ def test_cfg_pair_shares_one_knowledge_batch():
         c = model(x2[:1], t[:1], cond2[:1], knowledge=ctx)
         u = model(x2[1:], t[1:], cond2[1:], knowledge=ctx)
     torch.testing.assert_close(pair, torch.cat([c, u]), rtol=1e-5, atol=1e-5)
+
+
+def test_knowledge_batch_tiles_over_a_concatenated_cfg_batch():
+    """Knowledge for 2 samples, model batch 4 = [cond0, cond1, neg0, neg1]: sample i uses k[i % 2]."""
+    model = with_branch(tiny_ss())
+    x, t, cond = ss_inputs(batch=4)
+    k = knowledge_tensor(batch=2, seed=7)
+    with torch.no_grad():
+        four = model(x, t, cond, knowledge=k)
+        for i in range(4):
+            one = model(x[i:i + 1], t[i:i + 1], cond[i:i + 1], knowledge=k[i % 2:i % 2 + 1])
+            torch.testing.assert_close(four[i:i + 1], one, rtol=1e-5, atol=1e-5)
 
 
 def test_knowledge_batch_that_does_not_divide_the_model_batch_is_an_error():

@@ -191,15 +191,25 @@ class KnowledgeCrossAttention(MultiHeadAttention):
             k = self.k_rms_norm(k)
         return k, v
 
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows ``[B', L', C]`` -> queries ``[B', L', H, D]``."""
+        q = self.to_q(self.norm(x)).reshape(*x.shape[:2], self.num_heads, -1)
+        return self.q_rms_norm(q) if self.qk_rms_norm else q
+
     def _attend_rows(self, x: torch.Tensor, ctx: KnowledgeContext, layout: Optional[TokenLayout]) -> torch.Tensor:
-        """x ``[B, L, C]`` (or packed ``[1, N, C]`` with ``layout``) -> delta of the same shape."""
+        """x ``[B, L, C]`` (or packed ``[1, N, C]`` with ``layout``) -> delta of the same shape.
+
+        One knowledge sample shared by the whole batch (the usual case: every sample and both CFG
+        passes): every row attends to the same keys, so all rows go into one attention call as a
+        single long query ``[1, B*L, H, D]``; no copies of the keys, no per-sample layout.
+        """
         B = x.shape[0] if layout is None else layout.batch_size
         k, v = ctx.kv(self)
-        k, v = _match_batch(k, B), _match_batch(v, B)
-        q = self.to_q(self.norm(x)).reshape(*x.shape[:2], self.num_heads, -1)
-        if self.qk_rms_norm:
-            q = self.q_rms_norm(q)
-        h = attend(q, k, v, q_layout=layout)
+        q = self._query(x)
+        if k.shape[0] == 1:
+            h = attend(q.reshape(1, -1, *q.shape[2:]), k, v)
+        else:
+            h = attend(q, _match_batch(k, B), _match_batch(v, B), q_layout=layout)
         return self.to_out(h.reshape(*x.shape[:2], -1))
 
     def forward(self, h: Any, ctx: KnowledgeContext) -> Any:
@@ -207,22 +217,23 @@ class KnowledgeCrossAttention(MultiHeadAttention):
             raise TypeError(f"knowledge_attn needs a KnowledgeContext (model.knowledge_proj output), got {type(ctx).__name__}")
         if isinstance(h, torch.Tensor):
             return self._attend_rows(h, ctx, None)
-        lens = h.seqlens_list
-        if all(n == lens[0] for n in lens):
-            # equal token counts (B=1, or a CFG pair on shared coords): a plain [B, L, C] batch
-            delta = self._attend_rows(h.feats.reshape(len(lens), lens[0], -1), ctx, None)
+        if ctx.batch_size == 1:
+            delta = self._attend_rows(h.feats.unsqueeze(0), ctx, None)
         else:
-            delta = self._attend_rows(h.feats.unsqueeze(0), ctx, _sparse_layout(h))
+            lens = h.seqlens_list
+            if all(n == lens[0] for n in lens):
+                # equal token counts (a CFG pair on shared coords): a plain [B, L, C] batch
+                delta = self._attend_rows(h.feats.reshape(len(lens), lens[0], -1), ctx, None)
+            else:
+                delta = self._attend_rows(h.feats.unsqueeze(0), ctx, _sparse_layout(h))
         return h.replace(delta.reshape(h.feats.shape))
 
 
 def _match_batch(kv: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Keys/values of ``Bk`` knowledge samples for a batch of ``B``: as is, broadcast (Bk=1) or tiled."""
+    """Keys/values of ``Bk`` knowledge samples for a batch of ``B`` (Bk == B, or tiled when Bk divides B)."""
     bk = kv.shape[0]
     if bk == batch_size:
         return kv
-    if bk == 1:
-        return kv.expand(batch_size, *kv.shape[1:])
     if batch_size % bk == 0:
         return kv.repeat(batch_size // bk, *([1] * (kv.dim() - 1)))
     raise ValueError(f"knowledge has batch {bk} but the model runs a batch of {batch_size}; use 1 or a divisor")
