@@ -271,3 +271,12 @@ def test_double_install_and_missing_branch_errors():
 def test_randomize_helper_really_sets_every_branch_parameter():
     model = randomize_branch(with_branch(tiny_ss(), zero=True))
     assert all(torch.count_nonzero(p) > 0 for n, p in model.named_parameters() if "knowledge_" in n)
+
+
+def test_empty_install_has_the_same_tensors_as_an_initialised_one():
+    a = with_branch(tiny_ss("bfloat16"), zero=True)
+    b = tiny_ss("bfloat16")
+    install_branch(b, KNOW_DIM, empty=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    assert all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and sb[k].device.type == "cpu" for k in sa)

@@ -263,9 +263,10 @@ def _validate_model_tensors(ckpt: Know3DCheckpoint, name: str) -> None:
 
 # --------------------------------------------------------------------------------------- applying
 def _install_from_spec(model: nn.Module, spec: Know3DSpec) -> None:
+    """An uninitialised branch: the loaders fill every tensor (all keys are checked)."""
     install_branch(
         model, spec.knowledge_dim, kind=spec.knowledge_kind, mmdit_layers=spec.mmdit_layers,
-        sigma=spec.sigma, num_heads=spec.num_heads, qk_rms_norm=spec.qk_rms_norm,
+        sigma=spec.sigma, num_heads=spec.num_heads, qk_rms_norm=spec.qk_rms_norm, empty=True,
     )
 
 
