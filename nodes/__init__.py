@@ -8,7 +8,7 @@ import logging
 
 _log = logging.getLogger("know3d")
 
-_FAMILIES: tuple[str, ...] = ("mesh", "qwen")
+_FAMILIES: tuple[str, ...] = ("mesh", "qwen", "trellis", "knowledge")
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

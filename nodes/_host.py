@@ -75,6 +75,12 @@ def check_interrupted() -> None:
         mm.throw_exception_if_processing_interrupted()
 
 
+def interrupted() -> bool:
+    """True once the user pressed cancel (does not clear the flag; for cancel() polls)."""
+    mm = _model_management()
+    return bool(mm.processing_interrupted()) if mm is not None else False
+
+
 def _model_management():
     # comfy.model_management needs a working device at import; ComfyUI itself imported it first.
     if _module("comfy") is None:

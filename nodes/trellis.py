@@ -1,0 +1,485 @@
+"""TRELLIS.2 side: load the geometry networks (+ Know3D checkpoint), condition on the front image,
+sample the sparse structure and the geometry. Every network runs under ComfyUI's model management.
+The algorithms live in know3d_core.trellis2.pipeline; these nodes call its stages one by one."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from . import _host
+from ._common import CATEGORY, KNOW3D_CONDITION, KNOW3D_KNOWLEDGE, KNOW3D_MODEL, KNOW3D_STRUCTURE, SEED_MAX
+from ..know3d_core.conditioning.dinov3 import prepare_pixels
+from ..know3d_core.conditioning.preprocess import pil_to_tensor, preprocess_image
+from ..know3d_core.mesh import z_up_to_y_up
+from ..know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS, Cancelled, SamplerParams
+
+CAT = f"{CATEGORY}/trellis2"
+PIPELINE_TYPES = ("512", "1024", "1024_cascade", "1536_cascade")
+SS_NATIVE_RESOLUTION = 64  # the sparse-structure decoder's output grid; 32-grid types pool it
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+FROM_FOLDER = "(from the TRELLIS.2 folder)"
+NONE = "none"
+
+# Where each file comes from (named in missing-file errors).
+SOURCES = {
+    "trellis2": "Hugging Face microsoft/TRELLIS.2-4B (the whole folder: pipeline.json + ckpts/) into models/trellis2/, "
+                "or Comfy-Org/TRELLIS.2's diffusion file into models/diffusion_models/",
+    "diffusion_models": "Hugging Face Comfy-Org/TRELLIS.2 (split_files/diffusion_models)",
+    "vae": "Hugging Face Comfy-Org/TRELLIS.2 (the shape VAE, split_files/vae)",
+    "clip_vision": "Hugging Face facebook/dinov3-vitl16-pretrain-lvd1689m (gated) or Comfy-Org/TRELLIS.2's "
+                   "DINOv3 file (split_files/clip_vision)",
+    "know3d": "the Know3D release (a know3d_*.safetensors checkpoint)",
+}
+
+
+def _pipeline_module():
+    from ..know3d_core.trellis2 import pipeline
+
+    return pipeline
+
+
+# ------------------------------------------------------------------------------ shared helpers
+def one_image(image: torch.Tensor, name: str) -> torch.Tensor:
+    """A ComfyUI IMAGE batch of exactly one image -> ``[H, W, C]``; clear errors otherwise."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"Know3D: {name} must be an IMAGE [B, H, W, C], got {shape}")
+    if image.shape[0] != 1:
+        raise ValueError(f"Know3D: {name} holds {image.shape[0]} images; Know3D processes one image at a time "
+                         "(pick one with core 'Image From Batch')")
+    if image.shape[-1] not in (3, 4):
+        raise ValueError(f"Know3D: {name} has {image.shape[-1]} channels; only RGB (3) or RGBA (4) images are supported")
+    return image[0]
+
+
+def _one_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if mask.dim() == 3:
+        if mask.shape[0] != 1:
+            raise ValueError(f"Know3D: the mask holds {mask.shape[0]} masks; give one")
+        mask = mask[0]
+    if mask.dim() != 2:
+        raise ValueError(f"Know3D: a MASK must be [H, W] or [1, H, W], got {tuple(mask.shape)}")
+    return mask.to(torch.float32)
+
+
+def preprocess_front(image: torch.Tensor, mask: Optional[torch.Tensor], assume_foreground: bool = False) -> torch.Tensor:
+    """TRELLIS.2 preprocessing (crop to the object, centre, premultiply on black) -> ``[S, S, 3]``."""
+    return pil_to_tensor(preprocess_image(image.cpu(), _one_mask(mask), assume_foreground=assume_foreground))
+
+
+class _ComfyDinoV3:
+    """ComfyUI's CLIP_VISION DINOv3 with the interface of our DinoV3FeatureExtractor."""
+
+    def __init__(self, clip_vision):
+        self.clip_vision = clip_vision
+
+    def __call__(self, images, image_size: int) -> torch.Tensor:
+        mm = _host._model_management()
+        mm.load_model_gpu(self.clip_vision.patcher)
+        device = self.clip_vision.patcher.load_device
+        pixels = prepare_pixels(images, int(image_size)).to(device)
+        tokens = self.clip_vision.model(pixels, skip_norm_elementwise=True)[0]
+        return tokens.float()
+
+
+def clip_vision_extractor(clip_vision):
+    if not hasattr(clip_vision, "patcher") or not hasattr(clip_vision, "model"):
+        raise ValueError("Know3D: clip_vision must come from core 'Load CLIP Vision' with a DINOv3 file")
+    return _ComfyDinoV3(clip_vision)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        dev = _host.torch_device()
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _progress(total_steps: int):
+    bar = _host.Progress(total_steps)
+
+    def callback(stage, step, total):
+        bar.update(1)
+
+    return callback
+
+
+def _run_stage(fn, *args, **kwargs):
+    """Run a pipeline stage; a cancel becomes ComfyUI's interrupt."""
+    try:
+        return fn(*args, **kwargs)
+    except Cancelled:
+        _host.check_interrupted()
+        raise
+
+
+# ------------------------------------------------------------------------------ the model
+@dataclass
+class Know3DModel:
+    """KNOW3D_MODEL: the geometry pipeline plus each network under ComfyUI's model management.
+
+    Shared read-only by every node that receives it; nodes never change its weights.
+    """
+    pipeline: Any
+    managed: dict
+    sources: dict = field(default_factory=dict)
+
+    @property
+    def know3d_spec(self):
+        return getattr(self.pipeline, "know3d_spec", None)
+
+    @property
+    def dinov3_name(self) -> str:
+        return os.path.basename(self.sources.get("dinov3", "dinov3"))
+
+    def load(self, *keys: str) -> None:
+        _host.load_models(self.managed.get(k) for k in keys)
+
+    def dinov3(self):
+        extractor = getattr(self.pipeline, "image_cond_model", None)
+        if extractor is None:
+            raise ValueError("Know3D: this model has no DINOv3; choose one in Load Know3D Model or connect clip_vision")
+        self.load("dinov3")
+        return extractor
+
+
+def _wrap_pipeline(pipeline, sources: dict) -> Know3DModel:
+    """Put the pipeline's networks under model management; the pipeline runs on the compute device."""
+    managed = {k: _host.ManagedModel(m, k) for k, m in pipeline.models.items()}
+    extractor = getattr(pipeline, "image_cond_model", None)
+    if extractor is not None:
+        managed["dinov3"] = _host.ManagedModel(extractor.model, "dinov3")
+    pipeline.device = _host.torch_device()
+    pipeline.offload = False
+    return Know3DModel(pipeline=pipeline, managed=managed, sources=sources)
+
+
+class Know3DLoadModel:
+    DESCRIPTION = (
+        "Load TRELLIS.2's geometry networks and, optionally, a Know3D checkpoint (the knowledge "
+        "branch and backbone LoRA, merged at load). Takes the official folder (pipeline.json + "
+        "ckpts/ in models/trellis2) or the single files ComfyUI users already have for core "
+        "TRELLIS.2: the Comfy-Org diffusion file (models/diffusion_models), the shape VAE "
+        "(models/vae) and DINOv3 (models/clip_vision)."
+    )
+    CATEGORY = CAT
+    FUNCTION = "load"
+    RETURN_TYPES = (KNOW3D_MODEL,)
+    RETURN_NAMES = ("know3d_model",)
+    OUTPUT_TOOLTIPS = ("TRELLIS.2 (+ Know3D) for Image Condition, Sparse Structure and Geometry.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "trellis2": (_host.trellis2_folders() + _host.filename_list("diffusion_models"), {
+                    "tooltip": "An official TRELLIS.2 folder in models/trellis2 (ends with /) or Comfy-Org's TRELLIS.2 diffusion file in models/diffusion_models."}),
+                "shape_vae": ([FROM_FOLDER] + _host.filename_list("vae"), {
+                    "tooltip": "With a single diffusion file: Comfy-Org's TRELLIS.2 shape VAE in models/vae. Ignored for a folder."}),
+                "dinov3": ([FROM_FOLDER] + _host.filename_list("clip_vision"), {
+                    "tooltip": "DINOv3 ViT-L/16 in models/clip_vision, or the dinov3-vitl16-pretrain-lvd1689m folder next to the TRELLIS.2 folder."}),
+                "know3d_checkpoint": ([NONE] + _host.filename_list("know3d"), {
+                    "tooltip": "A Know3D checkpoint in models/know3d; 'none' = plain TRELLIS.2 (multi-view and baseline graphs)."}),
+                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "Weights precision of the flows: auto = bfloat16 on a GPU that has it, else float32."}),
+            }
+        }
+
+    def load(self, trellis2, shape_vae, dinov3, know3d_checkpoint, dtype):
+        pipe_mod = _pipeline_module()
+        dt = _dtype(dtype)
+        know3d = None if know3d_checkpoint == NONE else _host.full_path("know3d", know3d_checkpoint, SOURCES["know3d"])
+        dino = None if dinov3 == FROM_FOLDER else _host.full_path("clip_vision", dinov3, SOURCES["clip_vision"])
+        sources = {"know3d": know3d, "dinov3": dino or "dinov3 (next to the TRELLIS.2 folder)"}
+        with _host.stage("load TRELLIS.2", torch.device("cpu")):
+            if trellis2.endswith("/"):
+                folder = _host.full_path("trellis2", trellis2, SOURCES["trellis2"])
+                sources["trellis2"] = folder
+                pipeline = pipe_mod.Trellis2GeometryPipeline.from_pretrained(
+                    folder, device="cpu", dtype=dt, know3d=know3d, dinov3=dino)
+            else:
+                flow = _host.full_path("diffusion_models", trellis2, SOURCES["diffusion_models"])
+                if shape_vae == FROM_FOLDER:
+                    raise ValueError(
+                        f"Know3D: {trellis2} is a single diffusion file: also choose the TRELLIS.2 shape VAE "
+                        f"(models/vae; from {SOURCES['vae']})")
+                if dino is None:
+                    raise ValueError(f"Know3D: with a single diffusion file choose DINOv3 in models/clip_vision "
+                                     f"(from {SOURCES['clip_vision']})")
+                vae = _host.full_path("vae", shape_vae, SOURCES["vae"])
+                sources.update(trellis2=flow, shape_vae=vae)
+                from_files = getattr(pipe_mod.Trellis2GeometryPipeline, "from_comfy_files", None)
+                if from_files is None:
+                    raise NotImplementedError(
+                        "Know3D: loading Comfy-Org single files needs Trellis2GeometryPipeline.from_comfy_files "
+                        "(not in this version); use the official TRELLIS.2 folder in models/trellis2")
+                pipeline = from_files(flow, vae, device="cpu", dtype=dt, know3d=know3d, dinov3=dino)
+        return (_wrap_pipeline(pipeline, sources),)
+
+
+# ------------------------------------------------------------------------------ condition
+@dataclass
+class FrontCondition:
+    """KNOW3D_CONDITION: the preprocessed front image and its DINOv3 features per resolution."""
+    image: torch.Tensor          # [S, S, 3] in [0, 1]
+    conds: dict                  # resolution -> {"cond": [1, T, C], "neg_cond": zeros}
+    extractor: Any               # what encoded it (for a back image in multi-view mode)
+    extractor_name: str
+
+
+class Know3DImageCondition:
+    DESCRIPTION = (
+        "Prepare the front image like TRELLIS.2: crop to the object (mask or alpha), centre on a "
+        "square, premultiply on black, then DINOv3 features at 512 and 1024 px. Uses the model's "
+        "DINOv3, or ComfyUI's (core Load CLIP Vision) when clip_vision is connected."
+    )
+    CATEGORY = CAT
+    FUNCTION = "encode"
+    RETURN_TYPES = (KNOW3D_CONDITION, "IMAGE")
+    RETURN_NAMES = ("condition", "front_image")
+    OUTPUT_TOOLTIPS = ("Front-image condition for Sparse Structure and Geometry.",
+                       "The preprocessed (cropped, centred) front image, e.g. for the back-view model.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "know3d_model": (KNOW3D_MODEL, {"tooltip": "Load Know3D Model (its DINOv3 encodes the image)."}),
+                "image": ("IMAGE", {"tooltip": "The front image (RGB or RGBA; alpha marks the object)."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Object mask, 1 = object (a background-removal node's output; for core Load Image's mask use Invert Mask)."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "ComfyUI's DINOv3 (core Load CLIP Vision) instead of the model's."}),
+            },
+        }
+
+    def encode(self, know3d_model, image, mask=None, clip_vision=None):
+        front = preprocess_front(one_image(image, "image"), mask)
+        if clip_vision is not None:
+            extractor, name = clip_vision_extractor(clip_vision), "ComfyUI CLIP_VISION"
+        else:
+            extractor, name = know3d_model.dinov3(), know3d_model.dinov3_name
+        conds = {}
+        with _host.stage("DINOv3 conditioning"):
+            for res in (512, 1024):
+                _host.check_interrupted()
+                feats = extractor(front, image_size=res).to(_host.intermediate_device(), torch.float32)
+                conds[res] = {"cond": feats, "neg_cond": torch.zeros_like(feats)}
+        return (FrontCondition(front, conds, extractor, name), front.unsqueeze(0).clone())
+
+
+# ------------------------------------------------------------------------------ stages
+@dataclass
+class Structure:
+    """KNOW3D_STRUCTURE: occupied voxels of the sparse structure at ``resolution``."""
+    coords: torch.Tensor         # [N, 4] int32 (b, x, y, z), CPU
+    resolution: int
+    seed: int
+    ss_noise_shape: tuple
+    knowledge: Optional[dict] = None
+
+    def at(self, resolution: int) -> torch.Tensor:
+        """Coords on a coarser grid: a coarse voxel is occupied if any fine voxel is (max-pool)."""
+        if resolution == self.resolution:
+            return self.coords
+        if self.resolution % resolution:
+            raise ValueError(f"Know3D: cannot pool a {self.resolution}^3 structure to {resolution}^3")
+        f = self.resolution // resolution
+        c = torch.cat([self.coords[:, :1], self.coords[:, 1:] // f], 1)
+        return torch.unique(c, dim=0).to(torch.int32)
+
+
+def _sampler_inputs(steps, cfg, interval_start, interval_end, rescale, rescale_t):
+    return dict(steps=int(steps), guidance_strength=float(cfg), guidance_rescale=float(rescale),
+                guidance_interval=(float(interval_start), float(interval_end)), rescale_t=float(rescale_t))
+
+
+def _sampler_widgets(stage: str) -> dict:
+    p: SamplerParams = OFFICIAL_SAMPLER_PARAMS[stage]
+    return {
+        "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                         "tooltip": "Noise seed (explicit generator). Same seed in Sparse Structure and Geometry = the reference's single-seed run."}),
+        "steps": ("INT", {"default": p.steps, "min": 1, "max": 200, "tooltip": "Sampling steps."}),
+        "cfg": ("FLOAT", {"default": p.guidance_strength, "min": 0.0, "max": 30.0, "step": 0.1,
+                          "tooltip": "Guidance strength (classifier-free guidance)."}),
+        "guidance_interval_start": ("FLOAT", {"default": p.guidance_interval[0], "min": 0.0, "max": 1.0, "step": 0.01,
+                                              "tooltip": "CFG only while the time t is in [start, end] (t = 1 is pure noise)."}),
+        "guidance_interval_end": ("FLOAT", {"default": p.guidance_interval[1], "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "End of the CFG interval on t."}),
+        "guidance_rescale": ("FLOAT", {"default": p.guidance_rescale, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "CFG rescale (0 = off): pulls the guided prediction's std back to the conditional one."}),
+        "rescale_t": ("FLOAT", {"default": p.rescale_t, "min": 0.1, "max": 20.0, "step": 0.1,
+                                "tooltip": "Time-schedule shift (more steps at high noise when > 1)."}),
+    }
+
+
+def _knowledge_info(knowledge) -> Optional[dict]:
+    if knowledge is None:
+        return None
+    info = {"kind": knowledge.kind}
+    for key in ("layers", "sigma", "sigma_actual", "resolution", "model", "mode", "description"):
+        if key in knowledge.provenance:
+            info[key] = knowledge.provenance[key]
+    return info
+
+
+def _stage_models(knowledge, *keys):
+    keys = list(keys)
+    if knowledge is not None and knowledge.kind == "multi_view":
+        keys.append("dinov3")
+    return keys
+
+
+class Know3DSparseStructure:
+    DESCRIPTION = (
+        "TRELLIS.2 stage 1: sample which voxels the object occupies (dense flow on a 16^3 latent, "
+        "decoded to 64^3), conditioned on the front image and, when connected, on Know3D knowledge. "
+        "Also gives the occupancy as a core VOXEL (core VoxelToMesh shows it)."
+    )
+    CATEGORY = CAT
+    FUNCTION = "sample"
+    RETURN_TYPES = (KNOW3D_STRUCTURE, "VOXEL")
+    RETURN_NAMES = ("structure", "voxel")
+    OUTPUT_TOOLTIPS = ("Occupied voxels for Geometry.", "Occupancy [1, 64, 64, 64] (TRELLIS.2 grid, Z-up) for core 3D nodes.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "know3d_model": (KNOW3D_MODEL, {"tooltip": "Load Know3D Model."}),
+                "condition": (KNOW3D_CONDITION, {"tooltip": "Image Condition of the front image."}),
+                **_sampler_widgets("sparse_structure"),
+            },
+            "optional": {"knowledge": (KNOW3D_KNOWLEDGE, {"tooltip": "Knowledge about the back (any source). Not connected = plain TRELLIS.2."})},
+        }
+
+    def sample(self, know3d_model, condition, seed, steps, cfg, guidance_interval_start, guidance_interval_end,
+               guidance_rescale, rescale_t, knowledge=None):
+        pipe = know3d_model.pipeline
+        pipe.check_knowledge(knowledge)
+        params = pipe.sampler_params("sparse_structure", **_sampler_inputs(
+            steps, cfg, guidance_interval_start, guidance_interval_end, guidance_rescale, rescale_t))
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        know3d_model.load(*_stage_models(knowledge, "sparse_structure_flow_model", "sparse_structure_decoder"))
+        with _host.stage("sparse structure"):
+            coords = _run_stage(
+                pipe.sample_sparse_structure, _to_device(condition.conds[512], pipe.device), knowledge,
+                resolution=SS_NATIVE_RESOLUTION, generator=generator, params=params,
+                callback=_progress(params.steps), cancel=_host.interrupted)
+        coords = coords.to("cpu", torch.int32)
+        structure = Structure(coords=coords, resolution=SS_NATIVE_RESOLUTION, seed=int(seed),
+                              ss_noise_shape=(1, 8, 16, 16, 16), knowledge=_knowledge_info(knowledge))
+        return (structure, _host.make_voxel(occupancy(coords, SS_NATIVE_RESOLUTION), SS_NATIVE_RESOLUTION))
+
+
+def occupancy(coords: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Dense ``[B, R, R, R]`` float occupancy of ``[N, 4]`` coords."""
+    batch = int(coords[:, 0].max()) + 1 if coords.numel() else 1
+    grid = torch.zeros(batch, resolution, resolution, resolution)
+    c = coords.long()
+    grid[c[:, 0], c[:, 1], c[:, 2], c[:, 3]] = 1.0
+    return grid
+
+
+def _to_device(cond: dict, device) -> dict:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def texture_stage_latent(slat, resolution: int, mean: torch.Tensor, std: torch.Tensor) -> dict:
+    """Our shape latent in the LATENT form core's TRELLIS.2 texture stage / shape VAE decode read:
+    normalised feats ``[1, 32, N, 1]``, coords ``[N, 4]`` on the ``resolution / 16`` grid, Z-up."""
+    feats = ((slat.feats.float().cpu() - mean) / std)
+    coords = slat.coords.to("cpu", torch.int32)
+    return {"samples": feats.t().unsqueeze(0).unsqueeze(-1).contiguous(), "coords": coords,
+            "coord_counts": torch.tensor([coords.shape[0]], dtype=torch.int64),
+            "coord_resolution": int(resolution) // 16, "type": "trellis2", "model_frame": "z_up"}
+
+
+class Know3DGeometry:
+    DESCRIPTION = (
+        "TRELLIS.2 stage 2: sample the shape latent on the structure's voxels (512, 1024, or a "
+        "cascade 512 -> 1024 / 1536), conditioned on the front image and Know3D knowledge, then "
+        "decode it to a triangle mesh (O-Voxel). Outputs a core MESH (Y-up) and the shape latent "
+        "in the form core's TRELLIS.2 texture stage reads."
+    )
+    CATEGORY = CAT
+    FUNCTION = "sample"
+    RETURN_TYPES = ("MESH", "LATENT")
+    RETURN_NAMES = ("mesh", "shape_latent")
+    OUTPUT_TOOLTIPS = ("The mesh (core MESH, Y-up): Save Mesh, core Save 3D Model, Render Normals.",
+                       "Shape latent for core Trellis2TextureStage / VaeDecodeShapeTrellis (texturing with core nodes).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "know3d_model": (KNOW3D_MODEL, {"tooltip": "Load Know3D Model."}),
+                "structure": (KNOW3D_STRUCTURE, {"tooltip": "From Sparse Structure."}),
+                "condition": (KNOW3D_CONDITION, {"tooltip": "Image Condition of the front image."}),
+                "resolution": (list(PIPELINE_TYPES), {"default": "1024_cascade",
+                                                      "tooltip": "512 | 1024 | 1024 cascade (512 then 1024, the default) | 1536 cascade."}),
+                **_sampler_widgets("shape_slat"),
+                "max_num_tokens": ("INT", {"default": 49152, "min": 1024, "max": 1 << 20, "step": 1024,
+                                           "tooltip": "Cascades lower the final resolution until the voxel count fits this budget."}),
+            },
+            "optional": {"knowledge": (KNOW3D_KNOWLEDGE, {"tooltip": "Knowledge about the back (any source). Not connected = plain TRELLIS.2."})},
+        }
+
+    def sample(self, know3d_model, structure, condition, resolution, seed, steps, cfg, guidance_interval_start,
+               guidance_interval_end, guidance_rescale, rescale_t, max_num_tokens, knowledge=None):
+        pipe_mod = _pipeline_module()
+        pipe = know3d_model.pipeline
+        pipe.check_knowledge(knowledge)
+        ptype = str(resolution)
+        if ptype not in PIPELINE_TYPES:
+            raise ValueError(f"Know3D Geometry: resolution {resolution!r} is not one of {', '.join(PIPELINE_TYPES)}")
+        params = pipe.sampler_params("shape_slat", **_sampler_inputs(
+            steps, cfg, guidance_interval_start, guidance_interval_end, guidance_rescale, rescale_t))
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        # The reference draws the structure noise first from the same generator: skip it, so one
+        # seed in both nodes reproduces the reference's single-seed run.
+        torch.randn(structure.ss_noise_shape, generator=generator)
+        coords = structure.at(pipe_mod.ss_resolution(ptype))
+        dev = pipe.device
+        cond = _to_device(condition.conds[1024 if ptype == "1024" else 512], dev)
+        cond_hr = _to_device(condition.conds[1024], dev) if "cascade" in ptype else None
+        flows = {"512": ["shape_slat_flow_model_512"], "1024": ["shape_slat_flow_model_1024"]}.get(
+            ptype, ["shape_slat_flow_model_512", "shape_slat_flow_model_1024"])
+        n_stages = 2 if "cascade" in ptype else 1
+        know3d_model.load(*_stage_models(knowledge, *flows))
+        with _host.stage(f"geometry {ptype}"):
+            slat, grid = _run_stage(
+                pipe.sample_shape_slat, coords, cond, knowledge, ptype, cond_hr=cond_hr, generator=generator,
+                params=params, max_num_tokens=int(max_num_tokens), callback=_progress(params.steps * n_stages),
+                cancel=_host.interrupted)
+        know3d_model.load("shape_slat_decoder")
+        with _host.stage("shape decode"):
+            _host.check_interrupted()
+            mesh = pipe.decode_shape(slat, grid)
+        mean, std = pipe.config.normalization("shape_slat_normalization")
+        latent = texture_stage_latent(slat, grid, mean, std)
+        meta = {"seed": int(seed), "structure_seed": structure.seed, "pipeline_type": ptype, "resolution": int(grid),
+                "steps": int(steps), "cfg": float(cfg), "knowledge": _knowledge_info(knowledge),
+                "know3d_checkpoint": os.path.basename(know3d_model.sources.get("know3d") or "") or None}
+        v = torch.from_numpy(z_up_to_y_up(mesh.vertices.detach().cpu().double().numpy())).float()
+        return (_host.make_mesh([v], [mesh.faces.cpu()], meta), latent)
+
+
+NODE_CLASS_MAPPINGS = {
+    "Know3DLoadModel": Know3DLoadModel,
+    "Know3DImageCondition": Know3DImageCondition,
+    "Know3DSparseStructure": Know3DSparseStructure,
+    "Know3DGeometry": Know3DGeometry,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "Know3DLoadModel": "Load Know3D Model",
+    "Know3DImageCondition": "Image Condition",
+    "Know3DSparseStructure": "Sparse Structure",
+    "Know3DGeometry": "Geometry",
+}
