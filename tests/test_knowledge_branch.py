@@ -280,3 +280,17 @@ def test_empty_install_has_the_same_tensors_as_an_initialised_one():
     sa, sb = a.state_dict(), b.state_dict()
     assert set(sa) == set(sb)
     assert all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and sb[k].device.type == "cpu" for k in sa)
+
+
+def test_inference_mode_knowledge_is_cached_by_identity():
+    """ComfyUI samples under torch.inference_mode(): its tensors have no version counter."""
+    model = with_branch(tiny_ss())
+    x, t, cond = ss_inputs()
+    calls = _count_kv_calls(model)
+    with torch.inference_mode():
+        k = knowledge_tensor()
+        a = model(x, t, cond, knowledge=k)
+        b = model(x, t * 0.5, cond, knowledge=k)
+        model(x, t, cond, knowledge=k.clone())
+    assert len(calls) == 2 * len(model.blocks)
+    assert not torch.equal(a, b)

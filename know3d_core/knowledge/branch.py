@@ -138,7 +138,8 @@ class KnowledgeProjector(nn.Module):
         """Knowledge -> :class:`KnowledgeContext` (a context made by this projector passes through).
 
         Without autograd the last context is reused while the same knowledge tensor (same object,
-        not modified in place) comes back, so per-step calls compute the keys/values only once.
+        not modified in place; for inference-mode tensors, which keep no version counter, the same
+        object) comes back, so per-step calls compute the keys/values only once.
         """
         if isinstance(knowledge, KnowledgeContext):
             if not knowledge.made_by(self):
@@ -152,17 +153,22 @@ class KnowledgeProjector(nn.Module):
         cache = not torch.is_grad_enabled()
         if cache and self._last is not None:
             ref, version, ctx = self._last
-            if ref() is tensor and tensor._version == version:
+            if ref() is tensor and _version(tensor) == version:
                 return ctx
         kind = knowledge.kind if isinstance(knowledge, Knowledge) else None
         prov = knowledge.provenance if isinstance(knowledge, Knowledge) else None
         ctx = KnowledgeContext(self.project(tensor), self, kind, prov)
-        self._last = (weakref.ref(tensor), tensor._version, ctx) if cache else None
+        self._last = (weakref.ref(tensor), _version(tensor), ctx) if cache else None
         return ctx
 
     def clear_cache(self) -> None:
         """Forget the last context (frees its cached keys/values)."""
         self._last = None
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """In-place modification counter; inference-mode tensors have none (then identity alone counts)."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 class KnowledgeCrossAttention(MultiHeadAttention):
