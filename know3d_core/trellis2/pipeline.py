@@ -1,0 +1,694 @@
+"""TRELLIS.2 geometry pipeline: image -> sparse structure -> shape SLat -> mesh (reference
+``Trellis2ImageTo3DPipeline`` without texture), with optional Know3D knowledge.
+
+Stages (each a method, so hosts can run them one by one):
+
+1. ``get_cond(images, resolution)``: DINOv3 tokens ``[B, T, C]`` at 512 or 1024 px; the negative
+   condition is zeros.
+2. ``sample_sparse_structure``: noise ``[B, 8, R, R, R]`` -> flow (CFG pairs batched, uncond only
+   inside the guidance interval) -> structure decoder -> occupancy -> int32 coords ``[N, 4]`` at 32^3
+   (``512`` and the cascades, max-pooled) or 64^3 (``1024``).
+3. ``sample_shape_slat``: noise ``[N, 32]`` on the coords -> shape flow -> ``slat * std + mean``
+   (``shape_slat_normalization`` of pipeline.json). The cascades sample the 512 model first, let the
+   shape decoder predict the subdivisions (``upsample``, 512^3 voxels), quantise them to the HR token
+   grid ``G = hr_res / 16`` (:func:`quantize_coords`), lower ``hr_res`` by 128 while the tokens
+   reach ``max_num_tokens`` and ``hr_res > 1024`` (:func:`cascade_coords`), then sample the 1024 model.
+4. ``decode_shape``: shape decoder -> O-Voxel flexible dual grid -> raw triangle mesh.
+
+RNG parity with the reference: one ``torch.Generator().manual_seed(seed)`` draws, in order, the
+structure noise and each shape stage's noise on the CPU in fp32 (the reference calls
+``torch.manual_seed(seed)`` and ``torch.randn``: the same numbers).
+
+Placement: with ``offload`` every network lives on the CPU and visits ``device`` only while its
+stage runs (the reference's ``low_vram``). Per-stage buffers (knowledge contexts, the CFG pair
+template, intermediate latents) are released when a stage ends, also when it is cancelled.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..sampling import (
+    FlowEulerGuidanceIntervalSampler,
+    SamplerParams,
+    dense_cfg_batch,
+    reference_noise,
+    sparse_cfg_batch,
+)
+from ..sparse import SparseTensor
+from .loading import GEOMETRY_MODELS, PipelineConfig, load_pipeline_models, read_pipeline_config
+from .sparse_structure_decoder import decode_occupancy
+
+__all__ = [
+    "PIPELINE_TYPES",
+    "MAX_NUM_TOKENS",
+    "SS_STAGE",
+    "GeometryResult",
+    "Trellis2GeometryPipeline",
+    "ss_resolution",
+    "cond_resolutions",
+    "required_models",
+    "progress_plan",
+    "quantize_coords",
+    "cascade_coords",
+    "StageTimer",
+]
+
+PIPELINE_TYPES = ("512", "1024", "1024_cascade", "1536_cascade")
+MAX_NUM_TOKENS = 49152
+SS_STAGE = "sparse_structure"
+DINOV3_FOLDER = "dinov3-vitl16-pretrain-lvd1689m"
+
+ProgressFn = Callable[[str, int, int], None]
+CancelFn = Callable[[], bool]
+ParamsArg = Union[None, SamplerParams, Mapping[str, Any]]
+
+
+# ----------------------------------------------------------------------------------- pipeline types
+def _check_type(pipeline_type: str) -> str:
+    if pipeline_type not in PIPELINE_TYPES:
+        raise ValueError(f"unknown pipeline_type {pipeline_type!r}; use one of {', '.join(PIPELINE_TYPES)}")
+    return pipeline_type
+
+
+def ss_resolution(pipeline_type: str) -> int:
+    """Grid of the structure coords: 64 for ``1024``, else 32."""
+    return 64 if _check_type(pipeline_type) == "1024" else 32
+
+
+def cond_resolutions(pipeline_type: str) -> Tuple[int, ...]:
+    """DINOv3 image sizes a pipeline type needs: (512,) for ``512``, else (512, 1024). The structure
+    stage and the 512 shape model use 512 px; the 1024 shape model 1024 px."""
+    return (512,) if _check_type(pipeline_type) == "512" else (512, 1024)
+
+
+def _hr_resolution(pipeline_type: str) -> int:
+    return {"1024_cascade": 1024, "1536_cascade": 1536}[pipeline_type]
+
+
+def _shape_stages(pipeline_type: str) -> List[str]:
+    """Shape flow models in run order: their stage names are ``shape_slat_512`` / ``shape_slat_1024``."""
+    return {"512": ["512"], "1024": ["1024"]}.get(_check_type(pipeline_type), ["512", "1024"])
+
+
+def required_models(pipeline_type: str) -> Tuple[str, ...]:
+    """pipeline.json model keys a pipeline type runs."""
+    flows = tuple(f"shape_slat_flow_model_{s}" for s in _shape_stages(pipeline_type))
+    return ("sparse_structure_flow_model", "sparse_structure_decoder") + flows + ("shape_slat_decoder",)
+
+
+def progress_plan(pipeline_type: str, ss_steps: int = 12, shape_steps: int = 12) -> List[Tuple[str, int]]:
+    """``[(stage, total steps)]`` in run order, as the progress callback will report them."""
+    return [(SS_STAGE, ss_steps)] + [(f"shape_slat_{s}", shape_steps) for s in _shape_stages(pipeline_type)]
+
+
+# ----------------------------------------------------------------------------------- cascade coords
+def quantize_coords(coords: torch.Tensor, grid: int, source_resolution: int = 512) -> torch.Tensor:
+    """Voxel coords on a ``source_resolution``^3 grid -> unique coords on a ``grid``^3 grid.
+
+    ``q = floor((c + 0.5) / source_resolution * grid)`` per axis (the reference's float32 ``int()``
+    truncation; exact for these sizes), then ``unique`` rows (sorted: batch-major, x, y, z).
+    ``coords [N, 4]`` int (b, x, y, z) -> int32 ``[M, 4]``.
+    """
+    if coords.dim() != 2 or coords.shape[1] != 4:
+        raise ValueError(f"quantize_coords: coords must be [N, 4], got {tuple(coords.shape)}")
+    q = coords.int().clone()
+    q[:, 1:] = ((coords[:, 1:].float() + 0.5) / source_resolution * grid).int()
+    return torch.unique(q, dim=0)
+
+
+def cascade_coords(
+    fine_coords: torch.Tensor,
+    hr_resolution: int,
+    max_num_tokens: int = MAX_NUM_TOKENS,
+    source_resolution: int = 512,
+) -> Tuple[torch.Tensor, int]:
+    """HR token coords of the cascade and the mesh resolution they belong to.
+
+    Quantises ``fine_coords`` (512^3) to ``G = hr_resolution // 16``; while the token count is
+    ``>= max_num_tokens`` and ``hr_resolution > 1024``, lowers ``hr_resolution`` by 128 and retries
+    (1536 -> 1408 -> 1280 -> 1152 -> 1024; 1024 is never lowered). Returns ``(coords [M, 4], hr_res)``.
+    """
+    while True:
+        coords = quantize_coords(fine_coords, hr_resolution // 16, source_resolution)
+        if coords.shape[0] < max_num_tokens or hr_resolution <= 1024:
+            return coords, hr_resolution
+        hr_resolution -= 128
+
+
+# ----------------------------------------------------------------------------------- timing
+class StageTimer:
+    """Wall time (and, on CUDA, peak allocated memory) per named stage."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.timings: Dict[str, float] = {}
+        self.peak_vram: Dict[str, int] = {}
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_available()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+                self.peak_vram[stage] = int(torch.cuda.max_memory_allocated(self.device))
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def merge(self, other: "StageTimer") -> None:
+        self.timings.update(other.timings)
+        self.peak_vram.update(other.peak_vram)
+
+
+# ----------------------------------------------------------------------------------- result
+@dataclass
+class GeometryResult:
+    """Output of :meth:`Trellis2GeometryPipeline.run`.
+
+    Attributes:
+        mesh: raw O-Voxel mesh (model space, Z-up, ``[-0.5, 0.5]^3``), on the CPU.
+        coords: structure coords ``[N, 4]`` int32 (CPU).
+        slat: de-normalised shape latent of the last stage (SparseTensor, CPU).
+        resolution: mesh grid (512, 1024, or the cascade's possibly lowered HR resolution).
+        timings: seconds per stage; peak_vram: bytes per stage (CUDA only, else empty).
+        num_tokens: tokens per shape stage (and ``sparse_structure``: occupied voxels).
+        knowledge: provenance of the knowledge used (``{"kind": ..., **provenance}``) or None.
+    """
+
+    mesh: Any
+    coords: torch.Tensor
+    slat: SparseTensor
+    resolution: int
+    pipeline_type: str
+    seed: int
+    timings: Dict[str, float] = field(default_factory=dict)
+    peak_vram: Dict[str, int] = field(default_factory=dict)
+    num_tokens: Dict[str, int] = field(default_factory=dict)
+    knowledge: Optional[Dict[str, Any]] = None
+
+    @property
+    def peak_vram_total(self) -> Optional[int]:
+        return max(self.peak_vram.values()) if self.peak_vram else None
+
+
+def knowledge_info(knowledge: Any) -> Optional[Dict[str, Any]]:
+    """``{"kind", "shape", **provenance}`` of a Knowledge (None for None)."""
+    if knowledge is None:
+        return None
+    return {"kind": knowledge.kind, "shape": list(knowledge.tensor.shape), **dict(knowledge.provenance)}
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _find_dinov3(folder: str, config: PipelineConfig) -> Optional[str]:
+    """Local DINOv3 folder for pipeline.json's ``image_cond_model`` (inside or beside ``folder``)."""
+    name = DINOV3_FOLDER
+    model_name = ((config.image_cond_model or {}).get("args") or {}).get("model_name")
+    if model_name:
+        name = str(model_name).replace("\\", "/").rstrip("/").split("/")[-1]
+    for cand in (os.path.join(folder, name), os.path.join(os.path.dirname(os.path.abspath(folder)), name)):
+        if os.path.isfile(os.path.join(cand, "model.safetensors")):
+            return cand
+    return None
+
+
+def _dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    from .modules.dit import parse_dtype
+
+    return parse_dtype(dtype)
+
+
+def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    c, n = cond["cond"], cond.get("neg_cond")
+    c = c.to(device)
+    n = torch.zeros_like(c) if n is None else n.to(device)
+    return c, n
+
+
+# ----------------------------------------------------------------------------------- pipeline
+class Trellis2GeometryPipeline:
+    """The geometry path of TRELLIS.2 over loaded networks.
+
+    Args:
+        models: pipeline.json key -> network (``required_models(type)`` for the types you run).
+        config: the parsed pipeline.json (sampler defaults, shape-latent normalisation).
+        image_cond_model: a ``conditioning.DinoV3FeatureExtractor`` (needed by ``get_cond``).
+        device: where the networks run.
+        offload: keep networks on the CPU, each on ``device`` only while its stage runs.
+        know3d_spec: the ``knowledge.Know3DSpec`` of a loaded Know3D checkpoint, or None.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, nn.Module],
+        config: PipelineConfig,
+        image_cond_model: Any = None,
+        device: Union[str, torch.device] = "cpu",
+        offload: bool = False,
+        know3d_spec: Any = None,
+    ):
+        self.models: Dict[str, nn.Module] = dict(models)
+        self.config = config
+        self.image_cond_model = image_cond_model
+        self.device = torch.device(device)
+        self.offload = bool(offload)
+        self.offload_device = torch.device("cpu")
+        self.know3d_spec = know3d_spec
+        self.last_num_tokens: Dict[str, int] = {}  # tokens per shape stage of the last sample_shape_slat
+        mean, std = config.normalization("shape_slat_normalization")
+        self.slat_mean, self.slat_std = mean, std
+        home = self.offload_device if self.offload else self.device
+        for model in self.models.values():
+            model.to(home).eval()
+        if self.image_cond_model is not None:
+            self.image_cond_model.to(home)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: Union[str, os.PathLike],
+        device: Union[str, torch.device] = "cuda",
+        dtype: Union[None, str, torch.dtype] = None,
+        know3d: Union[None, str, os.PathLike] = None,
+        offload: bool = False,
+        dinov3: Union[None, str, os.PathLike] = None,
+        pipeline_types: Optional[Sequence[str]] = None,
+        decoder_dtype: Union[None, str, torch.dtype] = None,
+    ) -> "Trellis2GeometryPipeline":
+        """Load an official TRELLIS.2 folder (pipeline.json + ckpts/), strictly.
+
+        Args:
+            device: where the networks run.
+            dtype: compute dtype of the flow DiTs (None: the checkpoint's, bf16 for the official files).
+            know3d: a Know3D checkpoint (``knowledge.save_know3d`` format): a delta file is applied to
+                the official flows (branch installed, LoRA merged); a merged file replaces them.
+            offload: networks stay on the CPU and visit ``device`` only while used.
+            dinov3: DINOv3 folder or ``.safetensors``; default: ``dinov3-vitl16-pretrain-lvd1689m``
+                inside ``folder`` or beside it. Not found: ``get_cond`` raises naming the places.
+            pipeline_types: load only the flows these types need (default: all geometry models).
+            decoder_dtype: compute dtype of the two decoders; None keeps the checkpoint's (fp16) on
+                CUDA and uses fp32 on the CPU (CPU half-precision convolutions are very slow).
+        """
+        folder = os.fspath(folder)
+        device = torch.device(device)
+        config = read_pipeline_config(folder)
+        keys = list(GEOMETRY_MODELS)
+        if pipeline_types is not None:
+            needed = {k for t in pipeline_types for k in required_models(t)}
+            keys = [k for k in keys if k in needed]
+        home = torch.device("cpu") if offload else device
+        models = load_pipeline_models(folder, keys=keys, dtype=_dtype(dtype), device=home)
+        dec_dtype = _dtype(decoder_dtype) or (None if device.type == "cuda" else torch.float32)
+        if dec_dtype is not None:
+            for key in ("sparse_structure_decoder", "shape_slat_decoder"):
+                if key in models:
+                    models[key].convert_to(dec_dtype)
+        spec = None
+        if know3d is not None:
+            spec = cls._load_know3d(models, os.fspath(know3d), home)
+        extractor = None
+        dino_path = os.fspath(dinov3) if dinov3 is not None else _find_dinov3(folder, config)
+        if dino_path is not None:
+            from ..conditioning import DinoV3FeatureExtractor
+
+            extractor = DinoV3FeatureExtractor.from_pretrained(dino_path, device=home)
+        pipe = cls(models, config, extractor, device=device, offload=offload, know3d_spec=spec)
+        pipe._dinov3_hint = dino_path or os.path.join(folder, DINOV3_FOLDER)
+        return pipe
+
+    @staticmethod
+    def _load_know3d(models: Dict[str, nn.Module], path: str, device: torch.device) -> Any:
+        """Apply (delta) or load (merged) a Know3D checkpoint onto the loaded flows; returns its spec."""
+        from ..knowledge import apply_know3d, load_know3d_merged, read_know3d
+
+        ckpt = read_know3d(path)
+        flows = [k for k in models if "flow" in k and k in ckpt.tensors]
+        if not flows:
+            raise ValueError(
+                f"Know3D checkpoint {path} holds weights for {ckpt.models}, none of the loaded flows "
+                f"{[k for k in models if 'flow' in k]}"
+            )
+        if ckpt.content == "delta":
+            return apply_know3d({k: models[k] for k in flows}, ckpt)
+        merged, spec = load_know3d_merged(path, device=device, models=flows)
+        for key, model in merged.items():
+            old = models[key]
+            if hasattr(old, "dtype") and hasattr(model, "convert_to") and model.dtype != old.dtype:
+                model.convert_to(old.dtype)
+            models[key] = model
+        return spec
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def default_pipeline_type(self) -> str:
+        return self.config.default_pipeline_type
+
+    def sampler_params(self, stage: str, overrides: ParamsArg = None) -> SamplerParams:
+        """pipeline.json sampler defaults of ``stage`` (``"sparse_structure"`` | ``"shape_slat"``),
+        with ``overrides`` (a dict of fields, e.g. ``{"steps": 8}``) or a full SamplerParams."""
+        if isinstance(overrides, SamplerParams):
+            return overrides
+        key = {SS_STAGE: "sparse_structure_sampler", "shape_slat": "shape_slat_sampler"}[stage]
+        block = self.config.samplers.get(key)
+        if block is None:
+            raise KeyError(f"{self.config.folder}/pipeline.json has no {key!r}")
+        return FlowEulerGuidanceIntervalSampler.from_pipeline_json(block, **dict(overrides or {})).params
+
+    def model(self, key: str) -> nn.Module:
+        if key not in self.models:
+            raise KeyError(
+                f"model {key!r} is not loaded (loaded: {sorted(self.models)}); load the pipeline with "
+                "pipeline_types covering the type you run"
+            )
+        return self.models[key]
+
+    @contextlib.contextmanager
+    def use(self, *modules: Any) -> Iterator[None]:
+        """Keep ``modules`` (networks or the DINOv3 extractor) on ``device`` for the block (offload)."""
+        if self.offload:
+            for m in modules:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for m in modules:
+                    m.to(self.offload_device)
+                _empty_cache(self.device)
+
+    # ------------------------------------------------------------------ conditioning
+    def preprocess(self, image: Any, mask: Any = None, **kwargs) -> Any:
+        """Reference preprocessing (foreground crop on black), see ``conditioning.preprocess_image``."""
+        from ..conditioning import preprocess_image
+
+        return preprocess_image(image, mask, **kwargs)
+
+    def get_cond(self, images: Any, resolution: int) -> Dict[str, torch.Tensor]:
+        """DINOv3 tokens of (preprocessed) images: ``{"cond": [B, T, C], "neg_cond": zeros}`` on device."""
+        if self.image_cond_model is None:
+            raise FileNotFoundError(
+                f"no DINOv3 model loaded: put config.json + model.safetensors of "
+                f"facebook/{DINOV3_FOLDER} into {getattr(self, '_dinov3_hint', DINOV3_FOLDER)} "
+                "(or pass dinov3=...)"
+            )
+        from ..conditioning import get_cond
+
+        with self.use(self.image_cond_model):
+            cond = get_cond(self.image_cond_model, images, int(resolution))
+        return {k: v.to(self.device) for k, v in cond.items()}
+
+    def check_knowledge(self, knowledge: Any, pipeline_type: Optional[str] = None) -> None:
+        """Raise before any sampling when ``knowledge`` cannot be used: ``KnowledgeMismatchError``
+        naming both sides (kind, dim, layers, sigma vs the Know3D checkpoint), or ValueError when an
+        injected kind meets flows without a Know3D branch. None always passes."""
+        if knowledge is None:
+            return
+        from ..knowledge import Knowledge, has_branch
+
+        if not isinstance(knowledge, Knowledge):
+            raise TypeError(f"knowledge must be a know3d_core.knowledge.Knowledge, got {type(knowledge).__name__}")
+        if not knowledge.injected:
+            return
+        if self.know3d_spec is not None:
+            self.know3d_spec.check(knowledge, origin="the loaded Know3D checkpoint")
+        keys = ["sparse_structure_flow_model"]
+        if pipeline_type is not None:
+            keys += [f"shape_slat_flow_model_{s}" for s in _shape_stages(pipeline_type)]
+        plain = [k for k in keys if k in self.models and not has_branch(self.models[k])]
+        if plain:
+            raise ValueError(
+                f"{knowledge.kind} knowledge needs a Know3D branch, but {plain} have none: load the "
+                "pipeline with know3d=<Know3D checkpoint> (or use variant 'none' / 'multiview')"
+            )
+
+    # ------------------------------------------------------------------ guidance plumbing
+    @contextlib.contextmanager
+    def _guided(self, flow: nn.Module, cond: Mapping[str, Any], knowledge: Any, image_size: int, sparse: bool):
+        """``(model_fn, batched_model_fn | None, cond, neg_cond)`` for one stage; releases the
+        knowledge context afterwards (also on errors and cancellation)."""
+        c, n = _batched_cond(cond, self.device)
+        ctx = None
+        batch = sparse_cfg_batch if sparse else dense_cfg_batch
+        try:
+            if knowledge is not None and knowledge.injected:
+                from ..knowledge import has_branch, prepare_knowledge
+
+                if not has_branch(flow):
+                    raise ValueError(
+                        f"{knowledge.kind} knowledge needs a Know3D branch in {type(flow).__name__}: "
+                        "load the pipeline with know3d=<Know3D checkpoint>"
+                    )
+                ctx = prepare_knowledge(flow, knowledge.to(self.device))
+
+                def fn(x, t, cc):
+                    return flow(x, t, cc, knowledge=ctx)
+
+                yield fn, batch(fn), c, n
+            elif knowledge is not None:  # multi_view: the back image is a second image condition
+                from ..knowledge import MultiViewCondition, multi_view_model_fn
+
+                back = self.get_cond(knowledge.tensor, image_size)["cond"]
+                if back.shape[0] != c.shape[0]:
+                    back = back.expand(c.shape[0], -1, -1)
+                mode = knowledge.provenance.get("mode", "stochastic")
+                view = MultiViewCondition([c, back], mode)
+
+                def base(x, t, cc):
+                    return flow(x, t, cc)
+
+                if mode == "concat":  # zero negative tokens: same output for any token count
+                    joint = view.concatenated()
+                    yield base, batch(base), joint, torch.zeros_like(joint)
+                else:
+                    yield multi_view_model_fn(base), None, view, n
+            else:
+                def fn(x, t, cc):
+                    return flow(x, t, cc)
+
+                yield fn, batch(fn), c, n
+        finally:
+            if ctx is not None:
+                ctx.clear()
+            proj = getattr(flow, "knowledge_proj", None)
+            if proj is not None:
+                proj.clear_cache()
+
+    @staticmethod
+    def _generator(generator: Optional[torch.Generator], seed: Optional[int]) -> torch.Generator:
+        if generator is not None:
+            return generator
+        return torch.Generator().manual_seed(0 if seed is None else int(seed))
+
+    @staticmethod
+    def _progress(callback: Optional[ProgressFn], stage: str):
+        if callback is None:
+            return None
+        return lambda step, total, t: callback(stage, step, total)
+
+    # ------------------------------------------------------------------ stage 2: sparse structure
+    @torch.no_grad()
+    def sample_sparse_structure(
+        self,
+        cond: Mapping[str, torch.Tensor],
+        knowledge: Any = None,
+        *,
+        resolution: int = 32,
+        generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
+        params: ParamsArg = None,
+        callback: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> torch.Tensor:
+        """Structure coords of the occupied voxels.
+
+        Args:
+            cond: ``get_cond(images, 512)``; its batch B is the number of samples.
+            knowledge: a ``knowledge.Knowledge`` or None.
+            resolution: grid of the returned coords (32, or 64 for the ``1024`` type).
+            generator / seed: noise source (a generator continues a run's stream).
+            params: sampler overrides (dict) or SamplerParams; default pipeline.json's.
+        Returns:
+            int32 ``[N, 4]`` (b, x, y, z) on the CPU, batch-major, x/y/z ascending.
+        """
+        flow = self.model("sparse_structure_flow_model")
+        decoder = self.model("sparse_structure_decoder")
+        sampler = FlowEulerGuidanceIntervalSampler(self.sampler_params(SS_STAGE, params))
+        gen = self._generator(generator, seed)
+        B = cond["cond"].shape[0]
+        R = flow.resolution
+        noise = reference_noise(gen, B, flow.in_channels, R, R, R, device=self.device)
+        with self.use(flow), self._guided(flow, cond, knowledge, 512, sparse=False) as (fn, batched, c, n):
+            z = sampler.sample(fn, noise, c, n, batched_model_fn=batched,
+                               callback=self._progress(callback, SS_STAGE), cancel_check=cancel)
+        del noise
+        with self.use(decoder):
+            logits = decoder(z)
+        del z
+        coords = decode_occupancy(logits, resolution).cpu()
+        del logits
+        if coords.shape[0] == 0:
+            raise RuntimeError(
+                "the sparse structure is empty (no voxel occupied): nothing to build; try another seed "
+                "or check the input image (the object must be on a transparent/black background)"
+            )
+        return coords
+
+    # ------------------------------------------------------------------ stage 3: shape SLat
+    @torch.no_grad()
+    def sample_shape_slat(
+        self,
+        coords: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        knowledge: Any = None,
+        pipeline_type: str = "1024_cascade",
+        *,
+        cond_hr: Optional[Mapping[str, torch.Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
+        params: ParamsArg = None,
+        max_num_tokens: int = MAX_NUM_TOKENS,
+        callback: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> Tuple[SparseTensor, int]:
+        """Shape latent on the structure coords (and, for the cascades, on the upsampled coords).
+
+        Args:
+            coords: ``sample_sparse_structure`` output (32^3, or 64^3 for ``1024``).
+            cond: DINOv3 condition of the first shape model: 512 px, or 1024 px for the ``1024`` type.
+            cond_hr: 1024 px condition of the cascades' second stage (required there).
+            max_num_tokens: token budget of ``1536_cascade`` (see :func:`cascade_coords`).
+        Returns:
+            ``(slat, resolution)``: de-normalised SparseTensor ``[N, 32]`` on ``device`` and the mesh grid.
+        """
+        _check_type(pipeline_type)
+        self.last_num_tokens = {}
+        gen = self._generator(generator, seed)
+        params = self.sampler_params("shape_slat", params)
+        if pipeline_type in ("512", "1024"):
+            grid = 32 if pipeline_type == "512" else 64
+            size = 512 if pipeline_type == "512" else 1024
+            slat = self._sample_slat(pipeline_type, coords, grid, cond, knowledge, gen, params, size,
+                                     callback, cancel)
+            return slat, int(pipeline_type)
+        if cond_hr is None:
+            raise ValueError(f"{pipeline_type} needs cond_hr = get_cond(images, 1024) for its second stage")
+        lr = self._sample_slat("512", coords, 32, cond, knowledge, gen, params, 512, callback, cancel)
+        fine = self.upsample(lr)
+        del lr
+        hr_coords, hr_res = cascade_coords(fine, _hr_resolution(pipeline_type), max_num_tokens, 32 * 16)
+        del fine
+        slat = self._sample_slat("1024", hr_coords, hr_res // 16, cond_hr, knowledge, gen, params, 1024,
+                                 callback, cancel)
+        return slat, hr_res
+
+    def _sample_slat(self, which: str, coords: torch.Tensor, grid: int, cond, knowledge, gen, params,
+                     image_size: int, callback, cancel) -> SparseTensor:
+        """One shape flow on ``coords`` (grid^3), de-normalised."""
+        flow = self.model(f"shape_slat_flow_model_{which}")
+        stage = f"shape_slat_{which}"
+        coords = coords.to(self.device, torch.int32).contiguous()
+        B = cond["cond"].shape[0]
+        noise = reference_noise(gen, coords.shape[0], flow.in_channels, device=self.device)
+        x = SparseTensor(noise, coords, (grid, grid, grid))
+        if x.batch_size != B:
+            raise ValueError(f"coords hold {x.batch_size} batch items, the condition {B}")
+        self.last_num_tokens[stage] = int(coords.shape[0])
+        sampler = FlowEulerGuidanceIntervalSampler(params)
+        with self.use(flow), self._guided(flow, cond, knowledge, image_size, sparse=True) as (fn, batched, c, n):
+            out = sampler.sample(fn, x, c, n, batched_model_fn=batched,
+                                 callback=self._progress(callback, stage), cancel_check=cancel)
+        del x, noise
+        mean = self.slat_mean.to(self.device)
+        std = self.slat_std.to(self.device)
+        return SparseTensor(out.feats * std + mean, coords, (grid, grid, grid), batch_size=B)
+
+    @torch.no_grad()
+    def upsample(self, slat: SparseTensor) -> torch.Tensor:
+        """The shape decoder's predicted voxels 16x finer than ``slat`` (``[N', 4]`` int32)."""
+        decoder = self.model("shape_slat_decoder")
+        with self.use(decoder):
+            return decoder.upsample(slat, upsample_times=4)
+
+    # ------------------------------------------------------------------ stage 4: decode
+    @torch.no_grad()
+    def decode_shapes(self, slat: SparseTensor, resolution: int) -> List[Any]:
+        """Shape latent -> one raw mesh per batch item (on the CPU)."""
+        decoder = self.model("shape_slat_decoder")
+        with self.use(decoder):
+            meshes = decoder.decode(slat.to(self.device), int(resolution))
+        return [m.cpu() for m in meshes]
+
+    def decode_shape(self, slat: SparseTensor, resolution: int) -> Any:
+        """Shape latent of one sample -> raw mesh (model space, Z-up), on the CPU."""
+        meshes = self.decode_shapes(slat, resolution)
+        if len(meshes) != 1:
+            raise ValueError(f"decode_shape decodes one sample, the latent holds {len(meshes)}; use decode_shapes")
+        return meshes[0]
+
+    # ------------------------------------------------------------------ all stages
+    @torch.no_grad()
+    def run(
+        self,
+        image: Any,
+        mask: Any = None,
+        pipeline_type: Optional[str] = None,
+        seed: int = 0,
+        knowledge: Any = None,
+        *,
+        preprocess: bool = True,
+        ss_params: ParamsArg = None,
+        shape_params: ParamsArg = None,
+        max_num_tokens: int = MAX_NUM_TOKENS,
+        callback: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> GeometryResult:
+        """Image -> mesh. ``image``: PIL or float tensor ``[H, W, 3|4]``; preprocessed (foreground
+        crop on black, needs alpha or ``mask``) unless ``preprocess=False``."""
+        pipeline_type = _check_type(pipeline_type or self.default_pipeline_type)
+        self.check_knowledge(knowledge, pipeline_type)
+        timer = StageTimer(self.device)
+        with timer("preprocess"):
+            img = self.preprocess(image, mask) if preprocess else image
+        gen = torch.Generator().manual_seed(int(seed))
+        with timer("cond"):
+            conds = {size: self.get_cond(img, size) for size in cond_resolutions(pipeline_type)}
+        with timer(SS_STAGE):
+            coords = self.sample_sparse_structure(
+                conds[512], knowledge, resolution=ss_resolution(pipeline_type), generator=gen,
+                params=ss_params, callback=callback, cancel=cancel)
+        first = conds[1024] if pipeline_type == "1024" else conds[512]
+        with timer("shape_slat"):
+            slat, res = self.sample_shape_slat(
+                coords, first, knowledge, pipeline_type, cond_hr=conds.get(1024), generator=gen,
+                params=shape_params, max_num_tokens=max_num_tokens, callback=callback, cancel=cancel)
+        del conds, first
+        with timer("decode"):
+            mesh = self.decode_shape(slat, res)
+        mesh.metadata.update({"seed": int(seed), "pipeline_type": pipeline_type, "resolution": res})
+        return GeometryResult(
+            mesh=mesh, coords=coords, slat=slat.cpu(), resolution=res, pipeline_type=pipeline_type,
+            seed=int(seed), timings=timer.timings, peak_vram=timer.peak_vram,
+            num_tokens={SS_STAGE: int(coords.shape[0]), **self.last_num_tokens},
+            knowledge=knowledge_info(knowledge),
+        )
