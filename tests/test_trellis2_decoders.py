@@ -248,7 +248,10 @@ def test_intermediates_are_freed_during_forward():
         alive.append((weakref.ref(out.feats), maps))
 
     hooks = [b.register_forward_hook(keep_weak) for level in model.blocks for b in level]
-    head, subs = model(slat_from(io), return_subs=True)
+    x = slat_from(io)
+    cache_before = dict(x.cache)
+    head, subs = model(x, return_subs=True)
+    assert x.cache == cache_before  # nothing attached to the caller's tensor
     for h in hooks:
         h.remove()
     gc.collect()

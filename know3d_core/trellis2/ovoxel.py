@@ -244,6 +244,16 @@ def _sdf_normals(sdf: SDF, points: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.stack(grads, dim=-1), dim=-1)
 
 
+def _solve_3x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``a [N, 3, 3] @ p = b [N, 3]``: ``a^-1`` has columns ``row1 x row2, row2 x row0,
+    row0 x row1`` over ``det(a)`` (``a`` is well conditioned here: regularised QEF)."""
+    c0 = torch.cross(a[:, 1], a[:, 2], dim=-1)
+    c1 = torch.cross(a[:, 2], a[:, 0], dim=-1)
+    c2 = torch.cross(a[:, 0], a[:, 1], dim=-1)
+    det = (a[:, 0] * c0).sum(-1, keepdim=True)
+    return (c0 * b[:, 0:1] + c1 * b[:, 1:2] + c2 * b[:, 2:3]) / det
+
+
 def sdf_to_flexible_dual_grid(
     sdf: SDF,
     resolution: int,
@@ -295,21 +305,26 @@ def sdf_to_flexible_dual_grid(
     coords = torch.stack([unique_keys // stride**2, unique_keys // stride % stride, unique_keys % stride], -1)
     n = coords.shape[0]
 
-    # QEF: sum_i (n_i . (p - x_i))^2 + reg * cnt * |p - mean|^2, in voxel units.
-    x = ((crossing + 0.5) * r).repeat_interleave(4, dim=0)
-    nn_ = normal.repeat_interleave(4, dim=0)
-    outer = nn_.unsqueeze(-1) * nn_.unsqueeze(-2)  # [4M, 3, 3]
-    ata = torch.zeros(n, 3, 3, dtype=torch.float64, device=device).index_add_(0, inverse, outer)
-    atb = torch.zeros(n, 3, dtype=torch.float64, device=device).index_add_(
-        0, inverse, (outer @ x.unsqueeze(-1)).squeeze(-1)
-    )
-    total = torch.zeros(n, 3, dtype=torch.float64, device=device).index_add_(0, inverse, x)
-    count = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
-        0, inverse, torch.ones_like(x[:, 0])
-    )
-    mean = total / count.unsqueeze(-1)
-    reg = (regularization * count).view(n, 1, 1) * torch.eye(3, dtype=torch.float64, device=device)
-    point = torch.linalg.solve(ata + reg, atb + (regularization * count).unsqueeze(-1) * mean)
+    # QEF: sum_i (n_i . (p - x_i))^2 + reg * cnt * |p - mean|^2, in voxel units. Each crossing
+    # is added to its 4 voxels one corner at a time (no 4x copies).
+    x = (crossing + 0.5) * r
+    outer = normal.unsqueeze(-1) * normal.unsqueeze(-2)  # [M, 3, 3]
+    outer_x = (outer @ x.unsqueeze(-1)).squeeze(-1)
+    inverse = inverse.view(-1, 4)
+    ata = torch.zeros(n, 3, 3, dtype=torch.float64, device=device)
+    atb = torch.zeros(n, 3, dtype=torch.float64, device=device)
+    total = torch.zeros(n, 3, dtype=torch.float64, device=device)
+    count = torch.zeros(n, dtype=torch.float64, device=device)
+    ones = torch.ones_like(x[:, 0])
+    for k in range(4):
+        ata.index_add_(0, inverse[:, k], outer)
+        atb.index_add_(0, inverse[:, k], outer_x)
+        total.index_add_(0, inverse[:, k], x)
+        count.index_add_(0, inverse[:, k], ones)
+    weight = regularization * count
+    ata += weight.view(n, 1, 1) * torch.eye(3, dtype=torch.float64, device=device)
+    atb += weight.unsqueeze(-1) * (total / count.unsqueeze(-1))
+    point = _solve_3x3(ata, atb)
     dual = (point - coords.double()).clamp(0.0, 1.0)
 
     intersected = torch.zeros(n, 3, dtype=torch.bool, device=device)

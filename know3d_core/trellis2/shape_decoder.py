@@ -253,6 +253,15 @@ class FlexiDualGridVaeDecoder(nn.Module):
                 f"FlexiDualGridVaeDecoder: expected SLat feats [N, {self.latent_channels}], got {tuple(x.feats.shape)}"
             )
 
+    def _from_latent(self, x: SparseTensor) -> SparseTensor:
+        """``from_latent`` (fp32) then cast to the body dtype, on a fresh cache: nothing the decoder
+        builds (neighbour maps, subdivisions) is attached to the caller's tensor."""
+        self._check_input(x)
+        w, b = self.from_latent.weight, self.from_latent.bias
+        feats = F.linear(x.feats.to(w.dtype), w, b).to(self.dtype)
+        batch = {"batch_size": x.cache["batch_size"]} if "batch_size" in x.cache else None
+        return SparseTensor(feats, x.coords, x.spatial_shape, cache=batch)
+
     def _level(self, i: int, h: SparseTensor, subs: Optional[List[SparseTensor]]) -> SparseTensor:
         """Run level ``i`` (its ConvNeXt blocks, then its C2S block if any)."""
         for j, block in enumerate(self.blocks[i]):
@@ -270,9 +279,7 @@ class FlexiDualGridVaeDecoder(nn.Module):
         """SLat ``x`` (feats ``[N, latent]``, any float dtype) -> head SparseTensor ``[N', 7]`` fp32
         on the grid 16x finer; with ``return_subs`` also the 4 subdivision logit tensors ``[N_l, 8]``
         (on the coarse coords of each C2S block)."""
-        self._check_input(x)
-        h = self.from_latent(x.replace(x.feats.to(self.from_latent.weight.dtype)))
-        h = h.replace(h.feats.to(self.dtype))
+        h = self._from_latent(x)
         subs: Optional[List[SparseTensor]] = [] if return_subs else None
         for i in range(len(self.blocks)):
             h = self._level(i, h, subs)
@@ -296,11 +303,9 @@ class FlexiDualGridVaeDecoder(nn.Module):
         Same coords as the official ``upsample``; the last subdivision only evaluates its
         ``to_subdiv`` (its convs cannot change the coords).
         """
-        self._check_input(x)
         if not 0 <= upsample_times <= self.num_subdivisions:
             raise ValueError(f"upsample_times must be in [0, {self.num_subdivisions}], got {upsample_times}")
-        h = self.from_latent(x.replace(x.feats.to(self.from_latent.weight.dtype)))
-        h = h.replace(h.feats.to(self.dtype))
+        h = self._from_latent(x)
         if upsample_times == 0:
             return h.coords
         for i in range(upsample_times - 1):
