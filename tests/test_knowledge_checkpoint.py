@@ -331,6 +331,10 @@ def test_save_errors(official, tmp_path):
         save_know3d(tmp_path / "x.safetensors", {SS: models[SS], S512: install_kind})
     with pytest.raises(ValueError, match="cannot be key prefixes"):
         save_know3d(tmp_path / "x.safetensors", {"a.b": models[SS]})
+    nokind = _official(official, SS)
+    install_branch(nokind, KNOW_DIM)
+    with pytest.raises(Know3DFormatError, match="states no knowledge kind"):
+        save_know3d(tmp_path / "x.safetensors", {SS: nokind})
     with pytest.raises(ValueError, match="content must be"):
         save_know3d(tmp_path / "x.safetensors", models, content="full")
 

@@ -400,6 +400,11 @@ def _spec_from_models(models: Mapping[str, nn.Module], mmdit_model: Optional[str
             raise Know3DFormatError(f"{name} has no Know3D branch to save")
         proj = model.knowledge_proj
         attn = model.blocks[0].knowledge_attn
+        if proj.kind is None:
+            raise Know3DFormatError(
+                f"{name}'s branch states no knowledge kind; a Know3D file must: "
+                f"install_branch(model, dim, kind=..., mmdit_layers=..., sigma=...)"
+            )
         _, alpha = lora_state_dict(model)
         rank = 0
         if has_attached_lora(model):
