@@ -294,3 +294,18 @@ def test_inference_mode_knowledge_is_cached_by_identity():
         model(x, t, cond, knowledge=k.clone())
     assert len(calls) == 2 * len(model.blocks)
     assert not torch.equal(a, b)
+
+
+def test_moving_or_reloading_the_model_drops_the_cached_context():
+    model = with_branch(tiny_ss())
+    x, t, cond = ss_inputs()
+    k = knowledge_tensor()
+    calls = _count_kv_calls(model)
+    with torch.no_grad():
+        model(x, t, cond, knowledge=k)
+        model.to(torch.float32)
+        model(x, t, cond, knowledge=k)
+        assert len(calls) == 2 * len(model.blocks)
+        model.load_state_dict(model.state_dict())
+        model(x, t, cond, knowledge=k)
+    assert len(calls) == 3 * len(model.blocks)

@@ -165,6 +165,15 @@ class KnowledgeProjector(nn.Module):
         """Forget the last context (frees its cached keys/values)."""
         self._last = None
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.half(): a cached context would live on the old device / dtype
+        self._last = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._last = None  # new weights: the cached context is stale
+        return super()._load_from_state_dict(*args, **kwargs)
+
 
 def _version(tensor: torch.Tensor) -> int:
     """In-place modification counter; inference-mode tensors have none (then identity alone counts)."""
