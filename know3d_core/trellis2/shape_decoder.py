@@ -264,7 +264,7 @@ class FlexiDualGridVaeDecoder(nn.Module):
 
     def _level(self, i: int, h: SparseTensor, subs: Optional[List[SparseTensor]]) -> SparseTensor:
         """Run level ``i`` (its ConvNeXt blocks, then its C2S block if any)."""
-        for j, block in enumerate(self.blocks[i]):
+        for block in self.blocks[i]:
             if isinstance(block, SparseResBlockC2S3d):
                 coarse_coords, coarse_shape = h.coords, h.spatial_shape
                 h, logits = block(h)
