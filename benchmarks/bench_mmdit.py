@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from know3d_core.mmdit import CaptureSpec, EditPlusInputs, EditPlusSampler, capture_block_outputs  # noqa: E402
-from know3d_core.mmdit.backview import encode_reference_latents, vae_images  # noqa: E402
+from know3d_core.mmdit.backview import decode_latents, encode_reference_latents, vae_images  # noqa: E402
 from know3d_core.mmdit.capture import HiddenStateCollector  # noqa: E402
 from know3d_core.mmdit.packing import pack_latents  # noqa: E402
 from know3d_core.mmdit.schedule import QWEN_IMAGE_SCHEDULER_CONFIG, flow_match_sigmas, nearest_step  # noqa: E402
@@ -112,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--timing-steps", type=int, default=6, help="steps per run when timing a step")
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of each timed run")
     ap.add_argument("--forward-reps", type=int, default=5, help="forwards timed for the hook overhead")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                    help="default bfloat16 on CUDA, float32 with --tiny")
     ap.add_argument("--size", type=int, default=None, help="target = reference size in pixels")
     ap.add_argument("--text-tokens", type=int, nargs=2, default=None,
                     help="cond / uncond text lengths (default 230 215, like a one-image Edit-Plus prompt)")
@@ -120,7 +122,7 @@ def main(argv=None):
     args.text_tokens = args.text_tokens or ((12, 10) if args.tiny else (230, 215))
 
     device = torch.device("cpu" if args.tiny else "cuda")
-    dtype = torch.float32 if args.tiny else torch.bfloat16
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.tiny else torch.bfloat16)
     size = args.size or (64 if args.tiny else 1024)
     if args.tiny:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -176,6 +178,7 @@ def main(argv=None):
     # 2. capture overhead
     sig = flow_match_sigmas(args.timing_steps, inputs.n_target)
     t_mid = sig[args.timing_steps // 2].to(device) * 1000
+    @torch.no_grad()
     def fwd():
         return sampler.velocity(noise, t_mid, inputs.prompt_embeds, None, inputs)
     def fwd_capture():
@@ -199,6 +202,8 @@ def main(argv=None):
     # 3. early exit
     sched = flow_match_sigmas(args.steps, inputs.n_target)
     (full_res, _), full_s = timed(lambda: run_ours(sampler, inputs, noise, args.steps, device), device)
+    with torch.no_grad():
+        _, decode_s = timed(lambda: decode_latents(vae, full_res.latents, size, size), device)
     early = []
     for s in (0.85, 0.5, 0.25):
         sp = CaptureSpec(layers=layers, sigma=s)
@@ -206,7 +211,7 @@ def main(argv=None):
                                              early_exit=True), device)
         k = nearest_step(sched, s)
         early.append({"sigma": s, "sigma_used": k.sigma, "step_index": k.index, "forwards": res.forwards,
-                      "seconds": t, "speedup": full_s / t,
+                      "seconds": t, "speedup": full_s / t, "speedup_vs_full_with_decode": (full_s + decode_s) / t,
                       "knowledge_shape": list(res.knowledge.hidden.shape)})
 
     out = {
@@ -221,7 +226,8 @@ def main(argv=None):
         "capture_overhead": {"forward_plain_s": f_plain, "forward_capture_s": f_hook,
                              "forward_overhead": f_hook / f_plain - 1, "run_plain_s": r_plain,
                              "run_capture_s": r_cap, "run_overhead": r_cap / r_plain - 1, "target": 0.01},
-        "early_exit": {"steps": args.steps, "full_run_s": full_s, "full_forwards": full_res.forwards,
+        "early_exit": {"steps": args.steps, "full_run_s": full_s, "vae_decode_s": decode_s,
+                       "full_forwards": full_res.forwards,
                        "runs": early},
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
@@ -235,10 +241,10 @@ def main(argv=None):
     print(f"{'forward s plain / with capture':<44}{f'{f_plain:.4f}/{f_hook:.4f}':>14}")
     print(f"{'capture overhead per forward (< 1%)':<44}{100 * (f_hook / f_plain - 1):>13.2f}%")
     print(f"{'capture overhead per run (< 1%)':<44}{100 * (r_cap / r_plain - 1):>13.2f}%")
-    print(f"{'full run s (' + str(args.steps) + ' steps)':<44}{full_s:>14.3f}")
+    print(f"{'full run s (' + str(args.steps) + ' steps) + VAE decode s':<44}{f'{full_s:.3f}+{decode_s:.3f}':>14}")
     for e in early:
         label = f"early exit sigma {e['sigma']} (step {e['step_index']}, {e['forwards']} fwd)"
-        print(f"{label:<44}{e['seconds']:>10.3f}s x{e['speedup']:.2f}")
+        print(f"{label:<44}{e['seconds']:>10.3f}s x{e['speedup']:.2f} (x{e['speedup_vs_full_with_decode']:.2f} incl. decode)")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

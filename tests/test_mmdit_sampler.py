@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from know3d_core.mmdit import CaptureSpec, EditPlusSampler, flow_match_sigmas, nearest_step
+from know3d_core.mmdit import CaptureSpec, flow_match_sigmas, nearest_step
 from know3d_core.mmdit.backview import QwenEditBackView
 from know3d_core.mmdit.loading import QwenEditComponents
 from know3d_core.mmdit.schedule import QWEN_IMAGE_SCHEDULER_CONFIG

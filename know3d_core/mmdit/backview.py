@@ -163,13 +163,13 @@ class QwenEditBackView:
                  steps: int = DEFAULT_STEPS, true_cfg_scale: float = DEFAULT_TRUE_CFG, generator=None,
                  latents=None, height=None, width=None, capture: CaptureSpec | None = None,
                  early_exit: bool = False, decode: bool = True, record_trajectory: bool = True,
-                 progress=None, cancel=None) -> BackViewResult:
+                 progress=None, cancel=None, store_device=None) -> BackViewResult:
         """Generate the back view of ``images`` (PIL front image, or a list: the front image first).
 
         Either the text encoder builds the prompt ``camera prompt + description`` (and the negative
         prompt), or ``prompt_embeds``/``negative_embeds`` (+ masks) are given. With ``early_exit``
         sampling stops at ``capture.sigma`` and nothing is decoded. ``progress(step, total)`` and
-        ``cancel()`` as in ``EditPlusSampler.sample``.
+        ``cancel()`` as in ``EditPlusSampler.sample``; ``store_device`` receives the captured states.
         """
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if prompt_embeds is None:
@@ -182,7 +182,7 @@ class QwenEditBackView:
         sigmas = flow_match_sigmas(steps, inputs.n_target, self.c.scheduler_config)
         res = self.sampler.sample(inputs, latents, sigmas, true_cfg_scale=true_cfg_scale, capture=capture,
                                   early_exit=early_exit, record_trajectory=record_trajectory,
-                                  progress=progress, cancel=cancel)
+                                  progress=progress, cancel=cancel, store_device=store_device)
         pil = None
         if decode and not res.exited_early:
             img = decode_latents(self.c.vae, res.latents, *inputs.resolution, self.vae_scale_factor)
