@@ -1,0 +1,527 @@
+"""The whole Know3D pipeline, headless: front image + back description -> mesh.
+
+    front image --preprocess--> square crop on black
+        --back_view--> Qwen-Image-Edit-2511 (+ back-view LoRA) denoises the back view; for the
+                       ``hidden`` variant it captures MMDiT hidden states at sigma and, unless a back
+                       image is asked for, stops right there (early exit)
+        --make_knowledge--> Knowledge of the variant's kind, checked against the Know3D checkpoint
+        --geometry--> TRELLIS.2 (structure + shape, knowledge injected) -> mesh
+
+Variants (``VARIANTS``; the paper's ablation): ``hidden`` (MMDiT hidden states, the paper's best),
+``latent`` (the denoised back-view latent), ``image`` (DINOv3 features of the decoded back view),
+``multiview`` (the decoded back view as a second image condition of plain TRELLIS.2; no Know3D
+weights) and ``none`` (plain TRELLIS.2, no back view at all).
+
+Every stage is a method; ``run`` only chains them and records times and peak memory per stage.
+With ``offload`` each network sits on the CPU and visits the device only while its stage runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .sampling import Cancelled
+from .trellis2.pipeline import (
+    GeometryResult,
+    StageTimer,
+    Trellis2GeometryPipeline,
+    knowledge_info,
+)
+
+__all__ = [
+    "VARIANTS",
+    "BackViewStage",
+    "Know3DResult",
+    "Know3DPipeline",
+    "variant_kind",
+    "load_processor",
+]
+
+VARIANTS: Dict[str, Optional[str]] = {
+    "hidden": "mmdit_hidden",
+    "latent": "vae_latent",
+    "image": "dino_image",
+    "multiview": "multi_view",
+    "none": None,
+}
+DEFAULT_BACK_STEPS = 40
+DEFAULT_TRUE_CFG = 4.0
+DINO_IMAGE_RESOLUTION = 512  # DINOv3 size of the back image for the ``image`` variant (the structure stage's)
+
+ProgressFn = Callable[[str, int, int], None]
+CancelFn = Callable[[], bool]
+
+
+def variant_kind(variant: str) -> Optional[str]:
+    """Knowledge kind of a variant (None for ``none``); raises on an unknown variant."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    return VARIANTS[variant]
+
+
+def _needs_image(variant: str) -> bool:
+    return variant in ("image", "multiview")
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass
+class BackViewStage:
+    """What the back-view stage produced.
+
+    Attributes:
+        latents: packed target latents ``[B, N, 64]`` (final, or at the capture step on early exit).
+        images: decoded back views (PIL) or None; image_tensor: the same ``[B, H, W, 3]`` in [0, 1].
+        mmdit: the captured ``mmdit.MMDiTKnowledge`` (``hidden`` variant) or None.
+        resolution: ``(H, W)`` of the back view in pixels.
+    """
+
+    variant: str
+    description: str
+    prompt: str
+    seed: int
+    steps: int
+    latents: torch.Tensor
+    resolution: Tuple[int, int]
+    exited_early: bool
+    images: Optional[list] = None
+    image_tensor: Optional[torch.Tensor] = None
+    mmdit: Any = None
+    model_name: str = ""
+
+    @property
+    def image(self):
+        """The first decoded back view (PIL) or None."""
+        return self.images[0] if self.images else None
+
+
+@dataclass
+class Know3DResult:
+    """Output of :meth:`Know3DPipeline.run`.
+
+    Attributes:
+        mesh: raw mesh (model space, Z-up) on the CPU; back_image: PIL back view when decoded.
+        knowledge: provenance of the knowledge used (``{"kind", "shape", ...}``) or None.
+        timings: seconds per stage (``preprocess``, ``back_view``, ``knowledge`` + the geometry
+            stages); peak_vram: bytes per stage on CUDA, else empty.
+    """
+
+    mesh: Any
+    back_image: Any
+    knowledge: Optional[Dict[str, Any]]
+    variant: str
+    geometry: GeometryResult
+    timings: Dict[str, float] = field(default_factory=dict)
+    peak_vram: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak_vram_total(self) -> Optional[int]:
+        return max(self.peak_vram.values()) if self.peak_vram else None
+
+
+# ----------------------------------------------------------------------------------- loading
+def _processor_without_video(folder: str):
+    """Qwen2.5-VL processor from tokenizer files + ``preprocessor_config.json`` without the video
+    processor (transformers >= 5 builds that one with torchvision, which is not a dependency)."""
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
+
+    try:  # transformers >= 5
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as ImageProcessor,
+        )
+    except ImportError:  # transformers 4.x: the numpy/PIL processor has the plain name
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
+
+    class ProcessorWithoutVideo(Qwen2_5_VLProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            return None if arg is None else super().check_argument_for_proper_class(name, arg)
+
+    return ProcessorWithoutVideo(image_processor=ImageProcessor.from_pretrained(folder),
+                                 tokenizer=PreTrainedTokenizerFast.from_pretrained(folder), video_processor=None)
+
+
+def load_processor(qwen_folder: str):
+    """``QWEN/processor`` (or ``tokenizer/``): the mmdit loader, else the same files without a video
+    processor (no torchvision needed)."""
+    from .mmdit import loading
+
+    try:
+        return loading.load_processor(qwen_folder)
+    except RuntimeError as first:
+        d = os.path.join(qwen_folder, "processor")
+        try:
+            return _processor_without_video(d)
+        except Exception as second:  # report both causes
+            raise RuntimeError(f"{first}; loading {d} without a video processor also failed: {second}") from second
+
+
+# ----------------------------------------------------------------------------------- pipeline
+class Know3DPipeline:
+    """Know3D end to end over a TRELLIS.2 geometry pipeline and a headless Qwen-Image-Edit back view.
+
+    Args:
+        geometry: the TRELLIS.2 side (Know3D branch installed when a checkpoint was loaded).
+        backview: ``mmdit.backview.QwenEditBackView`` or None (then only ``none`` runs).
+        offload: Qwen components visit the geometry's device only while used.
+    """
+
+    def __init__(self, geometry: Trellis2GeometryPipeline, backview: Any = None, offload: bool = False):
+        self.geometry = geometry
+        self.backview = backview
+        self.offload = bool(offload)
+        self.multi_view_mode = "stochastic"
+        if backview is not None:
+            home = torch.device("cpu") if self.offload else self.device
+            for module in self._qwen_modules():
+                module.to(home)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        trellis2: Union[str, os.PathLike],
+        qwen: Union[None, str, os.PathLike] = None,
+        know3d: Union[None, str, os.PathLike] = None,
+        backview_loras: Sequence[Union[str, Tuple[str, float]]] = (),
+        dinov3: Union[None, str, os.PathLike] = None,
+        device: Union[str, torch.device] = "cuda",
+        dtype: Union[None, str, torch.dtype] = torch.bfloat16,
+        offload: bool = False,
+        pipeline_types: Optional[Sequence[str]] = None,
+        vae_image_area: Optional[int] = None,
+    ) -> "Know3DPipeline":
+        """Load everything from local files (nothing is downloaded).
+
+        Args:
+            trellis2: official TRELLIS.2 folder (pipeline.json + ckpts/).
+            qwen: diffusers-format Qwen-Image-Edit-2511 folder (transformer/, vae/, text_encoder/,
+                processor/, scheduler/); None: only the ``none`` variant can run.
+            know3d: Know3D checkpoint (needed by ``hidden``, ``latent``, ``image``).
+            backview_loras: back-view LoRA files (or ``(path, strength)``), merged at load.
+            dtype: compute dtype of the flows and the Qwen networks (None: the checkpoints').
+            vae_image_area: pixel area of the VAE copy of the front image (default 1024^2).
+        """
+        geometry = Trellis2GeometryPipeline.from_pretrained(
+            trellis2, device=device, dtype=dtype, know3d=know3d, offload=offload, dinov3=dinov3,
+            pipeline_types=pipeline_types)
+        backview = None
+        if qwen is not None:
+            backview = cls._load_backview(os.fspath(qwen), dtype, torch.device("cpu") if offload else device,
+                                          backview_loras, vae_image_area)
+        return cls(geometry, backview, offload=offload)
+
+    @staticmethod
+    def _load_backview(folder: str, dtype, device, loras, vae_image_area):
+        from .mmdit.backview import QwenEditBackView
+        from .mmdit.loading import load_qwen_edit
+
+        qdtype = dtype if isinstance(dtype, torch.dtype) else (getattr(torch, dtype) if dtype else torch.bfloat16)
+        components = load_qwen_edit(folder, dtype=qdtype, device=device,
+                                    components=("transformer", "vae", "text_encoder"))
+        components.processor = load_processor(folder)
+        backview = QwenEditBackView(components)
+        if vae_image_area is not None:
+            backview.vae_image_area = int(vae_image_area)
+        for item in loras:
+            path, strength = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
+            backview.load_lora(os.fspath(path), float(strength))
+        return backview
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.geometry.device
+
+    @property
+    def know3d_spec(self):
+        return self.geometry.know3d_spec
+
+    def _qwen_modules(self) -> List[torch.nn.Module]:
+        c = self.backview.c
+        return [m for m in (c.transformer, c.vae, c.text_encoder) if m is not None]
+
+    @contextlib.contextmanager
+    def _use(self, *modules: Optional[torch.nn.Module]) -> Iterator[None]:
+        """Keep Qwen ``modules`` on the device for the block (with ``offload``; else a no-op)."""
+        mods = [m for m in modules if m is not None]
+        if self.offload:
+            for m in mods:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for m in mods:
+                    m.to("cpu")
+                if self.device.type == "cuda" and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def capture_spec(self, variant: str, sigma: Optional[float] = None, layers: Optional[Sequence[int]] = None):
+        """The MMDiT capture of a variant (``hidden`` only, else None): explicit arguments >
+        the Know3D checkpoint's ``mmdit_layers`` / ``sigma`` > defaults (``mmdit.capture``)."""
+        from .mmdit import CaptureSpec
+
+        if variant_kind(variant) != "mmdit_hidden":
+            return None
+        spec = self.know3d_spec
+        meta = {}
+        if spec is not None and spec.knowledge_kind == "mmdit_hidden":
+            meta = {"layers": spec.mmdit_layers, "sigma": spec.sigma}
+        return CaptureSpec.from_metadata(meta, layers=layers, sigma=sigma)
+
+    def check_variant(self, variant: str, pipeline_type: Optional[str] = None,
+                      sigma: Optional[float] = None, layers: Optional[Sequence[int]] = None) -> None:
+        """Fail before any work when a variant cannot run with what is loaded: unknown variant, no
+        back-view model, no Know3D checkpoint for an injected kind, a checkpoint trained for another
+        kind (``KnowledgeMismatchError`` naming both), or a capture other than the checkpoint's."""
+        from .knowledge import KnowledgeMismatchError
+
+        kind = variant_kind(variant)
+        if kind is not None and self.backview is None:
+            raise ValueError(f"variant {variant!r} needs the Qwen-Image-Edit back-view model: load with qwen=<folder>")
+        if kind in (None, "multi_view"):
+            return
+        spec = self.know3d_spec
+        if spec is None:
+            raise ValueError(
+                f"variant {variant!r} injects {kind} knowledge and needs a Know3D checkpoint trained for it: "
+                "load with know3d=<file> (or use variant 'multiview' / 'none')"
+            )
+        if spec.knowledge_kind != kind:
+            raise KnowledgeMismatchError(
+                f"the loaded Know3D checkpoint was trained for {spec.describe()} knowledge, "
+                f"variant {variant!r} produces {kind} knowledge; load a checkpoint for {kind} or use "
+                f"variant {_variant_of(spec.knowledge_kind)!r}"
+            )
+        if kind == "mmdit_hidden":
+            cap = self.capture_spec(variant, sigma, layers)
+            layers_used = list(cap.resolve_layers(self.backview.sampler.num_blocks))
+            if spec.mmdit_layers is not None and layers_used != list(spec.mmdit_layers):
+                raise KnowledgeMismatchError(
+                    f"the loaded Know3D checkpoint was trained on MMDiT layers {spec.mmdit_layers}, "
+                    f"the capture asks for layers {layers_used}"
+                )
+            if spec.sigma is not None:
+                from .knowledge.kinds import SIGMA_TOLERANCE
+
+                if abs(cap.sigma - spec.sigma) > SIGMA_TOLERANCE:
+                    raise KnowledgeMismatchError(
+                        f"the loaded Know3D checkpoint was trained on hidden states at sigma {spec.sigma}, "
+                        f"the capture asks for sigma {cap.sigma}"
+                    )
+        if pipeline_type is not None:
+            from .knowledge import has_branch
+            from .trellis2.pipeline import required_models
+
+            plain = [k for k in required_models(pipeline_type)
+                     if "flow" in k and k in self.geometry.models and not has_branch(self.geometry.models[k])]
+            if plain:
+                raise ValueError(f"the Know3D checkpoint has no weights for {plain}; pipeline_type "
+                                 f"{pipeline_type!r} cannot inject knowledge there")
+
+    # ------------------------------------------------------------------ stage 1: back view
+    def preprocess(self, image: Any, mask: Any = None, **kwargs) -> Any:
+        """Front image -> square crop on black (PIL RGB), TRELLIS.2's preprocessing."""
+        return self.geometry.preprocess(image, mask, **kwargs)
+
+    @torch.no_grad()
+    def back_view(
+        self,
+        front: Any,
+        description: str,
+        variant: str = "hidden",
+        *,
+        seed: int = 0,
+        steps: int = DEFAULT_BACK_STEPS,
+        sigma: Optional[float] = None,
+        layers: Optional[Sequence[int]] = None,
+        decode: Optional[bool] = None,
+        size: Optional[Tuple[int, int]] = None,
+        true_cfg_scale: float = DEFAULT_TRUE_CFG,
+        callback: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> BackViewStage:
+        """Denoise the back view of ``front`` (PIL, preprocessed) for ``description``.
+
+        Args:
+            variant: decides what is kept: ``hidden`` captures hidden states at ``sigma`` of
+                ``layers`` (defaults: the checkpoint's) and exits early unless ``decode``;
+                ``latent`` runs every step; ``image`` / ``multiview`` also decode.
+            decode: decode the back image (default: only when the variant needs it).
+            size: ``(height, width)`` of the back view (default: the front's aspect at ~1024^2 px).
+            callback: ``callback("back_view", step, steps)`` after each step; cancel: polled
+                before the first and after every step (raises ``sampling.Cancelled``).
+        """
+        from .mmdit.backview import decode_latents
+        from .mmdit.prompt import DEFAULT_NEGATIVE_PROMPT
+        from .mmdit.schedule import flow_match_sigmas
+
+        kind = variant_kind(variant)
+        if kind is None:
+            raise ValueError("variant 'none' has no back-view stage")
+        if self.backview is None:
+            raise ValueError("no back-view model loaded: Know3DPipeline.from_pretrained(..., qwen=<folder>)")
+        decode = _needs_image(variant) if decode is None else bool(decode)
+        if _needs_image(variant) and not decode:
+            raise ValueError(f"variant {variant!r} needs the decoded back image; do not pass decode=False")
+        capture = self.capture_spec(variant, sigma, layers)
+        early_exit = capture is not None and not decode
+        bv = self.backview
+        c = bv.c
+        if cancel is not None and cancel():
+            raise Cancelled("back view cancelled before it started")
+        images = [front]
+        prompt = bv.prompt.build(description)
+        with self._use(c.text_encoder):
+            embeds, mask = bv.encode(images, prompt)
+            neg_embeds, neg_mask = (bv.encode(images, DEFAULT_NEGATIVE_PROMPT) if true_cfg_scale > 1
+                                    else (None, None))
+        height, width = size if size is not None else (None, None)
+        with self._use(c.vae):
+            inputs = bv.prepare(images, embeds, mask, neg_embeds, neg_mask, height, width)
+        inputs = _inputs_to(inputs, self.device)
+        generator = torch.Generator().manual_seed(int(seed))
+        latents = bv.noise(inputs, generator).to(self.device)
+        sigmas = flow_match_sigmas(int(steps), inputs.n_target, c.scheduler_config)
+
+        def on_step(i, sigma_i, _latents):
+            if callback is not None:
+                callback("back_view", i + 1, int(steps))
+            if cancel is not None and cancel():
+                raise Cancelled(f"back view cancelled after step {i + 1} of {steps}")
+
+        with self._use(c.transformer):
+            res = bv.sampler.sample(inputs, latents, sigmas, true_cfg_scale=true_cfg_scale, capture=capture,
+                                    early_exit=early_exit, record_trajectory=False, callback=on_step)
+        del latents
+        stage = BackViewStage(
+            variant=variant, description=description, prompt=prompt, seed=int(seed), steps=int(steps),
+            latents=res.latents, resolution=tuple(inputs.resolution), exited_early=res.exited_early,
+            mmdit=res.knowledge, model_name=c.model_name)
+        if res.knowledge is not None:
+            res.knowledge.extra["loras"] = [r.path for r in bv.loras]
+        if decode:
+            with self._use(c.vae):
+                img = decode_latents(c.vae, res.latents, *inputs.resolution, bv.vae_scale_factor)
+            stage.image_tensor = ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+            from .mmdit.backview import _image_processor
+
+            stage.images = _image_processor(bv.vae_scale_factor).postprocess(img, output_type="pil")
+        return stage
+
+    # ------------------------------------------------------------------ stage 2: knowledge
+    @torch.no_grad()
+    def make_knowledge(self, stage: Optional[BackViewStage], variant: str,
+                       pipeline_type: Optional[str] = None) -> Any:
+        """The variant's ``knowledge.Knowledge`` from a back-view stage (None for ``none``),
+        validated against the loaded Know3D checkpoint (``KnowledgeMismatchError`` naming both)."""
+        from . import knowledge as K
+
+        kind = variant_kind(variant)
+        if kind is None:
+            return None
+        if stage is None:
+            raise ValueError(f"variant {variant!r} needs a back-view stage")
+        if kind == "mmdit_hidden":
+            if stage.mmdit is None:
+                raise ValueError("the back-view stage captured no hidden states (it ran without a capture)")
+            know = K.from_mmdit_capture(stage.mmdit)
+        elif kind == "vae_latent":
+            if stage.exited_early:
+                raise ValueError("the back-view stage exited early; the latent variant needs every step")
+            know = K.vae_latent_knowledge(stage.latents, stage.resolution, model=f"{stage.model_name} VAE",
+                                          seed=stage.seed, steps=stage.steps)
+        else:
+            if stage.images is None:
+                raise ValueError(f"variant {variant!r} needs the decoded back image (back_view(decode=True))")
+            if kind == "dino_image":
+                feats = self.geometry.get_cond(stage.images, DINO_IMAGE_RESOLUTION)["cond"]
+                know = K.dino_image_knowledge(feats, DINO_IMAGE_RESOLUTION, seed=stage.seed, steps=stage.steps)
+            else:
+                know = K.multi_view_knowledge(stage.image_tensor, mode=self.multi_view_mode,
+                                              seed=stage.seed, steps=stage.steps)
+        self.geometry.check_knowledge(know, pipeline_type)
+        return know
+
+    # ------------------------------------------------------------------ stage 3: geometry
+    def geometry_stage(self, front: Any, knowledge: Any = None, **kwargs) -> GeometryResult:
+        """TRELLIS.2 on the preprocessed front image with the knowledge (see
+        ``Trellis2GeometryPipeline.run``; ``preprocess`` is off here)."""
+        kwargs.setdefault("preprocess", False)
+        return self.geometry.run(front, knowledge=knowledge, **kwargs)
+
+    # ------------------------------------------------------------------ all stages
+    @torch.no_grad()
+    def run(
+        self,
+        image: Any,
+        description: str = "",
+        variant: str = "hidden",
+        *,
+        mask: Any = None,
+        sigma: Optional[float] = None,
+        layers: Optional[Sequence[int]] = None,
+        seed: int = 0,
+        steps: int = DEFAULT_BACK_STEPS,
+        pipeline_type: Optional[str] = None,
+        decode_back: bool = False,
+        back_view_size: Optional[Tuple[int, int]] = None,
+        true_cfg_scale: float = DEFAULT_TRUE_CFG,
+        trellis_steps: Optional[int] = None,
+        ss_params: Any = None,
+        shape_params: Any = None,
+        preprocess: bool = True,
+        callback: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> Know3DResult:
+        """Front image (+ mask) and a back description -> mesh.
+
+        Args:
+            variant: see ``VARIANTS``. sigma / layers: the capture (``hidden``; default: the checkpoint's).
+            steps: back-view steps. trellis_steps: steps of both TRELLIS.2 samplers (default:
+                pipeline.json's); ss_params / shape_params: any other sampler overrides (dicts).
+            decode_back: also decode the back image for variants that do not need it.
+        """
+        pipeline_type = pipeline_type or self.geometry.default_pipeline_type
+        self.check_variant(variant, pipeline_type, sigma, layers)
+        if trellis_steps is not None:
+            ss_params = {**dict(ss_params or {}), "steps": int(trellis_steps)}
+            shape_params = {**dict(shape_params or {}), "steps": int(trellis_steps)}
+        timer = StageTimer(self.device)
+        with timer("preprocess"):
+            front = self.preprocess(image, mask) if preprocess else image
+        stage = None
+        if variant_kind(variant) is not None:
+            with timer("back_view"):
+                stage = self.back_view(
+                    front, description, variant, seed=seed, steps=steps, sigma=sigma, layers=layers,
+                    decode=True if decode_back else None, size=back_view_size, true_cfg_scale=true_cfg_scale,
+                    callback=callback, cancel=cancel)
+        with timer("knowledge"):
+            know = self.make_knowledge(stage, variant, pipeline_type)
+        geo = self.geometry_stage(front, know, pipeline_type=pipeline_type, seed=seed, ss_params=ss_params,
+                                  shape_params=shape_params, callback=callback, cancel=cancel)
+        timings = {**timer.timings, **{k: v for k, v in geo.timings.items() if k != "preprocess"}}
+        peak = {**timer.peak_vram, **{k: v for k, v in geo.peak_vram.items() if k != "preprocess"}}
+        back = stage.image if stage is not None else None
+        geo.mesh.metadata.update({"variant": variant, "description": description})
+        return Know3DResult(mesh=geo.mesh, back_image=back, knowledge=knowledge_info(know), variant=variant,
+                            geometry=geo, timings=timings, peak_vram=peak)
+
+
+# ----------------------------------------------------------------------------------- small helpers
+def _variant_of(kind: str) -> str:
+    return next((v for v, k in VARIANTS.items() if k == kind), kind)
+
+
+def _inputs_to(inputs, device: torch.device):
+    """EditPlusInputs with every tensor on ``device``."""
+    changes = {}
+    for f in dataclasses.fields(inputs):
+        value = getattr(inputs, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = value.to(device)
+    return dataclasses.replace(inputs, **changes)
