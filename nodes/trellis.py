@@ -14,11 +14,10 @@ from ._common import CATEGORY, KNOW3D_CONDITION, KNOW3D_KNOWLEDGE, KNOW3D_MODEL,
 from ..know3d_core.conditioning.dinov3 import prepare_pixels
 from ..know3d_core.conditioning.preprocess import pil_to_tensor, preprocess_image
 from ..know3d_core.mesh import z_up_to_y_up
-from ..know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS, Cancelled, SamplerParams
+from ..know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS, Cancelled, SamplerParams, reference_noise
 
 CAT = f"{CATEGORY}/trellis2"
 PIPELINE_TYPES = ("512", "1024", "1024_cascade", "1536_cascade")
-SS_NATIVE_RESOLUTION = 64  # the sparse-structure decoder's output grid; 32-grid types pool it
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 FROM_FOLDER = "(from the TRELLIS.2 folder)"
 NONE = "none"
@@ -100,6 +99,11 @@ def _dtype(name: str) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _decoder_dtype() -> torch.dtype:
+    """The decoders' stored fp16 on a GPU; fp32 on the CPU (half convolutions are slow there)."""
+    return torch.float16 if _host.torch_device().type == "cuda" else torch.float32
 
 
 def _progress(total_steps: int):
@@ -202,7 +206,7 @@ class Know3DLoadModel:
                 folder = _host.full_path("trellis2", trellis2, SOURCES["trellis2"])
                 sources["trellis2"] = folder
                 pipeline = pipe_mod.Trellis2GeometryPipeline.from_pretrained(
-                    folder, device="cpu", dtype=dt, know3d=know3d, dinov3=dino)
+                    folder, device="cpu", dtype=dt, know3d=know3d, dinov3=dino, decoder_dtype=_decoder_dtype())
             else:
                 flow = _host.full_path("diffusion_models", trellis2, SOURCES["diffusion_models"])
                 if shape_vae == FROM_FOLDER:
@@ -288,11 +292,20 @@ class Structure:
         """Coords on a coarser grid: a coarse voxel is occupied if any fine voxel is (max-pool)."""
         if resolution == self.resolution:
             return self.coords
-        if self.resolution % resolution:
-            raise ValueError(f"Know3D: cannot pool a {self.resolution}^3 structure to {resolution}^3")
+        if resolution > self.resolution or self.resolution % resolution:
+            raise ValueError(f"Know3D Geometry: this type needs a {resolution}^3 structure, but the structure "
+                             f"decoder of this model gives {self.resolution}^3; choose 512 or a cascade")
         f = self.resolution // resolution
         c = torch.cat([self.coords[:, :1], self.coords[:, 1:] // f], 1)
         return torch.unique(c, dim=0).to(torch.int32)
+
+
+def structure_grid(pipe) -> tuple[int, tuple]:
+    """(occupancy grid the structure decoder outputs, structure noise shape) of a pipeline."""
+    flow = pipe.model("sparse_structure_flow_model")
+    decoder = pipe.model("sparse_structure_decoder")
+    r = int(flow.resolution)
+    return r * int(decoder.upsample_factor), (1, int(flow.in_channels), r, r, r)
 
 
 def _sampler_inputs(steps, cfg, interval_start, interval_end, rescale, rescale_t):
@@ -339,14 +352,14 @@ def _stage_models(knowledge, *keys):
 class Know3DSparseStructure:
     DESCRIPTION = (
         "TRELLIS.2 stage 1: sample which voxels the object occupies (dense flow on a 16^3 latent, "
-        "decoded to 64^3), conditioned on the front image and, when connected, on Know3D knowledge. "
+        "decoded to a 64^3 grid), conditioned on the front image and, when connected, on Know3D knowledge. "
         "Also gives the occupancy as a core VOXEL (core VoxelToMesh shows it)."
     )
     CATEGORY = CAT
     FUNCTION = "sample"
     RETURN_TYPES = (KNOW3D_STRUCTURE, "VOXEL")
     RETURN_NAMES = ("structure", "voxel")
-    OUTPUT_TOOLTIPS = ("Occupied voxels for Geometry.", "Occupancy [1, 64, 64, 64] (TRELLIS.2 grid, Z-up) for core 3D nodes.")
+    OUTPUT_TOOLTIPS = ("Occupied voxels for Geometry.", "Occupancy [1, R, R, R] (the structure decoder's grid, 64 for TRELLIS.2; Z-up) for core 3D nodes.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -363,19 +376,20 @@ class Know3DSparseStructure:
                guidance_rescale, rescale_t, knowledge=None):
         pipe = know3d_model.pipeline
         pipe.check_knowledge(knowledge)
-        params = pipe.sampler_params("sparse_structure", **_sampler_inputs(
+        params = pipe.sampler_params("sparse_structure", _sampler_inputs(
             steps, cfg, guidance_interval_start, guidance_interval_end, guidance_rescale, rescale_t))
+        grid, noise_shape = structure_grid(pipe)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         know3d_model.load(*_stage_models(knowledge, "sparse_structure_flow_model", "sparse_structure_decoder"))
         with _host.stage("sparse structure"):
             coords = _run_stage(
                 pipe.sample_sparse_structure, _to_device(condition.conds[512], pipe.device), knowledge,
-                resolution=SS_NATIVE_RESOLUTION, generator=generator, params=params,
+                resolution=grid, generator=generator, params=params,
                 callback=_progress(params.steps), cancel=_host.interrupted)
         coords = coords.to("cpu", torch.int32)
-        structure = Structure(coords=coords, resolution=SS_NATIVE_RESOLUTION, seed=int(seed),
-                              ss_noise_shape=(1, 8, 16, 16, 16), knowledge=_knowledge_info(knowledge))
-        return (structure, _host.make_voxel(occupancy(coords, SS_NATIVE_RESOLUTION), SS_NATIVE_RESOLUTION))
+        structure = Structure(coords=coords, resolution=grid, seed=int(seed), ss_noise_shape=noise_shape,
+                              knowledge=_knowledge_info(knowledge))
+        return (structure, _host.make_voxel(occupancy(coords, grid), grid))
 
 
 def occupancy(coords: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -435,16 +449,16 @@ class Know3DGeometry:
                guidance_interval_end, guidance_rescale, rescale_t, max_num_tokens, knowledge=None):
         pipe_mod = _pipeline_module()
         pipe = know3d_model.pipeline
-        pipe.check_knowledge(knowledge)
         ptype = str(resolution)
         if ptype not in PIPELINE_TYPES:
             raise ValueError(f"Know3D Geometry: resolution {resolution!r} is not one of {', '.join(PIPELINE_TYPES)}")
-        params = pipe.sampler_params("shape_slat", **_sampler_inputs(
+        pipe.check_knowledge(knowledge, ptype)
+        params = pipe.sampler_params("shape_slat", _sampler_inputs(
             steps, cfg, guidance_interval_start, guidance_interval_end, guidance_rescale, rescale_t))
         generator = torch.Generator("cpu").manual_seed(int(seed))
         # The reference draws the structure noise first from the same generator: skip it, so one
         # seed in both nodes reproduces the reference's single-seed run.
-        torch.randn(structure.ss_noise_shape, generator=generator)
+        reference_noise(generator, *structure.ss_noise_shape)
         coords = structure.at(pipe_mod.ss_resolution(ptype))
         dev = pipe.device
         cond = _to_device(condition.conds[1024 if ptype == "1024" else 512], dev)
@@ -452,6 +466,8 @@ class Know3DGeometry:
         flows = {"512": ["shape_slat_flow_model_512"], "1024": ["shape_slat_flow_model_1024"]}.get(
             ptype, ["shape_slat_flow_model_512", "shape_slat_flow_model_1024"])
         n_stages = 2 if "cascade" in ptype else 1
+        if n_stages == 2:
+            flows.append("shape_slat_decoder")  # the cascade upsamples through the decoder
         know3d_model.load(*_stage_models(knowledge, *flows))
         with _host.stage(f"geometry {ptype}"):
             slat, grid = _run_stage(
