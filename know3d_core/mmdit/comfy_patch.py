@@ -64,12 +64,16 @@ class ComfyQwenCapture:
         self.choice: StepChoice | None = None
         self._latent_hw: tuple[int, int] | None = None
         self._n_target: int | None = None
+        self._last_block = -1
+        self._at_step: bool | None = None   # decision for the current forward (one host sync per forward)
 
     def reset(self) -> None:
         self.collector = None
         self.choice = None
         self._latent_hw = None
         self._n_target = None
+        self._last_block = -1
+        self._at_step = None
 
     def _target_sigma(self, opts: dict) -> float:
         if self.choice is None:
@@ -96,6 +100,9 @@ class ComfyQwenCapture:
         opts = args.get("transformer_options", {})
         block_index = int(args["block_index"])
         img = args["img"]
+        if block_index <= self._last_block:   # blocks run in increasing order: a new forward began
+            self._at_step = None
+        self._last_block = block_index
         if self.collector is None:
             total = int(opts.get("total_blocks", 0)) or None
             layers = self.spec.resolve_layers(total) if total else self.spec.layers
@@ -104,7 +111,9 @@ class ComfyQwenCapture:
             self.collector = HiddenStateCollector(layers, store_device=self.store_device)
         if self.collector.complete or not self.collector.wants(block_index):
             return args
-        if not self._at_capture_step(opts):
+        if self._at_step is None:
+            self._at_step = self._at_capture_step(opts)
+        if not self._at_step:
             return args
         rows = cond_rows_from_cond_or_uncond(opts.get("cond_or_uncond"), img.shape[0])
         if not rows:
