@@ -230,6 +230,13 @@ def remove_stale_tmp(out_dir: str, ids: Optional[Iterable[str]] = None, file_age
     return removed
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: str) -> None:
     if os.name != "posix":
         return
@@ -255,6 +262,7 @@ def atomic_write_bytes(path: str, data: bytes) -> str:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp files are private; outputs follow the umask
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -92,6 +92,7 @@ def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> Non
 
 
 def _add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
+    fast = "the demo's fast setting)"
     g = p.add_argument_group("generation")
     g.add_argument("--sigma", type=float, metavar="S",
                    help="noise level at which MMDiT hidden states are captured (default: the Know3D "
@@ -99,11 +100,12 @@ def _add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> N
     g.add_argument("--layers", type=_int_list, metavar="L1,L2,..",
                    help="MMDiT blocks to capture (default: the checkpoint's own)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    g.add_argument("--steps", type=_positive_int, default=2 if demo else None, metavar="N",
-                   help="TRELLIS.2 sampler steps per stage (default: "
-                        + ("2 for the demo)" if demo else "pipeline.json's, 12)"))
-    g.add_argument("--back-steps", type=_positive_int, default=2 if demo else 40, metavar="N",
-                   help="Qwen-Image-Edit steps of the back view (default: %(default)s)")
+    g.add_argument("--steps", type=_positive_int, metavar="N", help="TRELLIS.2 sampler steps per stage (default: "
+                   + (fast if demo else "pipeline.json's, 12)"))
+    g.add_argument("--back-steps", type=_positive_int, default=None if demo else 40, metavar="N",
+                   help="Qwen-Image-Edit steps of the back view (default: " + (fast if demo else "%(default)s)"))
+    g.add_argument("--back-size", type=_size, metavar="HxW", help="back view size in pixels, multiples of 16 "
+                   "(default: " + (fast if demo else "about 1 megapixel at the front image's aspect ratio)"))
     g.add_argument("--back-image", action="store_true",
                    help="also decode and save the back view when the variant does not need it "
                         "(hidden/latent stop sampling early)")
@@ -112,11 +114,19 @@ def _add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> N
                         "give images with the background removed, as RGBA)")
     g.add_argument("--format", choices=("glb", "obj", "ply", "stl"), default="glb",
                    help="mesh file format (default: %(default)s)")
+    g.add_argument("--floaters", type=_fraction, default=0.01, metavar="F",
+                   help="remove pieces with fewer than this fraction of the faces; 0 keeps every piece "
+                        "(default: %(default)s)")
+    g.add_argument("--target-faces", type=int, default=0, metavar="N",
+                   help="reduce the mesh to at most N faces (vertex clustering); 0 keeps all (default)")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu ... (default: cuda if available)")
     g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+                   help="weights dtype (default: " + ("float32 for the demo" if demo else
+                                                      "bfloat16 on CUDA, float32 on CPU") + ")")
     g.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs (small cards)")
+    g.add_argument("--normals-size", type=_positive_int, default=256, metavar="PX",
+                   help="side of each normal render in normals.png (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -175,10 +185,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, metavar="DIR", help="output folder")
     d.add_argument("--prompt", default=DEMO_PROMPT, metavar="TEXT", help="description (default: %(default)r)")
     d.add_argument("--variant", choices=VARIANTS, default="hidden", help="(default: %(default)s)")
-    d.add_argument("--resolution", choices=RESOLUTIONS, default="512", help="(default: %(default)s)")
+    d.add_argument("--resolution", choices=RESOLUTIONS, help="(default: 512, the demo's fast setting)")
     d.add_argument("--keep-models", metavar="DIR", help="write the demo models here and keep them")
     _add_generation_options(d, demo=True)
     return parser
+
+
+def _size(text: str) -> tuple:
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(parts[0]), int(parts[0]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HxW, e.g. 1024x1024") from None
+    if h < 16 or w < 16 or h % 16 or w % 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be multiples of 16 (at least 16)")
+    return h, w
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
+    return value
 
 
 def _int_list(text: str) -> List[int]:
@@ -270,10 +301,14 @@ def _resolve_dtype(name: str, device: str):
 # --------------------------------------------------------------------------------------- pipeline
 def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
     """The real pipeline (``know3d_core.pipeline.Know3DPipeline``) from the checked files."""
+    if check.layout != "official":
+        raise UsageError(
+            f"--models {check.models_dir} holds ComfyUI single files; the headless pipeline loads the "
+            "official TRELLIS.2 layout only (pipeline.json + ckpts/ of microsoft/TRELLIS.2-4B) for now")
     from .pipeline import Know3DPipeline
 
     return Know3DPipeline.from_pretrained(
-        check.models_dir if check.layout == "comfy" else os.path.dirname(check.path("pipeline_json")),
+        os.path.dirname(check.path("pipeline_json")),
         qwen=opts.qwen if needs_qwen(opts.variant) else None,
         know3d=check.path("know3d"),
         backview_loras=(opts.lora,) if opts.lora and needs_qwen(opts.variant) else (),
@@ -281,6 +316,8 @@ def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
         device=opts.device_resolved,
         dtype=opts.dtype_resolved,
         offload=opts.offload,
+        pipeline_types=[opts.resolution],
+        vae_image_area=getattr(opts, "vae_image_area", None),
     )
 
 
@@ -314,6 +351,8 @@ def _run_pipeline(pipe, image, mask, prompt: str, opts: argparse.Namespace, call
                   pipeline_type=opts.resolution, decode_back=opts.back_image, callback=callback)
     if opts.steps is not None:
         kwargs["trellis_steps"] = opts.steps
+    if opts.back_size is not None:
+        kwargs["back_view_size"] = opts.back_size
     return pipe.run(image, prompt, opts.variant, **kwargs)
 
 
@@ -337,14 +376,16 @@ def _png_bytes(image) -> bytes:
 
 
 def _versions(device: str) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"know3d": __version__, "python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "trimesh", "numpy"):
-        mod = sys.modules.get(name)
-        if mod is None:
-            with contextlib.suppress(ImportError):
-                mod = __import__(name)
-        out[name] = getattr(mod, "__version__", None)
+    from importlib import metadata
+
     import torch
+
+    out: Dict[str, Any] = {"know3d": __version__, "python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "safetensors", "trimesh", "numpy", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
 
     if device.startswith("cuda") and torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
@@ -356,34 +397,50 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def write_outputs(result, folder: str, fmt: str, record: Dict[str, Any]) -> Dict[str, Any]:
+def postprocess_mesh(mesh, floaters: float = 0.01, target_faces: int = 0):
+    """Drop unreferenced vertices and pieces below ``floaters`` of the faces; decimate to ``target_faces``."""
+    from .mesh import remove_floaters, remove_unreferenced_vertices
+    from .mesh.decimate import decimate
+
+    mesh = remove_floaters(mesh, floaters) if floaters > 0 else remove_unreferenced_vertices(mesh)
+    if target_faces and mesh.num_faces > target_faces:
+        mesh = decimate(mesh, target_faces)
+    return mesh
+
+
+def write_outputs(result, folder: str, fmt: str, record: Dict[str, Any], normals_size: int = 256,
+                  floaters: float = 0.01, target_faces: int = 0) -> Dict[str, Any]:
     """Write ``mesh.<fmt>``, ``back.png`` (if any), ``normals.png`` and ``record.json`` into ``folder``.
 
     ``result`` has ``mesh`` (know3d_core.mesh.Mesh), ``back_image`` (PIL | None), ``timings``
-    ``{stage: s}``, ``peak_vram`` ``{stage: bytes}`` and ``knowledge`` (provenance | None). Every file is
-    written atomically; record.json comes last. Returns the record.
+    ``{stage: s}``, ``peak_vram`` ``{stage: bytes}`` and ``knowledge`` (provenance | None). The mesh is
+    cleaned with :func:`postprocess_mesh` first. Every file is written atomically; record.json comes
+    last. Returns the record.
     """
     from .mesh import save_mesh
 
-    mesh = result.mesh
-    if mesh is None or mesh.num_faces == 0:
+    raw = result.mesh
+    if raw is None or raw.num_faces == 0:
         raise RuntimeError("the pipeline produced an empty mesh (no occupied voxels); try another seed or image")
+    mesh = postprocess_mesh(raw.cpu(), floaters, target_faces)
     os.makedirs(folder, exist_ok=True)
     mesh_name = f"{MESH_BASENAME}.{fmt}"
     meta = {"generator": f"know3d {__version__}", "prompt": record.get("inputs", {}).get("prompt"),
             "seed": record.get("inputs", {}).get("seed")}
-    save_mesh(mesh.cpu(), os.path.join(folder, mesh_name), fmt, metadata=meta)
+    mesh_path = save_mesh(mesh, os.path.join(folder, mesh_name), fmt, metadata=meta)
+    os.chmod(mesh_path, 0o666 & ~batchlib.current_umask())  # save_mesh's temporary file is private (0600)
     back = getattr(result, "back_image", None)
     if back is not None:
         batchlib.atomic_write_bytes(os.path.join(folder, BACK_NAME), _png_bytes(back))
-    batchlib.atomic_write_bytes(os.path.join(folder, batchlib.NORMALS_NAME), _png_bytes(_normal_strip(mesh)))
+    batchlib.atomic_write_bytes(os.path.join(folder, batchlib.NORMALS_NAME), _png_bytes(_normal_strip(mesh, normals_size)))
     timings = {k: round(float(v), 4) for k, v in (getattr(result, "timings", None) or {}).items()}
     peak = {k: int(v) for k, v in (getattr(result, "peak_vram", None) or {}).items()}
     record = dict(record)
     record.update({
         "outputs": {"mesh": mesh_name, "back_image": BACK_NAME if back is not None else None,
                     "normals": batchlib.NORMALS_NAME, "normals_views": list(VIEWS)},
-        "mesh": {"vertices": int(mesh.num_vertices), "faces": int(mesh.num_faces), "format": fmt},
+        "mesh": {"vertices": int(mesh.num_vertices), "faces": int(mesh.num_faces), "format": fmt,
+                 "raw_vertices": int(raw.num_vertices), "raw_faces": int(raw.num_faces)},
         "stage_seconds": timings,
         "peak_vram_bytes": peak,
         "peak_vram_gb": round(max(peak.values()) / 2**30, 3) if peak else None,
@@ -398,7 +455,8 @@ def _settings(opts: argparse.Namespace) -> Dict[str, Any]:
     return {
         "variant": opts.variant, "resolution": opts.resolution, "sigma": opts.sigma, "layers": opts.layers,
         "seed": opts.seed, "steps": opts.steps, "back_steps": opts.back_steps, "back_image": opts.back_image,
-        "full_frame": opts.full_frame, "format": opts.format,
+        "full_frame": opts.full_frame, "format": opts.format, "floaters": opts.floaters,
+        "target_faces": opts.target_faces, "back_size": list(opts.back_size) if opts.back_size else None,
         "know3d": os.path.basename(opts.know3d) if getattr(opts, "know3d", None) else None,
         "lora": os.path.basename(opts.lora) if getattr(opts, "lora", None) else None,
     }
@@ -437,7 +495,7 @@ def _generate_into(pipe, opts, check, image_path: str, prompt: str, folder: str,
     record["total_seconds"] = round(total, 4)
     if extra:
         record.update(extra)
-    return write_outputs(result, folder, opts.format, record)
+    return write_outputs(result, folder, opts.format, record, opts.normals_size, opts.floaters, opts.target_faces)
 
 
 # --------------------------------------------------------------------------------------- commands
@@ -594,8 +652,23 @@ def cmd_batch(opts, factory) -> int:
     return EXIT_FAILED if counts["failed"] else EXIT_OK
 
 
+def _apply_demo_settings(opts: argparse.Namespace, settings: Dict[str, Any]) -> None:
+    """Fill what the user left out with ``demo_models.DEMO_RUN_SETTINGS`` (a short CPU run)."""
+    if opts.resolution is None:
+        opts.resolution = str(settings.get("pipeline_type", "512"))
+    if opts.steps is None:
+        opts.steps = settings.get("ss_steps")
+    if opts.back_steps is None:
+        opts.back_steps = int(settings.get("steps", 4))
+    if opts.back_size is None and settings.get("back_view_size"):
+        opts.back_size = tuple(settings["back_view_size"])
+    if opts.dtype == "auto":
+        opts.dtype = str(settings.get("dtype", "float32"))
+    opts.vae_image_area = settings.get("vae_image_area")
+
+
 def cmd_demo(opts, factory) -> int:
-    from .demo_models import write_demo_models
+    from .demo_models import DEMO_RUN_SETTINGS, write_demo_models
 
     print("know3d demo: tiny RANDOM weights in the official layouts. The mesh is meaningless; this run "
           "checks that every stage works on this machine.", flush=True)
@@ -608,7 +681,10 @@ def cmd_demo(opts, factory) -> int:
         opts.models, opts.qwen = paths.trellis2, paths.qwen
         opts.lora, opts.know3d, opts.dinov3 = paths.backview_lora, paths.know3d, paths.dinov3
         opts.image, opts.mask = paths.image, None
-        return cmd_generate(opts, factory)
+        _apply_demo_settings(opts, DEMO_RUN_SETTINGS)
+        code = cmd_generate(opts, factory)
+        print("know3d demo: done. Reminder: the weights were random; for real meshes see 'know3d models'.")
+        return code
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -618,6 +694,16 @@ COMMANDS = {"generate": cmd_generate, "batch": cmd_batch, "models": cmd_models, 
 
 
 # --------------------------------------------------------------------------------------- main
+class _NeverRaised(Exception):
+    pass
+
+
+def _knowledge_mismatch_type() -> type:
+    """``knowledge.KnowledgeMismatchError`` if it was imported (a mismatch is a bad argument, code 2)."""
+    mod = sys.modules.get(__package__ + ".knowledge.kinds")
+    return getattr(mod, "KnowledgeMismatchError", _NeverRaised)
+
+
 def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -629,7 +715,10 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Optional[Sequence[str]] = None, *, pipeline_factory: Optional[PipelineFactory] = None) -> int:
     """Run the ``know3d`` command; returns the exit code (see the module docstring)."""
     parser = build_parser()
-    opts = parser.parse_args(argv)
+    try:
+        opts = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, bad arguments (one line, code 2)
+        return int(e.code or 0)
     if opts.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -645,6 +734,9 @@ def main(argv: Optional[Sequence[str]] = None, *, pipeline_factory: Optional[Pip
         return EXIT_USAGE
     except UsageError as e:
         print(f"know3d {opts.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except _knowledge_mismatch_type() as e:  # evaluated when an exception arrives
+        print(f"know3d {opts.command}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"know3d {opts.command}: interrupted; no partial file was kept (finished batch items stay, "

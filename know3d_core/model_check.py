@@ -190,6 +190,8 @@ class ModelCheck:
         if self.ok:
             return f"all {sum(f.ok for f in self.files)} model files found"
         bad = self.problems
+        if len(bad) == 1 and bad[0].problem is not None:
+            return f"{bad[0].role} {bad[0].path}: {bad[0].problem}"
         names = ", ".join(f.name for f in bad[:3]) + (", ..." if len(bad) > 3 else "")
         return f"{len(bad)} model file{'s' if len(bad) != 1 else ''} missing or unusable ({names})"
 
