@@ -59,8 +59,8 @@ RANDOM_WEIGHTS_NOTICE = (
     "Know3D pipeline end to end; the meshes they produce mean nothing."
 )
 
-DEMO_OCCUPANCY = 0.008      # occupied fraction of the 32^3 structure grid (~260 tokens)
-DEMO_SUBDIV_KEEP = 0.3      # children kept per channel-to-space subdivision
+DEMO_OCCUPANCY = 0.005      # occupied fraction of the 32^3 structure grid (~160 tokens on noise)
+DEMO_SUBDIV_KEEP = 0.5      # children kept per channel-to-space subdivision
 DEMO_EDGE_FLAGS = 0.5       # edge-crossing flags set in the decoder head
 
 FLOW_WIDTHS = dict(model_channels=32, num_blocks=2, num_heads=2, cond_channels=32)
