@@ -51,7 +51,6 @@ __all__ = [
     "write_demo_backview_lora",
     "write_demo_know3d",
     "write_demo_image",
-    "load_demo_processor",
 ]
 
 RANDOM_WEIGHTS_NOTICE = (
@@ -257,20 +256,6 @@ def _image_processor_class():
     except ImportError:  # transformers 4.x: the numpy/PIL processor has the plain name
         from transformers import Qwen2VLImageProcessor
         return Qwen2VLImageProcessor
-
-
-def load_demo_processor(folder: str):
-    """A ``Qwen2_5_VLProcessor`` from a ``processor/`` folder without a video processor (which needs
-    torchvision): tokenizer files + ``preprocessor_config.json``."""
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor
-
-    class ProcessorWithoutVideo(Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, name, arg):
-            return None if arg is None else super().check_argument_for_proper_class(name, arg)
-
-    tok = PreTrainedTokenizerFast.from_pretrained(folder)
-    image_processor = _image_processor_class().from_pretrained(folder)
-    return ProcessorWithoutVideo(image_processor=image_processor, tokenizer=tok, video_processor=None)
 
 
 def write_demo_qwen(folder: str, seed: int = 0) -> str:

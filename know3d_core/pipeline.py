@@ -149,14 +149,19 @@ def load_processor(qwen_folder: str):
     processor (no torchvision needed)."""
     from .mmdit import loading
 
+    d = os.path.join(qwen_folder, "processor")
     try:
-        return loading.load_processor(qwen_folder)
+        processor = loading.load_processor(qwen_folder)
     except RuntimeError as first:
-        d = os.path.join(qwen_folder, "processor")
         try:
             return _processor_without_video(d)
         except Exception as second:  # report both causes
             raise RuntimeError(f"{first}; loading {d} without a video processor also failed: {second}") from second
+    if getattr(processor, "image_processor", None) is None:
+        # AutoProcessor falls back to a bare tokenizer when the folder lacks processor_config.json;
+        # the Edit-Plus prompt needs the image processor too.
+        return _processor_without_video(d)
+    return processor
 
 
 # ----------------------------------------------------------------------------------- pipeline
