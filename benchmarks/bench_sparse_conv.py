@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from know3d_core.sparse import SparseTensor, neighbour_map, submanifold_conv3d  # noqa: E402
+from know3d_core.sparse import conv_triton  # noqa: E402
 from know3d_core.sparse.conv import ALGORITHMS, DEFAULT_CHUNK_BYTES, build_neighbour_map, choose_algorithm  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -122,9 +123,13 @@ def bench_case(coords, shape, C, dtype, device, args, time_fn) -> list[dict]:
     rows.append({**base, "algo": "dense", "ms": dense_ms, "tflops": flops / dense_ms / 1e9, "ratio": 1.0,
                  "peak_extra_gib": None, "dense_extrapolated": m < N, "max_rel_err_vs_gather": None})
 
-    auto = choose_algorithm(device, C, C, fill)
+    auto = choose_algorithm(device, C, C, None, dtype)
+    if auto != "implicit":
+        auto = choose_algorithm(device, C, C, fill, dtype)
     reference = None
-    for algo in list(ALGORITHMS):
+    for algo in args.algos or list(ALGORITHMS):
+        if algo == "implicit" and not conv_triton.supports(feats):
+            continue
         fn = lambda: submanifold_conv3d(x, weight, bias, 1, algo, args.chunk_bytes)  # noqa: E731
         try:
             out = fn().feats
@@ -173,7 +178,7 @@ def print_table(rows) -> None:
         print(f"{r['N']:>9} {r['C']:>5} {r['dtype']:>8} {algo:>14} {ms:>9} {tf:>8} {ratio:>6} {peak:>8} "
               f"{r['fill']:>5.2f} {r['build_ms']:>8.2f} {r['first_call_ms']:>8.1f} {err:>8}")
     print("ratio = dense GEMM time / conv time at equal (all-27-tap) FLOPs; * = dense timed on a row chunk, scaled;")
-    print("1st ms = first auto conv on fresh coords (neighbour map + layouts + conv); err = max rel. diff vs gather")
+    print("1st ms = first auto conv on fresh coords (neighbour map + layouts + conv); err = max rel. diff vs the first algorithm timed")
     for r in rows:
         if r.get("error"):
             print(f"  N={r['N']} C={r['C']} {r['algo']}: {r['error']}")
@@ -194,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--voxels", type=int, nargs="*", default=None, help="target shell sizes (default 200000 1000000)")
     p.add_argument("--channels", type=int, nargs="*", default=None, help="default 64 128 256 512 1024")
+    p.add_argument("--algos", nargs="*", default=None, choices=ALGORITHMS, help="default: all (implicit on CUDA)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)

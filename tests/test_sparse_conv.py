@@ -139,10 +139,37 @@ def test_empty_and_bad_inputs():
 
 
 def test_auto_rule():
+    cuda = torch.device("cuda")
     assert conv_module.choose_algorithm(torch.device("cpu"), 64, 64, 0.6) == "bag"
-    assert conv_module.choose_algorithm(torch.device("cuda"), 64, 64, 0.6) == "bag"
-    assert conv_module.choose_algorithm(torch.device("cuda"), 64, 512, 0.6) == "gather"
-    assert conv_module.choose_algorithm(torch.device("cuda"), 64, 64, 0.1) == "offset"
+    assert conv_module.choose_algorithm(torch.device("cpu"), 64, 64, 0.6, torch.bfloat16) == "bag"
+    assert conv_module.choose_algorithm(cuda, 64, 64, 0.6) == "csr"
+    assert conv_module.choose_algorithm(cuda, 256, 256, 0.6, torch.float32) == "csr"
+    assert conv_module.choose_algorithm(cuda, 512, 512, 0.6) == "gather"
+    assert conv_module.choose_algorithm(cuda, 64, 512, 0.6) == "gather"
+    assert conv_module.choose_algorithm(cuda, 64, 64, 0.1) == "offset"
+    half = conv_module.choose_algorithm(cuda, 64, 64, 0.6, torch.bfloat16)
+    assert half == ("implicit" if conv_module.conv_triton.triton_available() else "csr")
+
+
+@pytest.mark.parametrize("sort_rows", [True, False])
+def test_tile_layout_covers_every_neighbour_once(sort_rows):
+    """Tiles list every offset one of their rows has; rows are a permutation plus padding."""
+    x = _shell_sparse(14, 1)
+    nm = neighbour_map(x)
+    N, K = nm.nbr.shape
+    bm = 32
+    lay = nm.tile_layout(bm, sort_rows)
+    assert lay is nm.tile_layout(bm, sort_rows)  # cached
+    T = lay.num_tiles
+    assert T == -(-N // bm) and lay.rows.shape == (T * bm,) and lay.nbr.shape == (K, T * bm)
+    assert torch.equal(lay.rows[:N].long().sort().values, torch.arange(N)) and (lay.rows[N:] == N).all()
+    assert torch.equal(lay.nbr[:, :N].t(), nm.nbr[lay.rows[:N].long()]) and (lay.nbr[:, N:] == N).all()
+    for t in range(T):
+        present = (lay.nbr[:, t * bm:(t + 1) * bm] < N).any(1).nonzero().flatten()
+        c = int(lay.counts[t])
+        assert torch.equal(lay.offsets[t, :c].long(), present)
+    if sort_rows:  # grouping rows by neighbour pattern visits fewer offsets per tile than row order
+        assert lay.mean_active_offsets < nm.tile_layout(bm, False).mean_active_offsets
 
 
 def _shell_sparse(R, channels, shuffle=False):
@@ -205,8 +232,43 @@ def test_cuda_algorithms_match_dense(dtype):
     ref = dense_reference(x.to(dtype), weight.to(dtype), bias.to(dtype), 1)
     xc = x.to("cuda").to(dtype)
     tol = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]  # fp32: TF32 may be on
-    for algo in ALGOS + ["auto"]:
+    for algo in ALGOS + ["implicit", "auto"]:
         for chunk in (conv_module.DEFAULT_CHUNK_BYTES, 48 * 27 * 2 * 2000):
             out = submanifold_conv3d(xc, weight.cuda(), bias.cuda(), 1, algo, chunk_bytes=chunk).feats
             assert out.dtype == dtype and out.is_cuda
             assert rel_err(out.cpu(), ref) <= tol, (algo, chunk)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ci, co, k, dilation", [(3, 5, 3, 1), (70, 130, 3, 2), (64, 64, 5, 1), (128, 300, 3, 1)])
+def test_cuda_implicit_gemm_matches_dense(dtype, ci, co, k, dilation):
+    """Triton implicit GEMM: odd channel counts (masked tails), kernel 5, dilation, 3 batch items."""
+    x = random_sparse((9, 8, 10), [300, 150, 40], ci)
+    weight, bias = torch.randn(co, k, k, k, ci) / (k ** 1.5 * ci ** 0.5), torch.randn(co)
+    ref = dense_reference(x.to(dtype), weight.to(dtype), bias.to(dtype), dilation)
+    xc = x.to("cuda").to(dtype)
+    out = submanifold_conv3d(xc, weight.cuda(), bias.cuda(), dilation, "implicit").feats
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    assert out.dtype == dtype and rel_err(out.cpu(), ref) <= tol
+    out_nb = submanifold_conv3d(xc, weight.cuda(), None, dilation, "implicit").feats
+    assert rel_err(out_nb.cpu(), dense_reference(x.to(dtype), weight.to(dtype), None, dilation)) <= tol
+    if dtype != torch.float32:
+        assert conv_module.choose_algorithm(xc.device, ci, co, None, dtype) == "implicit"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_implicit_gemm_large_shell_every_row_written():
+    """A ~37k-voxel shell (many tiles, sorted rows): NaN-poisoned memory first, then compared with csr."""
+    x = _shell_sparse(96, 64).to("cuda").to(torch.bfloat16)
+    weight, bias = (torch.randn(96, 3, 3, 3, 64, device="cuda") / 40).bfloat16(), torch.randn(96, device="cuda").bfloat16()
+    nm = neighbour_map(x)
+    lay = nm.tile_layout(128)
+    poison = torch.full((x.num_voxels, 96), float("nan"), device="cuda", dtype=torch.bfloat16)
+    del poison  # the caching allocator hands this block to the output next
+    out = conv_module.conv_triton.conv_implicit_gemm(x.feats, lay, weight, bias)
+    ref = submanifold_conv3d(x.to(torch.float32), weight.float(), bias.float(), 1, "csr").feats
+    assert torch.isfinite(out).all() and rel_err(out.float().cpu(), ref.double().cpu()) <= 2e-2
+    assert lay.mean_active_offsets < 27

@@ -10,7 +10,7 @@ Weights are stored like the official checkpoints: ``weight [Co, k, k, k, Ci]``, 
 ``F.conv3d(grid, weight.permute(0, 4, 1, 2, 3), bias, padding=d*(k//2), dilation=d)`` sampled at
 the active voxels of a zero-filled grid.
 
-Four ways to compute, same result (tests hold them to each other and to dense conv3d):
+Five ways to compute, same result (tests hold them to each other and to dense conv3d):
 - ``"gather"``: gather the k^3 input taps of a chunk of rows into ``[m, k^3*Ci]`` and multiply
   by ``weight.view(Co, k^3*Ci)``; chunks keep the gathered block under ``chunk_bytes``.
 - ``"offset"``: per kernel offset, gather the rows that have that neighbour, multiply by
@@ -21,11 +21,15 @@ Four ways to compute, same result (tests hold them to each other and to dense co
   ``chunk_bytes``.
 - ``"csr"``: as ``"bag"``, with the per-row sum done as a CSR sparse x dense product (cuSPARSE
   on CUDA); falls back to ``"bag"`` where the sparse product lacks the dtype (CPU half types).
-``"auto"`` picks by :func:`choose_algorithm` (a rule from the benchmark in
-``benchmarks/bench_sparse_conv.py``).
+- ``"implicit"``: Triton implicit GEMM (CUDA only, :mod:`.conv_triton`): rows grouped by
+  neighbour pattern, each tile gathers and multiplies only the offsets its rows have, fp32
+  accumulation, no temporary beyond a small per-coords tile layout.
+``"auto"`` picks by :func:`choose_algorithm` (a rule from the H100 measurements of
+``benchmarks/bench_sparse_conv.py``) and logs each new choice once.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Optional
@@ -34,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import conv_triton
 from .tensor import SparseTensor
 
 __all__ = [
@@ -48,10 +53,14 @@ __all__ = [
     "ALGORITHMS",
 ]
 
-ALGORITHMS = ("gather", "offset", "bag", "csr")
+ALGORITHMS = ("gather", "offset", "bag", "csr", "implicit")
 DEFAULT_CHUNK_BYTES = 1 << 30
 DEFAULT_TABLE_BYTES = 1 << 29  # dense lookup table for the neighbour map up to 512 MiB (512^3 grid)
 MIN_BAG_ROW_EFFICIENCY = 0.75  # below this share of useful GEMM rows, "bag" groups offsets instead
+_HALF = (torch.float16, torch.bfloat16)
+_log = logging.getLogger(__name__)
+_logged_choices: set = set()
+_implicit_failed: list = []  # the exception of a failed first Triton launch ("auto" then stays on torch)
 
 
 def kernel_offsets(kernel_size: int, dilation: int) -> list[tuple[int, int, int]]:
@@ -197,6 +206,13 @@ class NeighbourMap:
             plan.append((a, b, lo, hi, indices, offsets))
         return plan
 
+    def tile_layout(self, bm: int, sort_rows: bool = True) -> "conv_triton.TileLayout":
+        """Rows grouped by neighbour pattern in tiles of ``bm`` (``"implicit"``); cached per bm."""
+        key = ("tiles", bm, sort_rows)
+        if key not in self._derived:
+            self._derived[key] = conv_triton.tile_layout(self.nbr, bm, sort_rows)
+        return self._derived[key]
+
     def bag_index(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Bags for offsets ``v0 <= v < v1`` (group size g = v1 - v0).
 
@@ -248,19 +264,40 @@ def neighbour_map(x: SparseTensor, kernel_size: int = 3, dilation: int = 1) -> N
     return nm
 
 
-def choose_algorithm(device: torch.device, in_channels: int, out_channels: int, fill: Optional[float] = None) -> str:
-    """Rule for ``algo="auto"``.
+def choose_algorithm(
+    device: torch.device,
+    in_channels: int,
+    out_channels: int,
+    fill: Optional[float] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> str:
+    """Rule for ``algo="auto"`` (H100 bf16 numbers: benchmarks/results/perf_conv.log).
 
+    - CUDA, fp16/bf16 features and Triton present: ``"implicit"`` (fastest at every size measured,
+      and no gathered temporaries).
     - Few neighbours present (``fill < 0.25``): ``"offset"`` (does only the existing taps).
-    - CUDA: ``"bag"`` unless the output is much wider than the input (``Co > 2*Ci``), where
-      ``"gather"`` moves fewer bytes (bag writes k^3*Co per voxel, gather k^3*Ci).
+    - CUDA otherwise: ``"csr"`` up to 256 channels (one GEMM for all taps, cuSPARSE row sums),
+      ``"gather"`` from 512 channels on or when the output is much wider than the input
+      (``Co > 2*Ci``: the tap products would be larger than the gathered inputs).
     - CPU: ``"bag"`` (one GEMM per row chunk, few large ops; the steadiest on a loaded 2-core CPU).
     """
+    cuda = torch.device(device).type == "cuda"
+    if cuda and dtype in _HALF and conv_triton.triton_available() and not _implicit_failed:
+        return "implicit"
     if fill is not None and fill < 0.25:
         return "offset"
-    if torch.device(device).type == "cuda":
-        return "bag" if out_channels <= 2 * in_channels else "gather"
+    if cuda:
+        if max(in_channels, out_channels) >= 512 or out_channels > 2 * in_channels:
+            return "gather"
+        return "csr"
     return "bag"
+
+
+def _log_choice(device, dtype, ci: int, co: int, algo: str) -> None:
+    key = (torch.device(device).type, dtype, ci, co, algo)
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        _log.info("submanifold conv %d->%d %s on %s: algo=%s", ci, co, dtype, key[0], algo)
 
 
 def submanifold_conv3d(
@@ -291,15 +328,43 @@ def submanifold_conv3d(
     nm = neighbour_map(x, k, dilation)
     if x.num_voxels == 0:
         return x.replace(feats.new_zeros(0, Co))
-    if algo == "auto":
-        algo = choose_algorithm(feats.device, Ci, Co, nm.fill if nm.num_rows else None)
-    if algo == "gather":
+    auto = algo == "auto"
+    if auto:
+        algo = choose_algorithm(feats.device, Ci, Co, None, feats.dtype)
+        if algo != "implicit":  # the fill (one host sync, cached) only matters to the torch paths
+            algo = choose_algorithm(feats.device, Ci, Co, nm.fill if nm.num_rows else None, feats.dtype)
+        _log_choice(feats.device, feats.dtype, Ci, Co, algo)
+    if algo == "implicit":
+        out = _conv_implicit(feats, nm, w, b, fallback=auto)
+        if out is None:  # the first Triton launch failed ("auto" only): use the torch rule from now on
+            return submanifold_conv3d(x, weight, bias, dilation, "auto", chunk_bytes)
+    elif algo == "gather":
         out = _conv_gather(feats, nm, w, b, chunk_bytes)
     elif algo == "offset":
         out = _conv_offset(feats, nm, w, b, chunk_bytes)
     else:
         out = _conv_bag(feats, nm, w, b, chunk_bytes, use_csr=algo == "csr")
     return x.replace(out)
+
+
+def _conv_implicit(feats, nm: NeighbourMap, w, b, fallback: bool) -> Optional[torch.Tensor]:
+    """Triton implicit GEMM; with ``fallback`` a failing launch is logged and returns None."""
+    if not conv_triton.supports(feats):
+        raise ValueError(
+            "submanifold_conv3d algo='implicit' needs Triton and a CUDA fp16/bf16/fp32 tensor "
+            f"(got {feats.dtype} on {feats.device}, Triton {'present' if conv_triton.triton_available() else 'missing'}); "
+            "use algo='auto'"
+        )
+    cfg = conv_triton.kernel_config(feats.shape[1], w.shape[0], feats.dtype)
+    layout = nm.tile_layout(cfg.BM)
+    if not fallback:
+        return conv_triton.conv_implicit_gemm(feats, layout, w, b, cfg)
+    try:
+        return conv_triton.conv_implicit_gemm(feats, layout, w, b, cfg)
+    except Exception as exc:  # noqa: BLE001 - compiler/driver errors vary; the torch paths still work
+        _implicit_failed.append(exc)
+        _log.warning("Triton sparse conv failed (%s: %s); using the PyTorch algorithms", type(exc).__name__, exc)
+        return None
 
 
 def _conv_gather(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:
@@ -416,7 +481,7 @@ class SubMConv3d(nn.Module):
         in_channels, out_channels: Ci, Co.
         kernel_size: odd k (3 in TRELLIS.2). dilation: d.
         bias: add a ``bias [Co]`` parameter.
-        algo: ``"auto" | "gather" | "offset" | "bag" | "csr"`` (see module docstring).
+        algo: ``"auto" | "gather" | "offset" | "bag" | "csr" | "implicit"`` (see module docstring).
         chunk_bytes: memory budget of the largest temporary block.
     Parameters: ``weight [Co, k, k, k, Ci]``, ``bias [Co]``.
     forward(x: SparseTensor feats [N, Ci]) -> SparseTensor feats [N, Co] on the same coords.

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...sparse import varlen_attention
+from .fused import fused_enabled, qk_norm_rope
 from .norm import MultiHeadRMSNorm
 from .rope import apply_rope
 
@@ -129,18 +130,47 @@ class MultiHeadAttention(nn.Module):
         rope: complex phases broadcastable to ``[B, L, D/2]`` (self with RoPE). Returns ``[B, L, C]``."""
         B, L, _ = x.shape
         H = self.num_heads
-        if self._type == "self":
-            q, k, v = self.to_qkv(x).reshape(B, L, 3, H, -1).unbind(dim=2)
+        if self.use_rope and rope is None:
+            raise ValueError("this attention uses RoPE: pass rope=phases")
+        if fused_enabled(x) and _pow2(self.head_dim // 2):
+            q, k, v = self._qkv_fused(x, context, rope)
         else:
-            q = self.to_q(x).reshape(B, L, H, -1)
-            k, v = self.to_kv(context).reshape(context.shape[0], context.shape[1], 2, H, -1).unbind(dim=2)
+            q, k, v = self._qkv(x, context, rope)
+        h = attend(q, k, v, q_layout=layout, kv_layout=layout if self._type == "self" else None)
+        return self.to_out(h.reshape(B, L, -1))
+
+    def _project(self, x: torch.Tensor, context: Optional[torch.Tensor]):
+        """q, k, v ``[B', L', H, D]`` views of the projections (before norm/RoPE)."""
+        B, L, _ = x.shape
+        H = self.num_heads
+        if self._type == "self":
+            return self.to_qkv(x).reshape(B, L, 3, H, -1).unbind(dim=2)
+        q = self.to_q(x).reshape(B, L, H, -1)
+        k, v = self.to_kv(context).reshape(context.shape[0], context.shape[1], 2, H, -1).unbind(dim=2)
+        return q, k, v
+
+    def _qkv(self, x, context, rope):
+        """PyTorch path: the reference's op sequence."""
+        q, k, v = self._project(x, context)
         if self.qk_rms_norm:
             q = self.q_rms_norm(q)
             k = self.k_rms_norm(k)
         if self.use_rope:
-            if rope is None:
-                raise ValueError("this attention uses RoPE: pass rope=phases")
             q = apply_rope(q, rope)
             k = apply_rope(k, rope)
-        h = attend(q, k, v, q_layout=layout, kv_layout=layout if self._type == "self" else None)
-        return self.to_out(h.reshape(B, L, -1))
+        return q, k, v
+
+    def _qkv_fused(self, x, context, rope):
+        """Triton path: RMS norm and RoPE of q and k in one kernel each (fp32 math, one rounding)."""
+        q, k, v = self._project(x, context)
+        if not (self.qk_rms_norm or self.use_rope):
+            return q, k, v
+        rope = rope if self.use_rope else None
+        gq = self.q_rms_norm.gamma if self.qk_rms_norm else None
+        gk = self.k_rms_norm.gamma if self.qk_rms_norm else None
+        eps = self.q_rms_norm.eps if self.qk_rms_norm else 0.0
+        return qk_norm_rope(q, gq, rope, eps), qk_norm_rope(k, gk, rope, eps), v
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -1,0 +1,177 @@
+"""Profile: where one flow DiT forward spends its GPU time (torch.profiler, CUDA kernels).
+
+For each case (names as in bench_trellis2_flows.py) runs a few forwards under torch.profiler and
+prints the top kernels by total CUDA time plus a split into categories: GEMM, attention,
+norm/RoPE/modulation/elementwise, other. ``--no-fused`` runs the PyTorch path of the blocks
+(the Triton kernels switched off) for a before/after view in one process. ``--sdpa-check`` also
+times torch SDPA's kernels (default choice, cuDNN, FlashAttention-2, memory-efficient) at the
+attention shapes of the flows.
+
+    python benchmarks/profile_flows.py --cases "ss B=2,shape N=20k" --out prof.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_trellis2_flows import CASES, FULL, build, random_coords  # noqa: E402
+from know3d_core.sparse import SparseTensor  # noqa: E402
+from know3d_core.trellis2.modules.fused import use_fused_kernels  # noqa: E402
+
+CATEGORIES = [  # first match wins, on the lower-cased kernel name
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "matmul", "nvjet", "cublas")),
+    ("norm/rope/mod (fused)", ("_ln_modulate", "_qk_norm_rope")),
+    ("layer/rms norm", ("layer_norm", "rms", "norm")),
+    ("elementwise/copy", ("elementwise", "vectorized", "copy", "cast", "unrolled", "reduce", "cat", "index")),
+]
+
+
+def categorise(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile_case(case, models, fused: bool, steps: int = 3) -> dict:
+    name, kind, batch, tokens, grid, cond_len = case
+    device = torch.device("cuda")
+    if kind not in models:
+        models.clear()
+        torch.cuda.empty_cache()
+        models[kind] = build(kind, FULL, "bfloat16", device)
+    model = models[kind]
+    gen = torch.Generator(device=device).manual_seed(1)
+    cond = torch.randn(batch, cond_len[0], FULL["cond_channels"], device=device, generator=gen)
+    t = torch.full((batch,), 700.0, device=device)
+    if kind == "ss":
+        x = torch.randn(batch, 8, 16, 16, 16, device=device, generator=gen)
+    else:
+        n, res = tokens[0], grid[0]
+        x = SparseTensor(torch.randn(batch * n, 32, device=device, generator=gen), random_coords(n, res, batch, device),
+                         (res,) * 3, batch_size=batch)
+
+    def fwd():
+        with torch.no_grad(), use_fused_kernels(fused):
+            return model(x, t, cond)
+
+    for _ in range(2):
+        fwd()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fwd()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fwd()
+        torch.cuda.synchronize()
+    kernels = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0)
+        if us and ev.key:
+            kernels[ev.key] = {"us": us / steps, "calls": ev.count / steps}
+    kernels = {k: v for k, v in kernels.items() if not k.startswith("aten::")}  # device kernels only
+    total = sum(v["us"] for v in kernels.values())
+    cats: dict = {}
+    for k, v in kernels.items():
+        c = categorise(k)
+        cats[c] = cats.get(c, 0.0) + v["us"]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:20]
+    return {"case": name, "fused": fused, "ms_event_median": statistics.median(times), "kernel_ms": total / 1e3,
+            "categories_ms": {c: round(u / 1e3, 2) for c, u in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": k[:110], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
+
+
+def sdpa_check() -> list[dict]:
+    """Median ms of SDPA per backend at the flows' attention shapes (bf16, D=128, 12 heads)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    shapes = [("ss self B=2", 2, 4096, 4096), ("ss cross B=2", 2, 4096, 1029), ("shape self 8k B=2", 2, 8192, 8192),
+              ("shape self 20k", 1, 20000, 20000), ("shape cross 20k", 1, 20000, 4101), ("shape self 40k", 1, 40000, 40000)]
+    backends = [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    rows = []
+    for name, B, lq, lk in shapes:
+        q = torch.randn(B, 12, lq, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, 12, lk, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        row = {"shape": name}
+        for bname, be in backends:
+            def call():
+                if be is None:
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                with sdpa_kernel(be):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            try:
+                for _ in range(3):
+                    call()
+                ts = []
+                for _ in range(10):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    call()
+                    b.record()
+                    torch.cuda.synchronize()
+                    ts.append(a.elapsed_time(b))
+                row[bname] = round(statistics.median(ts), 3)
+            except RuntimeError as err:
+                row[bname] = f"error: {str(err).splitlines()[0][:80]}"
+        # which kernel does the default pick? (profiler name)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            torch.cuda.synchronize()
+        row["default_kernel"] = max(prof.key_averages(), key=lambda e: getattr(e, "device_time_total", 0)).key[:90]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default="ss B=2,shape N=20k")
+    p.add_argument("--no-fused", action="store_true", help="also profile with the Triton kernels switched off")
+    p.add_argument("--sdpa-check", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    names = args.cases.split(",")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "profiles": []}
+    models: dict = {}
+    for case in [c for c in CASES if c[0] in names]:
+        for fused in ([False, True] if args.no_fused else [True]):
+            r = profile_case(case, models, fused)
+            result["profiles"].append(r)
+            print(f"\n== {r['case']} fused={fused}: {r['ms_event_median']:.1f} ms per forward (event), "
+                  f"kernels {r['kernel_ms']:.1f} ms")
+            for c, ms in r["categories_ms"].items():
+                print(f"   {c:<24} {ms:8.2f} ms")
+            for k in r["top"][:12]:
+                print(f"   {k['ms']:8.3f} ms {k['calls']:6.0f}x  {k['kernel']}")
+    models.clear()
+    torch.cuda.empty_cache()
+    if args.sdpa_check:
+        result["sdpa"] = sdpa_check()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
