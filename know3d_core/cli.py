@@ -522,11 +522,20 @@ def _prepare_runtime(opts: argparse.Namespace) -> None:
     opts.dtype_resolved = _resolve_dtype(opts.dtype, opts.device_resolved)
 
 
+def _quiet_libraries() -> None:
+    """No per-file progress bars from diffusers / transformers while loading (``--quiet``)."""
+    for name in ("diffusers", "transformers"):
+        with contextlib.suppress(Exception):
+            __import__(f"{name}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
+
+
 def _load(opts, check, factory: PipelineFactory, quiet: bool):
     from .knowledge.checkpoint import Know3DFormatError
     from .knowledge.kinds import KnowledgeMismatchError
     from .trellis2.loading import CheckpointError
 
+    if quiet:
+        _quiet_libraries()
     _say(quiet, f"loading models ({opts.variant}, {opts.resolution}) on {opts.device_resolved} ...")
     start = time.perf_counter()
     try:

@@ -166,6 +166,18 @@ def test_bad_arguments_exit_2_with_a_one_line_reason(tmp_path, models, capsys, c
     assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")
 
 
+def test_comfy_single_files_are_refused_by_generate_with_a_reason(tmp_path, capsys):
+    from test_cli_models import _comfy
+
+    root = _comfy(tmp_path / "comfy")
+    assert cli.main(["models", "--models", root, "--variant", "none"]) == 0
+    assert "official layout only" in capsys.readouterr().out
+    code = cli.main(["generate", "--models", root, "--variant", "none", "--image", _rgba(tmp_path / "f.png"),
+                     "--prompt", "x", "--out", str(tmp_path / "o"), "--device", "cpu"])
+    lines = _stderr_lines(capsys)
+    assert code == 2 and "ComfyUI single files" in lines[-1] and "official" in lines[-1]
+
+
 def test_pipeline_failure_exits_1_with_one_line(tmp_path, models, capsys):
     m, q = models
     code, _ = _run(["generate", "--models", m, "--qwen", q, "--image", _rgba(tmp_path / "f.png"),
