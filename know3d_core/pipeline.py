@@ -381,8 +381,8 @@ class Know3DPipeline:
         images = [front]
         prompt = bv.prompt.build(description)
         with self._use(c.text_encoder):
-            embeds, mask = bv.encode(images, prompt)
-            neg_embeds, neg_mask = (bv.encode(images, DEFAULT_NEGATIVE_PROMPT) if true_cfg_scale > 1
+            embeds, mask = self._encode(images, prompt)
+            neg_embeds, neg_mask = (self._encode(images, DEFAULT_NEGATIVE_PROMPT) if true_cfg_scale > 1
                                     else (None, None))
         height, width = size if size is not None else (None, None)
         with self._use(c.vae):
@@ -416,6 +416,20 @@ class Know3DPipeline:
 
             stage.images = _image_processor(bv.vae_scale_factor).postprocess(img, output_type="pil")
         return stage
+
+    def _encode(self, images: list, text: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Edit-Plus prompt embeddings ``([1, T, D], [1, T])`` on the text encoder's device (which,
+        with offload, is not the transformer's)."""
+        from .mmdit.backview import condition_images
+        from .mmdit.prompt import encode_prompt
+
+        c = self.backview.c
+        if c.text_encoder is None or c.processor is None:
+            raise RuntimeError("no text encoder/processor loaded: the Qwen folder needs text_encoder/ and processor/")
+        cond = condition_images(images, self.backview.vae_scale_factor, self.backview.condition_image_area)
+        te_device = next(c.text_encoder.parameters()).device
+        dtype = next(c.transformer.parameters()).dtype
+        return encode_prompt(c.text_encoder, c.processor, cond, text, dtype=dtype, device=te_device)
 
     # ------------------------------------------------------------------ stage 2: knowledge
     @torch.no_grad()

@@ -157,3 +157,15 @@ def test_without_a_back_view_model_only_none_runs(pipe, image):
         k3d.run(image, DESC, "multiview", **RUN)
     assert k3d.run(image, DESC, "none", seed=0, **RUN).mesh.num_faces > 0
     assert math.isfinite(sum(k3d.run(image, "", "none", seed=0, **RUN).timings.values()))
+
+
+def test_offload_path_gives_the_same_mesh(pipe, image):
+    """The offload code path (models visit the device per stage; here device == CPU) changes nothing."""
+    g = pipe.geometry
+    geometry = Trellis2GeometryPipeline(g.models, g.config, g.image_cond_model, device="cpu", offload=True,
+                                        know3d_spec=g.know3d_spec)
+    k3d = Know3DPipeline(geometry, pipe.backview, offload=True)
+    a = k3d.run(image, DESC, "hidden", seed=2, **RUN)
+    b = pipe.run(image, DESC, "hidden", seed=2, **RUN)
+    assert mesh_equal(a.mesh, b.mesh)
+    assert all(p.device.type == "cpu" for m in g.models.values() for p in m.parameters())
