@@ -309,3 +309,21 @@ def test_missing_dinov3_and_models_name_the_fix(demo, image):
     pipe.image_cond_model = None
     with pytest.raises(FileNotFoundError, match="dinov3-vitl16-pretrain-lvd1689m"):
         pipe.get_cond(image.convert("RGB"), 512)
+
+
+def test_merged_know3d_file_loads_like_the_delta_file(demo, know3d_pipe, image, tmp_path):
+    """A merged Know3D file (official weights + branch + LoRA folded in) replaces the flows and gives
+    what the delta file applied to the official flows gives."""
+    from know3d_core.knowledge import apply_know3d
+
+    flows = load_pipeline_models(demo.trellis2, keys=MODEL_NAMES, dtype="float32")
+    apply_know3d(flows, demo.know3d, merge=False)  # LoRA attached; save_know3d folds it
+    merged = tmp_path / "know3d_merged.safetensors"
+    save_know3d(merged, flows, content="merged")
+    pipe = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32", know3d=merged)
+    assert pipe.know3d_spec.knowledge_kind == "mmdit_hidden"
+    a = pipe.run(image, pipeline_type="512", seed=0, knowledge=hidden_knowledge(), ss_params=FAST, shape_params=FAST)
+    b = know3d_pipe.run(image, pipeline_type="512", seed=0, knowledge=hidden_knowledge(), ss_params=FAST,
+                        shape_params=FAST)
+    assert torch.equal(a.coords, b.coords)
+    torch.testing.assert_close(a.slat.feats, b.slat.feats, rtol=1e-5, atol=1e-5)
