@@ -284,9 +284,11 @@ def _resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here (use --device cpu)")
     try:
-        torch.device(name)
+        device = torch.device(name)
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {name!r} is not a device (cuda, cuda:1, cpu, ...)") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 

@@ -17,7 +17,8 @@ repository and file it comes from; the CLI runs this before any model is loaded.
   ``clip_vision/dino_v3_vit_l.safetensors``. Any file name works: files are recognised by their keys.
 
 Plus, for the injected variants, a Know3D checkpoint (``--know3d FILE``, or the one
-``DIR/know3d*.safetensors`` / ``DIR/know3d/*.safetensors`` trained for the variant's knowledge kind),
+``know3d*.safetensors`` / ``know3d/*.safetensors`` in ``DIR`` (else beside it) trained for the
+variant's knowledge kind),
 and for every variant but ``none`` a diffusers-format Qwen-Image-Edit-2511 folder (``--qwen DIR``)
 and optionally the back-view LoRA (``--lora FILE``).
 """
@@ -205,7 +206,8 @@ class ModelCheck:
                 continue
             out.extend(f.lines())
         out.extend(self.notes)
-        out.append(self.summary())
+        if not only_problems:
+            out.append(self.summary())
         return "\n".join(out)
 
 
@@ -513,8 +515,8 @@ def _know3d_spec(info: SafetensorsInfo) -> Tuple[Optional[str], Optional[List[in
 def _know3d_check(models_dir: str, variant: str, know3d: Optional[str], scanned,
                   sigma: Optional[float], layers: Optional[Sequence[int]]) -> FileCheck:
     kind = VARIANT_KINDS[variant]
-    fc = FileCheck(f"Know3D checkpoint ({kind})", "know3d_<kind>.safetensors", os.path.join(models_dir, "know3d"),
-                   KNOW3D_SOURCE, key="know3d")
+    fc = FileCheck(f"Know3D checkpoint ({kind})", f"know3d_{variant}.safetensors (any name)",
+                   os.path.join(models_dir, "know3d"), KNOW3D_SOURCE, key="know3d")
     if know3d is not None:
         fc.name, fc.folder = os.path.basename(know3d), os.path.dirname(os.path.abspath(know3d))
         if not os.path.isfile(know3d):
@@ -522,8 +524,12 @@ def _know3d_check(models_dir: str, variant: str, know3d: Optional[str], scanned,
             return fc
         candidates = [(know3d, read_safetensors_header(know3d))]
     else:
+        parent = os.path.dirname(models_dir)
         paths = sorted(set(glob.glob(os.path.join(models_dir, "know3d*.safetensors"))
                            + glob.glob(os.path.join(models_dir, "know3d", "*.safetensors"))))
+        if not paths:  # beside the TRELLIS.2 folder, like a sibling repository folder
+            paths = sorted(set(glob.glob(os.path.join(parent, "know3d*.safetensors"))
+                               + glob.glob(os.path.join(parent, "know3d", "*.safetensors"))))
         candidates = [(p, read_safetensors_header(p)) for p in paths]
         candidates += [(p, info) for p, info, c in scanned if c == "know3d" and p not in paths]
     if not candidates:
