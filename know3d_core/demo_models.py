@@ -199,18 +199,20 @@ def _calibrate_shape_decoder(stem: str, mean: torch.Tensor, std: torch.Tensor, s
     _resave(stem, update)
 
 
-def write_demo_trellis2(folder: str, seed: int = 0) -> str:
+def write_demo_trellis2(folder: str, seed: int = 0, ss_resolution: int = SS_RESOLUTION) -> str:
     """Tiny TRELLIS.2 folder (official layout, see ``trellis2/tiny.py``) with calibrated decoder
-    biases and an 8^3 structure latent. Returns ``folder``."""
+    biases and an ``ss_resolution``^3 structure latent (8: a 32^3 grid for ``512`` and the cascades;
+    16, the official size: a 64^3 grid, needed by the ``1024`` type but slow on a CPU).
+    Returns ``folder``."""
     from .trellis2.loading import read_pipeline_config, resolve_checkpoint
     from .trellis2.tiny import write_tiny_trellis2
 
     write_tiny_trellis2(folder, seed=seed, **FLOW_WIDTHS)
     config = read_pipeline_config(folder)
     ss_flow = resolve_checkpoint(folder, config.models["sparse_structure_flow_model"])
-    _edit_json_args(ss_flow, resolution=SS_RESOLUTION)
+    _edit_json_args(ss_flow, resolution=ss_resolution)
     _calibrate_structure_decoder(
-        resolve_checkpoint(folder, config.models["sparse_structure_decoder"]), seed, SS_RESOLUTION)
+        resolve_checkpoint(folder, config.models["sparse_structure_decoder"]), seed, ss_resolution)
     mean, std = config.normalization("shape_slat_normalization")
     _calibrate_shape_decoder(resolve_checkpoint(folder, config.models["shape_slat_decoder"]), mean, std, seed)
     return folder

@@ -327,3 +327,24 @@ def test_merged_know3d_file_loads_like_the_delta_file(demo, know3d_pipe, image, 
                         shape_params=FAST)
     assert torch.equal(a.coords, b.coords)
     torch.testing.assert_close(a.slat.feats, b.slat.feats, rtol=1e-5, atol=1e-5)
+
+
+def test_1024_type_on_an_official_size_structure_latent(tmp_path_factory, demo, image):
+    """``1024``: structure coords on 64^3 (no pooling), the 1024 shape model with DINOv3 at 1024 px."""
+    from know3d_core.demo_models import write_demo_trellis2
+
+    folder = write_demo_trellis2(str(tmp_path_factory.mktemp("t2_16") / "TRELLIS.2-4B"), ss_resolution=16)
+    pipe = Trellis2GeometryPipeline.from_pretrained(folder, device="cpu", dtype="float32", dinov3=demo.dinov3,
+                                                    pipeline_types=["1024"])
+    assert "shape_slat_flow_model_512" not in pipe.models
+    sizes = []
+    real = pipe.get_cond
+    pipe.get_cond = lambda images, res: sizes.append(res) or real(images, res)
+    steps = []
+    res = pipe.run(image, pipeline_type="1024", seed=0, ss_params={"steps": 1}, shape_params={"steps": 2},
+                   callback=lambda *a: steps.append(a))
+    assert sizes == [512, 1024] and res.resolution == 1024
+    assert steps == [("sparse_structure", 1, 1), ("shape_slat_1024", 1, 2), ("shape_slat_1024", 2, 2)]
+    assert int(res.coords[:, 1:].max()) >= 32  # a 64^3 grid, not pooled to 32^3
+    assert torch.equal(res.slat.coords, res.coords)  # the 1024 model runs on the structure coords
+    res.mesh.validate()
