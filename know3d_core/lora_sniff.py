@@ -64,5 +64,9 @@ def describe_lora(keys: Iterable[str]) -> str:
     for name, pattern in _ARCHES:
         hits = [m for m in mods if re.search(pattern, m)]
         if hits:
-            return f"a {name} LoRA ({len(mods)} modules, keys like {hits[0]!r})"
-    return f"a LoRA for an unknown architecture ({len(mods)} modules, keys like {mods[0]!r})"
+            return f"a {name} LoRA ({_count(mods)}, keys like {hits[0]!r})"
+    return f"a LoRA for an unknown architecture ({_count(mods)}, keys like {mods[0]!r})"
+
+
+def _count(mods) -> str:
+    return f"{len(mods)} module" + ("" if len(mods) == 1 else "s")

@@ -88,7 +88,7 @@ def test_lora_sniff():
     assert lora_modules(QWEN_KEYS) == {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.img_mlp.net.0.proj"}
     assert looks_like_qwen_image(QWEN_KEYS) and not looks_like_qwen_image(FLUX_KEYS)
     assert describe_lora(QWEN_KEYS).startswith("a Qwen-Image LoRA (2 modules")
-    assert describe_lora(FLUX_KEYS).startswith("a Flux LoRA (1 modules")
+    assert describe_lora(FLUX_KEYS).startswith("a Flux LoRA (1 module,")
     assert describe_lora(SDXL_KEYS).startswith("a SD 1.x / SDXL UNet LoRA")
     assert describe_lora(["model.layers.0.weight"]).startswith("not a LoRA")
     assert describe_lora([]) == "an empty file (no tensors)"
