@@ -570,7 +570,10 @@ def cmd_generate(opts, factory) -> int:
     pipe = _load(opts, check, factory, opts.quiet)
     out = os.path.abspath(opts.out)
     os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=batchlib.TMP_PREFIX + "generate-", dir=out)
+    _remove_dead_generate_tmp(out)
+    tmp = os.path.join(out, f"{batchlib.TMP_PREFIX}generate-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
         record = _generate_into(pipe, opts, check, opts.image, opts.prompt, tmp, "generate", opts.mask)
         names = [record["outputs"]["mesh"], record["outputs"]["back_image"], batchlib.NORMALS_NAME,
@@ -582,6 +585,25 @@ def cmd_generate(opts, factory) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     _print_record(record, out, opts.quiet)
     return EXIT_OK
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_dead_generate_tmp(out: str) -> None:
+    """Temporary folders of killed ``generate`` runs into ``out`` (their process is gone)."""
+    prefix = f"{batchlib.TMP_PREFIX}generate-"
+    for name in os.listdir(out):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
 def _print_record(record: Dict[str, Any], out: str, quiet: bool) -> None:

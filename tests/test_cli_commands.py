@@ -102,6 +102,19 @@ def test_generate_writes_every_output(tmp_path, models, capsys):
                               "normals_views": ["front", "back", "left", "right"]}
 
 
+def test_generate_removes_leftovers_of_killed_runs_only(tmp_path, models):
+    m, q = models
+    out = tmp_path / "out"
+    dead = next(p for p in range(4_000_000, 4_100_000) if not cli._pid_alive(p))
+    os.makedirs(out / f".tmp-generate-{dead}")  # a SIGKILLed generate
+    os.makedirs(out / f".tmp-generate-{os.getppid()}")  # a live process (our parent) is left alone
+    code, _ = _run(["generate", "--models", m, "--qwen", q, "--image", _rgba(tmp_path / "f.png"), "--prompt", "x",
+                    "--out", str(out), "--quiet"])
+    assert code == 0
+    assert sorted(os.listdir(out)) == sorted([f".tmp-generate-{os.getppid()}", "mesh.glb", "normals.png",
+                                              "record.json"])
+
+
 @pytest.mark.parametrize("fmt", ["obj", "ply", "stl"])
 def test_generate_other_formats_without_back_view(tmp_path, models, fmt):
     m, q = models
