@@ -30,7 +30,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
