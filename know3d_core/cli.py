@@ -701,15 +701,19 @@ def _apply_demo_settings(opts: argparse.Namespace, settings: Dict[str, Any]) -> 
 
 
 def cmd_demo(opts, factory) -> int:
-    from .demo_models import DEMO_RUN_SETTINGS, write_demo_models
+    from .demo_models import DEMO_RUN_SETTINGS, write_demo_models, write_demo_trellis2
 
     print("know3d demo: tiny RANDOM weights in the official layouts. The mesh is meaningless; this run "
           "checks that every stage works on this machine.", flush=True)
+    if opts.quiet:
+        _quiet_libraries()
     keep = opts.keep_models
     folder = os.path.abspath(keep) if keep else tempfile.mkdtemp(prefix="know3d-demo-models-")
     try:
         start = time.perf_counter()
         paths = write_demo_models(folder, seed=opts.seed)
+        if opts.resolution == "1024":  # this type samples a 64^3 structure grid: official 16^3 latent
+            write_demo_trellis2(paths.trellis2, seed=opts.seed, ss_resolution=16)
         _say(opts.quiet, f"demo models written to {folder} in {time.perf_counter() - start:.1f} s")
         opts.models, opts.qwen = paths.trellis2, paths.qwen
         opts.lora, opts.know3d, opts.dinov3 = paths.backview_lora, paths.know3d, paths.dinov3

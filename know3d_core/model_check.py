@@ -29,7 +29,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = [
     "VARIANTS", "VARIANT_KINDS", "RESOLUTIONS", "TRELLIS_REPO", "TRELLIS_V1_REPO", "DINOV3_REPO",
