@@ -114,9 +114,10 @@ def _add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> N
                         "give images with the background removed, as RGBA)")
     g.add_argument("--format", choices=("glb", "obj", "ply", "stl"), default="glb",
                    help="mesh file format (default: %(default)s)")
-    g.add_argument("--floaters", type=_fraction, default=0.01, metavar="F",
+    g.add_argument("--floaters", type=_fraction, default=None if demo else 0.01, metavar="F",
                    help="remove pieces with fewer than this fraction of the faces; 0 keeps every piece "
-                        "(default: %(default)s)")
+                        "(default: " + ("0 for the demo: its random mesh is many small pieces)" if demo
+                                        else "%(default)s)"))
     g.add_argument("--target-faces", type=int, default=0, metavar="N",
                    help="reduce the mesh to at most N faces (vertex clustering); 0 keeps all (default)")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu ... (default: cuda if available)")
@@ -697,6 +698,8 @@ def _apply_demo_settings(opts: argparse.Namespace, settings: Dict[str, Any]) -> 
         opts.back_size = tuple(settings["back_view_size"])
     if opts.dtype == "auto":
         opts.dtype = str(settings.get("dtype", "float32"))
+    if opts.floaters is None:
+        opts.floaters = 0.0
     opts.vae_image_area = settings.get("vae_image_area")
 
 
