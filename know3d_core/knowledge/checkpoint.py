@@ -1,6 +1,6 @@
 """The Know3D checkpoint format: one safetensors file for the Know3D parts of the TRELLIS.2 flows.
 
-Layout (docs/know3d_checkpoint.md is the user-facing description):
+Layout (README "Know3D checkpoint format" is the user-facing description):
 - tensors, each under a per-model prefix (``MODEL_PREFIXES``) followed by the model's own key:
     ``{model}.knowledge_proj.{linear,norm}.{weight,bias}``                       projector
     ``{model}.blocks.{i}.knowledge_attn.{norm,to_q,to_kv,to_out}.{weight,bias}``  per-block branch
