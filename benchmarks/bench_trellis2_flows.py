@@ -134,11 +134,25 @@ def run_case(case, tiny: bool, dtype: str, device, warmup: int, repeats: int, mo
         with torch.no_grad():
             return model(x, t, cond)
 
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fwd()  # first call of this shape (includes run-time kernel compiles in a fresh process)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_ms = 1000 * (time.perf_counter() - t0)
     ms, peak = time_ms(fwd, device, warmup, repeats)
+    host_ms = None
+    if device.type == "cuda":  # time for the host to enqueue one forward (== ms when launch-bound)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fwd()
+        host_ms = 1000 * (time.perf_counter() - t0)
+        torch.cuda.synchronize()
     out = fwd()
     feats = out.feats if isinstance(out, SparseTensor) else out
     return {"case": name, "batch": batch, "tokens": n_tokens, "cond_tokens": lc, "ms": round(ms, 3),
-            "peak_gib": None if peak is None else round(peak, 3), "finite": bool(torch.isfinite(feats).all())}
+            "first_ms": round(first_ms, 1), "host_ms": None if host_ms is None else round(host_ms, 2), "peak_gib": None if peak is None else round(peak, 3), "finite": bool(torch.isfinite(feats).all())}
 
 
 def main(argv=None) -> int:
@@ -174,6 +188,7 @@ def main(argv=None) -> int:
             r = rows[-1]
             print(f"{r['case']:<16} B={r['batch']} tokens={r['tokens']:>6} cond={r['cond_tokens']:>5} "
                   f"{r['ms']:>10.2f} ms  peak+{r['peak_gib'] if r['peak_gib'] is not None else '-'} GiB"
+                  f"  first {r['first_ms']:.0f} ms  host {r['host_ms']} ms"
                   f"{'' if r['finite'] else '  NON-FINITE'}", flush=True)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

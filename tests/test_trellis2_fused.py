@@ -98,6 +98,17 @@ def test_kernels_match_fp64_references():
     ref = F.layer_norm(x.double(), (1536,), eps=1e-6).view(150, -1) * (1 + mul.double()[gi]) + add.double()[gi]
     assert _rel(fused.layer_norm_modulate(x, mul, add, 1e-6, group_index=gi).view(150, -1), ref) <= 1e-6
 
+    y = torch.randn(3, 50, 1536, device="cuda", generator=gen)
+    xr = x.double() + y.double() * mul.double()[:, None]
+    x_new, h = fused.residual_layer_norm_modulate(x, y, mul, w, b, 1e-6, 0.0)
+    assert _rel(x_new, xr) <= 1e-6
+    assert _rel(h, F.layer_norm(xr, (1536,), w.double(), b.double(), eps=1e-6)) <= 1e-6
+    x_new, h = fused.residual_layer_norm_modulate(x, y, None, mul, add, 1e-6)
+    ref = F.layer_norm(x.double() + y.double(), (1536,), eps=1e-6) * (1 + mul.double()[:, None]) + add.double()[:, None]
+    assert _rel(h, ref) <= 1e-6
+    xr = x.double().view(150, -1) + y.double().view(150, -1) * add.double()[gi]
+    assert _rel(fused.gated_residual(x.view(1, 150, -1), y.view(1, 150, -1), add, gi).view(150, -1), xr) <= 1e-6
+
     qkv = torch.randn(2, 40, 3, 12, 128, device="cuda", generator=gen)
     gamma = torch.rand(12, 128, device="cuda", generator=gen) + 0.5
     rope = rope_phases(torch.randint(0, 64, (40, 3), device="cuda"), 128)

@@ -116,7 +116,7 @@ def tile_layout(nbr: torch.Tensor, bm: int, sort_rows: bool = True) -> TileLayou
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "P"])  # voxel counts vary per call: no recompiles
     def _subm_conv_kernel(
         feats_ptr, w_ptr, bias_ptr, out_ptr,
         nbr_ptr, rows_ptr, offs_ptr, cnt_ptr,

@@ -7,9 +7,10 @@ Block (``ModulatedTransformerCrossBlock``; the sparse model uses the same block 
     x += gate_mlp * MLP(norm3(x) * (1 + scale_mlp) + shift_mlp)
 norm1/norm3: LayerNorm without affine, norm2: affine; all eps 1e-6, computed in fp32.
 
-On CUDA with Triton (``fused.fused_enabled``) the same block runs with fused kernels: LayerNorm
-and modulation in one pass, gated residuals as one ``addcmul``, the MLP's GELU in the GEMM
-epilogue (fp16/bf16); results agree with the PyTorch path to half-precision rounding.
+On CUDA with Triton (``fused.fused_enabled``) the same block runs with fused kernels: each
+residual add (gated or not) together with the following LayerNorm and modulation in one pass,
+q/k RMS norm + RoPE in one pass, the MLP's GELU in the GEMM epilogue (fp16/bf16); results agree
+with the PyTorch path to half-precision rounding (one rounding where the reference has several).
 """
 from typing import Any, Optional
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .attention import MultiHeadAttention, TokenLayout
-from .fused import fused_enabled, layer_norm_modulate
+from .fused import fused_enabled, gated_residual, layer_norm_modulate, residual_layer_norm_modulate
 from .norm import LayerNorm32
 
 __all__ = ["FeedForwardNet", "ModulatedTransformerCrossBlock"]
@@ -148,17 +149,12 @@ class ModulatedTransformerCrossBlock(nn.Module):
         """The same block with fused kernels (CUDA + Triton); same arguments and hook semantics."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._modulation(mod)
         rows = None if layout is None else layout.batch_index
-
-        def per_row(c):
-            return c.unsqueeze(1) if layout is None else layout.per_row(c)
-
         h = layer_norm_modulate(x, scale_msa, shift_msa, self.norm1.eps, 1.0, rows)
-        x = torch.addcmul(x, self.self_attn(h, rope=rope, layout=layout), per_row(gate_msa))
-        h = layer_norm_modulate(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, 0.0)
+        attn = self.self_attn(h, rope=rope, layout=layout)
+        x, h = residual_layer_norm_modulate(x, attn, gate_msa, self.norm2.weight, self.norm2.bias,
+                                            self.norm2.eps, 0.0, rows)
         branch = self.cross_attn(h, context, layout=layout)
         if self.knowledge_attn is not None and knowledge_ctx is not None:
-            x = x + branch + self._knowledge_delta(x, knowledge_ctx, sparse)
-        else:
-            x = x + branch
-        h = layer_norm_modulate(x, scale_mlp, shift_mlp, self.norm3.eps, 1.0, rows)
-        return torch.addcmul(x, self.mlp(h), per_row(gate_mlp))
+            branch = branch + self._knowledge_delta(x, knowledge_ctx, sparse)
+        x, h = residual_layer_norm_modulate(x, branch, None, scale_mlp, shift_mlp, self.norm3.eps, 1.0, rows)
+        return gated_residual(x, self.mlp(h), gate_mlp, rows)

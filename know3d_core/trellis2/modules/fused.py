@@ -1,9 +1,10 @@
 """Fused elementwise kernels of the flow DiT blocks (Triton, CUDA only) and the switch for them.
 
 Each kernel replaces a chain of PyTorch ops that each read and write the whole token tensor:
-- :func:`layer_norm_modulate`: ``LayerNorm(x) * (offset + mul[g]) + add[g]`` per row, fp32 math,
-  one read of x and one write (the block's ``norm1/norm3`` + adaLN modulation, and ``norm2``
-  with its affine weight/bias);
+- :func:`residual_layer_norm_modulate`: the gated residual ``x + y * gate[g]`` and then
+  ``LayerNorm(.) * (offset + mul[g]) + add[g]`` per row, fp32 math, one pass writing both the new
+  residual stream and the normalised input of the next sub-layer (the block's ``norm1/norm3`` +
+  adaLN modulation, ``norm2`` with its affine weight/bias, and the residual adds before them);
 - :func:`qk_norm_rope`: per-head RMS norm times gamma, then the RoPE rotation, on queries or
   keys read straight out of the fused qkv projection, one write in ``[.., L, H, D]`` layout.
 Both compute in fp32 and round once, where the reference rounds after every op; results agree with
@@ -27,7 +28,10 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
 
-__all__ = ["fused_enabled", "use_fused_kernels", "layer_norm_modulate", "qk_norm_rope"]
+__all__ = [
+    "fused_enabled", "use_fused_kernels", "layer_norm_modulate", "residual_layer_norm_modulate", "gated_residual",
+    "qk_norm_rope",
+]
 
 _state = {"enabled": True}
 
@@ -50,55 +54,59 @@ def use_fused_kernels(enabled: bool) -> Iterator[None]:
 
 if triton is not None:
 
-    @triton.jit
-    def _ln_modulate_kernel(
-        x_ptr, out_ptr, mul_ptr, add_ptr, group_ptr,
-        C, rows_per_group, mul_stride, add_stride, eps, offset,
-        GROUP_INDEX: tl.constexpr, BLOCK_C: tl.constexpr,
+    @triton.jit(do_not_specialize=["src_row_stride", "rope_rows"])
+    def _qk_norm_rope_kernel(
+        src_ptr, out_ptr, gamma_ptr, rope_ptr,
+        src_row_stride, H, rope_rows, eps,
+        D: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, D)[None, :]
+        ok = (h < H) & (d < D)
+        x = tl.load(src_ptr + t.to(tl.int64) * src_row_stride + h * D + d, mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+            x = x * r * tl.load(gamma_ptr + h * D + d, mask=ok, other=0.0).to(tl.float32)
+        if ROPE:
+            x0, x1 = tl.split(tl.reshape(x, (BLOCK_H, D // 2, 2)))
+            i = tl.arange(0, D // 2)
+            rp = rope_ptr + (t % rope_rows).to(tl.int64) * D + 2 * i
+            c = tl.load(rp)[None, :]
+            s = tl.load(rp + 1)[None, :]
+            x = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (BLOCK_H, D))
+        tl.store(out_ptr + t.to(tl.int64) * (H * D) + h * D + d, x.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit(do_not_specialize=["rows_per_group"])
+    def _residual_ln_kernel(
+        x_ptr, y_ptr, gate_ptr, xout_ptr, out_ptr, mul_ptr, add_ptr, group_ptr,
+        C, rows_per_group, gate_stride, mul_stride, add_stride, eps, offset,
+        RESIDUAL: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, GROUP_INDEX: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         ok = cols < C
-        x = tl.load(x_ptr + row.to(tl.int64) * C + cols, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / C
-        xc = tl.where(ok, x - mean, 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
+        at = row.to(tl.int64) * C + cols
         if GROUP_INDEX:
             g = tl.load(group_ptr + row)
         else:
             g = row // rows_per_group
-        mul = tl.load(mul_ptr + g * mul_stride + cols, mask=ok, other=0.0).to(tl.float32)
-        add = tl.load(add_ptr + g * add_stride + cols, mask=ok, other=0.0).to(tl.float32)
-        y = xc * rstd * (offset + mul) + add
-        tl.store(out_ptr + row.to(tl.int64) * C + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _qk_norm_rope_kernel(
-        src_ptr, out_ptr, gamma_ptr, rope_ptr,
-        src_row_stride, H, rope_rows, eps,
-        HALF_D: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-    ):
-        t = tl.program_id(0)
-        h = tl.arange(0, BLOCK_H)[:, None]
-        i = tl.arange(0, HALF_D)[None, :]
-        ok = (h < H) & (i < HALF_D)
-        base = src_ptr + t.to(tl.int64) * src_row_stride + h * (2 * HALF_D) + 2 * i
-        x0 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
-        x1 = tl.load(base + 1, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y = tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            if GATE:
+                y = y * tl.load(gate_ptr + g * gate_stride + cols, mask=ok, other=0.0).to(tl.float32)
+            xr = (x + y).to(xout_ptr.dtype.element_ty)
+            tl.store(xout_ptr + at, xr, mask=ok)
+            x = xr.to(tl.float32)  # normalise the rounded residual stream, as the unfused ops do
         if NORM:
-            ms = (tl.sum(x0 * x0, axis=1) + tl.sum(x1 * x1, axis=1)) / (2 * HALF_D)
-            r = tl.rsqrt(ms + eps)[:, None]
-            g = gamma_ptr + h * (2 * HALF_D) + 2 * i
-            x0 = x0 * r * tl.load(g, mask=ok, other=0.0)
-            x1 = x1 * r * tl.load(g + 1, mask=ok, other=0.0)
-        if ROPE:
-            rp = rope_ptr + (t % rope_rows).to(tl.int64) * (2 * HALF_D) + 2 * i
-            c = tl.load(rp)
-            s = tl.load(rp + 1)
-            x0, x1 = x0 * c - x1 * s, x0 * s + x1 * c
-        dst = out_ptr + t.to(tl.int64) * (H * 2 * HALF_D) + h * (2 * HALF_D) + 2 * i
-        tl.store(dst, x0.to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + 1, x1.to(out_ptr.dtype.element_ty), mask=ok)
+            mean = tl.sum(x, axis=0) / C
+            xc = tl.where(ok, x - mean, 0.0)
+            rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
+            mul = tl.load(mul_ptr + g * mul_stride + cols, mask=ok, other=0.0).to(tl.float32)
+            add = tl.load(add_ptr + g * add_stride + cols, mask=ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + at, (xc * rstd * (offset + mul) + add).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def layer_norm_modulate(
@@ -112,31 +120,73 @@ def layer_norm_modulate(
     """``LayerNorm(x) * (offset + mul[g]) + add[g]`` (no LN affine), fp32 math, x's dtype out.
 
     Args:
-        x: ``[B, L, C]`` (CUDA, contiguous rows).
+        x: ``[B, L, C]`` (CUDA).
         mul, add: ``[G, C]`` per group (``[C]`` for one shared row, e.g. an affine LN weight/bias).
         group_index: ``[B*L]`` int group of each row; None: rows are in ``G`` equal consecutive groups
             (``[B, L, C]`` with per-sample ``[B, C]`` modulation) or all share row 0 when ``[C]``.
     Returns:
         ``[B, L, C]``.
     """
+    return residual_layer_norm_modulate(x, None, None, mul, add, eps, offset, group_index)[1]
+
+
+def gated_residual(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, group_index: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``x + y * gate[g]`` in one pass (fp32 math, one rounding); shapes as in
+    :func:`residual_layer_norm_modulate`."""
+    return residual_layer_norm_modulate(x, y, gate, None, None, 0.0, 0.0, group_index)[0]
+
+
+def residual_layer_norm_modulate(
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    mul: Optional[torch.Tensor],
+    add: Optional[torch.Tensor],
+    eps: float,
+    offset: float = 1.0,
+    group_index: Optional[torch.Tensor] = None,
+):
+    """``x' = x + y * gate[g]`` (y None: ``x' = x``; gate None: no gate), then
+    ``h = LayerNorm(x') * (offset + mul[g]) + add[g]``; one pass, fp32 math.
+
+    x, y: ``[B, L, C]``; gate ``[G, C]`` like mul/add (see :func:`layer_norm_modulate`);
+    mul/add None: no norm (h is None).
+    Returns ``(x' [B, L, C], h [B, L, C])`` in x's dtype (x' is x itself when y is None).
+    """
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    out = torch.empty_like(x2)
+    norm = mul is not None
+    out = torch.empty_like(x2) if norm else x2
+    if not norm:  # placeholders, never read
+        mul = add = x2[:1] if gate is None else gate
+    if y is not None:
+        y2 = y.reshape(-1, C)
+        if not y2.is_contiguous():
+            y2 = y2.contiguous()
+        x_out = torch.empty_like(x2)
+    else:
+        y2, x_out = x2, x2
     mul2, add2 = mul.reshape(-1, C), add.reshape(-1, C)
-    groups = mul2.shape[0]
-    shared = groups == 1 and group_index is None
+    gate2 = gate.reshape(-1, C) if gate is not None else mul2
+    groups = max(mul2.shape[0], gate2.shape[0])
+
+    def stride(t):
+        return 0 if t.shape[0] == 1 else t.stride(0)
+
     if rows:
-        _ln_modulate_kernel[(rows,)](
-            x2, out, mul2, add2, group_index if group_index is not None else x2,
-            C, max(1, rows // groups), 0 if shared else mul2.stride(0), 0 if shared else add2.stride(0),
-            float(eps), float(offset),
-            GROUP_INDEX=group_index is not None, BLOCK_C=triton.next_power_of_2(C),
-            num_warps=4 if C <= 2048 else 8,
+        _residual_ln_kernel[(rows,)](
+            x2, y2, gate2, x_out, out, mul2, add2, group_index if group_index is not None else x2,
+            C, max(1, rows // groups), stride(gate2), stride(mul2), stride(add2), float(eps), float(offset),
+            RESIDUAL=y is not None, GATE=gate is not None, NORM=norm, GROUP_INDEX=group_index is not None,
+            BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 2048 else 8,
         )
-    return out.view(x.shape)
+    x_new = x if y is None else x_out.view(x.shape)
+    return x_new, (out.view(x.shape) if norm else None)
 
 
 def qk_norm_rope(
@@ -171,7 +221,7 @@ def qk_norm_rope(
         _qk_norm_rope_kernel[(T,)](
             src, out, gamma if gamma is not None else src, rope_real,
             src.stride(1), H, rope_rows, float(eps),
-            HALF_D=D // 2, BLOCK_H=triton.next_power_of_2(H), NORM=gamma is not None, ROPE=rope is not None,
+            D=D, BLOCK_H=triton.next_power_of_2(H), NORM=gamma is not None, ROPE=rope is not None,
             num_warps=4,
         )
     return out
