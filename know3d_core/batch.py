@@ -30,11 +30,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from . import fileio
 
 __all__ = [
     "IMAGE_EXTENSIONS", "TMP_PREFIX", "RECORD_NAME", "NORMALS_NAME", "SUMMARY_NAME", "CONTACT_SHEET_NAME",
@@ -230,13 +231,6 @@ def remove_stale_tmp(out_dir: str, ids: Optional[Iterable[str]] = None, file_age
     return removed
 
 
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _fsync_dir(path: str) -> None:
     if os.name != "posix":
         return
@@ -254,21 +248,7 @@ def _fsync_dir(path: str) -> None:
 
 def atomic_write_bytes(path: str, data: bytes) -> str:
     """Write ``data`` to a temporary file in ``path``'s folder, then ``os.replace`` it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.path.basename(path)}-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp files are private; outputs follow the umask
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return fileio.atomic_write_bytes(path, data, tmp_prefix=f"{TMP_PREFIX}{os.path.basename(path)}-")
 
 
 def atomic_write_text(path: str, text: str) -> str:

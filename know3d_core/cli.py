@@ -431,7 +431,6 @@ def write_outputs(result, folder: str, fmt: str, record: Dict[str, Any], normals
     meta = {"generator": f"know3d {__version__}", "prompt": record.get("inputs", {}).get("prompt"),
             "seed": record.get("inputs", {}).get("seed")}
     mesh_path = save_mesh(mesh, os.path.join(folder, mesh_name), fmt, metadata=meta)
-    os.chmod(mesh_path, 0o666 & ~batchlib.current_umask())  # save_mesh's temporary file is private (0600)
     back = getattr(result, "back_image", None)
     if back is not None:
         batchlib.atomic_write_bytes(os.path.join(folder, BACK_NAME), _png_bytes(back))

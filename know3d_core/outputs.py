@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
+
+from .fileio import write_temp_file
 
 __all__ = ["UnsafeSaveName", "SavedFile", "split_save_name", "next_counter", "write_new_file"]
 
@@ -113,12 +114,8 @@ def write_new_file(output_dir: str, name: str, ext: str, data: bytes, max_tries:
     os.makedirs(folder, exist_ok=True)
     if not _inside(output_dir, folder):
         raise UnsafeSaveName(f"save name {name!r} resolves outside the output folder {output_dir}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    tmp = write_temp_file(folder, f".{base}.", data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         counter = next_counter(folder, base)
         for _ in range(max_tries):
             filename = f"{base}_{counter:05d}_.{ext}"

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Optional
 
 import numpy as np
 
 from .types import Mesh
+from ..fileio import atomic_write_bytes
 
 __all__ = ["FORMATS", "save_mesh", "mesh_bytes", "z_up_to_y_up", "y_up_to_z_up"]
 
@@ -116,17 +116,5 @@ def save_mesh(
     """
     fmt = file_format or os.path.splitext(path)[1]
     data = mesh_bytes(mesh, fmt, metadata, y_up)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
     return path
