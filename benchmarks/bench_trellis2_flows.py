@@ -163,6 +163,7 @@ def main(argv=None) -> int:
                    help="block dtype (default: bfloat16; float32 with --tiny, CPU bf16 is slow)")
     p.add_argument("--sdpa", default="default", choices=["default", *SDPA_BACKENDS],
                    help="force one torch SDPA kernel (default: torch's own choice)")
+    p.add_argument("--no-fused", action="store_true", help="run the blocks' PyTorch path (Triton kernels off)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--cases", default=None, help="comma-separated subset of case names")
@@ -182,6 +183,13 @@ def main(argv=None) -> int:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         ctx = sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[args.sdpa]))
     rows, models = [], {}
+    if args.no_fused:
+        from know3d_core.trellis2.modules.fused import use_fused_kernels
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(use_fused_kernels(False))
+        if args.sdpa != "default":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            ctx.enter_context(sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[args.sdpa])))
     with ctx:
         for case in cases:
             rows.append(run_case(case, args.tiny, args.dtype, device, args.warmup, args.repeats, models))
@@ -193,6 +201,7 @@ def main(argv=None) -> int:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "sdpa": args.sdpa, "tiny": args.tiny,
+        "fused": not args.no_fused,
         "warmup": args.warmup, "repeats": args.repeats, "rows": rows,
     }
     if args.out:

@@ -26,9 +26,11 @@ from know3d_core.sparse import SparseTensor  # noqa: E402
 from know3d_core.trellis2.modules.fused import use_fused_kernels  # noqa: E402
 
 CATEGORIES = [  # first match wins, on the lower-cased kernel name
+    ("sparse conv (Triton)", ("_subm_conv",)),
+    ("sort/search (neighbour maps)", ("sort", "search", "radix", "scan")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemm", ("gemm", "sm90_xmma", "cutlass", "matmul", "nvjet", "cublas")),
-    ("norm/rope/mod (fused)", ("_ln_modulate", "_qk_norm_rope")),
+    ("norm/rope/mod (fused)", ("_residual_ln", "_qk_norm_rope")),
     ("layer/rms norm", ("layer_norm", "rms", "norm")),
     ("elementwise/copy", ("elementwise", "vectorized", "copy", "cast", "unrolled", "reduce", "cat", "index")),
 ]
@@ -99,6 +101,81 @@ def profile_case(case, models, fused: bool, steps: int = 3) -> dict:
             "top": [{"kernel": k[:110], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
 
 
+def _summarise(prof, steps: int) -> dict:
+    kernels = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us and ev.key and not ev.key.startswith("aten::"):
+            kernels[ev.key] = {"us": us / steps, "calls": ev.count / steps}
+    cats: dict = {}
+    for k, v in kernels.items():
+        cats[categorise(k)] = cats.get(categorise(k), 0.0) + v["us"]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:15]
+    return {"kernel_ms": sum(v["us"] for v in kernels.values()) / 1e3,
+            "categories_ms": {c: round(u / 1e3, 2) for c, u in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": k[:110], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
+
+
+def host_check() -> dict:
+    """Host cost of one launch (us): a fused Triton kernel, small torch ops, SDPA; and the top
+    CPU ops (self time) of one sparse-structure forward at B=1."""
+    from know3d_core.trellis2.modules import fused
+    x = torch.randn(2, 16, 1536, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1536, device="cuda")
+    q = torch.randn(1, 12, 64, 128, device="cuda", dtype=torch.bfloat16)
+    lin = torch.nn.Linear(1536, 1536, device="cuda", dtype=torch.bfloat16)
+    import time
+    cases = {
+        "triton residual_ln": lambda: fused.layer_norm_modulate(x, w, w, 1e-6, 0.0),
+        "triton qk pair": lambda: fused.qk_norm_rope_pair(q.transpose(1, 2), q.transpose(1, 2), w.view(12, 128),
+                                                           w.view(12, 128), None, 1e-6),
+        "torch add": lambda: x + x,
+        "torch addcmul": lambda: torch.addcmul(x, x, x[:, :1]),
+        "nn.Linear": lambda: lin(x),
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q),
+    }
+    out = {}
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        out[name] = round((time.perf_counter() - t0) / 500 * 1e6, 1)
+        torch.cuda.synchronize()
+    print("host us per call:", out, flush=True)
+    return out
+
+
+def decoder_profile() -> dict:
+    """Kernel categories of one shape-decoder forward (20k tokens on 64^3 -> 1024, fp16)."""
+    from benchmarks.bench_shape_decoder import SHAPE_FULL, init_random, sphere_shell_tokens
+    from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder
+    model = init_random(FlexiDualGridVaeDecoder(**SHAPE_FULL).cuda())
+    model.convert_to(torch.float16)
+    coords = sphere_shell_tokens(64, 20000, "cuda")
+    feats = torch.randn(coords.shape[0], 32, device="cuda")
+    model.set_resolution(1024)
+
+    def fwd():
+        return model(SparseTensor(feats, coords, (64,) * 3, batch_size=1))
+
+    fwd()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd()
+        torch.cuda.synchronize()
+    r = _summarise(prof, 1)
+    print(f"\n== shape decoder 1024 fp16: kernels {r['kernel_ms']:.1f} ms")
+    for c, ms in r["categories_ms"].items():
+        print(f"   {c:<28} {ms:8.2f} ms")
+    for k in r["top"][:12]:
+        print(f"   {k['ms']:8.3f} ms {k['calls']:6.0f}x  {k['kernel']}")
+    return r
+
+
 def sdpa_check() -> list[dict]:
     """Median ms of SDPA per backend at the flows' attention shapes (bf16, D=128, 12 heads)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -148,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default="ss B=2,shape N=20k")
     p.add_argument("--no-fused", action="store_true", help="also profile with the Triton kernels switched off")
     p.add_argument("--sdpa-check", action="store_true")
+    p.add_argument("--host-check", action="store_true", help="host cost per launch of small ops")
+    p.add_argument("--decoder", action="store_true", help="also profile the shape decoder (1024, fp16)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     names = args.cases.split(",")
@@ -167,6 +246,10 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()
     if args.sdpa_check:
         result["sdpa"] = sdpa_check()
+    if args.host_check:
+        result["host_us"] = host_check()
+    if args.decoder:
+        result["decoder"] = decoder_profile()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -111,11 +111,30 @@ def build_neighbour_map(
         return nbr
     sorted_keys, order = torch.sort(keys)
     order = order.to(torch.int32)
-    for v, delta in enumerate(deltas):
-        target = keys + delta
-        pos = torch.searchsorted(sorted_keys, target).clamp_(max=N - 1)
-        nbr[:, v] = torch.where(sorted_keys[pos] == target, order[pos], N)
+    if dilation != 1 or kernel_size != 3:
+        for v, delta in enumerate(deltas):
+            _lookup_sorted(sorted_keys, order, keys + delta, N, nbr[:, v])
+        return nbr
+    # 3x3x3: one binary search per (dx, dy) column; the z neighbours of the found slot are the
+    # adjacent sorted keys (keys are integers, so nothing lies between key - 1, key and key + 1)
+    sentinel = torch.cat([sorted_keys, sorted_keys.new_full((1,), -1)])  # index N never matches
+    for c in range(9):
+        centre = keys + deltas[3 * c + 1]
+        pos = torch.searchsorted(sorted_keys, centre)  # first slot with key >= centre
+        hit = sentinel[pos] == centre
+        for dz, cand in ((-1, pos - 1), (0, pos), (1, pos + hit.long())):
+            cand = torch.where(cand < 0, N, cand)
+            _lookup_sorted(sentinel, order, centre + dz, N, nbr[:, 3 * c + 1 + dz], cand)
     return nbr
+
+
+def _lookup_sorted(sorted_keys, order, target, N: int, out: torch.Tensor, pos: Optional[torch.Tensor] = None):
+    """``out[i] = order[j]`` where ``sorted_keys[j] == target[i]``, else N (``pos``: the candidate j,
+    default a binary search)."""
+    if pos is None:
+        pos = torch.searchsorted(sorted_keys[:N], target).clamp_(max=N - 1)
+    match = sorted_keys[pos] == target
+    out.copy_(torch.where(match, order[pos.clamp(max=N - 1)], N))
 
 
 class NeighbourMap:

@@ -72,8 +72,8 @@ class TileLayout:
 
     Attributes:
         bm: rows per tile. num_tiles: T = ceil(N / bm).
-        rows: ``[T*bm]`` int32, original row of each sorted position (N = padding).
-        nbr: ``[K, T*bm]`` int32, ``nbr[v, p]`` = neighbour v of row ``rows[p]`` (N = missing).
+        rows: ``[N]`` int32, original row of each sorted position.
+        nbr: ``[K, N]`` int32, ``nbr[v, p]`` = neighbour v of row ``rows[p]`` (N = missing).
         offsets: ``[T, K]`` int32, per tile the offsets some row of it has, ascending, then padding.
         counts: ``[T]`` int32, how many entries of ``offsets`` are real.
     """
@@ -95,23 +95,28 @@ def tile_layout(nbr: torch.Tensor, bm: int, sort_rows: bool = True) -> TileLayou
     """Build the :class:`TileLayout` of a neighbour map ``nbr [N, K]`` (missing = N).
 
     ``sort_rows=False`` keeps the original row order (tiles then visit nearly every offset).
+    Temporaries stay at ``[N]`` ints apart from the ``[K, N]`` result (no ``[N, K]`` int64 masks).
     """
     N, K = nbr.shape
     device = nbr.device
     T = -(-N // bm)
-    valid = nbr < N  # [N, K]
-    if sort_rows:
-        bits = (valid.to(torch.int64) << torch.arange(K, device=device)).sum(1)
+    if sort_rows and K <= 31:
+        bits = torch.zeros(N, dtype=torch.int32, device=device)  # bit v: neighbour v exists
+        for v in range(K):
+            bits |= (nbr[:, v] < N).to(torch.int32) << v
         order = torch.sort(bits, stable=True).indices
-    else:
+    else:  # kernels larger than 3 (K > 31 bits) keep the row order
         order = torch.arange(N, device=device)
-    pad = T * bm - N
-    rows = torch.cat([order.to(torch.int32), torch.full((pad,), N, dtype=torch.int32, device=device)])
-    nbr_sorted = torch.cat([nbr[order], torch.full((pad, K), N, dtype=nbr.dtype, device=device)])
-    active = (nbr_sorted < N).view(T, bm, K).any(1)  # [T, K]
+    rows = order.to(torch.int32)
+    nbr_sorted = torch.index_select(nbr.t(), 1, order).to(torch.int32)  # [K, N]
+    present = torch.zeros(T * bm, dtype=torch.bool, device=device)
+    active = torch.empty(T, K, dtype=torch.bool, device=device)
+    for v in range(K):
+        present[:N] = nbr_sorted[v] < N
+        active[:, v] = present.view(T, bm).any(1)
     counts = active.sum(1).to(torch.int32)
     offsets = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
-    return TileLayout(bm, T, rows, nbr_sorted.t().contiguous().to(torch.int32), offsets.contiguous(), counts)
+    return TileLayout(bm, T, rows, nbr_sorted, offsets.contiguous(), counts)
 
 
 if triton is not None:
@@ -127,6 +132,7 @@ if triton is not None:
         pid_n = tl.program_id(0)  # fastest: the column tiles of one row tile run together (L2 reuse)
         pid_m = tl.program_id(1)
         pos = pid_m * BM + tl.arange(0, BM)
+        in_range = pos < N  # the last tile is partial
         cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < Co
         kk = tl.arange(0, BK)
@@ -138,7 +144,7 @@ if triton is not None:
             i = it // n_kc
             kc = it - i * n_kc
             v = tl.load(offs_ptr + pid_m * K + i)
-            src = tl.load(nbr_ptr + v * P + pos)
+            src = tl.load(nbr_ptr + v * P + pos, mask=in_range, other=N)
             present = src < N
             ks = kc * BK + kk
             k_ok = ks < Ci
@@ -151,7 +157,7 @@ if triton is not None:
                 acc = tl.dot(a, b, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        rows = tl.load(rows_ptr + pos)
+        rows = tl.load(rows_ptr + pos, mask=in_range, other=N)
         ptrs = out_ptr + rows.to(tl.int64)[:, None] * Co + cols[None, :]
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < N)[:, None] & col_ok[None, :])
 

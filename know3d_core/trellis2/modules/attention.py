@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...sparse import varlen_attention
-from .fused import fused_enabled, qk_norm_rope
+from .fused import fused_enabled, qk_norm_rope_pair
 from .norm import MultiHeadRMSNorm
 from .rope import apply_rope
 
@@ -169,7 +169,8 @@ class MultiHeadAttention(nn.Module):
         gq = self.q_rms_norm.gamma if self.qk_rms_norm else None
         gk = self.k_rms_norm.gamma if self.qk_rms_norm else None
         eps = self.q_rms_norm.eps if self.qk_rms_norm else 0.0
-        return qk_norm_rope(q, gq, rope, eps), qk_norm_rope(k, gk, rope, eps), v
+        q, k = qk_norm_rope_pair(q, k, gq, gk, rope, eps)
+        return q, k, v
 
 
 def _pow2(n: int) -> bool:

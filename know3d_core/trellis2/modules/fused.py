@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 __all__ = [
     "fused_enabled", "use_fused_kernels", "layer_norm_modulate", "residual_layer_norm_modulate", "gated_residual",
-    "qk_norm_rope",
+    "qk_norm_rope", "qk_norm_rope_pair",
 ]
 
 _state = {"enabled": True}
@@ -54,53 +54,65 @@ def use_fused_kernels(enabled: bool) -> Iterator[None]:
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["src_row_stride", "rope_rows"])
+    # Flags are run-time ints (not constexpr, not specialised): one compiled kernel serves every
+    # call site, so a fresh process compiles two kernels in all.
+    @triton.jit(do_not_specialize=["Ta", "stride_a", "stride_b", "rope_rows", "use_norm", "use_rope"])
     def _qk_norm_rope_kernel(
-        src_ptr, out_ptr, gamma_ptr, rope_ptr,
-        src_row_stride, H, rope_rows, eps,
-        D: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+        a_ptr, a_out, ga_ptr, b_ptr, b_out, gb_ptr, rope_ptr,
+        Ta, stride_a, stride_b, H, rope_rows, eps, use_norm, use_rope,
+        D: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
-        t = tl.program_id(0)
+        pid = tl.program_id(0)
+        if pid < Ta:  # rows of the first tensor (queries), then of the second (keys)
+            t = pid
+            src = a_ptr + t.to(tl.int64) * stride_a
+            dst = a_out + t.to(tl.int64) * (H * D)
+            gamma = ga_ptr
+        else:
+            t = pid - Ta
+            src = b_ptr + t.to(tl.int64) * stride_b
+            dst = b_out + t.to(tl.int64) * (H * D)
+            gamma = gb_ptr
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, D)[None, :]
         ok = (h < H) & (d < D)
-        x = tl.load(src_ptr + t.to(tl.int64) * src_row_stride + h * D + d, mask=ok, other=0.0).to(tl.float32)
-        if NORM:
+        x = tl.load(src + h * D + d, mask=ok, other=0.0).to(tl.float32)
+        if use_norm != 0:
             r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-            x = x * r * tl.load(gamma_ptr + h * D + d, mask=ok, other=0.0).to(tl.float32)
-        if ROPE:
+            x = x * r * tl.load(gamma + h * D + d, mask=ok, other=0.0).to(tl.float32)
+        if use_rope != 0:
             x0, x1 = tl.split(tl.reshape(x, (BLOCK_H, D // 2, 2)))
             i = tl.arange(0, D // 2)
             rp = rope_ptr + (t % rope_rows).to(tl.int64) * D + 2 * i
             c = tl.load(rp)[None, :]
             s = tl.load(rp + 1)[None, :]
             x = tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (BLOCK_H, D))
-        tl.store(out_ptr + t.to(tl.int64) * (H * D) + h * D + d, x.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + h * D + d, x.to(dst.dtype.element_ty), mask=ok)
 
-    @triton.jit(do_not_specialize=["rows_per_group"])
+    @triton.jit(do_not_specialize=["rows_per_group", "gate_stride", "mul_stride", "add_stride",
+                                   "residual", "use_gate", "norm", "use_index"])
     def _residual_ln_kernel(
         x_ptr, y_ptr, gate_ptr, xout_ptr, out_ptr, mul_ptr, add_ptr, group_ptr,
         C, rows_per_group, gate_stride, mul_stride, add_stride, eps, offset,
-        RESIDUAL: tl.constexpr, GATE: tl.constexpr, NORM: tl.constexpr, GROUP_INDEX: tl.constexpr,
+        residual, use_gate, norm, use_index,
         BLOCK_C: tl.constexpr,
     ):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_C)
         ok = cols < C
         at = row.to(tl.int64) * C + cols
-        if GROUP_INDEX:
-            g = tl.load(group_ptr + row)
-        else:
-            g = row // rows_per_group
+        g = row // rows_per_group
+        if use_index != 0:
+            g = tl.load(group_ptr + row).to(tl.int32)
         x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
-        if RESIDUAL:
+        if residual != 0:
             y = tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            if GATE:
+            if use_gate != 0:
                 y = y * tl.load(gate_ptr + g * gate_stride + cols, mask=ok, other=0.0).to(tl.float32)
             xr = (x + y).to(xout_ptr.dtype.element_ty)
             tl.store(xout_ptr + at, xr, mask=ok)
             x = xr.to(tl.float32)  # normalise the rounded residual stream, as the unfused ops do
-        if NORM:
+        if norm != 0:
             mean = tl.sum(x, axis=0) / C
             xc = tl.where(ok, x - mean, 0.0)
             rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
@@ -182,7 +194,7 @@ def residual_layer_norm_modulate(
         _residual_ln_kernel[(rows,)](
             x2, y2, gate2, x_out, out, mul2, add2, group_index if group_index is not None else x2,
             C, max(1, rows // groups), stride(gate2), stride(mul2), stride(add2), float(eps), float(offset),
-            RESIDUAL=y is not None, GATE=gate is not None, NORM=norm, GROUP_INDEX=group_index is not None,
+            int(y is not None), int(gate is not None), int(norm), int(group_index is not None),
             BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 2048 else 8,
         )
     x_new = x if y is None else x_out.view(x.shape)
@@ -205,23 +217,51 @@ def qk_norm_rope(
     Returns:
         ``[B, L, H, D]`` contiguous, src's dtype.
     """
+    return qk_norm_rope_pair(src, None, gamma, None, rope, eps)[0]
+
+
+def _rows(src: torch.Tensor) -> torch.Tensor:
+    """src ``[B, L, H, D]`` with token rows at one stride and contiguous ``[H, D]`` rows."""
     B, L, H, D = src.shape
-    if src.stride(3) != 1 or src.stride(2) != D or src.stride(0) != L * src.stride(1):
+    if src.stride(3) != 1 or src.stride(2) != D or (B > 1 and src.stride(0) != L * src.stride(1)):
         src = src.contiguous()
-    out = torch.empty(B, L, H, D, dtype=src.dtype, device=src.device)
-    T = B * L
+    return src
+
+
+def qk_norm_rope_pair(
+    a: torch.Tensor,
+    b: Optional[torch.Tensor],
+    gamma_a: Optional[torch.Tensor],
+    gamma_b: Optional[torch.Tensor],
+    rope: Optional[torch.Tensor],
+    eps: float,
+):
+    """:func:`qk_norm_rope` of queries ``a`` and keys ``b`` (``[B', L', H, D]``, any lengths) in one
+    launch; the same rope (or none) and norm flag for both. Returns ``(a', b')`` (b' None if b is)."""
+    a = _rows(a)
+    B, L, H, D = a.shape
+    out_a = torch.empty(B, L, H, D, dtype=a.dtype, device=a.device)
+    Ta = B * L
+    if b is not None:
+        b = _rows(b)
+        out_b = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        Tb = b.shape[0] * b.shape[1]
+    else:
+        b, out_b, Tb = a, out_a, 0
+    norm = gamma_a is not None
     if rope is not None:
         rope_real = torch.view_as_real(rope.reshape(-1, D // 2).contiguous())
         rope_rows = rope_real.shape[0]
-        if T % rope_rows:
-            raise ValueError(f"RoPE table of {rope_rows} rows does not tile {T} tokens")
+        if Ta % rope_rows or Tb % rope_rows:
+            raise ValueError(f"RoPE table of {rope_rows} rows does not tile {Ta} / {Tb} tokens")
     else:
-        rope_real, rope_rows = src, 1
-    if T:
-        _qk_norm_rope_kernel[(T,)](
-            src, out, gamma if gamma is not None else src, rope_real,
-            src.stride(1), H, rope_rows, float(eps),
-            D=D, BLOCK_H=triton.next_power_of_2(H), NORM=gamma is not None, ROPE=rope is not None,
-            num_warps=4,
+        rope_real, rope_rows = None, 1
+    dummy = gamma_a if norm else (rope_real if rope_real is not None else a)
+    if Ta + Tb:
+        _qk_norm_rope_kernel[(Ta + Tb,)](
+            a, out_a, gamma_a if norm else dummy, b, out_b, (gamma_b if gamma_b is not None else gamma_a) if norm else dummy,
+            rope_real if rope_real is not None else dummy,
+            Ta, a.stride(1), b.stride(1), H, rope_rows, float(eps), int(norm), int(rope is not None),
+            D=D, BLOCK_H=triton.next_power_of_2(H), num_warps=4,
         )
-    return out
+    return out_a, (out_b if Tb else None)
