@@ -304,14 +304,14 @@ def _resolve_dtype(name: str, device: str):
 # --------------------------------------------------------------------------------------- pipeline
 def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
     """The real pipeline (``know3d_core.pipeline.Know3DPipeline``) from the checked files."""
-    if check.layout != "official":
-        raise UsageError(
-            f"--models {check.models_dir} holds ComfyUI single files; the headless pipeline loads the "
-            "official TRELLIS.2 layout only (pipeline.json + ckpts/ of microsoft/TRELLIS.2-4B) for now")
     from .pipeline import Know3DPipeline
 
+    if check.layout == "official":
+        trellis2 = os.path.dirname(check.path("pipeline_json"))
+    else:  # ComfyUI's single files (Comfy-Org/TRELLIS.2)
+        trellis2 = (check.path("comfy_flows"), check.path("comfy_vae"))
     return Know3DPipeline.from_pretrained(
-        os.path.dirname(check.path("pipeline_json")),
+        trellis2,
         qwen=opts.qwen if needs_qwen(opts.variant) else None,
         know3d=check.path("know3d"),
         backview_loras=(opts.lora,) if opts.lora and needs_qwen(opts.variant) else (),

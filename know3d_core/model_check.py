@@ -674,9 +674,6 @@ def check_models(
                 + ", ".join(f"{sub}/{n}" for n, sub, _ in COMFY_FILES.values()) + f" (into {models_dir})")
     else:
         check.files += _comfy_checks(models_dir, scanned, keys)
-        check.notes.append(
-            "  note: ComfyUI single files are recognised, but the headless pipeline (generate, batch) "
-            f"loads the official layout only so far: download {TRELLIS_REPO} (pipeline.json + ckpts/)")
     check.files.append(_dinov3_check(models_dir, scanned, dinov3))
     if needs_know3d(variant):
         check.files.append(_know3d_check(models_dir, variant, know3d, scanned, sigma, layers))

@@ -187,7 +187,7 @@ class Know3DPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        trellis2: Union[str, os.PathLike],
+        trellis2: Union[str, os.PathLike, Tuple[str, str]],
         qwen: Union[None, str, os.PathLike] = None,
         know3d: Union[None, str, os.PathLike] = None,
         backview_loras: Sequence[Union[str, Tuple[str, float]]] = (),
@@ -201,7 +201,8 @@ class Know3DPipeline:
         """Load everything from local files (nothing is downloaded).
 
         Args:
-            trellis2: official TRELLIS.2 folder (pipeline.json + ckpts/).
+            trellis2: official TRELLIS.2 folder (pipeline.json + ckpts/), or the pair
+                ``(diffusion_file, shape_vae_file)`` of ComfyUI's single files (Comfy-Org/TRELLIS.2).
             qwen: diffusers-format Qwen-Image-Edit-2511 folder (transformer/, vae/, text_encoder/,
                 processor/, scheduler/); None: only the ``none`` variant can run.
             know3d: Know3D checkpoint (needed by ``hidden``, ``latent``, ``image``).
@@ -209,9 +210,12 @@ class Know3DPipeline:
             dtype: compute dtype of the flows and the Qwen networks (None: the checkpoints').
             vae_image_area: pixel area of the VAE copy of the front image (default 1024^2).
         """
-        geometry = Trellis2GeometryPipeline.from_pretrained(
-            trellis2, device=device, dtype=dtype, know3d=know3d, offload=offload, dinov3=dinov3,
-            pipeline_types=pipeline_types)
+        load = Trellis2GeometryPipeline.from_pretrained
+        sources = (trellis2,)
+        if isinstance(trellis2, (tuple, list)):
+            load, sources = Trellis2GeometryPipeline.from_comfy_files, tuple(trellis2)
+        geometry = load(*sources, device=device, dtype=dtype, know3d=know3d, offload=offload, dinov3=dinov3,
+                        pipeline_types=pipeline_types)
         backview = None
         if qwen is not None:
             backview = cls._load_backview(os.fspath(qwen), dtype, torch.device("cpu") if offload else device,

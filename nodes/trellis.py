@@ -218,12 +218,8 @@ class Know3DLoadModel:
                                      f"(from {SOURCES['clip_vision']})")
                 vae = _host.full_path("vae", shape_vae, SOURCES["vae"])
                 sources.update(trellis2=flow, shape_vae=vae)
-                from_files = getattr(pipe_mod.Trellis2GeometryPipeline, "from_comfy_files", None)
-                if from_files is None:
-                    raise NotImplementedError(
-                        "Know3D: loading Comfy-Org single files needs Trellis2GeometryPipeline.from_comfy_files "
-                        "(not in this version); use the official TRELLIS.2 folder in models/trellis2")
-                pipeline = from_files(flow, vae, device="cpu", dtype=dt, know3d=know3d, dinov3=dino)
+                pipeline = pipe_mod.Trellis2GeometryPipeline.from_comfy_files(
+                    flow, vae, device="cpu", dtype=dt, know3d=know3d, dinov3=dino, decoder_dtype=_decoder_dtype())
         return (_wrap_pipeline(pipeline, sources),)
 
 

@@ -179,16 +179,37 @@ def test_bad_arguments_exit_2_with_a_one_line_reason(tmp_path, models, capsys, c
     assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")
 
 
-def test_comfy_single_files_are_refused_by_generate_with_a_reason(tmp_path, capsys):
-    from test_cli_models import _comfy
+def test_generate_runs_on_comfy_single_files(tmp_path, capsys):
+    """A --models folder holding only ComfyUI's files (diffusion file, shape VAE, clip_vision DINOv3)."""
+    import shutil
 
-    root = _comfy(tmp_path / "comfy")
-    assert cli.main(["models", "--models", root, "--variant", "none"]) == 0
-    assert "official layout only" in capsys.readouterr().out
-    code = cli.main(["generate", "--models", root, "--variant", "none", "--image", _rgba(tmp_path / "f.png"),
-                     "--prompt", "x", "--out", str(tmp_path / "o"), "--device", "cpu"])
-    lines = _stderr_lines(capsys)
-    assert code == 2 and "ComfyUI single files" in lines[-1] and "official" in lines[-1]
+    from safetensors.torch import load_file, save_file
+
+    from know3d_core.demo_models import write_demo_models, write_demo_trellis2
+    from know3d_core.trellis2.loading import read_pipeline_config, resolve_checkpoint
+
+    paths = write_demo_models(str(tmp_path / "demo"), seed=0)
+    write_demo_trellis2(paths.trellis2, seed=0, ss_resolution=16)  # the official 16^3 structure latent
+    config = read_pipeline_config(paths.trellis2)
+    sd = lambda key: load_file(resolve_checkpoint(paths.trellis2, config.models[key]) + ".safetensors")  # noqa: E731
+    root = tmp_path / "comfy_models"
+    for sub in ("diffusion_models", "vae", "clip_vision"):
+        (root / sub).mkdir(parents=True)
+    flows = {"structure_model.": "sparse_structure_flow_model", "img2shape_512.": "shape_slat_flow_model_512",
+             "img2shape.": "shape_slat_flow_model_1024"}
+    save_file({"model.diffusion_model." + p + k: v for p, key in flows.items() for k, v in sd(key).items()},
+              str(root / "diffusion_models" / "trellis_2_bf16.safetensors"))
+    save_file({p + k: v for p, key in {"struct_dec.": "sparse_structure_decoder",
+                                        "shape_dec.": "shape_slat_decoder"}.items() for k, v in sd(key).items()},
+              str(root / "vae" / "trellis_2_shape_vae_bf16.safetensors"))
+    shutil.copy(os.path.join(paths.dinov3, "model.safetensors"), root / "clip_vision" / "dino_v3_vit_l.safetensors")
+    out = tmp_path / "o"
+    code = cli.main(["generate", "--models", str(root), "--variant", "none", "--resolution", "512",
+                     "--image", _rgba(tmp_path / "f.png"), "--prompt", "x", "--out", str(out), "--device", "cpu",
+                     "--steps", "2", "--floaters", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["mesh.glb", "normals.png", "record.json"]
 
 
 def test_pipeline_failure_exits_1_with_one_line(tmp_path, models, capsys):

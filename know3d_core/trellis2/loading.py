@@ -372,7 +372,7 @@ FULL_SIZE_FLOW_CONFIGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
         "SLatFlowModel", dict(resolution=64, in_channels=64, out_channels=32, **_FLOW_COMMON)),
 }
 
-_OUTER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_OUTER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")  # ComfyUI saves vary
 
 
 def split_state_dict_by_prefix(

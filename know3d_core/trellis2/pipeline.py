@@ -246,6 +246,15 @@ def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.
 
 
 # ----------------------------------------------------------------------------------- pipeline
+def _needed_models(pipeline_types: Optional[Sequence[str]]) -> List[str]:
+    """The geometry networks the given pipeline types need (all of them for None)."""
+    keys = list(GEOMETRY_MODELS)
+    if pipeline_types is None:
+        return keys
+    needed = {k for t in pipeline_types for k in required_models(t)}
+    return [k for k in keys if k in needed]
+
+
 class Trellis2GeometryPipeline:
     """The geometry path of TRELLIS.2 over loaded networks.
 
@@ -313,28 +322,65 @@ class Trellis2GeometryPipeline:
         folder = os.fspath(folder)
         device = torch.device(device)
         config = read_pipeline_config(folder)
-        keys = list(GEOMETRY_MODELS)
-        if pipeline_types is not None:
-            needed = {k for t in pipeline_types for k in required_models(t)}
-            keys = [k for k in keys if k in needed]
+        keys = _needed_models(pipeline_types)
         home = torch.device("cpu") if offload else device
         models = load_pipeline_models(folder, keys=keys, dtype=_dtype(dtype), device=home)
+        dino_path = os.fspath(dinov3) if dinov3 is not None else _find_dinov3(folder, config)
+        return cls._assemble(models, config, device, offload, know3d, decoder_dtype, dino_path,
+                             dino_path or os.path.join(folder, DINOV3_FOLDER))
+
+    @classmethod
+    def from_comfy_files(
+        cls,
+        diffusion_file: Union[str, os.PathLike],
+        vae_file: Union[str, os.PathLike],
+        device: Union[str, torch.device] = "cuda",
+        dtype: Union[None, str, torch.dtype] = None,
+        know3d: Union[None, str, os.PathLike] = None,
+        offload: bool = False,
+        dinov3: Union[None, str, os.PathLike] = None,
+        pipeline_types: Optional[Sequence[str]] = None,
+        decoder_dtype: Union[None, str, torch.dtype] = None,
+        pipeline_config: Union[None, str, os.PathLike] = None,
+    ) -> "Trellis2GeometryPipeline":
+        """Load the single files ComfyUI users have for core's native TRELLIS.2 (Comfy-Org repack).
+
+        ``diffusion_file``: ``models/diffusion_models/trellis_2_*.safetensors`` (all flows);
+        ``vae_file``: ``models/vae/trellis_2_shape_vae_*.safetensors`` (both decoders);
+        ``dinov3``: e.g. ``models/clip_vision/dino_v3_vit_l.safetensors``. Sampler settings and the
+        shape-latent normalisation come from the official defaults unless ``pipeline_config`` names
+        a ``pipeline.json``. Other arguments as :meth:`from_pretrained`.
+        """
+        from .comfy_files import load_comfy_model_set
+
+        device = torch.device(device)
+        home = torch.device("cpu") if offload else device
+        models, config = load_comfy_model_set(os.fspath(diffusion_file), os.fspath(vae_file), device=home,
+                                              dtype=_dtype(dtype), keys=_needed_models(pipeline_types),
+                                              pipeline_config=pipeline_config)
+        dino_path = os.fspath(dinov3) if dinov3 is not None else None
+        return cls._assemble(models, config, device, offload, know3d, decoder_dtype, dino_path,
+                             dino_path or "a DINOv3 ViT-L/16 .safetensors in models/clip_vision (dinov3=...)")
+
+    @classmethod
+    def _assemble(cls, models: Dict[str, nn.Module], config: Any, device: torch.device, offload: bool,
+                  know3d: Union[None, str, os.PathLike], decoder_dtype: Union[None, str, torch.dtype],
+                  dino_path: Optional[str], dino_hint: str) -> "Trellis2GeometryPipeline":
+        """Decoder precision, Know3D checkpoint and DINOv3 on a loaded model set -> the pipeline."""
+        home = torch.device("cpu") if offload else device
         dec_dtype = _dtype(decoder_dtype) or (None if device.type == "cuda" else torch.float32)
         if dec_dtype is not None:
             for key in ("sparse_structure_decoder", "shape_slat_decoder"):
                 if key in models:
                     models[key].convert_to(dec_dtype)
-        spec = None
-        if know3d is not None:
-            spec = cls._load_know3d(models, os.fspath(know3d), home)
+        spec = cls._load_know3d(models, os.fspath(know3d), home) if know3d is not None else None
         extractor = None
-        dino_path = os.fspath(dinov3) if dinov3 is not None else _find_dinov3(folder, config)
         if dino_path is not None:
             from ..conditioning import DinoV3FeatureExtractor
 
             extractor = DinoV3FeatureExtractor.from_pretrained(dino_path, device=home)
         pipe = cls(models, config, extractor, device=device, offload=offload, know3d_spec=spec)
-        pipe._dinov3_hint = dino_path or os.path.join(folder, DINOV3_FOLDER)
+        pipe._dinov3_hint = dino_hint
         return pipe
 
     @staticmethod
