@@ -161,11 +161,11 @@ def test_tile_layout_covers_every_neighbour_once(sort_rows):
     lay = nm.tile_layout(bm, sort_rows)
     assert lay is nm.tile_layout(bm, sort_rows)  # cached
     T = lay.num_tiles
-    assert T == -(-N // bm) and N % bm and lay.rows.shape == (N,) and lay.nbr is nm.nbr
+    assert T == -(-N // bm) and N % bm and lay.rows.shape == (N,) and lay.nbr.shape == (K, N)
     assert torch.equal(lay.rows.long().sort().values, torch.arange(N))
+    assert torch.equal(lay.nbr.t(), nm.nbr[lay.rows.long()])
     for t in range(T):
-        tile_rows = lay.rows[t * bm:(t + 1) * bm].long()
-        present = (nm.nbr[tile_rows] < N).any(0).nonzero().flatten()
+        present = (lay.nbr[:, t * bm:(t + 1) * bm] < N).any(1).nonzero().flatten()
         c = int(lay.counts[t])
         assert torch.equal(lay.offsets[t, :c].long(), present)
     if sort_rows:  # grouping rows by neighbour pattern visits fewer offsets per tile than row order

@@ -290,7 +290,7 @@ def choose_algorithm(
     fill: Optional[float] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> str:
-    """Rule for ``algo="auto"`` (H100 bf16 numbers: benchmarks/results/perf_conv.log).
+    """Rule for ``algo="auto"`` (H100 bf16: benchmarks/results/perf_conv_sweep.log, perf_conv.log).
 
     - CUDA, fp16/bf16 features and Triton present: ``"implicit"`` (fastest at every size measured,
       and no gathered temporaries).

@@ -54,7 +54,7 @@ class KernelConfig:
 
 
 def kernel_config(in_channels: int, out_channels: int, dtype: torch.dtype) -> KernelConfig:
-    """Block sizes by rule (measured on an H100, benchmarks/results/perf_conv.log).
+    """Block sizes by rule (measured on an H100, benchmarks/results/perf_conv_sweep.log).
 
     BN covers the output channels up to 128 (one gather per 128 outputs), BK the input channels up
     to 64; fp32 halves BK (twice the bytes per element).
@@ -72,17 +72,16 @@ class TileLayout:
 
     Attributes:
         bm: rows per tile. num_tiles: T = ceil(N / bm).
-        nbr: the neighbour map ``[N, K]`` int32 itself (N = missing; a reference, not a copy).
-        rows: ``[N]`` int32, original row of each sorted position (tile t holds positions
-            ``[t*bm, (t+1)*bm)``).
+        rows: ``[N]`` int32, original row of each sorted position.
+        nbr: ``[K, N]`` int32, ``nbr[v, p]`` = neighbour v of row ``rows[p]`` (N = missing).
         offsets: ``[T, K]`` int32, per tile the offsets some row of it has, ascending, then padding.
         counts: ``[T]`` int32, how many entries of ``offsets`` are real.
     """
 
     bm: int
     num_tiles: int
-    nbr: torch.Tensor
     rows: torch.Tensor
+    nbr: torch.Tensor
     offsets: torch.Tensor
     counts: torch.Tensor
 
@@ -93,10 +92,10 @@ class TileLayout:
 
 
 def tile_layout(nbr: torch.Tensor, bm: int, sort_rows: bool = True) -> TileLayout:
-    """Build the :class:`TileLayout` of a neighbour map ``nbr [N, K]`` int32 (missing = N).
+    """Build the :class:`TileLayout` of a neighbour map ``nbr [N, K]`` (missing = N).
 
-    ``sort_rows=False`` (and kernels with K > 31 offsets) keep the original row order (tiles then
-    visit nearly every offset). Temporaries are ``[N]`` ints; the map is not copied.
+    ``sort_rows=False`` keeps the original row order (tiles then visit nearly every offset).
+    Temporaries stay at ``[N]`` ints apart from the ``[K, N]`` result (no ``[N, K]`` int64 masks).
     """
     N, K = nbr.shape
     device = nbr.device
@@ -105,32 +104,28 @@ def tile_layout(nbr: torch.Tensor, bm: int, sort_rows: bool = True) -> TileLayou
         bits = torch.zeros(N, dtype=torch.int32, device=device)  # bit v: neighbour v exists
         for v in range(K):
             bits |= (nbr[:, v] < N).to(torch.int32) << v
-        bits, order = torch.sort(bits, stable=True)
-
-        def present(v):
-            return (bits >> v) & 1 != 0
-    else:
+        order = torch.sort(bits, stable=True).indices
+    else:  # kernels larger than 3 (K > 31 bits) keep the row order
         order = torch.arange(N, device=device)
-
-        def present(v):
-            return nbr[:, v] < N
-    padded = torch.zeros(T * bm, dtype=torch.bool, device=device)
+    rows = order.to(torch.int32)
+    nbr_sorted = torch.index_select(nbr.t(), 1, order).to(torch.int32)  # [K, N]
+    present = torch.zeros(T * bm, dtype=torch.bool, device=device)
     active = torch.empty(T, K, dtype=torch.bool, device=device)
     for v in range(K):
-        padded[:N] = present(v)
-        active[:, v] = padded.view(T, bm).any(1)
+        present[:N] = nbr_sorted[v] < N
+        active[:, v] = present.view(T, bm).any(1)
     counts = active.sum(1).to(torch.int32)
     offsets = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
-    return TileLayout(bm, T, nbr, order.to(torch.int32), offsets.contiguous(), counts)
+    return TileLayout(bm, T, rows, nbr_sorted, offsets.contiguous(), counts)
 
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["N"])  # voxel counts vary per call: no recompiles
+    @triton.jit(do_not_specialize=["N", "P"])  # voxel counts vary per call: no recompiles
     def _subm_conv_kernel(
         feats_ptr, w_ptr, bias_ptr, out_ptr,
         nbr_ptr, rows_ptr, offs_ptr, cnt_ptr,
-        N, Ci, Co,
+        N, Ci, Co, P,
         K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -138,8 +133,6 @@ if triton is not None:
         pid_m = tl.program_id(1)
         pos = pid_m * BM + tl.arange(0, BM)
         in_range = pos < N  # the last tile is partial
-        rows = tl.load(rows_ptr + pos, mask=in_range, other=0)
-        nbr_rows = nbr_ptr + rows.to(tl.int64) * K  # this tile's rows of the [N, K] map
         cols = pid_n * BN + tl.arange(0, BN)
         col_ok = cols < Co
         kk = tl.arange(0, BK)
@@ -151,7 +144,7 @@ if triton is not None:
             i = it // n_kc
             kc = it - i * n_kc
             v = tl.load(offs_ptr + pid_m * K + i)
-            src = tl.load(nbr_rows + v, mask=in_range, other=N)
+            src = tl.load(nbr_ptr + v * P + pos, mask=in_range, other=N)
             present = src < N
             ks = kc * BK + kk
             k_ok = ks < Ci
@@ -164,8 +157,9 @@ if triton is not None:
                 acc = tl.dot(a, b, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        rows = tl.load(rows_ptr + pos, mask=in_range, other=N)
         ptrs = out_ptr + rows.to(tl.int64)[:, None] * Co + cols[None, :]
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & col_ok[None, :])
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < N)[:, None] & col_ok[None, :])
 
 
 def conv_implicit_gemm(
@@ -180,7 +174,7 @@ def conv_implicit_gemm(
     multiply in full fp32, no TF32)."""
     N, Ci = feats.shape
     Co = weight.shape[0]
-    K = layout.nbr.shape[1]
+    K = layout.nbr.shape[0]
     cfg = config or kernel_config(Ci, Co, feats.dtype)
     if cfg.BM != layout.bm:
         raise ValueError(f"tile layout was built for BM={layout.bm}, kernel config has BM={cfg.BM}")
@@ -193,7 +187,7 @@ def conv_implicit_gemm(
     _subm_conv_kernel[grid](
         feats, weight, bias if bias is not None else weight, out,
         layout.nbr, layout.rows, layout.offsets, layout.counts,
-        N, Ci, Co,
+        N, Ci, Co, layout.nbr.shape[1],
         K=K, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, HAS_BIAS=bias is not None,
         IEEE=feats.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
