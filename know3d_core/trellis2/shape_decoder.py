@@ -16,7 +16,10 @@ fp32, as in the official model.
 Inference only (``forward``/``upsample`` run under ``no_grad``). Memory: levels run one after
 another and every intermediate (features, neighbour maps held in a
 tensor's cache) is dropped as soon as the next level exists; ConvNeXt MLPs and the head run in
-row chunks, so the peak is set by the last channel-to-space block.
+row chunks, so the peak is set by the last channel-to-space block. The fp32 LayerNorms (+ SiLU)
+run as one pass each (:func:`.modules.fused_norm.layer_norm_act`: a Triton kernel on CUDA, fp32
+statistics, one rounding), in place where the input is not needed again; the C2S block normalises
+its children straight out of ``conv1``'s output (fused gather) and adds the skip rows in chunks.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..mesh.types import Mesh
-from ..sparse import SparseLinear, SparseTensor, SubMConv3d, channel_to_spatial, child_bits
+from ..sparse import NeighbourMap, SparseLinear, SparseTensor, SubMConv3d, channel_to_spatial, child_bits
+from .modules.fused_norm import layer_norm_act
 from .ovoxel import flexible_dual_grid_to_mesh
 
 __all__ = [
@@ -53,20 +57,21 @@ TINY_ARGS = {
 DEFAULT_CHUNK_ROWS = 1 << 18
 
 
-def _layer_norm32(x: torch.Tensor, norm: Optional[nn.LayerNorm], eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm over the last dim computed in fp32 (affine from ``norm`` if given), cast back."""
+def _norm(x: torch.Tensor, norm: Optional[nn.LayerNorm], silu: bool = False, eps: float = 1e-6,
+          index: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``silu?(LayerNorm32(x[index]))`` in x's dtype (affine and eps from ``norm`` if given).
+
+    x ``[M, C]``; index ``[N']`` rows (None: all); ``out`` may be ``x`` (in place, no index).
+    """
     if norm is None:
-        return F.layer_norm(x.float(), x.shape[-1:], None, None, eps).to(x.dtype)
-    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight, norm.bias, norm.eps).to(x.dtype)
+        return layer_norm_act(x, None, None, eps, silu, index, out)
+    return layer_norm_act(x, norm.weight, norm.bias, norm.eps, silu, index, out)
 
 
-def _norm_silu(x: torch.Tensor, norm: Optional[nn.LayerNorm], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
-    """``silu(layer_norm32(x))`` into a new tensor of ``x``'s dtype, in row chunks (bounded fp32 temps)."""
-    out = torch.empty_like(x)
-    for start in range(0, x.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        out[rows] = F.silu(_layer_norm32(x[rows], norm))
-    return out
+def _drop_neighbour_maps(x: SparseTensor) -> None:
+    """Remove the neighbour maps (and their tile layouts) from x's shared cache."""
+    for key in [k for k, v in x.cache.items() if isinstance(v, NeighbourMap)]:
+        del x.cache[key]
 
 
 def _check_block_args(name: str, args: Dict[str, Any], allowed: Sequence[str]) -> None:
@@ -93,10 +98,15 @@ class SparseConvNeXtBlock3d(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        h = self.conv(x).feats
+        h = self.conv(x).feats  # [N, C], owned here: normalised and then overwritten in place
+        fc1, fc2 = self.mlp[0], self.mlp[2]
         for start in range(0, h.shape[0], self.chunk_rows):
-            rows = slice(start, start + self.chunk_rows)
-            h[rows] = self.mlp(_layer_norm32(h[rows], self.norm)) + x.feats[rows]
+            rows = h[start:start + self.chunk_rows]
+            _norm(rows, self.norm, out=rows)
+            hidden = F.silu(F.linear(rows, fc1.weight, fc1.bias), inplace=True)  # [m, rC]
+            torch.addmm(fc2.bias, hidden, fc2.weight.t(), out=rows)
+            del hidden
+            rows += x.feats[start:start + self.chunk_rows]
         return x.replace(h)
 
 
@@ -129,22 +139,44 @@ class SparseResBlockC2S3d(nn.Module):
     def subdivision_logits(self, x: SparseTensor) -> torch.Tensor:
         return self.to_subdiv(x).feats
 
-    def forward(self, x: SparseTensor, subdiv: Optional[torch.Tensor] = None) -> Tuple[SparseTensor, torch.Tensor]:
+    def forward(self, x: SparseTensor, subdiv: Optional[torch.Tensor] = None,
+                release_input_maps: bool = False) -> Tuple[SparseTensor, torch.Tensor]:
+        """``release_input_maps``: drop x's cached neighbour maps once ``conv1`` has run (the
+        decoder does; a caller that convolves x again afterwards would rebuild them)."""
         if self.pred_subdiv:
             subdiv = self.subdivision_logits(x)
         if subdiv is None:
             raise ValueError("SparseResBlockC2S3d without to_subdiv needs subdiv logits [N, 8]")
         mask = subdiv > 0
-        h = self.conv1(x.replace(_norm_silu(x.feats, self.norm1)))
-        h = channel_to_spatial(h, mask)  # frees conv1's [N, 8*Co] output
-        h = self.conv2(h.replace(_norm_silu(h.feats, None)))
-        skip = channel_to_spatial(x, mask).feats  # [N', Ci/8], same rows as h
+        h = self.conv1(x.replace(_norm(x.feats, self.norm1, silu=True))).feats  # [N, 8*Co]
+        if release_input_maps:
+            _drop_neighbour_maps(x)
+        fine, src = self._children(x, mask)
+        feats = _norm(h.view(-1, self.out_channels), None, silu=True, index=src)  # [N', Co]
+        del h
+        out = self.conv2(fine.replace(feats)).feats
+        del feats
+        self._add_skip(out, x.feats, src)
+        return fine.replace(out), subdiv
+
+    @staticmethod
+    def _children(x: SparseTensor, mask: torch.Tensor) -> Tuple[SparseTensor, torch.Tensor]:
+        """Children of the set mask bits, as :func:`channel_to_spatial` orders them: the fine
+        SparseTensor (feats ``[N', 1]`` placeholder) and ``src [N']``, the row of each child in
+        the ``[N*8, C]`` view of a channel-to-space input (parent * 8 + k)."""
+        n = x.feats.shape[0] * 8
+        ids = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64, device=x.device)
+        fine = channel_to_spatial(x.replace(ids.view(-1, 8)), mask)
+        return fine, fine.feats.view(-1)
+
+    def _add_skip(self, out: torch.Tensor, feats: torch.Tensor, src: torch.Tensor) -> None:
+        """``out += skip``: child row i gets channel block k of its parent (``[N*8, Ci/8]`` view row
+        ``src[i]``), each channel repeated ``Co / (Ci/8)`` times; in row chunks."""
+        flat = feats.reshape(-1, self.channels // 8)
         repeat = self.out_channels // (self.channels // 8)
-        out = h.feats
         for start in range(0, out.shape[0], DEFAULT_CHUNK_ROWS):
-            rows = slice(start, start + DEFAULT_CHUNK_ROWS)
-            out[rows] += skip[rows].repeat_interleave(repeat, dim=1)
-        return h.replace(out), subdiv
+            stop = start + DEFAULT_CHUNK_ROWS
+            out[start:stop] += flat[src[start:stop]].repeat_interleave(repeat, dim=1)
 
 
 _BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
@@ -267,7 +299,7 @@ class FlexiDualGridVaeDecoder(nn.Module):
         for block in self.blocks[i]:
             if isinstance(block, SparseResBlockC2S3d):
                 coarse_coords, coarse_shape = h.coords, h.spatial_shape
-                h, logits = block(h)
+                h, logits = block(h, release_input_maps=True)
                 if subs is not None:
                     subs.append(SparseTensor(logits, coarse_coords, coarse_shape))  # fresh cache: no maps kept
             else:
@@ -288,11 +320,11 @@ class FlexiDualGridVaeDecoder(nn.Module):
 
     def _head(self, h: SparseTensor) -> SparseTensor:
         """Final non-affine LayerNorm (fp32) and ``output_layer``, in row chunks; fresh cache."""
-        out = torch.empty(h.feats.shape[0], self.out_channels, device=h.device, dtype=self.output_layer.weight.dtype)
+        w, b = self.output_layer.weight, self.output_layer.bias
+        out = torch.empty(h.feats.shape[0], self.out_channels, device=h.device, dtype=w.dtype)
         for start in range(0, h.feats.shape[0], DEFAULT_CHUNK_ROWS):
-            rows = slice(start, start + DEFAULT_CHUNK_ROWS)
-            z = F.layer_norm(h.feats[rows].float(), h.feats.shape[-1:], None, None, 1e-5)
-            out[rows] = F.linear(z.to(out.dtype), self.output_layer.weight, self.output_layer.bias)
+            z = layer_norm_act(h.feats[start:start + DEFAULT_CHUNK_ROWS], eps=1e-5, out_dtype=w.dtype)
+            torch.addmm(b, z, w.t(), out=out[start:start + DEFAULT_CHUNK_ROWS])
         cache = {"batch_size": h.cache["batch_size"]} if "batch_size" in h.cache else None
         return SparseTensor(out, h.coords, h.spatial_shape, cache=cache)
 

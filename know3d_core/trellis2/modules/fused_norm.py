@@ -1,0 +1,159 @@
+"""Row LayerNorm with fp32 statistics and an optional SiLU, one pass (Triton on CUDA).
+
+:func:`layer_norm_act` replaces the decoder's ``LayerNorm32`` chain ``x.float() -> layer_norm ->
+.to(x.dtype) -> silu`` (four full passes and two fp32 copies) with one kernel that reads each row
+once (optionally through a row index, i.e. a fused gather), computes mean/variance in fp32, applies
+the affine weight/bias and SiLU in fp32 and rounds once to the output dtype. Output may alias the
+input (in place) when no index is given.
+
+CUDA tensors take the kernel when :func:`.fused.fused_enabled` says so (Triton present, switch on);
+everything else runs the PyTorch ops in row chunks (bounded fp32 temporaries), rounding like the
+reference (LayerNorm rounded to the input dtype, then SiLU in that dtype). The kernel uses only
+portable ``tl`` ops, so it also runs under Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .fused import fused_enabled
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+__all__ = ["layer_norm_act", "layer_norm_act_triton", "TORCH_CHUNK_ROWS"]
+
+TORCH_CHUNK_ROWS = 1 << 18
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TILE_ELEMENTS = 4096  # rows per program = this / padded channels (C=64: 64 rows, C=1024: 4 rows)
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _layer_norm_act_kernel(
+        x_ptr, idx_ptr, w_ptr, b_ptr, out_ptr,
+        n_rows, C, x_stride, out_stride, eps,
+        HAS_INDEX: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        row_ok = rows < n_rows
+        col_ok = cols < C
+        ok = row_ok[:, None] & col_ok[None, :]
+        dst = rows.to(tl.int64)
+        if HAS_INDEX:
+            src = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            src = dst
+        x = tl.load(x_ptr + src[:, None] * x_stride + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        y = xc * rstd[:, None]
+        if AFFINE:
+            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            y = y * w[None, :] + b[None, :]
+        if SILU:
+            e = tl.exp(-tl.abs(y))  # sigmoid without overflow for either sign
+            y = y * tl.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        tl.store(out_ptr + dst[:, None] * out_stride + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _check_args(x, weight, bias, index, out, out_dtype):
+    if x.dim() != 2:
+        raise ValueError(f"layer_norm_act needs x [M, C], got {tuple(x.shape)}")
+    C = x.shape[1]
+    if (weight is None) != (bias is None):
+        raise ValueError("layer_norm_act: give both weight and bias [C] or neither")
+    if weight is not None and (weight.shape != (C,) or bias.shape != (C,)):
+        raise ValueError(f"layer_norm_act: weight/bias must be [{C}], got {tuple(weight.shape)} / {tuple(bias.shape)}")
+    rows = x.shape[0] if index is None else index.shape[0]
+    if index is not None and (index.dim() != 1 or index.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"layer_norm_act: index must be int32/int64 [N'], got {index.dtype} {tuple(index.shape)}")
+    if out is None:
+        out = torch.empty(rows, C, dtype=out_dtype or x.dtype, device=x.device)
+    elif out.shape != (rows, C) or (out_dtype is not None and out.dtype != out_dtype):
+        raise ValueError(f"layer_norm_act: out must be [{rows}, {C}] {out_dtype or ''}, got {out.dtype} {tuple(out.shape)}")
+    elif index is not None and out.data_ptr() == x.data_ptr():
+        raise ValueError("layer_norm_act: out may alias x only without an index")
+    return out
+
+
+def layer_norm_act(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    silu: bool = False,
+    index: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``silu?(LayerNorm(x[index]) * weight + bias)`` over the last dim, fp32 statistics.
+
+    Args:
+        x: ``[M, C]`` (rows may be strided, channels contiguous).
+        weight, bias: ``[C]`` affine parameters (any float dtype; used in fp32), or both None.
+        index: ``[N']`` int32/int64 rows of ``x`` to normalise (None: all ``M`` rows, ``N' = M``).
+        out: ``[N', C]`` destination (may be ``x`` itself when ``index`` is None), else a new tensor
+            of ``out_dtype`` (default ``x.dtype``).
+    Returns:
+        ``[N', C]`` (``out`` when given).
+    """
+    out = _check_args(x, weight, bias, index, out, out_dtype)
+    if fused_enabled(x) and x.dtype in _KERNEL_DTYPES and out.dtype in _KERNEL_DTYPES:
+        return layer_norm_act_triton(x, weight, bias, eps, silu, index, out)
+    return _layer_norm_act_torch(x, weight, bias, eps, silu, index, out)
+
+
+def _layer_norm_act_torch(x, weight, bias, eps, silu, index, out):
+    """PyTorch ops in row chunks: fp32 LayerNorm rounded to ``out``'s dtype, then SiLU."""
+    C = x.shape[1]
+    for start in range(0, out.shape[0], TORCH_CHUNK_ROWS):
+        rows = slice(start, start + TORCH_CHUNK_ROWS)
+        src = x[rows] if index is None else x[index[rows]]
+        y = F.layer_norm(src.float(), (C,), None if weight is None else weight.float(),
+                         None if bias is None else bias.float(), eps).to(out.dtype)
+        out[rows] = F.silu(y) if silu else y
+    return out
+
+
+def layer_norm_act_triton(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    silu: bool,
+    index: Optional[torch.Tensor],
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """The Triton kernel on any device Triton runs on (CUDA, or CPU tensors under the interpreter);
+    arguments as :func:`layer_norm_act` with ``out`` given."""
+    if triton is None:
+        raise RuntimeError("layer_norm_act_triton needs Triton")
+    if x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("layer_norm_act_triton needs contiguous channels in x and out")
+    n_rows, C = out.shape
+    if n_rows == 0:
+        return out
+    if index is not None and not index.is_contiguous():
+        index = index.contiguous()
+    block_c = triton.next_power_of_2(C)
+    block_r = max(1, _TILE_ELEMENTS // block_c)
+    affine = weight is not None
+    _layer_norm_act_kernel[(triton.cdiv(n_rows, block_r),)](
+        x, index if index is not None else x, weight if affine else x, bias if affine else x, out,
+        n_rows, C, x.stride(0), out.stride(0), float(eps),
+        HAS_INDEX=index is not None, AFFINE=affine, SILU=bool(silu),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 4096 else 8,
+    )
+    return out
