@@ -19,7 +19,8 @@ as for a surface); the head's flags are random too, so the mesh is not a surface
 (voxels, quads) are those of a real decode.
 
 CUDA: CUDA-event timing, median of --repeats after --warmup. ``--tiny``: tiny configs on the CPU
-(script check), fp32.
+(script check), fp32. ``--no-fused``: the decoder's LayerNorm(+SiLU) as PyTorch ops instead of the
+fused Triton kernel (A/B; rows get ``"fused": false``).
 
     python benchmarks/bench_shape_decoder.py --out shape_dec.json          # GPU, full size
     python benchmarks/bench_shape_decoder.py --tiny --out shape_dec.json   # CPU check
@@ -40,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from know3d_core.mesh import clean_mesh  # noqa: E402
 from know3d_core.sparse import SparseTensor  # noqa: E402
 from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
+from know3d_core.trellis2.modules.fused import use_fused_kernels  # noqa: E402
 from know3d_core.trellis2 import sparse_structure_decoder as ss_mod  # noqa: E402
 from know3d_core.trellis2.ovoxel import flexible_dual_grid_to_mesh, sdf_to_flexible_dual_grid, sphere_sdf  # noqa: E402
 from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: E402
@@ -153,7 +155,8 @@ def bench_shape(case, args, device, dtype, model) -> dict:
     raw = meshes[0]
     cl_ms, cl_peak, cleaned = measure(lambda: clean_mesh(raw), device, min(args.warmup, 1), min(args.repeats, 3))
     return {
-        "case": name, "dtype": str(dtype).split(".")[-1], "tokens": int(coords.shape[0]), "token_grid": grid,
+        "case": name, "dtype": str(dtype).split(".")[-1], "fused": not args.no_fused,
+        "tokens": int(coords.shape[0]), "token_grid": grid,
         "mesh_grid": grid * 16, "voxels_per_level": levels, "finite": finite,
         "forward_ms": round(ms, 3), "forward_peak_gib": None if peak is None else round(peak, 3),
         "upsample_ms": round(up_ms, 3), "upsample_peak_gib": None if up_peak is None else round(up_peak, 3),
@@ -198,8 +201,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --tiny)")
     p.add_argument("--cases", default=None,
                    help="comma subset of ss_decoder,shape_512,shape_1024,mesh_sphere_512,mesh_sphere_1024")
+    p.add_argument("--no-fused", action="store_true", help="decoder norms as PyTorch ops (no Triton LayerNorm)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
+    with use_fused_kernels(not args.no_fused):
+        return _run(args)
+
+
+def _run(args) -> int:
 
     device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
     if not args.tiny and device.type != "cuda":
