@@ -68,6 +68,8 @@ def collect(tiny: bool, tmp: str) -> dict:
     raw["conv"] = run_script("bench_sparse_conv.py", conv_args, os.path.join(tmp, "conv.json"))
     dec_args = t if tiny else ["--cases", "shape_1024", "--dtypes", "float16"]
     raw["decoder"] = run_script("bench_shape_decoder.py", dec_args, os.path.join(tmp, "decoder.json"))
+    raw["decoder_unfused"] = run_script("bench_shape_decoder.py", dec_args + ["--no-fused"],
+                                        os.path.join(tmp, "decoder_nf.json"))
     raw["geometry"] = run_script("bench_geometry.py", t, os.path.join(tmp, "geometry.json"), timeout=600)
     first_env = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cold-")}
     raw["first_call"] = run_script("bench_trellis2_flows.py", t + ["--cases", "ss B=1", "--warmup", "1", "--repeats", "3"],
@@ -86,8 +88,10 @@ def summarise(raw: dict) -> list[dict]:
                     "ours": ours and f"{ours['ms']:.1f} ms", "baseline": base and f"{base['ms']:.1f} ms (unfused)",
                     "ok": None if ours is None else ours["ms"] <= limit})
     dec = next((r for r in _rows(raw.get("decoder")) if str(r.get("case", "")).startswith("shape_")), None)
+    dec_nf = next((r for r in _rows(raw.get("decoder_unfused")) if str(r.get("case", "")).startswith("shape_")), None)
     out.append({"figure": TARGETS[3][0], "target": TARGETS[3][1], "anchors": TARGETS[3][2],
-                "ours": dec and f"{dec['forward_ms']:.0f} ms, +{dec['forward_peak_gib'] or 0:.2f} GiB", "baseline": "-",
+                "ours": dec and f"{dec['forward_ms']:.0f} ms, +{dec['forward_peak_gib'] or 0:.2f} GiB",
+                "baseline": dec_nf and f"{dec_nf['forward_ms']:.0f} ms, +{dec_nf['forward_peak_gib'] or 0:.2f} GiB (unfused)",
                 "ok": None if dec is None else dec["forward_ms"] <= 250 and (dec["forward_peak_gib"] or 0) <= 3})
     conv = _rows(raw.get("conv"))
     big = max((r["N"] for r in conv), default=None)
