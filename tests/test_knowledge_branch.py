@@ -309,3 +309,134 @@ def test_moving_or_reloading_the_model_drops_the_cached_context():
         model.load_state_dict(model.state_dict())
         model(x, t, cond, knowledge=k)
     assert len(calls) == 3 * len(model.blocks)
+
+
+# ------------------------------------------------------------------ CUDA: fused kernels == PyTorch path
+def _fused_available():
+    from know3d_core.trellis2.modules import fused
+    return torch.cuda.is_available() and fused.triton is not None
+
+
+cuda = pytest.mark.skipif(not _fused_available(), reason="needs CUDA + Triton")
+_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _cuda_branch(dtype, C=256, H=2, seed=0):
+    """Projector + one block's branch on CUDA, every parameter random (head_dim 128, as the flows)."""
+    g = torch.Generator().manual_seed(seed)
+    proj, attn = KnowledgeProjector(KNOW_DIM, C, out_dtype=dtype), KnowledgeCrossAttention(C, H)
+    with torch.no_grad():
+        for name, p in list(proj.named_parameters()) + list(attn.named_parameters()):
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("gamma") or name == "norm.weight":
+                p.copy_(1 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.5 * noise)
+            else:  # linear weights
+                p.copy_(noise / p.shape[1] ** 0.5)
+    for m in attn.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.to(dtype)
+    return proj.cuda(), attn.cuda()
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the branch's fused-kernel calls (proves the CUDA run really took the fused path)."""
+    from know3d_core.knowledge import branch as branch_mod
+    calls = {"ln": 0, "rms": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+
+    monkeypatch.setattr(branch_mod, "layer_norm_modulate", counted("ln", branch_mod.layer_norm_modulate))
+    monkeypatch.setattr(branch_mod, "qk_norm_rope", counted("rms", branch_mod.qk_norm_rope))
+    return calls
+
+
+def _branch_ab(proj, attn, h, know, calls):
+    """(fused, PyTorch) branch outputs as tensors, each with a freshly projected context."""
+    from know3d_core.trellis2.modules.fused import use_fused_kernels
+    outs = []
+    for on in (True, False):
+        before = dict(calls)
+        with torch.no_grad(), use_fused_kernels(on):
+            proj.clear_cache()
+            out = attn(h, proj(know))
+        used = calls["ln"] - before["ln"], calls["rms"] - before["rms"]
+        assert used == ((1, 2) if on else (0, 0)), used  # LN, q and k RMS norm
+        outs.append(out.feats if not isinstance(out, torch.Tensor) else out)
+    return outs
+
+
+@pytest.fixture
+def no_tf32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("know_batch", [1, 2])
+def test_fused_branch_matches_pytorch_branch_dense(dtype, know_batch, fused_calls, no_tf32):
+    proj, attn = _cuda_branch(dtype)
+    g = torch.Generator().manual_seed(1)
+    h = (torch.randn(2, 40, 256, generator=g) * 2 + 0.5).to("cuda", dtype)
+    know = knowledge_tensor(batch=know_batch, tokens=19).cuda()
+    fast, ref = _branch_ab(proj, attn, h, know, fused_calls)
+    assert fast.shape == h.shape and fast.dtype == dtype
+    assert torch.isfinite(fast).all() and ref.abs().mean() > 0.1
+    assert _rel(fast, ref) <= _TOL[dtype]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths,know_batch", [([23, 37], 1), ([23, 37], 2), ([30, 30], 2)])
+def test_fused_branch_matches_pytorch_branch_sparse(dtype, lengths, know_batch, fused_calls, no_tf32):
+    """Shared knowledge (one long query), ragged per-sample knowledge (varlen), equal lengths."""
+    from know3d_core.sparse import SparseTensor
+    proj, attn = _cuda_branch(dtype)
+    x = sparse_input(lengths, channels=256)
+    h = SparseTensor((x.feats * 2 + 0.5).to("cuda", dtype), x.coords.cuda(), x.spatial_shape,
+                     batch_size=len(lengths))
+    know = knowledge_tensor(batch=know_batch, tokens=19).cuda()
+    fast, ref = _branch_ab(proj, attn, h, know, fused_calls)
+    assert fast.shape == h.feats.shape and fast.dtype == dtype
+    assert torch.isfinite(fast).all() and ref.abs().mean() > 0.1
+    assert _rel(fast, ref) <= _TOL[dtype]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_zero_branch_equals_plain_exactly_on_cuda_with_fused_kernels(dtype):
+    with torch.no_grad():
+        ss = with_branch(tiny_ss(dtype), zero=True).cuda()
+        x, t, cond = (a.cuda() for a in ss_inputs(batch=2))
+        assert torch.equal(ss(x, t, cond), ss(x, t, cond, knowledge=knowledge_tensor().cuda()))
+        slat = with_branch(tiny_slat(dtype), zero=True).cuda()
+        xs, ts, cs = _slat_inputs([25, 41])
+        xs, ts, cs = xs.cuda(), ts.cuda(), cs.cuda()
+        assert torch.equal(slat(xs, ts, cs).feats, slat(xs, ts, cs, knowledge=knowledge_tensor().cuda()).feats)
+
+
+def test_cached_keys_and_values_are_contiguous_copies():
+    """The cache holds k and v alone (v is not a view keeping the whole to_kv output alive)."""
+    attn, proj = KnowledgeCrossAttention(64, 4), KnowledgeProjector(KNOW_DIM, 64)
+    with torch.no_grad():
+        ctx = proj(knowledge_tensor(tokens=9))
+        k, v = ctx.kv(attn)
+    assert k.shape == v.shape == (1, 9, 4, 16)
+    assert k.is_contiguous() and v.is_contiguous()
+    assert v.untyped_storage().nbytes() == v.numel() * v.element_size()

@@ -17,6 +17,11 @@ every block calls ``block.knowledge_attn(h, ctx)``. ``k`` may be a :class:`Knowl
 
 Precision: like the reference, the linear layers inside ``blocks`` run in the model dtype (bf16);
 the projector (outside the blocks), every LayerNorm and the RMS gammas stay fp32.
+
+Speed (CUDA + Triton, ``fused_enabled``, no autograd): the branch's LayerNorm and the q/k RMS norms
+run as the flow blocks' fused kernels (one pass each, fp32 math, one rounding; no fp32 copies of the
+tokens), and the queries stay one contiguous ``[1, B*L, H, D]`` tensor from the RMS norm to the
+attention and ``to_out`` (no copies). CPU and autograd runs take the PyTorch ops unchanged.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..trellis2.modules.attention import MultiHeadAttention, TokenLayout, attend
+from ..trellis2.modules.fused import fused_enabled, layer_norm_modulate, qk_norm_rope
 from ..trellis2.modules.norm import LayerNorm32
 from .kinds import Knowledge, check_knowledge, describe_expected
 
@@ -199,18 +205,36 @@ class KnowledgeCrossAttention(MultiHeadAttention):
         nn.init.zeros_(self.to_out.bias)
 
     def project_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``P [Bk, N, C]`` -> keys, values ``[Bk, N, H, D]`` (k RMS-normed)."""
+        """``P [Bk, N, C]`` -> keys, values ``[Bk, N, H, D]`` (k RMS-normed), both contiguous
+        (v is copied out of the projection so the cache holds 2, not 3, x Bk x N x C)."""
         Bk, N, _ = tokens.shape
         w = self.to_kv.weight
         k, v = self.to_kv(tokens.to(device=w.device, dtype=w.dtype)).reshape(Bk, N, 2, self.num_heads, -1).unbind(2)
         if self.qk_rms_norm:
-            k = self.k_rms_norm(k)
-        return k, v
+            k = self._rms_norm(k, self.k_rms_norm)
+        return k.contiguous(), v.contiguous()
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Fused kernels for ``x``: CUDA + Triton + switch on, and no autograd (the kernels have no backward)."""
+        return fused_enabled(x) and not torch.is_grad_enabled()
+
+    def _rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """Per-head RMS norm of ``[B', L', H, D]`` (rows may be strided views) by ``norm``'s gamma."""
+        if self._fused(x) and _pow2(self.head_dim // 2):
+            return qk_norm_rope(x, norm.gamma, None, norm.eps)
+        return norm(x)
+
+    def _layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch's affine LayerNorm of ``[B', L', C]`` rows (fp32 statistics, x's dtype out)."""
+        if self._fused(x):
+            # LayerNorm(x) * (0 + weight) + bias in one pass, the blocks' norm2 kernel
+            return layer_norm_modulate(x, self.norm.weight, self.norm.bias, self.norm.eps, 0.0)
+        return self.norm(x)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         """Rows ``[B', L', C]`` -> queries ``[B', L', H, D]``."""
-        q = self.to_q(self.norm(x)).reshape(*x.shape[:2], self.num_heads, -1)
-        return self.q_rms_norm(q) if self.qk_rms_norm else q
+        q = self.to_q(self._layer_norm(x)).reshape(*x.shape[:2], self.num_heads, -1)
+        return self._rms_norm(q, self.q_rms_norm) if self.qk_rms_norm else q
 
     def _attend_rows(self, x: torch.Tensor, ctx: KnowledgeContext, layout: Optional[TokenLayout]) -> torch.Tensor:
         """x ``[B, L, C]`` (or packed ``[1, N, C]`` with ``layout``) -> delta of the same shape.
@@ -243,6 +267,11 @@ class KnowledgeCrossAttention(MultiHeadAttention):
             else:
                 delta = self._attend_rows(h.feats.unsqueeze(0), ctx, _sparse_layout(h))
         return h.replace(delta.reshape(h.feats.shape))
+
+
+def _pow2(n: int) -> bool:
+    """The fused RMS-norm kernel tiles the head dim in powers of two (``head_dim // 2`` too)."""
+    return n > 0 and n & (n - 1) == 0
 
 
 def _match_batch(kv: torch.Tensor, batch_size: int) -> torch.Tensor:
