@@ -205,3 +205,24 @@ def test_cascade_geometry_and_save(know3d_model, condition, tmp_path, monkeypatc
     assert scene.metadata["know3d"]["pipeline_type"] == "1024_cascade"
     loaded = trimesh.load(path, file_type="glb", force="mesh", process=False)
     assert len(loaded.faces) == mesh.faces.shape[1]
+
+
+def test_load_model_from_comfy_single_files_matches_the_official_folder(tmp_path):
+    """Load Know3D Model on Comfy-Org's diffusion file + shape VAE + clip_vision DINOv3 (no pipeline.json)."""
+    from test_pipeline_comfy_files import _write_comfy_files
+
+    folder = demo.write_demo_trellis2(str(tmp_path / "TRELLIS.2-4B"), ss_resolution=16)  # official 16^3 latent
+    dino = demo.write_demo_dinov3(str(tmp_path / "dinov3-vitl16-pretrain-lvd1689m"))
+    diffusion, vae = _write_comfy_files(folder, str(tmp_path))
+    dino_file = os.path.join(dino, "model.safetensors")
+    (single,) = tr.Know3DLoadModel().load(diffusion, vae, dino_file, tr.NONE, "float32")
+    (official,) = tr.Know3DLoadModel().load(folder + "/", tr.FROM_FOLDER, dino_file, tr.NONE, "float32")
+    image = demo.write_demo_image(str(tmp_path / "front.png"), size=128)
+    rgba = torch.from_numpy(np.asarray(Image.open(image)).astype(np.float32) / 255)[None]
+    structures = []
+    for model in (single, official):
+        cond = tr.Know3DImageCondition().encode(model, rgba)[0]
+        structure, _ = tr.Know3DSparseStructure().sample(model, cond, 0, **SS)
+        structures.append(structure)
+    assert structures[0].coords.shape[0] > 0
+    assert torch.equal(structures[0].coords, structures[1].coords)
