@@ -26,6 +26,7 @@ Three changes keep a random model's output usable, each made only here:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -218,14 +219,22 @@ def write_demo_trellis2(folder: str, seed: int = 0, ss_resolution: int = SS_RESO
     return folder
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed the global CPU RNG inside the block only (the caller's RNG state is restored after)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 # ----------------------------------------------------------------------------------- DINOv3
 def write_demo_dinov3(folder: str, seed: int = 0) -> str:
     """Tiny DINOv3 ViT in the Hugging Face layout (``config.json`` + ``model.safetensors``)."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(seed)
-    model = DINOv3ViTModel(DINOv3ViTConfig(**DINO_CONFIG)).eval()
+    with _seeded(seed):  # HF constructors draw from the global RNG; keep the caller's stream intact
+        model = DINOv3ViTModel(DINOv3ViTConfig(**DINO_CONFIG)).eval()
     sd = {k.replace("model.layer.", "layer."): v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
@@ -269,13 +278,13 @@ def write_demo_qwen(folder: str, seed: int = 0) -> str:
     from .mmdit.schedule import QWEN_IMAGE_SCHEDULER_CONFIG
 
     os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(seed)
-    QwenImageTransformer2DModel(**QWEN_TRANSFORMER).save_pretrained(os.path.join(folder, "transformer"))
-    torch.manual_seed(seed + 1)
-    AutoencoderKLQwenImage(
-        **QWEN_VAE, latents_mean=[0.05 * i - 0.4 for i in range(16)],
-        latents_std=[1.0 + 0.1 * i for i in range(16)],
-    ).save_pretrained(os.path.join(folder, "vae"))
+    with _seeded(seed):
+        QwenImageTransformer2DModel(**QWEN_TRANSFORMER).save_pretrained(os.path.join(folder, "transformer"))
+    with _seeded(seed + 1):
+        AutoencoderKLQwenImage(
+            **QWEN_VAE, latents_mean=[0.05 * i - 0.4 for i in range(16)],
+            latents_std=[1.0 + 0.1 * i for i in range(16)],
+        ).save_pretrained(os.path.join(folder, "vae"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
         json.dump({"_class_name": "FlowMatchEulerDiscreteScheduler", **QWEN_IMAGE_SCHEDULER_CONFIG}, f, indent=2)
@@ -294,8 +303,8 @@ def write_demo_qwen(folder: str, seed: int = 0) -> str:
                            fullatt_block_indexes=[1]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(seed + 2)
-    Qwen2_5_VLForConditionalGeneration(cfg).eval().save_pretrained(os.path.join(folder, "text_encoder"))
+    with _seeded(seed + 2):
+        Qwen2_5_VLForConditionalGeneration(cfg).eval().save_pretrained(os.path.join(folder, "text_encoder"))
     proc_dir = os.path.join(folder, "processor")
     tok.save_pretrained(proc_dir)
     _image_processor_class()(min_pixels=56 * 56, max_pixels=56 * 56).save_pretrained(proc_dir)

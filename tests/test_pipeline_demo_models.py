@@ -77,3 +77,13 @@ def test_structure_decoder_bias_gives_the_stated_occupancy(demo):
     coords = decode_occupancy(decoder(z), 32)
     fraction = coords.shape[0] / (4 * 32 ** 3)
     assert dm.DEMO_OCCUPANCY / 2 < fraction < dm.DEMO_OCCUPANCY * 2
+
+
+def test_writing_demo_models_leaves_the_global_rng_alone(tmp_path):
+    import torch
+
+    from know3d_core.demo_models import write_demo_dinov3
+
+    before = torch.random.get_rng_state()
+    write_demo_dinov3(str(tmp_path / "dino"), seed=3)
+    assert torch.equal(before, torch.random.get_rng_state())
