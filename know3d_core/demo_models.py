@@ -244,7 +244,7 @@ def write_demo_dinov3(folder: str, seed: int = 0) -> str:
 
 
 # ----------------------------------------------------------------------------------- Qwen-Image-Edit
-def _char_tokenizer():
+def char_tokenizer():
     """Offline character-level tokenizer with the Qwen2.5-VL special tokens."""
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -260,6 +260,25 @@ def _char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="<|endoftext|>"), vocab
 
 
+def tiny_qwen25vl_config(vocab: dict, width: int):
+    """Tiny Qwen2.5-VL config (2 text + 2 vision layers) whose text width is the MMDiT's ``width`` and
+    whose special-token ids are those of :func:`char_tokenizer`'s ``vocab``."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {s: vocab[s] for s in _SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=width, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=len(vocab), rope_theta=1e6,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=width,
+                           spatial_merge_size=2, patch_size=14, temporal_patch_size=2, window_size=28,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
 def _image_processor_class():
     try:  # transformers >= 5
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -273,7 +292,7 @@ def write_demo_qwen(folder: str, seed: int = 0) -> str:
     """Tiny Qwen-Image-Edit-2511 in the diffusers layout: transformer/, vae/, scheduler/,
     text_encoder/ (tiny Qwen2.5-VL) and processor/ (tokenizer + image processor)."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from .mmdit.schedule import QWEN_IMAGE_SCHEDULER_CONFIG
 
@@ -289,20 +308,8 @@ def write_demo_qwen(folder: str, seed: int = 0) -> str:
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
         json.dump({"_class_name": "FlowMatchEulerDiscreteScheduler", **QWEN_IMAGE_SCHEDULER_CONFIG}, f, indent=2)
 
-    tok, vocab = _char_tokenizer()
-    ids = {s: vocab[s] for s in _SPECIAL_TOKENS}
-    width = QWEN_TRANSFORMER["joint_attention_dim"]
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=width, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(vocab), rope_theta=1e6,
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=width,
-                           spatial_merge_size=2, patch_size=14, temporal_patch_size=2, window_size=28,
-                           fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    tok, vocab = char_tokenizer()
+    cfg = tiny_qwen25vl_config(vocab, QWEN_TRANSFORMER["joint_attention_dim"])
     with _seeded(seed + 2):
         Qwen2_5_VLForConditionalGeneration(cfg).eval().save_pretrained(os.path.join(folder, "text_encoder"))
     proc_dir = os.path.join(folder, "processor")

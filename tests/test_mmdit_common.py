@@ -37,26 +37,16 @@ def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(arr)
 
 
-_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-             "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-
-
 def tiny_text_stack(seed: int = 0):
-    """(Qwen2_5_VLForConditionalGeneration with text width JOINT_DIM, Qwen2_5_VLProcessor)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor)
+    """(Qwen2_5_VLForConditionalGeneration with text width JOINT_DIM, Qwen2_5_VLProcessor).
+
+    The tokenizer and the config are the demo models' (``know3d_core.demo_models``)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    vocab = {"[UNK]": 0, "\n": 1}
-    for i in range(32, 127):
-        vocab[chr(i)] = len(vocab)
-    for s in _SPECIALS:
-        vocab[s] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), "isolated")
-    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _SPECIALS])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="<|endoftext|>")
+    from know3d_core.demo_models import char_tokenizer, tiny_qwen25vl_config
+
+    tok, vocab = char_tokenizer()
 
     class ProcessorWithoutVideo(Qwen2_5_VLProcessor):
         def check_argument_for_proper_class(self, name, arg):
@@ -64,20 +54,8 @@ def tiny_text_stack(seed: int = 0):
 
     proc = ProcessorWithoutVideo(image_processor=Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56),
                                  tokenizer=tok, video_processor=None)
-    ids = {s: vocab[s] for s in _SPECIALS}
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=JOINT_DIM, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=len(vocab), rope_theta=1e6,
-                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=JOINT_DIM,
-                           spatial_merge_size=2, patch_size=14, temporal_patch_size=2, window_size=28,
-                           fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(cfg).eval(), proc
+    return Qwen2_5_VLForConditionalGeneration(tiny_qwen25vl_config(vocab, JOINT_DIM)).eval(), proc
 
 
 def blockwise_image_streams(model, hidden, embeds, timestep, img_shapes):
