@@ -490,14 +490,21 @@ def _explicit_dinov3(path: str) -> FileCheck:
         fc.path = path
         fc.problem = read_safetensors_header(os.path.join(path, "model.safetensors")).problem
         return fc
-    fc = FileCheck("DINOv3 image encoder", os.path.basename(path), os.path.dirname(os.path.abspath(path)),
-                   "the file given with --dinov3", key="dinov3")
+    return _given_file("DINOv3 image encoder", path, "--dinov3", "dinov3",
+                       "not a DINOv3 ViT checkpoint (no attention.o_proj / patch_embeddings keys)")
+
+
+def _given_file(label: str, path: str, option: str, kind: str, wrong_kind: str) -> FileCheck:
+    """A file named on the command line: found, readable, and of the expected kind
+    (``classify_safetensors``), else its ``problem`` says which."""
+    fc = FileCheck(label, os.path.basename(path), os.path.dirname(os.path.abspath(path)),
+                   f"the file given with {option}", key=kind)
     if os.path.isfile(path):
         fc.path = path
         info = read_safetensors_header(path)
         fc.problem = info.problem
-        if fc.problem is None and classify_safetensors(info) != "dinov3":
-            fc.problem = "not a DINOv3 ViT checkpoint (no attention.o_proj / patch_embeddings keys)"
+        if fc.problem is None and classify_safetensors(info) != kind:
+            fc.problem = wrong_kind
     return fc
 
 
@@ -621,15 +628,8 @@ def _qwen_checks(qwen_dir: Optional[str]) -> List[FileCheck]:
 def _lora_check(lora: Optional[str]) -> FileCheck:
     if lora is None:
         return FileCheck("back-view LoRA", "--lora FILE", "(anywhere)", LORA_SOURCE, optional=True, key="lora")
-    fc = FileCheck("back-view LoRA", os.path.basename(lora), os.path.dirname(os.path.abspath(lora)),
-                   "the file given with --lora", key="lora")
-    if os.path.isfile(lora):
-        fc.path = lora
-        info = read_safetensors_header(lora)
-        fc.problem = info.problem
-        if fc.problem is None and classify_safetensors(info) != "lora":
-            fc.problem = "holds no LoRA factors (lora_A/lora_B or lora_down/lora_up keys)"
-    return fc
+    return _given_file("back-view LoRA", lora, "--lora", "lora",
+                       "holds no LoRA factors (lora_A/lora_B or lora_down/lora_up keys)")
 
 
 # --------------------------------------------------------------------------------------- entry point
