@@ -199,7 +199,9 @@ def tiny_model(cfg=TINY_CFG):
 
 
 def test_num_feature_tokens_official():
-    assert num_feature_tokens(512) == 1029 and num_feature_tokens(1024) == 4101
+    # official DINOv3 ViT-L/16: 1 CLS + 4 registers + (side / 16)^2 patches -> 5 + 32^2, 5 + 64^2
+    assert num_feature_tokens(512) == 1029 == 1 + 4 + (512 // 16) ** 2
+    assert num_feature_tokens(1024) == 4101 == 1 + 4 + (1024 // 16) ** 2
 
 
 def test_features_token_count_and_nonaffine_norm():
@@ -275,7 +277,9 @@ def test_load_single_safetensors_derives_config(tmp_path):
     save_file(sd, str(path))
     derived = config_from_state_dict(sd)
     assert (derived["hidden_size"], derived["num_hidden_layers"], derived["intermediate_size"],
-            derived["num_register_tokens"], derived["num_attention_heads"]) == (128, 3, 96, 4, 2)
+            derived["num_register_tokens"], derived["num_attention_heads"]) == (
+        cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["num_register_tokens"],
+        cfg["num_attention_heads"]) == (128, 3, 96, 4, 2)
     loaded = DinoV3FeatureExtractor.from_pretrained(str(path), image_size=32)
     img = Image.new("RGB", (32, 32), (120, 30, 200))
     torch.testing.assert_close(loaded(img), DinoV3FeatureExtractor(model, 32)(img), atol=0, rtol=0)

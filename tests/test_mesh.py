@@ -57,8 +57,8 @@ def test_mesh_validates_shapes_and_casts():
 
 def test_volume_and_area_of_a_sphere():
     m = icosphere(4, radius=0.3)
-    assert m.signed_volume() == pytest.approx(4 / 3 * math.pi * 0.027, rel=0.01)
-    assert m.area() == pytest.approx(4 * math.pi * 0.09, rel=0.01)
+    assert m.signed_volume() == pytest.approx(4 / 3 * math.pi * 0.3 ** 3, rel=0.01)
+    assert m.area() == pytest.approx(4 * math.pi * 0.3 ** 2, rel=0.01)
 
 
 # ----------------------------------------------------------------------------- clean-up

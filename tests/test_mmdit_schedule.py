@@ -56,8 +56,11 @@ def test_sigma_maps_to_nearest_step_in_both_hosts(sigma):
 def test_same_step_index_is_a_different_sigma_per_host():
     diff = flow_match_sigmas(40, 4096)
     comfy = comfy_simple_flow_sigmas(40, 3.1)
+    # diffusers: mu = 0.5 + 0.4 * 3840 / 7936; t = 0.75 -> e^mu / (e^mu + 1/3) = 0.857, stretched to the
+    # 0.02 terminal -> 0.853. ComfyUI: shift(t) = 3.1 t / (1 + 2.1 t) at t = 1 - i/40 -> 0.903 at i = 10.
     assert round(diff[10].item(), 2) == 0.85 and round(comfy[10].item(), 2) == 0.90
-    # so sigma 0.85 is step 10 under diffusers but a later step under ComfyUI's shift 3.1
+    # so sigma 0.85 is step 10 under diffusers but a later step under ComfyUI's shift 3.1:
+    # shift(1 - 13/40) = 0.866, shift(1 - 14/40) = 0.852, shift(1 - 15/40) = 0.838 -> nearest is 14
     assert nearest_step(diff, 0.85).index == 10
     assert nearest_step(comfy, 0.85).index == 14
 

@@ -57,6 +57,8 @@ def runs(plain, image):
 
 # ----------------------------------------------------------------------------------- pure functions
 def test_pipeline_type_tables():
+    # research trellis2.md pipeline table: 64^3 structure grid only for direct "1024"; 512 and cascades use 32^3
+    assert PIPELINE_TYPES == ("512", "1024", "1024_cascade", "1536_cascade")
     assert [ss_resolution(t) for t in PIPELINE_TYPES] == [32, 64, 32, 32]
     assert cond_resolutions("512") == (512,) and cond_resolutions("1536_cascade") == (512, 1024)
     assert "shape_slat_flow_model_1024" not in required_models("512")

@@ -130,6 +130,7 @@ def test_full_size_state_dicts_match_the_official_files():
     with torch.device("meta"):
         ss = SparseStructureFlowModel(**{**tiny_flow_args("ss"), **_FULL})
         slat = SLatFlowModel(**{**tiny_flow_args("shape512"), **_FULL})
+    # research trellis2.md §5: all-BF16 files of 2 584 426 920 B and 2 584 574 424 B = header + 2 B/param
     for model, count in ((ss, 1_292_179_976), (slat, 1_292_253_728)):
         sd = model.state_dict()
         assert sum(v.numel() for v in sd.values()) == count
