@@ -110,13 +110,20 @@ def register_model_folders() -> None:
         fp.folder_names_and_paths[name][1].update(exts)
 
 
+def _folder_paths_for(folder: str):
+    """ComfyUI's ``folder_paths`` with our model folders registered when ``folder`` is one of them
+    (None outside ComfyUI)."""
+    fp = _module("folder_paths")
+    if fp is not None and folder in MODEL_FOLDERS:
+        register_model_folders()
+    return fp
+
+
 def filename_list(folder: str) -> list[str]:
     """Files ComfyUI lists for a model folder ([] outside ComfyUI)."""
-    fp = _module("folder_paths")
+    fp = _folder_paths_for(folder)
     if fp is None:
         return []
-    if folder in MODEL_FOLDERS:
-        register_model_folders()
     try:
         return list(fp.get_filename_list(folder))
     except KeyError:
@@ -135,11 +142,9 @@ def trellis2_folders() -> list[str]:
 
 
 def folder_paths_of(folder: str) -> list[str]:
-    fp = _module("folder_paths")
+    fp = _folder_paths_for(folder)
     if fp is None:
         return []
-    if folder in MODEL_FOLDERS:
-        register_model_folders()
     try:
         return fp.get_folder_paths(folder)
     except KeyError:
@@ -152,11 +157,9 @@ def full_path(folder: str, name: str, source: str) -> str:
     existing absolute path is returned as is (tests, headless use)."""
     if os.path.isabs(name) and os.path.exists(name):
         return name
-    fp = _module("folder_paths")
+    fp = _folder_paths_for(folder)
     found = None
     if fp is not None:
-        if folder in MODEL_FOLDERS:
-            register_model_folders()
         if name.endswith("/"):
             for base in folder_paths_of(folder):
                 cand = os.path.join(base, name)
