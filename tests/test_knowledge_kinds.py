@@ -27,7 +27,7 @@ def test_pack_latent_matches_the_mmdit_packing_and_inverts():
 
     z = torch.randn(2, 16, 1, 6, 4)
     packed = pack_latent(z)
-    assert packed.shape == (2, 6, 64)
+    assert packed.shape == (2, 6, 64)  # (6/2)*(4/2) tokens of 16 channels x 2x2 patch
     assert torch.equal(packed, pack_latents(z))
     assert torch.equal(unpack_latents(packed, 6, 4), z)
     # token (row 1, col 0) holds channel c's 2x2 patch at latent rows 2-3, cols 0-1, order (c, dy, dx)
@@ -38,7 +38,7 @@ def test_pack_latent_matches_the_mmdit_packing_and_inverts():
 
 def test_vae_latent_and_dino_and_multi_view_constructors():
     v = vae_latent_knowledge(torch.randn(1, 16, 8, 8), resolution=(64, 64))
-    assert v.tensor.shape == (1, 16, 64) and v.provenance["patch_size"] == 2
+    assert v.tensor.shape == (1, 16, 64) and v.provenance["patch_size"] == 2  # (8/2)^2 tokens, 16*2*2 ch
     d = dino_image_knowledge(torch.randn(1, 1029, 1024), resolution=512)
     assert d.dim == 1024 and d.provenance["resolution"] == 512
     mv = multi_view_knowledge(torch.rand(1, 40, 30, 3))

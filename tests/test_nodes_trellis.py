@@ -177,8 +177,9 @@ def test_knowledge_from_image_and_latent(files, know3d_model):
     assert k.kind == "dino_image" and k.tensor.shape == (1, 1 + 4 + 32 * 32, 32)
     assert k.provenance["resolution"] == 512
     (lat,) = kn.Know3DKnowledgeFromLatent().make({"samples": torch.randn(1, 16, 8, 12)})
+    # 2x2 packing: (8/2)*(12/2) tokens of 16*2*2 channels; pixels = latent size x the VAE's factor 8
     assert lat.kind == "vae_latent" and lat.tensor.shape == (1, 4 * 6, 64)
-    assert lat.provenance["resolution"] == [64, 96]
+    assert lat.provenance["resolution"] == [8 * 8, 12 * 8]
 
 
 def test_back_view_as_second_view_runs_plain_trellis(files, plain_model):
