@@ -15,6 +15,7 @@ from ..know3d_core.conditioning.dinov3 import prepare_pixels
 from ..know3d_core.conditioning.preprocess import pil_to_tensor, preprocess_image
 from ..know3d_core.mesh import z_up_to_y_up
 from ..know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS, Cancelled, SamplerParams, reference_noise
+from ..know3d_core.trellis2.sparse_structure_decoder import coarsen_coords
 
 CAT = f"{CATEGORY}/trellis2"
 PIPELINE_TYPES = ("512", "1024", "1024_cascade", "1536_cascade")
@@ -291,9 +292,7 @@ class Structure:
         if resolution > self.resolution or self.resolution % resolution:
             raise ValueError(f"Know3D Geometry: this type needs a {resolution}^3 structure, but the structure "
                              f"decoder of this model gives {self.resolution}^3; choose 512 or a cascade")
-        f = self.resolution // resolution
-        c = torch.cat([self.coords[:, :1], self.coords[:, 1:] // f], 1)
-        return torch.unique(c, dim=0).to(torch.int32)
+        return coarsen_coords(self.coords, self.resolution // resolution)
 
 
 def structure_grid(pipe) -> tuple[int, tuple]:

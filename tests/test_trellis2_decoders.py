@@ -308,3 +308,13 @@ def test_decoded_sphere_shell_tokens_give_a_mesh_per_item():
     meshes = model.decode(x)
     assert len(meshes) == 1 and meshes[0].faces.shape[1] == 3
     assert meshes[0].metadata["resolution"] == 128
+
+
+def test_coarsen_coords_equals_decoding_at_the_coarser_grid():
+    """Pooling coords by 2 is the coords form of decode_occupancy's max-pool from 64^3 to 32^3."""
+    from know3d_core.trellis2.sparse_structure_decoder import coarsen_coords, decode_occupancy
+
+    logits = torch.randn(2, 1, 64, 64, 64, generator=torch.Generator().manual_seed(4)) - 2.5
+    fine = decode_occupancy(logits, 64)
+    assert torch.equal(coarsen_coords(fine, 2), decode_occupancy(logits, 32))
+    assert coarsen_coords(fine, 1) is fine

@@ -25,6 +25,7 @@ __all__ = [
     "ChannelLayerNorm32",
     "pixel_shuffle_3d",
     "decode_occupancy",
+    "coarsen_coords",
     "TINY_ARGS",
 ]
 
@@ -208,3 +209,13 @@ def decode_occupancy(logits: torch.Tensor, resolution: int) -> torch.Tensor:
         ratio = grid // resolution
         occupied = F.max_pool3d(occupied.float(), ratio, ratio, 0) > 0.5
     return torch.argwhere(occupied[:, 0]).int()
+
+
+def coarsen_coords(coords: torch.Tensor, factor: int) -> torch.Tensor:
+    """Occupied coords ``[N, 4]`` (b, x, y, z) on a grid ``factor`` times coarser: a coarse voxel is
+    occupied if any of its fine voxels is (the coords form of :func:`decode_occupancy`'s max-pool).
+    Rows come out in the same batch-major, x/y/z-ascending order; int32."""
+    if factor == 1:
+        return coords
+    coarse = torch.cat([coords[:, :1], torch.div(coords[:, 1:], factor, rounding_mode="floor")], 1)
+    return torch.unique(coarse, dim=0).to(torch.int32)
