@@ -306,7 +306,7 @@ def test_is_512_file_gives_the_512_flow_and_the_512_pipeline_type(official, comf
     assert set(models) == set(GEOMETRY_MODELS) - {"shape_slat_flow_model_1024"}
     assert config.default_pipeline_type == "512"
     assert config.models["shape_slat_flow_model_512"] == path + "#img2shape."
-    assert models["shape_slat_flow_model_512"].resolution == 32
+    assert models["shape_slat_flow_model_512"].resolution == 512 // 16  # 16-voxel latent cells
     assert_same_weights(models["shape_slat_flow_model_512"],
                         load_pipeline_models(folder, keys=["shape_slat_flow_model_512"])["shape_slat_flow_model_512"])
     with pytest.raises(CheckpointError, match=r"trellis_2_512\.safetensors lacks the shape flow 1024 \(img2shape\.\* keys\)"):

@@ -197,8 +197,8 @@ def test_comfy_single_file_splits_by_prefix_and_matches_official_load(tiny_folde
     save_file(merged, path)
     models = load_comfy_flow_file(path, dtype="float32")
     assert set(models) == set(prefixes.values())
-    assert models["shape_slat_flow_model_1024"].resolution == 64
-    assert models["shape_slat_flow_model_512"].resolution == 32
+    assert models["shape_slat_flow_model_1024"].resolution == 1024 // 16  # 16-voxel latent cells
+    assert models["shape_slat_flow_model_512"].resolution == 512 // 16
     for key, model in models.items():
         official = load_pipeline_model(tiny_folder, key, dtype="float32")
         assert type(model) is type(official)
