@@ -14,7 +14,7 @@ def _bits(k):
 def test_round_trip_restores_feats_coords_and_cache():
     x = random_sparse((9, 6, 7), [120, 55], 5)  # odd sizes: parents on a ceil grid
     down = spatial_to_channel(x)
-    assert down.spatial_shape == (5, 3, 4) and down.feats.shape[1] == 40
+    assert down.spatial_shape == (5, 3, 4) and down.feats.shape[1] == 40  # ceil((9, 6, 7) / 2); 8 children x 5 ch
     down.validate()
     up = channel_to_spatial(down)
     assert torch.equal(up.feats, x.feats)

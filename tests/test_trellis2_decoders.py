@@ -304,10 +304,10 @@ def test_decoded_sphere_shell_tokens_give_a_mesh_per_item():
     coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1)
     x = SparseTensor(torch.randn(len(coords), 32), coords, (8, 8, 8))
     head = model(x)
-    assert head.coords[:, 1:].max() < 128
+    assert head.coords[:, 1:].max() < 8 * 2 ** 4  # 8^3 tokens through four 2x subdivisions
     meshes = model.decode(x)
     assert len(meshes) == 1 and meshes[0].faces.shape[1] == 3
-    assert meshes[0].metadata["resolution"] == 128
+    assert meshes[0].metadata["resolution"] == shape_mod.TINY_ARGS["resolution"] == 8 * 2 ** 4
 
 
 def test_coarsen_coords_equals_decoding_at_the_coarser_grid():
