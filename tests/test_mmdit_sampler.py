@@ -72,7 +72,7 @@ def full_run(backview, embeds):
 
 def test_trajectory_reforward_equals_in_loop_capture(backview, embeds, full_run):
     full, n_calls = full_run
-    assert n_calls == 12 == full.sample.forwards and not full.sample.exited_early
+    assert n_calls == 12 == full.sample.forwards and not full.sample.exited_early  # 6 steps x (cond + uncond)
     assert [s.sigma for s in full.trajectory.steps] == flow_match_sigmas(6, 24)[:-1].tolist()
     spec = CaptureSpec(layers=(0, 2, 3), sigma=0.4)
     in_loop = _run(backview, embeds, capture=spec)
