@@ -19,11 +19,9 @@ CUDA: CUDA-event timing, median of --repeats after --warmup. CPU (``--tiny``): t
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -31,6 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import default_device, device_name, median_ms, peak_extra, write_json  # noqa: E402
 
 from know3d_core.conditioning.dinov3 import DINOV3_VITL16_CONFIG, DinoV3FeatureExtractor, prepare_pixels  # noqa: E402
 from know3d_core.conditioning.preprocess import preprocess_image  # noqa: E402
@@ -43,36 +44,11 @@ from know3d_core.sampling import (  # noqa: E402
 from know3d_core.sparse import SparseTensor  # noqa: E402
 
 
-def time_ms(fn, device, warmup, repeats):
-    """Median wall time of ``fn()`` in ms (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+time_ms = functools.partial(median_ms, sync_each=True)  # median ms, a synchronize before every timed call
 
 
 def peak_mib(device, fn):
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak_extra(fn, device, unit=2 ** 20)
 
 
 def random_dinov3(tiny: bool):
@@ -153,7 +129,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    device = default_device(None, args.tiny)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
@@ -161,7 +137,7 @@ def main():
     bench_dinov3(rows, args, device)
     bench_sampler(rows, args, device)
 
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  tiny={args.tiny}")
+    print(f"device: {device_name(device)}  tiny={args.tiny}")
     print(f"{'name':42s} {'ms':>9s} {'peak MiB':>9s}  extra")
     for r in rows:
         extra = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items() if k not in ("name", "ms", "peak_mib")}
@@ -169,8 +145,7 @@ def main():
         print(f"{r['name']:42s} {r['ms']:9.2f} {mem:>9s}  {extra if extra else ''}")
     meta = {"device": str(device), "tiny": args.tiny, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    write_json(args.out, {"meta": meta, "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":

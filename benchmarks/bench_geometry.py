@@ -23,8 +23,6 @@ step per sampler precedes each row.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -32,46 +30,33 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    SHAPE_DECODER_FULL,
+    SS_DECODER_FULL,
+    device_name,
+    flat_fan_in,
+    gamma_or_norm_weight,
+    random_model,
+    write_json,
+)
 
 from know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS  # noqa: E402
 from know3d_core.trellis2.loading import FULL_SIZE_FLOW_CONFIGS, PipelineConfig, get_model_class  # noqa: E402
 from know3d_core.trellis2.pipeline import StageTimer, Trellis2GeometryPipeline, quantize_coords  # noqa: E402
 from know3d_core.trellis2.tiny import tiny_flow_args  # noqa: E402
 
-SS_DECODER_FULL = dict(out_channels=1, latent_channels=8, num_res_blocks=2, channels=[512, 128, 32],
-                       num_res_blocks_middle=2, norm_type="layer", use_fp16=True)
-SHAPE_DECODER_FULL = dict(resolution=512, model_channels=[1024, 512, 256, 128, 64], latent_channels=32,
-                          num_blocks=[4, 16, 8, 4, 0], block_type=["SparseConvNeXtBlock3d"] * 5,
-                          up_block_type=["SparseResBlockC2S3d"] * 4, block_args=[{}] * 5, use_fp16=True)
+SHAPE_DECODER_512 = {**SHAPE_DECODER_FULL, "resolution": 512}
 TINY_WIDTHS = dict(model_channels=32, num_blocks=2, num_heads=2, cond_channels=32)
 DINO_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_register_tokens=4, patch_size=16, image_size=64, rope_theta=100.0, layer_norm_eps=1e-5)
 
 
 # ----------------------------------------------------------------------------------- models
-def _init_(model: torch.nn.Module, seed: int) -> None:
-    """Random values in place: matrices N(0, 1/fan_in), norm weights / gammas 1, biases 0."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "gamma" or (leaf == "weight" and "norm" in name):
-                p.fill_(1.0)
-            elif leaf == "bias":
-                p.zero_()
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.05, generator=gen)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.numel() // p.shape[0]), generator=gen)
-
-
 def _build(name: str, args: dict, device: torch.device, seed: int) -> torch.nn.Module:
-    cls = get_model_class(name)
-    with torch.device("meta"):
-        model = cls(**args)
-    model = model.to_empty(device=device)
-    _init_(model, seed)
-    return model.eval()
+    """Random weights: matrices N(0, 1/fan_in), norm weights / gammas 1, biases 0."""
+    return random_model(get_model_class(name), args, device, seed, ones=gamma_or_norm_weight, fan_in=flat_fan_in)
 
 
 def _surface_like_decoder(decoder) -> None:
@@ -107,7 +92,7 @@ def build_pipeline(tiny: bool, device: torch.device, offload: bool) -> Trellis2G
                 args["resolution"] = 8
         models[key] = _build(name, args, device, i)
     models["sparse_structure_decoder"] = _build("SparseStructureDecoder", SS_TINY if tiny else SS_DECODER_FULL, device, 10)
-    models["shape_slat_decoder"] = _build("FlexiDualGridVaeDecoder", SHAPE_TINY if tiny else SHAPE_DECODER_FULL,
+    models["shape_slat_decoder"] = _build("FlexiDualGridVaeDecoder", SHAPE_TINY if tiny else SHAPE_DECODER_512,
                                           device, 11)
     _surface_like_decoder(models["shape_slat_decoder"])
     if device.type == "cpu":
@@ -212,11 +197,9 @@ def main(argv=None) -> int:
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    result = {"device": device_name(device),
               "tiny": args.tiny, "torch": torch.__version__, "steps": steps or 12, "rows": rows}
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.out, result, indent=2)
     return 0
 
 

@@ -22,16 +22,24 @@ Timing: CUDA events, median of --repeats after --warmup.
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import functools
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    device_name,
+    flow_run_setup,
+    gamma_or_norm_weight,
+    median_ms,
+    random_coords,
+    random_model,
+    write_json,
+)
 
 from know3d_core.knowledge import install_branch, mmdit_hidden_knowledge, prepare_knowledge  # noqa: E402
 from know3d_core.sparse import SparseTensor  # noqa: E402
@@ -77,50 +85,11 @@ def flops(tokens: int, batch: int, cond: int, know: int, w: dict, mlp_ratio: flo
 def build(kind: str, widths: dict, dtype: str, device: torch.device, resolution=None) -> torch.nn.Module:
     """Random-weight flow (allocated on device, initialised in place)."""
     cls = SparseStructureFlowModel if kind == "ss" else SLatFlowModel
-    with torch.device("meta"):
-        model = cls(**{**tiny_flow_args(kind, resolution=resolution), **widths, "dtype": dtype})
-    model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "gamma" or "norm" in name and leaf == "weight":
-                p.fill_(1.0)
-            elif leaf == "bias":
-                p.zero_()
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.05, generator=gen)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=gen)
-    return model.eval()
+    return random_model(cls, {**tiny_flow_args(kind, resolution=resolution), **widths, "dtype": dtype}, device, 0,
+                        device, ones=gamma_or_norm_weight)
 
 
-def random_coords(n: int, res: int, batch: int, device) -> torch.Tensor:
-    """``[batch * n, 4]`` int32: the same n random cells of a res^3 grid for every batch item."""
-    flat = torch.randperm(res ** 3, device=device)[:n].sort().values
-    xyz = torch.stack([flat // res ** 2, (flat // res) % res, flat % res], 1)
-    return torch.cat([torch.cat([torch.full_like(xyz[:, :1], b), xyz], 1) for b in range(batch)]).int()
-
-
-def time_ms(fn, device, warmup: int, repeats: int) -> float:
-    """Median ms of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+time_ms = functools.partial(median_ms, sync_each=True)  # median ms, a synchronize before every timed call
 
 
 def know3d_model(kind: str, tiny: bool, dtype: str, device, knowledge, resolution) -> torch.nn.Module:
@@ -224,12 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
-    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
-    if args.tiny:
-        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
-    elif device.type != "cuda":
-        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+    device = flow_run_setup(args)
+    if device is None:
         return 2
     cases = CASES if args.cases is None else [c for c in CASES if c[0] in args.cases.split(",")]
     print(f"{'case':<16}{'plain ms':>10}{'know3d ms':>11}{'ratio':>8}{'floor':>8}  ok  "
@@ -243,13 +208,11 @@ def main(argv=None) -> int:
               f"{'-' if r['zero_exact'] is None else r['zero_exact']}{'' if r['finite'] else '  NON-FINITE'}",
               flush=True)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "warmup": args.warmup,
         "repeats": args.repeats, "rows": rows,
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 

@@ -37,6 +37,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    SHAPE_DECODER_FULL,
+    SS_DECODER_FULL,
+    default_device,
+    device_name,
+    sample_times,
+    sync,
+    write_json,
+)
 
 from know3d_core.mesh import clean_mesh  # noqa: E402
 from know3d_core.sparse import SparseTensor  # noqa: E402
@@ -47,11 +58,8 @@ from know3d_core.trellis2.ovoxel import flexible_dual_grid_to_mesh, sdf_to_flexi
 from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: E402
 from know3d_core.trellis2.sparse_structure_decoder import SparseStructureDecoder, decode_occupancy  # noqa: E402
 
-SS_FULL = dict(out_channels=1, latent_channels=8, num_res_blocks=2, channels=[512, 128, 32],
-               num_res_blocks_middle=2, norm_type="layer", use_fp16=True)
-SHAPE_FULL = dict(resolution=1024, model_channels=[1024, 512, 256, 128, 64], latent_channels=32,
-                  num_blocks=[4, 16, 8, 4, 0], block_type=["SparseConvNeXtBlock3d"] * 5,
-                  up_block_type=["SparseResBlockC2S3d"] * 4, block_args=[{}] * 5, use_fp16=True)
+SS_FULL = SS_DECODER_FULL
+SHAPE_FULL = SHAPE_DECODER_FULL
 # name, (token grid, target tokens) full, same for --tiny
 SHAPE_CASES = [
     ("shape_512", (32, 8000), (8, 60)),
@@ -60,37 +68,9 @@ SHAPE_CASES = [
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(fn, device, warmup: int, repeats: int):
     """(median ms, peak extra GiB over the memory in use before, last result)."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-        del out
-    times = []
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats):
-        out = None
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
+    times, peak, out = sample_times(fn, device, warmup, repeats, track_peak=True, empty_cache=True, keep_last=True)
     return statistics.median(times), peak, out
 
 
@@ -210,7 +190,7 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
 
-    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    device = default_device(args.device, args.tiny)
     if not args.tiny and device.type != "cuda":
         print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
         return 2
@@ -251,12 +231,10 @@ def _run(args) -> int:
         peak = "-" if r["forward_peak_gib"] is None else r["forward_peak_gib"]
         print(f"{r['case']:<17}{r['dtype']:<10}{r.get('tokens', '-'):>7}{fv:>14}{r['forward_ms']:>10.1f}"
               f"{peak:>10}{r.get('upsample_ms', '-'):>9}{r.get('extract_ms', '-'):>12}{r.get('clean_ms', '-'):>10}")
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    result = {"device": device_name(device),
               "torch": torch.__version__, "tiny": args.tiny, "warmup": args.warmup, "repeats": args.repeats,
               "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 

@@ -18,16 +18,17 @@ CUDA: CUDA-event timing, median of --repeats after --warmup runs, peak extra mem
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import default_device, device_name, peak_extra, sample_times, wall_ms, write_json  # noqa: E402
 
 from know3d_core.sparse import SparseTensor, neighbour_map, submanifold_conv3d  # noqa: E402
 from know3d_core.sparse import conv_triton  # noqa: E402
@@ -59,43 +60,14 @@ def sphere_shell(target_voxels: int, device) -> tuple[torch.Tensor, tuple[int, i
 
 def timer(device):
     """Return ``time_fn(fn, warmup, repeats) -> list of ms``."""
-    if device.type == "cuda":
-        def time_fn(fn, warmup, repeats):
-            for _ in range(warmup):
-                fn()
-            out = []
-            for _ in range(repeats):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                out.append(a.elapsed_time(b))
-            return out
-    else:
-        def time_fn(fn, warmup, repeats):
-            for _ in range(warmup):
-                fn()
-            out = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t) * 1e3)
-            return out
+    def time_fn(fn, warmup, repeats):
+        return sample_times(fn, device, warmup, repeats)[0]
     return time_fn
 
 
 def peak_extra_gib(fn, device) -> float | None:
     """Peak memory above the current allocation while running fn once (CUDA only)."""
-    if device.type != "cuda":
-        fn()
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    return peak_extra(fn, device, run_on_cpu=True)
 
 
 def bench_case(coords, shape, C, dtype, device, args, time_fn) -> list[dict]:
@@ -150,13 +122,7 @@ def bench_case(coords, shape, C, dtype, device, args, time_fn) -> list[dict]:
         del out
     # first call on fresh coords (after the libraries are warm): neighbour map + derived layouts + conv (what a new level costs)
     fresh = SparseTensor(feats, coords.clone(), shape, batch_size=1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    submanifold_conv3d(fresh, weight, bias, 1, "auto", args.chunk_bytes)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    first_ms = (time.perf_counter() - t0) * 1e3
+    first_ms = wall_ms(lambda: submanifold_conv3d(fresh, weight, bias, 1, "auto", args.chunk_bytes), device)
     del fresh
     for r in rows:
         r["first_call_ms"] = first_ms
@@ -208,14 +174,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    device = default_device(args.device, args.tiny)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     voxels = args.voxels or ([3000, 12000] if args.tiny else [200_000, 1_000_000])
     channels = args.channels or ([16, 32] if args.tiny else [64, 128, 256, 512, 1024])
     if args.tiny:
         args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
     time_fn = timer(device)
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, {dtype}")
+    print(f"device {device_name(device)}, torch {torch.__version__}, {dtype}")
 
     rows, skipped = [], []
     for target in voxels:
@@ -235,11 +201,10 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     print_table(rows)
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        meta = {"device": device_name(device),
                 "torch": torch.__version__, "dtype": str(dtype), "chunk_bytes": args.chunk_bytes,
                 "warmup": args.warmup, "repeats": args.repeats}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "skipped": skipped}, f, indent=1)
+        write_json(args.out, {"meta": meta, "rows": rows, "skipped": skipped})
         print(f"wrote {args.out}")
     return 0
 

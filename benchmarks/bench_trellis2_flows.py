@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
 import statistics
 import sys
@@ -30,6 +28,18 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    device_name,
+    flow_run_setup,
+    gamma_or_norm2_weight,
+    random_coords,
+    random_model,
+    sample_times,
+    wall_ms,
+    write_json,
+)
 
 from know3d_core.sparse import SparseTensor  # noqa: E402
 from know3d_core.trellis2.slat_flow import SLatFlowModel  # noqa: E402
@@ -56,53 +66,13 @@ SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "effici
 def build(kind: str, widths: dict, dtype: str, device: torch.device) -> torch.nn.Module:
     """Random-weight flow (built on 'meta', allocated on device, initialised in place)."""
     cls = SparseStructureFlowModel if kind == "ss" else SLatFlowModel
-    with torch.device("meta"):
-        model = cls(**{**tiny_flow_args(kind), **widths, "dtype": dtype})
-    model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "gamma" or name.endswith("norm2.weight"):
-                p.fill_(1.0)
-            elif leaf == "bias":
-                p.zero_()
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.05, generator=gen)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]), generator=gen)
-    return model.eval()
-
-
-def random_coords(n: int, res: int, batch: int, device) -> torch.Tensor:
-    """``[batch * n, 4]`` int32: the same n random cells of a res^3 grid for every batch item."""
-    flat = torch.randperm(res ** 3, device=device)[:n].sort().values
-    xyz = torch.stack([flat // res ** 2, (flat // res) % res, flat % res], 1)
-    return torch.cat([torch.cat([torch.full_like(xyz[:, :1], b), xyz], 1) for b in range(batch)]).int()
+    return random_model(cls, {**tiny_flow_args(kind), **widths, "dtype": dtype}, device, 0, device,
+                        ones=gamma_or_norm2_weight)
 
 
 def time_ms(fn, device, warmup: int, repeats: int):
     """(median ms, peak extra GiB) of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if device.type == "cuda" else None
+    times, peak, _ = sample_times(fn, device, warmup, repeats, track_peak=True)
     return statistics.median(times), peak
 
 
@@ -134,13 +104,7 @@ def run_case(case, tiny: bool, dtype: str, device, warmup: int, repeats: int, mo
         with torch.no_grad():
             return model(x, t, cond)
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fwd()  # first call of this shape (includes run-time kernel compiles in a fresh process)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    first_ms = 1000 * (time.perf_counter() - t0)
+    first_ms = wall_ms(fwd, device)  # first call of this shape (includes run-time kernel compiles in a fresh process)
     ms, peak = time_ms(fwd, device, warmup, repeats)
     host_ms = None
     if device.type == "cuda":  # time for the host to enqueue one forward (== ms when launch-bound)
@@ -170,12 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
-    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
-    if args.tiny:
-        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
-    elif device.type != "cuda":
-        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+    device = flow_run_setup(args)
+    if device is None:
         return 2
     cases = CASES if args.cases is None else [c for c in CASES if c[0] in args.cases.split(",")]
     ctx = contextlib.nullcontext()
@@ -199,14 +159,12 @@ def main(argv=None) -> int:
                   f"  first {r['first_ms']:.0f} ms  host {r['host_ms']} ms"
                   f"{'' if r['finite'] else '  NON-FINITE'}", flush=True)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "torch": torch.__version__, "dtype": args.dtype, "sdpa": args.sdpa, "tiny": args.tiny,
         "fused": not args.no_fused,
         "warmup": args.warmup, "repeats": args.repeats, "rows": rows,
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 

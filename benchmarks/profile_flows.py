@@ -12,16 +12,16 @@ attention shapes of the flows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.bench_trellis2_flows import CASES, FULL, build, random_coords  # noqa: E402
+from benchmarks.bench_trellis2_flows import CASES, FULL, build  # noqa: E402
+from _common import median_ms, random_coords, write_json  # noqa: E402
 from know3d_core.sparse import SparseTensor  # noqa: E402
 from know3d_core.trellis2.modules.fused import use_fused_kernels  # noqa: E402
 
@@ -66,17 +66,7 @@ def profile_case(case, models, fused: bool, steps: int = 3) -> dict:
         with torch.no_grad(), use_fused_kernels(fused):
             return model(x, t, cond)
 
-    for _ in range(2):
-        fwd()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fwd()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+    ms = median_ms(fwd, device, 2, 5, sync_after_warmup=True)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -96,7 +86,7 @@ def profile_case(case, models, fused: bool, steps: int = 3) -> dict:
         c = categorise(k)
         cats[c] = cats.get(c, 0.0) + v["us"]
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:20]
-    return {"case": name, "fused": fused, "ms_event_median": statistics.median(times), "kernel_ms": total / 1e3,
+    return {"case": name, "fused": fused, "ms_event_median": ms, "kernel_ms": total / 1e3,
             "categories_ms": {c: round(u / 1e3, 2) for c, u in sorted(cats.items(), key=lambda kv: -kv[1])},
             "top": [{"kernel": k[:110], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
 
@@ -196,17 +186,7 @@ def sdpa_check() -> list[dict]:
                 with sdpa_kernel(be):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
             try:
-                for _ in range(3):
-                    call()
-                ts = []
-                for _ in range(10):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    call()
-                    b.record()
-                    torch.cuda.synchronize()
-                    ts.append(a.elapsed_time(b))
-                row[bname] = round(statistics.median(ts), 3)
+                row[bname] = round(median_ms(call, torch.device("cuda"), 3, 10), 3)
             except RuntimeError as err:
                 row[bname] = f"error: {str(err).splitlines()[0][:80]}"
         # which kernel does the default pick? (profiler name)
@@ -250,9 +230,7 @@ def main(argv=None) -> int:
         result["host_us"] = host_check()
     if args.decoder:
         result["decoder"] = decoder_profile()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     return 0
 
 
