@@ -14,8 +14,11 @@ meaningless, so the workload is fixed instead:
 
 Rows: pipeline type x offload (models on the GPU only while used). Columns: seconds per stage
 (``cond`` = DINOv3 at 512 and 1024, ``sparse_structure``, ``shape_slat_512``, ``upsample``,
-``shape_slat_1024``, ``decode``) and peak allocated GiB per stage (CUDA). A warm-up run with one
-step per sampler precedes each row.
+``shape_slat_1024``, ``decode``) and peak allocated GiB per stage (CUDA). Each row is a new object
+in a warmed process: a full warm-up generation with 10 % fewer structure tokens precedes it, so the
+fixed-shape work (structure stage, kernel compiles) is warm while every shape-stage token count is
+new, as for the next object a ComfyUI server generates (new token counts cost cuDNN attention plan
+builds; see trellis2.modules.attention.prebuild_attention_plans).
 
     python benchmarks/bench_geometry.py --out geometry.json            # GPU, full size
     python benchmarks/bench_geometry.py --tiny --out geometry_tiny.json   # CPU check, tiny widths
@@ -167,8 +170,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default pipeline.json's 12; tiny 3)")
     ap.add_argument("--types", default="512,1024_cascade")
     ap.add_argument("--offload", default="both", choices=["both", "on", "off"])
+    ap.add_argument("--no-plan-ahead", action="store_true",
+                    help="A/B: do not prebuild the other batch size's attention plans (pipeline.plan_ahead off)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.no_plan_ahead:
+        import know3d_core.trellis2.pipeline as pipeline_module
+
+        pipeline_module.plan_ahead = lambda fn, batched, params, device: (fn, batched)
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("CUDA is not available: use --tiny for the CPU check")
@@ -186,8 +195,10 @@ def main(argv=None) -> int:
         build_s = time.perf_counter() - start
         for ptype in args.types.split(","):
             n = n512 if ptype == "512" else n_cascade
-            run_row(pipe, ptype, n, 1, image)  # warm-up: one step per sampler
+            n_warm = int(n * 0.9)
+            run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
             row = run_row(pipe, ptype, n, steps, image)
+            row["warmup_tokens"] = n_warm
             row["build_s"] = round(build_s, 2)
             rows.append(row)
             peak = max(row["peak_vram_gib"].values()) if row["peak_vram_gib"] else float("nan")
@@ -197,7 +208,7 @@ def main(argv=None) -> int:
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {"device": device_name(device),
+    result = {"device": device_name(device), "plan_ahead": not args.no_plan_ahead,
               "tiny": args.tiny, "torch": torch.__version__, "steps": steps or 12, "rows": rows}
     write_json(args.out, result, indent=2)
     return 0
