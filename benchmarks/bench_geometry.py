@@ -127,20 +127,41 @@ def sphere_shell(grid: int, n_target: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).int()
 
 
-def run_row(pipe, pipeline_type: str, n_lr: int, steps, image) -> dict:
-    """One generation stage by stage (fixed structure coords); returns timings and memory."""
+def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool = False) -> dict:
+    """One generation stage by stage (fixed structure coords); returns timings and memory.
+
+    ``step_times``: also the wall time of every sampler step (a device sync after each step, so the
+    GPU time of that step; for profiling, it removes the overlap between steps)."""
     timer = StageTimer(pipe.device)
     gen = torch.Generator().manual_seed(0)
     params = None if steps is None else {"steps": steps}
+    per_step: dict = {}
+    clock = [time.perf_counter()]
+
+    def on_step(stage, step, total):
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        per_step.setdefault(stage, []).append(round(1000 * (now - clock[0]), 1))
+        clock[0] = now
+
+    cb = on_step if step_times else None
+
+    def start_clock():
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+        clock[0] = time.perf_counter()
     with timer("cond"):
         cond = pipe.get_cond(image, 512)
         cond_hr = pipe.get_cond(image, 1024) if pipeline_type != "512" else None
     with timer("sparse_structure"):
-        pipe.sample_sparse_structure(cond, resolution=32, generator=gen, params=params)
+        start_clock()
+        pipe.sample_sparse_structure(cond, resolution=32, generator=gen, params=params, callback=cb)
     coords = sphere_shell(32, n_lr)
     tokens = {"shape_slat_512": int(coords.shape[0])}
     with timer("shape_slat_512"):
-        slat, res = pipe.sample_shape_slat(coords, cond, None, "512", generator=gen, params=params)
+        start_clock()
+        slat, res = pipe.sample_shape_slat(coords, cond, None, "512", generator=gen, params=params, callback=cb)
     if pipeline_type == "1024_cascade":
         with timer("upsample"):
             fine = pipe.upsample(slat)
@@ -149,7 +170,9 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image) -> dict:
         tokens["shape_slat_1024"] = int(hr_coords.shape[0])
         del fine, slat
         with timer("shape_slat_1024"):
-            slat, res = pipe.sample_shape_slat(hr_coords, cond_hr, None, "1024", generator=gen, params=params)
+            start_clock()
+            slat, res = pipe.sample_shape_slat(hr_coords, cond_hr, None, "1024", generator=gen, params=params,
+                                               callback=cb)
     del cond, cond_hr
     with timer("decode"):
         mesh = pipe.decode_shape(slat, res)
@@ -157,7 +180,8 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image) -> dict:
     return {"pipeline_type": pipeline_type, "offload": pipe.offload, "resolution": res,
             "timings_s": {k: round(v, 4) for k, v in timer.timings.items()}, "total_s": round(total, 4),
             "peak_vram_gib": {k: round(v / 2 ** 30, 3) for k, v in timer.peak_vram.items()},
-            "num_tokens": tokens, "mesh_faces": mesh.num_faces, "mesh_vertices": mesh.num_vertices}
+            "num_tokens": tokens, "mesh_faces": mesh.num_faces, "mesh_vertices": mesh.num_vertices,
+            **({"step_ms": per_step} if step_times else {})}
 
 
 def main(argv=None) -> int:
@@ -170,6 +194,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default pipeline.json's 12; tiny 3)")
     ap.add_argument("--types", default="512,1024_cascade")
     ap.add_argument("--offload", default="both", choices=["both", "on", "off"])
+    ap.add_argument("--step-times", action="store_true",
+                    help="record every sampler step's time (device sync per step: profiling only)")
+    ap.add_argument("--repeat-object", action="store_true",
+                    help="also time the same object again (every shape seen): the warm steady state")
     ap.add_argument("--no-plan-ahead", action="store_true",
                     help="A/B: do not prebuild the other batch size's attention plans (pipeline.plan_ahead off)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -197,8 +225,13 @@ def main(argv=None) -> int:
             n = n512 if ptype == "512" else n_cascade
             n_warm = int(n * 0.9)
             run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
-            row = run_row(pipe, ptype, n, steps, image)
+            row = run_row(pipe, ptype, n, steps, image, args.step_times)
             row["warmup_tokens"] = n_warm
+            if args.repeat_object:
+                again = run_row(pipe, ptype, n, steps, image, args.step_times)
+                row["same_object_again"] = {k: again[k] for k in ("timings_s", "total_s", "step_ms") if k in again}
+                print(f"{'(same again)':>13} total {again['total_s']:8.3f} s  "
+                      + "  ".join(f"{k} {v:.3f}" for k, v in again["timings_s"].items()), flush=True)
             row["build_s"] = round(build_s, 2)
             rows.append(row)
             peak = max(row["peak_vram_gib"].values()) if row["peak_vram_gib"] else float("nan")
