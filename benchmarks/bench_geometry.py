@@ -17,8 +17,10 @@ Rows: pipeline type x offload (models on the GPU only while used). Columns: seco
 ``shape_slat_1024``, ``decode``) and peak allocated GiB per stage (CUDA). Each row is a new object
 in a warmed process: a full warm-up generation with 10 % fewer structure tokens precedes it, so the
 fixed-shape work (structure stage, kernel compiles) is warm while every shape-stage token count is
-new, as for the next object a ComfyUI server generates (new token counts cost cuDNN attention plan
-builds; see trellis2.modules.attention.prebuild_attention_plans).
+new, as for the next object a ComfyUI server generates: each new token count costs torch's cuDNN
+attention one execution-plan build per attention shape (~50-110 ms each on an H100; measured per
+step with ``--step-times``). ``--repeat-object`` adds the same object again (every shape seen): the
+steady state, which is how the reference and ComfyUI anchors were summed.
 
     python benchmarks/bench_geometry.py --out geometry.json            # GPU, full size
     python benchmarks/bench_geometry.py --tiny --out geometry_tiny.json   # CPU check, tiny widths
@@ -198,14 +200,8 @@ def main(argv=None) -> int:
                     help="record every sampler step's time (device sync per step: profiling only)")
     ap.add_argument("--repeat-object", action="store_true",
                     help="also time the same object again (every shape seen): the warm steady state")
-    ap.add_argument("--no-plan-ahead", action="store_true",
-                    help="A/B: do not prebuild the other batch size's attention plans (pipeline.plan_ahead off)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    if args.no_plan_ahead:
-        import know3d_core.trellis2.pipeline as pipeline_module
-
-        pipeline_module.plan_ahead = lambda fn, batched, params, device: (fn, batched)
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("CUDA is not available: use --tiny for the CPU check")
@@ -241,7 +237,7 @@ def main(argv=None) -> int:
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {"device": device_name(device), "plan_ahead": not args.no_plan_ahead,
+    result = {"device": device_name(device),
               "tiny": args.tiny, "torch": torch.__version__, "steps": steps or 12, "rows": rows}
     write_json(args.out, result, indent=2)
     return 0

@@ -6,10 +6,16 @@ costs are real), ours and the in-run baseline side by side:
 - flows: our unoptimised PyTorch block path (``--no-fused``);
 - decoder, geometry, injection: as the scripts report them (injection: plain vs Know3D forward).
 
-    python benchmarks/perf_report.py --out perf.json          # GPU (H100), full size
+    python benchmarks/perf_report.py --out perf.json          # GPU (H100), full size (~10 min)
     python benchmarks/perf_report.py --tiny --out perf.json   # CPU script check
+    python benchmarks/perf_report.py --parts flows,conv --out a.json           # a subset ...
+    python benchmarks/perf_report.py --parts geometry --merge a.json --out perf.json  # ... then the rest
 
 The table is printed last; ``--out`` gets the raw rows of every script plus the summary.
+First calls: each in a fresh process; the first of two runs sharing a new Triton cache directory
+compiles the kernels (once per machine and Triton version), the second loads them from disk (every
+later process). The 512 pass: the same object again (steady; the anchors are sums of steady
+per-forward times) and a new object in a warmed process (new token counts: cuDNN plan builds).
 """
 from __future__ import annotations
 
@@ -77,7 +83,8 @@ def collect(tiny: bool, tmp: str, parts=PARTS) -> dict:
         raw["decoder_unfused"] = run_script("bench_shape_decoder.py", dec_args + ["--no-fused"],
                                             os.path.join(tmp, "decoder_nf.json"))
     if "geometry" in parts:
-        raw["geometry"] = run_script("bench_geometry.py", t, os.path.join(tmp, "geometry.json"), timeout=600)
+        raw["geometry"] = run_script("bench_geometry.py", t + ["--repeat-object"], os.path.join(tmp, "geometry.json"),
+                                     timeout=600)
     if "first" in parts:
         # First calls, each in a fresh process sharing one new kernel cache: the first run compiles
         # the Triton kernels (once per machine and Triton version), the second finds them on disk
@@ -121,9 +128,12 @@ def summarise(raw: dict) -> list[dict]:
     g512 = _find(geo, pipeline_type="512", offload=False)
     gcas = _find(geo, pipeline_type="1024_cascade", offload=False)
     gcas_off = _find(geo, pipeline_type="1024_cascade", offload=True)
+    again = g512 and g512.get("same_object_again")
     out.append({"figure": TARGETS[5][0], "target": TARGETS[5][1], "anchors": TARGETS[5][2],
-                "ours": g512 and f"{g512['total_s']:.2f} s", "baseline": "-",
-                "ok": None if g512 is None else g512["total_s"] <= 2.3})
+                "ours": g512 and (f"{again['total_s']:.2f} s steady" if again else "-") + f" / {g512['total_s']:.2f} s new object",
+                "baseline": "steady = the same object again (the anchors are sums of steady per-forward times); "
+                            "new object = new token counts, cuDNN plan builds included",
+                "ok": None if not again else again["total_s"] <= 2.3})
     out.append({"figure": TARGETS[6][0], "target": TARGETS[6][1], "anchors": TARGETS[6][2],
                 "ours": gcas and f"{gcas['total_s']:.2f} s (tokens {gcas.get('num_tokens')})", "baseline": "-",
                 "ok": None if gcas is None else gcas["total_s"] <= 8})

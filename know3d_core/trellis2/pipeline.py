@@ -40,11 +40,8 @@ from ..sampling import (
     dense_cfg_batch,
     reference_noise,
     sparse_cfg_batch,
-    time_schedule,
-    uses_cfg,
 )
 from ..sparse import SparseTensor
-from .modules.attention import prebuild_attention_plans, record_attention_layouts
 from .loading import GEOMETRY_MODELS, PipelineConfig, load_pipeline_models, read_pipeline_config
 from .sparse_structure_decoder import decode_occupancy
 
@@ -239,38 +236,6 @@ def _dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     from .modules.dit import parse_dtype
 
     return parse_dtype(dtype)
-
-
-def plan_ahead(model_fn, batched_model_fn, params: SamplerParams, device: torch.device):
-    """Wrap a stage's ``(model_fn, batched_model_fn)`` so the batch size used second gets its
-    attention plans built while the GPU still runs the first forward.
-
-    With interval CFG a stage runs forwards of two batch sizes (B inside the interval as CFG pairs
-    of 2B, B outside it). The first forward records its attention layouts; right after it is queued
-    the same layouts at the other batch size run once on zeros
-    (:func:`~.modules.attention.prebuild_attention_plans`), so cuDNN's per-shape plan builds
-    overlap the GPU's work instead of stalling a later step. Outputs are unchanged (the wrapped
-    functions are called exactly as before). No-op off CUDA, without a batched function, or when
-    the schedule uses only one batch size.
-    """
-    kinds = {uses_cfg(t, params) for t in time_schedule(params.steps, params.rescale_t)[:-1]}
-    if device.type != "cuda" or batched_model_fn is None or len(kinds) < 2:
-        return model_fn, batched_model_fn
-    state = {"done": False}
-
-    def first(fn, batch_factor):
-        def call(x, *args):
-            if state["done"]:
-                return fn(x, *args)
-            state["done"] = True
-            with record_attention_layouts() as layouts:
-                out = fn(x, *args)
-            b = x.batch_size if isinstance(x, SparseTensor) else x.shape[0]
-            prebuild_attention_plans(layouts, b * batch_factor, b * 2 // batch_factor)
-            return out
-        return call
-
-    return first(model_fn, 1), first(batched_model_fn, 2)
 
 
 def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -620,7 +585,6 @@ class Trellis2GeometryPipeline:
         R = flow.resolution
         noise = reference_noise(gen, B, flow.in_channels, R, R, R, device=self.device)
         with self.use(flow), self._guided(flow, cond, knowledge, 512, sparse=False) as (fn, batched, c, n):
-            fn, batched = plan_ahead(fn, batched, sampler.params, self.device)
             z = sampler.sample(fn, noise, c, n, batched_model_fn=batched,
                                callback=self._progress(callback, SS_STAGE), cancel_check=cancel)
         del noise
@@ -698,7 +662,6 @@ class Trellis2GeometryPipeline:
         self.last_num_tokens[stage] = int(coords.shape[0])
         sampler = FlowEulerGuidanceIntervalSampler(params)
         with self.use(flow), self._guided(flow, cond, knowledge, image_size, sparse=True) as (fn, batched, c, n):
-            fn, batched = plan_ahead(fn, batched, sampler.params, self.device)
             out = sampler.sample(fn, x, c, n, batched_model_fn=batched,
                                  callback=self._progress(callback, stage), cancel_check=cancel)
         del x, noise

@@ -5,9 +5,8 @@ Hidden states are always a 3-D tensor ``[B', L', C]``:
 - packed batches of different lengths: ``[1, N, C]`` with a :class:`TokenLayout` that says which
   rows belong to which sample (attention never mixes samples).
 """
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -18,13 +17,7 @@ from .fused import fused_enabled, qk_norm_rope_pair
 from .norm import MultiHeadRMSNorm
 from .rope import apply_rope
 
-__all__ = ["TokenLayout", "attend", "MultiHeadAttention", "record_attention_layouts", "rebatch_layout",
-           "prebuild_attention_plans"]
-
-# (shape, stride, dtype, device) of q, k and v as handed to SDPA ([B, H, L, D] views).
-TensorLayout = Tuple[Tuple[int, ...], Tuple[int, ...], torch.dtype, torch.device]
-SdpaLayout = Tuple[TensorLayout, TensorLayout, TensorLayout]
-_recorders: List[set] = []
+__all__ = ["TokenLayout", "attend", "MultiHeadAttention"]
 
 
 @dataclass
@@ -70,10 +63,8 @@ def attend(
         ``[B, Lq, H, D]`` (or ``[1, Nq, H, D]`` when q is packed).
     """
     if q_layout is None and kv_layout is None:
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if _recorders:
-            _recorders[-1].add(tuple(_layout_of(a) for a in (qt, kt, vt)))
-        return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
     layout = q_layout if q_layout is not None else kv_layout
     B = layout.batch_size
 
@@ -89,75 +80,6 @@ def attend(
     return out.unsqueeze(0) if q_layout is not None else out.reshape(q.shape[0], q.shape[1], *out.shape[1:])
 
 
-def _layout_of(t: torch.Tensor) -> TensorLayout:
-    return tuple(t.shape), tuple(t.stride()), t.dtype, t.device
-
-
-@contextlib.contextmanager
-def record_attention_layouts() -> Iterator[set]:
-    """Collect the distinct q/k/v layouts of the dense attention calls made inside the block.
-
-    Yields a set of :data:`SdpaLayout` (``[B, H, L, D]`` shape, stride, dtype, device of q, k, v)
-    that fills as :func:`attend` runs; packed (``TokenLayout``) calls are not recorded.
-    """
-    layouts: set = set()
-    _recorders.append(layouts)
-    try:
-        yield layouts
-    finally:
-        _recorders.remove(layouts)
-
-
-def _zeros_like_layout(layout: TensorLayout) -> torch.Tensor:
-    """Zeros with ``layout``'s shape, strides, dtype and device."""
-    shape, stride, dtype, device = layout
-    storage = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
-    return torch.zeros(storage, dtype=dtype, device=device).as_strided(shape, stride)
-
-
-def rebatch_layout(layout: SdpaLayout, from_batch: int, to_batch: int) -> SdpaLayout:
-    """The q/k/v layout the same attention call has when the model runs ``to_batch`` samples
-    instead of ``from_batch``.
-
-    Tensors whose batch dim is ``from_batch`` get ``to_batch`` (their strides do not depend on the
-    batch: they are views of per-token projections). A query of batch 1 while the model ran
-    ``from_batch > 1`` samples is a folded batch (``[1, H, B*L, D]``: the knowledge branch puts
-    every sample's rows into one long query against shared keys): its length scales instead.
-    With ``from_batch == 1`` the two readings coincide and the unfolded one is taken.
-    """
-    q, k, v = layout
-    folded = q[0][0] == 1 and from_batch > 1
-
-    def retarget(t: TensorLayout, is_query: bool) -> TensorLayout:
-        shape, stride, dtype, device = t
-        if is_query and folded:
-            length = shape[2] // from_batch * to_batch
-            return (shape[0], shape[1], length, shape[3]), (length * stride[2], *stride[1:]), dtype, device
-        if shape[0] == from_batch:
-            return (to_batch, *shape[1:]), stride, dtype, device
-        return t
-
-    return retarget(q, True), retarget(k, False), retarget(v, False)
-
-
-def prebuild_attention_plans(layouts, from_batch: int, to_batch: int) -> int:
-    """Run SDPA once on zeros for every recorded layout, re-batched from ``from_batch`` to
-    ``to_batch`` samples (:func:`rebatch_layout`).
-
-    Why: torch's cuDNN attention builds an execution plan per new (batch, lengths, strides),
-    60-80 ms of host time each on an H100 (benchmarks/results/sdpa_first_call.log), and its plan
-    cache is per thread. Called while the GPU is still busy with a queued forward, the builds for
-    the batch size the sampler switches to later cost no wall time; the real forwards then find
-    their plans. A layout is the exact q/k/v shape and strides, so the plans match. CUDA only
-    (elsewhere there is nothing to prebuild): returns the number of SDPA calls made.
-    """
-    calls = 0
-    for layout in sorted(layouts, key=repr):
-        if layout[0][3].type != "cuda":
-            continue
-        F.scaled_dot_product_attention(*(_zeros_like_layout(t) for t in rebatch_layout(layout, from_batch, to_batch)))
-        calls += 1
-    return calls
 
 
 class MultiHeadAttention(nn.Module):
