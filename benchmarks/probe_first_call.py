@@ -30,6 +30,9 @@ def stamp(log: dict, name: str, t_prev: list) -> None:
 
 
 def main() -> int:
+    if not torch.cuda.is_available():
+        print("this probe measures CUDA libraries (cuDNN plans, Triton compiles): it needs a GPU", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["steps", "direct", "thread"], default="steps")
     p.add_argument("--out", default=None)

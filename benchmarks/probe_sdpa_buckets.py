@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import torch
@@ -150,6 +151,9 @@ def probe_ragged(B, L1, L2, bucket):
 
 
 def main():
+    if not torch.cuda.is_available():
+        print("this probe measures CUDA libraries (cuDNN plans, Triton compiles): it needs a GPU", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--ragged-only", action="store_true")
@@ -180,4 +184,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
