@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     flat_fan_in,
     gamma_or_norm_weight,
     random_model,
+    sync,
     write_json,
 )
 
@@ -141,8 +142,7 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool 
     clock = [time.perf_counter()]
 
     def on_step(stage, step, total):
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(pipe.device)
         now = time.perf_counter()
         per_step.setdefault(stage, []).append(round(1000 * (now - clock[0]), 1))
         clock[0] = now
@@ -150,8 +150,7 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool 
     cb = on_step if step_times else None
 
     def start_clock():
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(pipe.device)
         clock[0] = time.perf_counter()
     with timer("cond"):
         cond = pipe.get_cond(image, 512)

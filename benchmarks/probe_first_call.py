@@ -3,6 +3,7 @@
 ``--mode steps``: one piece at a time after the weights are on the GPU (cuBLAS matmul, first cuDNN
 attention, each Triton kernel's compile, the first forward, the second forward).
 ``--mode direct``: the first forward straight after the weights (what bench_trellis2_flows reports).
+``--mode thread``: both Triton kernels compile in a thread while the weights are built.
 Each mode must run in a fresh process with an empty ``TRITON_CACHE_DIR`` to see cold costs.
 
     TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/probe_first_call.py --mode steps
@@ -29,6 +30,21 @@ def stamp(log: dict, name: str, t_prev: list) -> None:
     t_prev[0] = now
 
 
+def compile_flow_kernels(fused, tokens: int) -> None:
+    """Run both flow Triton kernels once (bf16, 1536 wide, 12 heads of 128) on ``tokens`` rows."""
+    h = torch.randn(1, tokens, 1536, device="cuda", dtype=torch.bfloat16)
+    mul = torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16)
+    fused.residual_layer_norm_modulate(h, h, mul, mul, mul, 1e-6)
+    compile_qk_kernel(fused, tokens)
+
+
+def compile_qk_kernel(fused, tokens: int) -> None:
+    qh = torch.randn(1, tokens, 12, 128, device="cuda", dtype=torch.bfloat16)
+    g = torch.ones(12, 128, device="cuda")
+    rope = torch.polar(torch.ones(tokens, 64, device="cuda"), torch.zeros(tokens, 64, device="cuda"))
+    fused.qk_norm_rope_pair(qh, qh, g, g, rope, 1e-6)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("this probe measures CUDA libraries (cuDNN plans, Triton compiles): it needs a GPU", file=sys.stderr)
@@ -41,6 +57,7 @@ def main() -> int:
     t = [time.perf_counter()]
     torch.zeros(1, device="cuda")
     stamp(log, "cuda_init_ms", t)
+    from _common import write_json  # noqa: E402
     from bench_trellis2_flows import FULL, build  # noqa: E402
     import know3d_core.trellis2.modules.fused as fused  # noqa: E402
     stamp(log, "import_ours_ms", t)
@@ -50,13 +67,7 @@ def main() -> int:
 
         def compile_kernels():
             t0 = time.perf_counter()
-            h = torch.randn(1, 64, 1536, device="cuda", dtype=torch.bfloat16)
-            mul = torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16)
-            fused.residual_layer_norm_modulate(h, h, mul, mul, mul, 1e-6)
-            qh = torch.randn(1, 64, 12, 128, device="cuda", dtype=torch.bfloat16)
-            g = torch.ones(12, 128, device="cuda")
-            rope = torch.polar(torch.ones(64, 64, device="cuda"), torch.zeros(64, 64, device="cuda"))
-            fused.qk_norm_rope_pair(qh, qh, g, g, rope, 1e-6)
+            compile_flow_kernels(fused, 64)
             torch.cuda.synchronize()
             done["compile_in_thread_ms"] = round(1000 * (time.perf_counter() - t0), 1)
 
@@ -88,10 +99,7 @@ def main() -> int:
         mul = torch.randn(1, 1536, device="cuda", dtype=torch.bfloat16)
         fused.residual_layer_norm_modulate(h, h, mul, mul, mul, 1e-6)
         stamp(log, "triton_residual_ln_compile_ms", t)
-        qh = torch.randn(1, 4096, 12, 128, device="cuda", dtype=torch.bfloat16)
-        g = torch.ones(12, 128, device="cuda")
-        rope = torch.polar(torch.ones(4096, 64, device="cuda"), torch.zeros(4096, 64, device="cuda"))
-        fused.qk_norm_rope_pair(qh, qh, g, g, rope, 1e-6)
+        compile_qk_kernel(fused, 4096)
         stamp(log, "triton_qk_norm_rope_compile_ms", t)
     with torch.no_grad():
         model(x, tt, cond)
@@ -100,9 +108,7 @@ def main() -> int:
         stamp(log, "second_forward_ms", t)
     log["total_ms"] = round(1000 * (time.perf_counter() - T0), 1)
     print(json.dumps(log), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(log, f, indent=1)
+    write_json(args.out, log)
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -26,16 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import wall_ms as _wall_ms, write_json  # noqa: E402
+
+CUDA = torch.device("cuda")
+
 
 def wall_ms(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t0)
+    return _wall_ms(fn, CUDA)
 
 
 def steady_ms(fn, n=10) -> float:
+    """Mean ms of ``n`` back-to-back calls between two CUDA events (one warm-up call first)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -165,22 +168,20 @@ def main():
     rows = []
     for B, L1, L2, b in ((2, 8030, 8138, 512), (1, 8017, 8121, 512), (1, 20000, 20300, 1024), (2, 20000, 20300, 1024), (1, 40000, 40500, 1024)):
         rows.append(probe_ragged(B, L1, L2, b))
-    if args.ragged_only:
-        return
-    for B in (2, 1):
+    for B in ((2, 1) if not args.ragged_only else ()):
         rows.append(probe("none", B, 8191 - 7 * B, 8191 - 7 * B, 8191 - 7 * B))  # unpadded new shape: plan cost
         for kind in ("mask", "bias", "bias_expand"):
             rows.append(probe(kind, B, 8000 + 13 * B + len(kind), 8100 + 17 * B + len(kind), 512))
         rows.append(probe("bias_full", B, 4000 + B, 4050 + B, 512))
         rows.append(probe("none", B, 8300 + B, 8400 + B, 512, cross_len=1029))  # query padding only
-    for kind in ("mask", "bias"):
-        rows.append(probe(kind, 1, 20000, 20300, 1024))
-        rows.append(probe(kind, 1, 40000, 40500, 1024))
-    rows.append(probe("none", 1, 20011, 20011, 20011))
-    rows.append(probe("none", 1, 40011, 40011, 40011))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+    if not args.ragged_only:
+        for kind in ("mask", "bias"):
+            rows.append(probe(kind, 1, 20000, 20300, 1024))
+            rows.append(probe(kind, 1, 40000, 40500, 1024))
+        rows.append(probe("none", 1, 20011, 20011, 20011))
+        rows.append(probe("none", 1, 40011, 40011, 40011))
+    write_json(args.out, rows)
+    return 0
 
 
 if __name__ == "__main__":
