@@ -123,6 +123,32 @@ def wall_ms(fn, device: torch.device) -> float:
     return 1000 * (time.perf_counter() - t0)
 
 
+def kernel_times(fn, steps: int = 3, warmup: int = 3) -> dict:
+    """``{kernel name: {"us", "calls"}}`` per call of ``fn`` on CUDA: device time of each kernel from
+    torch.profiler (aten ops left out), so host launch gaps do not count."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us and ev.key and not ev.key.startswith("aten::"):
+            out[ev.key] = {"us": us / steps, "calls": ev.count / steps}
+    return out
+
+
+def gpu_ms(fn, device: torch.device, steps: int = 3) -> float | None:
+    """Summed kernel time (ms) of one ``fn()`` on CUDA (:func:`kernel_times`); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return sum(v["us"] for v in kernel_times(fn, steps).values()) / 1e3
+
+
 def peak_extra(fn, device: torch.device, unit: int = 2 ** 30, run_on_cpu: bool = False) -> float | None:
     """Peak allocated memory above the current allocation during one ``fn()``, in ``unit`` bytes.
 

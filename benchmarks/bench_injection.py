@@ -11,8 +11,15 @@ real generation (every step, both CFG passes). Per case:
   attention only, research/performance.md); ``ok`` = ratio <= floor + 0.05 (the issue's target);
 - ``zero_exact``: with the freshly installed (zero-output) branch, the output equals the plain one
   bit for bit.
+- ``gpu_ratio`` / ``gpu_ok``: the same from summed kernel times (torch.profiler), without host launch
+  gaps: the B=1 structure forward is host-bound on a slow CPU, and there the wall ratio measures the
+  CPU rather than the kernels.
 Also ``prepare_ms`` (projection + 30 blocks' K/V, once per generation) and ``kv_cache_gib``.
 Timing: CUDA events, median of --repeats after --warmup.
+
+``stages``: the issue's figure, per stage: the B=1 and B=2 forwards of a stage weighted by how many
+of each its official sampler runs (structure: 2 single + 10 CFG-pair steps; shape: 3 + 9), wall
+times, floor weighted by FLOPs.
 
 ``--tiny`` runs tiny widths on the CPU (fp32) so the script is checked without a GPU.
 
@@ -35,6 +42,7 @@ from _common import (  # noqa: E402
     device_name,
     flow_run_setup,
     gamma_or_norm_weight,
+    gpu_ms,
     median_ms,
     random_coords,
     random_model,
@@ -42,6 +50,7 @@ from _common import (  # noqa: E402
 )
 
 from know3d_core.knowledge import install_branch, mmdit_hidden_knowledge, prepare_knowledge  # noqa: E402
+from know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS, time_schedule, uses_cfg  # noqa: E402
 from know3d_core.sparse import SparseTensor  # noqa: E402
 from know3d_core.trellis2.slat_flow import SLatFlowModel  # noqa: E402
 from know3d_core.trellis2.sparse_structure_flow import SparseStructureFlowModel  # noqa: E402
@@ -165,6 +174,8 @@ def run_case(case, tiny: bool, dtype: str, device, warmup: int, repeats: int, st
             return model(x, t, cond, knowledge=knowledge)
 
         uncached_ms = time_ms(uncached, device, max(1, warmup // 2), max(3, repeats // 2))
+        gpu_plain = gpu_ms(lambda: model(x, t, cond), device)
+        gpu_know = gpu_ms(lambda: model(x, t, cond, knowledge=ctx), device)
         finite = bool(torch.isfinite(data(model(x, t, cond, knowledge=ctx))).all())
         del ctx
         model.knowledge_proj.clear_cache()
@@ -176,9 +187,52 @@ def run_case(case, tiny: bool, dtype: str, device, warmup: int, repeats: int, st
         "knowledge_dim": n_layers * width, "plain_ms": round(plain_ms, 3), "know3d_ms": round(know_ms, 3),
         "uncached_ms": round(uncached_ms, 3), "ratio": round(ratio, 4), "floor": round(floor, 4),
         "ok": ratio <= floor + 0.05, "prepare_ms": round(prepare_ms, 3), "kv_cache_gib": round(kv_gib, 4),
+        "gpu_plain_ms": _round(gpu_plain), "gpu_know3d_ms": _round(gpu_know),
+        "gpu_ratio": None if gpu_plain is None else round(gpu_know / gpu_plain, 4),
+        "gpu_ok": None if gpu_plain is None else gpu_know / gpu_plain <= floor + 0.05,
         "plain_tflop": round(f_plain / 1e12, 3), "branch_tflop": round(f_branch / 1e12, 3),
+        "plain_flop": float(f_plain), "branch_flop": float(f_branch),
         "zero_exact": zero_exact, "finite": finite,
     }
+
+
+def _round(v, n: int = 3):
+    return None if v is None else round(v, n)
+
+
+# Stages as the sampler runs them: (name, sampler of OFFICIAL_SAMPLER_PARAMS, B=1 case, B=2 case)
+STAGES = [
+    ("stage 1: sparse structure", "sparse_structure", "ss B=1", "ss B=2"),
+    ("stage 2: shape 512, N=8k", "shape_slat", "shape N=8k", "shape N=8k B=2"),
+]
+
+
+def stage_counts(sampler: str) -> tuple[int, int]:
+    """(single-pass steps, CFG-pair steps) of an official sampler run (pairs run as one B=2 forward)."""
+    params = OFFICIAL_SAMPLER_PARAMS[sampler]
+    cfg = [uses_cfg(t, params) for t in time_schedule(params.steps, params.rescale_t)[:-1]]
+    return cfg.count(False), cfg.count(True)
+
+
+def stage_rows(rows: list[dict]) -> list[dict]:
+    """Whole-stage ratios: each stage's B=1 and B=2 forwards weighted by how often its sampler runs
+    them (wall times; floors weighted by FLOPs). Stages whose cases were not run are left out."""
+    by_case = {r["case"]: r for r in rows}
+    out = []
+    for name, sampler, single, pair in STAGES:
+        if single not in by_case or pair not in by_case:
+            continue
+        n1, n2 = stage_counts(sampler)
+        r1, r2 = by_case[single], by_case[pair]
+        plain = n1 * r1["plain_ms"] + n2 * r2["plain_ms"]
+        know = n1 * r1["know3d_ms"] + n2 * r2["know3d_ms"]
+        f_plain = n1 * r1["plain_flop"] + n2 * r2["plain_flop"]
+        f_branch = n1 * r1["branch_flop"] + n2 * r2["branch_flop"]
+        floor = (f_plain + f_branch) / f_plain
+        out.append({"stage": name, "sampler": sampler, "single_steps": n1, "pair_steps": n2,
+                    "plain_ms": round(plain, 2), "know3d_ms": round(know, 2), "ratio": round(know / plain, 4),
+                    "floor": round(floor, 4), "ok": know / plain <= floor + 0.05})
+    return out
 
 
 def main(argv=None) -> int:
@@ -198,19 +252,24 @@ def main(argv=None) -> int:
         return 2
     cases = CASES if args.cases is None else [c for c in CASES if c[0] in args.cases.split(",")]
     print(f"{'case':<16}{'plain ms':>10}{'know3d ms':>11}{'ratio':>8}{'floor':>8}  ok  "
-          f"{'uncached':>9}{'prepare':>9}  zero==plain")
+          f"{'gpu ratio':>9}{'uncached':>9}{'prepare':>9}  zero==plain")
     rows, state = [], {}
     for case in cases:
         r = run_case(case, args.tiny, args.dtype, device, args.warmup, args.repeats, state)
         rows.append(r)
         print(f"{r['case']:<16}{r['plain_ms']:>10.2f}{r['know3d_ms']:>11.2f}{r['ratio']:>8.3f}{r['floor']:>8.3f}"
-              f"  {'y' if r['ok'] else 'N'}  {r['uncached_ms']:>9.2f}{r['prepare_ms']:>9.2f}  "
+              f"  {'y' if r['ok'] else 'N'}  {'-' if r['gpu_ratio'] is None else format(r['gpu_ratio'], '.3f'):>9}"
+              f"{r['uncached_ms']:>9.2f}{r['prepare_ms']:>9.2f}  "
               f"{'-' if r['zero_exact'] is None else r['zero_exact']}{'' if r['finite'] else '  NON-FINITE'}",
               flush=True)
+    stages = stage_rows(rows)
+    for r in stages:
+        print(f"{r['stage']:<28} {r['single_steps']} x B=1 + {r['pair_steps']} x B=2: {r['plain_ms']:9.1f} -> "
+              f"{r['know3d_ms']:9.1f} ms  ratio {r['ratio']:.3f}  floor {r['floor']:.3f}  {'y' if r['ok'] else 'N'}")
     result = {
         "device": device_name(device),
         "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny, "warmup": args.warmup,
-        "repeats": args.repeats, "rows": rows,
+        "repeats": args.repeats, "rows": rows, "stages": stages,
     }
     write_json(args.out, result)
     return 0

@@ -432,6 +432,56 @@ def test_zero_branch_equals_plain_exactly_on_cuda_with_fused_kernels(dtype):
         assert torch.equal(slat(xs, ts, cs).feats, slat(xs, ts, cs, knowledge=knowledge_tensor().cuda()).feats)
 
 
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_trained_branch_in_fused_blocks_matches_pytorch_path(dtype, monkeypatch, no_tf32):
+    """Fused blocks compute the branch's LayerNorm in norm2's pass (``prenormed=True``) and add the
+    delta in the next residual: same model output as the PyTorch path, dense and sparse."""
+    from know3d_core.trellis2.modules.fused import use_fused_kernels
+    seen = []
+    forward = KnowledgeCrossAttention.forward
+
+    def spy(self, h, ctx, prenormed=False):
+        seen.append(prenormed)
+        return forward(self, h, ctx, prenormed)
+
+    monkeypatch.setattr(KnowledgeCrossAttention, "forward", spy)
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    ss = with_branch(tiny_ss(dtype)).cuda()
+    slat = with_branch(tiny_slat(dtype)).cuda()
+    x, t, cond = (a.cuda() for a in ss_inputs(batch=2))
+    xs, ts, cs = (a.cuda() for a in _slat_inputs([25, 41]))
+    know = knowledge_tensor().cuda()
+    for model, args, data in ((ss, (x, t, cond), lambda o: o), (slat, (xs, ts, cs), lambda o: o.feats)):
+        outs = {}
+        for on in (True, False):
+            seen.clear()
+            with torch.no_grad(), use_fused_kernels(on):
+                model.knowledge_proj.clear_cache()
+                outs[on] = data(model(*args, knowledge=know))
+                plain = data(model(*args))
+            assert seen == [on] * len(model.blocks)  # the fused run took the one-pass norm
+        assert _rel(outs[True], outs[False]) <= tol
+        assert _rel(outs[False], plain) > 20 * tol  # the branch matters: the comparison can fail
+
+
+def test_prenormed_input_gives_the_same_delta():
+    """``forward(norm(h), ctx, prenormed=True)`` (the fused blocks' call) == ``forward(h, ctx)``."""
+    model = with_branch(tiny_ss())
+    attn = model.blocks[0].knowledge_attn
+    weight, bias, eps = attn.prenorm()
+    assert weight is attn.norm.weight and bias is attn.norm.bias and eps == attn.norm.eps
+    h = torch.randn(2, 9, model.model_channels, generator=torch.Generator().manual_seed(3)) * 2 + 1
+    with torch.no_grad():
+        ctx = model.knowledge_proj(knowledge_tensor())
+        normed = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+        ref = attn(h, ctx)
+        assert ref.abs().mean() > 0.01
+        assert torch.allclose(attn(normed, ctx, prenormed=True), ref, atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(attn(normed, ctx), ref, atol=1e-3)  # normalising twice differs
+
+
 def test_cached_keys_and_values_are_contiguous_copies():
     """The cache holds k and v alone (v is not a view keeping the whole to_kv output alive)."""
     attn, proj = KnowledgeCrossAttention(64, 4), KnowledgeProjector(KNOW_DIM, 64)

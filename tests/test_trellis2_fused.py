@@ -106,6 +106,16 @@ def test_kernels_match_fp64_references():
     x_new, h = fused.residual_layer_norm_modulate(x, y, None, mul, add, 1e-6)
     ref = F.layer_norm(x.double() + y.double(), (1536,), eps=1e-6) * (1 + mul.double()[:, None]) + add.double()[:, None]
     assert _rel(h, ref) <= 1e-6
+    z = torch.randn(3, 50, 1536, device="cuda", generator=gen)
+    w2, b2 = torch.randn(1536, device="cuda", generator=gen), torch.randn(1536, device="cuda", generator=gen)
+    x_new, h, h2 = fused.residual_layer_norm_modulate(x, y, mul, w, b, 1e-6, 0.0, z=z, second=(w2, b2))
+    xr = x.double() + y.double() * mul.double()[:, None] + z.double()
+    assert _rel(x_new, xr) <= 1e-6
+    assert _rel(h, F.layer_norm(xr, (1536,), w.double(), b.double(), eps=1e-6)) <= 1e-6
+    assert _rel(h2, F.layer_norm(xr, (1536,), w2.double(), b2.double(), eps=1e-6)) <= 1e-6
+    xb, yb = x.bfloat16(), y.bfloat16()  # a zero z changes nothing, bit for bit
+    assert torch.equal(fused.residual_layer_norm_modulate(xb, yb, None, w, b, 1e-6, z=torch.zeros_like(yb))[1],
+                       fused.residual_layer_norm_modulate(xb, yb, None, w, b, 1e-6)[1])
     xr = x.double().view(150, -1) + y.double().view(150, -1) * add.double()[gi]
     assert _rel(fused.gated_residual(x.view(1, 150, -1), y.view(1, 150, -1), add, gi).view(150, -1), xr) <= 1e-6
 

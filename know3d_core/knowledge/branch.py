@@ -231,12 +231,18 @@ class KnowledgeCrossAttention(MultiHeadAttention):
             return layer_norm_modulate(x, self.norm.weight, self.norm.bias, self.norm.eps, 0.0)
         return self.norm(x)
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows ``[B', L', C]`` -> queries ``[B', L', H, D]``."""
-        q = self.to_q(self._layer_norm(x)).reshape(*x.shape[:2], self.num_heads, -1)
+    def prenorm(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(weight, bias, eps)`` of the branch's LayerNorm: a block whose fused kernel already
+        normalises the same rows computes this norm in that pass and calls ``forward(.., prenormed=True)``."""
+        return self.norm.weight, self.norm.bias, self.norm.eps
+
+    def _query(self, x: torch.Tensor, prenormed: bool = False) -> torch.Tensor:
+        """Rows ``[B', L', C]`` (already through ``norm`` when ``prenormed``) -> queries ``[B', L', H, D]``."""
+        q = self.to_q(x if prenormed else self._layer_norm(x)).reshape(*x.shape[:2], self.num_heads, -1)
         return self._rms_norm(q, self.q_rms_norm) if self.qk_rms_norm else q
 
-    def _attend_rows(self, x: torch.Tensor, ctx: KnowledgeContext, layout: Optional[TokenLayout]) -> torch.Tensor:
+    def _attend_rows(self, x: torch.Tensor, ctx: KnowledgeContext, layout: Optional[TokenLayout],
+                     prenormed: bool = False) -> torch.Tensor:
         """x ``[B, L, C]`` (or packed ``[1, N, C]`` with ``layout``) -> delta of the same shape.
 
         One knowledge sample shared by the whole batch (the usual case: every sample and both CFG
@@ -245,27 +251,28 @@ class KnowledgeCrossAttention(MultiHeadAttention):
         """
         B = x.shape[0] if layout is None else layout.batch_size
         k, v = ctx.kv(self)
-        q = self._query(x)
+        q = self._query(x, prenormed)
         if k.shape[0] == 1:
             h = attend(q.reshape(1, -1, *q.shape[2:]), k, v)
         else:
             h = attend(q, _match_batch(k, B), _match_batch(v, B), q_layout=layout)
         return self.to_out(h.reshape(*x.shape[:2], -1))
 
-    def forward(self, h: Any, ctx: KnowledgeContext) -> Any:
+    def forward(self, h: Any, ctx: KnowledgeContext, prenormed: bool = False) -> Any:
+        """Delta for block input ``h`` (``prenormed``: ``h`` is already ``norm(block input)``)."""
         if not isinstance(ctx, KnowledgeContext):
             raise TypeError(f"knowledge_attn needs a KnowledgeContext (model.knowledge_proj output), got {type(ctx).__name__}")
         if isinstance(h, torch.Tensor):
-            return self._attend_rows(h, ctx, None)
+            return self._attend_rows(h, ctx, None, prenormed)
         if ctx.batch_size == 1:
-            delta = self._attend_rows(h.feats.unsqueeze(0), ctx, None)
+            delta = self._attend_rows(h.feats.unsqueeze(0), ctx, None, prenormed)
         else:
             lens = h.seqlens_list
             if all(n == lens[0] for n in lens):
                 # equal token counts (a CFG pair on shared coords): a plain [B, L, C] batch
-                delta = self._attend_rows(h.feats.reshape(len(lens), lens[0], -1), ctx, None)
+                delta = self._attend_rows(h.feats.reshape(len(lens), lens[0], -1), ctx, None, prenormed)
             else:
-                delta = self._attend_rows(h.feats.unsqueeze(0), ctx, _sparse_layout(h))
+                delta = self._attend_rows(h.feats.unsqueeze(0), ctx, _sparse_layout(h), prenormed)
         return h.replace(delta.reshape(h.feats.shape))
 
 

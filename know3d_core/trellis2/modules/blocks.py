@@ -9,7 +9,8 @@ norm1/norm3: LayerNorm without affine, norm2: affine; all eps 1e-6, computed in 
 
 On CUDA with Triton (``fused.fused_enabled``) the same block runs with fused kernels: each
 residual add (gated or not) together with the following LayerNorm and modulation in one pass,
-q/k RMS norm + RoPE in one pass, the MLP's GELU in the GEMM epilogue (fp16/bf16); results agree
+q/k RMS norm + RoPE in one pass, the MLP's GELU in the GEMM epilogue (fp16/bf16), and with a
+Know3D branch its LayerNorm in norm2's pass and its delta in the next residual; results agree
 with the PyTorch path to half-precision rounding (one rounding where the reference has several).
 """
 from typing import Any, Optional
@@ -91,17 +92,27 @@ class ModulatedTransformerCrossBlock(nn.Module):
             return (self.modulation + mod).type(mod.dtype).chunk(6, dim=1)
         return self.adaLN_modulation(mod).chunk(6, dim=1)
 
-    def _knowledge_delta(self, x: torch.Tensor, ctx: Any, sparse: Any) -> torch.Tensor:
+    def _knowledge_delta(self, x: torch.Tensor, ctx: Any, sparse: Any, **kw) -> torch.Tensor:
         """``knowledge_attn`` on the block input, in the representation the model uses.
 
         Dense models pass rows ``[B, L, C]`` as they are. The sparse model passes its input
         SparseTensor as ``sparse``: the rows go in as a SparseTensor on those coords
-        (feats ``[N, C]``) and the returned SparseTensor's feats come back as rows.
+        (feats ``[N, C]``) and the returned SparseTensor's feats come back as rows. ``kw`` goes to
+        ``knowledge_attn`` (``prenormed=True`` when x is already its norm's output).
         """
         if sparse is None:
-            return self.knowledge_attn(x, ctx)
+            return self.knowledge_attn(x, ctx, **kw)
         h = sparse.replace(x.reshape(-1, x.shape[-1]))
-        return self.knowledge_attn(h, ctx).feats.reshape(x.shape)
+        return self.knowledge_attn(h, ctx, **kw).feats.reshape(x.shape)
+
+    def _branch_prenorm(self, eps: float) -> Optional[tuple]:
+        """``(weight, bias)`` of the knowledge branch's LayerNorm when the fused norm2 pass can
+        compute it too (the branch exposes ``prenorm()`` and uses the same eps); else None."""
+        prenorm = getattr(self.knowledge_attn, "prenorm", None)
+        if prenorm is None:
+            return None
+        weight, bias, branch_eps = prenorm()
+        return (weight, bias) if branch_eps == eps else None
 
     def forward(
         self,
@@ -151,10 +162,20 @@ class ModulatedTransformerCrossBlock(nn.Module):
         rows = None if layout is None else layout.batch_index
         h = layer_norm_modulate(x, scale_msa, shift_msa, self.norm1.eps, 1.0, rows)
         attn = self.self_attn(h, rope=rope, layout=layout)
-        x, h = residual_layer_norm_modulate(x, attn, gate_msa, self.norm2.weight, self.norm2.bias,
-                                            self.norm2.eps, 0.0, rows)
+        knowledge = self.knowledge_attn is not None and knowledge_ctx is not None
+        prenorm = self._branch_prenorm(self.norm2.eps) if knowledge else None
+        if prenorm is not None:  # norm2 and the branch's norm of the same rows in one pass
+            x, h, hk = residual_layer_norm_modulate(x, attn, gate_msa, self.norm2.weight, self.norm2.bias,
+                                                    self.norm2.eps, 0.0, rows, second=prenorm)
+        else:
+            x, h = residual_layer_norm_modulate(x, attn, gate_msa, self.norm2.weight, self.norm2.bias,
+                                                self.norm2.eps, 0.0, rows)
         branch = self.cross_attn(h, context, layout=layout)
-        if self.knowledge_attn is not None and knowledge_ctx is not None:
-            branch = branch + self._knowledge_delta(x, knowledge_ctx, sparse)
-        x, h = residual_layer_norm_modulate(x, branch, None, scale_mlp, shift_mlp, self.norm3.eps, 1.0, rows)
+        delta = None
+        if prenorm is not None:
+            delta = self._knowledge_delta(hk, knowledge_ctx, sparse, prenormed=True)
+        elif knowledge:
+            delta = self._knowledge_delta(x, knowledge_ctx, sparse)
+        # x + cross + knowledge in one rounding, then norm3 (a zero delta leaves x + cross exact)
+        x, h = residual_layer_norm_modulate(x, branch, None, scale_mlp, shift_mlp, self.norm3.eps, 1.0, rows, z=delta)
         return gated_residual(x, self.mlp(h), gate_mlp, rows)

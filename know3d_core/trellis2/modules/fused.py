@@ -131,11 +131,11 @@ if triton is not None:
         tl.store(dst + h * D + d, x.to(dst.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=["rows_per_group", "gate_stride", "mul_stride", "add_stride",
-                                   "residual", "use_gate", "norm", "use_index"])
+                                   "residual", "use_gate", "use_z", "norm", "norm2", "use_index"])
     def _residual_ln_kernel(
-        x_ptr, y_ptr, gate_ptr, xout_ptr, out_ptr, mul_ptr, add_ptr, group_ptr,
+        x_ptr, y_ptr, gate_ptr, z_ptr, xout_ptr, out_ptr, mul_ptr, add_ptr, out2_ptr, w2_ptr, b2_ptr, group_ptr,
         C, rows_per_group, gate_stride, mul_stride, add_stride, eps, offset,
-        residual, use_gate, norm, use_index,
+        residual, use_gate, use_z, norm, norm2, use_index,
         BLOCK_C: tl.constexpr,
     ):
         row = tl.program_id(0)
@@ -150,6 +150,8 @@ if triton is not None:
             y = tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float32)
             if use_gate != 0:
                 y = y * tl.load(gate_ptr + g * gate_stride + cols, mask=ok, other=0.0).to(tl.float32)
+            if use_z != 0:
+                y = y + tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
             xr = (x + y).to(xout_ptr.dtype.element_ty)
             tl.store(xout_ptr + at, xr, mask=ok)
             x = xr.to(tl.float32)  # normalise the rounded residual stream, as the unfused ops do
@@ -160,6 +162,10 @@ if triton is not None:
             mul = tl.load(mul_ptr + g * mul_stride + cols, mask=ok, other=0.0).to(tl.float32)
             add = tl.load(add_ptr + g * add_stride + cols, mask=ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + at, (xc * rstd * (offset + mul) + add).to(out_ptr.dtype.element_ty), mask=ok)
+            if norm2 != 0:  # a second affine LayerNorm of the same row (same statistics)
+                w2 = tl.load(w2_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+                b2 = tl.load(b2_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+                tl.store(out2_ptr + at, (xc * rstd * w2 + b2).to(out2_ptr.dtype.element_ty), mask=ok)
 
 
 if triton is not None:
@@ -205,33 +211,43 @@ def residual_layer_norm_modulate(
     eps: float,
     offset: float = 1.0,
     group_index: Optional[torch.Tensor] = None,
+    *,
+    z: Optional[torch.Tensor] = None,
+    second: Optional[tuple] = None,
 ):
-    """``x' = x + y * gate[g]`` (y None: ``x' = x``; gate None: no gate), then
-    ``h = LayerNorm(x') * (offset + mul[g]) + add[g]``; one pass, fp32 math.
+    """``x' = x + y * gate[g] (+ z)`` (y None: ``x' = x``; gate None: no gate), then
+    ``h = LayerNorm(x') * (offset + mul[g]) + add[g]``; one pass, fp32 math, one rounding of x'.
 
-    x, y: ``[B, L, C]``; gate ``[G, C]`` like mul/add (see :func:`layer_norm_modulate`);
-    mul/add None: no norm (h is None).
-    Returns ``(x' [B, L, C], h [B, L, C])`` in x's dtype (x' is x itself when y is None).
+    x, y, z: ``[B, L, C]``; gate ``[G, C]`` like mul/add (see :func:`layer_norm_modulate`);
+    mul/add None: no norm (h is None). ``z`` (needs ``y``) is a second residual term.
+    ``second = (weight [C], bias [C])``: also return ``h2 = LayerNorm(x') * weight + bias``, another
+    affine LayerNorm of the same rows with the same eps (needs mul/add).
+    Returns ``(x', h)``, or ``(x', h, h2)`` with ``second``; all ``[B, L, C]`` in x's dtype (x' is x
+    itself when y is None).
     """
     C = x.shape[-1]
-    x2 = x.reshape(-1, C)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = _flat_rows(x)
     rows = x2.shape[0]
     norm = mul is not None
+    if (z is not None and y is None) or (second is not None and not norm):
+        raise ValueError("residual_layer_norm_modulate: z needs y, second needs mul/add")
     out = torch.empty_like(x2) if norm else x2
     if not norm:  # placeholders, never read
         mul = add = x2[:1] if gate is None else gate
     if y is not None:
-        y2 = y.reshape(-1, C)
-        if not y2.is_contiguous():
-            y2 = y2.contiguous()
+        y2 = _flat_rows(y)
         x_out = torch.empty_like(x2)
     else:
         y2, x_out = x2, x2
+    z2 = _flat_rows(z) if z is not None else y2
     mul2, add2 = mul.reshape(-1, C), add.reshape(-1, C)
     gate2 = gate.reshape(-1, C) if gate is not None else mul2
     groups = max(mul2.shape[0], gate2.shape[0])
+    if second is not None:
+        w2, b2 = second
+        out2 = torch.empty_like(x2)
+    else:
+        w2, b2, out2 = mul2, add2, out  # placeholders, never read (same dtypes: no extra compile)
 
     def stride(t):
         return 0 if t.shape[0] == 1 else t.stride(0)
@@ -239,13 +255,22 @@ def residual_layer_norm_modulate(
     if rows:
         _residual_ln_launch(
             rows,
-            [x2, y2, gate2, x_out, out, mul2, add2, group_index if group_index is not None else x2,
+            [x2, y2, gate2, z2, x_out, out, mul2, add2, out2, w2, b2,
+             group_index if group_index is not None else x2,
              C, max(1, rows // groups), stride(gate2), stride(mul2), stride(add2), float(eps), float(offset),
-             int(y is not None), int(gate is not None), int(norm), int(group_index is not None)],
+             int(y is not None), int(gate is not None), int(z is not None), int(norm), int(second is not None),
+             int(group_index is not None)],
             (C, rows < 2**31), {"BLOCK_C": triton.next_power_of_2(C)}, 4 if C <= 2048 else 8,
         )
     x_new = x if y is None else x_out.view(x.shape)
-    return x_new, (out.view(x.shape) if norm else None)
+    h = out.view(x.shape) if norm else None
+    return (x_new, h) if second is None else (x_new, h, out2.view(x.shape))
+
+
+def _flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., C]`` -> contiguous ``[M, C]`` (a view when already contiguous)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.is_contiguous() else t2.contiguous()
 
 
 def qk_norm_rope(

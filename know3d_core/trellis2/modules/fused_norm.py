@@ -36,11 +36,14 @@ _TILE_ELEMENTS = 4096  # rows per program = this / padded channels (C=64: 64 row
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["n_rows"])
+    # The flags are run-time ints (not constexpr, not specialised) and absent tensors are passed as
+    # placeholders of the dtypes the real ones have (int32 index, fp32 affine): one compiled kernel
+    # per channel width and dtype pair serves every call site (the shape decoder compiles 6, not 13).
+    @triton.jit(do_not_specialize=["n_rows", "HAS_INDEX", "AFFINE", "SILU"])
     def _layer_norm_act_kernel(
         x_ptr, idx_ptr, w_ptr, b_ptr, out_ptr,
         n_rows, C, x_stride, out_stride, eps,
-        HAS_INDEX: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
+        HAS_INDEX, AFFINE, SILU,
         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -49,7 +52,7 @@ if triton is not None:
         col_ok = cols < C
         ok = row_ok[:, None] & col_ok[None, :]
         dst = rows.to(tl.int64)
-        if HAS_INDEX:
+        if HAS_INDEX != 0:
             src = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         else:
             src = dst
@@ -58,11 +61,11 @@ if triton is not None:
         xc = tl.where(ok, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
         y = xc * rstd[:, None]
-        if AFFINE:
+        if AFFINE != 0:
             w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             y = y * w[None, :] + b[None, :]
-        if SILU:
+        if SILU != 0:
             e = tl.exp(-tl.abs(y))  # sigmoid without overflow for either sign
             y = y * tl.where(y >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         tl.store(out_ptr + dst[:, None] * out_stride + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -149,11 +152,26 @@ def layer_norm_act_triton(
         index = index.contiguous()
     block_c = triton.next_power_of_2(C)
     block_r = max(1, _TILE_ELEMENTS // block_c)
-    affine = weight is not None
+    affine, has_index = weight is not None, index is not None
+    if not has_index:
+        index = _placeholder(x.device, torch.int32)
+    if not affine:
+        weight = bias = _placeholder(x.device, torch.float32)
     _layer_norm_act_kernel[(triton.cdiv(n_rows, block_r),)](
-        x, index if index is not None else x, weight if affine else x, bias if affine else x, out,
+        x, index, weight, bias, out,
         n_rows, C, x.stride(0), out.stride(0), float(eps),
-        HAS_INDEX=index is not None, AFFINE=affine, SILU=bool(silu),
+        int(has_index), int(affine), int(bool(silu)),
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4 if block_c <= 4096 else 8,
     )
     return out
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor standing in for an absent argument (never read by the kernel)."""
+    key = (str(device), dtype)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros(16, dtype=dtype, device=device)
+    return _PLACEHOLDERS[key]
