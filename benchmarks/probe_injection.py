@@ -7,6 +7,10 @@ floor, the extra time per kernel category and the branch's top kernels.
 ``--mode host``: host (CPU) time of the branch at B=1 of the structure flow: its sub-steps one by
 one on a 64-token input (GPU time negligible), and the top CPU ops (self time) of one Know3D forward
 minus one plain forward.
+``--mode stall``: the structure flow at B=1 under ``torch.cuda.set_sync_debug_mode("warn")`` (any
+host sync inside the forward is printed), then wall ms of Know3D forwards with the prepared context,
+with the knowledge re-projected each forward, with the branch's own LayerNorm (no fused pass), and
+of 20 forwards back to back without a synchronize, beside the plain ones.
 ``--mode graph``: the dense structure flow forward eager vs replayed from a CUDA graph, plain and
 Know3D, at B=1 and B=2 (ms, and whether the replay equals the eager output bit for bit).
 
@@ -202,6 +206,69 @@ def mode_host(models) -> dict:
     return {"steps_us": out, "forward_extra_ops": rows, **total}
 
 
+def mode_stall(models) -> dict:
+    import time
+    import warnings
+    from _common import median_ms
+    from bench_injection import CASES
+    from know3d_core.trellis2.modules.blocks import ModulatedTransformerCrossBlock
+    kind, x, t, cond = case_inputs(CASES[0], models.device)
+    model, ctx = models.get(kind)
+    out = {}
+    with torch.no_grad():
+        model(x, t, cond, knowledge=ctx)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            model(x, t, cond, knowledge=ctx)
+            torch.cuda.set_sync_debug_mode("default")
+        out["syncs"] = sorted({str(w.message)[:200] for w in caught})
+        print("host syncs in one Know3D forward:", out["syncs"] or "none", flush=True)
+
+        def uncached():
+            model.knowledge_proj.clear_cache()
+            return model(x, t, cond, knowledge=models.knowledge)
+
+        def back_to_back(fn, n=20):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            return round((time.perf_counter() - t0) / n * 1000, 3)
+
+        cases = {"plain": lambda: model(x, t, cond), "know3d": lambda: model(x, t, cond, knowledge=ctx),
+                 "uncached": uncached}
+        for name, fn in cases.items():
+            out[name + "_ms"] = round(median_ms(fn, models.device, 3, 10, sync_each=True), 3)
+            out[name + "_back_to_back_ms"] = back_to_back(fn)
+        original = ModulatedTransformerCrossBlock._branch_prenorm
+        ModulatedTransformerCrossBlock._branch_prenorm = lambda self, eps: None
+        try:
+            out["know3d_own_norm_ms"] = round(median_ms(cases["know3d"], models.device, 3, 10, sync_each=True), 3)
+        finally:
+            ModulatedTransformerCrossBlock._branch_prenorm = original
+        for name, fn in (("plain", cases["plain"]), ("know3d", cases["know3d"])):
+            from torch.profiler import ProfilerActivity, profile
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                             key=lambda e: e.time_range.start)
+            if kernels:
+                span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
+                busy = sum(e.time_range.end - e.time_range.start for e in kernels) / 1e3
+                gaps = sorted(((kernels[i + 1].time_range.start - kernels[i].time_range.end) / 1e3, kernels[i].name[:60])
+                              for i in range(len(kernels) - 1))[-5:]
+                out[name + "_gpu_span_ms"], out[name + "_gpu_busy_ms"] = round(span, 3), round(busy, 3)
+                out[name + "_largest_gaps"] = [(round(g, 3), n) for g, n in gaps]
+    print({k: v for k, v in out.items() if k != "syncs"}, flush=True)
+    return out
+
+
 def mode_graph(models) -> list:
     from _common import median_ms
     from bench_injection import CASES
@@ -247,7 +314,7 @@ def main() -> int:
     from _common import write_json
     from bench_injection import CASES
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", default="kernels,sdpa,graph", help="comma-separated: kernels, sdpa, host, graph")
+    p.add_argument("--mode", default="kernels,sdpa,graph", help="comma-separated: kernels, sdpa, host, stall, graph")
     p.add_argument("--cases", default="ss B=1,ss B=2,shape N=8k,shape N=8k B=2")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -263,6 +330,8 @@ def main() -> int:
             result["sdpa"] = mode_sdpa(device)
         elif mode == "host":
             result["host"] = mode_host(models)
+        elif mode == "stall":
+            result["stall"] = mode_stall(models)
         elif mode == "graph":
             result["graph"] = mode_graph(models)
     write_json(args.out, result)
