@@ -356,19 +356,20 @@ class FlexiDualGridVaeDecoder(nn.Module):
         """
         device = torch.device(device) if device is not None else self.from_latent.weight.device
         jobs = self._kernel_jobs(device)
+        if not jobs:
+            return 0
 
         def run(job):
             with torch.no_grad(), torch.cuda.device(device):
                 job()
 
-        with ThreadPoolExecutor(max(1, min(threads, len(jobs) or 1))) as pool:
+        with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
             for fut in [pool.submit(run, job) for job in jobs]:
                 try:
                     fut.result()
                 except Exception as exc:  # noqa: BLE001 - an optimisation only; the forward reports
                     _log.info("kernel precompile: %s: %s (the forward compiles it)", type(exc).__name__, exc)
-        if jobs:
-            torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)
         return len(jobs)
 
     def _ensure_kernels(self, device: torch.device) -> None:
