@@ -142,6 +142,27 @@ def kernel_times(fn, steps: int = 3, warmup: int = 3) -> dict:
     return out
 
 
+def sdpa_backend_ms(q, k, v, warmup: int, repeats: int, digits: int = 4) -> dict:
+    """``{backend: median ms}`` of ``F.scaled_dot_product_attention(q, k, v)`` for torch's own choice
+    ("default"), cuDNN, FlashAttention-2 and memory-efficient (an error message where one refuses)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backends = [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    row = {}
+    for name, backend in backends:
+        def call():
+            if backend is None:
+                return sdpa(q, k, v)
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v)
+        try:
+            row[name] = round(median_ms(call, q.device, warmup, repeats), digits)
+        except RuntimeError as err:
+            row[name] = f"error: {str(err).splitlines()[0][:80]}"
+    return row
+
+
 def gpu_ms(fn, device: torch.device, steps: int = 3) -> float | None:
     """Summed kernel time (ms) of one ``fn()`` on CUDA (:func:`kernel_times`); None on the CPU."""
     if device.type != "cuda":

@@ -115,29 +115,16 @@ def mode_kernels(cases, models) -> list:
 
 
 def mode_sdpa(device) -> list:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from _common import median_ms
+    from _common import sdpa_backend_ms
     shapes = [("ss B=1", 1, 4096), ("ss B=2 (one query)", 1, 8192), ("shape 8k B=1", 1, 8192),
               ("shape 8k B=2 (one query)", 1, 16384), ("shape 20k", 1, 20000)]
-    backends = [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
     rows = []
     for name, B, lq in shapes:
         # the branch's layouts: q [1, Lq, H, D] and k/v [1, 4096, H, D] transposed to BHLD views
         q = torch.randn(B, lq, 12, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
         k = torch.randn(1, 4096, 12, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
         v = torch.randn(1, 4096, 12, 128, device=device, dtype=torch.bfloat16).transpose(1, 2)
-        row = {"shape": name, "tflop": round(4 * B * lq * 4096 * 1536 / 1e12, 4)}
-        for bname, be in backends:
-            def call():
-                if be is None:
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                with sdpa_kernel(be):
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            try:
-                row[bname] = round(median_ms(call, device, 3, 15), 4)
-            except RuntimeError as err:
-                row[bname] = f"error: {str(err).splitlines()[0][:80]}"
+        row = {"shape": name, "tflop": round(4 * B * lq * 4096 * 1536 / 1e12, 4), **sdpa_backend_ms(q, k, v, 3, 15)}
         rows.append(row)
         print(row, flush=True)
     return rows

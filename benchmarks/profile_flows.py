@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.bench_trellis2_flows import CASES, FULL, build  # noqa: E402
-from _common import median_ms, random_coords, write_json  # noqa: E402
+from _common import kernel_times, median_ms, random_coords, sdpa_backend_ms, write_json  # noqa: E402
 from know3d_core.sparse import SparseTensor  # noqa: E402
 from know3d_core.trellis2.modules.fused import use_fused_kernels  # noqa: E402
 
@@ -67,43 +67,19 @@ def profile_case(case, models, fused: bool, steps: int = 3) -> dict:
             return model(x, t, cond)
 
     ms = median_ms(fwd, device, 2, 5, sync_after_warmup=True)
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fwd()
-        torch.cuda.synchronize()
-    kernels = {}
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None)
-        if us is None:
-            us = getattr(ev, "cuda_time_total", 0)
-        if us and ev.key:
-            kernels[ev.key] = {"us": us / steps, "calls": ev.count / steps}
-    kernels = {k: v for k, v in kernels.items() if not k.startswith("aten::")}  # device kernels only
-    total = sum(v["us"] for v in kernels.values())
-    cats: dict = {}
-    for k, v in kernels.items():
-        c = categorise(k)
-        cats[c] = cats.get(c, 0.0) + v["us"]
-    top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:20]
-    return {"case": name, "fused": fused, "ms_event_median": ms, "kernel_ms": total / 1e3,
-            "categories_ms": {c: round(u / 1e3, 2) for c, u in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": k[:110], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
+    return {"case": name, "fused": fused, "ms_event_median": ms,
+            **summarise(kernel_times(fwd, steps, warmup=0), top=20)}
 
 
-def _summarise(prof, steps: int) -> dict:
-    kernels = {}
-    for ev in prof.key_averages():
-        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if us and ev.key and not ev.key.startswith("aten::"):
-            kernels[ev.key] = {"us": us / steps, "calls": ev.count / steps}
+def summarise(kernels: dict, top: int = 15) -> dict:
+    """Total, per-category and top-``top`` kernel times of :func:`_common.kernel_times` output."""
     cats: dict = {}
     for k, v in kernels.items():
         cats[categorise(k)] = cats.get(categorise(k), 0.0) + v["us"]
-    top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:15]
+    best = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:top]
     return {"kernel_ms": sum(v["us"] for v in kernels.values()) / 1e3,
             "categories_ms": {c: round(u / 1e3, 2) for c, u in sorted(cats.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": k[:110], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
+            "top": [{"kernel": k[:110], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in best]}
 
 
 def host_check() -> dict:
@@ -151,13 +127,7 @@ def decoder_profile() -> dict:
     def fwd():
         return model(SparseTensor(feats, coords, (64,) * 3, batch_size=1))
 
-    fwd()
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fwd()
-        torch.cuda.synchronize()
-    r = _summarise(prof, 1)
+    r = summarise(kernel_times(fwd, steps=1, warmup=1))
     print(f"\n== shape decoder 1024 fp16: kernels {r['kernel_ms']:.1f} ms")
     for c, ms in r["categories_ms"].items():
         print(f"   {c:<28} {ms:8.2f} ms")
@@ -168,27 +138,14 @@ def decoder_profile() -> dict:
 
 def sdpa_check() -> list[dict]:
     """Median ms of SDPA per backend at the flows' attention shapes (bf16, D=128, 12 heads)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     shapes = [("ss self B=2", 2, 4096, 4096), ("ss cross B=2", 2, 4096, 1029), ("shape self 8k B=2", 2, 8192, 8192),
               ("shape self 20k", 1, 20000, 20000), ("shape cross 20k", 1, 20000, 4101), ("shape self 40k", 1, 40000, 40000)]
-    backends = [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
-                ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
     rows = []
     for name, B, lq, lk in shapes:
         q = torch.randn(B, 12, lq, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(B, 12, lk, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        row = {"shape": name}
-        for bname, be in backends:
-            def call():
-                if be is None:
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                with sdpa_kernel(be):
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            try:
-                row[bname] = round(median_ms(call, torch.device("cuda"), 3, 10), 3)
-            except RuntimeError as err:
-                row[bname] = f"error: {str(err).splitlines()[0][:80]}"
+        row = {"shape": name, **sdpa_backend_ms(q, k, v, 3, 10, digits=3)}
         # which kernel does the default pick? (profiler name)
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
