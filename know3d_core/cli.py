@@ -30,7 +30,13 @@ from .model_check import RESOLUTIONS, VARIANTS, ModelCheck, check_models, needs_
 
 __all__ = ["main", "build_parser", "load_pipeline", "UsageError", "write_outputs", "open_front_image"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+
+# Command families that live beside their library (``know3d_core/<family>/commands.py``). Each module
+# is torch-free at import and exposes ``register(subparsers)``, which adds its sub-commands with
+# ``set_defaults(run=callable)``; ``callable(opts) -> int`` returns the exit code and raises
+# :class:`UsageError` for bad input (exit code 2).
+COMMAND_FAMILIES: tuple = ()
 DEMO_PROMPT = "a hollow backrest with three vertical slats"
 MESH_BASENAME = "mesh"
 BACK_NAME = "back.png"
@@ -38,10 +44,6 @@ BATCH_SETTINGS = "batch.json"
 VIEWS = ("front", "back", "left", "right")
 
 PipelineFactory = Callable[[argparse.Namespace, ModelCheck], Any]
-
-
-class UsageError(Exception):
-    """A bad argument, an unreadable input or a failed model check: one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -189,7 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resolution", choices=RESOLUTIONS, help="(default: 512, the demo's fast setting)")
     d.add_argument("--keep-models", metavar="DIR", help="write the demo models here and keep them")
     _add_generation_options(d, demo=True)
+    _register_families(sub)
     return parser
+
+
+def _register_families(sub) -> None:
+    import importlib
+
+    for name in COMMAND_FAMILIES:
+        importlib.import_module(name).register(sub)
 
 
 def _size(text: str) -> tuple:
@@ -766,7 +776,8 @@ def main(argv: Optional[Sequence[str]] = None, *, pipeline_factory: Optional[Pip
     with contextlib.suppress(ValueError):  # only the main thread may install handlers
         previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
-        return COMMANDS[opts.command](opts, factory)
+        run = getattr(opts, "run", None)
+        return run(opts) if run is not None else COMMANDS[opts.command](opts, factory)
     except _CheckFailed as e:
         print(f"know3d {opts.command}: error: {e}", file=sys.stderr)
         print(e.check.format(only_problems=True), file=sys.stderr)
