@@ -19,6 +19,7 @@ Every load is strict: missing keys, unexpected keys and wrong shapes raise one
 """
 import importlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -33,12 +34,14 @@ from .modules.dit import parse_dtype
 __all__ = [
     "MODEL_CLASSES", "GEOMETRY_MODELS", "COMFY_FLOW_PREFIXES", "FULL_SIZE_FLOW_CONFIGS",
     "CheckpointError", "PipelineConfig", "get_model_class", "check_state_dict", "load_state_dict_strict",
+    "drop_reference_buffers",
     "read_model_json", "build_model", "load_model", "read_pipeline_config", "resolve_checkpoint",
     "load_pipeline_model", "load_pipeline_models", "split_state_dict_by_prefix", "infer_flow_config",
     "build_flows_from_state_dict", "load_comfy_flow_file",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+logger = logging.getLogger(__name__)
 
 # Class name (as written in ckpts/*.json) -> (sibling module, class). Imported on first use, so a
 # network whose file is not there yet only fails when it is actually asked for.
@@ -110,8 +113,43 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
     raise CheckpointError("\n".join(lines))
 
 
+def drop_reference_buffers(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+) -> Dict[str, torch.Tensor]:
+    """``state_dict`` without the buffers that the reference class saves and ``model`` rebuilds
+    (``model.reference_buffers()``, e.g. ``rope_phases`` of the structure flow).
+
+    Each such buffer must have our shape and, unless it is on the meta device (a header-only check),
+    our values (``allclose``, atol 1e-5); otherwise :class:`CheckpointError`. A dropped buffer is
+    logged (INFO). Every other key is left for :func:`check_state_dict` to judge.
+    """
+    known = getattr(model, "reference_buffers", None)
+    if known is None:
+        return dict(state_dict)
+    own = model.state_dict()
+    kept = dict(state_dict)
+    for key, ours in known().items():
+        if key not in kept or key in own:
+            continue
+        theirs = kept.pop(key)
+        if tuple(theirs.shape) != tuple(ours.shape):
+            raise CheckpointError(
+                f"checkpoint {source}: buffer {key} has shape {tuple(theirs.shape)}, {type(model).__name__} "
+                f"builds {tuple(ours.shape)}. Fix: use the .json config the checkpoint was trained with.")
+        if theirs.device.type != "meta" and not torch.allclose(
+                theirs.to("cpu", torch.complex64 if ours.is_complex() else torch.float32), ours.cpu(), atol=1e-5):
+            raise CheckpointError(
+                f"checkpoint {source}: buffer {key} differs from the one {type(model).__name__} builds "
+                "(another rope_freq or resolution than its .json config?). Fix: use the matching config.")
+        logger.info("%s: dropped the reference buffer %s (equal to the one %s builds)",
+                    source, key, type(model).__name__)
+    return kept
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
-    """Check (:func:`check_state_dict`) and copy ``state_dict`` into ``model`` (cast to its dtypes)."""
+    """Check (:func:`check_state_dict`) and copy ``state_dict`` into ``model`` (cast to its dtypes).
+    Reference-only buffers are checked and dropped first (:func:`drop_reference_buffers`)."""
+    state_dict = drop_reference_buffers(model, state_dict, source)
     check_state_dict(model, state_dict, source)
     with torch.no_grad():
         model.load_state_dict(state_dict, strict=True)

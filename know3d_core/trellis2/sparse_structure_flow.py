@@ -35,6 +35,13 @@ class SparseStructureFlowModel(FlowDiT):
             self._rope_cache[key] = rope_phases(grid, self.head_dim, self.rope_freq)
         return self._rope_cache[key]
 
+    def reference_buffers(self) -> Dict[str, torch.Tensor]:
+        """Buffers the reference class registers but this one rebuilds: ``{"rope_phases": [R^3, D/2]}``
+        (complex64, CPU). State dicts saved by the reference code carry them; loaders check them
+        against these values and drop them (``trellis2.loading.drop_reference_buffers``)."""
+        device = self.input_layer.weight.device
+        return {"rope_phases": self._rope_tables(device if device.type == "meta" else torch.device("cpu"))}
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None
     ) -> torch.Tensor:
