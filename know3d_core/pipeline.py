@@ -271,15 +271,11 @@ class Know3DPipeline:
     def capture_spec(self, variant: str, sigma: Optional[float] = None, layers: Optional[Sequence[int]] = None):
         """The MMDiT capture of a variant (``hidden`` only, else None): explicit arguments >
         the Know3D checkpoint's ``mmdit_layers`` / ``sigma`` > defaults (``mmdit.capture``)."""
-        from .mmdit import CaptureSpec
+        from .knowledge import capture_spec
 
         if variant_kind(variant) != "mmdit_hidden":
             return None
-        spec = self.know3d_spec
-        meta = {}
-        if spec is not None and spec.knowledge_kind == "mmdit_hidden":
-            meta = {"layers": spec.mmdit_layers, "sigma": spec.sigma}
-        return CaptureSpec.from_metadata(meta, layers=layers, sigma=sigma)
+        return capture_spec(self.know3d_spec, layers=layers, sigma=sigma)
 
     def check_variant(self, variant: str, pipeline_type: Optional[str] = None,
                       sigma: Optional[float] = None, layers: Optional[Sequence[int]] = None) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "Know3DFormatError",
     "Know3DSpec",
     "Know3DCheckpoint",
+    "capture_spec",
     "read_know3d",
     "save_know3d",
     "apply_know3d",
@@ -163,6 +164,16 @@ class Know3DSpec:
             raise Know3DFormatError(f"{origin}: unreadable metadata ({e})") from None
         spec.validate(origin)
         return spec
+
+
+def capture_spec(spec: Optional[Know3DSpec], *, layers=None, sigma: Optional[float] = None):
+    """The MMDiT capture to run for a loaded Know3D checkpoint (``spec``, or None): explicit
+    ``layers`` / ``sigma`` > the checkpoint's ``mmdit_layers`` / ``sigma`` (only when it was trained on
+    ``mmdit_hidden``) > ``mmdit.capture`` defaults. The one rule the CLI pipeline and the nodes share."""
+    from ..mmdit.capture import CaptureSpec
+
+    meta = spec.capture_metadata() if spec is not None and spec.knowledge_kind == MMDIT_HIDDEN else {}
+    return CaptureSpec.from_metadata(meta, layers=layers, sigma=sigma)
 
 
 @dataclass
