@@ -449,6 +449,7 @@ def save_know3d(
     content: str = "delta",
     configs: Optional[Mapping[str, Mapping[str, Any]]] = None,
     mmdit_model: Optional[str] = None,
+    extra_metadata: Optional[Mapping[str, str]] = None,
 ) -> Know3DSpec:
     """Write Know3D models to ``path``; the spec comes from the models' branches and LoRA.
 
@@ -460,6 +461,8 @@ def save_know3d(
         configs: ``{name: {"name": class, "args": {...}}}`` for a merged file (default: built from
             each model's ``config`` attribute and class name).
         mmdit_model: name of the MMDiT the knowledge comes from (metadata only).
+        extra_metadata: more string metadata (e.g. the trainer's ``training`` record); a key of the
+            format itself raises.
     Returns:
         the spec written.
     """
@@ -493,6 +496,10 @@ def save_know3d(
             "models": json.dumps(list(models)), **spec.to_metadata()}
     if content == "merged":
         meta["configs"] = json.dumps(meta_configs)
+    clash = sorted(set(extra_metadata or {}) & (set(meta) | {"configs"}))
+    if clash:
+        raise ValueError(f"extra_metadata may not override the format's keys {clash}")
+    meta.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
     spec.validate(os.fspath(path))
     save_file(tensors, os.fspath(path), metadata=meta)
     return spec
