@@ -670,6 +670,49 @@ class Trellis2GeometryPipeline:
         return SparseTensor(out.feats * std + mean, coords, (grid, grid, grid), batch_size=B)
 
     @torch.no_grad()
+    def sample_geometry(
+        self,
+        coords: torch.Tensor,
+        conds: Mapping[int, Mapping[str, torch.Tensor]],
+        knowledge: Any = None,
+        pipeline_type: str = "1024_cascade",
+        **kwargs: Any,
+    ) -> Tuple[SparseTensor, int]:
+        """``sample_shape_slat`` from the DINOv3 conditions by image size (``{512: get_cond(img, 512),
+        1024: ...}``, the sizes ``cond_resolutions(pipeline_type)`` lists): each shape stage gets the
+        condition of its own size. ``kwargs``: those of ``sample_shape_slat`` (generator, params, ...)."""
+        stages = _shape_stages(pipeline_type)
+        missing = sorted({int(s) for s in stages} - set(conds))
+        if missing:
+            raise ValueError(f"pipeline_type {pipeline_type} needs DINOv3 conditions at {missing} px")
+        cond_hr = conds[int(stages[1])] if len(stages) > 1 else None
+        return self.sample_shape_slat(coords, conds[int(stages[0])], knowledge, pipeline_type, cond_hr=cond_hr,
+                                      **kwargs)
+
+    # ------------------------------------------------------------------ stages run one call at a time
+    @property
+    def structure_noise_shape(self) -> Tuple[int, int, int, int, int]:
+        """``(1, C, R, R, R)``: the structure noise of one sample, which a run draws first."""
+        flow = self.model("sparse_structure_flow_model")
+        r = int(flow.resolution)
+        return (1, int(flow.in_channels), r, r, r)
+
+    @property
+    def structure_decoder_grid(self) -> int:
+        """Grid of the structure decoder's occupancy (64 for TRELLIS.2): the finest ``resolution``
+        ``sample_sparse_structure`` can return (coarser grids are max-pooled from it)."""
+        flow = self.model("sparse_structure_flow_model")
+        return int(flow.resolution) * int(self.model("sparse_structure_decoder").upsample_factor)
+
+    def shape_generator(self, seed: int) -> torch.Generator:
+        """The noise source of a shape stage run apart from its structure stage (a host's separate
+        node): seeded with ``seed`` and advanced past the structure noise of one sample, so one seed in
+        both calls gives the numbers of ``run(seed=seed)``."""
+        generator = torch.Generator().manual_seed(int(seed))
+        reference_noise(generator, *self.structure_noise_shape)
+        return generator
+
+    @torch.no_grad()
     def upsample(self, slat: SparseTensor) -> torch.Tensor:
         """The shape decoder's predicted voxels 16x finer than ``slat`` (``[N', 4]`` int32)."""
         decoder = self.model("shape_slat_decoder")
@@ -723,12 +766,11 @@ class Trellis2GeometryPipeline:
             coords = self.sample_sparse_structure(
                 conds[512], knowledge, resolution=ss_resolution(pipeline_type), generator=gen,
                 params=ss_params, callback=callback, cancel=cancel)
-        first = conds[1024] if pipeline_type == "1024" else conds[512]
         with timer("shape_slat"):
-            slat, res = self.sample_shape_slat(
-                coords, first, knowledge, pipeline_type, cond_hr=conds.get(1024), generator=gen,
-                params=shape_params, max_num_tokens=max_num_tokens, callback=callback, cancel=cancel)
-        del conds, first
+            slat, res = self.sample_geometry(
+                coords, conds, knowledge, pipeline_type, generator=gen, params=shape_params,
+                max_num_tokens=max_num_tokens, callback=callback, cancel=cancel)
+        del conds
         with timer("decode"):
             mesh = self.decode_shape(slat, res)
         mesh.metadata.update({"seed": int(seed), "pipeline_type": pipeline_type, "resolution": res})
