@@ -1,7 +1,8 @@
 """``know3d models``: every file a variant needs, where it goes and where it comes from.
 
 Nothing here loads a network: files are found by name and, for safetensors, by their header (key
-names, dtypes, metadata; a few kB read), which also catches truncated downloads. The result tells
+names, dtypes, metadata; a few kB read), which also catches truncated downloads; then each network
+is built from its config on the meta device and compared with the headers (``model_shapes``). The result tells
 the user, for each missing or unusable file, the expected name, the folder it goes in and the public
 repository and file it comes from; the CLI runs this before any model is loaded.
 
@@ -643,6 +644,7 @@ def check_models(
     sigma: Optional[float] = None,
     layers: Optional[Sequence[int]] = None,
     dinov3: Optional[str] = None,
+    shapes: bool = True,
 ) -> ModelCheck:
     """Check every file ``variant`` at ``resolution`` needs; never raises for missing files.
 
@@ -651,6 +653,9 @@ def check_models(
         qwen_dir: ``--qwen`` (diffusers Qwen-Image-Edit-2511 folder); ignored for ``none``.
         lora, know3d, dinov3: explicit files (``--lora``, ``--know3d``, ``--dinov3``).
         sigma, layers: user overrides, checked against the Know3D checkpoint's own values.
+        shapes: also build every network from its config on the meta device and compare its keys,
+            shapes and dtypes with the safetensors headers (``model_shapes.check_shapes``; no
+            weight is read). False: names and headers only.
     """
     if variant not in VARIANT_KINDS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -682,4 +687,8 @@ def check_models(
     if needs_qwen(variant):
         check.files += _qwen_checks(qwen_dir)
         check.files.append(_lora_check(lora))
+    if shapes:
+        from .model_shapes import check_shapes
+
+        check_shapes(check)
     return check

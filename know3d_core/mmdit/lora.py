@@ -81,16 +81,23 @@ def read_lora(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict, str]
     """
     if not os.path.isfile(path):
         raise LoraError(f"LoRA file not found: {path}")
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
     with safe_open(path, framework="pt", device="cpu") as f:
         metadata = f.metadata() or {}
-        for key in f.keys():
-            parts = _split_key(key)
-            if parts is None:
-                unknown.append(key)
-                continue
-            groups.setdefault(parts[0], {})[parts[1]] = f.get_tensor(key)
+        groups, family = group_lora_tensors(((key, f.get_tensor(key)) for key in f.keys()), path)
+    return groups, metadata, family
+
+
+def group_lora_tensors(items, path: str) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+    """``(key, tensor)`` pairs of a LoRA file -> ``({raw_module_name: {"down", "up", "alpha"}}, family)``
+    (tensors may be meta tensors made from the header). Unrecognised keys raise ``LoraError``."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in items:
+        parts = _split_key(key)
+        if parts is None:
+            unknown.append(key)
+            continue
+        groups.setdefault(parts[0], {})[parts[1]] = tensor
     if unknown:
         raise LoraError(f"{path}: {len(unknown)} keys are not LoRA down/up/alpha tensors of a supported "
                         f"kind (e.g. {unknown[:3]}); LyCORIS/LoHa/LoKr/DoRA files are not supported")
@@ -99,7 +106,7 @@ def read_lora(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict, str]
     families = {_family_of(name)[0] for name in groups}
     if len(families) > 1:
         raise LoraError(f"{path}: mixes key families {sorted(families)}")
-    return groups, metadata, families.pop()
+    return groups, families.pop()
 
 
 def _resolve(name: str, family: str, linears: dict[str, torch.nn.Linear],
@@ -110,15 +117,10 @@ def _resolve(name: str, family: str, linears: dict[str, torch.nn.Linear],
     return bare if bare in linears else None
 
 
-@torch.no_grad()
-def merge_lora(transformer: torch.nn.Module, path: str, strength: float = 1.0) -> LoraReport:
-    """Merge the LoRA at ``path`` into ``transformer``'s Linear weights in place.
-
-    Raises ``LoraError`` naming the file when any LoRA module matches no module of the model
-    (a LoRA for another architecture), when shapes disagree, or when up/down are incomplete.
-    Nothing is modified unless every module matches.
-    """
-    groups, metadata, family = read_lora(path)
+def match_lora(transformer: torch.nn.Module, groups: dict, family: str, path: str) -> dict[str, str]:
+    """``{LoRA module: Linear of transformer}``; raises ``LoraError`` naming the file when any LoRA
+    module matches no module of the model (a LoRA for another architecture), when shapes disagree,
+    or when up/down are incomplete. Reads only shapes (works on meta tensors and models)."""
     linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     underscored = {n.replace(".", "_"): n for n in linears}
     resolved, unmatched = {}, []
@@ -133,7 +135,6 @@ def merge_lora(transformer: torch.nn.Module, path: str, strength: float = 1.0) -
             f"{path}: {len(unmatched)} of {len(groups)} LoRA modules ({family} keys) match no module of "
             f"{type(transformer).__name__} (e.g. {sorted(unmatched)[:3]}); {len(resolved)} matched. "
             "Is it a LoRA for another architecture?")
-    plan = []
     for name, target in resolved.items():
         g = groups[name]
         if "down" not in g or "up" not in g:
@@ -144,6 +145,23 @@ def merge_lora(transformer: torch.nn.Module, path: str, strength: float = 1.0) -
                 (up.shape[0], down.shape[1]) != tuple(lin.weight.shape):
             raise LoraError(f"{path}: module {name}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not "
                             f"fit {target}.weight {tuple(lin.weight.shape)}")
+    return resolved
+
+
+@torch.no_grad()
+def merge_lora(transformer: torch.nn.Module, path: str, strength: float = 1.0) -> LoraReport:
+    """Merge the LoRA at ``path`` into ``transformer``'s Linear weights in place.
+
+    Raises ``LoraError`` as :func:`match_lora`. Nothing is modified unless every module matches.
+    """
+    groups, metadata, family = read_lora(path)
+    resolved = match_lora(transformer, groups, family, path)
+    linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    plan = []
+    for name, target in resolved.items():
+        g = groups[name]
+        down, up, lin = g["down"], g["up"], linears[target]
+        rank = down.shape[0]
         alpha = float(g["alpha"].item()) if "alpha" in g else _peft_alpha(metadata, target, rank)
         plan.append((target, lin, up, down, (alpha / rank) if alpha is not None else 1.0, rank))
     report = LoraReport(path=path, family=family, modules=[], ranks={})
