@@ -7,12 +7,14 @@ import torch
 
 from . import _host
 from ._common import CATEGORY
+from ._io import IO
 from ..know3d_core.mesh import FORMATS, Mesh, mesh_bytes, render_normals, y_up_to_z_up
 from ..know3d_core.mesh import remove_floaters as drop_floaters
 from ..know3d_core.mesh.decimate import decimate
 from ..know3d_core.outputs import write_new_file
 
 VIEW_ORDER = ("front", "back", "left", "right")
+BACKGROUNDS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "gray": (0.5, 0.5, 0.5)}
 
 
 def core_mesh_to_meshes(mesh) -> list[Mesh]:
@@ -40,45 +42,46 @@ def file_metadata(mesh, prompt, extra_pnginfo, fmt: str) -> dict:
     return meta
 
 
-class Know3DSaveMesh:
-    DESCRIPTION = (
-        "Save a mesh under ComfyUI's output folder as GLB, OBJ, PLY or STL, named "
-        "<prefix>_00001_.<ext> with a counter that never overwrites. The seed and prompt go into "
-        "the file where the format allows (GLB extras, OBJ/PLY comments, STL header). Optional "
-        "floater removal and face-count reduction. Wire model_file into core 'Preview 3D' to view it."
-    )
-    CATEGORY = f"{CATEGORY}/mesh"
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("model_file",)
-    OUTPUT_TOOLTIPS = ("Path of the first saved file, relative to the output folder (for core Preview 3D).",)
+class Know3DSaveMesh(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DSaveMesh",
+            display_name="Save Mesh",
+            category=f"{CATEGORY}/mesh",
+            description=(
+                "Save a mesh under ComfyUI's output folder as GLB, OBJ, PLY or STL, named "
+                "<prefix>_00001_.<ext> with a counter that never overwrites. The seed and prompt go into "
+                "the file where the format allows (GLB extras, OBJ/PLY comments, STL header). Optional "
+                "floater removal and face-count reduction. Wire model_file into core 'Preview 3D' to view it."
+            ),
+            is_output_node=True,
+            inputs=[
+                IO.Mesh.Input("mesh", tooltip="Mesh to save (core MESH, Y-up): from Know3D Geometry or any core 3D node."),
+                IO.String.Input("filename_prefix", default="know3d/mesh",
+                                tooltip="Relative name under output/: optional sub-folder + base name. Absolute paths and '..' are refused."),
+                IO.Combo.Input("format", options=list(FORMATS), default="glb",
+                               tooltip="File format. GLB keeps metadata and shows in 3D viewers; STL is written Z-up for slicers."),
+                IO.Boolean.Input("remove_floaters", default=True,
+                                 tooltip="Remove small disconnected pieces (below floater_fraction of the faces). The largest piece is always kept."),
+                IO.Float.Input("floater_fraction", default=0.01, min=0.0, max=0.5, step=0.001,
+                               tooltip="Pieces with fewer than this fraction of all faces count as floaters."),
+                IO.Int.Input("target_faces", default=0, min=0, max=50_000_000, step=1000,
+                             tooltip="Reduce the mesh to at most this many faces (vertex clustering). 0 keeps every face."),
+            ],
+            outputs=[IO.String.Output("model_file", display_name="model_file",
+                                      tooltip="Path of the first saved file, relative to the output folder (for core Preview 3D).")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "mesh": ("MESH", {"tooltip": "Mesh to save (core MESH, Y-up): from Know3D Geometry or any core 3D node."}),
-                "filename_prefix": ("STRING", {
-                    "default": "know3d/mesh",
-                    "tooltip": "Relative name under output/: optional sub-folder + base name. Absolute paths and '..' are refused."}),
-                "format": (list(FORMATS), {"default": "glb", "tooltip": "File format. GLB keeps metadata and shows in 3D viewers; STL is written Z-up for slicers."}),
-                "remove_floaters": ("BOOLEAN", {"default": True, "tooltip": "Remove small disconnected pieces (below floater_fraction of the faces). The largest piece is always kept."}),
-                "floater_fraction": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 0.5, "step": 0.001,
-                                               "tooltip": "Pieces with fewer than this fraction of all faces count as floaters."}),
-                "target_faces": ("INT", {"default": 0, "min": 0, "max": 50_000_000, "step": 1000,
-                                         "tooltip": "Reduce the mesh to at most this many faces (vertex clustering). 0 keeps every face."}),
-            },
-            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
-        }
-
-    def save(self, mesh, filename_prefix, format, remove_floaters=True, floater_fraction=0.01, target_faces=0,
-             prompt=None, extra_pnginfo=None):
+    def execute(cls, mesh, filename_prefix, format, remove_floaters=True, floater_fraction=0.01,
+                target_faces=0) -> IO.NodeOutput:
         fmt = str(format).lower()
         if fmt not in FORMATS:
             raise ValueError(f"Know3D Save Mesh: unknown format {format!r}; choose one of {', '.join(FORMATS)}")
         output_dir = _host.output_directory()
-        meta = file_metadata(mesh, prompt, extra_pnginfo, fmt)
+        hidden = cls.hidden
+        meta = file_metadata(mesh, getattr(hidden, "prompt", None), getattr(hidden, "extra_pnginfo", None), fmt)
         # Serialise every item first: a failure then leaves no file at all.
         blobs = []
         for i, item in enumerate(core_mesh_to_meshes(mesh)):
@@ -96,50 +99,43 @@ class Know3DSaveMesh:
             results.append({"filename": saved.filename, "subfolder": saved.subfolder, "type": "output"})
         first = results[0]
         rel = f"{first['subfolder']}/{first['filename']}" if first["subfolder"] else first["filename"]
-        return {"ui": {"3d": results}, "result": (rel,)}
+        return IO.NodeOutput(rel, ui={"3d": results})
 
 
-class Know3DRenderNormals:
-    DESCRIPTION = (
-        "Render a mesh's normal maps from the front, back, left and right (orthographic, pure "
-        "torch, CPU or GPU) as an IMAGE batch: compare back sides at a glance, also headless. "
-        "For a batch of meshes the four views of each mesh follow each other."
-    )
-    CATEGORY = f"{CATEGORY}/mesh"
-    FUNCTION = "render"
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("normals",)
-    OUTPUT_TOOLTIPS = ("Normal maps [4 x meshes, H, W, 3]: front, back, left, right per mesh; colour = 0.5 * camera-space normal + 0.5.",)
+class Know3DRenderNormals(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DRenderNormals",
+            display_name="Render Normals",
+            category=f"{CATEGORY}/mesh",
+            description=(
+                "Render a mesh's normal maps from the front, back, left and right (orthographic, pure "
+                "torch, CPU or GPU) as an IMAGE batch: compare back sides at a glance, also headless. "
+                "For a batch of meshes the four views of each mesh follow each other."
+            ),
+            inputs=[
+                IO.Mesh.Input("mesh", tooltip="Mesh to render (core MESH, Y-up)."),
+                IO.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                             tooltip="Side of each square render in pixels."),
+                IO.Float.Input("extent", default=0.55, min=0.05, max=10.0, step=0.01,
+                               tooltip="Half-width of the view in model units (0.5 frames TRELLIS.2's unit cube exactly)."),
+                IO.Combo.Input("background", options=list(BACKGROUNDS), default="black", tooltip="Colour of empty pixels."),
+            ],
+            outputs=[IO.Image.Output("normals", display_name="normals",
+                                     tooltip="Normal maps [4 x meshes, H, W, 3]: front, back, left, right per mesh; colour = 0.5 * camera-space normal + 0.5.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "mesh": ("MESH", {"tooltip": "Mesh to render (core MESH, Y-up)."}),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64, "tooltip": "Side of each square render in pixels."}),
-                "extent": ("FLOAT", {"default": 0.55, "min": 0.05, "max": 10.0, "step": 0.01,
-                                     "tooltip": "Half-width of the view in model units (0.5 frames TRELLIS.2's unit cube exactly)."}),
-                "background": (["black", "white", "gray"], {"default": "black", "tooltip": "Colour of empty pixels."}),
-            }
-        }
-
-    def render(self, mesh, resolution, extent, background="black"):
-        bg = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "gray": (0.5, 0.5, 0.5)}[background]
+    def execute(cls, mesh, resolution, extent, background="black") -> IO.NodeOutput:
         device = _host.torch_device()
         images = []
         for item in core_mesh_to_meshes(mesh):
             _host.check_interrupted()
             img = render_normals(item.to(device), views=VIEW_ORDER, size=int(resolution), extent=float(extent),
-                                 background=bg)
+                                 background=BACKGROUNDS[background])
             images.append(img.to(_host.intermediate_device(), torch.float32))
-        return (torch.cat(images, dim=0),)
+        return IO.NodeOutput(torch.cat(images, dim=0))
 
 
-NODE_CLASS_MAPPINGS = {
-    "Know3DSaveMesh": Know3DSaveMesh,
-    "Know3DRenderNormals": Know3DRenderNormals,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "Know3DSaveMesh": "Save Mesh",
-    "Know3DRenderNormals": "Render Normals",
-}
+NODES = (Know3DSaveMesh, Know3DRenderNormals)

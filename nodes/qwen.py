@@ -12,8 +12,9 @@ import torch
 
 from . import _host
 from ._common import CATEGORY, KNOW3D_KNOWLEDGE, KNOW3D_MODEL, KNOW3D_TRAJECTORY, SEED_MAX
+from ._io import IO
+from ..know3d_core.knowledge import capture_spec
 from ..know3d_core.lora_sniff import describe_lora, lora_modules
-from ..know3d_core.mmdit.capture import CaptureSpec
 from ..know3d_core.mmdit.comfy_patch import CaptureComplete, ComfyQwenCapture
 from ..know3d_core.mmdit.prompt import DEFAULT_CAMERA_PROMPT, DEFAULT_PROMPT_TEMPLATE, BackViewPrompt
 from ..know3d_core.mmdit.schedule import nearest_step
@@ -41,30 +42,30 @@ def scheduler_names() -> list[str]:
 
 
 # ------------------------------------------------------------------------------ LoRA
-class Know3DLoadQwenEditLoRA:
-    DESCRIPTION = (
-        "Apply the Know3D back-view LoRA (a file in models/loras) to ComfyUI's own "
-        "Qwen-Image-Edit-2511 MODEL, on a clone: bf16, fp8 and GGUF models and other LoRAs keep "
-        "working. A LoRA for another architecture, or one whose keys match nothing, is an error."
-    )
-    CATEGORY = CAT
-    FUNCTION = "apply"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The Qwen-Image-Edit MODEL with the back-view LoRA patched in.",)
+class Know3DLoadQwenEditLoRA(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DLoadQwenEditLoRA",
+            display_name="Load Qwen-Edit LoRA",
+            category=CAT,
+            description=(
+                "Apply the Know3D back-view LoRA (a file in models/loras) to ComfyUI's own "
+                "Qwen-Image-Edit-2511 MODEL, on a clone: bf16, fp8 and GGUF models and other LoRAs keep "
+                "working. A LoRA for another architecture, or one whose keys match nothing, is an error."
+            ),
+            inputs=[
+                IO.Model.Input("model", tooltip="Qwen-Image-Edit-2511 from core 'Load Diffusion Model' (any precision)."),
+                IO.Combo.Input("lora_name", options=_host.filename_list("loras"),
+                               tooltip="The Know3D back-view LoRA in models/loras."),
+                IO.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA strength (1.0 = as trained)."),
+            ],
+            outputs=[IO.Model.Output("model", tooltip="The Qwen-Image-Edit MODEL with the back-view LoRA patched in.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "Qwen-Image-Edit-2511 from core 'Load Diffusion Model' (any precision)."}),
-                "lora_name": (_host.filename_list("loras"), {"tooltip": "The Know3D back-view LoRA in models/loras."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "LoRA strength (1.0 = as trained)."}),
-            }
-        }
-
-    def apply(self, model, lora_name, strength):
+    def execute(cls, model, lora_name, strength) -> IO.NodeOutput:
         utils, lora, lora_convert = _comfy("comfy.utils"), _comfy("comfy.lora"), _comfy("comfy.lora_convert")
         path = _host.full_path("loras", lora_name, "the Know3D release (back-view LoRA for Qwen-Image-Edit-2511)")
         _check_qwen_model(model, path)
@@ -83,7 +84,7 @@ class Know3DLoadQwenEditLoRA:
                         os.path.basename(path), len(patches), total, what)
         out = model.clone()
         out.add_patches(patches, float(strength))
-        return (out,)
+        return IO.NodeOutput(out)
 
 
 def _check_qwen_model(model, path: str) -> None:
@@ -98,35 +99,34 @@ def _check_qwen_model(model, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ prompt
-class Know3DBackViewPrompt:
-    DESCRIPTION = (
-        "Build the back-view prompt: the fixed camera-rotation prompt + your description of the "
-        "hidden back, through an editable template. Feed it to core TextEncodeQwenImageEditPlus "
-        "together with the front image. An empty description gives the unconditioned back view."
-    )
-    CATEGORY = CAT
-    FUNCTION = "build"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("prompt",)
-    OUTPUT_TOOLTIPS = ("The full back-view prompt text.",)
+class Know3DBackViewPrompt(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DBackViewPrompt",
+            display_name="Back-View Prompt",
+            category=CAT,
+            description=(
+                "Build the back-view prompt: the fixed camera-rotation prompt + your description of the "
+                "hidden back, through an editable template. Feed it to core TextEncodeQwenImageEditPlus "
+                "together with the front image. An empty description gives the unconditioned back view."
+            ),
+            inputs=[
+                IO.String.Input("description", default="", multiline=True,
+                                tooltip="What the hidden back looks like, e.g. 'a hollow backrest with three vertical slats'."),
+                IO.String.Input("camera_prompt", default=DEFAULT_CAMERA_PROMPT, multiline=True,
+                                tooltip="The fixed camera-rotation prompt the back-view LoRA was trained with."),
+                IO.String.Input("template", default=DEFAULT_PROMPT_TEMPLATE,
+                                tooltip="How the two parts are joined: {camera} and {description} are replaced."),
+            ],
+            outputs=[IO.String.Output("prompt", tooltip="The full back-view prompt text.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "description": ("STRING", {"default": "", "multiline": True,
-                                           "tooltip": "What the hidden back looks like, e.g. 'a hollow backrest with three vertical slats'."}),
-                "camera_prompt": ("STRING", {"default": DEFAULT_CAMERA_PROMPT, "multiline": True,
-                                             "tooltip": "The fixed camera-rotation prompt the back-view LoRA was trained with."}),
-                "template": ("STRING", {"default": DEFAULT_PROMPT_TEMPLATE,
-                                        "tooltip": "How the two parts are joined: {camera} and {description} are replaced."}),
-            }
-        }
-
-    def build(self, description, camera_prompt, template):
+    def execute(cls, description, camera_prompt, template) -> IO.NodeOutput:
         if "{camera}" not in template or "{description}" not in template:
             raise ValueError(f"Know3D Back-View Prompt: template {template!r} must contain {{camera}} and {{description}}")
-        return (BackViewPrompt(camera_prompt=camera_prompt, template=template).build(description),)
+        return IO.NodeOutput(BackViewPrompt(camera_prompt=camera_prompt, template=template).build(description))
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -168,43 +168,43 @@ def make_noise(shape, seed: int) -> torch.Tensor:
     return torch.randn(tuple(shape), dtype=torch.float32, generator=g, device="cpu")
 
 
-class Know3DBackViewSample:
-    DESCRIPTION = (
-        "Sample the back view with ComfyUI's own sampler (every core sampler, scheduler and model "
-        "patch applies) and record the trajectory: the latent the model saw at every step. "
-        "stop_at_sigma > 0 stops early at the step nearest that noise level (then the LATENT is "
-        "still noisy: use it only for hidden states)."
-    )
-    CATEGORY = CAT
-    FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT", KNOW3D_TRAJECTORY)
-    RETURN_NAMES = ("back_latent", "trajectory")
-    OUTPUT_TOOLTIPS = (
-        "The back-view latent, for core VAE Decode (noisy if stopped early).",
-        "Sigmas and the latent at each step, for Extract MMDiT Hidden States.",
-    )
+class Know3DBackViewSample(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DBackViewSample",
+            display_name="Back-View Sample",
+            category=CAT,
+            description=(
+                "Sample the back view with ComfyUI's own sampler (every core sampler, scheduler and model "
+                "patch applies) and record the trajectory: the latent the model saw at every step. "
+                "stop_at_sigma > 0 stops early at the step nearest that noise level (then the LATENT is "
+                "still noisy: use it only for hidden states)."
+            ),
+            inputs=[
+                IO.Model.Input("model", tooltip="Qwen-Image-Edit-2511 with the back-view LoRA (Load Qwen-Edit LoRA)."),
+                IO.Conditioning.Input("positive", tooltip="Core TextEncodeQwenImageEditPlus of the back-view prompt with the front image."),
+                IO.Conditioning.Input("negative", tooltip="Negative conditioning (TextEncodeQwenImageEditPlus with an empty prompt and the front image)."),
+                IO.Latent.Input("latent_image", tooltip="Starting latent, e.g. core VAE Encode of the scaled front image or an empty latent of that size."),
+                IO.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                             tooltip="Noise seed (explicit generator; same noise as core KSampler for the same seed)."),
+                IO.Int.Input("steps", default=40, min=1, max=1000, tooltip="Sampling steps."),
+                IO.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale."),
+                IO.Combo.Input("sampler_name", options=sampler_names(), tooltip="Core sampler."),
+                IO.Combo.Input("scheduler", options=scheduler_names(), tooltip="Core scheduler."),
+                IO.Float.Input("stop_at_sigma", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="0 = run every step. Otherwise stop at the step nearest this noise level (early exit for the hidden-state path)."),
+            ],
+            outputs=[
+                IO.Latent.Output("back_latent", tooltip="The back-view latent, for core VAE Decode (noisy if stopped early)."),
+                KNOW3D_TRAJECTORY.Output("trajectory", tooltip="Sigmas and the latent at each step, for Extract MMDiT Hidden States."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "Qwen-Image-Edit-2511 with the back-view LoRA (Load Qwen-Edit LoRA)."}),
-                "positive": ("CONDITIONING", {"tooltip": "Core TextEncodeQwenImageEditPlus of the back-view prompt with the front image."}),
-                "negative": ("CONDITIONING", {"tooltip": "Negative conditioning (TextEncodeQwenImageEditPlus with an empty prompt and the front image)."}),
-                "latent_image": ("LATENT", {"tooltip": "Starting latent, e.g. core VAE Encode of the scaled front image or an empty latent of that size."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
-                                 "tooltip": "Noise seed (explicit generator; same noise as core KSampler for the same seed)."}),
-                "steps": ("INT", {"default": 40, "min": 1, "max": 1000, "tooltip": "Sampling steps."}),
-                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale."}),
-                "sampler_name": (sampler_names(), {"tooltip": "Core sampler."}),
-                "scheduler": (scheduler_names(), {"tooltip": "Core scheduler."}),
-                "stop_at_sigma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "0 = run every step. Otherwise stop at the step nearest this noise level (early exit for the hidden-state path)."}),
-            }
-        }
-
-    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, stop_at_sigma=0.0):
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+                stop_at_sigma=0.0) -> IO.NodeOutput:
         samplers, sample_mod = _comfy("comfy.samplers"), _comfy("comfy.sample")
         latent = sample_mod.fix_empty_latent_channels(
             model, latent_image["samples"], latent_image.get("downscale_ratio_spacial", None))
@@ -251,7 +251,7 @@ class Know3DBackViewSample:
         result.pop("downscale_ratio_spacial", None)
         result.pop("downscale_ratio_temporal", None)
         result["samples"] = out
-        return (result, trajectory)
+        return IO.NodeOutput(result, trajectory)
 
 
 def _preview_callback(model, steps):
@@ -271,15 +271,6 @@ def parse_layers(text: str) -> Optional[tuple[int, ...]]:
         return tuple(int(t) for t in text.replace(";", ",").replace(" ", ",").split(",") if t)
     except ValueError:
         raise ValueError(f"Know3D: layers must be 'auto' or block indices like '20, 30, 40', got {text!r}") from None
-
-
-def capture_spec(layers_text: str, sigma: float, know3d_model=None) -> CaptureSpec:
-    """Layers and sigma: the widget when set, else the Know3D checkpoint's metadata, else defaults."""
-    spec = getattr(know3d_model, "know3d_spec", None)
-    meta = {}
-    if spec is not None and spec.knowledge_kind == "mmdit_hidden":
-        meta = {"layers": spec.mmdit_layers, "sigma": spec.sigma}
-    return CaptureSpec.from_metadata(meta, layers=parse_layers(layers_text), sigma=sigma if sigma > 0 else None)
 
 
 def run_one_forward(model, positive, latent: torch.Tensor, sigma: float, patch) -> None:
@@ -306,55 +297,43 @@ def run_one_forward(model, positive, latent: torch.Tensor, sigma: float, patch) 
                   disable_pbar=True, seed=0)
 
 
-class Know3DExtractHiddenStates:
-    DESCRIPTION = (
-        "MMDiT knowledge: one extra forward of the back-view model at the recorded latent of the "
-        "step nearest sigma, capturing the image-stream output of the chosen blocks (target tokens "
-        "only, reference tokens sliced off, cond rows only), concatenated on channels. Layers and "
-        "sigma default to the Know3D checkpoint's (connect know3d_model)."
-    )
-    CATEGORY = CAT
-    FUNCTION = "extract"
-    RETURN_TYPES = (KNOW3D_KNOWLEDGE,)
-    RETURN_NAMES = ("knowledge",)
-    OUTPUT_TOOLTIPS = ("mmdit_hidden knowledge [B, N_target, L x 3072] for Sparse Structure and Geometry.",)
+class Know3DExtractHiddenStates(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DExtractHiddenStates",
+            display_name="Extract MMDiT Hidden States",
+            category=CAT,
+            description=(
+                "MMDiT knowledge: one extra forward of the back-view model at the recorded latent of the "
+                "step nearest sigma, capturing the image-stream output of the chosen blocks (target tokens "
+                "only, reference tokens sliced off, cond rows only), concatenated on channels. Layers and "
+                "sigma default to the Know3D checkpoint's (connect know3d_model)."
+            ),
+            inputs=[
+                IO.Model.Input("model", tooltip="The same Qwen-Image-Edit MODEL (with LoRA) that Back-View Sample ran."),
+                KNOW3D_TRAJECTORY.Input("trajectory", tooltip="From Back-View Sample."),
+                IO.Float.Input("sigma", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Noise level to capture at; 0 = the Know3D checkpoint's (else 0.25). The nearest recorded step is used."),
+                IO.String.Input("layers", default="auto",
+                                tooltip="Block indices, e.g. '20, 30, 40'; 'auto' = the Know3D checkpoint's (else 1/3, 1/2, 2/3 of the depth)."),
+                KNOW3D_MODEL.Input("know3d_model", optional=True,
+                                  tooltip="Load Know3D Model: its checkpoint's capture layers and sigma become the defaults."),
+            ],
+            outputs=[KNOW3D_KNOWLEDGE.Output("knowledge", tooltip="mmdit_hidden knowledge [B, N_target, L x 3072] for Sparse Structure and Geometry.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The same Qwen-Image-Edit MODEL (with LoRA) that Back-View Sample ran."}),
-                "trajectory": (KNOW3D_TRAJECTORY, {"tooltip": "From Back-View Sample."}),
-                "sigma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                    "tooltip": "Noise level to capture at; 0 = the Know3D checkpoint's (else 0.25). The nearest recorded step is used."}),
-                "layers": ("STRING", {"default": "auto",
-                                      "tooltip": "Block indices, e.g. '20, 30, 40'; 'auto' = the Know3D checkpoint's (else 1/3, 1/2, 2/3 of the depth)."}),
-            },
-            "optional": {
-                "know3d_model": (KNOW3D_MODEL, {"tooltip": "Load Know3D Model: its checkpoint's capture layers and sigma become the defaults."}),
-            },
-        }
-
-    def extract(self, model, trajectory, sigma, layers, know3d_model=None):
-        spec = capture_spec(layers, float(sigma), know3d_model)
+    def execute(cls, model, trajectory, sigma, layers, know3d_model=None) -> IO.NodeOutput:
+        spec = capture_spec(getattr(know3d_model, "know3d_spec", None), layers=parse_layers(layers),
+                            sigma=float(sigma) if sigma > 0 else None)
         step = trajectory.nearest(spec.sigma)
         capture = ComfyQwenCapture(spec, store_device=_host.intermediate_device(), stop_when_complete=True)
         with _host.stage("hidden-state capture", model.load_device):
             run_one_forward(model, trajectory.positive, step.latent, step.sigma, capture)
         captured = capture.knowledge()
         captured = dataclasses.replace(captured, step_index=step.index, num_steps=len(trajectory.sigmas) - 1)
-        return (from_mmdit_capture(captured),)
+        return IO.NodeOutput(from_mmdit_capture(captured))
 
 
-NODE_CLASS_MAPPINGS = {
-    "Know3DLoadQwenEditLoRA": Know3DLoadQwenEditLoRA,
-    "Know3DBackViewPrompt": Know3DBackViewPrompt,
-    "Know3DBackViewSample": Know3DBackViewSample,
-    "Know3DExtractHiddenStates": Know3DExtractHiddenStates,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "Know3DLoadQwenEditLoRA": "Load Qwen-Edit LoRA",
-    "Know3DBackViewPrompt": "Back-View Prompt",
-    "Know3DBackViewSample": "Back-View Sample",
-    "Know3DExtractHiddenStates": "Extract MMDiT Hidden States",
-}
+NODES = (Know3DLoadQwenEditLoRA, Know3DBackViewPrompt, Know3DBackViewSample, Know3DExtractHiddenStates)

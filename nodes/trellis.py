@@ -11,26 +11,26 @@ import torch
 
 from . import _host
 from ._common import CATEGORY, KNOW3D_CONDITION, KNOW3D_KNOWLEDGE, KNOW3D_MODEL, KNOW3D_STRUCTURE, SEED_MAX
+from ._io import IO
+from ..know3d_core import plan
 from ..know3d_core.conditioning.dinov3 import prepare_pixels
 from ..know3d_core.conditioning.preprocess import pil_to_tensor, preprocess_image
 from ..know3d_core.mesh import z_up_to_y_up
-from ..know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS, Cancelled, SamplerParams, reference_noise
+from ..know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS, Cancelled, SamplerParams
 from ..know3d_core.trellis2.sparse_structure_decoder import coarsen_coords
 
 CAT = f"{CATEGORY}/trellis2"
-PIPELINE_TYPES = ("512", "1024", "1024_cascade", "1536_cascade")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = ("auto",) + plan.DTYPE_NAMES
 FROM_FOLDER = "(from the TRELLIS.2 folder)"
 NONE = "none"
 
 # Where each file comes from (named in missing-file errors).
 SOURCES = {
-    "trellis2": "Hugging Face microsoft/TRELLIS.2-4B (the whole folder: pipeline.json + ckpts/) into models/trellis2/, "
-                "or Comfy-Org/TRELLIS.2's diffusion file into models/diffusion_models/",
-    "diffusion_models": "Hugging Face Comfy-Org/TRELLIS.2 (split_files/diffusion_models)",
-    "vae": "Hugging Face Comfy-Org/TRELLIS.2 (the shape VAE, split_files/vae)",
-    "clip_vision": "Hugging Face facebook/dinov3-vitl16-pretrain-lvd1689m (gated) or Comfy-Org/TRELLIS.2's "
-                   "DINOv3 file (split_files/clip_vision)",
+    "trellis2": f"Hugging Face {plan.TRELLIS_REPO} (the whole folder: pipeline.json + ckpts/) into models/trellis2/, "
+                f"or {plan.comfy_source('flows')}",
+    "diffusion_models": plan.comfy_source("flows"),
+    "vae": plan.comfy_source("vae"),
+    "clip_vision": f"Hugging Face {plan.DINOV3_REPO} (gated) or {plan.comfy_source('dinov3')}",
     "know3d": "the Know3D release (a know3d_*.safetensors checkpoint)",
 }
 
@@ -39,6 +39,11 @@ def _pipeline_module():
     from ..know3d_core.trellis2 import pipeline
 
     return pipeline
+
+
+def knowledge_info(knowledge) -> Optional[dict]:
+    """What the mesh records about the knowledge it was built with (the CLI's record, same function)."""
+    return _pipeline_module().knowledge_info(knowledge)
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -96,10 +101,8 @@ def clip_vision_extractor(clip_vision):
 def _dtype(name: str) -> torch.dtype:
     if name == "auto":
         dev = _host.torch_device()
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+        name = plan.auto_dtype_name(dev.type, dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    return getattr(torch, plan.dtype_name(name))
 
 
 def _decoder_dtype() -> torch.dtype:
@@ -166,37 +169,37 @@ def _wrap_pipeline(pipeline, sources: dict) -> Know3DModel:
     return Know3DModel(pipeline=pipeline, managed=managed, sources=sources)
 
 
-class Know3DLoadModel:
-    DESCRIPTION = (
-        "Load TRELLIS.2's geometry networks and, optionally, a Know3D checkpoint (the knowledge "
-        "branch and backbone LoRA, merged at load). Takes the official folder (pipeline.json + "
-        "ckpts/ in models/trellis2) or the single files ComfyUI users already have for core "
-        "TRELLIS.2: the Comfy-Org diffusion file (models/diffusion_models), the shape VAE "
-        "(models/vae) and DINOv3 (models/clip_vision)."
-    )
-    CATEGORY = CAT
-    FUNCTION = "load"
-    RETURN_TYPES = (KNOW3D_MODEL,)
-    RETURN_NAMES = ("know3d_model",)
-    OUTPUT_TOOLTIPS = ("TRELLIS.2 (+ Know3D) for Image Condition, Sparse Structure and Geometry.",)
+class Know3DLoadModel(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DLoadModel",
+            display_name="Load Know3D Model",
+            category=CAT,
+            description=(
+                "Load TRELLIS.2's geometry networks and, optionally, a Know3D checkpoint (the knowledge "
+                "branch and backbone LoRA, merged at load). Takes the official folder (pipeline.json + "
+                "ckpts/ in models/trellis2) or the single files ComfyUI users already have for core "
+                "TRELLIS.2: the Comfy-Org diffusion file (models/diffusion_models), the shape VAE "
+                "(models/vae) and DINOv3 (models/clip_vision)."
+            ),
+            inputs=[
+                IO.Combo.Input("trellis2", options=_host.trellis2_folders() + _host.filename_list("diffusion_models"),
+                               tooltip="An official TRELLIS.2 folder in models/trellis2 (ends with /) or Comfy-Org's TRELLIS.2 diffusion file in models/diffusion_models."),
+                IO.Combo.Input("shape_vae", options=[FROM_FOLDER] + _host.filename_list("vae"),
+                               tooltip="With a single diffusion file: Comfy-Org's TRELLIS.2 shape VAE in models/vae. Ignored for a folder."),
+                IO.Combo.Input("dinov3", options=[FROM_FOLDER] + _host.filename_list("clip_vision"),
+                               tooltip="DINOv3 ViT-L/16 in models/clip_vision, or the dinov3-vitl16-pretrain-lvd1689m folder next to the TRELLIS.2 folder."),
+                IO.Combo.Input("know3d_checkpoint", options=[NONE] + _host.filename_list("know3d"),
+                               tooltip="A Know3D checkpoint in models/know3d; 'none' = plain TRELLIS.2 (multi-view and baseline graphs)."),
+                IO.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="Weights precision of the flows: auto = bfloat16 on a GPU that has it, else float32."),
+            ],
+            outputs=[KNOW3D_MODEL.Output("know3d_model", tooltip="TRELLIS.2 (+ Know3D) for Image Condition, Sparse Structure and Geometry.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "trellis2": (_host.trellis2_folders() + _host.filename_list("diffusion_models"), {
-                    "tooltip": "An official TRELLIS.2 folder in models/trellis2 (ends with /) or Comfy-Org's TRELLIS.2 diffusion file in models/diffusion_models."}),
-                "shape_vae": ([FROM_FOLDER] + _host.filename_list("vae"), {
-                    "tooltip": "With a single diffusion file: Comfy-Org's TRELLIS.2 shape VAE in models/vae. Ignored for a folder."}),
-                "dinov3": ([FROM_FOLDER] + _host.filename_list("clip_vision"), {
-                    "tooltip": "DINOv3 ViT-L/16 in models/clip_vision, or the dinov3-vitl16-pretrain-lvd1689m folder next to the TRELLIS.2 folder."}),
-                "know3d_checkpoint": ([NONE] + _host.filename_list("know3d"), {
-                    "tooltip": "A Know3D checkpoint in models/know3d; 'none' = plain TRELLIS.2 (multi-view and baseline graphs)."}),
-                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "Weights precision of the flows: auto = bfloat16 on a GPU that has it, else float32."}),
-            }
-        }
-
-    def load(self, trellis2, shape_vae, dinov3, know3d_checkpoint, dtype):
+    def execute(cls, trellis2, shape_vae, dinov3, know3d_checkpoint, dtype) -> IO.NodeOutput:
         pipe_mod = _pipeline_module()
         dt = _dtype(dtype)
         know3d = None if know3d_checkpoint == NONE else _host.full_path("know3d", know3d_checkpoint, SOURCES["know3d"])
@@ -221,10 +224,13 @@ class Know3DLoadModel:
                 sources.update(trellis2=flow, shape_vae=vae)
                 pipeline = pipe_mod.Trellis2GeometryPipeline.from_comfy_files(
                     flow, vae, device="cpu", dtype=dt, know3d=know3d, dinov3=dino, decoder_dtype=_decoder_dtype())
-        return (_wrap_pipeline(pipeline, sources),)
+        return IO.NodeOutput(_wrap_pipeline(pipeline, sources))
 
 
 # ------------------------------------------------------------------------------ condition
+# Every size a pipeline type may need (Geometry's type is chosen after the condition is made).
+CONDITION_SIZES = tuple(sorted({size for t in plan.PIPELINE_TYPES for size in plan.cond_resolutions(t)}))
+
 @dataclass
 class FrontCondition:
     """KNOW3D_CONDITION: the preprocessed front image and its DINOv3 features per resolution."""
@@ -234,33 +240,34 @@ class FrontCondition:
     extractor_name: str
 
 
-class Know3DImageCondition:
-    DESCRIPTION = (
-        "Prepare the front image like TRELLIS.2: crop to the object (mask or alpha), centre on a "
-        "square, premultiply on black, then DINOv3 features at 512 and 1024 px. Uses the model's "
-        "DINOv3, or ComfyUI's (core Load CLIP Vision) when clip_vision is connected."
-    )
-    CATEGORY = CAT
-    FUNCTION = "encode"
-    RETURN_TYPES = (KNOW3D_CONDITION, "IMAGE")
-    RETURN_NAMES = ("condition", "front_image")
-    OUTPUT_TOOLTIPS = ("Front-image condition for Sparse Structure and Geometry.",
-                       "The preprocessed (cropped, centred) front image, e.g. for the back-view model.")
+class Know3DImageCondition(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DImageCondition",
+            display_name="Image Condition",
+            category=CAT,
+            description=(
+                "Prepare the front image like TRELLIS.2: crop to the object (mask or alpha), centre on a "
+                "square, premultiply on black, then DINOv3 features at 512 and 1024 px. Uses the model's "
+                "DINOv3, or ComfyUI's (core Load CLIP Vision) when clip_vision is connected."
+            ),
+            inputs=[
+                KNOW3D_MODEL.Input("know3d_model", tooltip="Load Know3D Model (its DINOv3 encodes the image)."),
+                IO.Image.Input("image", tooltip="The front image (RGB or RGBA; alpha marks the object)."),
+                IO.Mask.Input("mask", optional=True,
+                              tooltip="Object mask, 1 = object (a background-removal node's output; for core Load Image's mask use Invert Mask)."),
+                IO.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="ComfyUI's DINOv3 (core Load CLIP Vision) instead of the model's."),
+            ],
+            outputs=[
+                KNOW3D_CONDITION.Output("condition", tooltip="Front-image condition for Sparse Structure and Geometry."),
+                IO.Image.Output("front_image", tooltip="The preprocessed (cropped, centred) front image, e.g. for the back-view model."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "know3d_model": (KNOW3D_MODEL, {"tooltip": "Load Know3D Model (its DINOv3 encodes the image)."}),
-                "image": ("IMAGE", {"tooltip": "The front image (RGB or RGBA; alpha marks the object)."}),
-            },
-            "optional": {
-                "mask": ("MASK", {"tooltip": "Object mask, 1 = object (a background-removal node's output; for core Load Image's mask use Invert Mask)."}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "ComfyUI's DINOv3 (core Load CLIP Vision) instead of the model's."}),
-            },
-        }
-
-    def encode(self, know3d_model, image, mask=None, clip_vision=None):
+    def execute(cls, know3d_model, image, mask=None, clip_vision=None) -> IO.NodeOutput:
         front = preprocess_front(one_image(image, "image"), mask)
         if clip_vision is not None:
             extractor, name = clip_vision_extractor(clip_vision), "ComfyUI CLIP_VISION"
@@ -268,11 +275,11 @@ class Know3DImageCondition:
             extractor, name = know3d_model.dinov3(), know3d_model.dinov3_name
         conds = {}
         with _host.stage("DINOv3 conditioning"):
-            for res in (512, 1024):
+            for res in CONDITION_SIZES:
                 _host.check_interrupted()
                 feats = extractor(front, image_size=res).to(_host.intermediate_device(), torch.float32)
                 conds[res] = {"cond": feats, "neg_cond": torch.zeros_like(feats)}
-        return (FrontCondition(front, conds, extractor, name), front.unsqueeze(0).clone())
+        return IO.NodeOutput(FrontCondition(front, conds, extractor, name), front.unsqueeze(0).clone())
 
 
 # ------------------------------------------------------------------------------ stages
@@ -282,7 +289,6 @@ class Structure:
     coords: torch.Tensor         # [N, 4] int32 (b, x, y, z), CPU
     resolution: int
     seed: int
-    ss_noise_shape: tuple
     knowledge: Optional[dict] = None
 
     def at(self, resolution: int) -> torch.Tensor:
@@ -295,46 +301,28 @@ class Structure:
         return coarsen_coords(self.coords, self.resolution // resolution)
 
 
-def structure_grid(pipe) -> tuple[int, tuple]:
-    """(occupancy grid the structure decoder outputs, structure noise shape) of a pipeline."""
-    flow = pipe.model("sparse_structure_flow_model")
-    decoder = pipe.model("sparse_structure_decoder")
-    r = int(flow.resolution)
-    return r * int(decoder.upsample_factor), (1, int(flow.in_channels), r, r, r)
-
-
 def _sampler_inputs(steps, cfg, interval_start, interval_end, rescale, rescale_t):
     return dict(steps=int(steps), guidance_strength=float(cfg), guidance_rescale=float(rescale),
                 guidance_interval=(float(interval_start), float(interval_end)), rescale_t=float(rescale_t))
 
 
-def _sampler_widgets(stage: str) -> dict:
+def _sampler_widgets(stage: str) -> list:
     p: SamplerParams = OFFICIAL_SAMPLER_PARAMS[stage]
-    return {
-        "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
-                         "tooltip": "Noise seed (explicit generator). Same seed in Sparse Structure and Geometry = the reference's single-seed run."}),
-        "steps": ("INT", {"default": p.steps, "min": 1, "max": 200, "tooltip": "Sampling steps."}),
-        "cfg": ("FLOAT", {"default": p.guidance_strength, "min": 0.0, "max": 30.0, "step": 0.1,
-                          "tooltip": "Guidance strength (classifier-free guidance)."}),
-        "guidance_interval_start": ("FLOAT", {"default": p.guidance_interval[0], "min": 0.0, "max": 1.0, "step": 0.01,
-                                              "tooltip": "CFG only while the time t is in [start, end] (t = 1 is pure noise)."}),
-        "guidance_interval_end": ("FLOAT", {"default": p.guidance_interval[1], "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "End of the CFG interval on t."}),
-        "guidance_rescale": ("FLOAT", {"default": p.guidance_rescale, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "CFG rescale (0 = off): pulls the guided prediction's std back to the conditional one."}),
-        "rescale_t": ("FLOAT", {"default": p.rescale_t, "min": 0.1, "max": 20.0, "step": 0.1,
-                                "tooltip": "Time-schedule shift (more steps at high noise when > 1)."}),
-    }
-
-
-def _knowledge_info(knowledge) -> Optional[dict]:
-    if knowledge is None:
-        return None
-    info = {"kind": knowledge.kind}
-    for key in ("layers", "sigma", "sigma_actual", "resolution", "model", "mode", "description"):
-        if key in knowledge.provenance:
-            info[key] = knowledge.provenance[key]
-    return info
+    return [
+        IO.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                     tooltip="Noise seed (explicit generator). Same seed in Sparse Structure and Geometry = the reference's single-seed run."),
+        IO.Int.Input("steps", default=p.steps, min=1, max=200, tooltip="Sampling steps."),
+        IO.Float.Input("cfg", default=p.guidance_strength, min=0.0, max=30.0, step=0.1,
+                       tooltip="Guidance strength (classifier-free guidance)."),
+        IO.Float.Input("guidance_interval_start", default=p.guidance_interval[0], min=0.0, max=1.0, step=0.01,
+                       tooltip="CFG only while the time t is in [start, end] (t = 1 is pure noise)."),
+        IO.Float.Input("guidance_interval_end", default=p.guidance_interval[1], min=0.0, max=1.0, step=0.01,
+                       tooltip="End of the CFG interval on t."),
+        IO.Float.Input("guidance_rescale", default=p.guidance_rescale, min=0.0, max=1.0, step=0.01,
+                       tooltip="CFG rescale (0 = off): pulls the guided prediction's std back to the conditional one."),
+        IO.Float.Input("rescale_t", default=p.rescale_t, min=0.1, max=20.0, step=0.1,
+                       tooltip="Time-schedule shift (more steps at high noise when > 1)."),
+    ]
 
 
 def _stage_models(knowledge, *keys):
@@ -344,47 +332,48 @@ def _stage_models(knowledge, *keys):
     return keys
 
 
-class Know3DSparseStructure:
-    DESCRIPTION = (
-        "TRELLIS.2 stage 1: sample which voxels the object occupies (dense flow on a 16^3 latent, "
-        "decoded to a 64^3 grid), conditioned on the front image and, when connected, on Know3D knowledge. "
-        "Also gives the occupancy as a core VOXEL (core VoxelToMesh shows it)."
-    )
-    CATEGORY = CAT
-    FUNCTION = "sample"
-    RETURN_TYPES = (KNOW3D_STRUCTURE, "VOXEL")
-    RETURN_NAMES = ("structure", "voxel")
-    OUTPUT_TOOLTIPS = ("Occupied voxels for Geometry.", "Occupancy [1, R, R, R] (the structure decoder's grid, 64 for TRELLIS.2; Z-up) for core 3D nodes.")
+class Know3DSparseStructure(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DSparseStructure",
+            display_name="Sparse Structure",
+            category=CAT,
+            description=(
+                "TRELLIS.2 stage 1: sample which voxels the object occupies (dense flow on a 16^3 latent, "
+                "decoded to a 64^3 grid), conditioned on the front image and, when connected, on Know3D knowledge. "
+                "Also gives the occupancy as a core VOXEL (core VoxelToMesh shows it)."
+            ),
+            inputs=[
+                KNOW3D_MODEL.Input("know3d_model", tooltip="Load Know3D Model."),
+                KNOW3D_CONDITION.Input("condition", tooltip="Image Condition of the front image."),
+                *_sampler_widgets(plan.SS_STAGE),
+                KNOW3D_KNOWLEDGE.Input("knowledge", optional=True,
+                                      tooltip="Knowledge about the back (any source). Not connected = plain TRELLIS.2."),
+            ],
+            outputs=[
+                KNOW3D_STRUCTURE.Output("structure", tooltip="Occupied voxels for Geometry."),
+                IO.Voxel.Output("voxel", tooltip="Occupancy [1, R, R, R] (the structure decoder's grid, 64 for TRELLIS.2; Z-up) for core 3D nodes."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "know3d_model": (KNOW3D_MODEL, {"tooltip": "Load Know3D Model."}),
-                "condition": (KNOW3D_CONDITION, {"tooltip": "Image Condition of the front image."}),
-                **_sampler_widgets("sparse_structure"),
-            },
-            "optional": {"knowledge": (KNOW3D_KNOWLEDGE, {"tooltip": "Knowledge about the back (any source). Not connected = plain TRELLIS.2."})},
-        }
-
-    def sample(self, know3d_model, condition, seed, steps, cfg, guidance_interval_start, guidance_interval_end,
-               guidance_rescale, rescale_t, knowledge=None):
+    def execute(cls, know3d_model, condition, seed, steps, cfg, guidance_interval_start, guidance_interval_end,
+                guidance_rescale, rescale_t, knowledge=None) -> IO.NodeOutput:
         pipe = know3d_model.pipeline
         pipe.check_knowledge(knowledge)
-        params = pipe.sampler_params("sparse_structure", _sampler_inputs(
+        params = pipe.sampler_params(plan.SS_STAGE, _sampler_inputs(
             steps, cfg, guidance_interval_start, guidance_interval_end, guidance_rescale, rescale_t))
-        grid, noise_shape = structure_grid(pipe)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        know3d_model.load(*_stage_models(knowledge, "sparse_structure_flow_model", "sparse_structure_decoder"))
+        grid = pipe.structure_decoder_grid  # Geometry coarsens it to its type's grid
+        know3d_model.load(*_stage_models(knowledge, plan.SS_FLOW, plan.SS_DECODER))
         with _host.stage("sparse structure"):
             coords = _run_stage(
                 pipe.sample_sparse_structure, _to_device(condition.conds[512], pipe.device), knowledge,
-                resolution=grid, generator=generator, params=params,
-                callback=_progress(params.steps), cancel=_host.interrupted)
+                resolution=grid, seed=int(seed), params=params, callback=_progress(params.steps),
+                cancel=_host.interrupted)
         coords = coords.to("cpu", torch.int32)
-        structure = Structure(coords=coords, resolution=grid, seed=int(seed), ss_noise_shape=noise_shape,
-                              knowledge=_knowledge_info(knowledge))
-        return (structure, _host.make_voxel(occupancy(coords, grid), grid))
+        structure = Structure(coords=coords, resolution=grid, seed=int(seed), knowledge=knowledge_info(knowledge))
+        return IO.NodeOutput(structure, _host.make_voxel(occupancy(coords, grid), grid))
 
 
 def occupancy(coords: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -410,87 +399,64 @@ def texture_stage_latent(slat, resolution: int, mean: torch.Tensor, std: torch.T
             "coord_resolution": int(resolution) // 16, "type": "trellis2", "model_frame": "z_up"}
 
 
-class Know3DGeometry:
-    DESCRIPTION = (
-        "TRELLIS.2 stage 2: sample the shape latent on the structure's voxels (512, 1024, or a "
-        "cascade 512 -> 1024 / 1536), conditioned on the front image and Know3D knowledge, then "
-        "decode it to a triangle mesh (O-Voxel). Outputs a core MESH (Y-up) and the shape latent "
-        "in the form core's TRELLIS.2 texture stage reads."
-    )
-    CATEGORY = CAT
-    FUNCTION = "sample"
-    RETURN_TYPES = ("MESH", "LATENT")
-    RETURN_NAMES = ("mesh", "shape_latent")
-    OUTPUT_TOOLTIPS = ("The mesh (core MESH, Y-up): Save Mesh, core Save 3D Model, Render Normals.",
-                       "Shape latent for core Trellis2TextureStage / VaeDecodeShapeTrellis (texturing with core nodes).")
+class Know3DGeometry(IO.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return IO.Schema(
+            node_id="Know3DGeometry",
+            display_name="Geometry",
+            category=CAT,
+            description=(
+                "TRELLIS.2 stage 2: sample the shape latent on the structure's voxels (512, 1024, or a "
+                "cascade 512 -> 1024 / 1536), conditioned on the front image and Know3D knowledge, then "
+                "decode it to a triangle mesh (O-Voxel). Outputs a core MESH (Y-up) and the shape latent "
+                "in the form core's TRELLIS.2 texture stage reads."
+            ),
+            inputs=[
+                KNOW3D_MODEL.Input("know3d_model", tooltip="Load Know3D Model."),
+                KNOW3D_STRUCTURE.Input("structure", tooltip="From Sparse Structure."),
+                KNOW3D_CONDITION.Input("condition", tooltip="Image Condition of the front image."),
+                IO.Combo.Input("resolution", options=list(plan.PIPELINE_TYPES), default=plan.DEFAULT_PIPELINE_TYPE,
+                               tooltip="512 | 1024 | 1024 cascade (512 then 1024, the default) | 1536 cascade."),
+                *_sampler_widgets("shape_slat"),
+                IO.Int.Input("max_num_tokens", default=plan.MAX_NUM_TOKENS, min=1024, max=1 << 20, step=1024,
+                             tooltip="Cascades lower the final resolution until the voxel count fits this budget."),
+                KNOW3D_KNOWLEDGE.Input("knowledge", optional=True,
+                                      tooltip="Knowledge about the back (any source). Not connected = plain TRELLIS.2."),
+            ],
+            outputs=[
+                IO.Mesh.Output("mesh", tooltip="The mesh (core MESH, Y-up): Save Mesh, core Save 3D Model, Render Normals."),
+                IO.Latent.Output("shape_latent", tooltip="Shape latent for core Trellis2TextureStage / VaeDecodeShapeTrellis (texturing with core nodes)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "know3d_model": (KNOW3D_MODEL, {"tooltip": "Load Know3D Model."}),
-                "structure": (KNOW3D_STRUCTURE, {"tooltip": "From Sparse Structure."}),
-                "condition": (KNOW3D_CONDITION, {"tooltip": "Image Condition of the front image."}),
-                "resolution": (list(PIPELINE_TYPES), {"default": "1024_cascade",
-                                                      "tooltip": "512 | 1024 | 1024 cascade (512 then 1024, the default) | 1536 cascade."}),
-                **_sampler_widgets("shape_slat"),
-                "max_num_tokens": ("INT", {"default": 49152, "min": 1024, "max": 1 << 20, "step": 1024,
-                                           "tooltip": "Cascades lower the final resolution until the voxel count fits this budget."}),
-            },
-            "optional": {"knowledge": (KNOW3D_KNOWLEDGE, {"tooltip": "Knowledge about the back (any source). Not connected = plain TRELLIS.2."})},
-        }
-
-    def sample(self, know3d_model, structure, condition, resolution, seed, steps, cfg, guidance_interval_start,
-               guidance_interval_end, guidance_rescale, rescale_t, max_num_tokens, knowledge=None):
-        pipe_mod = _pipeline_module()
+    def execute(cls, know3d_model, structure, condition, resolution, seed, steps, cfg, guidance_interval_start,
+                guidance_interval_end, guidance_rescale, rescale_t, max_num_tokens, knowledge=None) -> IO.NodeOutput:
         pipe = know3d_model.pipeline
-        ptype = str(resolution)
-        if ptype not in PIPELINE_TYPES:
-            raise ValueError(f"Know3D Geometry: resolution {resolution!r} is not one of {', '.join(PIPELINE_TYPES)}")
+        ptype = plan.pipeline_type(str(resolution)).name
         pipe.check_knowledge(knowledge, ptype)
         params = pipe.sampler_params("shape_slat", _sampler_inputs(
             steps, cfg, guidance_interval_start, guidance_interval_end, guidance_rescale, rescale_t))
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        # The reference draws the structure noise first from the same generator: skip it, so one
-        # seed in both nodes reproduces the reference's single-seed run.
-        reference_noise(generator, *structure.ss_noise_shape)
-        coords = structure.at(pipe_mod.ss_resolution(ptype))
-        dev = pipe.device
-        cond = _to_device(condition.conds[1024 if ptype == "1024" else 512], dev)
-        cond_hr = _to_device(condition.conds[1024], dev) if "cascade" in ptype else None
-        flows = {"512": ["shape_slat_flow_model_512"], "1024": ["shape_slat_flow_model_1024"]}.get(
-            ptype, ["shape_slat_flow_model_512", "shape_slat_flow_model_1024"])
-        n_stages = 2 if "cascade" in ptype else 1
-        if n_stages == 2:
-            flows.append("shape_slat_decoder")  # the cascade upsamples through the decoder
-        know3d_model.load(*_stage_models(knowledge, *flows))
+        coords = structure.at(plan.ss_resolution(ptype))
+        conds = {size: _to_device(c, pipe.device) for size, c in condition.conds.items()}
+        total = sum(n for stage, n in plan.progress_plan(ptype, 0, params.steps) if stage != plan.SS_STAGE)
+        know3d_model.load(*_stage_models(knowledge, *plan.shape_flows(ptype), plan.SHAPE_DECODER))
         with _host.stage(f"geometry {ptype}"):
             slat, grid = _run_stage(
-                pipe.sample_shape_slat, coords, cond, knowledge, ptype, cond_hr=cond_hr, generator=generator,
-                params=params, max_num_tokens=int(max_num_tokens), callback=_progress(params.steps * n_stages),
+                pipe.sample_geometry, coords, conds, knowledge, ptype, generator=pipe.shape_generator(seed),
+                params=params, max_num_tokens=int(max_num_tokens), callback=_progress(total),
                 cancel=_host.interrupted)
-        know3d_model.load("shape_slat_decoder")
         with _host.stage("shape decode"):
             _host.check_interrupted()
             mesh = pipe.decode_shape(slat, grid)
         mean, std = pipe.config.normalization("shape_slat_normalization")
         latent = texture_stage_latent(slat, grid, mean, std)
         meta = {"seed": int(seed), "structure_seed": structure.seed, "pipeline_type": ptype, "resolution": int(grid),
-                "steps": int(steps), "cfg": float(cfg), "knowledge": _knowledge_info(knowledge),
+                "steps": int(steps), "cfg": float(cfg), "knowledge": knowledge_info(knowledge),
                 "know3d_checkpoint": os.path.basename(know3d_model.sources.get("know3d") or "") or None}
         v = torch.from_numpy(z_up_to_y_up(mesh.vertices.detach().cpu().double().numpy())).float()
-        return (_host.make_mesh([v], [mesh.faces.cpu()], meta), latent)
+        return IO.NodeOutput(_host.make_mesh([v], [mesh.faces.cpu()], meta), latent)
 
 
-NODE_CLASS_MAPPINGS = {
-    "Know3DLoadModel": Know3DLoadModel,
-    "Know3DImageCondition": Know3DImageCondition,
-    "Know3DSparseStructure": Know3DSparseStructure,
-    "Know3DGeometry": Know3DGeometry,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "Know3DLoadModel": "Load Know3D Model",
-    "Know3DImageCondition": "Image Condition",
-    "Know3DSparseStructure": "Sparse Structure",
-    "Know3DGeometry": "Geometry",
-}
+NODES = (Know3DLoadModel, Know3DImageCondition, Know3DSparseStructure, Know3DGeometry)

@@ -41,13 +41,14 @@ def test_save_mesh_writes_loadable_file_with_counter_and_metadata(out_dir, fmt):
     v, f = icosphere()
     mesh = core_mesh([(v, f)], {"seed": 1234, "description": "three vertical slats"})
     v_before = mesh.vertices.clone()
-    node = mesh_nodes.Know3DSaveMesh()
-    res1 = node.save(mesh, "know3d/chair", fmt, remove_floaters=False, prompt={"1": {"class_type": "X"}})
-    res2 = node.save(mesh, "know3d/chair", fmt, remove_floaters=False)
+    node = mesh_nodes.Know3DSaveMesh
+    with_prompt = node.PREPARE_CLASS_CLONE({"hidden_inputs": {"PROMPT": {"1": {"class_type": "X"}}}})
+    res1 = with_prompt.execute(mesh, "know3d/chair", fmt, remove_floaters=False)
+    res2 = node.execute(mesh, "know3d/chair", fmt, remove_floaters=False)
     assert torch.equal(mesh.vertices, v_before)  # input not mutated
-    assert res1["result"] == (f"know3d/chair_00001_.{fmt}",)
-    assert res2["result"] == (f"know3d/chair_00002_.{fmt}",)
-    assert res1["ui"]["3d"] == [{"filename": f"chair_00001_.{fmt}", "subfolder": "know3d", "type": "output"}]
+    assert res1.result == (f"know3d/chair_00001_.{fmt}",)
+    assert res2.result == (f"know3d/chair_00002_.{fmt}",)
+    assert res1.ui["3d"] == [{"filename": f"chair_00001_.{fmt}", "subfolder": "know3d", "type": "output"}]
     assert all_files(out_dir) == [f"know3d/chair_00001_.{fmt}", f"know3d/chair_00002_.{fmt}"]
 
     path = out_dir / "know3d" / f"chair_00001_.{fmt}"
@@ -79,13 +80,13 @@ def test_save_mesh_removes_floaters_and_reduces_faces(out_dir):
     verts = torch.cat([v, tv])
     faces = torch.cat([f, tf + v.shape[0]])
     mesh = core_mesh([(verts, faces)])
-    node = mesh_nodes.Know3DSaveMesh()
-    kept = node.save(mesh, "a", "ply", remove_floaters=True, floater_fraction=0.05)["result"][0]
+    node = mesh_nodes.Know3DSaveMesh
+    kept = node.execute(mesh, "a", "ply", remove_floaters=True, floater_fraction=0.05).result[0]
     _, faces_kept = load(str(out_dir / kept), "ply")
     assert faces_kept.shape[0] == f.shape[0]
-    both = node.save(mesh, "b", "ply", remove_floaters=False)["result"][0]
+    both = node.execute(mesh, "b", "ply", remove_floaters=False).result[0]
     assert load(str(out_dir / both), "ply")[1].shape[0] == faces.shape[0]
-    small = node.save(mesh, "c", "ply", remove_floaters=True, floater_fraction=0.05, target_faces=200)["result"][0]
+    small = node.execute(mesh, "c", "ply", remove_floaters=True, floater_fraction=0.05, target_faces=200).result[0]
     assert 0 < load(str(out_dir / small), "ply")[1].shape[0] <= 200
 
 
@@ -93,8 +94,8 @@ def test_save_mesh_ragged_batch_writes_one_file_per_item(out_dir):
     a, b = icosphere(1), icosphere(2)
     mesh = core_mesh([a, b])
     assert mesh.vertex_counts is not None
-    res = mesh_nodes.Know3DSaveMesh().save(mesh, "batch", "obj", remove_floaters=False)
-    names = [r["filename"] for r in res["ui"]["3d"]]
+    res = mesh_nodes.Know3DSaveMesh.execute(mesh, "batch", "obj", remove_floaters=False)
+    names = [r["filename"] for r in res.ui["3d"]]
     assert names == ["batch_00001_.obj", "batch_00002_.obj"]
     assert load(str(out_dir / names[0]), "obj")[1].shape[0] == a[1].shape[0]
     assert load(str(out_dir / names[1]), "obj")[1].shape[0] == b[1].shape[0]
@@ -105,7 +106,7 @@ def test_save_mesh_refuses_unsafe_names_and_writes_nothing(out_dir, name):
     mesh = core_mesh([icosphere(1)])
     before = all_files(out_dir.parent)
     with pytest.raises(outputs.UnsafeSaveName):
-        mesh_nodes.Know3DSaveMesh().save(mesh, name, "glb")
+        mesh_nodes.Know3DSaveMesh.execute(mesh, name, "glb")
     assert all_files(out_dir.parent) == before
 
 
@@ -114,7 +115,7 @@ def test_save_mesh_bad_mesh_leaves_no_file(out_dir):
     good = (v, f)
     bad = (v.clone().index_fill_(0, torch.tensor([0]), float("nan")), f)
     with pytest.raises(ValueError, match="NaN"):
-        mesh_nodes.Know3DSaveMesh().save(core_mesh([good, bad]), "x", "glb")
+        mesh_nodes.Know3DSaveMesh.execute(core_mesh([good, bad]), "x", "glb")
     assert all_files(out_dir) == []
 
 
@@ -123,7 +124,7 @@ def test_save_mesh_symlink_out_of_output_is_refused(out_dir, tmp_path):
     outside.mkdir()
     os.symlink(outside, out_dir / "link")
     with pytest.raises(outputs.UnsafeSaveName):
-        mesh_nodes.Know3DSaveMesh().save(core_mesh([icosphere(1)]), "link/x", "glb")
+        mesh_nodes.Know3DSaveMesh.execute(core_mesh([icosphere(1)]), "link/x", "glb")
     assert all_files(outside) == []
 
 
@@ -136,15 +137,15 @@ def test_render_normals_views_shapes_and_symmetry():
     v, f = icosphere(2, radius=0.25)
     bump_v, bump_f = icosphere(1, radius=0.12, center=(0.1, 0.05, -0.25))  # on the back (-Z in Y-up)
     verts, faces = torch.cat([v, bump_v]), torch.cat([f, bump_f + v.shape[0]])
-    node = mesh_nodes.Know3DRenderNormals()
+    node = mesh_nodes.Know3DRenderNormals
     mesh = core_mesh([(verts, faces)])
-    (img,) = node.render(mesh, 64, 0.55)
+    (img,) = node.execute(mesh, 64, 0.55)
     assert img.shape == (4, 64, 64, 3) and img.dtype == torch.float32
     assert float(img.min()) >= 0 and float(img.max()) <= 1
     front, back = img[0], img[1]
     assert not torch.allclose(front, back)  # the bump only shows from behind
     # Turning the object around swaps the front and back renders exactly.
-    (turned,) = node.render(core_mesh([(rot180_about_up(verts), faces)]), 64, 0.55)
+    (turned,) = node.execute(core_mesh([(rot180_about_up(verts), faces)]), 64, 0.55)
     assert torch.equal(turned[0], back) and torch.equal(turned[1], front)
     # Sphere centre faces the camera: normal ~(0, 0, 1) -> colour ~(0.5, 0.5, 1). The sphere has a
     # radius of 0.25 * 64 / 1.1 = 14.5 px; at the patch corner (8.5 px off centre) n_z >= 0.81.
@@ -155,6 +156,6 @@ def test_render_normals_views_shapes_and_symmetry():
 
 def test_render_normals_batch_stacks_four_views_per_mesh():
     mesh = core_mesh([icosphere(1), icosphere(2)])
-    (img,) = mesh_nodes.Know3DRenderNormals().render(mesh, 32, 0.55, "white")
+    (img,) = mesh_nodes.Know3DRenderNormals.execute(mesh, 32, 0.55, "white")
     assert img.shape == (8, 32, 32, 3)
     assert torch.equal(img[0, 0, 0], torch.ones(3))  # corner is background

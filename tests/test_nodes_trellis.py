@@ -34,7 +34,7 @@ def files(tmp_path_factory):
 
 
 def load_model(files, know3d=True, dinov3=None):
-    (model,) = tr.Know3DLoadModel().load(files["trellis"], tr.FROM_FOLDER, dinov3 or tr.FROM_FOLDER,
+    (model,) = tr.Know3DLoadModel.execute(files["trellis"], tr.FROM_FOLDER, dinov3 or tr.FROM_FOLDER,
                                          files["know3d"] if know3d else tr.NONE, "float32")
     return model
 
@@ -55,7 +55,7 @@ def front_rgba(files):
 
 @pytest.fixture(scope="module")
 def condition(files, know3d_model):
-    return tr.Know3DImageCondition().encode(know3d_model, front_rgba(files))
+    return tr.Know3DImageCondition.execute(know3d_model, front_rgba(files))
 
 
 def mmdit_knowledge(layers=(1, 2), sigma=0.25, width=32, tokens=16, seed=0):
@@ -64,8 +64,8 @@ def mmdit_knowledge(layers=(1, 2), sigma=0.25, width=32, tokens=16, seed=0):
 
 
 def run_stages(model, condition, knowledge=None, ptype="512", seed=0):
-    structure, voxel = tr.Know3DSparseStructure().sample(model, condition, seed, **SS, knowledge=knowledge)
-    mesh, latent = tr.Know3DGeometry().sample(model, structure, condition, ptype, seed, **SHAPE,
+    structure, voxel = tr.Know3DSparseStructure.execute(model, condition, seed, **SS, knowledge=knowledge)
+    mesh, latent = tr.Know3DGeometry.execute(model, structure, condition, ptype, seed, **SHAPE,
                                               max_num_tokens=49152, knowledge=knowledge)
     return structure, voxel, mesh, latent
 
@@ -78,9 +78,9 @@ def test_load_model_official_folder_and_know3d(know3d_model, plain_model):
 
 def test_load_model_missing_files_name_file_folder_and_source(files):
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors.*know3d.*Know3D release"):
-        tr.Know3DLoadModel().load(files["trellis"], tr.FROM_FOLDER, tr.FROM_FOLDER, "nope.safetensors", "float32")
+        tr.Know3DLoadModel.execute(files["trellis"], tr.FROM_FOLDER, tr.FROM_FOLDER, "nope.safetensors", "float32")
     with pytest.raises(ValueError, match="shape VAE"):
-        tr.Know3DLoadModel().load(os.path.abspath(__file__), tr.FROM_FOLDER, tr.FROM_FOLDER, tr.NONE, "float32")
+        tr.Know3DLoadModel.execute(os.path.abspath(__file__), tr.FROM_FOLDER, tr.FROM_FOLDER, tr.NONE, "float32")
 
 
 def test_image_condition_crops_and_encodes(condition, files):
@@ -97,7 +97,7 @@ def test_image_condition_crops_and_encodes(condition, files):
 def test_image_condition_mask_equals_alpha(files, know3d_model, condition):
     rgba = front_rgba(files)
     mask = (rgba[..., 3] > 0.5).float()
-    cond2, front2 = tr.Know3DImageCondition().encode(know3d_model, rgba[..., :3].clone(), mask=mask)
+    cond2, front2 = tr.Know3DImageCondition.execute(know3d_model, rgba[..., :3].clone(), mask=mask)
     cond1, front1 = condition
     assert torch.equal(front1, front2)
     assert torch.equal(cond1.conds[512]["cond"], cond2.conds[512]["cond"])
@@ -113,7 +113,7 @@ def test_image_condition_bad_inputs_are_clear_errors(files, know3d_model, case):
         "opaque_no_mask": ((rgba[..., :3],), "mask"),
     }[case]
     with pytest.raises(ValueError, match=match):
-        tr.Know3DImageCondition().encode(know3d_model, *args)
+        tr.Know3DImageCondition.execute(know3d_model, *args)
 
 
 @pytest.fixture(scope="module")
@@ -162,35 +162,35 @@ def test_knowledge_changes_the_result_and_mismatches_are_errors(know3d_model, co
     assert with_k[2].know3d_metadata["knowledge"]["layers"] == [1, 2]
     mismatch = kinds.KnowledgeMismatchError
     with pytest.raises(mismatch, match="layers"):
-        tr.Know3DSparseStructure().sample(know3d_model, cond, 0, **SS, knowledge=mmdit_knowledge(layers=(0, 1)))
+        tr.Know3DSparseStructure.execute(know3d_model, cond, 0, **SS, knowledge=mmdit_knowledge(layers=(0, 1)))
     with pytest.raises(mismatch, match="sigma"):
-        tr.Know3DSparseStructure().sample(know3d_model, cond, 0, **SS, knowledge=mmdit_knowledge(sigma=0.6))
-    latent_k = kn.Know3DKnowledgeFromLatent().make({"samples": torch.randn(1, 16, 1, 8, 8)})[0]
+        tr.Know3DSparseStructure.execute(know3d_model, cond, 0, **SS, knowledge=mmdit_knowledge(sigma=0.6))
+    latent_k = kn.Know3DKnowledgeFromLatent.execute({"samples": torch.randn(1, 16, 1, 8, 8)})[0]
     with pytest.raises(mismatch, match="vae_latent"):
-        tr.Know3DGeometry().sample(know3d_model, with_k[0], cond, "512", 0, **SHAPE, max_num_tokens=49152,
+        tr.Know3DGeometry.execute(know3d_model, with_k[0], cond, "512", 0, **SHAPE, max_num_tokens=49152,
                                    knowledge=latent_k)
 
 
 def test_knowledge_from_image_and_latent(files, know3d_model):
     back = front_rgba(files)[..., :3].flip(2)
-    (k,) = kn.Know3DKnowledgeFromImage().make(know3d_model, back, "512")
+    (k,) = kn.Know3DKnowledgeFromImage.execute(know3d_model, back, "512")
     assert k.kind == "dino_image" and k.tensor.shape == (1, 1 + 4 + 32 * 32, 32)
     assert k.provenance["resolution"] == 512
-    (lat,) = kn.Know3DKnowledgeFromLatent().make({"samples": torch.randn(1, 16, 8, 12)})
+    (lat,) = kn.Know3DKnowledgeFromLatent.execute({"samples": torch.randn(1, 16, 8, 12)})
     # 2x2 packing: (8/2)*(12/2) tokens of 16*2*2 channels; pixels = latent size x the VAE's factor 8
     assert lat.kind == "vae_latent" and lat.tensor.shape == (1, 4 * 6, 64)
     assert lat.provenance["resolution"] == [8 * 8, 12 * 8]
 
 
 def test_back_view_as_second_view_runs_plain_trellis(files, plain_model):
-    cond, _ = tr.Know3DImageCondition().encode(plain_model, front_rgba(files))
+    cond, _ = tr.Know3DImageCondition.execute(plain_model, front_rgba(files))
     back = front_rgba(files).flip(2)
-    (k,) = kn.Know3DBackViewAsSecondView().make(back, "stochastic")
+    (k,) = kn.Know3DBackViewAsSecondView.execute(back, "stochastic")
     assert k.kind == "multi_view" and k.provenance["mode"] == "stochastic"
     structure, _, mesh, _ = run_stages(plain_model, cond, k, seed=1)
     assert structure.knowledge["kind"] == "multi_view" and mesh.vertices.shape[1] > 0
     with pytest.raises(ValueError, match="Know3D branch"):
-        tr.Know3DSparseStructure().sample(plain_model, cond, 0, **SS, knowledge=mmdit_knowledge())
+        tr.Know3DSparseStructure.execute(plain_model, cond, 0, **SS, knowledge=mmdit_knowledge())
 
 
 def test_cascade_geometry_and_save(know3d_model, condition, tmp_path, monkeypatch):
@@ -198,10 +198,10 @@ def test_cascade_geometry_and_save(know3d_model, condition, tmp_path, monkeypatc
     structure, _, mesh, latent = run_stages(know3d_model, cond, ptype="1024_cascade", seed=2)
     assert latent["coord_resolution"] == 64
     with pytest.raises(ValueError, match="64\\^3 structure"):
-        tr.Know3DGeometry().sample(know3d_model, structure, cond, "1024", 0, **SHAPE, max_num_tokens=49152)
+        tr.Know3DGeometry.execute(know3d_model, structure, cond, "1024", 0, **SHAPE, max_num_tokens=49152)
     monkeypatch.setattr(host, "output_directory", lambda: str(tmp_path))
-    res = mesh_nodes.Know3DSaveMesh().save(mesh, "know3d/cascade", "glb", remove_floaters=False)
-    path = os.path.join(tmp_path, res["result"][0])
+    res = mesh_nodes.Know3DSaveMesh.execute(mesh, "know3d/cascade", "glb", remove_floaters=False)
+    path = os.path.join(tmp_path, res.result[0])
     scene = trimesh.load(path, file_type="glb")
     assert scene.metadata["know3d"]["pipeline_type"] == "1024_cascade"
     loaded = trimesh.load(path, file_type="glb", force="mesh", process=False)
@@ -216,14 +216,14 @@ def test_load_model_from_comfy_single_files_matches_the_official_folder(tmp_path
     dino = demo.write_demo_dinov3(str(tmp_path / "dinov3-vitl16-pretrain-lvd1689m"))
     diffusion, vae = _write_comfy_files(folder, str(tmp_path))
     dino_file = os.path.join(dino, "model.safetensors")
-    (single,) = tr.Know3DLoadModel().load(diffusion, vae, dino_file, tr.NONE, "float32")
-    (official,) = tr.Know3DLoadModel().load(folder + "/", tr.FROM_FOLDER, dino_file, tr.NONE, "float32")
+    (single,) = tr.Know3DLoadModel.execute(diffusion, vae, dino_file, tr.NONE, "float32")
+    (official,) = tr.Know3DLoadModel.execute(folder + "/", tr.FROM_FOLDER, dino_file, tr.NONE, "float32")
     image = demo.write_demo_image(str(tmp_path / "front.png"), size=128)
     rgba = torch.from_numpy(np.asarray(Image.open(image)).astype(np.float32) / 255)[None]
     structures = []
     for model in (single, official):
-        cond = tr.Know3DImageCondition().encode(model, rgba)[0]
-        structure, _ = tr.Know3DSparseStructure().sample(model, cond, 0, **SS)
+        cond = tr.Know3DImageCondition.execute(model, rgba)[0]
+        structure, _ = tr.Know3DSparseStructure.execute(model, cond, 0, **SS)
         structures.append(structure)
     assert structures[0].coords.shape[0] > 0
     assert torch.equal(structures[0].coords, structures[1].coords)

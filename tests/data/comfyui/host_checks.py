@@ -83,7 +83,7 @@ def _():
 
     key = "diffusion_model.transformer_blocks.1.attn.to_q.weight"
     before = weight_of(model, key)
-    (patched,) = qwen_nodes.Know3DLoadQwenEditLoRA().apply(model, "backview.safetensors", 0.7)
+    (patched,) = qwen_nodes.Know3DLoadQwenEditLoRA.execute(model, "backview.safetensors", 0.7)
     after = weight_of(patched, key)
     sd = load_file(lora_path)
     a = sd["diffusion_model.transformer_blocks.1.attn.to_q.lora_A.weight"].double()
@@ -102,7 +102,7 @@ def _():
     save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8),
                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(8, 2)}, flux)
     try:
-        qwen_nodes.Know3DLoadQwenEditLoRA().apply(model, "flux_style.safetensors", 1.0)
+        qwen_nodes.Know3DLoadQwenEditLoRA.execute(model, "flux_style.safetensors", 1.0)
     except ValueError as e:
         msg = str(e)
         assert "flux_style.safetensors" in msg and "Flux" in msg, msg
@@ -113,7 +113,7 @@ def _():
 @check("missing_lora_file_names_file_folder_and_source")
 def _():
     try:
-        qwen_nodes.Know3DLoadQwenEditLoRA().apply(model, "absent.safetensors", 1.0)
+        qwen_nodes.Know3DLoadQwenEditLoRA.execute(model, "absent.safetensors", 1.0)
     except FileNotFoundError as e:
         msg = str(e)
         assert "absent.safetensors" in msg and loras in msg and "Know3D release" in msg, msg
@@ -122,7 +122,7 @@ def _():
 
 
 def sample(stop=0.0, seed=5):
-    return qwen_nodes.Know3DBackViewSample().sample(model, positive, negative, latent, seed, STEPS, 2.5, "euler",
+    return qwen_nodes.Know3DBackViewSample.execute(model, positive, negative, latent, seed, STEPS, 2.5, "euler",
                                                     "simple", stop)
 
 
@@ -174,7 +174,7 @@ def hooked_block_outputs(layers, fn):
 @check("hidden_states_are_the_cond_target_tokens_of_the_chosen_blocks")
 def _():
     _, traj = sample()
-    (knowledge,) = qwen_nodes.Know3DExtractHiddenStates().extract(model, traj, 0.3, "1, 2")
+    (knowledge,) = qwen_nodes.Know3DExtractHiddenStates.execute(model, traj, 0.3, "1, 2")
     step = traj.nearest(0.3)
     hooked = hooked_block_outputs((1, 2), lambda: qwen_nodes.run_one_forward(
         model, traj.positive, step.latent, step.sigma, lambda args: args))
@@ -188,7 +188,7 @@ def _():
     prov = knowledge.provenance
     assert prov["layers"] == [1, 2] and prov["sigma"] == 0.3 and prov["sigma_actual"] == step.sigma
     assert prov["step_index"] == step.index
-    (again,) = qwen_nodes.Know3DExtractHiddenStates().extract(model, traj, 0.3, "1, 2")
+    (again,) = qwen_nodes.Know3DExtractHiddenStates.execute(model, traj, 0.3, "1, 2")
     assert torch.equal(again.tensor, knowledge.tensor)
     return f"tokens {n} of {hooked[1].shape[1]}, step {step.index} sigma {step.sigma:.3f}"
 
@@ -277,22 +277,22 @@ def _():
     import numpy as np
     from PIL import Image
 
-    (k3d,) = tr.Know3DLoadModel().load(trellis + "/", tr.FROM_FOLDER, tr.FROM_FOLDER, tr.NONE, "float32")
+    (k3d,) = tr.Know3DLoadModel.execute(trellis + "/", tr.FROM_FOLDER, tr.FROM_FOLDER, tr.NONE, "float32")
     assert all(m.patcher is not None for m in k3d.managed.values()), "not under model management"
     rgba = torch.from_numpy(np.asarray(Image.open(image)).astype(np.float32) / 255)[None]
-    cond, _ = tr.Know3DImageCondition().encode(k3d, rgba)
+    cond, _ = tr.Know3DImageCondition.execute(k3d, rgba)
     ss = dict(steps=3, cfg=7.5, guidance_interval_start=0.6, guidance_interval_end=1.0, guidance_rescale=0.7,
               rescale_t=5.0)
     hook = Hook()
-    structure, _ = with_hook(hook, lambda: tr.Know3DSparseStructure().sample(k3d, cond, 0, **ss))
+    structure, _ = with_hook(hook, lambda: tr.Know3DSparseStructure.execute(k3d, cond, 0, **ss))
     assert hook.values == [(1, 3), (2, 3), (3, 3)], hook.values
     shape = dict(ss, guidance_rescale=0.5, rescale_t=3.0, max_num_tokens=49152)
     hook2 = Hook()
-    with_hook(hook2, lambda: tr.Know3DGeometry().sample(k3d, structure, cond, "1024_cascade", 0, **shape))
+    with_hook(hook2, lambda: tr.Know3DGeometry.execute(k3d, structure, cond, "1024_cascade", 0, **shape))
     assert hook2.values == [(i + 1, 6) for i in range(6)], hook2.values
     cancel = Hook(cancel_at=1)
     try:
-        with_hook(cancel, lambda: tr.Know3DSparseStructure().sample(k3d, cond, 1, **ss))
+        with_hook(cancel, lambda: tr.Know3DSparseStructure.execute(k3d, cond, 1, **ss))
     except mm.InterruptProcessingException:
         assert len(cancel.values) == 1
         loaded = [type(m.model).__name__ for m in mm.current_loaded_models]
