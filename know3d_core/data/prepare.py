@@ -41,7 +41,7 @@ from .assets import DEFAULT_MAX_FACES, AssetError, list_assets, load_asset
 
 __all__ = ["PrepareOptions", "StepContext", "STEP_FUNCTIONS", "resolve_steps", "step_function", "prepare",
            "prepare_asset", "read_record", "read_records", "write_manifest", "read_manifest", "plan_assets",
-           "select_steps", "ANNOTATIONS_FILE", "StepSkipped"]
+           "select_steps", "ANNOTATIONS_FILE", "StepSkipped", "prepare_dataset"]
 
 # Step name -> (module, function). Modules are imported only when the step runs.
 STEP_FUNCTIONS: Dict[str, Tuple[str, str]] = {
@@ -378,5 +378,36 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> Dict
             renderer.release()
         write_manifest(options.out)
     counts["missing_steps"] = missing
+    counts["seconds"] = round(time.time() - t0, 3)
+    return counts
+
+
+def prepare_dataset(options: PrepareOptions, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run ``options.steps`` on the assets already in the dataset ``options.out`` (no input folder:
+    sources come from the records). Assets are sorted by SHA-256 and sharded like :func:`prepare`."""
+    from tqdm.auto import tqdm
+
+    from . import annotate
+
+    records = [r for r in read_records(options.out) if r.get("status") == layout.STATUS_OK or options.retry_failed]
+    if not os.path.isdir(layout.assets_root(options.out)):
+        raise UsageError(f"--dataset {options.out}: no {layout.ASSETS_DIR}/ folder (run know3d data prepare first)")
+    records = batchlib.shard_items(records, *options.shard)
+    imported = annotate.load_annotation_source(options.annotations, None)
+    cache: Dict[str, Any] = {"annotations": imported}
+    counts = {"ok": 0, "failed": 0}
+    t0 = time.time()
+    try:
+        for rec in tqdm(records, desc=",".join(options.steps), unit="asset", disable=not options.progress,
+                        dynamic_ncols=True):
+            src = rec.get("source") or ""
+            meta = annotate.lookup(imported, src, rec["sha256"]) or {}
+            out = prepare_asset(src, rec["sha256"], options, cache, meta)
+            counts["ok" if out.get("status") == layout.STATUS_OK else "failed"] += 1
+    finally:
+        renderer = cache.pop("renderer", None)
+        if renderer is not None:
+            renderer.release()
+        write_manifest(options.out)
     counts["seconds"] = round(time.time() - t0, 3)
     return counts

@@ -25,16 +25,17 @@ __all__ = ["FEATURES", "ANNOTATIONS", "SyntheticAsset", "make_asset", "write_glb
 
 FEATURES = ("flat_back", "handle", "hole", "slats", "shelf", "knobs")
 ANNOTATIONS: Dict[str, List[str]] = {
-    "flat_back": ["a flat, plain back panel", "a base plate under the body"],
+    "flat_back": ["a thick, flat back panel", "a base plate under the body"],
     "handle": ["a vertical loop handle in the middle of the back", "a base plate under the body"],
-    "hole": ["a round hole recessed into the back panel", "a base plate under the body"],
+    "hole": ["a thick back panel with a large square hole through its middle", "a base plate under the body"],
     "slats": ["three vertical slats standing off the back", "a base plate under the body"],
     "shelf": ["a horizontal shelf sticking out of the back", "a base plate under the body"],
     "knobs": ["four round knobs on the back", "a base plate under the body"],
 }
-# The block's back face; features live behind it (y > BACK_PLANE), up to the base plate's depth.
-BACK_PLANE = 0.12
-_FRONT_Y, _BACK_Y, _BASE_H = -0.3, 0.3, 0.08
+# The block's back face (the centre plane); features live behind it (y > BACK_PLANE), up to the base
+# plate's depth, so after normalisation the back half holds the feature and the back of the thin base.
+BACK_PLANE = 0.0
+_FRONT_Y, _BACK_Y, _BASE_H, _PANEL = -0.3, 0.3, 0.05, 0.15
 _TEXTURE_SIZE = 128
 
 
@@ -79,28 +80,28 @@ def _feature_solid(feature: str, w: float, h: float):
     """(solid to add, solid to subtract) behind the back plane; None where unused."""
     b, d = BACK_PLANE, _BACK_Y
     mid = _BASE_H + 0.5 * (h - _BASE_H)
+    panel = _box((-w / 2, b - 0.01, _BASE_H - 0.01), (w / 2, b + _PANEL, h))
     if feature == "flat_back":
-        return None, None
-    if feature == "handle":
-        outer = _box((-0.04, b - 0.01, mid - 0.25), (0.04, d, mid + 0.25))
-        inner = _box((-0.05, b - 0.02, mid - 0.19), (0.05, d - 0.06, mid + 0.19))
-        return outer - inner, None
+        return panel, None
     if feature == "hole":
-        return None, _cylinder_y((0.0, mid), 0.16, 0.0, b + 0.05)
+        return panel - _box((-0.3 * w, b - 0.02, mid - 0.3 * h), (0.3 * w, b + _PANEL + 0.01, mid + 0.3 * h)), None
+    if feature == "handle":
+        outer = _box((-0.07, b - 0.01, mid - 0.3 * h), (0.07, d, mid + 0.3 * h))
+        inner = _box((-0.08, b - 0.02, mid - 0.22 * h), (0.08, d - 0.08, mid + 0.22 * h))
+        return outer - inner, None
     if feature == "slats":
-        bars = [_box((x - 0.035, b - 0.01, _BASE_H), (x + 0.035, d, h - 0.05)) for x in (-0.6 * w / 2, 0.0, 0.6 * w / 2)]
-        top = _box((-0.6 * w / 2 - 0.035, d - 0.07, h - 0.12), (0.6 * w / 2 + 0.035, d, h - 0.05))
-        out = top
-        for bar in bars:
-            out = out + bar
+        xs = (-0.35 * w, 0.0, 0.35 * w)
+        out = _box((xs[0] - 0.04, d - 0.08, h - 0.12), (xs[-1] + 0.04, d, h - 0.04))
+        for x in xs:
+            out = out + _box((x - 0.04, b - 0.01, _BASE_H - 0.01), (x + 0.04, d, h - 0.04))
         return out, None
     if feature == "shelf":
-        return _box((-w / 2 + 0.02, b - 0.01, mid - 0.03), (w / 2 - 0.02, d, mid + 0.03)), None
+        return _box((-w / 2, b - 0.01, mid - 0.05), (w / 2, d, mid + 0.05)), None
     if feature == "knobs":
         out = None
-        for x in (-0.2 * w, 0.2 * w):
-            for z in (mid - 0.2, mid + 0.2):
-                s = _cylinder_y((x, z), 0.07, b - 0.01, d - 0.07) + _sphere((x, d - 0.07, z), 0.07)
+        for x in (-0.22 * w, 0.22 * w):
+            for z in (mid - 0.22 * h, mid + 0.22 * h):
+                s = _cylinder_y((x, z), 0.09, b - 0.01, d - 0.09) + _sphere((x, d - 0.09, z), 0.09)
                 out = s if out is None else out + s
         return out, None
     raise ValueError(f"unknown synthetic feature {feature!r}; choose from {', '.join(FEATURES)}")
@@ -211,3 +212,32 @@ def write_dataset_folder(folder: str, seeds: Sequence[int], features: Sequence[s
     text = "".join(json.dumps(r) + "\n" for r in rows)
     atomic_write_bytes(os.path.join(folder, "annotations.jsonl"), text.encode("utf-8"))
     return paths
+
+
+def solid_occupancy(vertices: np.ndarray, faces: np.ndarray, resolution: int = 64) -> np.ndarray:
+    """Inside-voxel test of a closed mesh in [-0.5, 0.5]^3 by ray parity along +Z through voxel centres:
+    bool [R, R, R] (index x, y, z). Exact for watertight meshes (as ``make_asset`` builds them)."""
+    r = int(resolution)
+    centres = (np.arange(r) + 0.5) / r - 0.5
+    tri = np.asarray(vertices, np.float64)[np.asarray(faces)]  # [F, 3, 3]
+    occ = np.zeros((r, r, r), dtype=bool)
+    a, b, c = tri[:, 0], tri[:, 1], tri[:, 2]
+    det = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+    keep = np.abs(det) > 1e-15
+    a, b, c, det = a[keep], b[keep], c[keep], det[keep]
+    for i, x in enumerate(centres):
+        # [F, R] barycentric coordinates of the column (x, y_j) in each triangle's xy projection
+        px, py = x, centres[None, :]
+        w1 = ((px - a[:, 0:1]) * (c[:, 1:2] - a[:, 1:2]) - (c[:, 0:1] - a[:, 0:1]) * (py - a[:, 1:2])) / det[:, None]
+        w2 = ((b[:, 0:1] - a[:, 0:1]) * (py - a[:, 1:2]) - (px - a[:, 0:1]) * (b[:, 1:2] - a[:, 1:2])) / det[:, None]
+        w0 = 1.0 - w1 - w2
+        hit = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+        f_idx, j_idx = np.nonzero(hit)
+        if not len(f_idx):
+            continue
+        z = w0[f_idx, j_idx] * a[f_idx, 2] + w1[f_idx, j_idx] * b[f_idx, 2] + w2[f_idx, j_idx] * c[f_idx, 2]
+        for j in np.unique(j_idx):
+            zs = np.unique(np.round(z[j_idx == j], 9))  # a ray through a shared edge hits it once
+            crossings = (zs[:, None] < centres[None, :]).sum(0)
+            occ[i, j] = crossings % 2 == 1
+    return occ
