@@ -287,7 +287,10 @@ def _check_qwen(check) -> None:
     if _complete(check, qwen, "vae"):
         _set(check, "qwen_vae", check_diffusers(qwen, "vae", "AutoencoderKLQwenImage")[1])
     if _complete(check, qwen, "text_encoder"):
-        width = transformer.config.get("joint_attention_dim") if transformer is not None else None
+        try:
+            width = _read_json(os.path.join(qwen, "transformer", "config.json")).get("joint_attention_dim")
+        except (OSError, ValueError):
+            width = None
         _set(check, "qwen_text_encoder", check_text_encoder(qwen, width))
     if transformer is not None and check.path("lora"):
         _set(check, "lora", check_backview_lora(check.path("lora"), transformer))
