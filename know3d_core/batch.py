@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import fileio
+from .errors import one_line
 
 __all__ = [
     "IMAGE_EXTENSIONS", "TMP_PREFIX", "RECORD_NAME", "NORMALS_NAME", "SUMMARY_NAME", "CONTACT_SHEET_NAME",
@@ -286,11 +287,6 @@ def item_output(out_dir: str, item: str) -> Iterator[str]:
         raise
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
-
-
 def _read_record(out_dir: str, item: str) -> Optional[Dict[str, Any]]:
     try:
         with open(os.path.join(out_dir, item, RECORD_NAME), "r", encoding="utf-8") as f:
@@ -329,7 +325,7 @@ def run_batch(
                     record = generate(item, tmp)
                 result = ItemResult(item, "done", time.perf_counter() - start, record=record)
             except Exception as e:  # noqa: BLE001 - one bad item must not stop the batch
-                result = ItemResult(item, "failed", time.perf_counter() - start, error=_one_line(e))
+                result = ItemResult(item, "failed", time.perf_counter() - start, error=f"{type(e).__name__}: {one_line(e)}")
         results.append(result)
         if on_result is not None:
             on_result(result)

@@ -16,6 +16,7 @@ import trimesh
 from PIL import Image
 
 from know3d_core import cli
+from know3d_core.generate import commands as generate_commands
 from know3d_core.batch import plan_items
 
 import _cli_double
@@ -105,7 +106,7 @@ def test_generate_writes_every_output(tmp_path, models, capsys):
 def test_generate_removes_leftovers_of_killed_runs_only(tmp_path, models):
     m, q = models
     out = tmp_path / "out"
-    dead = next(p for p in range(4_000_000, 4_100_000) if not cli._pid_alive(p))
+    dead = next(p for p in range(4_000_000, 4_100_000) if not generate_commands._pid_alive(p))
     os.makedirs(out / f".tmp-generate-{dead}")  # a SIGKILLed generate
     os.makedirs(out / f".tmp-generate-{os.getppid()}")  # a live process (our parent) is left alone
     code, _ = _run(["generate", "--models", m, "--qwen", q, "--image", _rgba(tmp_path / "f.png"), "--prompt", "x",

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .decimate import decimate
 from .types import Mesh
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "remove_floaters",
     "orient_faces",
     "clean_mesh",
+    "postprocess_mesh",
 ]
 
 
@@ -187,4 +189,14 @@ def clean_mesh(
         mesh = remove_floaters(mesh, min_component_fraction)
     if orient:
         mesh = orient_faces(mesh)
+    return mesh
+
+
+def postprocess_mesh(mesh: Mesh, floaters: float = 0.01, target_faces: int = 0) -> Mesh:
+    """What a saved mesh gets (``know3d generate`` and the Save Mesh node): pieces with fewer than
+    ``floaters`` of the faces removed (0: only unreferenced vertices dropped), then, when
+    ``target_faces`` > 0 and the mesh has more, decimated to at most that many faces."""
+    mesh = remove_floaters(mesh, floaters) if floaters > 0 else remove_unreferenced_vertices(mesh)
+    if target_faces and mesh.num_faces > target_faces:
+        mesh = decimate(mesh, target_faces)
     return mesh

@@ -1,0 +1,317 @@
+"""The rules every part of Know3D shares, in one torch-free table: what each TRELLIS.2 pipeline type
+runs, what each variant injects, which files hold which networks, and the dtype names.
+
+Nothing here imports torch (``know3d --help`` and ``know3d models`` stay fast); the pipelines, the
+model check, the command line, the ComfyUI loaders and the nodes all import these names instead of
+restating them.
+
+Pipeline types (``PIPELINE_TYPES``; the reference's ``pipeline_type``):
+
+| type           | structure grid | condition sizes | shape stages  | mesh grid            |
+|----------------|----------------|-----------------|---------------|----------------------|
+| ``512``          | 32             | 512             | 512           | 512                  |
+| ``1024``         | 64             | 512, 1024       | 1024          | 1024                 |
+| ``1024_cascade`` | 32             | 512, 1024       | 512, 1024     | 1024                 |
+| ``1536_cascade`` | 32             | 512, 1024       | 512, 1024     | 1536, lowered by 128 while the tokens reach ``MAX_NUM_TOKENS`` |
+
+The structure stage always conditions on DINOv3 at 512 px; a shape stage on the size of its name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    # pipeline types
+    "PIPELINE_TYPES", "DEFAULT_PIPELINE_TYPE", "MAX_NUM_TOKENS", "SS_STAGE", "PipelineType", "pipeline_type",
+    "ss_resolution", "cond_resolutions", "shape_stages", "shape_flows", "required_models", "progress_plan",
+    "hr_resolution", "shape_condition_size",
+    # pipeline.json model keys
+    "SS_FLOW", "SS_DECODER", "SHAPE_FLOWS", "SHAPE_DECODER", "TEXTURE_FLOW", "GEOMETRY_MODELS", "FLOW_MODELS",
+    "DECODER_MODELS", "models_for_types",
+    # variants and knowledge kinds
+    "MMDIT_HIDDEN", "VAE_LATENT", "DINO_IMAGE", "MULTI_VIEW", "KINDS", "INJECTED_KINDS", "VARIANT_KINDS",
+    "VARIANTS", "VARIANT_TEXT", "variant_kind", "variant_of", "needs_back_view", "needs_back_image",
+    "needs_know3d",
+    # files
+    "TRELLIS_REPO", "TRELLIS_V1_REPO", "DINOV3_REPO", "DINOV3_FOLDER", "COMFY_TRELLIS_REPO", "QWEN_REPO",
+    "OFFICIAL_MODELS", "COMFY_FLOW_PREFIXES", "COMFY_VAE_PREFIXES", "COMFY_TEXTURE_VAE_PREFIX",
+    "COMFY_OUTER_PREFIXES", "COMFY_FILES", "comfy_source", "strip_outer_prefix", "comfy_file_kind",
+    "comfy_is_512",
+    # dtypes
+    "DTYPE_NAMES", "SAFETENSORS_FLOAT_DTYPES", "dtype_name", "auto_dtype_name",
+]
+
+# ----------------------------------------------------------------------------------- model keys
+SS_FLOW = "sparse_structure_flow_model"
+SS_DECODER = "sparse_structure_decoder"
+SHAPE_FLOWS: Dict[str, str] = {"512": "shape_slat_flow_model_512", "1024": "shape_slat_flow_model_1024"}
+SHAPE_DECODER = "shape_slat_decoder"
+TEXTURE_FLOW = "tex_slat_flow_model_1024"  # in ComfyUI's diffusion file; never loaded
+# pipeline.json "models" entries of the geometry path, in load order (texture models are not used).
+GEOMETRY_MODELS: Tuple[str, ...] = (SS_FLOW, SS_DECODER, SHAPE_FLOWS["512"], SHAPE_FLOWS["1024"], SHAPE_DECODER)
+FLOW_MODELS: Tuple[str, ...] = (SS_FLOW, SHAPE_FLOWS["512"], SHAPE_FLOWS["1024"])
+DECODER_MODELS: Tuple[str, ...] = (SS_DECODER, SHAPE_DECODER)
+
+# ----------------------------------------------------------------------------------- pipeline types
+SS_STAGE = "sparse_structure"
+MAX_NUM_TOKENS = 49152  # token budget of the cascades' second stage (the reference's max_num_tokens)
+DEFAULT_PIPELINE_TYPE = "1024_cascade"
+
+
+@dataclass(frozen=True)
+class PipelineType:
+    """What one pipeline type runs.
+
+    Attributes:
+        name: ``"512"`` | ``"1024"`` | ``"1024_cascade"`` | ``"1536_cascade"``.
+        structure_grid: grid of the structure coords (32, or 64 for ``1024``).
+        shape_stages: shape flows in run order, by their size (``("512", "1024")`` for the cascades).
+        hr_resolution: mesh grid the cascade's second stage starts from (None: no cascade).
+    """
+
+    name: str
+    structure_grid: int
+    shape_stages: Tuple[str, ...]
+    hr_resolution: Optional[int] = None
+
+    @property
+    def cascade(self) -> bool:
+        return self.hr_resolution is not None
+
+    @property
+    def condition_sizes(self) -> Tuple[int, ...]:
+        """DINOv3 image sizes the type needs: 512 for the structure, plus each shape stage's."""
+        return tuple(sorted({512, *(int(s) for s in self.shape_stages)}))
+
+    @property
+    def shape_flows(self) -> Tuple[str, ...]:
+        return tuple(SHAPE_FLOWS[s] for s in self.shape_stages)
+
+    @property
+    def required_models(self) -> Tuple[str, ...]:
+        """pipeline.json model keys the type runs (the cascade upsamples through the shape decoder)."""
+        return (SS_FLOW, SS_DECODER) + self.shape_flows + (SHAPE_DECODER,)
+
+    @property
+    def mesh_resolution(self) -> int:
+        """Mesh grid before any token-budget lowering (16 x the last stage's token grid)."""
+        return self.hr_resolution or int(self.shape_stages[-1])
+
+    def stage_grid(self, stage: str) -> int:
+        """Token grid of a shape stage that samples on the structure coords (``512`` -> 32)."""
+        return int(stage) // 16
+
+
+_TYPES: Dict[str, PipelineType] = {
+    "512": PipelineType("512", 32, ("512",)),
+    "1024": PipelineType("1024", 64, ("1024",)),
+    "1024_cascade": PipelineType("1024_cascade", 32, ("512", "1024"), 1024),
+    "1536_cascade": PipelineType("1536_cascade", 32, ("512", "1024"), 1536),
+}
+PIPELINE_TYPES: Tuple[str, ...] = tuple(_TYPES)
+
+
+def pipeline_type(name: str) -> PipelineType:
+    """The :class:`PipelineType` called ``name``; ValueError naming the choices for any other."""
+    if name not in _TYPES:
+        raise ValueError(f"unknown pipeline_type {name!r}; use one of {', '.join(PIPELINE_TYPES)}")
+    return _TYPES[name]
+
+
+def ss_resolution(name: str) -> int:
+    """Grid of the structure coords: 64 for ``1024``, else 32."""
+    return pipeline_type(name).structure_grid
+
+
+def cond_resolutions(name: str) -> Tuple[int, ...]:
+    """DINOv3 image sizes a pipeline type needs: (512,) for ``512``, else (512, 1024)."""
+    return pipeline_type(name).condition_sizes
+
+
+def shape_stages(name: str) -> Tuple[str, ...]:
+    """Shape flows in run order by size; their progress stages are ``shape_slat_<size>``."""
+    return pipeline_type(name).shape_stages
+
+
+def shape_flows(name: str) -> Tuple[str, ...]:
+    """pipeline.json keys of the shape flows a type runs (``1024`` alone skips the 512 model)."""
+    return pipeline_type(name).shape_flows
+
+
+def shape_condition_size(name: str) -> int:
+    """DINOv3 size of the first shape stage's condition (1024 for ``1024``, else 512)."""
+    return int(pipeline_type(name).shape_stages[0])
+
+
+def hr_resolution(name: str) -> int:
+    """Mesh grid the cascade's second stage starts from; ValueError for a type without a cascade."""
+    t = pipeline_type(name)
+    if t.hr_resolution is None:
+        raise ValueError(f"pipeline_type {name!r} has no cascade")
+    return t.hr_resolution
+
+
+def required_models(name: str) -> Tuple[str, ...]:
+    """pipeline.json model keys a pipeline type runs."""
+    return pipeline_type(name).required_models
+
+
+def models_for_types(names: Optional[Iterable[str]]) -> List[str]:
+    """The geometry networks the given pipeline types need, in load order (all of them for None)."""
+    if names is None:
+        return list(GEOMETRY_MODELS)
+    needed = {k for n in names for k in required_models(n)}
+    return [k for k in GEOMETRY_MODELS if k in needed]
+
+
+def progress_plan(name: str, ss_steps: int = 12, shape_steps: int = 12) -> List[Tuple[str, int]]:
+    """``[(stage, total steps)]`` in run order, as the progress callback reports them."""
+    return [(SS_STAGE, ss_steps)] + [(f"shape_slat_{s}", shape_steps) for s in shape_stages(name)]
+
+
+# ----------------------------------------------------------------------------------- variants
+MMDIT_HIDDEN = "mmdit_hidden"
+VAE_LATENT = "vae_latent"
+DINO_IMAGE = "dino_image"
+MULTI_VIEW = "multi_view"
+KINDS = (MMDIT_HIDDEN, VAE_LATENT, DINO_IMAGE, MULTI_VIEW)
+INJECTED_KINDS = (MMDIT_HIDDEN, VAE_LATENT, DINO_IMAGE)  # need a Know3D branch; multi_view does not
+
+# The paper's ablation: what the back view contributes -> knowledge kind (None: plain TRELLIS.2).
+VARIANT_KINDS: Dict[str, Optional[str]] = {
+    "hidden": MMDIT_HIDDEN,
+    "latent": VAE_LATENT,
+    "image": DINO_IMAGE,
+    "multiview": MULTI_VIEW,
+    "none": None,
+}
+VARIANTS: Tuple[str, ...] = tuple(VARIANT_KINDS)
+VARIANT_TEXT: Dict[str, str] = {
+    "hidden": "MMDiT hidden states injected",
+    "latent": "back-view VAE latent injected",
+    "image": "DINOv3 features of the back view injected",
+    "multiview": "back view as a second image, no Know3D weights",
+    "none": "plain TRELLIS.2",
+}
+
+
+def variant_kind(variant: str) -> Optional[str]:
+    """Knowledge kind of a variant (None for ``none``); ValueError naming the choices otherwise."""
+    if variant not in VARIANT_KINDS:
+        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    return VARIANT_KINDS[variant]
+
+
+def variant_of(kind: Optional[str]) -> str:
+    """The variant that produces ``kind`` (the kind itself when no variant does)."""
+    return next((v for v, k in VARIANT_KINDS.items() if k == kind), str(kind))
+
+
+def needs_back_view(variant: str) -> bool:
+    """Every variant but ``none`` runs Qwen-Image-Edit for the back view."""
+    return variant_kind(variant) is not None
+
+
+def needs_back_image(variant: str) -> bool:
+    """The variants that use the decoded back image (DINOv3 features, or a second image condition)."""
+    return variant_kind(variant) in (DINO_IMAGE, MULTI_VIEW)
+
+
+def needs_know3d(variant: str) -> bool:
+    """The injected variants need a Know3D checkpoint (branch + backbone LoRA)."""
+    return variant_kind(variant) in INJECTED_KINDS
+
+
+# ----------------------------------------------------------------------------------- files
+TRELLIS_REPO = "microsoft/TRELLIS.2-4B"
+TRELLIS_V1_REPO = "microsoft/TRELLIS-image-large"
+DINOV3_REPO = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+DINOV3_FOLDER = "dinov3-vitl16-pretrain-lvd1689m"
+COMFY_TRELLIS_REPO = "Comfy-Org/TRELLIS.2"
+QWEN_REPO = "Qwen/Qwen-Image-Edit-2511"
+
+# pipeline.json key -> (official reference in pipeline.json, repository, role)
+OFFICIAL_MODELS: Dict[str, Tuple[str, str, str]] = {
+    SS_FLOW: ("ckpts/ss_flow_img_dit_1_3B_64_bf16", TRELLIS_REPO, "sparse-structure flow"),
+    SS_DECODER: (f"{TRELLIS_V1_REPO}/ckpts/ss_dec_conv3d_16l8_fp16", TRELLIS_V1_REPO, "sparse-structure decoder"),
+    SHAPE_FLOWS["512"]: ("ckpts/slat_flow_img2shape_dit_1_3B_512_bf16", TRELLIS_REPO, "shape flow 512"),
+    SHAPE_FLOWS["1024"]: ("ckpts/slat_flow_img2shape_dit_1_3B_1024_bf16", TRELLIS_REPO, "shape flow 1024"),
+    SHAPE_DECODER: ("ckpts/shape_dec_next_dc_f16c32_fp16", TRELLIS_REPO, "shape decoder"),
+}
+
+# ComfyUI's repack (Comfy-Org/TRELLIS.2): key prefix -> pipeline.json key, in the diffusion file
+# (all flows; ``img2shape.`` is the 512 model when the file's metadata says ``is_512``) ...
+COMFY_FLOW_PREFIXES: Dict[str, str] = {
+    "structure_model.": SS_FLOW,
+    "img2shape_512.": SHAPE_FLOWS["512"],
+    "img2shape.": SHAPE_FLOWS["1024"],
+    "shape2txt.": TEXTURE_FLOW,
+}
+# ... and in the shape VAE file (both decoders; a texture VAE holds ``txt_dec.``).
+COMFY_VAE_PREFIXES: Dict[str, str] = {"struct_dec.": SS_DECODER, "shape_dec.": SHAPE_DECODER}
+COMFY_TEXTURE_VAE_PREFIX = "txt_dec."
+# A prefix shared by every key of a ComfyUI save, in front of the prefixes above (saves vary).
+COMFY_OUTER_PREFIXES: Tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.", "model.",
+                                         "first_stage_model.", "vae.")
+# role -> (file name as Comfy-Org publishes it, ComfyUI models/ sub-folder, description)
+COMFY_FILES: Dict[str, Tuple[str, str, str]] = {
+    "flows": ("trellis_2_bf16.safetensors", "diffusion_models", "TRELLIS.2 flows (ComfyUI repack)"),
+    "vae": ("trellis_2_shape_vae_bf16.safetensors", "vae", "TRELLIS.2 shape VAE (ComfyUI repack)"),
+    "dinov3": ("dino_v3_vit_l.safetensors", "clip_vision", "DINOv3 ViT-L/16 (ComfyUI repack)"),
+}
+
+
+def comfy_source(role: str) -> str:
+    """Where a ComfyUI file comes from, in words (``role``: a key of :data:`COMFY_FILES`)."""
+    name, sub, _ = COMFY_FILES[role]
+    return f"{name} from huggingface.co/{COMFY_TRELLIS_REPO} (split_files/{sub}) into models/{sub}"
+
+
+def strip_outer_prefix(keys: Sequence[str]) -> Dict[str, str]:
+    """``{key without the outer prefix all keys share: key}`` (the first of :data:`COMFY_OUTER_PREFIXES`
+    that every key starts with; none: keys unchanged)."""
+    keys = list(keys)
+    for outer in COMFY_OUTER_PREFIXES:
+        if keys and all(k.startswith(outer) for k in keys):
+            return {k[len(outer):]: k for k in keys}
+    return {k: k for k in keys}
+
+
+def comfy_file_kind(keys: Iterable[str]) -> Optional[str]:
+    """What a ComfyUI TRELLIS.2 file holds, by its keys: ``"flows"``, ``"vae"`` (shape VAE),
+    ``"texture_vae"`` or None (not a ComfyUI TRELLIS.2 file)."""
+    bare = list(strip_outer_prefix(list(keys)))
+    for kind, prefixes in (("vae", tuple(COMFY_VAE_PREFIXES)), ("texture_vae", (COMFY_TEXTURE_VAE_PREFIX,)),
+                           ("flows", tuple(COMFY_FLOW_PREFIXES))):
+        if any(k.startswith(prefixes) for k in bare):
+            return kind
+    return None
+
+
+def comfy_is_512(metadata: Mapping[str, str]) -> bool:
+    """ComfyUI's ``is_512`` metadata flag (its ``img2shape.`` weights are then the 512 model)."""
+    return str(metadata.get("is_512", "")).strip().lower() in ("1", "true", "yes")
+
+
+# ----------------------------------------------------------------------------------- dtypes
+DTYPE_NAMES: Tuple[str, ...] = ("bfloat16", "float16", "float32")  # torch attribute names
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "f16": "float16", "fp16": "float16", "float16": "float16", "half": "float16",
+    "f32": "float32", "fp32": "float32", "float32": "float32", "float": "float32",
+}
+SAFETENSORS_FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})  # safetensors header names of DTYPE_NAMES
+
+
+def dtype_name(dtype: object) -> str:
+    """``"bf16"`` / ``"bfloat16"`` / ``torch.bfloat16`` ... -> ``"bfloat16"`` (one of :data:`DTYPE_NAMES`)."""
+    text = str(dtype).replace("torch.", "").lower()
+    if text not in _DTYPE_ALIASES:
+        raise ValueError(f"unsupported dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+    return _DTYPE_ALIASES[text]
+
+
+def auto_dtype_name(device_type: str, bf16_supported: bool = True) -> str:
+    """``auto``: bfloat16 on a CUDA device that has it, else float32."""
+    return "bfloat16" if device_type == "cuda" and bf16_supported else "float32"
