@@ -168,17 +168,34 @@ def _has_lm_head(model_dir: str) -> bool:
     return False
 
 
+def _load_processor(folder: str, proc_dir: str):
+    """Qwen-Image-Edit's ``processor/`` through the pipeline's loader (no torchvision needed), else
+    transformers' AutoProcessor of a Qwen2.5-VL-Instruct folder."""
+    if proc_dir == os.path.join(folder, "processor"):
+        from ..pipeline import load_processor
+
+        return load_processor(folder)
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(proc_dir)
+    except Exception as e:  # transformers' message rarely names the cause
+        raise UsageError(f"--annotator {folder}: could not load the Qwen2.5-VL processor ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]}); transformers >= 5 needs torchvision for it") from e
+
+
 class QwenAnnotator:
     """Qwen2.5-VL (transformers) answering :data:`PROMPT` for RGBA renders (composited on white)."""
 
     def __init__(self, folder: str, device: str = "cpu", dtype: Optional[str] = None, max_new_tokens: int = 96):
+        """``folder``: see :func:`resolve_annotator_dirs`; ``dtype`` a torch dtype name (default bf16 on CUDA)."""
         import torch
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
         model_dir, proc_dir = resolve_annotator_dirs(folder)
         torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
-        self.processor = AutoProcessor.from_pretrained(proc_dir)
+        self.processor = _load_processor(folder, proc_dir)
         self.device, self.max_new_tokens = device, int(max_new_tokens)
 
     @staticmethod
@@ -284,7 +301,9 @@ def prepare_step(ctx) -> Dict[str, Any]:
         raise StepSkipped("no annotations: pass --annotations FILE or --annotator QWEN_DIR")
     annotator = ctx.cache.get("annotator")
     if annotator is None:
-        annotator = ctx.cache["annotator"] = QwenAnnotator(ctx.options.annotator, device=ctx.options.device)
+        annotator = ctx.cache["annotator"] = QwenAnnotator(
+            ctx.options.annotator, device=ctx.options.device,
+            max_new_tokens=int(ctx.options.extra.get("annotate_max_new_tokens", 96)))
     failures = 0
     for p in pairs:
         with Image.open(ctx.path(p["back"])) as im:

@@ -240,7 +240,12 @@ def load_asset(path: str, max_faces: int = DEFAULT_MAX_FACES, up: str = "y") -> 
         raise AssetError("unreadable", f"unsupported extension {ext!r} (use {', '.join(layout.ASSET_EXTENSIONS)})")
     if os.path.getsize(path) == 0:
         raise AssetError("empty", "the file is empty (0 bytes)")
-    n_textures = check_textures(path)
+    try:
+        n_textures = check_textures(path)
+    except AssetError:
+        raise
+    except Exception as e:  # a malformed container (bad JSON chunk, truncated buffer, ...)
+        raise AssetError("unreadable", f"malformed {ext} file: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     try:
         scene = trimesh.load(path, force="scene", process=False)
     except Exception as e:
