@@ -49,6 +49,8 @@ class MalformedAnswer(ValueError):
 
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u2013\u00b7]|\d{1,2}[.)]|\(\d{1,2}\)|[a-z][.)])\s+", re.IGNORECASE)
+_REFUSAL = re.compile(r"^\s*(?:i\b|i'm\b|sorry\b|as an ai\b|unfortunately\b|there is no\b|there are no\b|no visible\b)",
+                      re.IGNORECASE)
 _FENCE = re.compile(r"```(?:json|text|markdown)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
@@ -93,6 +95,8 @@ def parse_components(text: str) -> List[str]:
         bulleted = [_BULLET.sub("", ln, count=1) for ln in lines if _BULLET.match(ln)]
         if bulleted:
             items = bulleted
+        elif _REFUSAL.match(body):
+            items = []
         elif len(lines) == 1 and not lines[0].rstrip().endswith(":"):
             line = re.sub(r"^.*?:\s*", "", lines[0]) if ":" in lines[0] else lines[0]
             items = re.split(r"\s*;\s*|\s*,\s*(?:and\s+)?|\s+and\s+(?=(?:a|an|the|two|three|four)\s)", line)
@@ -101,6 +105,8 @@ def parse_components(text: str) -> List[str]:
     out, seen = [], set()
     for item in items:
         c = _clean(item)
+        if _REFUSAL.match(c):
+            continue
         if not c or len(c.split()) > MAX_WORDS or not re.search(r"[a-zA-Z]{2}", c):
             continue
         if c.lower() not in seen:
@@ -284,7 +290,8 @@ def lookup(table: Dict[str, Dict[str, Any]], path: str, sha256: str) -> Optional
 
 # ------------------------------------------------------------------------------ the step
 def prepare_step(ctx) -> Dict[str, Any]:
-    """Fill ``pairs.json`` annotations from the imported table or the Qwen annotator."""
+    """Fill ``pairs.json`` annotations from the imported table or the Qwen annotator (the pairs of
+    ``options.extra["annotate_sets"]``, default every set)."""
     from PIL import Image
 
     from .prepare import StepSkipped
@@ -304,8 +311,11 @@ def prepare_step(ctx) -> Dict[str, Any]:
         annotator = ctx.cache["annotator"] = QwenAnnotator(
             ctx.options.annotator, device=ctx.options.device,
             max_new_tokens=int(ctx.options.extra.get("annotate_max_new_tokens", 96)))
+    sets = tuple(ctx.options.extra.get("annotate_sets", layout.PAIR_SETS))
     failures = 0
     for p in pairs:
+        if p["set"] not in sets:
+            continue
         with Image.open(ctx.path(p["back"])) as im:
             result = annotator.annotate(im.convert("RGBA"))
         p["annotations"] = result["annotations"]
