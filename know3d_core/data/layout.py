@@ -46,7 +46,7 @@ __all__ = [
     "REASONS", "STEPS", "MANIFEST_FIELDS", "SET_BACKVIEW", "SET_3D", "SET_3D_PERTURBED", "PAIR_SETS",
     "ViewSet", "VIEW_SETS", "pair_indices", "FOV_RANGE_DEG", "ELEVATION_RANGE_DEG", "PERTURB_FOV_SCALE",
     "PERTURB_AZIMUTH_DEG", "PERTURB_ELEVATION_DEG", "camera_radius", "RENDER_SIZES", "SPLITS", "VAL_FRACTION",
-    "split_of", "sha256_file", "asset_dir", "manifest_path", "assets_root",
+    "split_of", "sha256_file", "asset_dir", "manifest_path", "assets_root", "steps_of",
 ]
 
 # ------------------------------------------------------------------------------------ files
