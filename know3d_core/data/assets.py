@@ -280,3 +280,25 @@ def load_asset(path: str, max_faces: int = DEFAULT_MAX_FACES, up: str = "y") -> 
     info = {"faces": int(n_faces), "vertices": int(allv.shape[0]), "primitives": len(prims),
             "textures": int(n_textures), "extent_before": (hi - lo).tolist()}
     return Asset(os.path.abspath(path), prims, tuple(float(c) for c in center), float(scale), info)
+
+
+def asset_glb_bytes(asset: Asset) -> bytes:
+    """The normalised asset as a binary glTF (model space turned back to glTF's Y up), one mesh per
+    primitive with its metallic-roughness material, for renderers that import files (Blender)."""
+    import trimesh
+    from PIL import Image
+
+    scene = trimesh.Scene()
+    for k, p in enumerate(asset.primitives):
+        v = p.vertices.astype(np.float64)
+        v_gltf = np.stack([v[:, 0], v[:, 2], -v[:, 1]], axis=1)
+        factor = np.clip(np.round(np.asarray(p.base_color_factor) * 255), 0, 255).astype(np.uint8)
+        mat = trimesh.visual.material.PBRMaterial(
+            baseColorFactor=factor, metallicFactor=float(p.metallic), roughnessFactor=float(p.roughness),
+            baseColorTexture=None if p.base_color_texture is None else Image.fromarray(p.base_color_texture, "RGBA"),
+            metallicRoughnessTexture=(None if p.metallic_roughness_texture is None
+                                      else Image.fromarray(p.metallic_roughness_texture, "RGB")))
+        uv = p.uv if p.uv is not None else np.zeros((len(v), 2), np.float32)
+        mesh = trimesh.Trimesh(v_gltf, p.faces, visual=trimesh.visual.TextureVisuals(uv=uv, material=mat), process=False)
+        scene.add_geometry(mesh, geom_name=f"primitive_{k}")
+    return scene.export(file_type="glb")

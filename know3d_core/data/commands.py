@@ -66,6 +66,9 @@ def _add_step_options(p) -> None:
     p.add_argument("--max-faces", type=_positive, default=2_000_000, help="skip assets with more faces (default: %(default)s)")
     p.add_argument("--up", choices=("y", "z"), default="y", help="up axis of OBJ / PLY files (glTF is always Y up)")
     p.add_argument("--size", type=_positive, default=512, help="render size in pixels (512 or 1024; default: %(default)s)")
+    p.add_argument("--renderer", choices=("opengl", "blender"), default="opengl",
+                   help="opengl: moderngl on headless EGL (GPU driver or Mesa); blender: Cycles on the CPU "
+                        "through bpy (pip install 'comfyui-know3d[blender]', Python 3.11)")
     p.add_argument("--annotations", metavar="FILE", help="import annotations from JSONL / CSV (default: "
                    "INPUT/annotations.jsonl when present); see 'know3d data annotate --help'")
     p.add_argument("--annotator", metavar="DIR", help="Qwen2.5-VL-7B-Instruct or Qwen-Image-Edit-2511 folder: "
@@ -128,7 +131,8 @@ def _options(opts, input_dir: str, out: str, steps, force):
     from .prepare import PrepareOptions
 
     return PrepareOptions(input=input_dir, out=out, steps=tuple(steps), force=tuple(force), shard=opts.shard,
-                          max_faces=opts.max_faces, up=opts.up, render_size=opts.size, annotations=opts.annotations,
+                          max_faces=opts.max_faces, up=opts.up, render_size=opts.size,
+                          renderer=opts.renderer, annotations=opts.annotations,
                           annotator=opts.annotator, resolutions=opts.resolutions, device=opts.device,
                           retry_failed=opts.retry_failed, progress=not opts.no_progress)
 

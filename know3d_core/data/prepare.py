@@ -69,6 +69,7 @@ class PrepareOptions:
     max_faces: int = DEFAULT_MAX_FACES
     up: str = "y"
     render_size: int = 512
+    renderer: str = "opengl"             # render.RENDERERS: opengl (moderngl + EGL) or blender (bpy, Cycles)
     annotations: Optional[str] = None    # JSONL / CSV to import (default: INPUT/annotations.jsonl if present)
     annotator: Optional[str] = None      # Qwen2.5-VL folder for annotate
     resolutions: Tuple[int, ...] = (256,)
@@ -194,7 +195,7 @@ def step_render(ctx: StepContext) -> Dict:
 
     renderer = ctx.cache.get("renderer")
     if renderer is None:
-        renderer = ctx.cache["renderer"] = render.GLRenderer(ctx.options.render_size)
+        renderer = ctx.cache["renderer"] = render.make_renderer(ctx.options.renderer, ctx.options.render_size)
     views = render.plan_views(_view_seed(ctx.sha256))
     pairs = render.plan_pairs(views)
     old = _read_json(ctx.path(layout.PAIRS_FILE)) or []

@@ -26,7 +26,7 @@ import numpy as np
 from . import layout
 
 __all__ = ["RendererUnavailable", "look_at_c2w", "camera_position", "intrinsics", "plan_views", "plan_pairs",
-           "project", "GLRenderer", "render_asset"]
+           "project", "GLRenderer", "BlenderRenderer", "RENDERERS", "make_renderer", "render_asset"]
 
 
 class RendererUnavailable(RuntimeError):
@@ -288,7 +288,109 @@ class GLRenderer:
         return np.concatenate([rgb, alpha], axis=-1).round().clip(0, 255).astype(np.uint8)
 
 
-def render_asset(renderer: GLRenderer, asset, views: Sequence[Dict], out_dir: str) -> List[str]:
+class BlenderRenderer:
+    """Cycles on the CPU through ``bpy`` (Blender as a Python module; wheels for Python 3.11 as bpy 4.5,
+    3.13 as bpy 5.x, none for 3.12). Same interface, cameras and light rig as :class:`GLRenderer`:
+    the asset is imported from :func:`assets.asset_glb_bytes` (Blender's glTF importer turns Y up into
+    Z up, i.e. back into model space), each view sets the camera's ``c2w`` (Blender cameras look along
+    -Z with +Y up, as OpenGL) and FoV, the three sun lights follow the camera, the world colour is the
+    ambient term, and the film is transparent (straight-alpha RGBA PNG, Standard view transform)."""
+
+    def __init__(self, size: int, samples: int = 32):
+        try:
+            import bpy
+        except ImportError:
+            raise RendererUnavailable(
+                "the Blender renderer needs bpy (Blender as a Python module): pip install 'comfyui-know3d[blender]' "
+                "(wheels exist for Python 3.11 and 3.13 only); or use --renderer opengl") from None
+        self.bpy, self.size, self.samples = bpy, int(size), int(samples)
+        self.renderer_name = f"blender {bpy.app.version_string} cycles"
+        self._tmp = None
+
+    def release(self) -> None:
+        import shutil
+
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def load(self, asset) -> None:
+        import tempfile
+
+        from .assets import asset_glb_bytes
+
+        bpy = self.bpy
+        bpy.ops.wm.read_factory_settings(use_empty=True)
+        self.release()
+        self._tmp = tempfile.mkdtemp(prefix="know3d-blender-")
+        glb = os.path.join(self._tmp, "asset.glb")
+        with open(glb, "wb") as f:
+            f.write(asset_glb_bytes(asset))
+        bpy.ops.import_scene.gltf(filepath=glb)
+        scene = bpy.context.scene
+        scene.render.engine = "CYCLES"
+        scene.cycles.device = "CPU"
+        scene.cycles.samples = self.samples
+        scene.cycles.use_denoising = False
+        scene.render.film_transparent = True
+        scene.render.resolution_x = scene.render.resolution_y = self.size
+        scene.render.resolution_percentage = 100
+        scene.render.image_settings.file_format = "PNG"
+        scene.render.image_settings.color_mode = "RGBA"
+        scene.view_settings.view_transform = "Standard"
+        world = bpy.data.worlds.new("ambient")
+        world.use_nodes = True
+        world.node_tree.nodes["Background"].inputs[0].default_value = (*_AMBIENT, 1.0)
+        scene.world = world
+        cam = bpy.data.objects.new("camera", bpy.data.cameras.new("camera"))
+        scene.collection.objects.link(cam)
+        scene.camera = cam
+        self._suns = []
+        for k, (_, rgb) in enumerate(_LIGHTS_CAM):
+            light = bpy.data.lights.new(f"sun{k}", type="SUN")
+            # GLRenderer's Lambert term gives albedo * rgb * cos; a Cycles sun of strength S gives albedo * S / pi * cos
+            light.energy = math.pi * max(rgb)
+            light.color = tuple(c / max(rgb) for c in rgb)
+            light.angle = 0.0
+            obj = bpy.data.objects.new(f"sun{k}", light)
+            scene.collection.objects.link(obj)
+            self._suns.append(obj)
+
+    def render(self, c2w: np.ndarray, fov_deg: float) -> np.ndarray:
+        """One view: uint8 [S, S, 4] straight-alpha RGBA (transparent background)."""
+        from mathutils import Matrix, Vector
+        from PIL import Image
+
+        bpy = self.bpy
+        c2w = np.asarray(c2w, dtype=np.float64)
+        cam = bpy.context.scene.camera
+        cam.matrix_world = Matrix(c2w.tolist())
+        cam.data.sensor_fit = "AUTO"
+        cam.data.angle = math.radians(fov_deg)
+        dist = float(np.linalg.norm(c2w[:3, 3]))
+        cam.data.clip_start, cam.data.clip_end = max(dist - 1.0, 0.01), dist + 1.0
+        for obj, (direction, _) in zip(self._suns, _LIGHTS_CAM):
+            to_light = c2w[:3, :3] @ np.asarray(direction, np.float64)
+            # a sun shines along its local -Z: point -Z away from the light direction
+            obj.rotation_euler = Vector((-to_light).tolist()).to_track_quat("-Z", "Y").to_euler()
+        path = os.path.join(self._tmp, "view.png")
+        bpy.context.scene.render.filepath = path
+        bpy.ops.render.render(write_still=True)
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGBA"), dtype=np.uint8).copy()
+
+
+RENDERERS = {"opengl": GLRenderer, "blender": BlenderRenderer}
+
+
+def make_renderer(kind: str, size: int):
+    """``opengl`` (:class:`GLRenderer`, default) or ``blender`` (:class:`BlenderRenderer`)."""
+    if kind not in RENDERERS:
+        raise ValueError(f"unknown renderer {kind!r}; choose from {', '.join(RENDERERS)}")
+    return RENDERERS[kind](size)
+
+
+def render_asset(renderer, asset, views: Sequence[Dict], out_dir: str) -> List[str]:
     """Render every view of ``views`` into ``out_dir/<view file>`` (PNG). Returns the paths."""
     from PIL import Image
 
