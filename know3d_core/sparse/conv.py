@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import conv_triton
+from .kernel_dispatch import grad_needed
 from .tensor import SparseTensor
 
 __all__ = [
@@ -376,6 +377,8 @@ def _conv_implicit(feats, nm: NeighbourMap, w, b, fallback: bool) -> Optional[to
         )
     cfg = conv_triton.kernel_config(feats.shape[1], w.shape[0], feats.dtype)
     layout = nm.tile_layout(cfg.BM)
+    if grad_needed(feats, w, b):
+        return _ImplicitConv.apply(feats, w, b, nm, cfg)
     if not fallback:
         return conv_triton.conv_implicit_gemm(feats, layout, w, b, cfg)
     try:
@@ -384,6 +387,57 @@ def _conv_implicit(feats, nm: NeighbourMap, w, b, fallback: bool) -> Optional[to
         _implicit_failed.append(exc)
         _log.warning("Triton sparse conv failed (%s: %s); using the PyTorch algorithms", type(exc).__name__, exc)
         return None
+
+
+class _ImplicitConv(torch.autograd.Function):
+    """The Triton implicit GEMM with a backward pass.
+
+    Submanifold offsets come in mirror pairs (row m is neighbour v of row n exactly when n is
+    neighbour ``K-1-v`` of m), so the input gradient is the same conv of ``grad_out`` with the
+    weight flipped in space and transposed, ``W'[ci, v, co] = W[co, K-1-v, ci]`` (same kernel, same
+    tile layout). Weight gradient ``dW[:, v, :] = sum_n g[n] feats[nbr[n, v]]^T``: gathered taps in
+    row chunks times ``grad_out`` (PyTorch GEMMs, fp32 sums across chunks); bias: ``sum_n g[n]``.
+    """
+
+    @staticmethod
+    def forward(ctx, feats, w, b, nm, cfg):
+        ctx.nm, ctx.has_bias = nm, b is not None
+        ctx.save_for_backward(feats, w)
+        return conv_triton.conv_implicit_gemm(feats, nm.tile_layout(cfg.BM), w, b, cfg)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feats, w = ctx.saved_tensors
+        nm: NeighbourMap = ctx.nm
+        grad_out = grad_out.contiguous()
+        d_feats = d_w = d_b = None
+        Co, Ci = w.shape[0], w.shape[4]
+        if ctx.needs_input_grad[0]:
+            w_t = w.flip(1, 2, 3).permute(4, 1, 2, 3, 0).contiguous()  # [Ci, k, k, k, Co]
+            cfg_t = conv_triton.kernel_config(Co, Ci, grad_out.dtype)
+            d_feats = conv_triton.conv_implicit_gemm(grad_out, nm.tile_layout(cfg_t.BM), w_t, None, cfg_t)
+        if ctx.needs_input_grad[1]:
+            d_w = _weight_grad(feats, grad_out, nm, DEFAULT_CHUNK_BYTES).view(w.shape).to(w.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_b = grad_out.float().sum(0).to(w.dtype)
+        return d_feats, d_w, d_b, None, None
+
+
+def _weight_grad(feats: torch.Tensor, grad_out: torch.Tensor, nm: NeighbourMap, chunk_bytes: int) -> torch.Tensor:
+    """``dW [Co, K*Ci]`` (fp32) ``= sum_n grad_out[n]^T taps[n]`` with ``taps[n] = feats[nbr[n]]``
+    (missing neighbours zero), gathered in row chunks under ``chunk_bytes``."""
+    N, Ci = feats.shape
+    K = nm.volume
+    x_pad = torch.cat([feats, feats.new_zeros(1, Ci)], 0)
+    rows = max(1, chunk_bytes // (K * Ci * feats.element_size()))
+    d_w = None
+    for a in range(0, N, rows):
+        taps = x_pad[nm.nbr[a:a + rows]].view(-1, K * Ci)
+        part = (grad_out[a:a + rows].t() @ taps).float()
+        d_w = part if d_w is None else d_w.add_(part)
+    if d_w is None:
+        d_w = feats.new_zeros(grad_out.shape[1], K * Ci, dtype=torch.float32)
+    return d_w
 
 
 def _conv_gather(feats, nm: NeighbourMap, w, b, chunk_bytes: int) -> torch.Tensor:

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .kernel_dispatch import check_no_grad
+
 try:  # Triton ships with CUDA builds of torch; CPU-only installs have none.
     import triton
     import triton.language as tl
@@ -172,6 +174,7 @@ def conv_implicit_gemm(
     """feats ``[N, Ci]`` (CUDA), weight ``[Co, k, k, k, Ci]`` and bias ``[Co]`` in feats' dtype,
     layout from :func:`tile_layout` -> ``[N, Co]`` in feats' dtype (fp32 accumulation; fp32 inputs
     multiply in full fp32, no TF32)."""
+    check_no_grad("conv_implicit_gemm", feats, weight, bias)  # autograd: conv._ImplicitConv
     N, Ci = feats.shape
     Co = weight.shape[0]
     K = layout.nbr.shape[0]

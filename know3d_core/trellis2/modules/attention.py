@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...sparse import varlen_attention
+from ...sparse.kernel_dispatch import grad_needed
 from .fused import fused_enabled, qk_norm_rope_pair
 from .norm import MultiHeadRMSNorm
 from .rope import apply_rope
@@ -136,8 +137,8 @@ class MultiHeadAttention(nn.Module):
         H = self.num_heads
         if self.use_rope and rope is None:
             raise ValueError("this attention uses RoPE: pass rope=phases")
-        if fused_enabled(x) and _pow2(self.head_dim // 2):
-            q, k, v = self._qkv_fused(x, context, rope)
+        if fused_enabled(x) and _pow2(self.head_dim // 2) and not grad_needed(rope):
+            q, k, v = self._qkv_fused(x, context, rope)  # differentiable in x and the gammas
         else:
             q, k, v = self._qkv(x, context, rope)
         h = attend(q, k, v, q_layout=layout, kv_layout=layout if self._type == "self" else None)

@@ -12,6 +12,8 @@ residual add (gated or not) together with the following LayerNorm and modulation
 q/k RMS norm + RoPE in one pass, the MLP's GELU in the GEMM epilogue (fp16/bf16), and with a
 Know3D branch its LayerNorm in norm2's pass and its delta in the next residual; results agree
 with the PyTorch path to half-precision rounding (one rounding where the reference has several).
+The fused block is differentiable (the kernels have Triton backward passes; the MLP takes the plain
+``Linear -> GELU -> Linear`` path when gradients are needed).
 """
 from typing import Any, Optional
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .attention import MultiHeadAttention, TokenLayout
+from ...sparse.kernel_dispatch import use_kernel
 from .fused import fused_enabled, gated_residual, layer_norm_modulate, residual_layer_norm_modulate
 from .norm import LayerNorm32
 
@@ -39,8 +42,9 @@ class FeedForwardNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and fused_enabled(x) \
-                and fc1.bias is not None and fc1.weight.dtype == x.dtype:
+        device_ok = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and fused_enabled(x) \
+            and isinstance(fc1, nn.Linear) and fc1.bias is not None and fc1.weight.dtype == x.dtype
+        if use_kernel(device_ok, False, x, fc1.weight, fc1.bias):  # aten's _addmm_activation has no backward
             # GELU(tanh) in cuBLASLt's GEMM epilogue: the [.., hidden] activation is written once
             h = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
             return fc2(h).reshape(*x.shape[:-1], fc2.out_features)

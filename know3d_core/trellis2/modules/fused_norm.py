@@ -6,7 +6,8 @@ once (optionally through a row index, i.e. a fused gather), computes mean/varian
 the affine weight/bias and SiLU in fp32 and rounds once to the output dtype. Output may alias the
 input (in place) when no index is given.
 
-CUDA tensors take the kernel when :func:`.fused.fused_enabled` says so (Triton present, switch on);
+CUDA tensors take the kernel when :func:`.fused.fused_enabled` says so (Triton present, switch on)
+and no gradient is needed (the kernel has no backward: :mod:`know3d_core.sparse.kernel_dispatch`);
 everything else runs the PyTorch ops in row chunks (bounded fp32 temporaries), rounding like the
 reference (LayerNorm rounded to the input dtype, then SiLU in that dtype). The kernel uses only
 portable ``tl`` ops, so it also runs under Triton's CPU interpreter (``TRITON_INTERPRET=1``).
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ...sparse.kernel_dispatch import check_no_grad, use_kernel
 from .fused import fused_enabled
 
 try:
@@ -113,7 +115,8 @@ def layer_norm_act(
         ``[N', C]`` (``out`` when given).
     """
     out = _check_args(x, weight, bias, index, out, out_dtype)
-    if fused_enabled(x) and x.dtype in _KERNEL_DTYPES and out.dtype in _KERNEL_DTYPES:
+    device_ok = fused_enabled(x) and x.dtype in _KERNEL_DTYPES and out.dtype in _KERNEL_DTYPES
+    if use_kernel(device_ok, False, x, weight, bias):  # no backward: autograd takes the PyTorch ops
         return layer_norm_act_triton(x, weight, bias, eps, silu, index, out)
     return _layer_norm_act_torch(x, weight, bias, eps, silu, index, out)
 
@@ -143,6 +146,7 @@ def layer_norm_act_triton(
     arguments as :func:`layer_norm_act` with ``out`` given."""
     if triton is None:
         raise RuntimeError("layer_norm_act_triton needs Triton")
+    check_no_grad("layer_norm_act_triton", x, weight, bias)
     if x.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError("layer_norm_act_triton needs contiguous channels in x and out")
     n_rows, C = out.shape
