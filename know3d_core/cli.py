@@ -31,7 +31,8 @@ __all__ = ["main", "build_parser", "UsageError", "COMMAND_FAMILIES"]
 # is torch-free at import and exposes ``register(subparsers)``, which adds its sub-commands with
 # ``set_defaults(run=callable)``; ``callable(opts) -> int`` returns the exit code and raises
 # :class:`UsageError` for bad input (exit code 2).
-COMMAND_FAMILIES: tuple = ("know3d_core.generate.commands", "know3d_core.data.commands", "know3d_core.train.commands")
+COMMAND_FAMILIES: tuple = ("know3d_core.generate.commands", "know3d_core.data.commands", "know3d_core.train.commands",
+                           "know3d_core.eval.commands")
 
 PipelineFactory = Callable[[argparse.Namespace, Any], Any]
 
