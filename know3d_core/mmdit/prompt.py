@@ -28,6 +28,53 @@ EDIT_PLUS_TEMPLATE = (
 EDIT_PLUS_DROP_TOKENS = 64
 IMAGE_PLACEHOLDER = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 DEFAULT_NEGATIVE_PROMPT = " "
+# The longest prompt sequence Qwen-Image-Edit's MMDiT is given: diffusers' QwenImageEditPlusPipeline
+# refuses max_sequence_length > 1024 (its tokenizer_max_length). Counted as the MMDiT sees it: the
+# encoded chat after the EDIT_PLUS_DROP_TOKENS prefix, the condition images' vision tokens included.
+# Longer prompts are refused (PromptTooLong), never truncated. The text encoder's own limit
+# (max_position_embeddings, 128000 for Qwen2.5-VL-7B) lowers it further if smaller.
+MAX_PROMPT_TOKENS = 1024
+
+
+class PromptTooLong(ValueError):
+    """The back-view prompt is longer than the MMDiT reads; ``tokens`` / ``limit`` / ``description_tokens``."""
+
+    def __init__(self, tokens: int, limit: int, description_tokens: int | None = None):
+        self.tokens, self.limit, self.description_tokens = tokens, limit, description_tokens
+        what = ("" if description_tokens is None else
+                f" (the description {description_tokens}, plus the camera prompt, the template and the image)")
+        fix = (f"shorten the description by at least {tokens - limit} tokens" if description_tokens is None else
+               f"shorten the description to at most {max(0, description_tokens - (tokens - limit))} tokens")
+        super().__init__(f"the back-view prompt is {tokens} tokens{what}; Qwen-Image-Edit reads at most "
+                         f"{limit}: {fix}")
+
+
+def max_prompt_tokens(text_encoder_config: dict | None = None) -> int:
+    """:data:`MAX_PROMPT_TOKENS`, or the text encoder's ``max_position_embeddings`` if smaller
+    (``text_encoder_config``: its config.json as a dict, ``text_config`` read when present)."""
+    cfg = text_encoder_config or {}
+    text = cfg.get("text_config") or cfg
+    positions = text.get("max_position_embeddings", cfg.get("max_position_embeddings"))
+    return min(MAX_PROMPT_TOKENS, int(positions)) if positions else MAX_PROMPT_TOKENS
+
+
+def prompt_tokens(processor, images, text: str, drop_tokens: int = EDIT_PLUS_DROP_TOKENS) -> int:
+    """How many prompt tokens the MMDiT reads for ``text`` with the condition ``images`` (what
+    :func:`encode_prompt` returns; tokenizer and image processor only, no network)."""
+    chat = edit_plus_text(text, len(images or []))
+    inputs = processor(text=[chat], images=list(images) if images else None, return_tensors="pt")
+    return int(inputs["attention_mask"].sum()) - drop_tokens
+
+
+def check_prompt_length(processor, images, prompt: "BackViewPrompt", description: str,
+                        limit: int = MAX_PROMPT_TOKENS) -> int:
+    """Tokens of the back-view prompt for ``description``; raises :class:`PromptTooLong` over ``limit``."""
+    n = prompt_tokens(processor, images, prompt.build(description))
+    if n > limit:
+        desc = (description or "").strip()
+        tokenizer = getattr(processor, "tokenizer", processor)  # a processor, or a bare tokenizer
+        raise PromptTooLong(n, limit, len(tokenizer(desc)["input_ids"]) if desc else 0)
+    return n
 
 
 @dataclass(frozen=True)
@@ -83,6 +130,10 @@ def encode_prompt(text_encoder, processor, images, text: str | list[str],
     chat = [edit_plus_text(t, len(images)) for t in texts]
     # the processor pairs images with placeholders across the whole batch: repeat them per prompt
     inputs = processor(text=chat, images=images * len(chat) or None, padding=True, return_tensors="pt").to(device)
+    limit = max_prompt_tokens(text_encoder.config.to_dict())
+    longest = int(inputs["attention_mask"].sum(dim=1).max()) - drop_tokens
+    if longest > limit:  # before the forward: diffusers' RoPE table would fail with a shape error
+        raise PromptTooLong(longest, limit)
     out = text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                        pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
                        output_hidden_states=True)
