@@ -17,8 +17,10 @@ transparent background. Normal, occlusion and emissive maps are not used.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -288,6 +290,21 @@ class GLRenderer:
         return np.concatenate([rgb, alpha], axis=-1).round().clip(0, 255).astype(np.uint8)
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence the process's stdout file descriptor (C code's prints included) for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 class BlenderRenderer:
     """Cycles on the CPU through ``bpy`` (Blender as a Python module; wheels for Python 3.11 as bpy 4.5,
     3.13 as bpy 5.x, none for 3.12). Same interface, cameras and light rig as :class:`GLRenderer`:
@@ -320,13 +337,15 @@ class BlenderRenderer:
         from .assets import asset_glb_bytes
 
         bpy = self.bpy
-        bpy.ops.wm.read_factory_settings(use_empty=True)
+        with _quiet_stdout():
+            bpy.ops.wm.read_factory_settings(use_empty=True)
         self.release()
         self._tmp = tempfile.mkdtemp(prefix="know3d-blender-")
         glb = os.path.join(self._tmp, "asset.glb")
         with open(glb, "wb") as f:
             f.write(asset_glb_bytes(asset))
-        bpy.ops.import_scene.gltf(filepath=glb)
+        with _quiet_stdout():
+            bpy.ops.import_scene.gltf(filepath=glb)
         scene = bpy.context.scene
         scene.render.engine = "CYCLES"
         scene.cycles.device = "CPU"
@@ -375,7 +394,8 @@ class BlenderRenderer:
             obj.rotation_euler = Vector((-to_light).tolist()).to_track_quat("-Z", "Y").to_euler()
         path = os.path.join(self._tmp, "view.png")
         bpy.context.scene.render.filepath = path
-        bpy.ops.render.render(write_still=True)
+        with _quiet_stdout():  # Cycles prints a progress line per sample
+            bpy.ops.render.render(write_still=True)
         with Image.open(path) as im:
             return np.asarray(im.convert("RGBA"), dtype=np.uint8).copy()
 
