@@ -143,3 +143,13 @@ def test_blender_renderer_matches_opengl_cameras(renderer):
             assert np.abs(x[inner, :3] - y[inner, :3]).mean() < 10, v["azimuth"]
     finally:
         blender.release()
+
+
+def test_view_index_reads_pairs_entries():
+    views = render.plan_views(0)
+    for p in render.plan_pairs(views):
+        assert views[layout.view_index(p["front"])]["file"] == p["front"]
+        assert views[layout.view_index(p["back"])]["file"] == p["back"]
+    assert layout.view_index(7) == layout.view_index("7") == 7
+    with pytest.raises(ValueError, match="not a view reference"):
+        layout.view_index("views/front.png")

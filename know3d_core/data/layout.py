@@ -13,7 +13,8 @@ trainer / evaluation read. Import the names from here; never spell a file name o
                                        faces int32 [F, 3]
         views/000.png ...              RGBA renders, transparent background
         cameras.json                   per view: file, set, azimuth, elevation, fov, radius, c2w, intrinsics
-        pairs.json                     [{front, back, set, annotations: [str, ...]}, ...]
+        pairs.json                     [{front, back, set, annotations: [str, ...]}, ...]; front / back
+                                       are view files ("views/006.png"; view_index() -> 6)
         dual_grid_<res>.safetensors    coords int32 [N, 3], dual_vertices float32 [N, 3] (0..1 inside the
                                        voxel), intersected bool [N, 3]
         occupancy_64.safetensors       occupancy bool [64, 64, 64]
@@ -39,7 +40,7 @@ from typing import Dict, List, Tuple
 
 __all__ = [
     "MANIFEST_NAME", "ASSETS_DIR", "TMP_PREFIX", "ASSET_RECORD", "MESH_FILE", "VIEWS_DIR", "CAMERAS_FILE",
-    "PAIRS_FILE", "OCCUPANCY_FILE", "SS_LATENT_FILE", "dual_grid_file", "shape_latent_file", "view_file",
+    "PAIRS_FILE", "OCCUPANCY_FILE", "SS_LATENT_FILE", "dual_grid_file", "shape_latent_file", "view_file", "view_index",
     "KEY_VERTICES", "KEY_FACES", "KEY_COORDS", "KEY_DUAL_VERTICES", "KEY_INTERSECTED", "KEY_OCCUPANCY",
     "KEY_LATENT", "KEY_FEATS", "DUAL_GRID_RESOLUTIONS", "OCCUPANCY_RESOLUTION", "SS_LATENT_SHAPE",
     "SHAPE_LATENT_CHANNELS", "NORMALIZE_EXTENT", "ASSET_EXTENSIONS", "STATUS_OK", "STATUS_FAILED",
@@ -73,6 +74,20 @@ def shape_latent_file(resolution: int) -> str:
 def view_file(index: int) -> str:
     """Path of view ``index`` relative to the asset folder."""
     return f"{VIEWS_DIR}/{int(index):03d}.png"
+
+
+def view_index(ref) -> int:
+    """Index of a view from a pairs.json ``front`` / ``back`` entry: prepare writes the view's file
+    (``"views/006.png"``, as :func:`view_file`); a plain index (``6`` or ``"6"``) is accepted too."""
+    if isinstance(ref, bool):
+        raise ValueError(f"not a view reference: {ref!r}")
+    if isinstance(ref, int):
+        return ref
+    name = os.path.basename(str(ref))
+    stem = name[:-4] if name.lower().endswith(".png") else name
+    if not stem.isdigit():
+        raise ValueError(f"not a view reference: {ref!r} (expected e.g. {view_file(6)!r} or 6)")
+    return int(stem)
 
 
 # ------------------------------------------------------------------------ safetensors keys
