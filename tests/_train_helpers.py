@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from know3d_core.data import layout as L
 
-SS_SHAPE = (8, 8, 8, 8)   # the demo structure flow: 8 channels on an 8^3 grid
+SS_SHAPE = (8, 4, 4, 4)   # write_tiny_models: 8 channels on a 4^3 grid (the demo set: 8^3)
 SHAPE_GRID = 32           # shape512 tokens live on the 32^3 grid
 
 
@@ -30,7 +30,7 @@ def _view(size: int, seed: int) -> Image.Image:
 
 
 def write_train_dataset(root, n_assets: int = 4, pairs_per_asset: int = 2, view_size: int = 64, seed: int = 0,
-                        shape_tokens=(24, 40), with_shape: bool = True, backview_pairs: int = 0):
+                        shape_tokens=(24, 40), with_shape: bool = True, backview_pairs: int = 0, ss_shape=SS_SHAPE):
     """A dataset in the contract layout; returns the list of asset sha256.
 
     Latents: every asset's latent is a shared smooth pattern times (1 + 0.1 * its own noise), so a
@@ -39,7 +39,7 @@ def write_train_dataset(root, n_assets: int = 4, pairs_per_asset: int = 2, view_
     """
     root = os.fspath(root)
     gen = torch.Generator().manual_seed(seed)
-    base_ss = torch.randn(SS_SHAPE, generator=gen)
+    base_ss = torch.randn(ss_shape, generator=gen)
     base_shape = torch.randn(1, 32, generator=gen)
     rows, shas = [], []
     for a in range(n_assets):
@@ -57,7 +57,7 @@ def write_train_dataset(root, n_assets: int = 4, pairs_per_asset: int = 2, view_
                           "annotations": [f"back part {a}-{k}", f"handle {k}"]})
         with open(os.path.join(folder, L.PAIRS_FILE), "w", encoding="utf-8") as f:
             json.dump(pairs, f)
-        ss = base_ss * (1 + 0.1 * torch.randn(SS_SHAPE, generator=gen))
+        ss = base_ss * (1 + 0.1 * torch.randn(ss_shape, generator=gen))
         save_file({L.KEY_LATENT: ss.contiguous()}, os.path.join(folder, L.SS_LATENT_FILE))
         if with_shape:
             n = int(torch.randint(shape_tokens[0], shape_tokens[1] + 1, (1,), generator=gen))
@@ -73,3 +73,47 @@ def write_train_dataset(root, n_assets: int = 4, pairs_per_asset: int = 2, view_
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return shas
+
+
+def write_tiny_models(root, ss_resolution: int = 4) -> str:
+    """A TRELLIS.2 folder with one-block, 32-wide flows (structure latent ``ss_resolution``^3) and the
+    demo DINOv3 beside it; returns the TRELLIS.2 folder."""
+    from know3d_core.demo_models import write_demo_dinov3
+    from know3d_core.trellis2.tiny import write_tiny_trellis2
+
+    root = os.fspath(root)
+    folder = os.path.join(root, "TRELLIS.2-4B")
+    if os.path.isfile(os.path.join(folder, "pipeline.json")):
+        return folder
+    write_tiny_trellis2(folder, model_channels=32, num_blocks=1, num_heads=2, cond_channels=32, with_decoders=False)
+    stem = os.path.join(folder, "ckpts", "ss_flow_img_dit_1_3B_64_bf16.json")
+    with open(stem, "r", encoding="utf-8") as f:
+        doc = json.load(f)
+    doc["args"]["resolution"] = ss_resolution
+    with open(stem, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    write_demo_dinov3(os.path.join(root, "dinov3-vitl16-pretrain-lvd1689m"))
+    return folder
+
+
+def train_args(task, data, out, models, *extra, steps=6, stage="ss"):
+    """argv of ``know3d train`` with the settings every test shares (CPU, no workers, no bar)."""
+    return ["train", task, "--stage", stage, "--data", str(data), "--out", str(out), "--models", str(models),
+            "--steps", str(steps), "--device", "cpu", "--num-workers", "0", "--no-progress", "--lora-rank", "4",
+            *[str(e) for e in extra]]
+
+
+def run_cli(argv, capsys=None):
+    """``know3d`` in-process: (exit code, stderr text when capsys is given)."""
+    from know3d_core.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, err
+
+
+def checkpoint_state(out):
+    from know3d_core.train.engine import latest_checkpoint
+
+    path = latest_checkpoint(os.fspath(out))
+    return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)

@@ -163,24 +163,26 @@ class FlowTask(Task):
             sizes = self.index.check_latents(
                 L.shape_latent_file(res), {L.KEY_COORDS: (None, 3), L.KEY_FEATS: (None, int(args["in_channels"]))}, hint)
             self.tokens = [sizes[p.sha256] for p in self.index.pairs]
-        spec = self._knowledge_spec(cfg) if self.branch else None
+        cache_root = os.path.join(cfg.out, "cache")
+        if self.branch:
+            spec = self._knowledge_spec(cfg)
+            knowledge_cache = FeatureCache(cfg.knowledge_cache or os.path.join(cache_root, "knowledge"),
+                                           spec.cache_spec())
+        self.dino_path = self._dino_path(cfg, config)
         # everything checkable is checked: now the weights
         self.flow = self._load_flow(cfg)
         self.geometry = self._geometry(cfg, config)
-        cache_root = os.path.join(cfg.out, "cache")
         res = STAGE_COND_RESOLUTION[cfg.stage]
         self.cond = ConditionSource(self.geometry, res, FeatureCache(
             os.path.join(cache_root, f"cond_{res}"), {"dinov3": os.path.abspath(self.dino_path), "resolution": res}))
         if self.branch:
-            kc = cfg.knowledge_cache or os.path.join(cache_root, "knowledge")
-            self.knowledge = KnowledgeSource(spec, self.geometry, FeatureCache(kc, spec.cache_spec()), cfg.qwen,
-                                             cfg.seed, self.device)
+            self.knowledge = KnowledgeSource(spec, self.geometry, knowledge_cache, cfg.qwen, cfg.seed, self.device)
             self.spec = spec
             self._install(cfg, spec)
         else:
             self._install_plain(cfg)
         self.module = FlowLoss(self.flow)
-        self.dataset = FlowSamples(self.index, cfg.stage, with_back=self.branch and spec.source == "gt_latent")
+        self.dataset = FlowSamples(self.index, cfg.stage, with_back=self.branch and self.spec.source == "gt_latent")
 
     def _knowledge_spec(self, cfg: TrainConfig) -> KnowledgeSpec:
         from ..knowledge import Know3DFormatError, read_know3d
@@ -245,14 +247,20 @@ class FlowTask(Task):
         flow.requires_grad_(False)
         return flow.train()
 
-    def _geometry(self, cfg: TrainConfig, config):
-        from ..conditioning import DinoV3FeatureExtractor
-        from ..trellis2.pipeline import Trellis2GeometryPipeline, _find_dinov3
+    @staticmethod
+    def _dino_path(cfg: TrainConfig, config) -> str:
+        from ..geometry_pipeline import _find_dinov3
 
         path = cfg.dinov3 or _find_dinov3(cfg.models, config)
         if path is None or not os.path.exists(path):
             raise UsageError(f"DINOv3 not found in or beside {cfg.models}: pass --dinov3 DIR")
-        self.dino_path = path
+        return path
+
+    def _geometry(self, cfg: TrainConfig, config):
+        from ..conditioning import DinoV3FeatureExtractor
+        from ..geometry_pipeline import Trellis2GeometryPipeline
+
+        path = self.dino_path
         extractor = DinoV3FeatureExtractor.from_pretrained(path, device=self.device)
         return Trellis2GeometryPipeline({}, config, extractor, device=self.device)
 
