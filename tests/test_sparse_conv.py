@@ -101,8 +101,8 @@ def test_neighbour_map_missing_and_bounds():
 def test_neighbour_map_is_cached_and_reused(monkeypatch):
     x = random_sparse((6, 6, 6), [80, 50], 4)
     calls = []
-    real = conv_module.build_neighbour_map
-    monkeypatch.setattr(conv_module, "build_neighbour_map", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = conv_module._build_neighbour_map
+    monkeypatch.setattr(conv_module, "_build_neighbour_map", lambda *a, **k: calls.append(1) or real(*a, **k))
     conv = SubMConv3d(4, 4)
     first = conv(x)
     second = conv(x)

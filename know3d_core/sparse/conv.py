@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import conv_triton
+from . import conv_triton, neighbour_triton
 from .kernel_dispatch import grad_needed
 from .tensor import SparseTensor
 
@@ -91,7 +91,21 @@ def build_neighbour_map(
     Returns:
         ``nbr [N, k^3]`` int32; ``nbr[n, v]`` is the row of voxel ``coords[n] + offset_v``, or ``N``
         when that voxel is not active (or outside the grid).
+    On CUDA with Triton the map comes from :mod:`.neighbour_triton` (a GPU hash table; same result).
     """
+    return _build_neighbour_map(coords, spatial_shape, kernel_size, dilation, max_table_bytes)[0]
+
+
+def _build_neighbour_map(coords, spatial_shape, kernel_size=3, dilation=1, max_table_bytes=DEFAULT_TABLE_BYTES):
+    """``(nbr, pattern bits [N] int32 or None)``: the Triton build where available (bits when
+    ``k^3 <= 31``), else the PyTorch ops (no bits)."""
+    if neighbour_triton.available(coords):
+        return neighbour_triton.build_neighbour_map_triton(coords, spatial_shape, kernel_size, dilation)
+    return _build_neighbour_map_torch(coords, spatial_shape, kernel_size, dilation, max_table_bytes), None
+
+
+def _build_neighbour_map_torch(coords, spatial_shape, kernel_size, dilation, max_table_bytes) -> torch.Tensor:
+    """The PyTorch build of :func:`build_neighbour_map`."""
     N = coords.shape[0]
     K = kernel_size ** 3
     device = coords.device
@@ -146,12 +160,12 @@ class NeighbourMap:
         num_rows: N.  kernel_size, dilation: as built.
     """
 
-    def __init__(self, nbr: torch.Tensor, kernel_size: int, dilation: int):
+    def __init__(self, nbr: torch.Tensor, kernel_size: int, dilation: int, bits: Optional[torch.Tensor] = None):
         self.nbr = nbr
         self.num_rows = nbr.shape[0]
         self.kernel_size = kernel_size
         self.dilation = dilation
-        self._derived: dict = {}
+        self._derived: dict = {} if bits is None else {"bits": bits}  # bits: [N] neighbour-pattern masks
 
     @property
     def volume(self) -> int:
@@ -230,7 +244,11 @@ class NeighbourMap:
         """Rows grouped by neighbour pattern in tiles of ``bm`` (``"implicit"``); cached per bm."""
         key = ("tiles", bm, sort_rows)
         if key not in self._derived:
-            self._derived[key] = conv_triton.tile_layout(self.nbr, bm, sort_rows)
+            bits = self._derived.get("bits")
+            if sort_rows and bits is not None and neighbour_triton.available(self.nbr):
+                self._derived[key] = neighbour_triton.tile_layout_triton(self.nbr, bits, bm)
+            else:
+                self._derived[key] = conv_triton.tile_layout(self.nbr, bm, sort_rows)
         return self._derived[key]
 
     def bag_index(self, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,7 +297,8 @@ def neighbour_map(x: SparseTensor, kernel_size: int = 3, dilation: int = 1) -> N
     key = ("subm_neighbour_map", int(kernel_size), int(dilation))
     nm = x.cache.get(key)
     if nm is None:
-        nm = NeighbourMap(build_neighbour_map(x.coords, x.spatial_shape, kernel_size, dilation), kernel_size, dilation)
+        nbr, bits = _build_neighbour_map(x.coords, x.spatial_shape, kernel_size, dilation)
+        nm = NeighbourMap(nbr, kernel_size, dilation, bits)
         x.cache[key] = nm
     return nm
 

@@ -1,0 +1,183 @@
+"""Benchmark (issue 21): neighbour-map build of a 3x3x3 submanifold structure, and the shape decoder
+with the Triton map build against the PyTorch one, in one process.
+
+Rows:
+- ``map N=200k`` / ``map N=1M``: voxels of a spherical shell (a surface, as every decoder level);
+  ``triton_ms``: hash-table map + tile layout (:mod:`know3d_core.sparse.neighbour_triton`, what a
+  conv on a new coordinate set pays), ``triton_map_ms``: the map alone, ``torch_ms``: the PyTorch
+  build of both (the in-run baseline), ``equal``: identical outputs. Each repeat builds from
+  scratch. Anchor: FlexGEMM's build, +0.4-0.6 ms on an H200 (issue 21's measurement; FlexGEMM's CUDA
+  extension is not built here).
+- ``decoder 512`` / ``decoder 1024``: the official shape decoder (fp16, random weights) on ~8k /
+  ~20k sphere-shell tokens: forward ms with each map build (same model, same input). Anchor: the
+  TRELLIS.2 reference's 94-107 / 202-239 ms on an H200 (issue 21).
+- ``--profile``: kernel time of one 1024 decoder forward by category (where the time goes).
+
+    python benchmarks/bench_neighbour_map.py --out maps.json [--profile]   # GPU
+    python benchmarks/bench_neighbour_map.py --tiny --out maps.json         # CPU script check
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import SHAPE_DECODER_FULL, default_device, device_name, kernel_times, sample_times, write_json  # noqa: E402
+from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
+
+from know3d_core.sparse import SparseTensor, conv, neighbour_triton  # noqa: E402
+from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
+from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: E402
+
+REFERENCE = {"map": "FlexGEMM +0.4-0.6 ms (H200, issue 21)", "decoder 512": "reference 94-107 ms (H200, issue 21)",
+             "decoder 1024": "reference 202-239 ms (H200, issue 21)"}
+MAP_CASES = [("map N=200k", 200_000), ("map N=1M", 1_000_000)]
+DECODER_CASES = [("decoder 512", 32, 8000), ("decoder 1024", 64, 20000)]
+CATEGORIES = [  # first match wins, lower-cased kernel names
+    ("sparse conv (Triton)", ("_subm_conv",)),
+    ("neighbour map (Triton)", ("_hash_", "_tile_layout")),
+    ("layer norm (+SiLU)", ("_layer_norm_act", "layer_norm")),
+    ("sort/search/scan", ("sort", "search", "radix", "scan")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "matmul", "nvjet", "cublas")),
+    ("gather/index", ("gather", "index", "scatter")),
+    ("elementwise/copy", ("elementwise", "vectorized", "copy", "cast", "unrolled", "reduce", "cat", "memcpy", "memset",
+                          "fill")),
+]
+
+
+def shell_coords(n: int, device) -> tuple:
+    """``([~n, 4] int32 coords of a one-voxel shell, grid)``."""
+    grid = int(2 * (n / (4 * 3.1416)) ** 0.5 / 0.84) + 8
+    return sphere_shell_tokens(grid, n, device), grid
+
+
+def build_both(coords: torch.Tensor, grid: int, bm: int = 128):
+    """A fresh map + tile layout (nothing cached) with the current map backend."""
+    nbr, bits = conv._build_neighbour_map(coords, (grid,) * 3, 3, 1)
+    return conv.NeighbourMap(nbr, 3, 1, bits).tile_layout(bm), nbr
+
+
+def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
+    coords, grid = shell_coords(n, device)
+
+    def med(fn):
+        return round(statistics.median(sample_times(fn, device, warmup, repeats)[0]), 3)
+
+    with neighbour_triton.use_triton_maps(False):
+        torch_ms = med(lambda: build_both(coords, grid))
+        ref_layout, ref_nbr = build_both(coords, grid)
+    triton_ms = med(lambda: build_both(coords, grid))
+    map_ms = med(lambda: conv._build_neighbour_map(coords, (grid,) * 3, 3, 1))
+    layout, nbr = build_both(coords, grid)
+    equal = torch.equal(nbr, ref_nbr) and all(
+        torch.equal(getattr(layout, a), getattr(ref_layout, a)) for a in ("rows", "nbr", "offsets", "counts"))
+    fill = float((nbr < nbr.shape[0]).float().mean())
+    return {"case": name, "voxels": int(coords.shape[0]), "grid": grid, "fill": round(fill, 3),
+            "triton_ms": triton_ms, "triton_map_ms": map_ms, "torch_ms": torch_ms, "equal": equal,
+            "anchor": REFERENCE["map"]}
+
+
+def bench_decoder(case, model, device, warmup: int, repeats: int) -> dict:
+    name, grid, target = case
+    coords = sphere_shell_tokens(grid, target, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    feats = torch.randn(coords.shape[0], 32, device=device, generator=gen)
+    model.set_resolution(grid * 16)
+
+    def fwd():
+        return model(SparseTensor(feats, coords, (grid,) * 3, batch_size=1))
+
+    def med(fn):
+        times, peak, _ = sample_times(fn, device, warmup, repeats, track_peak=True, empty_cache=True)
+        return round(statistics.median(times), 2), None if peak is None else round(peak, 2)
+
+    ms, peak = med(fwd)
+    with neighbour_triton.use_triton_maps(False):
+        torch_ms, torch_peak = med(fwd)
+        ref = fwd().feats
+    same = torch.equal(fwd().feats, ref)
+    return {"case": name, "tokens": int(coords.shape[0]), "ms": ms, "peak_gib": peak, "torch_maps_ms": torch_ms,
+            "torch_maps_peak_gib": torch_peak, "same_output": same, "anchor": REFERENCE[name]}
+
+
+def categorise(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_decoder(model, device) -> dict:
+    coords = sphere_shell_tokens(64, 20000, device)
+    feats = torch.randn(coords.shape[0], 32, device=device)
+    model.set_resolution(1024)
+    kernels = kernel_times(lambda: model(SparseTensor(feats, coords, (64,) * 3, batch_size=1)), steps=1, warmup=1)
+    cats: dict = {}
+    for k, v in kernels.items():
+        c = categorise(k)
+        cats[c] = cats.get(c, [0.0, 0])
+        cats[c][0] += v["us"] / 1e3
+        cats[c][1] += v["calls"]
+    total = sum(v["us"] for v in kernels.values()) / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:14]
+    return {"kernel_ms": round(total, 2),
+            "categories": {c: {"ms": round(ms, 2), "launches": int(n)} for c, (ms, n) in
+                           sorted(cats.items(), key=lambda kv: -kv[1][0])},
+            "top": [{"kernel": k[:100], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="small sizes on the CPU (script check; PyTorch maps only)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--parts", default="map,decoder", help="comma list of map,decoder")
+    p.add_argument("--profile", action="store_true", help="also the 1024 decoder's kernel time by category")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = default_device(args.device, args.tiny)
+    if not args.tiny and device.type != "cuda":
+        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+        return 2
+    if args.tiny:
+        args.warmup, args.repeats = 0, 1
+    parts = args.parts.split(",")
+    rows, prof = [], None
+    if "map" in parts:
+        for name, n in MAP_CASES:
+            rows.append(bench_map(name, n // 1000 if args.tiny else n, device, args.warmup, args.repeats))
+            print(rows[-1], flush=True)
+    if "decoder" in parts or args.profile:
+        cfg = dict(shape_mod.TINY_ARGS) if args.tiny else dict(SHAPE_DECODER_FULL)
+        model = init_random(FlexiDualGridVaeDecoder(**cfg).to(device))
+        model.convert_to(torch.float16 if device.type == "cuda" else torch.float32)
+        if "decoder" in parts:
+            for case in DECODER_CASES:
+                name, grid, target = case
+                case = (name, 8, 60) if args.tiny else case
+                rows.append(bench_decoder(case, model, device, min(args.warmup, 2), min(args.repeats, 5)))
+                print(rows[-1], flush=True)
+        if args.profile and device.type == "cuda":
+            prof = profile_decoder(model, device)
+            print(f"\n== decoder 1024 fp16 kernel time {prof['kernel_ms']} ms by category")
+            for c, v in prof["categories"].items():
+                print(f"   {c:<26} {v['ms']:8.2f} ms {v['launches']:6d} launches")
+            for k in prof["top"]:
+                print(f"   {k['ms']:8.3f} ms {k['calls']:6.0f}x  {k['kernel']}")
+    print(f"\n{'case':<14}{'ours':>12}{'torch build':>14}  anchor  ({device_name(device)})")
+    for r in rows:
+        ours = r.get("triton_ms", r.get("ms"))
+        base = r.get("torch_ms", r.get("torch_maps_ms"))
+        print(f"{r['case']:<14}{ours:>10.3f}ms{base:>12.3f}ms  {r['anchor']}")
+    write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny,
+                          "rows": rows, "profile": prof})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

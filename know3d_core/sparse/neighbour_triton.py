@@ -1,0 +1,199 @@
+"""Neighbour map and tile layout of a submanifold conv in three Triton launches (CUDA).
+
+The PyTorch build (:func:`know3d_core.sparse.conv.build_neighbour_map` plus
+:func:`know3d_core.sparse.conv_triton.tile_layout`) issues a few hundred small launches per
+coordinate set (one lookup, compare and copy per kernel offset, per-offset pattern bits and tile
+flags), which cost 6-13 ms per structure on an H200 (issue 21). Here:
+
+1. :func:`_hash_insert_kernel`: every voxel's key (its cell on the grid padded by the kernel reach,
+   as in the PyTorch build) goes into an open-addressing hash table (linear probing, ``atomic_cas``
+   on int64 keys, table of ``2^ceil(log2 2N)`` slots: load <= 1/2);
+2. :func:`_hash_lookup_kernel`: each program looks up ``BLOCK`` voxels x all ``K`` offsets at once,
+   writes ``nbr [N, K]`` (missing = N) and, for ``K <= 31``, each row's pattern bits (bit v: the
+   neighbour at offset v exists);
+3. after one stable sort of the pattern bits (torch), :func:`_tile_layout_kernel` writes the
+   implicit GEMM's :class:`~know3d_core.sparse.conv_triton.TileLayout`: the ``[K, N]`` neighbour
+   table in sorted row order, the sorted rows, and per tile the active offsets (OR of the tile's
+   pattern bits, listed ascending, then the inactive ones) and their count.
+
+Results are identical to the PyTorch build (tests/test_neighbour_triton.py). Inference helper only:
+integer outputs, nothing to differentiate.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+__all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_layout_triton"]
+
+BLOCK_INSERT = 256
+BLOCK_LOOKUP = 64
+_state = {"enabled": True}
+
+
+def available(coords: torch.Tensor) -> bool:
+    """Triton present, ``coords`` on CUDA and the switch on (:func:`use_triton_maps`)."""
+    return _state["enabled"] and triton is not None and coords.is_cuda
+
+
+@contextlib.contextmanager
+def use_triton_maps(enabled: bool) -> Iterator[None]:
+    """Context manager: build neighbour maps with these kernels (default) or the PyTorch ops (A/B)."""
+    previous = _state["enabled"]
+    _state["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["enabled"] = previous
+
+
+if triton is not None:
+
+    @triton.jit
+    def _hash(key, mask):
+        """Slot of an int64 key (xor-shift multiply mix, then the low bits)."""
+        h = key ^ (key >> 17)
+        h = h * 0x45D9F3B
+        h = h ^ (h >> 15)
+        h = h * 0x2C1B3C6D
+        h = h ^ (h >> 13)
+        return h & mask
+
+    @triton.jit
+    def _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad):
+        """Keys of voxels ``i`` on the padded grid ``(X, Y, Z)`` (each side padded by ``pad``)."""
+        base = coords_ptr + i.to(tl.int64) * 4
+        b = tl.load(base, mask=ok, other=0).to(tl.int64)
+        x = tl.load(base + 1, mask=ok, other=0).to(tl.int64)
+        y = tl.load(base + 2, mask=ok, other=0).to(tl.int64)
+        z = tl.load(base + 3, mask=ok, other=0).to(tl.int64)
+        return ((b * X + x + pad) * Y + y + pad) * Z + z + pad
+
+    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask"])
+    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, N, X, Y, Z, pad, mask, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < N
+        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
+        slot = _hash(key, mask)
+        active = ok
+        empty = tl.full((BLOCK,), -1, tl.int64)
+        while tl.max(active.to(tl.int32), axis=0) > 0:
+            # finished lanes swap -1 for -1 in the spare slot past the table (atomic_cas takes no mask)
+            target = tl.where(active, slot, mask + 1)
+            prev = tl.atomic_cas(keys_ptr + target, empty, tl.where(active, key, empty))
+            done = active & ((prev == -1) | (prev == key))
+            tl.store(vals_ptr + slot, i, mask=done)
+            active = active & (~done)
+            slot = (slot + 1) & mask
+
+    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
+    def _hash_lookup_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, bits_ptr,
+                            N, X, Y, Z, pad, mask, K, ksize, dilation,
+                            BLOCK: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < N
+        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
+        v = tl.arange(0, KP)
+        v_ok = v < K
+        r = ksize // 2
+        dx = (v // (ksize * ksize) - r) * dilation
+        dy = ((v // ksize) % ksize - r) * dilation
+        dz = (v % ksize - r) * dilation
+        delta = (dx.to(tl.int64) * Y + dy) * Z + dz
+        target = key[:, None] + delta[None, :]
+        slot = _hash(target, mask)
+        active = ok[:, None] & v_ok[None, :]
+        res = tl.full((BLOCK, KP), N, tl.int32)
+        while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
+            k = tl.load(keys_ptr + slot, mask=active, other=-1)
+            hit = active & (k == target)
+            res = tl.where(hit, tl.load(vals_ptr + slot, mask=hit, other=0), res)
+            active = active & (k != -1) & (~hit)  # an empty slot ends the probe: not present
+            slot = (slot + 1) & mask
+        tl.store(nbr_ptr + i.to(tl.int64)[:, None] * K + v[None, :], res, mask=ok[:, None] & v_ok[None, :])
+        if BITS:
+            bits = tl.sum(tl.where((res < N) & v_ok[None, :], 1 << v[None, :], 0), axis=1)
+            tl.store(bits_ptr + i, bits, mask=ok)
+
+    @triton.jit
+    def _or(a, b):
+        return a | b
+
+    @triton.jit(do_not_specialize=["N", "K"])
+    def _tile_layout_kernel(nbr_ptr, order_ptr, bits_ptr, nbr_sorted_ptr, rows_ptr, offsets_ptr, counts_ptr,
+                            N, K, BM: tl.constexpr, KP: tl.constexpr):
+        t = tl.program_id(0)
+        pos = t * BM + tl.arange(0, BM)
+        ok = pos < N
+        v = tl.arange(0, KP)
+        v_ok = v < K
+        src = tl.load(order_ptr + pos, mask=ok, other=0).to(tl.int64)
+        both = ok[:, None] & v_ok[None, :]
+        tile = tl.load(nbr_ptr + src[:, None] * K + v[None, :], mask=both, other=0)
+        tl.store(nbr_sorted_ptr + v[None, :].to(tl.int64) * N + pos[:, None], tile, mask=both)
+        tl.store(rows_ptr + pos, src.to(tl.int32), mask=ok)
+        bits = tl.load(bits_ptr + pos, mask=ok, other=0)
+        tile_bits = tl.reduce(bits, 0, _or)
+        act = ((tile_bits >> v) & 1) * v_ok.to(tl.int32)
+        ca = tl.cumsum(act, 0)
+        count = tl.sum(act, axis=0)
+        slot = tl.where(act == 1, ca - 1, count + v - ca)  # active offsets first, then the rest
+        tl.store(offsets_ptr + t * K + slot, v, mask=v_ok)
+        tl.store(counts_ptr + t, count)
+
+
+def build_neighbour_map_triton(
+    coords: torch.Tensor, spatial_shape: Sequence[int], kernel_size: int = 3, dilation: int = 1
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(nbr [N, K] int32 (missing = N), bits [N] int32 or None)``; as
+    :func:`know3d_core.sparse.conv.build_neighbour_map`, plus the pattern bits when ``K <= 31``."""
+    N = coords.shape[0]
+    K = kernel_size ** 3
+    device = coords.device
+    nbr = torch.empty((N, K), dtype=torch.int32, device=device)
+    with_bits = K <= 31
+    bits = torch.empty(N, dtype=torch.int32, device=device) if with_bits else None
+    if N == 0:
+        return nbr, bits
+    if N >= 2**30:
+        raise ValueError(f"neighbour map: {N} voxels exceed the int32 row indices")
+    coords = coords.to(torch.int32).contiguous()
+    pad = dilation * (kernel_size // 2)
+    X, Y, Z = (int(s) + 2 * pad for s in spatial_shape)
+    slots = triton.next_power_of_2(2 * N)
+    keys = torch.full((slots + 1,), -1, dtype=torch.int64, device=device)  # + the spare slot
+    vals = torch.empty(slots, dtype=torch.int32, device=device)
+    _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
+        coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
+    _hash_lookup_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
+        coords, keys, vals, nbr, bits if with_bits else nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
+        BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, num_warps=4)
+    return nbr, bits
+
+
+def tile_layout_triton(nbr: torch.Tensor, bits: torch.Tensor, bm: int):
+    """:class:`~know3d_core.sparse.conv_triton.TileLayout` of ``nbr [N, K]`` from its pattern bits
+    (one stable sort + one launch); equal to ``conv_triton.tile_layout(nbr, bm)``."""
+    from .conv_triton import TileLayout
+
+    N, K = nbr.shape
+    device = nbr.device
+    T = -(-N // bm)
+    bits_sorted, order = torch.sort(bits, stable=True)
+    nbr_sorted = torch.empty((K, N), dtype=torch.int32, device=device)
+    rows = torch.empty(N, dtype=torch.int32, device=device)
+    offsets = torch.empty((T, K), dtype=torch.int32, device=device)
+    counts = torch.empty(T, dtype=torch.int32, device=device)
+    if N:
+        _tile_layout_kernel[(T,)](nbr, order, bits_sorted, nbr_sorted, rows, offsets, counts, N, K,
+                                  BM=bm, KP=triton.next_power_of_2(K), num_warps=4)
+    return TileLayout(bm, T, rows, nbr_sorted, offsets, counts)

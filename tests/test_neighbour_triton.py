@@ -1,0 +1,85 @@
+"""The Triton neighbour-map build (issue 21) gives exactly the PyTorch build's map and tile layout.
+
+Runs on CUDA (marked ``cuda``) and under Triton's CPU interpreter (``TRITON_INTERPRET=1`` with Triton
+installed); on CPU-only installs the PyTorch build is the one in use and both are skipped.
+"""
+import os
+
+import pytest
+import torch
+
+from know3d_core.sparse import SparseTensor, conv, conv_triton, neighbour_triton, submanifold_conv3d
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and neighbour_triton.triton is not None),
+                          reason="needs CUDA + Triton")
+interpreter = pytest.mark.skipif(
+    neighbour_triton.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs Triton and TRITON_INTERPRET=1 (kernels on CPU tensors)",
+)
+LAYOUT_FIELDS = ("rows", "nbr", "offsets", "counts")
+
+
+def _coords(batch: int, res: int, n: int, seed: int, device) -> torch.Tensor:
+    """``[batch * n, 4]`` int32: n distinct random voxels per batch item (edges of the grid included)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(batch):
+        flat = torch.randperm(res ** 3, generator=gen)[:n]
+        xyz = torch.stack([flat // res ** 2, (flat // res) % res, flat % res], 1)
+        out.append(torch.cat([torch.full((n, 1), b), xyz], 1))
+    return torch.cat(out).int().to(device)
+
+
+def _check(device, cases, bm):
+    for batch, res, n, k, d in cases:
+        coords = _coords(batch, res, n, seed=res + n, device=device)
+        ref = conv._build_neighbour_map_torch(coords, (res,) * 3, k, d, conv.DEFAULT_TABLE_BYTES)
+        nbr, bits = neighbour_triton.build_neighbour_map_triton(coords, (res,) * 3, k, d)
+        assert torch.equal(nbr, ref), (batch, res, n, k, d)
+        if k ** 3 > 31:
+            assert bits is None
+            continue
+        expected_bits = ((ref < ref.shape[0]).int() << torch.arange(k ** 3, device=device).int()).sum(1).int()
+        assert torch.equal(bits, expected_bits)
+        want = conv_triton.tile_layout(ref, bm)
+        got = neighbour_triton.tile_layout_triton(nbr, bits, bm)
+        assert got.num_tiles == want.num_tiles and got.bm == bm
+        for field in LAYOUT_FIELDS:
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+@interpreter
+def test_triton_build_matches_torch_in_the_interpreter():
+    _check("cpu", [(2, 10, 300, 3, 1), (1, 12, 400, 3, 2), (1, 6, 80, 5, 1)], bm=16)
+
+
+@cuda
+@pytest.mark.cuda
+def test_triton_build_matches_torch_on_cuda():
+    # dense and sparse fills, two batch items, dilation 2, a 5^3 kernel (no pattern bits), a
+    # partial last tile
+    _check("cuda", [(2, 40, 20000, 3, 1), (1, 64, 3000, 3, 1), (1, 30, 5000, 3, 2), (1, 16, 900, 5, 1),
+                    (3, 20, 1001, 3, 1)], bm=128)
+
+
+@cuda
+@pytest.mark.cuda
+def test_conv_output_is_the_same_with_either_build():
+    coords = _coords(2, 48, 30000, 7, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    feats = torch.randn(coords.shape[0], 64, device="cuda", generator=gen).half()
+    w = (torch.randn(96, 3, 3, 3, 64, device="cuda", generator=gen) * 0.05).half()
+    b = torch.randn(96, device="cuda", generator=gen).half()
+    a = submanifold_conv3d(SparseTensor(feats, coords, (48,) * 3), w, b).feats
+    with neighbour_triton.use_triton_maps(False):
+        x = SparseTensor(feats, coords, (48,) * 3)
+        ref = submanifold_conv3d(x, w, b).feats
+        assert "bits" not in conv.neighbour_map(x)._derived
+    assert torch.equal(a, ref)
+
+
+def test_cpu_builds_with_torch():
+    coords = _coords(1, 8, 50, 0, "cpu")
+    assert not neighbour_triton.available(coords)
+    x = SparseTensor(torch.zeros(50, 2), coords, (8, 8, 8))
+    assert "bits" not in conv.neighbour_map(x)._derived
