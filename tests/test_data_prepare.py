@@ -194,3 +194,18 @@ def test_cli_killed_and_resumed_ends_with_the_full_set(full, assets, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "failed (empty): 1" in res.stdout
     assert tree(out) == tree(full[0])
+
+
+def test_data_commands_torch_free_and_exit_codes(full, tmp_path, capsys):
+    code = ("import sys, know3d_core.data.commands, know3d_core.data.layout; "
+            "assert 'torch' not in sys.modules and 'moderngl' not in sys.modules and 'trimesh' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    from know3d_core.cli import main
+
+    sheet = str(tmp_path / "s.png")
+    assert main(["data", "show", "--dataset", full[0], "--out", sheet, "--max-assets", "1"]) == 0
+    assert os.path.isfile(sheet) and "failed (bad_texture): 1" in capsys.readouterr().out
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--features", "wings"]) == 2
+    assert main(["data", "show", "--dataset", str(tmp_path / "nothing")]) == 2
+    assert main(["data", "prepare", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--only", "rendr"]) == 2
+    assert main(["data", "annotate", "--dataset", full[0]]) == 2  # neither --annotations nor --annotator
