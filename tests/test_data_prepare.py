@@ -209,3 +209,16 @@ def test_data_commands_torch_free_and_exit_codes(full, tmp_path, capsys):
     assert main(["data", "show", "--dataset", str(tmp_path / "nothing")]) == 2
     assert main(["data", "prepare", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--only", "rendr"]) == 2
     assert main(["data", "annotate", "--dataset", full[0]]) == 2  # neither --annotations nor --annotator
+
+
+def test_no_renderer_is_a_usage_error_before_any_asset(assets, tmp_path):
+    import importlib.util
+
+    from know3d_core.errors import UsageError
+
+    if importlib.util.find_spec("bpy") is not None:
+        pytest.skip("bpy is installed here")
+    out = str(tmp_path / "o")
+    with pytest.raises(UsageError, match="--renderer blender: .*pip install 'comfyui-know3d\\[blender\\]'"):
+        prep.prepare(_options(assets, out, renderer="blender"), log=lambda m: None)
+    assert not os.listdir(layout.assets_root(out))

@@ -322,14 +322,15 @@ def prepare_asset(path: str, sha256: str, options: PrepareOptions, cache: Dict, 
             ctx.cache["meta"] = meta
             save = lambda: ctx.write_json(layout.ASSET_RECORD, record)  # noqa: E731
             save()
-            _run_steps(ctx, [s for s in layout.STEPS if s in options.steps], save)
+            # "mesh" checks and normalises the asset: every later step relies on it
+            _run_steps(ctx, [s for s in layout.STEPS if s in options.steps or s == "mesh"], save)
         return record
     if record.get("status") == layout.STATUS_FAILED:
         if not options.retry_failed:
             return record
         record.update(status=layout.STATUS_OK, reason=None, error=None, failed_step=None)
     done = set(record.get("steps") or ())
-    todo = [s for s in layout.STEPS if s in options.steps and (s not in done or s in options.force)]
+    todo = [s for s in layout.STEPS if (s in options.steps or s == "mesh") and (s not in done or s in options.force)]
     if todo:
         _remove_step_temporaries(final)
         record["source"] = os.path.abspath(path)
@@ -338,6 +339,19 @@ def prepare_asset(path: str, sha256: str, options: PrepareOptions, cache: Dict, 
         save = lambda: ctx.write_json(layout.ASSET_RECORD, record)  # noqa: E731
         _run_steps(ctx, todo, save)
     return record
+
+
+def _start_renderer(options: PrepareOptions, cache: Dict[str, Any], steps: Sequence[str]) -> None:
+    """Start the renderer before any asset when "render" will run: no renderer is a usage error
+    (exit code 2), not a failure of every asset."""
+    if "render" not in steps:
+        return
+    from . import render
+
+    try:
+        cache["renderer"] = render.make_renderer(options.renderer, options.render_size)
+    except render.RendererUnavailable as e:
+        raise UsageError(f"--renderer {options.renderer}: {e}") from None
 
 
 def plan_assets(input_dir: str, shard: Tuple[int, int] = (1, 1)) -> List[str]:
@@ -365,6 +379,7 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> Dict
     shas = [layout.sha256_file(p) for p in files]
     batchlib.remove_stale_tmp(layout.assets_root(options.out), shas)
     cache: Dict[str, Any] = {"annotations": imported}
+    _start_renderer(options, cache, available)
     counts = {"ok": 0, "failed": 0}
     t0 = time.time()
     try:
@@ -396,6 +411,7 @@ def prepare_dataset(options: PrepareOptions, log: Callable[[str], None] = print)
     records = batchlib.shard_items(records, *options.shard)
     imported = annotate.load_annotation_source(options.annotations, None)
     cache: Dict[str, Any] = {"annotations": imported}
+    _start_renderer(options, cache, options.steps)
     counts = {"ok": 0, "failed": 0}
     t0 = time.time()
     try:
