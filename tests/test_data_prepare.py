@@ -222,3 +222,17 @@ def test_no_renderer_is_a_usage_error_before_any_asset(assets, tmp_path):
     with pytest.raises(UsageError, match="--renderer blender: .*pip install 'comfyui-know3d\\[blender\\]'"):
         prep.prepare(_options(assets, out, renderer="blender"), log=lambda m: None)
     assert not os.listdir(layout.assets_root(out))
+
+
+def test_counts_read_latent_tokens_from_files(full, tmp_path):
+    from safetensors.numpy import save_file
+
+    from know3d_core.data import show
+
+    out = str(tmp_path / "t")
+    shutil.copytree(full[0], out)
+    rec = next(r for r in prep.read_records(out) if r["status"] == "ok")
+    path = os.path.join(layout.asset_dir(out, rec["sha256"]), layout.shape_latent_file(256))
+    save_file({layout.KEY_COORDS: np.zeros((37, 3), np.int32), layout.KEY_FEATS: np.zeros((37, 32), np.float32)}, path)
+    counts = show.dataset_counts(prep.read_records(out), out)
+    assert counts["tokens"] == {"256": 37} and "tokens: 37 at 256" in show.format_counts(counts)

@@ -141,7 +141,7 @@ def _print_counts(out: str) -> None:
     from .prepare import read_records
     from .show import dataset_counts, format_counts
 
-    print(format_counts(dataset_counts(read_records(out))))
+    print(format_counts(dataset_counts(read_records(out), out)))
 
 
 def _run_synth(opts) -> int:
@@ -194,7 +194,7 @@ def _run_show(opts) -> int:
     if not os.path.isdir(layout.assets_root(opts.dataset)):
         raise UsageError(f"--dataset {opts.dataset}: no {layout.ASSETS_DIR}/ folder (run know3d data prepare first)")
     records = read_records(opts.dataset)
-    print(format_counts(dataset_counts(records)))
+    print(format_counts(dataset_counts(records, opts.dataset)))
     out = opts.out or os.path.join(opts.dataset, "contact_sheet.png")
     written = write_contact_sheet(opts.dataset, out, records, max_assets=opts.max_assets)
     print(f"contact sheet: {written}" if written else "contact sheet: no asset is ok yet")

@@ -20,7 +20,24 @@ from . import layout
 __all__ = ["dataset_counts", "format_counts", "voxels_to_mesh", "write_contact_sheet"]
 
 
-def dataset_counts(records: Sequence[Dict]) -> Dict:
+def _latent_tokens(root: str, sha256: str) -> Dict[str, int]:
+    """Rows of each shape_latent_<res>.safetensors of an asset (header only)."""
+    import os
+
+    from safetensors import safe_open
+
+    out = {}
+    for res in layout.DUAL_GRID_RESOLUTIONS:
+        path = os.path.join(layout.asset_dir(root, sha256), layout.shape_latent_file(res))
+        if os.path.isfile(path):
+            with safe_open(path, "np") as f:
+                out[str(res)] = int(f.get_slice(layout.KEY_FEATS).get_shape()[0])
+    return out
+
+
+def dataset_counts(records: Sequence[Dict], root: Optional[str] = None) -> Dict:
+    """Counts of a dataset's records; with ``root``, latent tokens are read from the shape-latent
+    files of records that do not list them."""
     ok = [r for r in records if r.get("status") == layout.STATUS_OK]
     failed = Counter(r.get("reason") or "unknown" for r in records if r.get("status") != layout.STATUS_OK)
     steps = Counter(s for r in ok for s in r.get("steps") or ())
@@ -29,7 +46,8 @@ def dataset_counts(records: Sequence[Dict]) -> Dict:
     for r in ok:
         for res, n in (r.get("voxels") or {}).items():
             voxels[str(res)] += int(n)
-        for res, n in (r.get("tokens") or {}).items():
+        tokens_of = r.get("tokens") or (_latent_tokens(root, r["sha256"]) if root else {})
+        for res, n in tokens_of.items():
             tokens[str(res)] += int(n)
     return {"assets": len(records), "ok": len(ok), "failed": dict(sorted(failed.items())),
             "pairs": int(sum(int(r.get("n_pairs") or 0) for r in ok)), "steps": dict(steps),
