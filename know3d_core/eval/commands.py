@@ -75,6 +75,82 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_eval_command)
+    _register_experiment(subparsers)
+
+
+_EXPERIMENT = """\
+The small-scale Know3D experiment (know3d_core/eval/experiment.py): procedural objects with one
+front and K possible backs -> data prepare -> train trellis2 (base structure flow) -> train know3d
+(per knowledge source / capture sigma) -> generate every held-out front with each of the K
+descriptions -> know3d eval + prompt-swap accuracy. Random-initialised small networks; nothing is
+downloaded. Writes OUT/experiment.json, experiment.md (the table), prompts.png, eval/ and the runs.
+--smoke is the CPU check CI runs (every stage, meaningless numbers)."""
+
+
+def _register_experiment(subparsers) -> None:
+    p = subparsers.add_parser("experiment", help="small-scale Know3D experiment: does the text control the back?",
+                              description=_EXPERIMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU settings (CI)")
+    p.add_argument("--train-seeds", type=_positive, help="objects (fronts) to train on")
+    p.add_argument("--val-seeds", type=_positive, help="held-out fronts to evaluate")
+    p.add_argument("--features", help="comma-separated back features (K of them; default flat_back,handle,slats,shelf)")
+    p.add_argument("--latent-grid", type=_positive, help="structure latent grid R (8 x R^3; occupancy 2R)")
+    p.add_argument("--model-channels", type=_positive)
+    p.add_argument("--num-blocks", type=_positive)
+    p.add_argument("--num-heads", type=_positive)
+    p.add_argument("--base-steps", type=_positive)
+    p.add_argument("--know3d-steps", type=_positive)
+    p.add_argument("--batch-size", type=_positive)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--back-steps", type=_positive)
+    p.add_argument("--sample-steps", type=_positive)
+    p.add_argument("--render-size", type=_positive)
+    p.add_argument("--sigmas", help="capture-sigma sweep, e.g. 0.85,0.5,0.25,0.1 (default: none)")
+    p.add_argument("--rows", help="rows, comma-separated (default hidden,hidden_gt,multiview,none)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--progress", action="store_true", help="training / eval progress bars")
+    p.set_defaults(run=run_experiment_command)
+
+
+def run_experiment_command(opts) -> int:
+    check_eval_deps()
+    from .experiment import ROWS, SMOKE, ExperimentConfig, format_table, run_experiment
+
+    kw = dict(SMOKE) if opts.smoke else {}
+    for name in ("train_seeds", "val_seeds", "latent_grid", "model_channels", "num_blocks", "num_heads",
+                 "base_steps", "know3d_steps", "batch_size", "lr", "back_steps", "sample_steps", "render_size",
+                 "num_workers"):
+        if getattr(opts, name) is not None:
+            kw[name] = getattr(opts, name)
+    if opts.features:
+        from ..data.synthetic import FEATURES
+
+        feats = tuple(f.strip() for f in opts.features.split(",") if f.strip())
+        bad = [f for f in feats if f not in FEATURES]
+        if bad or len(feats) < 2:
+            raise UsageError(f"--features {opts.features!r}: give at least 2 of {', '.join(FEATURES)}")
+        kw["features"] = feats
+    if opts.sigmas:
+        try:
+            kw["sigmas"] = tuple(float(v) for v in opts.sigmas.split(","))
+        except ValueError:
+            raise UsageError(f"--sigmas {opts.sigmas!r}: comma-separated numbers in (0, 1)") from None
+    if opts.rows:
+        rows = tuple(r.strip() for r in opts.rows.split(",") if r.strip())
+        if not rows or any(r not in ROWS for r in rows):
+            raise UsageError(f"--rows {opts.rows!r}: choose from {', '.join(ROWS)}")
+        kw["rows"] = rows
+    if kw.get("latent_grid") and 64 % (2 * kw["latent_grid"]):
+        raise UsageError(f"--latent-grid {kw['latent_grid']}: 2R must divide 64 (R = 2, 4, 8, 16 or 32)")
+    result = run_experiment(ExperimentConfig(out=opts.out, device=opts.device, seed=opts.seed,
+                                             progress=opts.progress, **kw))
+    print(format_table(result))
+    print(f"device {result['device']}, {result['seconds']} s; wrote {os.path.join(opts.out, 'experiment.json')}, "
+          "experiment.md, prompts.png")
+    return EXIT_OK
 
 
 def _check_files(opts) -> None:

@@ -1,0 +1,483 @@
+"""The small-scale Know3D experiment: does injected knowledge control the hidden back?
+
+Procedural objects (``data.synthetic``: objects of one seed share their front, the back carries one
+of K named features) go through the real parts of the pack:
+
+1. ``know3d data synth`` + ``know3d data prepare`` (mesh, render, annotate steps) for the training
+   seeds and, separately, for held-out seeds (the evaluation fronts);
+2. structure latents by the *experiment codec* (below) instead of the SS VAE;
+3. ``train trellis2 --stage ss --full``: the plain structure flow trained on the set: the base;
+4. ``train know3d --stage ss`` on that base, one run per knowledge source / capture sigma;
+5. generation through ``Know3DPipeline`` (back view by Qwen-Image-Edit, capture, injection, the
+   structure flow), for every held-out front with each of the K descriptions, per variant;
+6. ``know3d eval`` (:func:`know3d_core.eval.run.run_eval`) on the 64^3 occupancies, plus the
+   prompt-swap accuracy: the generated structure is classified as the feature whose ground truth it
+   matches best by back-half IoU; ``none`` cannot depend on the prompt, so it scores 1/K.
+
+Rows: ``hidden`` (trajectory knowledge, the paper's), ``hidden_gt`` (trained on one forward on the
+ground-truth back latent noised to sigma; inference as always from the trajectory), ``multiview``
+(the decoded back view as a second image of the base), ``none`` (the base alone), and the capture
+sigma sweep of ``hidden``. ``latent`` and ``image`` need a trainer for ``vae_latent`` /
+``dino_image`` knowledge, which ``know3d train`` does not have: they are listed as not run.
+
+Experiment codec. The networks are small and random-initialised (nothing is downloaded), so the
+TRELLIS SS VAE would be random too, and its decoder cannot invert its encoder. The experiment
+therefore uses an exact codec of the same shapes: the surface occupancy at ``2R`` (R = the flow's
+latent grid) is cut into 2x2x2 blocks, whose 8 bits become the 8 latent channels (values -1 / +1):
+``[8, R, R, R]``, TRELLIS's structure-latent shape. Its decoder (in place of the SS decoder) maps
+a latent back to 64^3 logits. Everything else is the pack's real code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..data import layout as L
+
+__all__ = ["ExperimentConfig", "SMOKE", "encode_occupancy", "decode_latent", "CodecDecoder", "run_experiment",
+           "ROWS", "NOT_RUN"]
+
+ROWS = ("hidden", "hidden_gt", "multiview", "none")
+NOT_RUN = {"latent": "know3d train makes mmdit_hidden knowledge only (no vae_latent trainer)",
+           "image": "know3d train makes mmdit_hidden knowledge only (no dino_image trainer)"}
+SIGMAS = (0.85, 0.5, 0.25, 0.1)
+
+
+@dataclass
+class ExperimentConfig:
+    out: str
+    train_seeds: int = 6
+    val_seeds: int = 2
+    val_first_seed: int = 1000
+    features: Tuple[str, ...] = ("flat_back", "handle", "slats", "shelf")
+    render_size: int = 64
+    latent_grid: int = 8                 # R: structure latent [8, R, R, R]; occupancy grid 2R
+    model_channels: int = 32
+    num_blocks: int = 1
+    num_heads: int = 2
+    base_steps: int = 20
+    know3d_steps: int = 20
+    batch_size: int = 4
+    lr: float = 1e-4
+    lora_rank: int = 4
+    back_steps: int = 4
+    back_size: Tuple[int, int] = (32, 32)
+    vae_image_area: int = 32 * 32
+    sample_steps: int = 4
+    sigma: float = 0.25
+    sigmas: Tuple[float, ...] = ()       # the sweep (empty: only ``sigma``)
+    rows: Tuple[str, ...] = ROWS
+    device: str = "cpu"
+    seed: int = 0
+    num_workers: int = 0
+    eval_points: int = 2048
+    progress: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+# The CPU smoke run CI does (minutes): every stage runs, numbers mean nothing at this size.
+SMOKE = dict(train_seeds=2, val_seeds=1, features=("flat_back", "handle"), render_size=32, latent_grid=4,
+             base_steps=2, know3d_steps=2, batch_size=2, back_steps=2, sample_steps=2, eval_points=256,
+             rows=ROWS, sigmas=())
+
+
+# ----------------------------------------------------------------------------------- codec
+def encode_occupancy(occ: torch.Tensor) -> torch.Tensor:
+    """``[2R, 2R, 2R]`` bool -> latent ``[8, R, R, R]`` float in {-1, +1}: channel ``4a + 2b + c`` holds
+    voxel ``(2i + a, 2j + b, 2k + c)``."""
+    r2 = occ.shape[0]
+    r = r2 // 2
+    x = occ.float().view(r, 2, r, 2, r, 2).permute(1, 3, 5, 0, 2, 4).reshape(8, r, r, r)
+    return x * 2 - 1
+
+
+def decode_latent(z: torch.Tensor) -> torch.Tensor:
+    """Latent ``[B, 8, R, R, R]`` -> occupancy ``[B, 2R, 2R, 2R]`` bool (channel > 0), inverse of
+    :func:`encode_occupancy`."""
+    b, _, r = z.shape[0], z.shape[1], z.shape[2]
+    x = (z > 0).view(b, 2, 2, 2, r, r, r).permute(0, 4, 1, 5, 2, 6, 3)
+    return x.reshape(b, 2 * r, 2 * r, 2 * r)
+
+
+class CodecDecoder(nn.Module):
+    """Stands in for the SS decoder: latent ``[B, 8, R, R, R]`` -> logits ``[B, 1, 64, 64, 64]`` (+1 / -1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # .to(device) / dtype bookkeeping
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        occ = decode_latent(z.float())
+        up = 64 // occ.shape[1]
+        logits = occ.float() * 2 - 1
+        logits = logits.repeat_interleave(up, 1).repeat_interleave(up, 2).repeat_interleave(up, 3)
+        return logits.unsqueeze(1)
+
+    def convert_to(self, dtype):  # the pipeline casts decoders; the codec has no weights
+        return self
+
+
+def occupancy_64(occ: torch.Tensor) -> torch.Tensor:
+    """Nearest upsampling of a ``[G, G, G]`` grid (G divides 64) to ``[64, 64, 64]``."""
+    up = 64 // occ.shape[0]
+    return occ.repeat_interleave(up, 0).repeat_interleave(up, 1).repeat_interleave(up, 2)
+
+
+# ----------------------------------------------------------------------------------- data
+def _say(msg: str) -> None:
+    print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_dataset(cfg: ExperimentConfig, folder: str, seeds: Sequence[int]) -> str:
+    """Synth -> prepare (mesh, render, annotate) -> codec latents and 64^3 occupancies; every asset in
+    the ``train`` split (the experiment splits by seed, not by hash). Returns the dataset folder."""
+    from ..data.prepare import PrepareOptions, prepare
+    from ..data.synthetic import write_dataset_folder
+    from ..fileio import atomic_write_bytes
+    from .geometry import surface_voxels
+    from safetensors.torch import load_file, save_file
+
+    assets = folder + "_assets"
+    write_dataset_folder(assets, seeds, cfg.features)
+    prepare(PrepareOptions(input=assets, out=folder, steps=("mesh", "render", "annotate"),
+                           render_size=cfg.render_size, progress=False), log=lambda m: None)
+    rows = []
+    with open(L.manifest_path(folder), "r", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    for row in rows:
+        if row["status"] != L.STATUS_OK:
+            raise RuntimeError(f"experiment: asset {row['source']} failed to prepare: {row.get('error')}")
+        d = L.asset_dir(folder, row["sha256"])
+        mesh = load_file(os.path.join(d, L.MESH_FILE))
+        occ = surface_voxels(mesh[L.KEY_VERTICES].float(), mesh[L.KEY_FACES].long(), 2 * cfg.latent_grid)
+        save_file({L.KEY_LATENT: encode_occupancy(occ).contiguous()}, os.path.join(d, L.SS_LATENT_FILE))
+        save_file({L.KEY_OCCUPANCY: occupancy_64(occ).contiguous()}, os.path.join(d, L.OCCUPANCY_FILE))
+        row["split"] = "train"
+    atomic_write_bytes(L.manifest_path(folder), "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return folder
+
+
+def assets_by_seed(folder: str) -> Dict[int, Dict[str, str]]:
+    """``{seed: {feature: asset folder}}`` of an experiment dataset (from asset.json source names)."""
+    out: Dict[int, Dict[str, str]] = {}
+    root = L.assets_root(folder)
+    for sha in sorted(os.listdir(root)):
+        with open(os.path.join(root, sha, L.ASSET_RECORD), "r", encoding="utf-8") as f:
+            rec = json.load(f)
+        seed = int(os.path.basename(rec["source"]).split("_")[1])
+        out.setdefault(seed, {})[rec["feature"]] = os.path.join(root, sha)
+    return out
+
+
+# ----------------------------------------------------------------------------------- models
+def write_models(cfg: ExperimentConfig, folder: str) -> Dict[str, str]:
+    """Random-initialised TRELLIS.2 (structure flow of ``latent_grid``), DINOv3 and Qwen-Image-Edit."""
+    from ..demo_models import DINO_CONFIG, write_demo_dinov3, write_demo_qwen
+    from ..trellis2.loading import read_pipeline_config, resolve_checkpoint
+    from ..trellis2.tiny import write_tiny_trellis2
+
+    paths = {"trellis2": os.path.join(folder, "TRELLIS.2"), "dinov3": os.path.join(folder, "dinov3"),
+             "qwen": os.path.join(folder, "Qwen-Image-Edit")}
+    write_tiny_trellis2(paths["trellis2"], seed=cfg.seed, model_channels=cfg.model_channels,
+                        num_blocks=cfg.num_blocks, num_heads=cfg.num_heads, cond_channels=DINO_CONFIG["hidden_size"])
+    config = read_pipeline_config(paths["trellis2"])
+    stem = resolve_checkpoint(paths["trellis2"], config.models["sparse_structure_flow_model"])
+    with open(stem + ".json", "r", encoding="utf-8") as f:
+        doc = json.load(f)
+    doc["args"]["resolution"] = cfg.latent_grid
+    with open(stem + ".json", "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    write_demo_dinov3(paths["dinov3"], seed=cfg.seed)
+    write_demo_qwen(paths["qwen"], seed=cfg.seed)
+    return paths
+
+
+def _train_config(cfg: ExperimentConfig, **kw):
+    from ..train.config import TrainConfig
+
+    base = dict(stage="ss", batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,
+                precision="fp32", num_workers=cfg.num_workers, checkpoint_every=10 ** 9, log_every=10 ** 9,
+                progress=cfg.progress, lora_rank=cfg.lora_rank, ema_rate=0.999)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_base(cfg: ExperimentConfig, data: str, models: Dict[str, str], out: str) -> str:
+    """Plain full training of the structure flow on the set; returns the exported TRELLIS.2 folder."""
+    from ..train.engine import train
+    from ..train.flows import TRELLIS2_FOLDER, FlowTask
+
+    tc = _train_config(cfg, task="trellis2", data=data, out=out, models=models["trellis2"], dinov3=models["dinov3"],
+                       steps=cfg.base_steps, full=True)
+    train(FlowTask(branch=False), tc)
+    return os.path.join(out, "export", TRELLIS2_FOLDER)
+
+
+def train_know3d(cfg: ExperimentConfig, data: str, base: str, models: Dict[str, str], out: str, source: str,
+                 sigma: float) -> str:
+    """Know3D branch + LoRA on the base structure flow; returns the exported know3d.safetensors."""
+    from ..train.engine import train
+    from ..train.flows import KNOW3D_FILE, FlowTask
+
+    tc = _train_config(cfg, task="know3d", data=data, out=out, models=base, dinov3=models["dinov3"],
+                       qwen=models["qwen"], steps=cfg.know3d_steps, knowledge_source=source, sigma=sigma,
+                       back_steps=cfg.back_steps, back_size=tuple(cfg.back_size), vae_image_area=cfg.vae_image_area)
+    train(FlowTask(branch=True), tc)
+    return os.path.join(out, "export", KNOW3D_FILE)
+
+
+# ----------------------------------------------------------------------------------- generation
+def _pipeline(cfg: ExperimentConfig, base: str, models: Dict[str, str], know3d: Optional[str]):
+    from ..pipeline import Know3DPipeline
+    from ..plan import SS_DECODER
+
+    pipe = Know3DPipeline.from_pretrained(base, qwen=models["qwen"], know3d=know3d, dinov3=models["dinov3"],
+                                          device=cfg.device, dtype=torch.float32, pipeline_types=("512",),
+                                          vae_image_area=cfg.vae_image_area)
+    pipe.geometry.models[SS_DECODER] = CodecDecoder().to(pipe.device)
+    return pipe
+
+
+def generate(cfg: ExperimentConfig, pipe, variant: str, val: Dict[int, Dict[str, str]], out: str,
+             sigma: Optional[float]) -> None:
+    """For every held-out front and every description: the structure's 64^3 occupancy into
+    ``out/<seed>_<prompted feature>/`` with ``record.json`` naming its ground truth."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from ..data.synthetic import ANNOTATIONS
+    from .geometry import coords_to_grid
+
+    os.makedirs(out, exist_ok=True)
+    for seed, by_feature in sorted(val.items()):
+        # one front per seed: the azimuth-0 view of the 3d set (identical for every feature of the seed)
+        any_asset = by_feature[cfg.features[0]]
+        front_file = _front_view(any_asset)
+        with Image.open(front_file) as im:
+            front = pipe.preprocess(im.convert("RGBA"))
+        cond = pipe.geometry.get_cond([front], 512)
+        for k, feature in enumerate(cfg.features):
+            gen_seed = cfg.seed * 1000 + seed
+            knowledge = None
+            if variant != "none":
+                stage = pipe.back_view(front, ANNOTATIONS[feature][0], "multiview" if variant == "multiview" else "hidden",
+                                       seed=gen_seed, steps=cfg.back_steps, sigma=sigma, size=tuple(cfg.back_size))
+                knowledge = pipe.make_knowledge(stage, "multiview" if variant == "multiview" else "hidden", "512")
+            coords = pipe.geometry.sample_sparse_structure(cond, knowledge, resolution=64, seed=gen_seed,
+                                                           params={"steps": cfg.sample_steps})
+            occ = coords_to_grid(coords[:, 1:], 64)
+            item = os.path.join(out, f"{seed:04d}_{feature}")
+            os.makedirs(item, exist_ok=True)
+            save_file({L.KEY_OCCUPANCY: occ.cpu().contiguous()}, os.path.join(item, L.OCCUPANCY_FILE))
+            with open(os.path.join(item, "record.json"), "w", encoding="utf-8") as f:
+                json.dump({"gt": f"{seed:04d}_{feature}", "seed": seed, "feature": feature,
+                           "prompt": ANNOTATIONS[feature][0], "variant": variant, "sigma": sigma}, f)
+
+
+def _front_view(asset: str) -> str:
+    with open(os.path.join(asset, L.CAMERAS_FILE), "r", encoding="utf-8") as f:
+        views = json.load(f)["views"]
+    best = min((v for v in views if v["set"] == L.SET_3D), key=lambda v: abs(((v["azimuth"] + 180) % 360) - 180))
+    return os.path.join(asset, best["file"])
+
+
+def write_gt(cfg: ExperimentConfig, val: Dict[int, Dict[str, str]], out: str) -> None:
+    """Ground-truth items ``out/<seed>_<feature>/occupancy_64.safetensors`` (the codec's occupancy)."""
+    for seed, by_feature in val.items():
+        for feature, asset in by_feature.items():
+            item = os.path.join(out, f"{seed:04d}_{feature}")
+            os.makedirs(item, exist_ok=True)
+            shutil.copy2(os.path.join(asset, L.OCCUPANCY_FILE), os.path.join(item, L.OCCUPANCY_FILE))
+
+
+# ----------------------------------------------------------------------------------- scoring
+def prompt_swap_accuracy(pred_dir: str, gt_dir: str, features: Sequence[str]) -> Tuple[float, List[Dict[str, Any]]]:
+    """Share of generations whose best back-half-IoU match among the K ground truths of their front is
+    the prompted feature. Ties (e.g. identical back halves) count as wrong unless the prompted feature
+    is the first of the tied ones in ``features`` order."""
+    from safetensors.torch import load_file
+
+    from .geometry import back_half_grid, voxel_iou
+
+    back = back_half_grid(64)
+    rows = []
+    for name in sorted(os.listdir(pred_dir)):
+        rec_path = os.path.join(pred_dir, name, "record.json")
+        if not os.path.isfile(rec_path):
+            continue
+        with open(rec_path, "r", encoding="utf-8") as f:
+            rec = json.load(f)
+        pred = load_file(os.path.join(pred_dir, name, L.OCCUPANCY_FILE))[L.KEY_OCCUPANCY].bool()
+        ious = {}
+        for feature in features:
+            gt = load_file(os.path.join(gt_dir, f"{rec['seed']:04d}_{feature}", L.OCCUPANCY_FILE))[L.KEY_OCCUPANCY].bool()
+            ious[feature] = voxel_iou(pred, gt, back)
+        best = max(features, key=lambda f: ious[f])  # first maximum in features order
+        rows.append({"item": name, "prompted": rec["feature"], "classified": best, "correct": best == rec["feature"],
+                     "ious": ious})
+    acc = sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")
+    return acc, rows
+
+
+# ----------------------------------------------------------------------------------- run
+def _variants(cfg: ExperimentConfig) -> List[Tuple[str, str, Optional[str], Optional[float]]]:
+    """``[(row name, variant, training source or None, sigma)]`` in table order."""
+    out = []
+    for row in cfg.rows:
+        if row == "hidden":
+            out.append(("hidden", "hidden", "trajectory", cfg.sigma))
+        elif row == "hidden_gt":
+            out.append(("hidden_gt", "hidden", "gt_latent", cfg.sigma))
+        elif row in ("multiview", "none"):
+            out.append((row, row, None, None))
+    for s in cfg.sigmas:
+        if s != cfg.sigma or "hidden" not in cfg.rows:
+            out.append((f"hidden_sigma{s:g}", "hidden", "trajectory", float(s)))
+    return out
+
+
+def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
+    """The whole experiment into ``cfg.out``; returns (and writes ``experiment.json``) the table."""
+    from .evaluate import EvalSettings
+    from .run import run_eval
+
+    t0 = time.perf_counter()
+    out = os.path.abspath(cfg.out)
+    os.makedirs(out, exist_ok=True)
+    times: Dict[str, float] = {}
+
+    def lap(name: str, start: float) -> None:
+        times[name] = round(time.perf_counter() - start, 2)
+        _say(f"{name}: {times[name]} s")
+
+    s = time.perf_counter()
+    models = write_models(cfg, os.path.join(out, "models"))
+    train_data = make_dataset(cfg, os.path.join(out, "data_train"), range(cfg.train_seeds))
+    val_data = make_dataset(cfg, os.path.join(out, "data_val"),
+                            range(cfg.val_first_seed, cfg.val_first_seed + cfg.val_seeds))
+    val = assets_by_seed(val_data)
+    gt_dir = os.path.join(out, "gt")
+    write_gt(cfg, val, gt_dir)
+    lap("data", s)
+
+    s = time.perf_counter()
+    base = train_base(cfg, train_data, models, os.path.join(out, "runs", "base"))
+    lap("train_base", s)
+
+    preds: Dict[str, str] = {}
+    meta: Dict[str, Dict[str, Any]] = {}
+    failed: Dict[str, str] = {}
+    for row, variant, source, sigma in _variants(cfg):
+        s = time.perf_counter()
+        try:
+            know3d = None
+            if source is not None:
+                know3d = train_know3d(cfg, train_data, base, models, os.path.join(out, "runs", row), source, sigma)
+            pipe = _pipeline(cfg, base, models, know3d)
+            pred = os.path.join(out, "pred", row)
+            generate(cfg, pipe, variant, val, pred, sigma)
+            del pipe
+        except Exception as exc:  # noqa: BLE001 - one failing row must not hide the others
+            if cfg.extra.get("strict"):
+                raise
+            failed[row] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+            _say(f"row {row} FAILED: {failed[row]}")
+            continue
+        preds[row] = pred
+        meta[row] = {"variant": variant, "train_source": source, "sigma": sigma}
+        lap(f"row {row}", s)
+
+    s = time.perf_counter()
+    settings = EvalSettings(points=cfg.eval_points, device=cfg.device)
+    report = run_eval(preds, gt_dir, os.path.join(out, "eval"), settings, progress=cfg.progress)
+    table = []
+    for row in preds:
+        acc, detail = prompt_swap_accuracy(preds[row], gt_dir, cfg.features)
+        agg = report["aggregate"][row]
+        table.append({"row": row, **meta[row], "back_iou_64": agg["iou_64_back"]["mean"],
+                      "iou_64": agg["iou_64"]["mean"], "chamfer": agg["chamfer"]["mean"],
+                      "chamfer_back": agg["chamfer_back"]["mean"], "prompt_swap_accuracy": acc,
+                      "n": agg["iou_64"]["n"], "classified": detail})
+    lap("eval", s)
+    result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+              "chance": 1.0 / len(cfg.features), "not_run": {**NOT_RUN, **{k: f"failed: {v}" for k, v in failed.items()}},
+              "device": _device_name(cfg.device), "seconds": round(time.perf_counter() - t0, 1), "times": times,
+              "table": table}
+    from .report import write_json
+
+    write_json(os.path.join(out, "experiment.json"), result)
+    _write_table(os.path.join(out, "experiment.md"), result)
+    write_prompt_sheet(os.path.join(out, "prompts.png"), preds, gt_dir, val, cfg)
+    return result
+
+
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    """Markdown table of the rows (means over the held-out items) and the rows not run."""
+    lines = ["| row | knowledge (training source, sigma) | back-half IoU 64^3 | IoU 64^3 | CD | back-half CD | "
+             "prompt-swap accuracy |", "|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    for r in result["table"]:
+        src = "-" if r["train_source"] is None else f"{r['train_source']}, {r['sigma']:g}"
+        lines.append(f"| {r['row']} | {src} | {f(r['back_iou_64'])} | {f(r['iou_64'])} | {f(r['chamfer'])} | "
+                     f"{f(r['chamfer_back'])} | {f(r['prompt_swap_accuracy'])} |")
+    for k, why in result["not_run"].items():
+        lines.append(f"| {k} | not run: {why} | | | | | |")
+    lines.append(f"\nchance (prompt swap) = 1/K = {result['chance']:.3f}; n = items per row")
+    return "\n".join(lines)
+
+
+def _write_table(path: str, result: Dict[str, Any]) -> None:
+    from ..fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, (format_table(result) + "\n").encode())
+
+
+def write_prompt_sheet(path: str, preds: Dict[str, str], gt_dir: str, val, cfg: ExperimentConfig,
+                       rows: Sequence[str] = ("gt", "hidden", "none"), tile: int = 96) -> Optional[str]:
+    """Back-view normal renders of the first held-out object under all K prompts: one line per row
+    (ground truth first), one column per prompted feature."""
+    from PIL import Image, ImageDraw
+    from safetensors.torch import load_file
+
+    from ..fileio import atomic_write_bytes
+    from .evaluate import Shape
+    from .run import picture
+
+    seed = sorted(val)[0]
+    shown = [r for r in rows if r == "gt" or r in preds]
+    label_w = 70
+    sheet = Image.new("RGB", (label_w + tile * len(cfg.features), 14 + tile * len(shown)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, feature in enumerate(cfg.features):
+        draw.text((label_w + j * tile + 2, 1), feature[:14], fill="black")
+    for i, row in enumerate(shown):
+        draw.text((2, 14 + i * tile + tile // 2), row[:11], fill="black")
+        for j, feature in enumerate(cfg.features):
+            folder = os.path.join(gt_dir if row == "gt" else preds[row], f"{seed:04d}_{feature}")
+            occ = load_file(os.path.join(folder, L.OCCUPANCY_FILE))[L.KEY_OCCUPANCY].bool()
+            arr = picture(Shape(occupancy=occ), tile)
+            im = Image.fromarray((arr.clip(0, 1) * 255).round().astype("uint8"))
+            sheet.paste(im, (label_w + j * tile, 14 + i * tile))
+    import io
+
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", optimize=True)
+    return atomic_write_bytes(path, buf.getvalue())
