@@ -81,6 +81,9 @@ def main() -> None:
             Image.fromarray(img, "RGBA").save(os.path.join(folder, f"{i:03d}.png"))
         r["png_write_28_s"] = time.perf_counter() - t
         r["coverage_view0"] = float((images[0][..., 3] > 0).mean())
+        t = time.perf_counter()
+        render.render_asset(gl, asset, views, os.path.join(args.views or args.out, f"asset_{size}"))
+        r["render_asset_total_s"] = time.perf_counter() - t  # upload + 28 views + threaded PNG writes
         gl.release()
         result[str(size)] = r
         print(size, json.dumps(r), flush=True)

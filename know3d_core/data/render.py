@@ -410,16 +410,26 @@ def make_renderer(kind: str, size: int):
     return RENDERERS[kind](size)
 
 
-def render_asset(renderer, asset, views: Sequence[Dict], out_dir: str) -> List[str]:
-    """Render every view of ``views`` into ``out_dir/<view file>`` (PNG). Returns the paths."""
+def render_asset(renderer, asset, views: Sequence[Dict], out_dir: str, workers: int = 0) -> List[str]:
+    """Render every view of ``views`` into ``out_dir/<view file>`` (PNG). Returns the paths.
+
+    Views render one after another (one GL context); PNG encoding runs on ``workers`` threads
+    (default: up to 8) while the next views render."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
 
-    renderer.load(asset)
-    paths = []
-    for v in views:
-        img = renderer.render(np.asarray(v["c2w"]), v["fov"])
-        path = os.path.join(out_dir, v["file"])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    def save(img: np.ndarray, path: str) -> str:
         Image.fromarray(img, "RGBA").save(path)
-        paths.append(path)
-    return paths
+        return path
+
+    renderer.load(asset)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = []
+        for v in views:
+            img = renderer.render(np.asarray(v["c2w"]), v["fov"])
+            path = os.path.join(out_dir, v["file"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            futures.append(pool.submit(save, img, path))
+        return [f.result() for f in futures]
