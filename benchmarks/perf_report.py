@@ -66,7 +66,12 @@ def _find(rows: list[dict], **match) -> dict | None:
     return None
 
 
-PARTS = ("flows", "conv", "decoder", "geometry", "first", "injection")
+PARTS = ("flows", "conv", "decoder", "geometry", "first", "injection", "maps", "train")
+
+# Issue 21 / issue 19 item 8 rows (in-run baselines: the PyTorch map build, the PyTorch block path).
+MAP_LIMIT_MS = 0.6  # FlexGEMM's build, +0.4-0.6 ms on an H200 (issue 21)
+DECODER_REFERENCE_MS = {"decoder 512": 94.0, "decoder 1024": 202.0}  # the reference's faster seed (issue 21, H200)
+TRAIN_RATIO_LIMIT = 3.3
 
 
 def collect(tiny: bool, tmp: str, parts=PARTS) -> dict:
@@ -97,7 +102,37 @@ def collect(tiny: bool, tmp: str, parts=PARTS) -> dict:
                 raw[f"first_{name}_{run}"] = run_script(script, args, os.path.join(tmp, f"first_{name}_{run}.json"), env=env)
     if "injection" in parts:
         raw["injection"] = run_script("bench_injection.py", t, os.path.join(tmp, "injection.json"), timeout=600)
+    if "maps" in parts:
+        raw["maps"] = run_script("bench_neighbour_map.py", t, os.path.join(tmp, "maps.json"))
+    if "train" in parts:
+        raw["train"] = run_script("bench_flow_training.py", t, os.path.join(tmp, "train.json"))
     return raw
+
+
+def summarise_kernels(raw: dict) -> list[dict]:
+    """Rows of issue 21 (map build, decoder vs the reference) and issue 19 item 8 (training step)."""
+    out = []
+    maps = _rows(raw.get("maps"))
+    for r in (m for m in maps if str(m["case"]).startswith("map")):
+        out.append({"figure": f"neighbour-map build 3x3x3, {r['case'][4:]} ({r['voxels']} voxels)",
+                    "target": f"<= FlexGEMM (~{MAP_LIMIT_MS} ms)", "anchors": r["anchor"],
+                    "ours": f"{r['triton_ms']:.3f} ms (map alone {r['triton_map_ms']:.3f})",
+                    "baseline": f"{r['torch_ms']:.2f} ms PyTorch build; identical: {r['equal']}",
+                    "ok": r["triton_ms"] <= MAP_LIMIT_MS and r["equal"]})
+    for r in (m for m in maps if m["case"] in DECODER_REFERENCE_MS):
+        ref = DECODER_REFERENCE_MS[r["case"]]
+        out.append({"figure": f"shape {r['case']} network ({r['tokens']} tokens) vs reference",
+                    "target": "<= 0.85x reference", "anchors": r["anchor"],
+                    "ours": f"{r['ms']:.1f} ms ({r['ms'] / ref:.2f}x), +{r['peak_gib'] or 0:.2f} GiB",
+                    "baseline": f"{r['torch_maps_ms']:.1f} ms with the PyTorch map build",
+                    "ok": r["ms"] <= 0.85 * ref})
+    for r in _rows(raw.get("train")):
+        out.append({"figure": f"flow fwd+bwd / inference fwd, {r['case']}", "target": f"<= {TRAIN_RATIO_LIMIT}x",
+                    "anchors": "issue 19 item 8",
+                    "ours": f"{r['train_ms']:.0f} / {r['infer_ms']:.0f} ms = {r['ratio']:.2f}x, grads {r['with_grad']}/{r['params']}",
+                    "baseline": f"{r['train_torch_ms']:.0f} ms ({r['torch_ratio']:.2f}x) PyTorch block path",
+                    "ok": r["ratio"] <= TRAIN_RATIO_LIMIT and r["with_grad"] == r["params"]})
+    return out
 
 
 def summarise(raw: dict) -> list[dict]:
@@ -169,7 +204,7 @@ def summarise(raw: dict) -> list[dict]:
                 "ours": (ours + " | per forward: " + per_forward) if ours else (per_forward or None),
                 "baseline": "plain forward in the same run",
                 "ok": None if not stages else all(r["ok"] for r in stages) and all(gpu_ok)})
-    return out
+    return out + summarise_kernels(raw)
 
 
 def print_table(summary: list[dict], device: str) -> None:

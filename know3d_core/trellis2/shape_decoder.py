@@ -331,18 +331,33 @@ class FlexiDualGridVaeDecoder(nn.Module):
         r = torch.arange(4, device=device)
         grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
         coords = torch.cat([torch.zeros(64, 1, dtype=grid.dtype, device=device), grid], 1).int()
+        from ..sparse import conv as sparse_conv
+        from ..sparse import neighbour_triton
         from ..sparse.conv_triton import kernel_config
 
+        if neighbour_triton.available(coords):  # the map kernels compile in a job of their own ...
+            jobs.append(lambda: neighbour_triton.tile_layout_triton(
+                *neighbour_triton.build_neighbour_map_triton(coords, (4, 4, 4)), 128))
+        maps: Dict[tuple, NeighbourMap] = {}  # ... while the conv jobs use maps built with torch ops
         seen = set()
         for conv in self.blocks.modules():
             if not isinstance(conv, SubMConv3d):
                 continue
-            key = (kernel_config(conv.in_channels, conv.out_channels, self.dtype), conv.bias is not None,
-                   tuple(conv.weight.shape[1:4]))
-            if key not in seen:
-                seen.add(key)
-                feats = torch.zeros(64, conv.in_channels, device=device, dtype=self.dtype)
-                jobs.append(lambda conv=conv, feats=feats: conv(SparseTensor(feats, coords, (4, 4, 4))))
+            cfg = kernel_config(conv.in_channels, conv.out_channels, self.dtype)
+            key = (cfg, conv.bias is not None, tuple(conv.weight.shape[1:4]))
+            if key in seen:
+                continue
+            seen.add(key)
+            map_key = ("subm_neighbour_map", conv.kernel_size, conv.dilation)
+            if map_key not in maps:
+                nbr = sparse_conv._build_neighbour_map_torch(coords, (4, 4, 4), conv.kernel_size, conv.dilation,
+                                                             sparse_conv.DEFAULT_TABLE_BYTES)
+                maps[map_key] = NeighbourMap(nbr, conv.kernel_size, conv.dilation)
+            maps[map_key].tile_layout(cfg.BM)  # built here, not raced for in the threads
+            feats = torch.zeros(64, conv.in_channels, device=device, dtype=self.dtype)
+            cache = {map_key: maps[map_key], "batch_size": 1}
+            jobs.append(lambda conv=conv, feats=feats, cache=cache: conv(SparseTensor(feats, coords, (4, 4, 4),
+                                                                                      cache=dict(cache))))
         return jobs
 
     def precompile_kernels(self, device: Optional[torch.device] = None, threads: int = PRECOMPILE_THREADS) -> int:
