@@ -14,7 +14,7 @@ import sys
 
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
 
-__all__ = ["register", "cmd_train", "config_from_options"]
+__all__ = ["register", "cmd_train", "cmd_export_pairs", "config_from_options"]
 
 _EPILOG = """\
 examples:
@@ -124,6 +124,17 @@ def register(sub) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
 
+    e = sub.add_parser("export-pairs", help="write the back-view pairs for DiffSynth-Studio or musubi-tuner",
+                       description="Write the dataset's back-view pairs (preprocessed front = control image, back = "
+                                   "target) with a metadata file in the trainer's format: diffsynth -> metadata.json "
+                                   "({prompt, image, edit_image}), musubi -> metadata.jsonl ({image_path, "
+                                   "control_path, caption}). One row per pair with the camera prompt alone and one "
+                                   "per annotation.")
+    e.add_argument("--data", required=True, metavar="DIR", help="dataset made by 'know3d data prepare'")
+    e.add_argument("--format", required=True, choices=("diffsynth", "musubi"))
+    e.add_argument("--out", required=True, metavar="DIR")
+    e.set_defaults(run=cmd_export_pairs)
+
 
 def config_from_options(opts):
     from .config import TrainConfig
@@ -167,4 +178,11 @@ def cmd_train(opts) -> int:
         print(f"know3d train: stopped: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps({k: summary[k] for k in ("step", "loss", "exported", "checkpoint")}))
+    return EXIT_OK
+
+
+def cmd_export_pairs(opts) -> int:
+    from .backview import export_pairs
+
+    print(export_pairs(opts.data, opts.out, opts.format))
     return EXIT_OK
