@@ -16,7 +16,7 @@ import trimesh
 from PIL import Image
 
 from know3d_core import cli
-from know3d_core.generate import commands as generate_commands
+from know3d_core.generate import validate as generate_validate
 from know3d_core.batch import plan_items
 
 import _cli_double
@@ -106,14 +106,14 @@ def test_generate_writes_every_output(tmp_path, models, capsys):
 def test_generate_removes_leftovers_of_killed_runs_only(tmp_path, models):
     m, q = models
     out = tmp_path / "out"
-    dead = next(p for p in range(4_000_000, 4_100_000) if not generate_commands._pid_alive(p))
-    os.makedirs(out / f".tmp-generate-{dead}")  # a SIGKILLed generate
-    os.makedirs(out / f".tmp-generate-{os.getppid()}")  # a live process (our parent) is left alone
+    dead = next(p for p in range(4_000_000, 4_100_000) if not generate_validate._pid_alive(p))
+    os.makedirs(tmp_path / f".tmp-out-{dead}")  # the temporary sibling of a SIGKILLed generate
+    os.makedirs(tmp_path / f".tmp-out-{os.getppid()}")  # a live process (our parent) is left alone
     code, _ = _run(["generate", "--models", m, "--qwen", q, "--image", _rgba(tmp_path / "f.png"), "--prompt", "x",
                     "--out", str(out), "--quiet"])
     assert code == 0
-    assert sorted(os.listdir(out)) == sorted([f".tmp-generate-{os.getppid()}", "mesh.glb", "normals.png",
-                                              "record.json"])
+    assert sorted(os.listdir(out)) == ["mesh.glb", "normals.png", "record.json"]
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".tmp-")) == [f".tmp-out-{os.getppid()}"]
 
 
 @pytest.mark.parametrize("fmt", ["obj", "ply", "stl"])
@@ -137,9 +137,14 @@ def test_full_frame_and_mask(tmp_path, models, capsys):
     code, make = _run(base + ["--out", str(tmp_path / "b"), "--full-frame"])
     assert code == 0 and make.pipe.calls[0]["mask"].getextrema() == (255, 255)
     mask = tmp_path / "mask.png"
-    Image.new("L", (30, 20), 0).save(mask)
+    Image.new("L", (30, 20), 0).save(mask)  # an all-black mask: no foreground, refused before loading
     code, make = _run(base + ["--out", str(tmp_path / "c"), "--mask", str(mask)])
-    assert code == 0 and make.pipe.calls[0]["mask"].getextrema() == (0, 0)
+    assert code == 2 and "the foreground mask is empty" in _stderr_lines(capsys)[0] and not make.pipe.calls
+    with Image.new("L", (30, 20), 0) as im:
+        im.paste(255, (5, 5, 20, 15))
+        im.save(mask)
+    code, make = _run(base + ["--out", str(tmp_path / "c"), "--mask", str(mask)])
+    assert code == 0 and make.pipe.calls[0]["mask"].getextrema() == (0, 255)
 
 
 # ------------------------------------------------------------------------------------- bad arguments
@@ -220,7 +225,8 @@ def test_pipeline_failure_exits_1_with_one_line(tmp_path, models, capsys):
     lines = _stderr_lines(capsys)
     assert code == 1 and len(lines) == 1
     assert "failed: RuntimeError: the double was asked to fail for this prompt" in lines[0]
-    assert os.listdir(tmp_path / "o") == []  # no partial output, no temporary folder
+    assert not os.path.exists(tmp_path / "o")  # no partial or empty output folder ...
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]  # ... and no temporary sibling
 
 
 def test_help_and_version(capsys):

@@ -35,12 +35,18 @@ __all__ = [
     "pil_to_tensor",
     "foreground_bbox",
     "ALPHA_THRESHOLD",
+    "NoTransparencyError",
 ]
 
 ImageLike = Union[Image.Image, torch.Tensor]
 ALPHA_THRESHOLD = 0.8 * 255
 _MODES_WITH_ALPHA = ("RGBA", "LA", "PA")
 _SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA")
+
+
+class NoTransparencyError(ValueError):
+    """No mask, and the image has no pixel with alpha below 255 (hosts name their own way to say
+    "use the whole frame": ``assume_foreground=True`` here, ``--full-frame`` in the CLI)."""
 
 
 def _float_to_uint8(x: torch.Tensor, what: str) -> np.ndarray:
@@ -123,7 +129,7 @@ def _rgba_with_alpha(image: Image.Image, mask: Optional[ImageLike], assume_foreg
     if assume_foreground:
         rgba = image.convert("RGB").convert("RGBA")  # alpha 255 everywhere
         return rgba
-    raise ValueError(
+    raise NoTransparencyError(
         "the image has no transparency and no mask was given: supply a foreground mask "
         "(e.g. from a background-removal node), an RGBA image with the background transparent, "
         "or set assume_foreground=True to treat the whole image as the object"

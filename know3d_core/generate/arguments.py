@@ -32,11 +32,12 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None
                         "trained for the variant)")
     g.add_argument("--dinov3", metavar="PATH",
                    help="DINOv3 ViT-L/16 folder or .safetensors (default: found in --models)")
-    g.add_argument("--variant", choices=VARIANTS, default="hidden",
+    g.add_argument("--variant", choices=("auto",) + VARIANTS, default="auto",
                    help="what the back view contributes: hidden = MMDiT hidden states (the paper's "
                         "best), latent = its VAE latent, image = DINOv3 features of the decoded back "
                         "view, multiview = the back view as a second input image (no Know3D weights), "
-                        "none = plain TRELLIS.2 (default: %(default)s)")
+                        "none = plain TRELLIS.2; auto = the variant of the Know3D checkpoint found, else "
+                        "multiview (default: %(default)s)")
     g.add_argument("--resolution", choices=PIPELINE_TYPES, default="1024_cascade",
                    help="TRELLIS.2 pipeline type (default: %(default)s)")
 

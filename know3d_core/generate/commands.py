@@ -22,9 +22,11 @@ from .. import batch as batchlib
 from ..errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, one_line
 from ..model_check import ModelCheck, check_models
 from ..plan import PIPELINE_TYPES, VARIANTS, needs_back_view
-from .arguments import (add_generation_options, add_model_options, int_list, open_front_image, resolve_device,
+from .arguments import (add_generation_options, add_model_options, int_list, resolve_device,
                         resolve_dtype, run_settings)
 from .outputs import base_record, print_record, write_outputs
+from .validate import (check_options, check_out_folder, check_prompts, describe_prompt, front_image,
+                       publish_result, resolve_variant, result_tmp)
 
 __all__ = ["register", "load_pipeline", "cmd_generate", "cmd_batch", "cmd_models", "cmd_demo", "CheckFailed"]
 
@@ -44,7 +46,8 @@ def register(sub) -> None:
     g.add_argument("--image", required=True, metavar="FILE", help="front image (RGBA with the background removed)")
     g.add_argument("--mask", metavar="FILE", help="foreground mask (white = object) for an opaque image")
     g.add_argument("--prompt", required=True, metavar="TEXT", help="what the hidden back looks like")
-    g.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files are replaced)")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: created, or a previous result there replaced as a whole")
     add_model_options(g)
     add_generation_options(g)
 
@@ -82,9 +85,11 @@ def register(sub) -> None:
                     "whole pipeline end to end (back view, hidden-state capture, injection, both TRELLIS.2 "
                     "stages, mesh, renders). The weights are random, so the mesh is meaningless: this "
                     "checks the installation, not the quality.")
-    d.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    d.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: created, or a previous result there replaced as a whole")
     d.add_argument("--prompt", default=DEMO_PROMPT, metavar="TEXT", help="description (default: %(default)r)")
-    d.add_argument("--variant", choices=VARIANTS, default="hidden", help="(default: %(default)s)")
+    d.add_argument("--variant", choices=VARIANTS, default="hidden",
+                   help="(default: %(default)s; the demo's tiny Know3D checkpoint is for hidden)")
     d.add_argument("--resolution", choices=PIPELINE_TYPES, help="(default: 512, the demo's fast setting)")
     d.add_argument("--keep-models", metavar="DIR", help="write the demo models here and keep them")
     add_generation_options(d, demo=True)
@@ -118,8 +123,8 @@ def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
 class _StageBars:
     """tqdm bars for the pipeline's ``callback(stage, step, total)``: one bar per stage."""
 
-    def __init__(self, enabled: bool, leave: bool):
-        self.enabled, self.leave = enabled, leave
+    def __init__(self, enabled: bool, leave: bool, back_steps: Optional[int] = None):
+        self.enabled, self.leave, self.back_steps = enabled, leave, back_steps
         self.bar, self.stage = None, None
 
     def __call__(self, stage: str, step: int, total: int) -> None:
@@ -130,9 +135,15 @@ class _StageBars:
         if stage != self.stage or self.bar is None:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, unit="step", leave=self.leave, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=self._label(stage, total), unit="step", leave=self.leave,
+                            dynamic_ncols=True)
         self.bar.n = step
         self.bar.refresh()
+
+    def _label(self, stage: str, total: int) -> str:
+        if stage == "back_view" and self.back_steps and total < self.back_steps:
+            return f"back_view (stops at the capture noise level: step {total} of {self.back_steps})"
+        return stage
 
     def close(self) -> None:
         if self.bar is not None:
@@ -155,8 +166,8 @@ def _run_pipeline(pipe, image, mask, prompt: str, opts: argparse.Namespace, call
 def _generate_into(pipe, opts, check, image_path: str, prompt: str, folder: str, command: str,
                    mask_path: Optional[str] = None, extra: Optional[Dict[str, Any]] = None,
                    leave_bars: bool = True) -> Dict[str, Any]:
-    image, mask = open_front_image(image_path, opts.full_frame, mask_path)
-    bars = _StageBars(not opts.quiet, leave_bars)
+    image, mask, _ = front_image(image_path, opts.full_frame, mask_path)
+    bars = _StageBars(not opts.quiet, leave_bars, opts.back_steps)
     start = time.perf_counter()
     try:
         result = _run_pipeline(pipe, image, mask, prompt, opts, bars)
@@ -167,6 +178,10 @@ def _generate_into(pipe, opts, check, image_path: str, prompt: str, folder: str,
     record["total_seconds"] = round(total, 4)
     if extra:
         record.update(extra)
+    if getattr(opts, "variant_reason", None):
+        record["variant_reason"] = opts.variant_reason
+    if getattr(opts, "relabel_record", None):
+        record = opts.relabel_record(record)
     return write_outputs(result, folder, opts.format, record, opts.normals_size, opts.floaters, opts.target_faces)
 
 
@@ -227,6 +242,9 @@ def _say(quiet: bool, text: str) -> None:
 
 
 def cmd_models(opts) -> int:
+    reason = resolve_variant(opts)
+    if reason:
+        print(reason)
     check = check_models(opts.models, opts.qwen, opts.variant, opts.resolution, lora=opts.lora,
                          know3d=opts.know3d, sigma=opts.sigma, layers=opts.layers, dinov3=opts.dinov3)
     print(check.format())
@@ -236,47 +254,35 @@ def cmd_models(opts) -> int:
     return EXIT_OK if check.ok else EXIT_USAGE
 
 
-def cmd_generate(opts) -> int:
-    open_front_image(opts.image, opts.full_frame, opts.mask)  # fail fast, before loading anything
+def _validate(opts: argparse.Namespace) -> ModelCheck:
+    """Every check that needs no model, in the order of issue 16 (options, --out, --variant auto,
+    image, model files, prompt); sets ``opts.variant_reason``. Nothing is loaded or written."""
+    check_options(opts)
+    opts.out = check_out_folder(opts.out)
+    opts.variant_reason = resolve_variant(opts)
+    _, _, front = front_image(opts.image, opts.full_frame, opts.mask)
     check = _check_or_raise(opts)
+    check_prompts(opts, [opts.prompt], front, check.path("know3d"))
     _prepare_runtime(opts)
+    return check
+
+
+def cmd_generate(opts) -> int:
+    check = _validate(opts)  # fail fast, before loading anything
+    if opts.variant_reason:
+        _say(opts.quiet, opts.variant_reason)
+    _say(opts.quiet, f"back view: {describe_prompt(opts.prompt)}" if needs_back_view(opts.variant)
+         else "--variant none: plain TRELLIS.2, the prompt is not used")
     pipe = _load(opts, check, opts.quiet)
-    out = os.path.abspath(opts.out)
-    os.makedirs(out, exist_ok=True)
-    _remove_dead_generate_tmp(out)
-    tmp = os.path.join(out, f"{batchlib.TMP_PREFIX}generate-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    out = opts.out
+    tmp = result_tmp(out)
     try:
         record = _generate_into(pipe, opts, check, opts.image, opts.prompt, tmp, "generate", opts.mask)
-        names = [record["outputs"]["mesh"], record["outputs"]["back_image"], batchlib.NORMALS_NAME,
-                 batchlib.RECORD_NAME]
-        for name in names:  # record.json last: its presence means the rest is there
-            if name:
-                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        publish_result(tmp, out)  # a previous result set is replaced as a whole
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_record(record, out, opts.quiet)
     return EXIT_OK
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _remove_dead_generate_tmp(out: str) -> None:
-    """Temporary folders of killed ``generate`` runs into ``out`` (their process is gone)."""
-    prefix = f"{batchlib.TMP_PREFIX}generate-"
-    for name in os.listdir(out):
-        pid = name[len(prefix):]
-        if name.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
 def _check_batch_settings(out: str, settings: Dict[str, Any]) -> None:
@@ -306,8 +312,13 @@ def cmd_batch(opts) -> int:
     except batchlib.BatchError as e:
         raise UsageError(str(e)) from None
     mine = batchlib.shard_items(plan, k, n)
+    check_options(opts)
+    out = check_out_folder(opts.out, result=False)
+    opts.variant_reason = resolve_variant(opts)
+    if opts.variant_reason:
+        _say(opts.quiet, opts.variant_reason)
     check = _check_or_raise(opts)
-    out = os.path.abspath(opts.out)
+    check_prompts(opts, [it.prompt for it in mine], None, check.path("know3d"), option="--prompts")
     os.makedirs(out, exist_ok=True)
     _check_batch_settings(out, run_settings(opts))
     todo = [it for it in mine if not batchlib.is_finished(out, it.id)]
@@ -364,6 +375,24 @@ def _apply_demo_settings(opts: argparse.Namespace, settings: Dict[str, Any]) -> 
     opts.vae_image_area = settings.get("vae_image_area")
 
 
+def _temporary_paths(folder: str):
+    """A record fix for the demo's temporary models: their paths say so instead of pointing at
+    files that are deleted when the demo ends (kept models, ``--keep-models``, keep their paths)."""
+    tag = "<temporary demo models, deleted after the run>"
+
+    def fix(path):
+        return tag + path[len(folder):] if isinstance(path, str) and path.startswith(folder) else path
+
+    def relabel(record: Dict[str, Any]) -> Dict[str, Any]:
+        record = dict(record)
+        record["models"] = {k: fix(v) for k, v in record.get("models", {}).items()}
+        record["inputs"] = {**record.get("inputs", {}), "image": fix(record.get("inputs", {}).get("image"))}
+        record["demo"] = {"models": "temporary: written for this run and deleted after it "
+                                    "(know3d demo --keep-models DIR keeps them)"}
+        return record
+    return relabel
+
+
 def cmd_demo(opts) -> int:
     from ..demo_models import DEMO_RUN_SETTINGS, write_demo_models, write_demo_trellis2
 
@@ -371,8 +400,14 @@ def cmd_demo(opts) -> int:
           "checks that every stage works on this machine.", flush=True)
     if opts.quiet:
         _quiet_libraries()
+    check_options(opts)  # before the models are written
+    check_out_folder(opts.out)
     keep = opts.keep_models
+    if keep:
+        check_out_folder(keep, "--keep-models", result=False)
     folder = os.path.abspath(keep) if keep else tempfile.mkdtemp(prefix="know3d-demo-models-")
+    if not keep:
+        opts.relabel_record = _temporary_paths(folder)
     try:
         start = time.perf_counter()
         paths = write_demo_models(folder, seed=opts.seed)
