@@ -194,3 +194,11 @@ def test_aggregate_skips_missing_and_infinite():
     assert agg["chamfer"]["mean"] == pytest.approx(0.2) and agg["chamfer"]["n"] == 2 and agg["chamfer"]["n_missing"] == 1
     assert agg["psnr_back"]["mean"] == 20.0 and agg["psnr_back"]["n_missing"] == 2
     assert "iou_64" not in agg
+
+
+def test_extra_metric_hook_adds_a_column():
+    """The ULIP-2 / Uni3D hook: a function of (pred, gt) becomes a metric, aggregated like the others."""
+    s = _sphere(0.3, subdivisions=2)
+    m = evaluate_pair(s, s, FAST, with_images=False, extra_metrics={"faces_ratio": lambda p, g: p.faces.shape[0] / g.faces.shape[0]})
+    assert m["faces_ratio"] == 1.0
+    assert aggregate([m], ("faces_ratio",))["faces_ratio"]["mean"] == 1.0

@@ -112,6 +112,8 @@ def _register_experiment(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--progress", action="store_true", help="training / eval progress bars")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="S",
+                   help="skip the rows that would start after S seconds (reported as skipped; default: no limit)")
     p.set_defaults(run=run_experiment_command)
 
 
@@ -146,7 +148,7 @@ def run_experiment_command(opts) -> int:
     if kw.get("latent_grid") and 64 % (2 * kw["latent_grid"]):
         raise UsageError(f"--latent-grid {kw['latent_grid']}: 2R must divide 64 (R = 2, 4, 8, 16 or 32)")
     result = run_experiment(ExperimentConfig(out=opts.out, device=opts.device, seed=opts.seed,
-                                             progress=opts.progress, **kw))
+                                             progress=opts.progress, time_budget=opts.time_budget, **kw))
     print(format_table(result))
     print(f"device {result['device']}, {result['seconds']} s; wrote {os.path.join(opts.out, 'experiment.json')}, "
           "experiment.md, prompts.png")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ __all__ = ["Shape", "EvalSettings", "evaluate_pair", "aggregate", "METRICS", "LO
 METRICS = ("iou_64", "iou_64_back", "iou_mesh", "iou_mesh_back", "chamfer", "chamfer_back", "fscore",
            "fscore_back", "precision", "recall", "psnr_back", "ssim_back", "lpips_back")
 LOWER_IS_BETTER = frozenset({"chamfer", "chamfer_back", "lpips_back"})
+MetricFn = Callable[["Shape", "Shape"], Optional[float]]
 
 
 @dataclass
@@ -123,8 +124,14 @@ def _point_metrics(pred: Shape, gt: Shape, settings: EvalSettings) -> Dict[str, 
 
 
 def evaluate_pair(pred: Shape, gt: Shape, settings: Optional[EvalSettings] = None, lpips=None,
-                  with_images: bool = True) -> Dict[str, Optional[float]]:
-    """Every metric of :data:`METRICS` that the two shapes allow (others are ``None``)."""
+                  with_images: bool = True, extra_metrics: Optional[Mapping[str, MetricFn]] = None
+                  ) -> Dict[str, Optional[float]]:
+    """Every metric of :data:`METRICS` that the two shapes allow (others are ``None``).
+
+    ``extra_metrics`` ``{name: fn(pred, gt) -> float | None}`` adds columns: the hook for
+    image-to-shape similarities such as ULIP-2 / Uni3D, whose encoders are not part of the pack
+    (a function that closes over its model and the item's front image).
+    """
     settings = settings or EvalSettings()
     pred, gt = pred.to(settings.device), gt.to(settings.device)
     out: Dict[str, Optional[float]] = {m: None for m in METRICS}
@@ -143,6 +150,8 @@ def evaluate_pair(pred: Shape, gt: Shape, settings: Optional[EvalSettings] = Non
 
         out.update(image_metrics(back_normals(pred.vertices, pred.faces, settings.image_size),
                                  back_normals(gt.vertices, gt.faces, settings.image_size), lpips))
+    for name, fn in (extra_metrics or {}).items():
+        out[name] = fn(pred, gt)
     return out
 
 
@@ -150,11 +159,12 @@ def _finite(values: List[Optional[float]]) -> List[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
-def aggregate(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Optional[float]]]:
-    """Per metric: mean, median, std (population), min, max over items with a finite value, and
-    ``n`` (items counted) / ``n_missing`` (None, nan, or inf such as the PSNR of identical images)."""
+def aggregate(rows: List[Dict[str, Any]], extra: Sequence[str] = ()) -> Dict[str, Dict[str, Optional[float]]]:
+    """Per metric (:data:`METRICS` and ``extra``): mean, median, std (population), min, max over items
+    with a finite value, and ``n`` (items counted) / ``n_missing`` (None, nan, or inf such as the PSNR
+    of identical images)."""
     out = {}
-    for m in METRICS:
+    for m in tuple(METRICS) + tuple(extra):
         vals = _finite([r.get(m) for r in rows])
         missing = len(rows) - len(vals)
         if not vals:

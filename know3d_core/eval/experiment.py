@@ -79,6 +79,7 @@ class ExperimentConfig:
     num_workers: int = 0
     eval_points: int = 2048
     progress: bool = False
+    time_budget: float = 0.0             # seconds; rows that would start later are skipped (0: none)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,9 +136,10 @@ def _say(msg: str) -> None:
     print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_dataset(cfg: ExperimentConfig, folder: str, seeds: Sequence[int]) -> str:
-    """Synth -> prepare (mesh, render, annotate) -> codec latents and 64^3 occupancies; every asset in
-    the ``train`` split (the experiment splits by seed, not by hash). Returns the dataset folder."""
+def make_dataset(cfg: ExperimentConfig, folder: str, seeds: Sequence[int], occupancy: bool = True) -> str:
+    """Synth -> prepare (mesh, render, annotate) -> codec latents (and, with ``occupancy``, the 64^3
+    occupancies the evaluation reads); every asset in the ``train`` split (the experiment splits by
+    seed, not by hash). Returns the dataset folder."""
     from ..data.prepare import PrepareOptions, prepare
     from ..data.synthetic import write_dataset_folder
     from ..fileio import atomic_write_bytes
@@ -160,7 +162,8 @@ def make_dataset(cfg: ExperimentConfig, folder: str, seeds: Sequence[int]) -> st
         mesh = load_file(os.path.join(d, L.MESH_FILE))
         occ = surface_voxels(mesh[L.KEY_VERTICES].float(), mesh[L.KEY_FACES].long(), 2 * cfg.latent_grid)
         save_file({L.KEY_LATENT: encode_occupancy(occ).contiguous()}, os.path.join(d, L.SS_LATENT_FILE))
-        save_file({L.KEY_OCCUPANCY: occupancy_64(occ).contiguous()}, os.path.join(d, L.OCCUPANCY_FILE))
+        if occupancy:
+            save_file({L.KEY_OCCUPANCY: occupancy_64(occ).contiguous()}, os.path.join(d, L.OCCUPANCY_FILE))
         row["split"] = "train"
     atomic_write_bytes(L.manifest_path(folder), "".join(json.dumps(r) + "\n" for r in rows).encode())
     return folder
@@ -179,14 +182,18 @@ def assets_by_seed(folder: str) -> Dict[int, Dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------------- models
+def _model_paths(folder: str) -> Dict[str, str]:
+    return {"trellis2": os.path.join(folder, "TRELLIS.2"), "dinov3": os.path.join(folder, "dinov3"),
+            "qwen": os.path.join(folder, "Qwen-Image-Edit")}
+
+
 def write_models(cfg: ExperimentConfig, folder: str) -> Dict[str, str]:
     """Random-initialised TRELLIS.2 (structure flow of ``latent_grid``), DINOv3 and Qwen-Image-Edit."""
     from ..demo_models import DINO_CONFIG, write_demo_dinov3, write_demo_qwen
     from ..trellis2.loading import read_pipeline_config, resolve_checkpoint
     from ..trellis2.tiny import write_tiny_trellis2
 
-    paths = {"trellis2": os.path.join(folder, "TRELLIS.2"), "dinov3": os.path.join(folder, "dinov3"),
-             "qwen": os.path.join(folder, "Qwen-Image-Edit")}
+    paths = _model_paths(folder)
     write_tiny_trellis2(paths["trellis2"], seed=cfg.seed, model_channels=cfg.model_channels,
                         num_blocks=cfg.num_blocks, num_heads=cfg.num_heads, cond_channels=DINO_CONFIG["hidden_size"])
     config = read_pipeline_config(paths["trellis2"])
@@ -360,10 +367,8 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
         _say(f"{name}: {times[name]} s")
 
     s = time.perf_counter()
-    models = write_models(cfg, os.path.join(out, "models"))
-    train_data = make_dataset(cfg, os.path.join(out, "data_train"), range(cfg.train_seeds))
-    val_data = make_dataset(cfg, os.path.join(out, "data_val"),
-                            range(cfg.val_first_seed, cfg.val_first_seed + cfg.val_seeds))
+    models = prepare_inputs(cfg, out)
+    train_data, val_data = os.path.join(out, "data_train"), os.path.join(out, "data_val")
     val = assets_by_seed(val_data)
     gt_dir = os.path.join(out, "gt")
     write_gt(cfg, val, gt_dir)
@@ -378,6 +383,10 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
     failed: Dict[str, str] = {}
     for row, variant, source, sigma in _variants(cfg):
         s = time.perf_counter()
+        if cfg.time_budget and s - t0 > cfg.time_budget:
+            failed[row] = f"skipped: the time budget of {cfg.time_budget:g} s was spent"
+            _say(f"row {row} skipped (time budget)")
+            continue
         try:
             know3d = None
             if source is not None:
@@ -397,8 +406,11 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
         lap(f"row {row}", s)
 
     s = time.perf_counter()
-    settings = EvalSettings(points=cfg.eval_points, device=cfg.device)
-    report = run_eval(preds, gt_dir, os.path.join(out, "eval"), settings, progress=cfg.progress)
+    settings = EvalSettings(points=cfg.eval_points, device="cpu")  # small point sets: fpsample on the CPU is fastest
+    import importlib.util
+
+    report = run_eval(preds, gt_dir, os.path.join(out, "eval"), settings, progress=cfg.progress,
+                      plot=importlib.util.find_spec("matplotlib") is not None)
     table = []
     for row in preds:
         acc, detail = prompt_swap_accuracy(preds[row], gt_dir, cfg.features)
@@ -409,7 +421,8 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
                       "n": agg["iou_64"]["n"], "classified": detail})
     lap("eval", s)
     result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-              "chance": 1.0 / len(cfg.features), "not_run": {**NOT_RUN, **{k: f"failed: {v}" for k, v in failed.items()}},
+              "chance": 1.0 / len(cfg.features),
+              "not_run": {**NOT_RUN, **{k: (v if v.startswith("skipped") else f"failed: {v}") for k, v in failed.items()}},
               "device": _device_name(cfg.device), "seconds": round(time.perf_counter() - t0, 1), "times": times,
               "table": table}
     from .report import write_json
@@ -418,6 +431,30 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
     _write_table(os.path.join(out, "experiment.md"), result)
     write_prompt_sheet(os.path.join(out, "prompts.png"), preds, gt_dir, val, cfg)
     return result
+
+
+def prepare_inputs(cfg: ExperimentConfig, out: str) -> Dict[str, str]:
+    """Models and both datasets in ``out`` (models/, data_train/, data_val/); folders already there
+    from an earlier call with the same settings (``inputs.json``) are kept, so the CPU-side part
+    (procedural assets, OpenGL renders) can be made on one machine and the rest run on another."""
+    from ..fileio import atomic_write_bytes
+
+    os.makedirs(out, exist_ok=True)
+    keys = ("train_seeds", "val_seeds", "val_first_seed", "features", "render_size", "latent_grid",
+            "model_channels", "num_blocks", "num_heads", "seed")
+    want = json.loads(json.dumps({k: getattr(cfg, k) for k in keys}))
+    stamp = os.path.join(out, "inputs.json")
+    if os.path.isfile(stamp):
+        with open(stamp, "r", encoding="utf-8") as f:
+            if json.load(f) == want:
+                return _model_paths(os.path.join(out, "models"))
+    for name in ("models", "data_train", "data_train_assets", "data_val", "data_val_assets"):
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    models = write_models(cfg, os.path.join(out, "models"))
+    make_dataset(cfg, os.path.join(out, "data_train"), range(cfg.train_seeds), occupancy=False)
+    make_dataset(cfg, os.path.join(out, "data_val"), range(cfg.val_first_seed, cfg.val_first_seed + cfg.val_seeds))
+    atomic_write_bytes(stamp, json.dumps(want).encode())
+    return models
 
 
 def _device_name(device: str) -> str:

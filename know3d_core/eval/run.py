@@ -45,10 +45,13 @@ def _coarsest(grid):
 
 def run_eval(variants: Mapping[str, str], gt_root: str, out: str, settings: Optional[EvalSettings] = None,
              lpips=None, worst: int = 12, up: Optional[str] = None, progress: bool = True,
-             extra_columns: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
+             extra_columns: Optional[Mapping[str, Mapping[str, Any]]] = None, plot: bool = True,
+             extra_metrics: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Evaluate ``{variant name: prediction folder}`` against ``gt_root``; write into ``out``.
 
-    ``extra_columns[variant][item id]`` adds free columns (e.g. the experiment's prompt) to the rows.
+    ``extra_columns[variant][item id]`` adds free columns (e.g. the experiment's prompt) to the rows;
+    ``extra_metrics`` (see :func:`evaluate.evaluate_pair`: ULIP-2 / Uni3D hook) add metric columns;
+    ``plot=False`` leaves eval.png out (``report.write_plot`` can draw it later from eval.csv's rows).
     Bad folders raise :class:`~know3d_core.errors.UsageError` before any metric is computed.
     """
     from tqdm.auto import tqdm
@@ -66,18 +69,20 @@ def run_eval(variants: Mapping[str, str], gt_root: str, out: str, settings: Opti
     for name, p, g in tqdm(plan, desc="eval", disable=not progress, unit="item"):
         if g.id not in gt_cache:
             gt_cache = {g.id: load_shape(g, up)}  # items are sorted: one ground truth at a time is enough
-        metrics = evaluate_pair(load_shape(p, up), gt_cache[g.id], settings, lpips)
+        metrics = evaluate_pair(load_shape(p, up), gt_cache[g.id], settings, lpips, extra_metrics=extra_metrics)
         row = {"variant": name, "item": p.id, "gt": g.id, **metrics}
         row.update((extra_columns or {}).get(name, {}).get(p.id, {}))
         rows.append(row)
-    extra = sorted({k for r in rows for k in r} - set(R.ID_COLUMNS) - set(METRICS))
-    aggregates = {v: aggregate([r for r in rows if r["variant"] == v]) for v in variants}
+    extra = sorted({k for r in rows for k in r} - set(R.ID_COLUMNS) - set(METRICS))  # extra metrics included
+    names = tuple(extra_metrics or ())
+    aggregates = {v: aggregate([r for r in rows if r["variant"] == v], names) for v in variants}
     report = {"know3d": __version__, "gt": os.path.abspath(gt_root),
               "variants": {v: os.path.abspath(p) for v, p in variants.items()},
               "settings": settings.as_dict(), "seconds": time.perf_counter() - start,
               "aggregate": aggregates, "items": rows}
     R.write_csv(os.path.join(out, R.CSV_NAME), rows, extra)
-    R.write_plot(os.path.join(out, R.PLOT_NAME), rows, list(variants))
+    if plot:
+        R.write_plot(os.path.join(out, R.PLOT_NAME), rows, list(variants))
     metric = R.worst_metric(rows)
     if metric and worst > 0:
         _write_worst(out, rows, plan, metric, worst, settings, up)
