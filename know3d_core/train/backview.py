@@ -2,7 +2,7 @@
 object's back view (paper §3.1.2), and exports of the pairs for other trainers.
 
 Conditioning is our Edit-Plus sampler's (``mmdit.sampler.EditPlusSampler.velocity``): the prompt
-is encoded by Qwen2.5-VL together with the front image (``Know3DPipeline._encode``), the front
+is encoded by Qwen2.5-VL together with the front image (``QwenEditBackView.encode``), the front
 image's VAE latent follows the target tokens as the reference, and the MMDiT sees ``sigma`` as its
 timestep. Frozen VAE and text encoder; their outputs are cached per pair (and per prompt variant).
 
@@ -148,13 +148,7 @@ class BackViewTask(Task):
     @torch.no_grad()
     def _embeds(self, pair: Pair, choice: int, front) -> torch.Tensor:
         def compute():
-            from ..mmdit.backview import condition_images
-            from ..mmdit.prompt import encode_prompt
-
-            c = self.bv.c
-            cond = condition_images([front], self.bv.vae_scale_factor, self.bv.condition_image_area)
-            embeds, _ = encode_prompt(c.text_encoder, c.processor, cond, _prompt(pair, choice), dtype=torch.float32)
-            return embeds[0]
+            return self.bv.encode([front], _prompt(pair, choice))[0][0]
         return self.embeds.get(f"{pair.key}_{choice}", compute)
 
     @torch.no_grad()

@@ -205,7 +205,7 @@ class KnowledgeSource:
 
         bv = pipe.backview
         h, w = self.spec.back_size
-        embeds, mask = pipe._encode([front], bv.prompt.build(description))
+        embeds, mask = bv.encode([front], bv.prompt.build(description))
         inputs = bv.prepare([front], embeds, mask, None, None, h, w)
         pixels = _image_processor(bv.vae_scale_factor).preprocess(back, h, w).unsqueeze(2)
         x0, _ = encode_reference_latents(bv.c.vae, [pixels])
