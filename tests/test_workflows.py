@@ -1,6 +1,8 @@
-"""The example workflows: only existing node types, type-correct links, valid widget values, UI and
-API twins that agree, files equal to what workflows/_build.py produces. Core nodes are checked
-against the recorded /object_info listing in tests/data/comfyui (ComfyUI 0.33.0)."""
+"""The example workflows: only existing node types, type-correct links, valid widget values in each
+node's input_order, UI and API twins that agree, no overlapping nodes, a group per stage, a thumbnail
+per template, files equal to what tools/build_workflows.py produces. Core nodes are checked against
+the recorded /object_info listing in tests/data/comfyui (ComfyUI 0.33.0); the real frontend checks the
+same files in tests/test_comfyui_browser.py."""
 import glob
 import importlib.util
 import json
@@ -11,7 +13,9 @@ import pytest
 
 from _nodes_helpers import ROOT, load_pack
 
-WF = os.path.join(ROOT, "workflows")
+WF = os.path.join(ROOT, "example_workflows")
+API = os.path.join(ROOT, "example_workflows_api")
+BEFORE_V3 = os.path.join(ROOT, "tests", "data", "workflows_before_v3")
 LISTING = os.path.join(ROOT, "tests", "data", "comfyui", "object_info_0.33.0.json")
 FRONTEND_ONLY = {"MarkdownNote", "Note"}
 # Folder names ComfyUI's template browser scans (app/custom_node_manager.py, 0.33.0).
@@ -22,7 +26,7 @@ FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "lora_name", "image", "ckpt
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("know3d_workflow_build", os.path.join(WF, "_build.py"))
+    spec = importlib.util.spec_from_file_location("know3d_workflow_build", os.path.join(ROOT, "tools", "build_workflows.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -32,7 +36,7 @@ def _builder():
 build = _builder()
 DECL = build.declarations()
 UI_FILES = sorted(glob.glob(os.path.join(WF, "*.json")))
-API_FILES = sorted(glob.glob(os.path.join(WF, "api", "*.json")))
+API_FILES = sorted(glob.glob(os.path.join(API, "*.json")))
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in UI_FILES]
 
 
@@ -50,9 +54,25 @@ def accepts(input_spec, typ):
 def test_listing_is_versioned_and_workflows_are_where_comfyui_looks():
     listing = load(LISTING)
     assert listing["comfyui_version"] == "0.33.0" and listing["nodes"]
-    assert os.path.basename(WF) in TEMPLATE_FOLDERS
+    assert os.path.basename(WF) == TEMPLATE_FOLDERS[0]  # the folder ComfyUI prefers
     assert set(NAMES) == {"know3d_full", "know3d_multiview_public", "trellis2_baseline", "know3d_compare_backs"}
     assert [os.path.basename(p) for p in API_FILES] == [os.path.basename(p) for p in UI_FILES]
+
+
+def test_only_workflows_and_their_thumbnails_are_served_as_templates():
+    """ComfyUI lists every *.json of these folders as a template and serves the whole folder."""
+    for folder in TEMPLATE_FOLDERS[1:]:
+        assert not os.path.exists(os.path.join(ROOT, folder)), folder
+    files = sorted(os.listdir(WF))
+    assert files == sorted([f"{n}.json" for n in NAMES] + [f"{n}.jpg" for n in NAMES])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_template_has_a_thumbnail(name):
+    from PIL import Image
+
+    with Image.open(os.path.join(WF, f"{name}.jpg")) as im:
+        assert im.format == "JPEG" and im.size == build.THUMBNAIL_SIZE
 
 
 def test_files_are_what_the_builder_writes():
@@ -60,12 +80,12 @@ def test_files_are_what_the_builder_writes():
     for name in NAMES:
         ui, api = built[name]
         assert load(os.path.join(WF, f"{name}.json")) == json.loads(build.dump(ui)), name
-        assert load(os.path.join(WF, "api", f"{name}.json")) == json.loads(build.dump(api)), name
+        assert load(os.path.join(API, f"{name}.json")) == json.loads(build.dump(api)), name
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_api_graph_types_links_and_values(name):
-    prompt = load(os.path.join(WF, "api", f"{name}.json"))
+    prompt = load(os.path.join(API, f"{name}.json"))
     ours = set(load_pack().NODE_CLASS_MAPPINGS)
     has_output = False
     for nid, node in prompt.items():
@@ -74,11 +94,15 @@ def test_api_graph_types_links_and_values(name):
         assert typ in ours or typ in load(LISTING)["nodes"], typ
         decl = DECL[typ]
         specs = {n: (s, req) for n, s, req in build.ordered_inputs(decl)}
-        assert set(node["inputs"]) <= set(specs), (typ, set(node["inputs"]) - set(specs))
+        frontend = build.FRONTEND_WIDGETS.get(typ, {})
+        assert {k: node["inputs"][k] for k in frontend} == frontend
+        assert set(node["inputs"]) - set(frontend) <= set(specs), (typ, set(node["inputs"]) - set(specs))
         for inp, (spec, required) in specs.items():
             if required:
                 assert inp in node["inputs"], f"{name}: {typ} lacks required input {inp}"
         for inp, value in node["inputs"].items():
+            if inp in frontend:
+                continue
             spec, _ = specs[inp]
             if isinstance(value, list):
                 src = prompt[value[0]]
@@ -91,33 +115,90 @@ def test_api_graph_types_links_and_values(name):
     assert has_output
 
 
-def check_widget(name, typ, inp, spec, value):
+def widget_ok(inp, spec, value) -> bool:
     kind, opts = build.input_kind(spec)
-    where = f"{name}: {typ}.{inp} = {value!r}"
     if kind == "COMBO":
         options = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
-        if inp in FILE_INPUTS:
-            assert isinstance(value, str) and value, where
-        else:
-            assert value in options, where
-    elif kind == "INT":
-        assert isinstance(value, int) and not isinstance(value, bool), where
-        assert opts.get("min", value) <= value <= opts.get("max", value), where
-    elif kind == "FLOAT":
-        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
-        assert opts.get("min", value) <= value <= opts.get("max", value), where
-    elif kind == "BOOLEAN":
-        assert isinstance(value, bool), where
-    elif kind == "STRING" or "widgetType" in opts:
-        assert isinstance(value, str), where
-    else:
-        pytest.fail(f"{where}: a {kind} socket needs a link")
+        return isinstance(value, str) and bool(value) if inp in FILE_INPUTS else value in options
+    if kind == "INT":
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and opts.get("min", value) <= value <= opts.get("max", value))
+    if kind == "FLOAT":
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and opts.get("min", value) <= value <= opts.get("max", value))
+    if kind == "BOOLEAN":
+        return isinstance(value, bool)
+    if kind == "STRING" or "widgetType" in opts:
+        return isinstance(value, str)
+    return False  # a socket type: needs a link
+
+
+def check_widget(name, typ, inp, spec, value):
+    assert widget_ok(inp, spec, value), f"{name}: {typ}.{inp} = {value!r}"
+
+
+def ui_widget_problems(ui) -> list[str]:
+    """``type.widget = value`` for each UI node value that does not fit the widget the frontend puts
+    at its position (widgets in the node's input_order, the frontend's order)."""
+    problems = []
+    for n in ui["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        decl = DECL[n["type"]]
+        specs = {nm: sp for nm, sp, _ in build.ordered_inputs(decl)}
+        names = build.widget_names(decl)
+        if len(names) != len(n["widgets_values"]):
+            problems.append(f"{n['type']}: {len(n['widgets_values'])} values for {len(names)} widgets")
+            continue
+        for name, value in zip(names, n["widgets_values"]):
+            if ":" not in name and not widget_ok(name, specs[name], value):
+                problems.append(f"{n['type']}.{name} = {value!r}")
+    return problems
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_widget_values_fit_the_widgets_in_input_order(name):
+    assert ui_widget_problems(load(os.path.join(WF, f"{name}.json"))) == []
+
+
+def test_the_widget_order_check_catches_the_alphabetical_order_of_the_old_compare_backs():
+    """The compare_backs saved before the fix ordered ImageStitch's values alphabetically (issue 17)."""
+    old = ui_widget_problems(load(os.path.join(BEFORE_V3, "know3d_compare_backs.json")))
+    assert old == ["ImageStitch.spacing_width = 'white'", "ImageStitch.spacing_color = 0"] * 2
+    for other in ("know3d_full", "know3d_multiview_public", "trellis2_baseline"):
+        assert ui_widget_problems(load(os.path.join(BEFORE_V3, f"{other}.json"))) == [], other
+
+
+def _overlapping(rects):
+    return [(a, b) for i, (a, ra) in enumerate(rects) for b, rb in rects[i + 1:]
+            if ra[0] < rb[0] + rb[2] and rb[0] < ra[0] + ra[2] and ra[1] < rb[1] + rb[3] and rb[1] < ra[1] + ra[3]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nodes_do_not_overlap_and_sit_in_one_group_per_stage(name):
+    ui = load(os.path.join(WF, f"{name}.json"))
+    nodes = [(f"{n['id']}:{n['type']}", [n["pos"][0], n["pos"][1] - build.TITLE_H, n["size"][0],
+                                         n["size"][1] + build.TITLE_H]) for n in ui["nodes"]]
+    groups = [(g["title"], g["bounding"]) for g in ui["groups"]]
+    assert _overlapping(nodes) == [] and _overlapping(groups) == []
+    for label, r in nodes:
+        inside = [t for t, g in groups if g[0] <= r[0] and r[0] + r[2] <= g[0] + g[2]
+                  and g[1] + build.GROUP_TITLE_H <= r[1] and r[1] + r[3] <= g[1] + g[3]]
+        assert len(inside) == (0 if label.endswith("MarkdownNote") else 1), (label, inside)
+    for n in ui["nodes"]:  # sizes the frontend keeps (at least its own for a new node of the type)
+        if n["type"] not in FRONTEND_ONLY:
+            assert n["size"] == list(build.FRONTEND_SIZES[n["type"]]), n["type"]
+    stages = {t.split(" - ")[0] for t, _ in groups}
+    expected = {build.STAGES["geometry"][0], build.STAGES["outputs"][0], "TRELLIS.2 + front image"}
+    if name != "trellis2_baseline":
+        expected |= {build.STAGES["back_view"][0], build.STAGES["knowledge"][0]}
+    assert expected <= stages, stages
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_graph_links_are_type_correct_and_match_the_api_twin(name):
     ui = load(os.path.join(WF, f"{name}.json"))
-    api = load(os.path.join(WF, "api", f"{name}.json"))
+    api = load(os.path.join(API, f"{name}.json"))
     assert ui["version"] == 0.4 and ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
     nodes = {n["id"]: n for n in ui["nodes"]}
     for n in ui["nodes"]:
