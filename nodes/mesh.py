@@ -8,9 +8,7 @@ import torch
 from . import _host
 from ._common import CATEGORY
 from ._io import IO
-from ..know3d_core.mesh import FORMATS, Mesh, mesh_bytes, render_normals, y_up_to_z_up
-from ..know3d_core.mesh import remove_floaters as drop_floaters
-from ..know3d_core.mesh.decimate import decimate
+from ..know3d_core.mesh import FORMATS, Mesh, mesh_bytes, postprocess_mesh, render_normals, y_up_to_z_up
 from ..know3d_core.outputs import write_new_file
 
 VIEW_ORDER = ("front", "back", "left", "right")
@@ -67,7 +65,7 @@ class Know3DSaveMesh(IO.ComfyNode):
                 IO.Float.Input("floater_fraction", default=0.01, min=0.0, max=0.5, step=0.001,
                                tooltip="Pieces with fewer than this fraction of all faces count as floaters."),
                 IO.Int.Input("target_faces", default=0, min=0, max=50_000_000, step=1000,
-                             tooltip="Reduce the mesh to at most this many faces (vertex clustering). 0 keeps every face."),
+                             tooltip="Reduce the mesh to at most this many faces (the same decimation as the know3d command). 0 keeps every face."),
             ],
             outputs=[IO.String.Output("model_file", display_name="model_file",
                                       tooltip="Path of the first saved file, relative to the output folder (for core Preview 3D).")],
@@ -88,10 +86,7 @@ class Know3DSaveMesh(IO.ComfyNode):
             if item.num_faces == 0:
                 raise ValueError(f"Know3D Save Mesh: mesh {i} of the batch has no faces; nothing to save")
             item.validate()
-            if remove_floaters and floater_fraction > 0:
-                item = drop_floaters(item, float(floater_fraction))
-            if target_faces:
-                item = decimate(item, target_faces)
+            item = postprocess_mesh(item, float(floater_fraction) if remove_floaters else 0.0, int(target_faces))
             blobs.append(mesh_bytes(item, fmt, meta))
         results = []
         for data in blobs:

@@ -98,7 +98,7 @@ def tiny_host_graph(prompt):
     return p
 
 
-API_DIR = os.path.join(ROOT, "workflows", "api")
+API_DIR = os.path.join(ROOT, "example_workflows_api")
 # The API twins as saved before the nodes moved to the V3 schema (same node ids, same inputs).
 API_DIR_BEFORE_V3 = os.path.join(ROOT, "tests", "data", "workflows_before_v3", "api")
 
