@@ -86,7 +86,7 @@ _DEMO_CACHE = []
 
 
 def _demo_models():
-    """The demo's tiny real models (written once per test session; copied by :func:`_complete`)."""
+    """The demo's tiny real models, written once per test session (copied by :func:`_complete`)."""
     if not _DEMO_CACHE:
         from know3d_core.demo_models import write_demo_models
 
@@ -114,7 +114,7 @@ def _problem_names(check):
 def test_empty_folder_lists_every_expected_file(tmp_path, capsys):
     models = str(tmp_path / "models")
     os.makedirs(models)
-    code = cli.main(["models", "--models", models, "--qwen", str(tmp_path / "qwen")])
+    code = cli.main(["models", "--models", models, "--qwen", str(tmp_path / "qwen"), "--variant", "hidden"])
     out = capsys.readouterr().out
     assert code == 2
     for stem, repo in OFFICIAL.items():

@@ -11,12 +11,13 @@ from know3d_core.mmdit.backview import condition_images
 from know3d_core.mmdit.loading import load_processor, load_text_encoder
 from know3d_core.mmdit.prompt import (EDIT_PLUS_DROP_TOKENS, MAX_PROMPT_TOKENS, BackViewPrompt, PromptTooLong,
                                       check_prompt_length, encode_prompt, max_prompt_tokens, prompt_tokens)
-from test_cli_models import _demo_models
+
+from _pipeline_helpers import full_demo
 
 
 @pytest.fixture(scope="module")
-def qwen():
-    return _demo_models().qwen
+def qwen(tmp_path_factory):
+    return full_demo(tmp_path_factory).qwen
 
 
 @pytest.fixture(scope="module")
