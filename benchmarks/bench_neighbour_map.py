@@ -83,7 +83,7 @@ def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
             "anchor": REFERENCE["map"]}
 
 
-def bench_decoder(case, model, device, warmup: int, repeats: int) -> dict:
+def bench_decoder(case, model, device, warmup: int, repeats: int, torch_maps: bool = True) -> dict:
     name, grid, target = case
     coords = sphere_shell_tokens(grid, target, device)
     gen = torch.Generator(device=device).manual_seed(1)
@@ -98,12 +98,52 @@ def bench_decoder(case, model, device, warmup: int, repeats: int) -> dict:
         return round(statistics.median(times), 2), None if peak is None else round(peak, 2)
 
     ms, peak = med(fwd)
+    if not torch_maps:
+        return {"case": name, "ms": ms}
     with neighbour_triton.use_triton_maps(False):
         torch_ms, torch_peak = med(fwd)
         ref = fwd().feats
     same = torch.equal(fwd().feats, ref)
     return {"case": name, "tokens": int(coords.shape[0]), "ms": ms, "peak_gib": peak, "torch_maps_ms": torch_ms,
             "torch_maps_peak_gib": torch_peak, "same_output": same, "anchor": REFERENCE[name]}
+
+
+LOOKUP_SWEEP = [(4, 4, 2), (8, 4, 2), (16, 4, 2), (2, 2, 2), (4, 4, 4)]  # (BLOCK_LOOKUP, LOOKUP_WARPS, SLOTS_PER_VOXEL)
+MLP_CHUNK_SWEEP = [1 << 62, 32 << 20, 12 << 20]
+
+
+def sweep_maps(device, warmup: int, repeats: int) -> list:
+    """Map-build time (map alone) per lookup configuration, at each size."""
+    out = []
+    saved = (neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL)
+    cases = [(n, *shell_coords(n, device)) for _, n in MAP_CASES]
+    try:
+        for block, warps, slots in LOOKUP_SWEEP:
+            neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL = block, warps, slots
+            for n, coords, grid in cases:
+                ms = statistics.median(sample_times(lambda: conv._build_neighbour_map(coords, (grid,) * 3, 3, 1),
+                                                    device, warmup, repeats)[0])
+                out.append({"block": block, "warps": warps, "slots": slots, "voxels": n, "map_ms": round(ms, 3)})
+                print(out[-1], flush=True)
+    finally:
+        neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL = saved
+    return out
+
+
+def sweep_mlp_chunks(model, device, warmup: int, repeats: int) -> list:
+    """Decoder forward ms per ``shape_decoder.MLP_CHUNK_BYTES``."""
+    out = []
+    saved = shape_mod.MLP_CHUNK_BYTES
+    try:
+        for cap in MLP_CHUNK_SWEEP:
+            shape_mod.MLP_CHUNK_BYTES = cap
+            for case in DECODER_CASES:
+                r = bench_decoder(case, model, device, warmup, repeats, torch_maps=False)
+                out.append({"mlp_chunk_bytes": cap, "case": r["case"], "ms": r["ms"]})
+                print(out[-1], flush=True)
+    finally:
+        shape_mod.MLP_CHUNK_BYTES = saved
+    return out
 
 
 def categorise(name: str) -> str:
@@ -138,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--parts", default="map,decoder", help="comma list of map,decoder")
     p.add_argument("--profile", action="store_true", help="also the 1024 decoder's kernel time by category")
+    p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration and the MLP chunk cap")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = default_device(args.device, args.tiny)
@@ -147,11 +188,13 @@ def main(argv=None) -> int:
     if args.tiny:
         args.warmup, args.repeats = 0, 1
     parts = args.parts.split(",")
-    rows, prof = [], None
+    rows, prof, sweeps = [], None, {}
     if "map" in parts:
         for name, n in MAP_CASES:
             rows.append(bench_map(name, n // 1000 if args.tiny else n, device, args.warmup, args.repeats))
             print(rows[-1], flush=True)
+    if args.sweep and device.type == "cuda":
+        sweeps["maps"] = sweep_maps(device, args.warmup, args.repeats)
     if "decoder" in parts or args.profile:
         cfg = dict(shape_mod.TINY_ARGS) if args.tiny else dict(SHAPE_DECODER_FULL)
         model = init_random(FlexiDualGridVaeDecoder(**cfg).to(device))
@@ -162,6 +205,8 @@ def main(argv=None) -> int:
                 case = (name, 8, 60) if args.tiny else case
                 rows.append(bench_decoder(case, model, device, min(args.warmup, 2), min(args.repeats, 5)))
                 print(rows[-1], flush=True)
+        if args.sweep and device.type == "cuda":
+            sweeps["mlp_chunks"] = sweep_mlp_chunks(model, device, 1, 3)
         if args.profile and device.type == "cuda":
             prof = profile_decoder(model, device)
             print(f"\n== decoder 1024 fp16 kernel time {prof['kernel_ms']} ms by category")
@@ -175,7 +220,7 @@ def main(argv=None) -> int:
         base = r.get("torch_ms", r.get("torch_maps_ms"))
         print(f"{r['case']:<14}{ours:>10.3f}ms{base:>12.3f}ms  {r['anchor']}")
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny,
-                          "rows": rows, "profile": prof})
+                          "rows": rows, "profile": prof, "sweeps": sweeps})
     return 0
 
 

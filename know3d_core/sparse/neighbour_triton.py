@@ -7,7 +7,7 @@ flags), which cost 6-13 ms per structure on an H200 (issue 21). Here:
 
 1. :func:`_hash_insert_kernel`: every voxel's key (its cell on the grid padded by the kernel reach,
    as in the PyTorch build) goes into an open-addressing hash table (linear probing, ``atomic_cas``
-   on int64 keys, table of ``2^ceil(log2 2N)`` slots: load <= 1/2);
+   on int64 keys, table of ``2^ceil(log2 2N)`` slots: load <= 1/2; the idea of FlexGEMM's build);
 2. :func:`_hash_lookup_kernel`: each program looks up ``BLOCK`` voxels x all ``K`` offsets at once,
    writes ``nbr [N, K]`` (missing = N) and, for ``K <= 31``, each row's pattern bits (bit v: the
    neighbour at offset v exists);
@@ -36,7 +36,9 @@ except ImportError:  # pragma: no cover - CPU-only installs
 __all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_layout_triton"]
 
 BLOCK_INSERT = 256
-BLOCK_LOOKUP = 64
+BLOCK_LOOKUP = 4  # voxels per program (x 32 offset lanes): the probe loop runs to the program's longest probe
+LOOKUP_WARPS = 4
+SLOTS_PER_VOXEL = 2  # hash table of next_pow2(2 N) slots: load <= 1/2
 _state = {"enabled": True}
 
 
@@ -86,14 +88,15 @@ if triton is not None:
         slot = _hash(key, mask)
         active = ok
         empty = tl.full((BLOCK,), -1, tl.int64)
+        never = tl.full((BLOCK,), -2, tl.int64)  # no slot holds -2: a compare that never swaps
         while tl.max(active.to(tl.int32), axis=0) > 0:
-            # finished lanes swap -1 for -1 in the spare slot past the table (atomic_cas takes no mask)
-            target = tl.where(active, slot, mask + 1)
-            prev = tl.atomic_cas(keys_ptr + target, empty, tl.where(active, key, empty))
+            # atomic_cas takes no mask: finished lanes compare their own slot against -2 (no write,
+            # no shared address to contend for)
+            prev = tl.atomic_cas(keys_ptr + slot, tl.where(active, empty, never), tl.where(active, key, never))
             done = active & ((prev == -1) | (prev == key))
             tl.store(vals_ptr + slot, i, mask=done)
             active = active & (~done)
-            slot = (slot + 1) & mask
+            slot = tl.where(active, (slot + 1) & mask, slot)
 
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
     def _hash_lookup_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, bits_ptr,
@@ -169,14 +172,14 @@ def build_neighbour_map_triton(
     coords = coords.to(torch.int32).contiguous()
     pad = dilation * (kernel_size // 2)
     X, Y, Z = (int(s) + 2 * pad for s in spatial_shape)
-    slots = triton.next_power_of_2(2 * N)
-    keys = torch.full((slots + 1,), -1, dtype=torch.int64, device=device)  # + the spare slot
+    slots = triton.next_power_of_2(SLOTS_PER_VOXEL * N)
+    keys = torch.full((slots,), -1, dtype=torch.int64, device=device)
     vals = torch.empty(slots, dtype=torch.int32, device=device)
     _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
         coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
     _hash_lookup_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
         coords, keys, vals, nbr, bits if with_bits else nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
-        BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, num_warps=4)
+        BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, num_warps=LOOKUP_WARPS)
     return nbr, bits
 
 
@@ -197,3 +200,37 @@ def tile_layout_triton(nbr: torch.Tensor, bits: torch.Tensor, bm: int):
         _tile_layout_kernel[(T,)](nbr, order, bits_sorted, nbr_sorted, rows, offsets, counts, N, K,
                                   BM=bm, KP=triton.next_power_of_2(K), num_warps=4)
     return TileLayout(bm, T, rows, nbr_sorted, offsets, counts)
+
+
+def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> list:
+    """One call per kernel of the build (as the forward specialises them), each runnable on its
+    own thread on dummy inputs, so that first-use compiles run side by side (CUDA; the tensors of
+    ``device``, any device Triton runs on)."""
+    if triton is None:
+        return []
+    K = kernel_size ** 3
+    KP = triton.next_power_of_2(K)
+    coords = torch.zeros(4, 4, dtype=torch.int32, device=device)
+    coords[:, 3] = torch.arange(4, device=device, dtype=torch.int32)
+    keys = torch.full((8,), -1, dtype=torch.int64, device=device)  # an empty table: every probe ends at once
+    vals = torch.zeros(8, dtype=torch.int32, device=device)
+    nbr = torch.full((4, K), 4, dtype=torch.int32, device=device)
+    bits = torch.zeros(4, dtype=torch.int32, device=device)
+    order = torch.arange(4, device=device)
+
+    def insert():
+        _hash_insert_kernel[(1,)](coords, keys.clone(), vals.clone(), 4, 6, 6, 6, 1, 7,
+                                  BLOCK=BLOCK_INSERT, num_warps=4)
+
+    def lookup():
+        _hash_lookup_kernel[(1,)](coords, keys, vals, nbr.clone(), bits.clone(), 4, 6, 6, 6, 1, 7, K, kernel_size,
+                                  1, BLOCK=BLOCK_LOOKUP, KP=KP, BITS=K <= 31, num_warps=LOOKUP_WARPS)
+
+    def layout():
+        out = torch.empty(K, 4, dtype=torch.int32, device=device)
+        small = torch.empty(4, dtype=torch.int32, device=device)
+        offs = torch.empty(1, K, dtype=torch.int32, device=device)
+        _tile_layout_kernel[(1,)](nbr, order, bits, out, small, offs, small[:1].clone(), 4, K, BM=bm, KP=KP,
+                                  num_warps=4)
+
+    return [insert, lookup, layout] if K <= 31 else [insert, lookup]

@@ -58,6 +58,8 @@ TINY_ARGS = {
 }
 
 DEFAULT_CHUNK_ROWS = 1 << 18
+MLP_CHUNK_BYTES = 1 << 62  # cap on a ConvNeXt MLP chunk's hidden activation (bytes); see _mlp_chunk_rows
+MIN_MLP_CHUNK_ROWS = 8192
 PRECOMPILE_THREADS = 8
 _log = logging.getLogger(__name__)
 
@@ -102,16 +104,24 @@ class SparseConvNeXtBlock3d(nn.Module):
         hidden = int(channels * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
 
+    def _mlp_chunk_rows(self, dtype: torch.dtype) -> int:
+        """Rows per MLP chunk: ``chunk_rows``, fewer where the ``[m, rC]`` hidden block would exceed
+        ``MLP_CHUNK_BYTES`` (kept near the L2 cache size, the SiLU and the second GEMM read it
+        from there), never under ``MIN_MLP_CHUNK_ROWS`` (launch overhead)."""
+        per_row = self.mlp[0].out_features * torch.finfo(dtype).bits // 8
+        return min(self.chunk_rows, max(MIN_MLP_CHUNK_ROWS, MLP_CHUNK_BYTES // per_row))
+
     def forward(self, x: SparseTensor) -> SparseTensor:
         h = self.conv(x).feats  # [N, C], owned here: normalised and then overwritten in place
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        for start in range(0, h.shape[0], self.chunk_rows):
-            rows = h[start:start + self.chunk_rows]
+        step = self._mlp_chunk_rows(h.dtype)
+        for start in range(0, h.shape[0], step):
+            rows = h[start:start + step]
             _norm(rows, self.norm, out=rows)
             hidden = F.silu(F.linear(rows, fc1.weight, fc1.bias), inplace=True)  # [m, rC]
             torch.addmm(fc2.bias, hidden, fc2.weight.t(), out=rows)
             del hidden
-            rows += x.feats[start:start + self.chunk_rows]
+            rows += x.feats[start:start + step]
         return x.replace(h)
 
 
@@ -181,7 +191,8 @@ class SparseResBlockC2S3d(nn.Module):
         repeat = self.out_channels // (self.channels // 8)
         for start in range(0, out.shape[0], DEFAULT_CHUNK_ROWS):
             stop = start + DEFAULT_CHUNK_ROWS
-            out[start:stop] += flat[src[start:stop]].repeat_interleave(repeat, dim=1)
+            # channel j*repeat + r of a child gets parent channel j: a broadcast add over r
+            out[start:stop].view(-1, flat.shape[1], repeat).add_(flat[src[start:stop]].unsqueeze(-1))
 
 
 _BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
@@ -335,9 +346,8 @@ class FlexiDualGridVaeDecoder(nn.Module):
         from ..sparse import neighbour_triton
         from ..sparse.conv_triton import kernel_config
 
-        if neighbour_triton.available(coords):  # the map kernels compile in a job of their own ...
-            jobs.append(lambda: neighbour_triton.tile_layout_triton(
-                *neighbour_triton.build_neighbour_map_triton(coords, (4, 4, 4)), 128))
+        if neighbour_triton.available(coords):  # the map kernels compile in jobs of their own ...
+            jobs.extend(neighbour_triton.warmup_jobs(device))
         maps: Dict[tuple, NeighbourMap] = {}  # ... while the conv jobs use maps built with torch ops
         seen = set()
         for conv in self.blocks.modules():
