@@ -10,6 +10,8 @@ for s in $steps; do
     tests) timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_fused_autograd.py \
              tests/test_neighbour_triton.py tests/test_trellis2_fused.py tests/test_sparse_conv.py \
              tests/test_decoder_fused.py tests/test_knowledge_branch.py 2>&1 | tee $OUT/cuda_tests.log ;;
+    tests2) timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_neighbour_triton.py \
+             tests/test_decoder_fused.py tests/test_sparse_conv.py tests/test_trellis2_decoders.py 2>&1 | tee $OUT/cuda_tests2.log ;;
     train) timeout 200 python3 benchmarks/bench_flow_training.py --profile "ss B=2,shape N=16k" --out $OUT/train.json 2>&1 | tee $OUT/train.log ;;
     maps) timeout 200 python3 benchmarks/bench_neighbour_map.py --profile --sweep --out $OUT/maps.json 2>&1 | tee $OUT/maps.log ;;
     first) for run in cold warm; do TRITON_CACHE_DIR=/tmp/tcold timeout 60 python3 benchmarks/bench_shape_decoder.py \
