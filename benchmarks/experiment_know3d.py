@@ -15,10 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from know3d_core.cli import main  # noqa: E402
 
 # The README's GPU run (see "Train your own Know3D", evaluation).
-GPU_RUN = ["--train-seeds", "12", "--val-seeds", "4", "--latent-grid", "16", "--model-channels", "128",
-           "--num-blocks", "4", "--num-heads", "4", "--base-steps", "400", "--know3d-steps", "400",
-           "--batch-size", "8", "--lr", "3e-4", "--back-steps", "8", "--sample-steps", "12",
-           "--render-size", "64", "--sigmas", "0.85,0.5,0.25,0.1", "--num-workers", "4", "--time-budget", "300"]
+GPU_RUN = ["--train-seeds", "8", "--val-seeds", "4", "--latent-grid", "16", "--model-channels", "128",
+           "--num-blocks", "4", "--num-heads", "4", "--backview-steps", "150", "--base-steps", "300",
+           "--know3d-steps", "300", "--batch-size", "8", "--lr", "3e-4", "--back-steps", "6", "--sample-steps", "10",
+           "--render-size", "64", "--sigmas", "0.85,0.5,0.25,0.1", "--num-workers", "4", "--time-budget", "240"]
 
 
 if __name__ == "__main__":

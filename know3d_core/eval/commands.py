@@ -99,6 +99,7 @@ def _register_experiment(subparsers) -> None:
     p.add_argument("--model-channels", type=_positive)
     p.add_argument("--num-blocks", type=_positive)
     p.add_argument("--num-heads", type=_positive)
+    p.add_argument("--backview-steps", type=int, help="back-view LoRA steps (0: none)")
     p.add_argument("--base-steps", type=_positive)
     p.add_argument("--know3d-steps", type=_positive)
     p.add_argument("--batch-size", type=_positive)
@@ -123,7 +124,7 @@ def run_experiment_command(opts) -> int:
 
     kw = dict(SMOKE) if opts.smoke else {}
     for name in ("train_seeds", "val_seeds", "latent_grid", "model_channels", "num_blocks", "num_heads",
-                 "base_steps", "know3d_steps", "batch_size", "lr", "back_steps", "sample_steps", "render_size",
+                 "backview_steps", "base_steps", "know3d_steps", "batch_size", "lr", "back_steps", "sample_steps", "render_size",
                  "num_workers"):
         if getattr(opts, name) is not None:
             kw[name] = getattr(opts, name)

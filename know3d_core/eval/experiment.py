@@ -6,8 +6,9 @@ of K named features) go through the real parts of the pack:
 1. ``know3d data synth`` + ``know3d data prepare`` (mesh, render, annotate steps) for the training
    seeds and, separately, for held-out seeds (the evaluation fronts);
 2. structure latents by the *experiment codec* (below) instead of the SS VAE;
-3. ``train trellis2 --stage ss --full``: the plain structure flow trained on the set: the base;
-4. ``train know3d --stage ss`` on that base, one run per knowledge source / capture sigma;
+3. ``train backview``: the back-view LoRA on the MMDiT (used by every later back view);
+4. ``train trellis2 --stage ss --full``: the plain structure flow trained on the set: the base;
+   ``train know3d --stage ss`` on that base, one run per knowledge source / capture sigma;
 5. generation through ``Know3DPipeline`` (back view by Qwen-Image-Edit, capture, injection, the
    structure flow), for every held-out front with each of the K descriptions, per variant;
 6. ``know3d eval`` (:func:`know3d_core.eval.run.run_eval`) on the 64^3 occupancies, plus the
@@ -62,6 +63,7 @@ class ExperimentConfig:
     model_channels: int = 32
     num_blocks: int = 1
     num_heads: int = 2
+    backview_steps: int = 20             # 0: no back-view LoRA (the MMDiT as initialised)
     base_steps: int = 20
     know3d_steps: int = 20
     batch_size: int = 4
@@ -85,7 +87,7 @@ class ExperimentConfig:
 
 # The CPU smoke run CI does (minutes): every stage runs, numbers mean nothing at this size.
 SMOKE = dict(train_seeds=2, val_seeds=1, features=("flat_back", "handle"), render_size=32, latent_grid=4,
-             base_steps=2, know3d_steps=2, batch_size=2, back_steps=2, sample_steps=2, eval_points=256,
+             backview_steps=2, base_steps=2, know3d_steps=2, batch_size=2, back_steps=2, sample_steps=2, eval_points=256,
              rows=ROWS, sigmas=())
 
 
@@ -229,25 +231,39 @@ def train_base(cfg: ExperimentConfig, data: str, models: Dict[str, str], out: st
     return os.path.join(out, "export", TRELLIS2_FOLDER)
 
 
+def train_backview(cfg: ExperimentConfig, data: str, models: Dict[str, str], out: str) -> str:
+    """The back-view LoRA on the MMDiT (front view + description -> back view); returns its file."""
+    from ..train.backview import BACKVIEW_LORA_FILE, BackViewTask
+    from ..train.engine import train
+
+    tc = _train_config(cfg, task="backview", data=data, out=out, qwen=models["qwen"], steps=cfg.backview_steps,
+                       image_size=tuple(cfg.back_size), vae_image_area=cfg.vae_image_area)
+    train(BackViewTask(), tc)
+    return os.path.join(out, "export", BACKVIEW_LORA_FILE)
+
+
 def train_know3d(cfg: ExperimentConfig, data: str, base: str, models: Dict[str, str], out: str, source: str,
-                 sigma: float) -> str:
+                 sigma: float, loras: Sequence[str] = ()) -> str:
     """Know3D branch + LoRA on the base structure flow; returns the exported know3d.safetensors."""
     from ..train.engine import train
     from ..train.flows import KNOW3D_FILE, FlowTask
 
     tc = _train_config(cfg, task="know3d", data=data, out=out, models=base, dinov3=models["dinov3"],
                        qwen=models["qwen"], steps=cfg.know3d_steps, knowledge_source=source, sigma=sigma,
-                       back_steps=cfg.back_steps, back_size=tuple(cfg.back_size), vae_image_area=cfg.vae_image_area)
+                       back_steps=cfg.back_steps, back_size=tuple(cfg.back_size), vae_image_area=cfg.vae_image_area,
+                       backview_loras=tuple(loras))
     train(FlowTask(branch=True), tc)
     return os.path.join(out, "export", KNOW3D_FILE)
 
 
 # ----------------------------------------------------------------------------------- generation
-def _pipeline(cfg: ExperimentConfig, base: str, models: Dict[str, str], know3d: Optional[str]):
+def _pipeline(cfg: ExperimentConfig, base: str, models: Dict[str, str], know3d: Optional[str],
+              loras: Sequence[str] = ()):
     from ..pipeline import Know3DPipeline
     from ..plan import SS_DECODER
 
     pipe = Know3DPipeline.from_pretrained(base, qwen=models["qwen"], know3d=know3d, dinov3=models["dinov3"],
+                                          backview_loras=tuple(loras),
                                           device=cfg.device, dtype=torch.float32, pipeline_types=("512",),
                                           vae_image_area=cfg.vae_image_area)
     pipe.geometry.models[SS_DECODER] = CodecDecoder().to(pipe.device)
@@ -374,6 +390,12 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
     write_gt(cfg, val, gt_dir)
     lap("data", s)
 
+    loras: Tuple[str, ...] = ()
+    if cfg.backview_steps:
+        s = time.perf_counter()
+        loras = (train_backview(cfg, train_data, models, os.path.join(out, "runs", "backview")),)
+        lap("train_backview", s)
+
     s = time.perf_counter()
     base = train_base(cfg, train_data, models, os.path.join(out, "runs", "base"))
     lap("train_base", s)
@@ -390,8 +412,9 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
         try:
             know3d = None
             if source is not None:
-                know3d = train_know3d(cfg, train_data, base, models, os.path.join(out, "runs", row), source, sigma)
-            pipe = _pipeline(cfg, base, models, know3d)
+                know3d = train_know3d(cfg, train_data, base, models, os.path.join(out, "runs", row), source, sigma,
+                                      loras)
+            pipe = _pipeline(cfg, base, models, know3d, loras)
             pred = os.path.join(out, "pred", row)
             generate(cfg, pipe, variant, val, pred, sigma)
             del pipe
