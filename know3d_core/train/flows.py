@@ -45,6 +45,9 @@ STAGE_T_SCHEDULE = {"ss": "logit_normal", "shape512": "uniform", "shape1024": "u
 STAGE_GRID = {"shape512": 32, "shape1024": 64}
 TRAIN_SETS = (L.SET_3D, L.SET_3D_PERTURBED)
 KNOW3D_FILE = "know3d.safetensors"
+# Back-view sampling / knowledge noise seed per pair: a function of the pair alone (not of --seed), so a
+# knowledge cache is the same whichever run fills it.
+KNOWLEDGE_SEED = 0
 TRELLIS2_FOLDER = "TRELLIS.2"
 
 
@@ -176,7 +179,7 @@ class FlowTask(Task):
         self.cond = ConditionSource(self.geometry, res, FeatureCache(
             os.path.join(cache_root, f"cond_{res}"), {"dinov3": os.path.abspath(self.dino_path), "resolution": res}))
         if self.branch:
-            self.knowledge = KnowledgeSource(spec, self.geometry, knowledge_cache, cfg.qwen, cfg.seed, self.device)
+            self.knowledge = KnowledgeSource(spec, self.geometry, knowledge_cache, cfg.qwen, KNOWLEDGE_SEED, self.device)
             self.spec = spec
             self._install(cfg, spec)
         else:
