@@ -106,7 +106,7 @@ def test_lpips_loads_official_layout_and_measures(tmp_path, net):
     """LPIPS(x, x) = 0 (identical features); LPIPS(x, y) > 0 with positive heads; symmetric."""
     backbone, heads = _official_lpips_files(str(tmp_path), net)
     model = LPIPS.from_files(backbone, heads, net)
-    x, y = torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48)  # vgg's 4 pools: 48 -> 3 px at the last tap
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)  # vgg's 4 pools: 32 -> 2 px at the last tap
     assert torch.equal(model(x, x), torch.zeros(2))
     d = model(x, y)
     assert d.shape == (2,) and bool((d > 0).all())
@@ -132,3 +132,25 @@ def test_eval_command_with_lpips(tmp_path):
                  "--lpips-heads", heads] + SMALL) == 0
     report = _read_json(os.path.join(out, "eval.json"))
     assert report["aggregate"]["gt"]["lpips_back"]["mean"] == 0.0
+
+
+def test_eval_reads_a_dataset_as_ground_truth(tmp_path):
+    """--gt as written by know3d data prepare: manifest rows, only status ok assets are items (id = sha256)."""
+    root = str(tmp_path / "ds")
+    rows = [{"sha256": "a" * 64, "status": L.STATUS_OK}, {"sha256": "b" * 64, "status": L.STATUS_FAILED}]
+    for row in rows:
+        folder = L.asset_dir(root, row["sha256"])
+        os.makedirs(folder)
+        v, f = _sphere(0.3, (0.0, 0.0, 0.0))
+        save_file({L.KEY_VERTICES: v, L.KEY_FACES: f.int()}, os.path.join(folder, L.MESH_FILE))
+    with open(L.manifest_path(root), "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    pred = tmp_path / "pred" / ("a" * 64)
+    pred.mkdir(parents=True)
+    v, f = _sphere(0.3, (0.0, 0.0, 0.0))
+    save_file({L.KEY_VERTICES: v, L.KEY_FACES: f.int()}, str(pred / L.MESH_FILE))
+    out = str(tmp_path / "out")
+    assert main(["eval", "--pred", str(tmp_path / "pred"), "--gt", root, "--out", out, "--worst", "0"] + SMALL) == 0
+    report = _read_json(os.path.join(out, "eval.json"))
+    assert [r["gt"] for r in report["items"]] == ["a" * 64]
+    assert report["items"][0]["chamfer"] == 0.0 and report["items"][0]["iou_64"] == 1.0

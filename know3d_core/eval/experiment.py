@@ -469,8 +469,12 @@ def prepare_inputs(cfg: ExperimentConfig, out: str) -> Dict[str, str]:
     stamp = os.path.join(out, "inputs.json")
     if os.path.isfile(stamp):
         with open(stamp, "r", encoding="utf-8") as f:
-            if json.load(f) == want:
-                return _model_paths(os.path.join(out, "models"))
+            if json.load(f) == want:  # datasets kept; models (seconds to write) are written where missing
+                paths = _model_paths(os.path.join(out, "models"))
+                if not all(os.path.isdir(p) for p in paths.values()):
+                    shutil.rmtree(os.path.join(out, "models"), ignore_errors=True)
+                    paths = write_models(cfg, os.path.join(out, "models"))
+                return paths
     for name in ("models", "data_train", "data_train_assets", "data_val", "data_val_assets"):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     models = write_models(cfg, os.path.join(out, "models"))
