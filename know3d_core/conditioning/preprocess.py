@@ -105,6 +105,11 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
 
 
+def _opaque_rgb(image: Image.Image) -> Image.Image:
+    """RGB colours; palette images go through RGBA (PIL warns on a direct P -> RGB with tRNS bytes)."""
+    return image.convert("RGBA").convert("RGB") if image.mode in ("P", "PA") else image.convert("RGB")
+
+
 def _rgba_with_alpha(image: Image.Image, mask: Optional[ImageLike], assume_foreground: bool) -> Image.Image:
     """RGBA image whose alpha is the foreground (explicit mask > own transparency > assume_foreground)."""
     if image.mode not in _SUPPORTED_MODES:
@@ -118,7 +123,7 @@ def _rgba_with_alpha(image: Image.Image, mask: Optional[ImageLike], assume_foreg
         m = mask_to_pil(mask)
         if m.size != image.size:
             raise ValueError(f"mask size {m.size} differs from image size {image.size} (W, H)")
-        rgba = image.convert("RGB").convert("RGBA")
+        rgba = _opaque_rgb(image).convert("RGBA")
         rgba.putalpha(m)
         return rgba
     has_alpha_mode = image.mode in _MODES_WITH_ALPHA or (image.mode == "P" and "transparency" in image.info)
@@ -127,7 +132,7 @@ def _rgba_with_alpha(image: Image.Image, mask: Optional[ImageLike], assume_foreg
         if not bool(np.all(np.asarray(rgba)[:, :, 3] == 255)):
             return rgba
     if assume_foreground:
-        rgba = image.convert("RGB").convert("RGBA")  # alpha 255 everywhere
+        rgba = _opaque_rgb(image).convert("RGBA")  # alpha 255 everywhere
         return rgba
     raise NoTransparencyError(
         "the image has no transparency and no mask was given: supply a foreground mask "
