@@ -1,7 +1,7 @@
 """The Qwen-side nodes on real ComfyUI classes, in-process (LoRA patching, sampling with a
 trajectory, early exit, hidden-state capture). ComfyUI cannot be installed in CI, so this runs
 tests/data/comfyui/host_checks.py with COMFYUI_PYTHON next to COMFYUI_DIR and skips without them
-(see ../shared/COMFYUI.md)."""
+(see docs/testing.md)."""
 import json
 import os
 import subprocess
@@ -25,9 +25,9 @@ CHECKS = ["lora_adds_strength_scaled_delta_on_a_clone", "lora_for_another_archit
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     if not COMFYUI_DIR or not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
-        pytest.skip("COMFYUI_DIR is unset or has no main.py: set it to a ComfyUI checkout (see ../shared/COMFYUI.md)")
+        pytest.skip("COMFYUI_DIR is unset or has no main.py: set it to a ComfyUI checkout (see docs/testing.md)")
     if not COMFYUI_PYTHON or not os.path.isfile(COMFYUI_PYTHON):
-        pytest.skip("COMFYUI_PYTHON is unset or missing: set it to the python of ComfyUI's venv (see ../shared/COMFYUI.md)")
+        pytest.skip("COMFYUI_PYTHON is unset or missing: set it to the python of ComfyUI's venv (see docs/testing.md)")
     work = tmp_path_factory.mktemp("host")
     out = work / "results.json"
     script = os.path.join(ROOT, "tests", "data", "comfyui", "host_checks.py")
