@@ -108,8 +108,8 @@ def bench_decoder(case, model, device, warmup: int, repeats: int, torch_maps: bo
             "torch_maps_peak_gib": torch_peak, "same_output": same, "anchor": REFERENCE[name]}
 
 
-LOOKUP_SWEEP = [(4, 4, 2), (8, 4, 2), (16, 4, 2), (2, 2, 2), (4, 4, 4)]  # (BLOCK_LOOKUP, LOOKUP_WARPS, SLOTS_PER_VOXEL)
-MLP_CHUNK_SWEEP = [1 << 62, 32 << 20, 12 << 20]
+LOOKUP_SWEEP = [(4, 4, 2), (16, 4, 2), (2, 2, 2), (4, 4, 4)]  # (BLOCK_LOOKUP, LOOKUP_WARPS, SLOTS_PER_VOXEL)
+MLP_CHUNK_SWEEP = [1 << 62, 24 << 20]
 
 
 def sweep_maps(device, warmup: int, repeats: int) -> list:

@@ -12,8 +12,10 @@ for s in $steps; do
              tests/test_decoder_fused.py tests/test_knowledge_branch.py 2>&1 | tee $OUT/cuda_tests.log ;;
     tests2) timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_neighbour_triton.py \
              tests/test_decoder_fused.py tests/test_sparse_conv.py tests/test_trellis2_decoders.py 2>&1 | tee $OUT/cuda_tests2.log ;;
+    tests3) timeout 90 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_neighbour_triton.py \
+             tests/test_decoder_fused.py -k "triton or precompile or unfused" 2>&1 | tee $OUT/cuda_tests3.log ;;
     train) timeout 200 python3 benchmarks/bench_flow_training.py --profile "ss B=2,shape N=16k" --out $OUT/train.json 2>&1 | tee $OUT/train.log ;;
-    maps) timeout 200 python3 benchmarks/bench_neighbour_map.py --profile --sweep --out $OUT/maps.json 2>&1 | tee $OUT/maps.log ;;
+    maps) timeout 200 python3 benchmarks/bench_neighbour_map.py --profile --sweep --warmup 2 --repeats 5 --out $OUT/maps.json 2>&1 | tee $OUT/maps.log ;;
     first) for run in cold warm; do TRITON_CACHE_DIR=/tmp/tcold timeout 60 python3 benchmarks/bench_shape_decoder.py \
              --cases shape_1024 --dtypes float16 --warmup 0 --repeats 1 --out $OUT/first_$run.json 2>&1 | tail -3 | tee -a $OUT/first.log; done ;;
   esac
