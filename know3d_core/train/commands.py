@@ -114,8 +114,8 @@ def register(sub) -> None:
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
     r.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations (less memory)")
     r.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (torchrun, several processes)")
-    r.add_argument("--fused-kernels", action="store_true",
-                   help="use the fused Triton kernels in training (only once they have backward passes)")
+    r.add_argument("--no-fused-kernels", action="store_true",
+                   help="CUDA: train with the PyTorch ops instead of the fused Triton kernels (A/B checks)")
     r.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (default 2)")
     r.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     r.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
@@ -145,7 +145,7 @@ def config_from_options(opts):
         max_tokens=opts.max_tokens, grad_accum=opts.grad_accum, lr=opts.lr, weight_decay=opts.weight_decay,
         warmup_steps=opts.warmup_steps, ema_rate=opts.ema_rate, grad_clip=opts.grad_clip, p_uncond=opts.p_uncond,
         p_uncond_knowledge=opts.p_uncond_knowledge, seed=opts.seed, device=opts.device, precision=opts.precision,
-        grad_checkpointing=opts.grad_checkpointing, fsdp=opts.fsdp, fused_kernels=opts.fused_kernels,
+        grad_checkpointing=opts.grad_checkpointing, fsdp=opts.fsdp, fused_kernels=not opts.no_fused_kernels,
         num_workers=opts.num_workers, checkpoint_every=opts.checkpoint_every,
         keep_checkpoints=opts.keep_checkpoints, log_every=opts.log_every, resume=opts.resume,
         progress=not opts.no_progress, export_weights=opts.export_weights, lora_rank=opts.lora_rank,

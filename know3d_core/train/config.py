@@ -62,7 +62,7 @@ class TrainConfig:
     precision: str = "auto"               # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     grad_checkpointing: bool = False
     fsdp: bool = False
-    fused_kernels: bool = False           # CUDA fused Triton kernels during training (need backward passes)
+    fused_kernels: bool = True            # CUDA: the fused Triton kernels (with their backward passes)
     num_workers: int = 2
     checkpoint_every: int = 500
     keep_checkpoints: int = 2

@@ -218,7 +218,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 
 def _fused_switch(cfg: TrainConfig):
-    """The fused Triton kernels have no backward pass yet: off during training unless asked for."""
+    """The fused Triton kernels (CUDA; they have backward passes) on, unless ``--no-fused-kernels``."""
     from ..trellis2.modules.fused import use_fused_kernels
 
     return use_fused_kernels(bool(cfg.fused_kernels))
