@@ -217,3 +217,31 @@ def test_batch_refuses_an_overlong_description_before_loading(tmp_path, models, 
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert code == 2 and "--prompts (description 2): the back-view prompt is" in err and not make.pipe.calls
+
+
+def test_model_paths_of_the_wrong_kind(tmp_path, models, monkeypatch, capsys):
+    m, q = models
+    image = _rgba(tmp_path / "f.png")
+    _refused(monkeypatch, capsys, models, image, f"--know3d {tmp_path} is a folder: give the .safetensors file",
+             "--know3d", str(tmp_path), out=tmp_path / "o", tmp_path=tmp_path)
+    _refused(monkeypatch, capsys, models, image, f"--lora {tmp_path} is a folder", "--lora", str(tmp_path),
+             out=tmp_path / "o", tmp_path=tmp_path)
+    code = cli.main(["models", "--models", image])
+    assert code == 2 and f"--models {image} is a file" in capsys.readouterr().err
+    plain = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(2)}, str(plain))
+    _refused(monkeypatch, capsys, models, image, f"--know3d {plain}: not a Know3D checkpoint", "--know3d",
+             str(plain), out=tmp_path / "o", tmp_path=tmp_path)
+
+
+def test_variant_auto_follows_the_given_know3d_file(tmp_path, models, monkeypatch, capsys):
+    m, _ = models
+    given = tmp_path / "mine.safetensors"
+    os.replace(os.path.join(m, "know3d", "know3d_hidden.safetensors"), given)
+    code, captured, make = _generate(monkeypatch, capsys, models, _rgba(tmp_path / "f.png"), "--know3d", str(given),
+                                     out=tmp_path / "o")
+    assert code == 0 and make.pipe.calls[0]["variant"] == "hidden"
+    assert f"the variant --know3d {given} is trained for (mmdit_hidden)" in captured.err

@@ -25,8 +25,8 @@ from ..plan import PIPELINE_TYPES, VARIANTS, needs_back_view
 from .arguments import (add_generation_options, add_model_options, int_list, resolve_device,
                         resolve_dtype, run_settings)
 from .outputs import base_record, print_record, write_outputs
-from .validate import (check_options, check_out_folder, check_prompts, describe_prompt, front_image,
-                       publish_result, resolve_variant, result_tmp)
+from .validate import (check_model_paths, check_options, check_out_folder, check_prompts, describe_prompt,
+                       front_image, publish_result, resolve_variant, result_tmp)
 
 __all__ = ["register", "load_pipeline", "cmd_generate", "cmd_batch", "cmd_models", "cmd_demo", "CheckFailed"]
 
@@ -242,6 +242,7 @@ def _say(quiet: bool, text: str) -> None:
 
 
 def cmd_models(opts) -> int:
+    check_model_paths(opts)
     reason = resolve_variant(opts)
     if reason:
         print(reason)
@@ -258,6 +259,7 @@ def _validate(opts: argparse.Namespace) -> ModelCheck:
     """Every check that needs no model, in the order of issue 16 (options, --out, --variant auto,
     image, model files, prompt); sets ``opts.variant_reason``. Nothing is loaded or written."""
     check_options(opts)
+    check_model_paths(opts)
     opts.out = check_out_folder(opts.out)
     opts.variant_reason = resolve_variant(opts)
     _, _, front = front_image(opts.image, opts.full_frame, opts.mask)
@@ -313,6 +315,7 @@ def cmd_batch(opts) -> int:
         raise UsageError(str(e)) from None
     mine = batchlib.shard_items(plan, k, n)
     check_options(opts)
+    check_model_paths(opts)
     out = check_out_folder(opts.out, result=False)
     opts.variant_reason = resolve_variant(opts)
     if opts.variant_reason:

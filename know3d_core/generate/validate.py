@@ -19,7 +19,7 @@ from .. import batch as batchlib
 from ..errors import UsageError, one_line
 
 __all__ = [
-    "MAX_STEPS", "MAX_SIDE", "SEED_RANGE", "check_options", "check_out_folder", "result_names", "front_image",
+    "MAX_STEPS", "MAX_SIDE", "SEED_RANGE", "check_options", "check_model_paths", "check_out_folder", "result_names", "front_image",
     "resolve_variant", "describe_prompt", "check_prompt", "check_prompts", "publish_result",
 ]
 
@@ -51,6 +51,20 @@ def check_options(opts: argparse.Namespace) -> None:
     normals = getattr(opts, "normals_size", None)
     if normals is not None and normals > MAX_SIDE:
         raise UsageError(f"--normals-size {normals}: at most {MAX_SIDE}")
+
+
+def check_model_paths(opts: argparse.Namespace) -> None:
+    """Model options that name the wrong kind of path: a file where a folder goes (``--models``,
+    ``--qwen``) or a folder where a file goes (``--lora``, ``--know3d``). Missing paths are left to
+    the model check, which says where each file comes from."""
+    for option in ("models", "qwen"):
+        path = getattr(opts, option, None)
+        if path and os.path.isfile(path):
+            raise UsageError(f"--{option} {path} is a file: give the folder that holds the model files")
+    for option in ("lora", "know3d"):
+        path = getattr(opts, option, None)
+        if path and os.path.isdir(path):
+            raise UsageError(f"--{option} {path} is a folder: give the .safetensors file")
 
 
 # --------------------------------------------------------------------------------------- output folder
@@ -197,8 +211,18 @@ def resolve_variant(opts: argparse.Namespace) -> Optional[str]:
     chose the variant)."""
     if opts.variant != "auto":
         return None
-    from ..model_check import check_models
+    from ..model_check import check_models, read_safetensors_header
     from ..plan import INJECTED_KINDS, variant_of
+
+    if opts.know3d and os.path.isfile(opts.know3d):  # the file given decides
+        info = read_safetensors_header(opts.know3d)
+        kind = info.metadata.get("knowledge_kind")
+        if info.problem or info.metadata.get("format") != "know3d" or kind not in INJECTED_KINDS:
+            why = info.problem or "its metadata names no Know3D format and knowledge kind"
+            raise UsageError(f"--know3d {opts.know3d}: not a Know3D checkpoint ({why}); give a Know3D file, "
+                             "or --variant multiview / none")
+        opts.variant = variant_of(kind)
+        return f"--variant auto: {opts.variant}, the variant --know3d {opts.know3d} is trained for ({kind})"
 
     for kind in INJECTED_KINDS:
         variant = variant_of(kind)
