@@ -245,3 +245,20 @@ def test_variant_auto_follows_the_given_know3d_file(tmp_path, models, monkeypatc
                                      out=tmp_path / "o")
     assert code == 0 and make.pipe.calls[0]["variant"] == "hidden"
     assert f"the variant --know3d {given} is trained for (mmdit_hidden)" in captured.err
+
+
+def test_batch_that_fails_before_its_first_item_leaves_no_folder(tmp_path, models, monkeypatch, capsys):
+    m, q = models
+    fronts = tmp_path / "fronts"
+    os.makedirs(fronts)
+    _rgba(fronts / "a.png")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fine\n", encoding="utf-8")
+
+    def cannot_load(opts, check):
+        raise FileNotFoundError("weights vanished")
+
+    code = cli.main(["batch", "--models", m, "--qwen", q, "--images", str(fronts), "--prompts", str(prompts),
+                     "--out", str(tmp_path / "o")], pipeline_factory=cannot_load)
+    assert code == 2 and "cannot load the models: weights vanished" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

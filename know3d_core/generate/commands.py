@@ -287,7 +287,8 @@ def cmd_generate(opts) -> int:
     return EXIT_OK
 
 
-def _check_batch_settings(out: str, settings: Dict[str, Any]) -> None:
+def _check_batch_settings(out: str, settings: Dict[str, Any], write: bool = True) -> None:
+    """Refuse a batch folder made with other settings; record them when new (``write``)."""
     path = os.path.join(out, BATCH_SETTINGS)
     if os.path.isfile(path):
         try:
@@ -302,7 +303,8 @@ def _check_batch_settings(out: str, settings: Dict[str, Any]) -> None:
                 raise UsageError(f"--out {out} holds a batch made with other settings ({shown}); "
                                  "use another --out, or the same settings to resume")
             return
-    batchlib.atomic_write_json(path, {"know3d": __version__, "settings": settings})
+    if write:
+        batchlib.atomic_write_json(path, {"know3d": __version__, "settings": settings})
 
 
 def cmd_batch(opts) -> int:
@@ -322,8 +324,7 @@ def cmd_batch(opts) -> int:
         _say(opts.quiet, opts.variant_reason)
     check = _check_or_raise(opts)
     check_prompts(opts, [it.prompt for it in mine], None, check.path("know3d"), option="--prompts")
-    os.makedirs(out, exist_ok=True)
-    _check_batch_settings(out, run_settings(opts))
+    _check_batch_settings(out, run_settings(opts), write=False)  # the folder is created once models load
     todo = [it for it in mine if not batchlib.is_finished(out, it.id)]
     shard = f" (shard {k}/{n}: {len(mine)} items)" if n > 1 else ""
     _say(opts.quiet, f"batch: {len(images)} images x {len(prompts)} prompts = {len(plan)} items{shard}; "
@@ -334,6 +335,8 @@ def cmd_batch(opts) -> int:
         pipe = _load(opts, check, opts.quiet)
     else:
         opts.device_resolved, opts.dtype_resolved = "cpu", None
+    os.makedirs(out, exist_ok=True)
+    _check_batch_settings(out, run_settings(opts))
 
     def generate(item: batchlib.BatchItem, folder: str):
         extra = {"batch": {"id": item.id, "index": item.index, "shard": [k, n]}}
