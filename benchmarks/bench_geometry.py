@@ -1,4 +1,4 @@
-"""Benchmark: the TRELLIS.2 geometry pipeline stage by stage (know3d_core.trellis2.pipeline).
+"""Benchmark: the TRELLIS.2 geometry pipeline stage by stage (know3d_core.geometry_pipeline).
 
 Full size (default, CUDA): the official architectures with random weights built directly on the GPU
 (flows bf16 blocks, decoders fp16 bodies, DINOv3 ViT-L fp32), official sampler settings (12 steps,
@@ -50,7 +50,7 @@ from _common import (  # noqa: E402
 
 from know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS  # noqa: E402
 from know3d_core.trellis2.loading import FULL_SIZE_FLOW_CONFIGS, PipelineConfig, get_model_class  # noqa: E402
-from know3d_core.trellis2.pipeline import StageTimer, Trellis2GeometryPipeline, quantize_coords  # noqa: E402
+from know3d_core.geometry_pipeline import StageTimer, Trellis2GeometryPipeline, quantize_coords  # noqa: E402
 from know3d_core.trellis2.tiny import tiny_flow_args  # noqa: E402
 
 SHAPE_DECODER_512 = {**SHAPE_DECODER_FULL, "resolution": 512}

@@ -28,83 +28,47 @@ from __future__ import annotations
 import glob
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .plan import (
+    COMFY_FILES,
+    COMFY_FLOW_PREFIXES,
+    COMFY_TRELLIS_REPO,
+    COMFY_VAE_PREFIXES,
+    DINOV3_FOLDER,
+    DINOV3_REPO,
+    FLOW_MODELS,
+    GEOMETRY_MODELS,
+    OFFICIAL_MODELS,
+    PIPELINE_TYPES,
+    QWEN_REPO,
+    SAFETENSORS_FLOAT_DTYPES,
+    SHAPE_FLOWS,
+    TRELLIS_REPO,
+    VARIANT_KINDS,
+    VARIANT_TEXT,
+    VARIANTS,
+    comfy_file_kind,
+    comfy_is_512,
+    needs_back_view,
+    needs_know3d,
+    required_models,
+    strip_outer_prefix,
+    variant_of,
+)
+from .safetensors_header import SafetensorsInfo, read_safetensors_header
+
 __all__ = [
-    "VARIANTS", "VARIANT_KINDS", "RESOLUTIONS", "TRELLIS_REPO", "TRELLIS_V1_REPO", "DINOV3_REPO",
-    "COMFY_TRELLIS_REPO", "QWEN_REPO", "KNOW3D_SOURCE", "LORA_SOURCE",
-    "FileCheck", "ModelCheck", "ModelCheckError", "SafetensorsInfo",
-    "read_safetensors_header", "classify_safetensors", "needs_qwen", "needs_know3d", "shape_models_for",
-    "check_models",
+    "KNOW3D_SOURCE", "LORA_SOURCE", "FileCheck", "ModelCheck", "ModelCheckError", "SafetensorsInfo",
+    "read_safetensors_header", "classify_safetensors", "check_models",
 ]
 
-# --variant -> knowledge kind (know3d_core.knowledge.kinds); None: plain TRELLIS.2.
-VARIANT_KINDS: Dict[str, Optional[str]] = {
-    "hidden": "mmdit_hidden",
-    "latent": "vae_latent",
-    "image": "dino_image",
-    "multiview": "multi_view",
-    "none": None,
-}
-VARIANTS = tuple(VARIANT_KINDS)
-RESOLUTIONS = ("512", "1024", "1024_cascade", "1536_cascade")
-
-TRELLIS_REPO = "microsoft/TRELLIS.2-4B"
-TRELLIS_V1_REPO = "microsoft/TRELLIS-image-large"
-DINOV3_REPO = "facebook/dinov3-vitl16-pretrain-lvd1689m"
-DINOV3_FOLDER = "dinov3-vitl16-pretrain-lvd1689m"
-COMFY_TRELLIS_REPO = "Comfy-Org/TRELLIS.2"
-QWEN_REPO = "Qwen/Qwen-Image-Edit-2511"
 KNOW3D_SOURCE = ("not published yet (github.com/xishuxishu/Know3D: weights 'coming soon'); "
                  "use --variant multiview or none, which need no Know3D weights")
 LORA_SOURCE = "the Know3D back-view LoRA (not published yet); optional"
 
-# pipeline.json key -> (official reference, repository, role)
-OFFICIAL_MODELS: Dict[str, Tuple[str, str, str]] = {
-    "sparse_structure_flow_model": ("ckpts/ss_flow_img_dit_1_3B_64_bf16", TRELLIS_REPO, "sparse-structure flow"),
-    "sparse_structure_decoder": (f"{TRELLIS_V1_REPO}/ckpts/ss_dec_conv3d_16l8_fp16", TRELLIS_V1_REPO,
-                                 "sparse-structure decoder"),
-    "shape_slat_flow_model_512": ("ckpts/slat_flow_img2shape_dit_1_3B_512_bf16", TRELLIS_REPO, "shape flow 512"),
-    "shape_slat_flow_model_1024": ("ckpts/slat_flow_img2shape_dit_1_3B_1024_bf16", TRELLIS_REPO, "shape flow 1024"),
-    "shape_slat_decoder": ("ckpts/shape_dec_next_dc_f16c32_fp16", TRELLIS_REPO, "shape decoder"),
-}
-# ComfyUI repack: key prefix of each flow in the diffusion file, and of each decoder in the shape VAE file.
-COMFY_FLOW_PREFIX = {
-    "sparse_structure_flow_model": "structure_model.",
-    "shape_slat_flow_model_512": "img2shape_512.",
-    "shape_slat_flow_model_1024": "img2shape.",
-}
-COMFY_VAE_PREFIX = {"sparse_structure_decoder": "struct_dec.", "shape_slat_decoder": "shape_dec."}
-COMFY_FILES = {
-    "flows": ("trellis_2_bf16.safetensors", "diffusion_models", "TRELLIS.2 flows (ComfyUI repack)"),
-    "vae": ("trellis_2_shape_vae_bf16.safetensors", "vae", "TRELLIS.2 shape VAE (ComfyUI repack)"),
-    "dinov3": ("dino_v3_vit_l.safetensors", "clip_vision", "DINOv3 ViT-L/16 (ComfyUI repack)"),
-}
 _COMFY_SUBFOLDERS = ("", "diffusion_models", "unet", "vae", "clip_vision", "trellis2")
-_OUTER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
-_SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
-
-
-def needs_qwen(variant: str) -> bool:
-    """Every variant but ``none`` runs Qwen-Image-Edit for the back view."""
-    return variant != "none"
-
-
-def needs_know3d(variant: str) -> bool:
-    """The injected variants need a Know3D checkpoint (branch + backbone LoRA)."""
-    return VARIANT_KINDS[variant] not in (None, "multi_view")
-
-
-def shape_models_for(resolution: str) -> Tuple[str, ...]:
-    """The shape flows a pipeline type runs (``1024`` alone skips the 512 model, ``512`` the 1024 one)."""
-    return {
-        "512": ("shape_slat_flow_model_512",),
-        "1024": ("shape_slat_flow_model_1024",),
-        "1024_cascade": ("shape_slat_flow_model_512", "shape_slat_flow_model_1024"),
-        "1536_cascade": ("shape_slat_flow_model_512", "shape_slat_flow_model_1024"),
-    }[resolution]
 
 
 # --------------------------------------------------------------------------------------- results
@@ -199,7 +163,7 @@ class ModelCheck:
 
     def format(self, only_problems: bool = False) -> str:
         """The report printed by ``know3d models`` (``only_problems``: just the bad files)."""
-        head = (f"variant {self.variant} ({_variant_text(self.variant)}), resolution {self.resolution}; "
+        head = (f"variant {self.variant} ({VARIANT_TEXT[self.variant]}), resolution {self.resolution}; "
                 f"TRELLIS.2 layout: {self.layout}")
         out = [head]
         for f in self.files:
@@ -220,76 +184,15 @@ class ModelCheckError(Exception):
         super().__init__(check.format(only_problems=True))
 
 
-def _variant_text(variant: str) -> str:
-    return {
-        "hidden": "MMDiT hidden states injected",
-        "latent": "back-view VAE latent injected",
-        "image": "DINOv3 features of the back view injected",
-        "multiview": "back view as a second image, no Know3D weights",
-        "none": "plain TRELLIS.2",
-    }[variant]
-
-
 # --------------------------------------------------------------------------------------- safetensors
-@dataclass
-class SafetensorsInfo:
-    """Header of a safetensors file: ``keys`` -> (dtype, shape), ``metadata``, ``problem`` (None if sound)."""
-
-    path: str
-    tensors: Dict[str, Tuple[str, Tuple[int, ...]]]
-    metadata: Dict[str, str]
-    problem: Optional[str] = None
-
-
-def read_safetensors_header(path: str, max_header: int = 100 * 1024 * 1024) -> SafetensorsInfo:
-    """Read only the header; ``problem`` says why the file is unusable (not safetensors, truncated)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                return SafetensorsInfo(path, {}, {}, "not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or n > max_header or 8 + n > size:
-                return SafetensorsInfo(path, {}, {}, "not a safetensors file, or truncated (bad header length)")
-            doc = json.loads(f.read(n).decode("utf-8"))
-    except OSError as e:
-        return SafetensorsInfo(path, {}, {}, f"cannot be read: {e.strerror or e}")
-    except (UnicodeDecodeError, ValueError):
-        return SafetensorsInfo(path, {}, {}, "not a safetensors file (header is not JSON)")
-    if not isinstance(doc, dict):
-        return SafetensorsInfo(path, {}, {}, "not a safetensors file (header is not a JSON object)")
-    metadata = doc.pop("__metadata__", None) or {}
-    tensors, end = {}, 0
-    try:
-        for key, entry in doc.items():
-            tensors[key] = (str(entry["dtype"]), tuple(int(s) for s in entry["shape"]))
-            end = max(end, int(entry["data_offsets"][1]))
-    except (KeyError, TypeError, ValueError, IndexError):
-        return SafetensorsInfo(path, {}, {}, "not a safetensors file (malformed tensor entry)")
-    info = SafetensorsInfo(path, tensors, {str(k): str(v) for k, v in metadata.items()})
-    if 8 + n + end > size:
-        info.problem = (f"truncated: {size} bytes, the header needs {8 + n + end} "
-                        "(an interrupted download? download it again)")
-    return info
-
-
-def _strip_outer(keys: Sequence[str]) -> List[str]:
-    for outer in _OUTER_PREFIXES:
-        if keys and all(k.startswith(outer) for k in keys):
-            return [k[len(outer):] for k in keys]
-    return list(keys)
-
-
 def classify_safetensors(info: SafetensorsInfo) -> Optional[str]:
     """``"know3d"``, ``"comfy_flows"``, ``"comfy_vae"``, ``"dinov3"``, ``"lora"`` or None (unknown)."""
     if info.metadata.get("format") == "know3d":
         return "know3d"
-    keys = _strip_outer(list(info.tensors))
-    if any(k.startswith(tuple(COMFY_FLOW_PREFIX.values())) for k in keys):
-        return "comfy_flows"
-    if any(k.startswith(tuple(COMFY_VAE_PREFIX.values())) for k in keys):
-        return "comfy_vae"
+    kind = comfy_file_kind(info.tensors)
+    if kind in ("flows", "vae"):
+        return f"comfy_{kind}"
+    keys = list(strip_outer_prefix(list(info.tensors)))
     if any(k.endswith("attention.o_proj.bias") for k in keys) and any("patch_embeddings" in k for k in keys):
         return "dinov3"
     if any(".lora_" in k or "lora_down" in k for k in keys):
@@ -395,12 +298,12 @@ def _official_checks(folder: str, keys: Sequence[str]) -> List[FileCheck]:
 def _comfy_flow_keys(info: SafetensorsInfo) -> set:
     """Pipeline keys of the flows a ComfyUI diffusion file holds (``is_512`` metadata: its
     ``img2shape.`` weights are the 512 model, as ComfyUI reads it)."""
-    keys = _strip_outer(list(info.tensors))
-    is_512 = str(info.metadata.get("is_512", "")).strip().lower() in ("1", "true", "yes")
+    keys = list(strip_outer_prefix(list(info.tensors)))
+    is_512 = comfy_is_512(info.metadata)
     found = set()
-    for key, prefix in COMFY_FLOW_PREFIX.items():
-        if any(k.startswith(prefix) for k in keys):
-            found.add("shape_slat_flow_model_512" if prefix == "img2shape." and is_512 else key)
+    for prefix, key in COMFY_FLOW_PREFIXES.items():
+        if key in GEOMETRY_MODELS and any(k.startswith(prefix) for k in keys):
+            found.add(SHAPE_FLOWS["512"] if prefix == "img2shape." and is_512 else key)
     return found
 
 
@@ -410,7 +313,7 @@ def _comfy_checks(models_dir: str, scanned, keys: Sequence[str]) -> List[FileChe
     name, sub, role = COMFY_FILES["flows"]
     fc = FileCheck(role, name, os.path.join(models_dir, sub), _hf(COMFY_TRELLIS_REPO, f"{sub}/{name}"),
                    key="comfy_flows")
-    needed = [k for k in keys if k in COMFY_FLOW_PREFIX]
+    needed = [k for k in keys if k in FLOW_MODELS]
     files = [(p, info, _comfy_flow_keys(info)) for p, info, c in scanned if c == "comfy_flows"]
     usable = [(p, info, ks) for p, info, ks in files if _dtypes_ok(info)]
     if files:
@@ -421,7 +324,7 @@ def _comfy_checks(models_dir: str, scanned, keys: Sequence[str]) -> List[FileChe
         if quantised:
             p, info = quantised[0]
             fc.path = p
-            fc.problem = (f"quantised weights ({', '.join(sorted(_dtypes(info) - _SUPPORTED_DTYPES))}) are not "
+            fc.problem = (f"quantised weights ({', '.join(sorted(_dtypes(info) - SAFETENSORS_FLOAT_DTYPES))}) are not "
                           f"supported; use the bf16 file {name} from {COMFY_TRELLIS_REPO}")
         elif lacking:
             fc.problem = (f"no ComfyUI diffusion file here holds the {', '.join(lacking)} weights; "
@@ -433,15 +336,15 @@ def _comfy_checks(models_dir: str, scanned, keys: Sequence[str]) -> List[FileChe
     found = [(p, info) for p, info, c in scanned if c == "comfy_vae"]
     if found:
         def has(info, prefix):
-            return any(k.startswith(prefix) for k in _strip_outer(list(info.tensors)))
+            return any(k.startswith(prefix) for k in strip_outer_prefix(list(info.tensors)))
 
-        path, info = max(found, key=lambda f: sum(has(f[1], p) for p in COMFY_VAE_PREFIX.values()))
+        path, info = max(found, key=lambda f: sum(has(f[1], p) for p in COMFY_VAE_PREFIXES))
         fc.path = path
-        lacking = [p.rstrip(".") for p in COMFY_VAE_PREFIX.values() if not has(info, p)]
+        lacking = [p.rstrip(".") for p in COMFY_VAE_PREFIXES if not has(info, p)]
         if lacking:
             fc.problem = f"lacks the {', '.join(lacking)} weights; use {name} from {COMFY_TRELLIS_REPO}"
         elif not _dtypes_ok(info):
-            fc.problem = f"unsupported weight dtypes {sorted(_dtypes(info) - _SUPPORTED_DTYPES)}"
+            fc.problem = f"unsupported weight dtypes {sorted(_dtypes(info) - SAFETENSORS_FLOAT_DTYPES)}"
     checks.append(fc)
     return checks
 
@@ -451,7 +354,7 @@ def _dtypes(info: SafetensorsInfo) -> set:
 
 
 def _dtypes_ok(info: SafetensorsInfo) -> bool:
-    return _dtypes(info) <= _SUPPORTED_DTYPES
+    return _dtypes(info) <= SAFETENSORS_FLOAT_DTYPES
 
 
 def _dinov3_check(models_dir: str, scanned, dinov3: Optional[str] = None) -> FileCheck:
@@ -557,7 +460,7 @@ def _know3d_check(models_dir: str, variant: str, know3d: Optional[str], scanned,
     elif not matching:
         got = info.metadata.get("knowledge_kind")
         fc.problem = (f"trained for {got} knowledge, but --variant {variant} injects {kind}; use --variant "
-                      f"{_variant_of(got)} with this file, or a checkpoint trained for {kind}")
+                      f"{variant_of(got)} with this file, or a checkpoint trained for {kind}")
     else:
         _, ck_layers, ck_sigma = _know3d_spec(info)
         if sigma is not None and ck_sigma is not None and abs(float(sigma) - float(ck_sigma)) > 1e-6:
@@ -565,13 +468,6 @@ def _know3d_check(models_dir: str, variant: str, know3d: Optional[str], scanned,
         elif layers is not None and ck_layers is not None and list(layers) != list(ck_layers):
             fc.problem = f"trained on MMDiT layers {ck_layers}, but --layers {list(layers)} was given (leave it out)"
     return fc
-
-
-def _variant_of(kind: Optional[str]) -> str:
-    for v, k in VARIANT_KINDS.items():
-        if k == kind:
-            return v
-    return "?"
 
 
 def _qwen_weights(folder: str, sub: str, stem: str, role: str, sharded: bool) -> List[FileCheck]:
@@ -659,11 +555,10 @@ def check_models(
     """
     if variant not in VARIANT_KINDS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    if resolution not in RESOLUTIONS:
-        raise ValueError(f"unknown resolution {resolution!r}; choose from {', '.join(RESOLUTIONS)}")
+    if resolution not in PIPELINE_TYPES:
+        raise ValueError(f"unknown resolution {resolution!r}; choose from {', '.join(PIPELINE_TYPES)}")
     models_dir = os.path.abspath(models_dir)
-    keys = ("sparse_structure_flow_model", "sparse_structure_decoder") + shape_models_for(resolution) + (
-        "shape_slat_decoder",)
+    keys = required_models(resolution)
     scanned = _scan_safetensors(models_dir) if os.path.isdir(models_dir) else []
     pipeline_dir = _find_pipeline_dir(models_dir)
     comfy = any(c in ("comfy_flows", "comfy_vae") for _, _, c in scanned)
@@ -684,7 +579,7 @@ def check_models(
         check.files.append(_know3d_check(models_dir, variant, know3d, scanned, sigma, layers))
     elif know3d is not None:
         check.notes.append(f"  note: --variant {variant} uses no Know3D weights; --know3d is ignored")
-    if needs_qwen(variant):
+    if needs_back_view(variant):
         check.files += _qwen_checks(qwen_dir)
         check.files.append(_lora_check(lora))
     if shapes:

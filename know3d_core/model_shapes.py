@@ -16,7 +16,8 @@ from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 
-from .model_check import SafetensorsInfo, read_safetensors_header
+from .plan import COMFY_VAE_PREFIXES, OFFICIAL_MODELS, SS_FLOW, shape_flows, strip_outer_prefix
+from .safetensors_header import SafetensorsInfo, read_safetensors_header
 
 __all__ = ["SAFETENSORS_DTYPES", "meta_state_dict", "check_shapes"]
 
@@ -98,10 +99,10 @@ def check_comfy_vae(path: str) -> Optional[str]:
     from .trellis2.loading import CheckpointError, build_model, load_state_dict_strict
 
     info = read_safetensors_header(path)
-    bare = cf._strip_common(list(info.tensors), cf._VAE_OUTER_PREFIXES)
+    bare = strip_outer_prefix(list(info.tensors))
     sd = meta_state_dict(info)
     try:
-        for prefix, key in cf.COMFY_VAE_PREFIXES.items():
+        for prefix, key in COMFY_VAE_PREFIXES.items():
             sub = {k[len(prefix):]: sd[full] for k, full in bare.items() if k.startswith(prefix)}
             source = f"{path} [{prefix}*]"
             if key == "shape_slat_decoder":
@@ -245,9 +246,7 @@ def _set(check, key: str, problem: Optional[str]) -> None:
 def check_shapes(check) -> None:
     """Fill ``problem`` of every usable file of ``check`` (a ``ModelCheck``) whose tensors do not fit
     the network its config (or, for ComfyUI files and Know3D deltas, its partner files) builds."""
-    from .model_check import OFFICIAL_MODELS, shape_models_for
-
-    flow_keys = ("sparse_structure_flow_model",) + shape_models_for(check.resolution)
+    flow_keys = (SS_FLOW,) + shape_flows(check.resolution)
     flows: Dict[str, torch.nn.Module] = {}
     with _quiet():
         if check.layout == "official":

@@ -17,55 +17,32 @@ With ``offload`` each network sits on the CPU and visits the device only while i
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .geometry_pipeline import GeometryResult, StageTimer, Trellis2GeometryPipeline, knowledge_info
+from .knowledge import KnowledgeMismatchError, capture_spec
+from .knowledge.kinds import SIGMA_TOLERANCE
+from .plan import (DINO_IMAGE, MMDIT_HIDDEN, VAE_LATENT, dtype_name, needs_back_image, needs_know3d, variant_kind,
+                   variant_of)
 from .sampling import Cancelled
-from .trellis2.pipeline import (
-    GeometryResult,
-    StageTimer,
-    Trellis2GeometryPipeline,
-    knowledge_info,
-)
 
 __all__ = [
-    "VARIANTS",
     "BackViewStage",
     "Know3DResult",
     "Know3DPipeline",
-    "variant_kind",
     "load_processor",
 ]
 
-VARIANTS: Dict[str, Optional[str]] = {
-    "hidden": "mmdit_hidden",
-    "latent": "vae_latent",
-    "image": "dino_image",
-    "multiview": "multi_view",
-    "none": None,
-}
 DEFAULT_BACK_STEPS = 40
 DEFAULT_TRUE_CFG = 4.0
 DINO_IMAGE_RESOLUTION = 512  # DINOv3 size of the back image for the ``image`` variant (the structure stage's)
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
-
-
-def variant_kind(variant: str) -> Optional[str]:
-    """Knowledge kind of a variant (None for ``none``); raises on an unknown variant."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; use one of {', '.join(VARIANTS)}")
-    return VARIANTS[variant]
-
-
-def _needs_image(variant: str) -> bool:
-    return variant in ("image", "multiview")
 
 
 # ----------------------------------------------------------------------------------- results
@@ -180,9 +157,7 @@ class Know3DPipeline:
         self.offload = bool(offload)
         self.multi_view_mode = "stochastic"
         if backview is not None:
-            home = torch.device("cpu") if self.offload else self.device
-            for module in self._qwen_modules():
-                module.to(home)
+            backview.place(self.device, offload=self.offload)
 
     @classmethod
     def from_pretrained(
@@ -227,7 +202,7 @@ class Know3DPipeline:
         from .mmdit.backview import QwenEditBackView
         from .mmdit.loading import load_qwen_edit
 
-        qdtype = dtype if isinstance(dtype, torch.dtype) else (getattr(torch, dtype) if dtype else torch.bfloat16)
+        qdtype = getattr(torch, dtype_name(dtype)) if dtype is not None else torch.bfloat16
         components = load_qwen_edit(folder, dtype=qdtype, device=device,
                                     components=("transformer", "vae", "text_encoder"))
         components.processor = load_processor(folder)
@@ -248,32 +223,10 @@ class Know3DPipeline:
     def know3d_spec(self):
         return self.geometry.know3d_spec
 
-    def _qwen_modules(self) -> List[torch.nn.Module]:
-        c = self.backview.c
-        return [m for m in (c.transformer, c.vae, c.text_encoder) if m is not None]
-
-    @contextlib.contextmanager
-    def _use(self, *modules: Optional[torch.nn.Module]) -> Iterator[None]:
-        """Keep Qwen ``modules`` on the device for the block (with ``offload``; else a no-op)."""
-        mods = [m for m in modules if m is not None]
-        if self.offload:
-            for m in mods:
-                m.to(self.device)
-        try:
-            yield
-        finally:
-            if self.offload:
-                for m in mods:
-                    m.to("cpu")
-                if self.device.type == "cuda" and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-
     def capture_spec(self, variant: str, sigma: Optional[float] = None, layers: Optional[Sequence[int]] = None):
         """The MMDiT capture of a variant (``hidden`` only, else None): explicit arguments >
         the Know3D checkpoint's ``mmdit_layers`` / ``sigma`` > defaults (``mmdit.capture``)."""
-        from .knowledge import capture_spec
-
-        if variant_kind(variant) != "mmdit_hidden":
+        if variant_kind(variant) != MMDIT_HIDDEN:
             return None
         return capture_spec(self.know3d_spec, layers=layers, sigma=sigma)
 
@@ -281,27 +234,23 @@ class Know3DPipeline:
                       sigma: Optional[float] = None, layers: Optional[Sequence[int]] = None) -> None:
         """Fail before any work when a variant cannot run with what is loaded: unknown variant, no
         back-view model, no Know3D checkpoint for an injected kind, a checkpoint trained for another
-        kind (``KnowledgeMismatchError`` naming both), or a capture other than the checkpoint's."""
-        from .knowledge import KnowledgeMismatchError
-
+        kind (``KnowledgeMismatchError`` naming both), a capture other than the checkpoint's, or flows
+        of ``pipeline_type`` without a Know3D branch (``geometry.require_branch``)."""
         kind = variant_kind(variant)
         if kind is not None and self.backview is None:
             raise ValueError(f"variant {variant!r} needs the Qwen-Image-Edit back-view model: load with qwen=<folder>")
-        if kind in (None, "multi_view"):
+        if not needs_know3d(variant):
             return
         spec = self.know3d_spec
-        if spec is None:
-            raise ValueError(
-                f"variant {variant!r} injects {kind} knowledge and needs a Know3D checkpoint trained for it: "
-                "load with know3d=<file> (or use variant 'multiview' / 'none')"
-            )
+        if spec is None:  # no checkpoint: no flow has a branch
+            self.geometry.require_branch(kind, pipeline_type)
         if spec.knowledge_kind != kind:
             raise KnowledgeMismatchError(
                 f"the loaded Know3D checkpoint was trained for {spec.describe()} knowledge, "
                 f"variant {variant!r} produces {kind} knowledge; load a checkpoint for {kind} or use "
-                f"variant {_variant_of(spec.knowledge_kind)!r}"
+                f"variant {variant_of(spec.knowledge_kind)!r}"
             )
-        if kind == "mmdit_hidden":
+        if kind == MMDIT_HIDDEN:
             cap = self.capture_spec(variant, sigma, layers)
             layers_used = list(cap.resolve_layers(self.backview.sampler.num_blocks))
             if spec.mmdit_layers is not None and layers_used != list(spec.mmdit_layers):
@@ -309,23 +258,12 @@ class Know3DPipeline:
                     f"the loaded Know3D checkpoint was trained on MMDiT layers {spec.mmdit_layers}, "
                     f"the capture asks for layers {layers_used}"
                 )
-            if spec.sigma is not None:
-                from .knowledge.kinds import SIGMA_TOLERANCE
-
-                if abs(cap.sigma - spec.sigma) > SIGMA_TOLERANCE:
-                    raise KnowledgeMismatchError(
-                        f"the loaded Know3D checkpoint was trained on hidden states at sigma {spec.sigma}, "
-                        f"the capture asks for sigma {cap.sigma}"
-                    )
-        if pipeline_type is not None:
-            from .knowledge import has_branch
-            from .trellis2.pipeline import required_models
-
-            plain = [k for k in required_models(pipeline_type)
-                     if "flow" in k and k in self.geometry.models and not has_branch(self.geometry.models[k])]
-            if plain:
-                raise ValueError(f"the Know3D checkpoint has no weights for {plain}; pipeline_type "
-                                 f"{pipeline_type!r} cannot inject knowledge there")
+            if spec.sigma is not None and abs(cap.sigma - spec.sigma) > SIGMA_TOLERANCE:
+                raise KnowledgeMismatchError(
+                    f"the loaded Know3D checkpoint was trained on hidden states at sigma {spec.sigma}, "
+                    f"the capture asks for sigma {cap.sigma}"
+                )
+        self.geometry.require_branch(kind, pipeline_type)
 
     # ------------------------------------------------------------------ stage 1: back view
     def preprocess(self, image: Any, mask: Any = None, **kwargs) -> Any:
@@ -357,79 +295,38 @@ class Know3DPipeline:
                 ``latent`` runs every step; ``image`` / ``multiview`` also decode.
             decode: decode the back image (default: only when the variant needs it).
             size: ``(height, width)`` of the back view (default: the front's aspect at ~1024^2 px).
-            callback: ``callback("back_view", step, steps)`` after each step; cancel: polled
-                before the first and after every step (raises ``sampling.Cancelled``).
+            callback: ``callback("back_view", step, total)`` after each step; ``total`` is the
+                number of steps that run: with an early exit, up to the capture step (the bar ends
+                full there), else ``steps``. cancel: polled before the first and after every step
+                (raises ``sampling.Cancelled``).
         """
-        from .mmdit.backview import decode_latents
-        from .mmdit.prompt import DEFAULT_NEGATIVE_PROMPT
-        from .mmdit.schedule import flow_match_sigmas
-
         kind = variant_kind(variant)
         if kind is None:
             raise ValueError("variant 'none' has no back-view stage")
         if self.backview is None:
             raise ValueError("no back-view model loaded: Know3DPipeline.from_pretrained(..., qwen=<folder>)")
-        decode = _needs_image(variant) if decode is None else bool(decode)
-        if _needs_image(variant) and not decode:
+        decode = needs_back_image(variant) if decode is None else bool(decode)
+        if needs_back_image(variant) and not decode:
             raise ValueError(f"variant {variant!r} needs the decoded back image; do not pass decode=False")
         capture = self.capture_spec(variant, sigma, layers)
-        early_exit = capture is not None and not decode
-        bv = self.backview
-        c = bv.c
         if cancel is not None and cancel():
             raise Cancelled("back view cancelled before it started")
-        images = [front]
-        prompt = bv.prompt.build(description)
-        with self._use(c.text_encoder):
-            embeds, mask = self._encode(images, prompt)
-            neg_embeds, neg_mask = (self._encode(images, DEFAULT_NEGATIVE_PROMPT) if true_cfg_scale > 1
-                                    else (None, None))
-        height, width = size if size is not None else (None, None)
-        with self._use(c.vae):
-            inputs = bv.prepare(images, embeds, mask, neg_embeds, neg_mask, height, width)
-        inputs = _inputs_to(inputs, self.device)
-        generator = torch.Generator().manual_seed(int(seed))
-        latents = bv.noise(inputs, generator).to(self.device)
-        sigmas = flow_match_sigmas(int(steps), inputs.n_target, c.scheduler_config)
 
-        def on_step(i, sigma_i, _latents):
+        def on_progress(step, total):  # total: the capture step with an early exit, else ``steps``
             if callback is not None:
-                callback("back_view", i + 1, int(steps))
-            if cancel is not None and cancel():
-                raise Cancelled(f"back view cancelled after step {i + 1} of {steps}")
+                callback("back_view", step, total)
 
-        with self._use(c.transformer):
-            res = bv.sampler.sample(inputs, latents, sigmas, true_cfg_scale=true_cfg_scale, capture=capture,
-                                    early_exit=early_exit, record_trajectory=False, callback=on_step)
-        del latents
-        stage = BackViewStage(
-            variant=variant, description=description, prompt=prompt, seed=int(seed), steps=int(steps),
-            latents=res.latents, resolution=tuple(inputs.resolution), exited_early=res.exited_early,
-            mmdit=res.knowledge, model_name=c.model_name)
-        if res.knowledge is not None:
-            res.knowledge.extra["loras"] = [r.path for r in bv.loras]
-        if decode:
-            with self._use(c.vae):
-                img = decode_latents(c.vae, res.latents, *inputs.resolution, bv.vae_scale_factor)
-            stage.image_tensor = ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
-            from .mmdit.backview import _image_processor
-
-            stage.images = _image_processor(bv.vae_scale_factor).postprocess(img, output_type="pil")
-        return stage
-
-    def _encode(self, images: list, text: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Edit-Plus prompt embeddings ``([1, T, D], [1, T])`` on the text encoder's device (which,
-        with offload, is not the transformer's)."""
-        from .mmdit.backview import condition_images
-        from .mmdit.prompt import encode_prompt
-
-        c = self.backview.c
-        if c.text_encoder is None or c.processor is None:
-            raise RuntimeError("no text encoder/processor loaded: the Qwen folder needs text_encoder/ and processor/")
-        cond = condition_images(images, self.backview.vae_scale_factor, self.backview.condition_image_area)
-        te_device = next(c.text_encoder.parameters()).device
-        dtype = next(c.transformer.parameters()).dtype
-        return encode_prompt(c.text_encoder, c.processor, cond, text, dtype=dtype, device=te_device)
+        height, width = size if size is not None else (None, None)
+        res = self.backview(
+            [front], description, steps=int(steps), true_cfg_scale=true_cfg_scale,
+            generator=torch.Generator().manual_seed(int(seed)), height=height, width=width, capture=capture,
+            early_exit=capture is not None and not decode, decode=decode, record_trajectory=False,
+            progress=on_progress, cancel=cancel)
+        return BackViewStage(
+            variant=variant, description=description, prompt=self.backview.prompt.build(description),
+            seed=int(seed), steps=int(steps), latents=res.latents, resolution=tuple(res.inputs.resolution),
+            exited_early=res.sample.exited_early, images=res.images, image_tensor=res.image_tensor,
+            mmdit=res.knowledge, model_name=self.backview.c.model_name)
 
     # ------------------------------------------------------------------ stage 2: knowledge
     @torch.no_grad()
@@ -444,11 +341,11 @@ class Know3DPipeline:
             return None
         if stage is None:
             raise ValueError(f"variant {variant!r} needs a back-view stage")
-        if kind == "mmdit_hidden":
+        if kind == MMDIT_HIDDEN:
             if stage.mmdit is None:
                 raise ValueError("the back-view stage captured no hidden states (it ran without a capture)")
             know = K.from_mmdit_capture(stage.mmdit)
-        elif kind == "vae_latent":
+        elif kind == VAE_LATENT:
             if stage.exited_early:
                 raise ValueError("the back-view stage exited early; the latent variant needs every step")
             know = K.vae_latent_knowledge(stage.latents, stage.resolution, model=f"{stage.model_name} VAE",
@@ -456,7 +353,7 @@ class Know3DPipeline:
         else:
             if stage.images is None:
                 raise ValueError(f"variant {variant!r} needs the decoded back image (back_view(decode=True))")
-            if kind == "dino_image":
+            if kind == DINO_IMAGE:
                 feats = self.geometry.get_cond(stage.images, DINO_IMAGE_RESOLUTION)["cond"]
                 know = K.dino_image_knowledge(feats, DINO_IMAGE_RESOLUTION, seed=stage.seed, steps=stage.steps)
             else:
@@ -531,16 +428,3 @@ class Know3DPipeline:
                             geometry=geo, timings=timings, peak_vram=peak)
 
 
-# ----------------------------------------------------------------------------------- small helpers
-def _variant_of(kind: str) -> str:
-    return next((v for v, k in VARIANTS.items() if k == kind), kind)
-
-
-def _inputs_to(inputs, device: torch.device):
-    """EditPlusInputs with every tensor on ``device``."""
-    changes = {}
-    for f in dataclasses.fields(inputs):
-        value = getattr(inputs, f.name)
-        if isinstance(value, torch.Tensor):
-            changes[f.name] = value.to(device)
-    return dataclasses.replace(inputs, **changes)

@@ -17,6 +17,7 @@ from ..know3d_core.knowledge import capture_spec
 from ..know3d_core.lora_sniff import describe_lora, lora_modules
 from ..know3d_core.mmdit.comfy_patch import CaptureComplete, ComfyQwenCapture
 from ..know3d_core.mmdit.prompt import DEFAULT_CAMERA_PROMPT, DEFAULT_PROMPT_TEMPLATE, BackViewPrompt
+from ..know3d_core.mmdit.sampler import TrajectoryStep
 from ..know3d_core.mmdit.schedule import nearest_step
 from ..know3d_core.knowledge.kinds import from_mmdit_capture
 
@@ -130,13 +131,6 @@ class Know3DBackViewPrompt(IO.ComfyNode):
 
 
 # ------------------------------------------------------------------------------ sampling
-@dataclass
-class TrajectoryStep:
-    index: int
-    sigma: float
-    latent: torch.Tensor  # model-space latent (what the MMDiT sees) at this sigma, [B, C, 1, h, w]
-
-
 @dataclass
 class BackViewTrajectory:
     """KNOW3D_TRAJECTORY: the back-view run, enough to re-run the model at any recorded step.

@@ -1,6 +1,6 @@
 """TRELLIS.2 side: load the geometry networks (+ Know3D checkpoint), condition on the front image,
 sample the sparse structure and the geometry. Every network runs under ComfyUI's model management.
-The algorithms live in know3d_core.trellis2.pipeline; these nodes call its stages one by one."""
+The algorithms live in know3d_core.geometry_pipeline; these nodes call its stages one by one."""
 from __future__ import annotations
 
 import os
@@ -36,7 +36,7 @@ SOURCES = {
 
 
 def _pipeline_module():
-    from ..know3d_core.trellis2 import pipeline
+    from ..know3d_core import geometry_pipeline as pipeline
 
     return pipeline
 

@@ -1,5 +1,6 @@
 """Asserts that no model weight is read: every ``.safetensors`` file may be read only up to the end of
-its header, and the tensor readers (safetensors ``safe_open`` / ``load_file``, ``torch.load``) must not
+its header; safetensors' ``safe_open`` may list keys, metadata, dtypes and shapes but read no tensor;
+the tensor readers (``safetensors.torch``'s ``safe_open`` / ``load_file``, ``torch.load``) must not
 be called at all. Used by the issue-16 tests of ``know3d models`` and of the pre-load validation."""
 import builtins
 import struct
@@ -22,6 +23,48 @@ def _header_end(path: str) -> int:
 
 
 _REAL_OPEN = builtins.open
+_REAL_SAFE_OPEN = safetensors.safe_open
+
+
+class _HeaderOnly:
+    """``safetensors.safe_open`` that answers from the header (keys, metadata, dtypes, shapes) and
+    refuses to read a tensor."""
+
+    def __init__(self, f, path):
+        self._f, self._path = f, path
+
+    def __enter__(self):
+        self._f.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+    def keys(self):
+        return self._f.keys()
+
+    def metadata(self):
+        return self._f.metadata()
+
+    def get_slice(self, key):
+        return _ShapeOnly(self._f.get_slice(key), self._path, key)
+
+    def get_tensor(self, key):
+        raise WeightRead(f"safe_open({self._path}).get_tensor({key!r}) was called: a weight would be read")
+
+
+class _ShapeOnly:
+    def __init__(self, sl, path, key):
+        self._sl, self._what = sl, f"{path}[{key!r}]"
+
+    def get_dtype(self):
+        return self._sl.get_dtype()
+
+    def get_shape(self):
+        return self._sl.get_shape()
+
+    def __getitem__(self, index):
+        raise WeightRead(f"a slice of {self._what} was read: a weight would be read")
 
 
 class _CountingFile:
@@ -57,13 +100,17 @@ def install(monkeypatch):
                 return _CountingFile(f, _header_end(path), path)
         return f
 
+    def header_only_safe_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return _HeaderOnly(_REAL_SAFE_OPEN(path, *args, **kwargs), str(path))
+
     def refuse(name):
         def reader(*args, **kwargs):
             raise WeightRead(f"{name}{args[:1]} was called: weights would be read")
         return reader
 
     monkeypatch.setattr(builtins, "open", guarded_open)
-    monkeypatch.setattr(safetensors, "safe_open", refuse("safe_open"))
+    monkeypatch.setattr(safetensors, "safe_open", header_only_safe_open)
     monkeypatch.setattr(safetensors.torch, "safe_open", refuse("safe_open"))
     monkeypatch.setattr(safetensors.torch, "load_file", refuse("load_file"))
     monkeypatch.setattr(torch, "load", refuse("torch.load"))

@@ -99,7 +99,7 @@ def test_early_exit_runs_exactly_the_steps_down_to_sigma(backview, embeds, full_
     assert len(calls) == 2 * k + 1 == early.sample.forwards and early.sample.steps_run == k + 1
     assert early.sample.exited_early and early.images is None
     assert len(early.trajectory.steps) == k + 1
-    assert torch.equal(early.latents, full.trajectory.steps[k].latents)
+    assert torch.equal(early.latents, full.trajectory.steps[k].latent)
     # the state is the one a full run's trajectory gives at that step
     ref = backview.sampler.capture_from_trajectory(full.trajectory, full.inputs, spec)
     assert early.knowledge.step_index == k == ref.step_index

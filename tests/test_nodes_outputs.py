@@ -7,8 +7,9 @@ import torch
 
 from _nodes_helpers import icosphere
 from know3d_core.lora_sniff import describe_lora, looks_like_qwen_image, lora_modules
-from know3d_core.mesh import Mesh
-from know3d_core.mesh.decimate import cluster_vertices, decimate
+from know3d_core.mesh import Mesh, merge_duplicate_vertices
+from know3d_core.mesh.decimate import decimate
+from know3d_core.mesh.primitives import box
 from know3d_core.outputs import UnsafeSaveName, _publish, next_counter, split_save_name, write_new_file
 
 
@@ -68,11 +69,16 @@ def test_decimate_meets_target_and_keeps_the_shape():
     assert decimate(mesh, mesh.num_faces) is mesh
 
 
-def test_cluster_vertices_fine_grid_is_identity_up_to_order():
-    mesh = _sphere_mesh(2)
-    same = cluster_vertices(mesh, 4096)
-    assert same.num_faces == mesh.num_faces and same.num_vertices == mesh.num_vertices
-    assert torch.allclose(torch.sort(same.vertices, 0).values, torch.sort(mesh.vertices, 0).values, atol=1e-6)
+def test_decimate_keeps_flat_faces_and_sharp_corners():
+    # A box whose faces are split into 8 x 8 quads: edge collapse on coplanar vertices costs nothing,
+    # so 12 triangles (two per side) give back the exact box: its corners, volume and closedness.
+    mesh = merge_duplicate_vertices(box((0.5, 0.4, 0.3), splits=8), 1e-9)
+    small = decimate(mesh, 12)
+    small.validate()
+    assert small.num_faces == 12 and small.num_vertices == 8
+    assert small.signed_volume() == pytest.approx(0.5 * 0.4 * 0.3, rel=1e-6)
+    assert torch.equal(small.vertices.min(0).values, mesh.vertices.min(0).values)
+    assert torch.equal(small.vertices.max(0).values, mesh.vertices.max(0).values)
 
 
 QWEN_KEYS = ["diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight",

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from know3d_core.demo_models import write_demo_models, write_demo_trellis2
 from know3d_core.trellis2.comfy_files import load_comfy_model_set  # noqa: F401  (import check)
-from know3d_core.trellis2.pipeline import Trellis2GeometryPipeline
+from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
 
 # Comfy-Org repack prefixes (see know3d_core/trellis2/comfy_files.py for how they were established).
 FLOW_PREFIX = {"sparse_structure_flow_model": "structure_model.", "shape_slat_flow_model_512": "img2shape_512.",

@@ -14,9 +14,8 @@ from know3d_core.knowledge.checkpoint import MODEL_NAMES
 from know3d_core.sampling import Cancelled
 from know3d_core.sampling.flow_euler import time_schedule, uses_cfg
 from know3d_core.trellis2.loading import load_pipeline_models
-from know3d_core.trellis2.pipeline import (PIPELINE_TYPES, Trellis2GeometryPipeline, cascade_coords,
-                                           cond_resolutions, progress_plan, quantize_coords,
-                                           required_models, ss_resolution)
+from know3d_core.geometry_pipeline import Trellis2GeometryPipeline, cascade_coords, quantize_coords
+from know3d_core.plan import PIPELINE_TYPES, cond_resolutions, progress_plan, required_models, ss_resolution
 
 from _pipeline_helpers import FAST, geometry_demo, hidden_knowledge, mesh_equal, one_thread
 
@@ -263,17 +262,17 @@ def test_injected_knowledge_without_a_branch_is_an_error(plain):
 
 
 def test_cancel_mid_stage_raises_and_leaves_nothing(demo, know3d_pipe, image, monkeypatch):
-    import know3d_core.knowledge as K
+    import know3d_core.geometry_pipeline as G
 
     contexts = []
-    real = K.prepare_knowledge
+    real = G.prepare_knowledge
 
     def tracking(model, knowledge):
         ctx = real(model, knowledge)
         contexts.append(weakref.ref(ctx))
         return ctx
 
-    monkeypatch.setattr(K, "prepare_knowledge", tracking)
+    monkeypatch.setattr(G, "prepare_knowledge", tracking)
     state = {"stop": False, "steps": []}
 
     def callback(stage, step, total):
@@ -295,7 +294,7 @@ def test_cancel_mid_stage_raises_and_leaves_nothing(demo, know3d_pipe, image, mo
     for key in MODEL_NAMES:
         assert know3d_pipe.models[key].knowledge_proj._last is None
     # nothing carried over: a fresh run equals a run that was never interrupted
-    monkeypatch.setattr(K, "prepare_knowledge", real)
+    monkeypatch.setattr(G, "prepare_knowledge", real)
     a = know3d_pipe.run(image, pipeline_type="512", seed=0, knowledge=knowledge, ss_params=FAST, shape_params=FAST)
     fresh = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32", know3d=demo.know3d)
     b = fresh.run(image, pipeline_type="512", seed=0, knowledge=knowledge, ss_params=FAST, shape_params=FAST)

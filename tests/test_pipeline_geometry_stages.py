@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from know3d_core.trellis2.pipeline import Trellis2GeometryPipeline, cond_resolutions, ss_resolution
+from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
+from know3d_core.plan import cond_resolutions, ss_resolution
 
 from _pipeline_helpers import FAST, geometry_demo, one_thread
 

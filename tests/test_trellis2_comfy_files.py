@@ -182,7 +182,7 @@ def test_pipeline_json_can_replace_the_defaults(official, comfy_pair):
 
 
 def test_geometry_pipeline_runs_on_the_comfy_set_like_on_the_official_folder(loaded_pair):
-    from know3d_core.trellis2.pipeline import Trellis2GeometryPipeline
+    from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
 
     models, config, official_models = (copy.deepcopy(x) for x in loaded_pair)
     for key in ("sparse_structure_decoder", "shape_slat_decoder"):  # fp32 on the CPU, as from_pretrained
@@ -389,10 +389,10 @@ DINO_CONFIG = {"model_type": "dinov3", "hidden_size": 128, "intermediate_size": 
 def comfy_results(official, comfy_pair, tmp_path_factory):
     if not COMFYUI_DIR or not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
         pytest.skip("COMFYUI_DIR is unset or has no main.py: set COMFYUI_DIR to a ComfyUI checkout and "
-                    "COMFYUI_PYTHON to its venv's python (see ../shared/COMFYUI.md)")
+                    "COMFYUI_PYTHON to its venv's python (see docs/testing.md)")
     if not COMFYUI_PYTHON or not os.path.isfile(COMFYUI_PYTHON):
         pytest.skip("COMFYUI_PYTHON is unset or missing: set it to the python of ComfyUI's venv, next to "
-                    "COMFYUI_DIR (see ../shared/COMFYUI.md)")
+                    "COMFYUI_DIR (see docs/testing.md)")
     _, sds = official
     work = tmp_path_factory.mktemp("comfy_host")
     with open(os.path.join(GOLDEN, "config.json")) as f:

@@ -70,7 +70,7 @@ def add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> No
                         "(default: " + ("0 for the demo: its random mesh is many small pieces)" if demo
                                         else "%(default)s)"))
     g.add_argument("--target-faces", type=int, default=0, metavar="N",
-                   help="reduce the mesh to at most N faces (vertex clustering); 0 keeps all (default)")
+                   help="reduce the mesh to at most N faces (quadric edge collapse); 0 keeps all (default)")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu ... (default: cuda if available)")
     g.add_argument("--dtype", choices=("auto",) + DTYPE_NAMES, default="auto",
                    help="weights dtype (default: " + ("float32 for the demo" if demo else

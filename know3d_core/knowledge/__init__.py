@@ -16,6 +16,7 @@ from .branch import (
     install_branch,
     prepare_knowledge,
     remove_branch,
+    require_branch,
 )
 from .checkpoint import (
     FORMAT,
@@ -57,7 +58,7 @@ from .multi_view import MULTI_VIEW_MODES, MultiViewCondition, multi_view_conditi
 
 __all__ = [
     "KnowledgeContext", "KnowledgeCrossAttention", "KnowledgeProjector", "branch_state_dict", "has_branch",
-    "install_branch", "prepare_knowledge", "remove_branch",
+    "install_branch", "prepare_knowledge", "remove_branch", "require_branch",
     "FORMAT", "FORMAT_VERSION", "MODEL_NAMES", "Know3DCheckpoint", "Know3DFormatError", "Know3DSpec",
     "apply_know3d", "capture_spec", "load_know3d_merged", "read_know3d", "save_know3d",
     "INJECTED_KINDS", "KINDS", "Knowledge", "KnowledgeMismatchError", "check_knowledge", "dino_image_knowledge",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,7 @@ __all__ = [
     "install_branch",
     "remove_branch",
     "has_branch",
+    "require_branch",
     "prepare_knowledge",
     "branch_state_dict",
     "BRANCH_PREFIXES",
@@ -303,6 +304,18 @@ def _sparse_layout(x: Any) -> TokenLayout:
 def has_branch(model: nn.Module) -> bool:
     """True when ``model`` carries a Know3D branch."""
     return getattr(model, "knowledge_proj", None) is not None
+
+
+def require_branch(models: Mapping[str, nn.Module], kind: str) -> None:
+    """The one "no branch" check: ValueError naming every model of ``models`` (name -> flow) that
+    has no Know3D branch, for ``kind`` knowledge that must be injected."""
+    plain = [name for name, model in models.items() if not has_branch(model)]
+    if plain:
+        raise ValueError(
+            f"{kind} knowledge needs a Know3D branch, but {', '.join(plain)} ha{'s' if len(plain) == 1 else 've'} "
+            "none: load the pipeline with know3d=<a Know3D checkpoint with weights for them> "
+            "(or use variant 'multiview' / 'none', which inject nothing)"
+        )
 
 
 def install_branch(

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ..plan import DINO_IMAGE, INJECTED_KINDS, KINDS, MMDIT_HIDDEN, MULTI_VIEW, VAE_LATENT
 from .multi_view import MULTI_VIEW_MODES
 
 __all__ = [
@@ -41,12 +42,6 @@ __all__ = [
     "from_mmdit_capture",
 ]
 
-MMDIT_HIDDEN = "mmdit_hidden"
-VAE_LATENT = "vae_latent"
-DINO_IMAGE = "dino_image"
-MULTI_VIEW = "multi_view"
-KINDS = (MMDIT_HIDDEN, VAE_LATENT, DINO_IMAGE, MULTI_VIEW)
-INJECTED_KINDS = (MMDIT_HIDDEN, VAE_LATENT, DINO_IMAGE)
 
 QWEN_IMAGE_HIDDEN = 3072
 # The capture step is the schedule step nearest to the requested sigma, so hosts with different

@@ -1,8 +1,16 @@
 """Headless back view: Qwen-Image-Edit-2511 (+ Know3D back-view LoRA) with diffusers components
-and our sampling loop; optional hidden-state capture and early exit."""
+and our sampling loop; optional hidden-state capture and early exit.
+
+:class:`QwenEditBackView` is the one back-view orchestration: ``Know3DPipeline.back_view`` (the
+CLI) calls it, and the parity test against diffusers' ``QwenImageEditPlusPipeline`` runs it. With
+``place(device, offload=True)`` each network stays on the CPU and visits ``device`` only while it
+runs (text encoder, then VAE, then transformer, then VAE).
+"""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -86,6 +94,7 @@ class BackViewResult:
     trajectory: Trajectory | None
     sample: SampleResult
     inputs: EditPlusInputs
+    image_tensor: torch.Tensor | None = None  # the decoded back views [B, H, W, 3] in [0, 1], CPU
 
 
 class QwenEditBackView:
@@ -103,6 +112,40 @@ class QwenEditBackView:
         vae = components.vae
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample) if vae is not None else VAE_SCALE_FACTOR
         self.loras: list[LoraReport] = []
+        self.device: torch.device | None = None  # where the networks run (None: where the transformer is)
+        self.offload = False
+
+    # ------------------------------------------------------------------ placement
+    def networks(self) -> list[torch.nn.Module]:
+        return [m for m in (self.c.transformer, self.c.vae, self.c.text_encoder) if m is not None]
+
+    def place(self, device, offload: bool = False) -> None:
+        """Run on ``device``; with ``offload`` the networks live on the CPU and each visits
+        ``device`` only while it runs (see :meth:`use`)."""
+        self.device, self.offload = torch.device(device), bool(offload)
+        home = torch.device("cpu") if self.offload else self.device
+        for module in self.networks():
+            module.to(home)
+
+    @property
+    def execution_device(self) -> torch.device:
+        return self.device if self.device is not None else next(self.c.transformer.parameters()).device
+
+    @contextlib.contextmanager
+    def use(self, *modules: torch.nn.Module | None) -> Iterator[None]:
+        """Keep ``modules`` on the execution device for the block (a no-op unless offloading)."""
+        mods = [m for m in modules if m is not None]
+        if self.offload:
+            for m in mods:
+                m.to(self.execution_device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for m in mods:
+                    m.to("cpu")
+                if self.execution_device.type == "cuda" and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
     @classmethod
     def from_folder(cls, folder: str, *, dtype=torch.bfloat16, device="cpu", loras=(),
@@ -120,12 +163,15 @@ class QwenEditBackView:
         return report
 
     def encode(self, images, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings for ``text`` with the front image(s): ([1, T, D], [1, T])."""
+        """Prompt embeddings for ``text`` with the front image(s): ([1, T, D], [1, T]) in the
+        transformer's dtype, on the text encoder's device (``prepare`` moves them where the model runs)."""
         if self.c.text_encoder is None or self.c.processor is None:
-            raise RuntimeError("no text encoder/processor loaded: pass prompt_embeds instead")
+            raise RuntimeError("no text encoder/processor loaded: the Qwen folder needs text_encoder/ and "
+                               "processor/ (or pass prompt_embeds)")
         cond = condition_images(images, self.vae_scale_factor, self.condition_image_area)
-        p = next(self.c.transformer.parameters())
-        return encode_prompt(self.c.text_encoder, self.c.processor, cond, text, dtype=p.dtype, device=p.device)
+        dtype = next(self.c.transformer.parameters()).dtype
+        with self.use(self.c.text_encoder):
+            return encode_prompt(self.c.text_encoder, self.c.processor, cond, text, dtype=dtype)
 
     def prepare(self, images, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
                 height: int | None = None, width: int | None = None) -> EditPlusInputs:
@@ -135,26 +181,27 @@ class QwenEditBackView:
             height, width = height or h, width or w
         m = self.vae_scale_factor * PATCH
         height, width = height // m * m, width // m * m
-        p = next(self.c.transformer.parameters())
+        device, dtype = self.execution_device, next(self.c.transformer.parameters()).dtype
         b = prompt_embeds.shape[0]
-        refs, grids = encode_reference_latents(
-            self.c.vae, vae_images(images, self.vae_scale_factor, self.vae_image_area), b)
+        with self.use(self.c.vae):
+            refs, grids = encode_reference_latents(
+                self.c.vae, vae_images(images, self.vae_scale_factor, self.vae_image_area), b)
         return EditPlusInputs(
-            prompt_embeds=prompt_embeds.to(p.device, p.dtype),
-            prompt_mask=None if prompt_mask is None else prompt_mask.to(p.device),
-            negative_embeds=None if negative_embeds is None else negative_embeds.to(p.device, p.dtype),
-            negative_mask=None if negative_mask is None else negative_mask.to(p.device),
-            ref_latents=refs.to(p.device, p.dtype), ref_grids=grids,
+            prompt_embeds=prompt_embeds.to(device, dtype),
+            prompt_mask=None if prompt_mask is None else prompt_mask.to(device),
+            negative_embeds=None if negative_embeds is None else negative_embeds.to(device, dtype),
+            negative_mask=None if negative_mask is None else negative_mask.to(device),
+            ref_latents=refs.to(device, dtype), ref_grids=grids,
             target_grid=(height // m, width // m), vae_scale_factor=self.vae_scale_factor)
 
     def noise(self, inputs: EditPlusInputs, generator: torch.Generator | None = None) -> torch.Tensor:
         """Packed Gaussian latents [B, N_target, 4z], drawn like diffusers' pipeline draws them."""
         from diffusers.utils.torch_utils import randn_tensor
-        p = next(self.c.transformer.parameters())
+        dtype = next(self.c.transformer.parameters()).dtype
         z_dim = self.c.transformer.config.in_channels // (PATCH * PATCH)
         gh, gw = inputs.target_grid
         z = randn_tensor((inputs.batch_size, 1, z_dim, gh * 2, gw * 2), generator=generator,
-                         device=p.device, dtype=p.dtype)
+                         device=self.execution_device, dtype=dtype)
         return pack_latents(z.permute(0, 2, 1, 3, 4))
 
     @torch.no_grad()
@@ -163,13 +210,14 @@ class QwenEditBackView:
                  steps: int = DEFAULT_STEPS, true_cfg_scale: float = DEFAULT_TRUE_CFG, generator=None,
                  latents=None, height=None, width=None, capture: CaptureSpec | None = None,
                  early_exit: bool = False, decode: bool = True, record_trajectory: bool = True,
-                 progress=None, cancel=None, store_device=None) -> BackViewResult:
+                 callback=None, progress=None, cancel=None, store_device=None) -> BackViewResult:
         """Generate the back view of ``images`` (PIL front image, or a list: the front image first).
 
         Either the text encoder builds the prompt ``camera prompt + description`` (and the negative
         prompt), or ``prompt_embeds``/``negative_embeds`` (+ masks) are given. With ``early_exit``
-        sampling stops at ``capture.sigma`` and nothing is decoded. ``progress(step, total)`` and
-        ``cancel()`` as in ``EditPlusSampler.sample``; ``store_device`` receives the captured states.
+        sampling stops at ``capture.sigma`` and nothing is decoded. ``callback(i, sigma, latents)``,
+        ``progress(step, total)`` and ``cancel()`` as in ``EditPlusSampler.sample``; ``store_device``
+        receives the captured states.
         """
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if prompt_embeds is None:
@@ -180,14 +228,18 @@ class QwenEditBackView:
         if latents is None:
             latents = self.noise(inputs, generator)
         sigmas = flow_match_sigmas(steps, inputs.n_target, self.c.scheduler_config)
-        res = self.sampler.sample(inputs, latents, sigmas, true_cfg_scale=true_cfg_scale, capture=capture,
-                                  early_exit=early_exit, record_trajectory=record_trajectory,
-                                  progress=progress, cancel=cancel, store_device=store_device)
-        pil = None
+        with self.use(self.c.transformer):
+            res = self.sampler.sample(inputs, latents, sigmas, true_cfg_scale=true_cfg_scale, capture=capture,
+                                      early_exit=early_exit, record_trajectory=record_trajectory,
+                                      callback=callback, progress=progress, cancel=cancel,
+                                      store_device=store_device)
+        out = BackViewResult(images=None, latents=res.latents, knowledge=res.knowledge, trajectory=res.trajectory,
+                             sample=res, inputs=inputs)
         if decode and not res.exited_early:
-            img = decode_latents(self.c.vae, res.latents, *inputs.resolution, self.vae_scale_factor)
-            pil = _image_processor(self.vae_scale_factor).postprocess(img, output_type="pil")
+            with self.use(self.c.vae):
+                img = decode_latents(self.c.vae, res.latents, *inputs.resolution, self.vae_scale_factor)
+            out.image_tensor = ((img.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+            out.images = _image_processor(self.vae_scale_factor).postprocess(img, output_type="pil")
         if res.knowledge is not None:
             res.knowledge.extra["loras"] = [r.path for r in self.loras]
-        return BackViewResult(images=pil, latents=res.latents, knowledge=res.knowledge,
-                              trajectory=res.trajectory, sample=res, inputs=inputs)
+        return out

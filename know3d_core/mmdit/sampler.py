@@ -69,9 +69,15 @@ class EditPlusInputs:
 
 @dataclass
 class TrajectoryStep:
+    """The model input of one sampler step: the latent at ``sigma`` before step ``index`` runs.
+
+    ``latent`` is in the host's model space: packed ``[B, N_target, 4*z]`` here (diffusers), ComfyUI's
+    ``[B, C, 1, h, w]`` in the nodes' trajectory.
+    """
+
     index: int
     sigma: float
-    latents: torch.Tensor   # [B, N_target, 4*z] packed latent at this sigma (input of step `index`)
+    latent: torch.Tensor
 
 
 @dataclass
@@ -175,7 +181,7 @@ class EditPlusSampler:
                 raise Cancelled(f"back-view sampling cancelled before step {i + 1} of {total}")
             if traj is not None:
                 saved = latents if trajectory_device is None else latents.to(trajectory_device)
-                traj.steps.append(TrajectoryStep(index=i, sigma=sched[i], latents=saved))
+                traj.steps.append(TrajectoryStep(index=i, sigma=sched[i], latent=saved))
             t = timesteps[i]
             if choice is not None and i == choice.index:
                 with capture_block_outputs(self.transformer, collector, inputs.n_target):
@@ -213,7 +219,7 @@ class EditPlusSampler:
         step, choice = trajectory.nearest(capture.sigma)
         choice = StepChoice(index=step.index, sigma=step.sigma, sigma_requested=choice.sigma_requested,
                             num_steps=len(trajectory.sigmas) - 1)
-        latents = step.latents
+        latents = step.latent
         device = next(self.transformer.parameters()).device
         latents = latents.to(device)
         t = torch.tensor(step.sigma, dtype=torch.float32, device=device) * 1000

@@ -39,9 +39,28 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from .loading import (
+from ..plan import (
     COMFY_FLOW_PREFIXES,
+    COMFY_VAE_PREFIXES,
+    DECODER_MODELS,
+    DINOV3_REPO,
+    FLOW_MODELS,
     GEOMETRY_MODELS,
+    OFFICIAL_MODELS,
+    PIPELINE_TYPES,
+    SAFETENSORS_FLOAT_DTYPES,
+    SHAPE_DECODER,
+    SHAPE_FLOWS,
+    SS_DECODER,
+    SS_FLOW,
+    comfy_file_kind,
+    comfy_is_512,
+    comfy_source,
+    shape_flows,
+    strip_outer_prefix,
+)
+from ..safetensors_header import read_safetensors_header
+from .loading import (
     CheckpointError,
     PipelineConfig,
     build_flows_from_state_dict,
@@ -53,7 +72,7 @@ from .loading import (
 from .modules.dit import parse_dtype
 
 __all__ = [
-    "COMFY_VAE_PREFIXES", "COMFY_TEXTURE_VAE_PREFIX", "COMFY_SOURCES", "DEFAULT_PIPELINE_CONFIG",
+    "COMFY_SOURCES", "DEFAULT_PIPELINE_CONFIG",
     "default_pipeline_config", "infer_sparse_structure_decoder_args", "infer_shape_decoder_args",
     "load_comfy_flows", "load_comfy_vae_file", "load_comfy_model_set",
 ]
@@ -61,30 +80,8 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 DTypeArg = Union[None, str, torch.dtype]
 
-# Shape VAE prefix -> pipeline.json key of the same network.
-COMFY_VAE_PREFIXES: Dict[str, str] = {
-    "struct_dec.": "sparse_structure_decoder",
-    "shape_dec.": "shape_slat_decoder",
-}
-COMFY_TEXTURE_VAE_PREFIX = "txt_dec."
-_VAE_OUTER_PREFIXES = ("first_stage_model.", "vae.")
-_ROLES = {
-    "sparse_structure_flow_model": "sparse-structure flow",
-    "shape_slat_flow_model_512": "shape flow 512",
-    "shape_slat_flow_model_1024": "shape flow 1024",
-    "sparse_structure_decoder": "sparse-structure decoder (SparseStructureDecoder)",
-    "shape_slat_decoder": "shape decoder (FlexiDualGridVaeDecoder)",
-}
-_FLOW_KEYS = ("sparse_structure_flow_model", "shape_slat_flow_model_512", "shape_slat_flow_model_1024")
-_DECODER_KEYS = ("sparse_structure_decoder", "shape_slat_decoder")
 # Where users get the files (file names as Comfy-Org publishes them).
-COMFY_SOURCES: Dict[str, str] = {
-    "diffusion": "trellis_2_bf16.safetensors from huggingface.co/Comfy-Org/TRELLIS.2 "
-                 "(split_files/diffusion_models) into models/diffusion_models",
-    "vae": "trellis_2_shape_vae_bf16.safetensors from huggingface.co/Comfy-Org/TRELLIS.2 "
-           "(split_files/vae) into models/vae",
-}
-_FLOAT_DTYPES = {"F32", "F16", "BF16"}
+COMFY_SOURCES: Dict[str, str] = {"diffusion": comfy_source("flows"), "vae": comfy_source("vae")}
 _QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale", ".scale_weight")
 
 
@@ -121,21 +118,14 @@ _SHAPE_SLAT_STD = [
 # microsoft/TRELLIS.2 app.py; sigma_min 1e-5 is in every configs/gen/*.json.
 DEFAULT_PIPELINE_CONFIG = PipelineConfig(
     folder="<ComfyUI files: official TRELLIS.2 defaults>",
-    models={
-        "sparse_structure_flow_model": "ckpts/ss_flow_img_dit_1_3B_64_bf16",
-        "sparse_structure_decoder": "microsoft/TRELLIS-image-large/ckpts/ss_dec_conv3d_16l8_fp16",
-        "shape_slat_flow_model_512": "ckpts/slat_flow_img2shape_dit_1_3B_512_bf16",
-        "shape_slat_flow_model_1024": "ckpts/slat_flow_img2shape_dit_1_3B_1024_bf16",
-        "shape_slat_decoder": "ckpts/shape_dec_next_dc_f16c32_fp16",
-    },
+    models={key: OFFICIAL_MODELS[key][0] for key in GEOMETRY_MODELS},
     samplers={
         "sparse_structure_sampler": _sampler(guidance_rescale=0.7, rescale_t=5.0),
         "shape_slat_sampler": _sampler(guidance_rescale=0.5, rescale_t=3.0),
     },
     normalizations={"shape_slat_normalization": {"mean": _SHAPE_SLAT_MEAN, "std": _SHAPE_SLAT_STD}},
     default_pipeline_type="1024_cascade",
-    image_cond_model={"name": "DinoV3FeatureExtractor",
-                      "args": {"model_name": "facebook/dinov3-vitl16-pretrain-lvd1689m"}},
+    image_cond_model={"name": "DinoV3FeatureExtractor", "args": {"model_name": DINOV3_REPO}},
     rembg_model={"name": "BiRefNet", "args": {"model_name": "briaai/RMBG-2.0"}},
 )
 DEFAULT_PIPELINE_CONFIG.args = {
@@ -146,15 +136,6 @@ DEFAULT_PIPELINE_CONFIG.args = {
     "rembg_model": DEFAULT_PIPELINE_CONFIG.rembg_model,
     "default_pipeline_type": DEFAULT_PIPELINE_CONFIG.default_pipeline_type,
 }
-
-# Shape flows each pipeline type runs (as trellis2.pipeline.required_models).
-_TYPE_SHAPE_FLOWS = {
-    "512": ("shape_slat_flow_model_512",),
-    "1024": ("shape_slat_flow_model_1024",),
-    "1024_cascade": ("shape_slat_flow_model_512", "shape_slat_flow_model_1024"),
-    "1536_cascade": ("shape_slat_flow_model_512", "shape_slat_flow_model_1024"),
-}
-
 
 def default_pipeline_config(folder: Optional[str] = None) -> PipelineConfig:
     """A fresh copy of :data:`DEFAULT_PIPELINE_CONFIG` (``folder`` replaces its label)."""
@@ -169,18 +150,12 @@ def _header(path: str) -> Tuple[List[str], Dict[str, str], Dict[str, str]]:
     """``(keys, {key: dtype string}, metadata)`` of a safetensors file, reading no tensor data."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
-            metadata = dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise CheckpointError(
-            f"{path} is not a readable .safetensors file ({e}). Fix: download it again."
-        ) from None
-    if not keys:
+    info = read_safetensors_header(path)
+    if info.problem is not None:
+        raise CheckpointError(f"{path} is not a readable .safetensors file ({info.problem}). Fix: download it again.")
+    if not info.tensors:
         raise CheckpointError(f"{path} holds no tensors. Fix: download it again.")
-    return keys, dtypes, metadata
+    return list(info.tensors), {k: dtype for k, (dtype, _) in info.tensors.items()}, info.metadata
 
 
 def _read(path: str, names: Mapping[str, str]) -> Dict[str, torch.Tensor]:
@@ -190,7 +165,8 @@ def _read(path: str, names: Mapping[str, str]) -> Dict[str, torch.Tensor]:
 
 
 def _check_plain_floats(path: str, dtypes: Mapping[str, str]) -> None:
-    quant = sorted(k for k, d in dtypes.items() if d not in _FLOAT_DTYPES or k.endswith(_QUANT_SUFFIXES))
+    quant = sorted(k for k, d in dtypes.items()
+                   if d not in SAFETENSORS_FLOAT_DTYPES or k.endswith(_QUANT_SUFFIXES))
     if quant:
         kinds = sorted({dtypes[k] for k in quant})
         raise CheckpointError(
@@ -200,36 +176,8 @@ def _check_plain_floats(path: str, dtypes: Mapping[str, str]) -> None:
         )
 
 
-def _strip_common(keys: Sequence[str], outers: Sequence[str]) -> Dict[str, str]:
-    """``{key without a common outer prefix: key in the file}``."""
-    for outer in outers:
-        if all(k.startswith(outer) for k in keys):
-            return {k[len(outer):]: k for k in keys}
-    return {k: k for k in keys}
-
-
-def _kind(keys: Iterable[str]) -> str:
-    """What a ComfyUI TRELLIS.2 file holds: ``"shape_vae"``, ``"texture_vae"``, ``"diffusion"`` or ``"unknown"``."""
-    keys = list(keys)
-    bare = [k.split("diffusion_model.", 1)[-1] for k in keys]
-    bare = [k.split("first_stage_model.", 1)[-1] for k in bare]
-    bare = [k[len("vae."):] if k.startswith("vae.") else k for k in bare]
-    if any(k.startswith(tuple(COMFY_VAE_PREFIXES)) for k in bare):
-        return "shape_vae"
-    if any(k.startswith(COMFY_TEXTURE_VAE_PREFIX) for k in bare):
-        return "texture_vae"
-    if any(k.startswith(tuple(COMFY_FLOW_PREFIXES)) for k in bare):
-        return "diffusion"
-    return "unknown"
-
-
 def _sample_keys(keys: Sequence[str], n: int = 4) -> str:
     return ", ".join(list(keys)[:n]) + (", ..." if len(keys) > n else "")
-
-
-def _is_512(metadata: Mapping[str, str]) -> bool:
-    # As loading.load_comfy_flow_file reads it.
-    return str(metadata.get("is_512", "")).strip().lower() in ("1", "true", "yes")
 
 
 # ----------------------------------------------------------------------------- flows
@@ -241,10 +189,10 @@ def _load_flows(
     """:func:`load_comfy_flows` plus ``{pipeline key: prefix it was read from}``. ``need_geometry``:
     before reading any tensor, require the structure flow and at least one shape flow."""
     names, dtypes, metadata = _header(path)
-    kind = _kind(names)
-    if kind in ("shape_vae", "texture_vae"):
+    kind = comfy_file_kind(names)
+    if kind in ("vae", "texture_vae"):
         raise CheckpointError(
-            f"{path} is ComfyUI's TRELLIS.2 {kind.split('_')[0]} VAE, not the diffusion file: pass it as the "
+            f"{path} is ComfyUI's TRELLIS.2 {'shape' if kind == 'vae' else 'texture'} VAE, not the diffusion file: pass it as the "
             f"VAE file, and as the diffusion file {COMFY_SOURCES['diffusion']}."
         )
     _check_plain_floats(path, dtypes)
@@ -254,18 +202,18 @@ def _load_flows(
             f"Fix: use {COMFY_SOURCES['diffusion']}."
         )
     groups = split_state_dict_by_prefix({k: k for k in names}, COMFY_FLOW_PREFIXES, path)
-    is_512 = _is_512(metadata)
+    is_512 = comfy_is_512(metadata)
     if is_512 and "img2shape." in groups and "img2shape_512." in groups:
         raise CheckpointError(f"{path}: metadata is_512 but the file also holds img2shape_512.*")
     available: Dict[str, str] = {}  # pipeline key -> prefix
     for prefix in groups:
-        key = "shape_slat_flow_model_512" if prefix == "img2shape." and is_512 else COMFY_FLOW_PREFIXES[prefix]
-        if key in _FLOW_KEYS:
+        key = SHAPE_FLOWS["512"] if prefix == "img2shape." and is_512 else COMFY_FLOW_PREFIXES[prefix]
+        if key in FLOW_MODELS:
             available[key] = prefix
-    wanted = [k for k in _FLOW_KEYS if k in available] if keys is None else list(keys)
+    wanted = [k for k in FLOW_MODELS if k in available] if keys is None else list(keys)
     if need_geometry:
-        lacking = [] if "sparse_structure_flow_model" in available else ["the structure flow (structure_model.*)"]
-        if not any(k in available for k in _FLOW_KEYS[1:]):
+        lacking = [] if SS_FLOW in available else ["the structure flow (structure_model.*)"]
+        if not any(k in available for k in SHAPE_FLOWS.values()):
             lacking.append("a shape flow (img2shape_512.* / img2shape.*)")
         if lacking:
             raise CheckpointError(
@@ -273,14 +221,14 @@ def _load_flows(
                 f"Fix: use {COMFY_SOURCES['diffusion']}."
             )
     for key in wanted:
-        if key not in _FLOW_KEYS:
-            raise KeyError(f"{key!r} is not a flow of a ComfyUI TRELLIS.2 diffusion file; flows: {list(_FLOW_KEYS)}")
+        if key not in FLOW_MODELS:
+            raise KeyError(f"{key!r} is not a flow of a ComfyUI TRELLIS.2 diffusion file; flows: {list(FLOW_MODELS)}")
         if key not in available:
             expected = {v: k for k, v in COMFY_FLOW_PREFIXES.items()}[key]
             has = ", ".join(f"{p}*" for p in groups)
             note = " (with metadata is_512, img2shape.* is the 512 model)" if is_512 else ""
             raise CheckpointError(
-                f"{path} lacks the {_ROLES[key]} ({expected}* keys){note}; it holds {has}. Fix: use the "
+                f"{path} lacks the {_role(key)} ({expected}* keys){note}; it holds {has}. Fix: use the "
                 f"complete file, {COMFY_SOURCES['diffusion']}, or run a pipeline type that needs only the "
                 "flows it has."
             )
@@ -428,14 +376,20 @@ def infer_shape_decoder_args(state_dict: Mapping[str, torch.Tensor], source: str
 
 
 _DECODERS = {
-    "sparse_structure_decoder": ("SparseStructureDecoder", infer_sparse_structure_decoder_args),
-    "shape_slat_decoder": ("FlexiDualGridVaeDecoder", infer_shape_decoder_args),
+    SS_DECODER: ("SparseStructureDecoder", infer_sparse_structure_decoder_args),
+    SHAPE_DECODER: ("FlexiDualGridVaeDecoder", infer_shape_decoder_args),
 }
+
+
+def _role(key: str) -> str:
+    """``"shape flow 512"``, ``"shape decoder (FlexiDualGridVaeDecoder)"`` ... for messages."""
+    role = OFFICIAL_MODELS[key][2]
+    return f"{role} ({_DECODERS[key][0]})" if key in _DECODERS else role
 
 
 def load_comfy_vae_file(
     path: PathLike,
-    keys: Iterable[str] = _DECODER_KEYS,
+    keys: Iterable[str] = DECODER_MODELS,
     device: Union[str, torch.device] = "cpu",
     decoder_dtype: DTypeArg = None,
 ) -> Dict[str, nn.Module]:
@@ -453,23 +407,23 @@ def load_comfy_vae_file(
     """
     path = os.fspath(path)
     names, dtypes, _ = _header(path)
-    kind = _kind(names)
+    kind = comfy_file_kind(names)
     if kind == "texture_vae":
         raise CheckpointError(
             f"{path} is ComfyUI's TRELLIS.2 texture VAE (txt_dec.* only). Geometry needs the shape VAE "
             f"(struct_dec.* + shape_dec.*): {COMFY_SOURCES['vae']}."
         )
-    if kind == "diffusion":
+    if kind == "flows":
         raise CheckpointError(
             f"{path} is ComfyUI's TRELLIS.2 diffusion file (the flows), not the shape VAE: pass it as the "
             f"diffusion file, and as the VAE file {COMFY_SOURCES['vae']}."
         )
-    if kind == "unknown":
+    if kind is None:
         raise CheckpointError(
             f"{path} is not ComfyUI's TRELLIS.2 shape VAE: no struct_dec.* / shape_dec.* keys "
             f"(it has {_sample_keys(names)}). Fix: use {COMFY_SOURCES['vae']}."
         )
-    bare = _strip_common(names, _VAE_OUTER_PREFIXES)
+    bare = strip_outer_prefix(names)
     groups: Dict[str, Dict[str, str]] = {}
     for key, full in bare.items():
         prefix = next((p for p in COMFY_VAE_PREFIXES if key.startswith(p)), None)
@@ -482,7 +436,7 @@ def load_comfy_vae_file(
             raise KeyError(f"{key!r} is not a decoder of ComfyUI's shape VAE; decoders: {list(prefix_of)}")
     missing = [key for key in keys if prefix_of[key] not in groups]
     if missing:
-        parts = "; ".join(f"{prefix_of[k]}* (the {_ROLES[k]})" for k in missing)
+        parts = "; ".join(f"{prefix_of[k]}* (the {_role(k)})" for k in missing)
         raise CheckpointError(
             f"{path} lacks {parts}; ComfyUI's TRELLIS.2 shape VAE holds struct_dec.* and shape_dec.*. "
             f"Fix: use the complete file, {COMFY_SOURCES['vae']}."
@@ -508,10 +462,10 @@ def load_comfy_vae_file(
 # ----------------------------------------------------------------------------- the set
 def _pick_pipeline_type(preferred: str, loaded: Iterable[str]) -> str:
     loaded = set(loaded)
-    if set(_TYPE_SHAPE_FLOWS.get(preferred, ("?",))) <= loaded:
+    if preferred in PIPELINE_TYPES and set(shape_flows(preferred)) <= loaded:
         return preferred
     for candidate in ("1024_cascade", "1024", "512"):
-        if set(_TYPE_SHAPE_FLOWS[candidate]) <= loaded:
+        if set(shape_flows(candidate)) <= loaded:
             return candidate
     return preferred
 
@@ -550,14 +504,14 @@ def load_comfy_model_set(
     """
     diffusion_file, vae_file = os.fspath(diffusion_file), os.fspath(vae_file)
     if keys is None:
-        flow_keys, decoder_keys = None, list(_DECODER_KEYS)
+        flow_keys, decoder_keys = None, list(DECODER_MODELS)
     else:
         keys = list(keys)
         unknown = [k for k in keys if k not in GEOMETRY_MODELS]
         if unknown:
             raise KeyError(f"unknown model key(s) {unknown}; geometry models: {list(GEOMETRY_MODELS)}")
-        flow_keys = [k for k in keys if k in _FLOW_KEYS]
-        decoder_keys = [k for k in keys if k in _DECODER_KEYS]
+        flow_keys = [k for k in keys if k in FLOW_MODELS]
+        decoder_keys = [k for k in keys if k in DECODER_MODELS]
     if pipeline_config is None:
         config = default_pipeline_config(os.path.dirname(os.path.abspath(diffusion_file)))
     elif isinstance(pipeline_config, PipelineConfig):

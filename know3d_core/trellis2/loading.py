@@ -29,6 +29,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..plan import COMFY_FLOW_PREFIXES, GEOMETRY_MODELS, strip_outer_prefix
 from .modules.dit import parse_dtype
 
 __all__ = [
@@ -51,17 +52,9 @@ MODEL_CLASSES: Dict[str, Tuple[str, str]] = {
     "ElasticSLatFlowModel": ("slat_flow", "SLatFlowModel"),  # training-only memory mixin upstream
     "SparseStructureDecoder": ("sparse_structure_decoder", "SparseStructureDecoder"),
     "FlexiDualGridVaeDecoder": ("shape_decoder", "FlexiDualGridVaeDecoder"),
+    "SparseStructureEncoder": ("sparse_structure_encoder", "SparseStructureEncoder"),
+    "FlexiDualGridVaeEncoder": ("shape_encoder", "FlexiDualGridVaeEncoder"),
 }
-
-# pipeline.json "models" entries of the geometry path (texture models are not used).
-GEOMETRY_MODELS: Tuple[str, ...] = (
-    "sparse_structure_flow_model",
-    "sparse_structure_decoder",
-    "shape_slat_flow_model_512",
-    "shape_slat_flow_model_1024",
-    "shape_slat_decoder",
-)
-
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit its network (names the file, the keys and the fix)."""
@@ -385,14 +378,6 @@ def load_pipeline_models(
 
 
 # ----------------------------------------------------------------------------- ComfyUI single files
-# ComfyUI repack prefix -> pipeline.json key of the same network.
-COMFY_FLOW_PREFIXES: Dict[str, str] = {
-    "structure_model.": "sparse_structure_flow_model",
-    "img2shape_512.": "shape_slat_flow_model_512",
-    "img2shape.": "shape_slat_flow_model_1024",
-    "shape2txt.": "tex_slat_flow_model_1024",
-}
-
 _FLOW_COMMON = dict(
     model_channels=1536, cond_channels=1024, num_blocks=30, num_heads=12, mlp_ratio=5.3334,
     pe_mode="rope", share_mod=True, initialization="scaled", qk_rms_norm=True, qk_rms_norm_cross=True,
@@ -410,29 +395,21 @@ FULL_SIZE_FLOW_CONFIGS: Dict[str, Tuple[str, Dict[str, Any]]] = {
         "SLatFlowModel", dict(resolution=64, in_channels=64, out_channels=32, **_FLOW_COMMON)),
 }
 
-_OUTER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")  # ComfyUI saves vary
-
-
 def split_state_dict_by_prefix(
     state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str], source: str = "<state dict>"
 ) -> Dict[str, Dict[str, torch.Tensor]]:
     """Split ``{prefix + key: tensor}`` into ``{prefix: {key: tensor}}`` (prefixes without a key are
-    left out). A common outer ``model.diffusion_model.`` is stripped first. Keys that match no prefix
-    raise :class:`CheckpointError` naming them and the file."""
+    left out). A common outer prefix (``model.diffusion_model.`` ..., ``plan.strip_outer_prefix``) is
+    stripped first. Keys that match no prefix raise :class:`CheckpointError` naming them and the file."""
     prefixes = sorted(prefixes, key=len, reverse=True)
-    keys = list(state_dict)
-    for outer in _OUTER_PREFIXES:
-        if keys and all(k.startswith(outer) for k in keys):
-            state_dict = {k[len(outer):]: v for k, v in state_dict.items()}
-            break
     out: Dict[str, Dict[str, torch.Tensor]] = {}
     stray = []
-    for k, v in state_dict.items():
+    for k, full in strip_outer_prefix(list(state_dict)).items():
         p = next((p for p in prefixes if k.startswith(p)), None)
         if p is None:
-            stray.append(k)
+            stray.append(full)
         else:
-            out.setdefault(p, {})[k[len(p):]] = v
+            out.setdefault(p, {})[k[len(p):]] = state_dict[full]
     if stray:
         raise CheckpointError(
             f"{source}: keys with no known prefix ({len(stray)}): {_key_list(stray)}; expected prefixes "

@@ -11,26 +11,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...plan import dtype_name
 from .blocks import ModulatedTransformerCrossBlock
 from .embedder import TimestepEmbedder
 
 __all__ = ["FlowDiT", "parse_dtype"]
 
-_DTYPES = {
-    "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "f32": torch.float32, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-}
-
-
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    """``'bfloat16'``/``'bf16'``/``torch.bfloat16`` ... -> torch dtype (fp32, bf16 or fp16)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPES:
-        return _DTYPES[dtype.lower()]
-    raise ValueError(f"unsupported dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+    """``'bfloat16'``/``'bf16'``/``torch.bfloat16`` ... -> torch dtype (fp32, bf16 or fp16; names as
+    ``plan.dtype_name`` reads them)."""
+    return getattr(torch, dtype_name(dtype))
 
 
 class FlowDiT(nn.Module):

@@ -34,78 +34,54 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 import torch.nn as nn
 
-from ..sampling import (
+from .sampling import (
     FlowEulerGuidanceIntervalSampler,
     SamplerParams,
     dense_cfg_batch,
     reference_noise,
     sparse_cfg_batch,
 )
-from ..sparse import SparseTensor
-from .loading import GEOMETRY_MODELS, PipelineConfig, load_pipeline_models, read_pipeline_config
-from .sparse_structure_decoder import decode_occupancy
+from .knowledge import (
+    Knowledge,
+    MultiViewCondition,
+    apply_know3d,
+    load_know3d_merged,
+    multi_view_model_fn,
+    prepare_knowledge,
+    read_know3d,
+    require_branch,
+)
+from .plan import (
+    DECODER_MODELS,
+    DINOV3_FOLDER,
+    MAX_NUM_TOKENS,
+    SHAPE_DECODER,
+    SHAPE_FLOWS,
+    SS_DECODER,
+    SS_FLOW,
+    SS_STAGE,
+    cond_resolutions,
+    models_for_types,
+    shape_stages,
+    ss_resolution,
+)
+from .plan import pipeline_type as pipeline_type_plan
+from .sparse import SparseTensor
+from .trellis2.loading import PipelineConfig, load_pipeline_models, read_pipeline_config
+from .trellis2.sparse_structure_decoder import decode_occupancy
 
 __all__ = [
-    "PIPELINE_TYPES",
-    "MAX_NUM_TOKENS",
-    "SS_STAGE",
     "GeometryResult",
     "Trellis2GeometryPipeline",
-    "ss_resolution",
-    "cond_resolutions",
-    "required_models",
-    "progress_plan",
     "quantize_coords",
     "cascade_coords",
     "StageTimer",
+    "knowledge_info",
 ]
-
-PIPELINE_TYPES = ("512", "1024", "1024_cascade", "1536_cascade")
-MAX_NUM_TOKENS = 49152
-SS_STAGE = "sparse_structure"
-DINOV3_FOLDER = "dinov3-vitl16-pretrain-lvd1689m"
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
 ParamsArg = Union[None, SamplerParams, Mapping[str, Any]]
-
-
-# ----------------------------------------------------------------------------------- pipeline types
-def _check_type(pipeline_type: str) -> str:
-    if pipeline_type not in PIPELINE_TYPES:
-        raise ValueError(f"unknown pipeline_type {pipeline_type!r}; use one of {', '.join(PIPELINE_TYPES)}")
-    return pipeline_type
-
-
-def ss_resolution(pipeline_type: str) -> int:
-    """Grid of the structure coords: 64 for ``1024``, else 32."""
-    return 64 if _check_type(pipeline_type) == "1024" else 32
-
-
-def cond_resolutions(pipeline_type: str) -> Tuple[int, ...]:
-    """DINOv3 image sizes a pipeline type needs: (512,) for ``512``, else (512, 1024). The structure
-    stage and the 512 shape model use 512 px; the 1024 shape model 1024 px."""
-    return (512,) if _check_type(pipeline_type) == "512" else (512, 1024)
-
-
-def _hr_resolution(pipeline_type: str) -> int:
-    return {"1024_cascade": 1024, "1536_cascade": 1536}[pipeline_type]
-
-
-def _shape_stages(pipeline_type: str) -> List[str]:
-    """Shape flow models in run order: their stage names are ``shape_slat_512`` / ``shape_slat_1024``."""
-    return {"512": ["512"], "1024": ["1024"]}.get(_check_type(pipeline_type), ["512", "1024"])
-
-
-def required_models(pipeline_type: str) -> Tuple[str, ...]:
-    """pipeline.json model keys a pipeline type runs."""
-    flows = tuple(f"shape_slat_flow_model_{s}" for s in _shape_stages(pipeline_type))
-    return ("sparse_structure_flow_model", "sparse_structure_decoder") + flows + ("shape_slat_decoder",)
-
-
-def progress_plan(pipeline_type: str, ss_steps: int = 12, shape_steps: int = 12) -> List[Tuple[str, int]]:
-    """``[(stage, total steps)]`` in run order, as the progress callback will report them."""
-    return [(SS_STAGE, ss_steps)] + [(f"shape_slat_{s}", shape_steps) for s in _shape_stages(pipeline_type)]
 
 
 # ----------------------------------------------------------------------------------- cascade coords
@@ -233,7 +209,7 @@ def _find_dinov3(folder: str, config: PipelineConfig) -> Optional[str]:
 def _dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    from .modules.dit import parse_dtype
+    from .trellis2.modules.dit import parse_dtype
 
     return parse_dtype(dtype)
 
@@ -246,15 +222,6 @@ def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.
 
 
 # ----------------------------------------------------------------------------------- pipeline
-def _needed_models(pipeline_types: Optional[Sequence[str]]) -> List[str]:
-    """The geometry networks the given pipeline types need (all of them for None)."""
-    keys = list(GEOMETRY_MODELS)
-    if pipeline_types is None:
-        return keys
-    needed = {k for t in pipeline_types for k in required_models(t)}
-    return [k for k in keys if k in needed]
-
-
 class Trellis2GeometryPipeline:
     """The geometry path of TRELLIS.2 over loaded networks.
 
@@ -322,7 +289,7 @@ class Trellis2GeometryPipeline:
         folder = os.fspath(folder)
         device = torch.device(device)
         config = read_pipeline_config(folder)
-        keys = _needed_models(pipeline_types)
+        keys = models_for_types(pipeline_types)
         home = torch.device("cpu") if offload else device
         models = load_pipeline_models(folder, keys=keys, dtype=_dtype(dtype), device=home)
         dino_path = os.fspath(dinov3) if dinov3 is not None else _find_dinov3(folder, config)
@@ -351,12 +318,12 @@ class Trellis2GeometryPipeline:
         shape-latent normalisation come from the official defaults unless ``pipeline_config`` names
         a ``pipeline.json``. Other arguments as :meth:`from_pretrained`.
         """
-        from .comfy_files import load_comfy_model_set
+        from .trellis2.comfy_files import load_comfy_model_set
 
         device = torch.device(device)
         home = torch.device("cpu") if offload else device
         models, config = load_comfy_model_set(os.fspath(diffusion_file), os.fspath(vae_file), device=home,
-                                              dtype=_dtype(dtype), keys=_needed_models(pipeline_types),
+                                              dtype=_dtype(dtype), keys=models_for_types(pipeline_types),
                                               pipeline_config=pipeline_config)
         dino_path = os.fspath(dinov3) if dinov3 is not None else None
         return cls._assemble(models, config, device, offload, know3d, decoder_dtype, dino_path,
@@ -370,13 +337,13 @@ class Trellis2GeometryPipeline:
         home = torch.device("cpu") if offload else device
         dec_dtype = _dtype(decoder_dtype) or (None if device.type == "cuda" else torch.float32)
         if dec_dtype is not None:
-            for key in ("sparse_structure_decoder", "shape_slat_decoder"):
+            for key in DECODER_MODELS:
                 if key in models:
                     models[key].convert_to(dec_dtype)
         spec = cls._load_know3d(models, os.fspath(know3d), home) if know3d is not None else None
         extractor = None
         if dino_path is not None:
-            from ..conditioning import DinoV3FeatureExtractor
+            from .conditioning import DinoV3FeatureExtractor
 
             extractor = DinoV3FeatureExtractor.from_pretrained(dino_path, device=home)
         pipe = cls(models, config, extractor, device=device, offload=offload, know3d_spec=spec)
@@ -386,8 +353,6 @@ class Trellis2GeometryPipeline:
     @staticmethod
     def _load_know3d(models: Dict[str, nn.Module], path: str, device: torch.device) -> Any:
         """Apply (delta) or load (merged) a Know3D checkpoint onto the loaded flows; returns its spec."""
-        from ..knowledge import apply_know3d, load_know3d_merged, read_know3d
-
         ckpt = read_know3d(path)
         flows = [k for k in models if "flow" in k and k in ckpt.tensors]
         if not flows:
@@ -446,7 +411,7 @@ class Trellis2GeometryPipeline:
     # ------------------------------------------------------------------ conditioning
     def preprocess(self, image: Any, mask: Any = None, **kwargs) -> Any:
         """Reference preprocessing (foreground crop on black), see ``conditioning.preprocess_image``."""
-        from ..conditioning import preprocess_image
+        from .conditioning import preprocess_image
 
         return preprocess_image(image, mask, **kwargs)
 
@@ -458,7 +423,7 @@ class Trellis2GeometryPipeline:
                 f"facebook/{DINOV3_FOLDER} into {getattr(self, '_dinov3_hint', DINOV3_FOLDER)} "
                 "(or pass dinov3=...)"
             )
-        from ..conditioning import get_cond
+        from .conditioning import get_cond
 
         with self.use(self.image_cond_model):
             cond = get_cond(self.image_cond_model, images, int(resolution))
@@ -470,23 +435,19 @@ class Trellis2GeometryPipeline:
         injected kind meets flows without a Know3D branch. None always passes."""
         if knowledge is None:
             return
-        from ..knowledge import Knowledge, has_branch
-
         if not isinstance(knowledge, Knowledge):
             raise TypeError(f"knowledge must be a know3d_core.knowledge.Knowledge, got {type(knowledge).__name__}")
         if not knowledge.injected:
             return
         if self.know3d_spec is not None:
             self.know3d_spec.check(knowledge, origin="the loaded Know3D checkpoint")
-        keys = ["sparse_structure_flow_model"]
-        if pipeline_type is not None:
-            keys += [f"shape_slat_flow_model_{s}" for s in _shape_stages(pipeline_type)]
-        plain = [k for k in keys if k in self.models and not has_branch(self.models[k])]
-        if plain:
-            raise ValueError(
-                f"{knowledge.kind} knowledge needs a Know3D branch, but {plain} have none: load the "
-                "pipeline with know3d=<Know3D checkpoint> (or use variant 'none' / 'multiview')"
-            )
+        self.require_branch(knowledge.kind, pipeline_type)
+
+    def require_branch(self, kind: str, pipeline_type: Optional[str] = None) -> None:
+        """ValueError (``knowledge.require_branch``'s one message) unless every loaded flow that
+        ``pipeline_type`` runs (the structure flow alone for None) carries a Know3D branch for ``kind``."""
+        keys = (SS_FLOW,) + (pipeline_type_plan(pipeline_type).shape_flows if pipeline_type is not None else ())
+        require_branch({k: self.models[k] for k in keys if k in self.models}, kind)
 
     # ------------------------------------------------------------------ guidance plumbing
     @contextlib.contextmanager
@@ -498,13 +459,7 @@ class Trellis2GeometryPipeline:
         batch = sparse_cfg_batch if sparse else dense_cfg_batch
         try:
             if knowledge is not None and knowledge.injected:
-                from ..knowledge import has_branch, prepare_knowledge
-
-                if not has_branch(flow):
-                    raise ValueError(
-                        f"{knowledge.kind} knowledge needs a Know3D branch in {type(flow).__name__}: "
-                        "load the pipeline with know3d=<Know3D checkpoint>"
-                    )
+                require_branch({type(flow).__name__: flow}, knowledge.kind)
                 ctx = prepare_knowledge(flow, knowledge.to(self.device))
 
                 def fn(x, t, cc):
@@ -512,8 +467,6 @@ class Trellis2GeometryPipeline:
 
                 yield fn, batch(fn), c, n
             elif knowledge is not None:  # multi_view: the back image is a second image condition
-                from ..knowledge import MultiViewCondition, multi_view_model_fn
-
                 back = self.get_cond(knowledge.tensor, image_size)["cond"]
                 if back.shape[0] != c.shape[0]:
                     back = back.expand(c.shape[0], -1, -1)
@@ -577,8 +530,8 @@ class Trellis2GeometryPipeline:
         Returns:
             int32 ``[N, 4]`` (b, x, y, z) on the CPU, batch-major, x/y/z ascending.
         """
-        flow = self.model("sparse_structure_flow_model")
-        decoder = self.model("sparse_structure_decoder")
+        flow = self.model(SS_FLOW)
+        decoder = self.model(SS_DECODER)
         sampler = FlowEulerGuidanceIntervalSampler(self.sampler_params(SS_STAGE, params))
         gen = self._generator(generator, seed)
         B = cond["cond"].shape[0]
@@ -627,32 +580,33 @@ class Trellis2GeometryPipeline:
         Returns:
             ``(slat, resolution)``: de-normalised SparseTensor ``[N, 32]`` on ``device`` and the mesh grid.
         """
-        _check_type(pipeline_type)
+        plan = pipeline_type_plan(pipeline_type)
         self.last_num_tokens = {}
         gen = self._generator(generator, seed)
         params = self.sampler_params("shape_slat", params)
-        if pipeline_type in ("512", "1024"):
-            grid = 32 if pipeline_type == "512" else 64
-            size = 512 if pipeline_type == "512" else 1024
-            slat = self._sample_slat(pipeline_type, coords, grid, cond, knowledge, gen, params, size,
-                                     callback, cancel)
-            return slat, int(pipeline_type)
+        first = plan.shape_stages[0]
+        if not plan.cascade:
+            slat = self._sample_slat(first, coords, plan.structure_grid, cond, knowledge, gen, params, callback,
+                                     cancel)
+            return slat, plan.mesh_resolution
         if cond_hr is None:
             raise ValueError(f"{pipeline_type} needs cond_hr = get_cond(images, 1024) for its second stage")
-        lr = self._sample_slat("512", coords, 32, cond, knowledge, gen, params, 512, callback, cancel)
+        lr = self._sample_slat(first, coords, plan.structure_grid, cond, knowledge, gen, params, callback, cancel)
         fine = self.upsample(lr)
         del lr
-        hr_coords, hr_res = cascade_coords(fine, _hr_resolution(pipeline_type), max_num_tokens, 32 * 16)
+        hr_coords, hr_res = cascade_coords(fine, plan.hr_resolution, max_num_tokens, int(first))
         del fine
-        slat = self._sample_slat("1024", hr_coords, hr_res // 16, cond_hr, knowledge, gen, params, 1024,
+        slat = self._sample_slat(plan.shape_stages[1], hr_coords, hr_res // 16, cond_hr, knowledge, gen, params,
                                  callback, cancel)
         return slat, hr_res
 
     def _sample_slat(self, which: str, coords: torch.Tensor, grid: int, cond, knowledge, gen, params,
-                     image_size: int, callback, cancel) -> SparseTensor:
-        """One shape flow on ``coords`` (grid^3), de-normalised."""
-        flow = self.model(f"shape_slat_flow_model_{which}")
+                     callback, cancel) -> SparseTensor:
+        """One shape flow on ``coords`` (grid^3), de-normalised. ``which``: the flow's size, which is
+        also its DINOv3 condition size (``"512"`` | ``"1024"``)."""
+        flow = self.model(SHAPE_FLOWS[which])
         stage = f"shape_slat_{which}"
+        image_size = int(which)
         coords = coords.to(self.device, torch.int32).contiguous()
         B = cond["cond"].shape[0]
         noise = reference_noise(gen, coords.shape[0], flow.in_channels, device=self.device)
@@ -681,7 +635,7 @@ class Trellis2GeometryPipeline:
         """``sample_shape_slat`` from the DINOv3 conditions by image size (``{512: get_cond(img, 512),
         1024: ...}``, the sizes ``cond_resolutions(pipeline_type)`` lists): each shape stage gets the
         condition of its own size. ``kwargs``: those of ``sample_shape_slat`` (generator, params, ...)."""
-        stages = _shape_stages(pipeline_type)
+        stages = shape_stages(pipeline_type)
         missing = sorted({int(s) for s in stages} - set(conds))
         if missing:
             raise ValueError(f"pipeline_type {pipeline_type} needs DINOv3 conditions at {missing} px")
@@ -693,7 +647,7 @@ class Trellis2GeometryPipeline:
     @property
     def structure_noise_shape(self) -> Tuple[int, int, int, int, int]:
         """``(1, C, R, R, R)``: the structure noise of one sample, which a run draws first."""
-        flow = self.model("sparse_structure_flow_model")
+        flow = self.model(SS_FLOW)
         r = int(flow.resolution)
         return (1, int(flow.in_channels), r, r, r)
 
@@ -701,8 +655,8 @@ class Trellis2GeometryPipeline:
     def structure_decoder_grid(self) -> int:
         """Grid of the structure decoder's occupancy (64 for TRELLIS.2): the finest ``resolution``
         ``sample_sparse_structure`` can return (coarser grids are max-pooled from it)."""
-        flow = self.model("sparse_structure_flow_model")
-        return int(flow.resolution) * int(self.model("sparse_structure_decoder").upsample_factor)
+        flow = self.model(SS_FLOW)
+        return int(flow.resolution) * int(self.model(SS_DECODER).upsample_factor)
 
     def shape_generator(self, seed: int) -> torch.Generator:
         """The noise source of a shape stage run apart from its structure stage (a host's separate
@@ -715,7 +669,7 @@ class Trellis2GeometryPipeline:
     @torch.no_grad()
     def upsample(self, slat: SparseTensor) -> torch.Tensor:
         """The shape decoder's predicted voxels 16x finer than ``slat`` (``[N', 4]`` int32)."""
-        decoder = self.model("shape_slat_decoder")
+        decoder = self.model(SHAPE_DECODER)
         with self.use(decoder):
             return decoder.upsample(slat, upsample_times=4)
 
@@ -723,7 +677,7 @@ class Trellis2GeometryPipeline:
     @torch.no_grad()
     def decode_shapes(self, slat: SparseTensor, resolution: int) -> List[Any]:
         """Shape latent -> one raw mesh per batch item (on the CPU)."""
-        decoder = self.model("shape_slat_decoder")
+        decoder = self.model(SHAPE_DECODER)
         with self.use(decoder):
             meshes = decoder.decode(slat.to(self.device), int(resolution))
         return [m.cpu() for m in meshes]
@@ -754,7 +708,7 @@ class Trellis2GeometryPipeline:
     ) -> GeometryResult:
         """Image -> mesh. ``image``: PIL or float tensor ``[H, W, 3|4]``; preprocessed (foreground
         crop on black, needs alpha or ``mask``) unless ``preprocess=False``."""
-        pipeline_type = _check_type(pipeline_type or self.default_pipeline_type)
+        pipeline_type = pipeline_type_plan(pipeline_type or self.default_pipeline_type).name
         self.check_knowledge(knowledge, pipeline_type)
         timer = StageTimer(self.device)
         with timer("preprocess"):
