@@ -241,9 +241,15 @@ class Know3DPipeline:
             raise ValueError(f"variant {variant!r} needs the Qwen-Image-Edit back-view model: load with qwen=<folder>")
         if not needs_know3d(variant):
             return
+        if self.know3d_spec is not None:
+            self._check_checkpoint(variant, kind, sigma, layers)
+        self.geometry.require_branch(kind, pipeline_type)  # also: no checkpoint loaded at all
+
+    def _check_checkpoint(self, variant: str, kind: str, sigma: Optional[float],
+                          layers: Optional[Sequence[int]]) -> None:
+        """``KnowledgeMismatchError`` unless the loaded Know3D checkpoint was trained for the
+        variant's kind and (``hidden``) for the capture that will run."""
         spec = self.know3d_spec
-        if spec is None:  # no checkpoint: no flow has a branch
-            self.geometry.require_branch(kind, pipeline_type)
         if spec.knowledge_kind != kind:
             raise KnowledgeMismatchError(
                 f"the loaded Know3D checkpoint was trained for {spec.describe()} knowledge, "
@@ -263,7 +269,6 @@ class Know3DPipeline:
                     f"the loaded Know3D checkpoint was trained on hidden states at sigma {spec.sigma}, "
                     f"the capture asks for sigma {cap.sigma}"
                 )
-        self.geometry.require_branch(kind, pipeline_type)
 
     # ------------------------------------------------------------------ stage 1: back view
     def preprocess(self, image: Any, mask: Any = None, **kwargs) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..argtypes import positive_int as _positive
 from ..errors import EXIT_OK, UsageError
 
 __all__ = ["register"]
@@ -49,16 +50,6 @@ def _resolutions(text: str):
     if not values or any(v not in layout.DUAL_GRID_RESOLUTIONS for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(map(str, layout.DUAL_GRID_RESOLUTIONS))}")
     return values
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return v
 
 
 def _add_step_options(p) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..argtypes import positive_int as _positive
 from ..errors import EXIT_OK, UsageError
 
 __all__ = ["register", "parse_variants", "check_eval_deps"]
@@ -33,16 +34,6 @@ def parse_variants(values):
             raise UsageError(f"--pred: variant name {name!r} given twice; use NAME=DIR to name them apart")
         out[name] = path
     return out
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return v
 
 
 def register(subparsers) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
+from ..argtypes import fraction, int_list, positive_int, size
 from ..errors import UsageError
 from ..plan import DTYPE_NAMES, PIPELINE_TYPES, VARIANTS, auto_dtype_name, dtype_name
 
 __all__ = ["add_model_options", "add_generation_options", "open_front_image", "resolve_device", "resolve_dtype",
-           "run_settings", "sha256", "size", "fraction", "int_list", "positive_int"]
+           "run_settings", "sha256"]
 
 _MODELS_HELP = """\
 TRELLIS.2 folder: the official layout (pipeline.json + ckpts/, as in microsoft/TRELLIS.2-4B;
@@ -81,47 +82,6 @@ def add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> No
                    help="side of each normal render in normals.png (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
-
-
-def size(text: str) -> tuple:
-    parts = text.lower().replace(" ", "").split("x")
-    try:
-        h, w = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(parts[0]), int(parts[0]))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give HxW, e.g. 1024x1024") from None
-    if h < 16 or w < 16 or h % 16 or w % 16:
-        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be multiples of 16 (at least 16)")
-    return h, w
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1)")
-    return value
-
-
-def int_list(text: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give block indices >= 0, e.g. 20,30,40")
-    return values
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 # --------------------------------------------------------------------------------------- inputs

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 
+from ..argtypes import size as _pair
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
 
 __all__ = ["register", "cmd_train", "cmd_export_pairs", "config_from_options"]
@@ -25,17 +26,6 @@ examples:
   torchrun --nproc_per_node 8 -m know3d_core.cli train know3d --stage ss ... (same flags on every node)
 Outputs: RUN/export/ (know3d.safetensors | TRELLIS.2/ | backview_lora.safetensors), RUN/metrics.csv,
 RUN/tensorboard/, RUN/loss.png, RUN/checkpoints/ (resume with --resume)."""
-
-
-def _pair(text: str):
-    parts = text.lower().replace(" ", "").split("x")
-    try:
-        h, w = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(parts[0]), int(parts[0]))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give HxW, e.g. 1024x1024") from None
-    if h < 16 or w < 16 or h % 16 or w % 16:
-        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be multiples of 16")
-    return h, w
 
 
 def _ints(text: str):
