@@ -106,3 +106,21 @@ def test_trajectory_knowledge_and_a_cache_of_another_sigma(setup, tmp_path, caps
                                    "--knowledge-cache", cache, "--layers", "1,2", "--sigma", "0.5", steps=1), capsys)
     assert code == 2 and "sigma" in err and str(cache) in err
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_knowledge_command_fills_the_cache_that_training_reads(stage1, setup, tmp_path):
+    """``know3d train knowledge`` computes, per pair, the tensor the training run cached (the
+    knowledge seed is a function of the pair, not of the run)."""
+    from safetensors.torch import load_file
+
+    demo, data, root = setup
+    cache = tmp_path / "kc"
+    code, _ = run_cli(["train", "knowledge", "--data", str(data), "--out", str(tmp_path / "k"), "--models",
+                       demo.trellis2, "--qwen", demo.qwen, *FAST_QWEN, "--knowledge-source", "gt_latent",
+                       "--knowledge-cache", str(cache), "--layers", "1,2", "--sigma", "0.3", "--device", "cpu",
+                       "--no-progress"])
+    assert code == 0
+    files = sorted(p for p in os.listdir(cache) if p.endswith(".safetensors"))
+    assert len(files) == 4 and (cache / "cache.json").read_text() == (root / "kcache" / "cache.json").read_text()
+    for name in files:
+        assert torch.equal(load_file(cache / name)["tensor"], load_file(root / "kcache" / name)["tensor"]), name

@@ -49,7 +49,9 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train Know3D, fine-tune TRELLIS.2 or the back-view LoRA on a prepared dataset",
                        description=__doc__.split("\n\n")[0], epilog=_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=("know3d", "trellis2", "backview"), help="what to train")
+    p.add_argument("task", choices=("know3d", "trellis2", "backview", "knowledge"),
+                   help="what to train; 'knowledge' only fills --knowledge-cache for every pair (know3d's "
+                        "knowledge flags; under torchrun each process takes its share) and exits")
     p.add_argument("--data", required=True, metavar="DIR", help="dataset made by 'know3d data prepare'")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (checkpoints, logs, export/)")
     g = p.add_argument_group("models")
@@ -160,6 +162,11 @@ def cmd_train(opts) -> int:
     from .engine import TrainingDiverged, train
 
     cfg = config_from_options(opts)
+    if cfg.task == "knowledge":
+        from .flows import fill_knowledge_cache
+
+        print(json.dumps(fill_knowledge_cache(cfg)))
+        return EXIT_OK
     if cfg.lora_rank < 1:
         raise UsageError(f"--lora-rank must be >= 1, got {cfg.lora_rank}")
     try:

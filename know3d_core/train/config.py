@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["TrainConfig", "TASKS", "STAGES", "KNOWLEDGE_SOURCES", "RESUME_KEYS"]
 
-TASKS = ("know3d", "trellis2", "backview")
+TASKS = ("know3d", "trellis2", "backview", "knowledge")
 STAGES = ("ss", "shape512", "shape1024")
 KNOWLEDGE_SOURCES = ("trajectory", "gt_latent")
 

@@ -44,7 +44,7 @@ from .config import TrainConfig
 from .dataset import MicroBatchPlan, RankBatchSampler, micro_generator
 from .logs import RunLogger
 
-__all__ = ["DistInfo", "TrainingDiverged", "Task", "EMA", "init_distributed", "train", "checkpoint_blocks",
+__all__ = ["DistInfo", "TrainingDiverged", "Task", "EMA", "init_distributed", "pick_device", "train", "checkpoint_blocks",
            "CHECKPOINT_DIR", "latest_checkpoint"]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -120,10 +120,8 @@ class Task:
 
 
 # ------------------------------------------------------------------------------ distributed
-def init_distributed(cfg: TrainConfig) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment (a world of one without)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def pick_device(cfg: TrainConfig) -> torch.device:
+    """``--device`` (``cuda`` means this process's ``LOCAL_RANK``), else cuda:LOCAL_RANK when available."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device:
         device = torch.device(cfg.device)
@@ -135,6 +133,15 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
         if not torch.cuda.is_available():
             raise UsageError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
         torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(cfg: TrainConfig) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (a world of one without)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, world, local, device)

@@ -36,7 +36,7 @@ from .engine import DistInfo, Task, checkpoint_blocks
 from .features import ConditionSource, FeatureCache, KnowledgeSource, KnowledgeSpec, qwen_transformer_config
 from .flow_matching import drop_mask, interpolate, noise_like, per_row, sample_t, velocity_target
 
-__all__ = ["STAGE_MODELS", "FlowSamples", "FlowLoss", "FlowTask", "KNOW3D_FILE", "TRELLIS2_FOLDER"]
+__all__ = ["STAGE_MODELS", "FlowSamples", "FlowLoss", "FlowTask", "KNOW3D_FILE", "TRELLIS2_FOLDER", "fill_knowledge_cache"]
 
 STAGE_MODELS = {"ss": "sparse_structure_flow_model", "shape512": "shape_slat_flow_model_512",
                 "shape1024": "shape_slat_flow_model_1024"}
@@ -460,3 +460,33 @@ class _swapped:
             for k, p in self.params.items():
                 p.copy_(self.saved[k])
         return False
+
+
+def fill_knowledge_cache(cfg: TrainConfig) -> Dict[str, int]:
+    """``know3d train knowledge``: compute every pair's knowledge into the cache and exit.
+
+    Under torchrun each process takes every ``WORLD_SIZE``-th pair from its ``RANK`` (no process
+    group is needed: the per-pair files do not collide), so many GPUs or machines sharing the
+    folder fill one cache. Returns ``{"pairs", "computed", "cached"}`` of this process.
+    """
+    from tqdm.auto import tqdm
+
+    from ..geometry_pipeline import Trellis2GeometryPipeline
+    from .engine import pick_device
+
+    task = FlowTask(branch=True)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    index = DatasetIndex.load(cfg.data, "train", TRAIN_SETS)
+    index.check_views()
+    config = _models_folder(cfg)
+    spec = task._knowledge_spec(cfg)
+    cache = FeatureCache(cfg.knowledge_cache or os.path.join(cfg.out, "cache", "knowledge"), spec.cache_spec())
+    device = pick_device(cfg)
+    geometry = Trellis2GeometryPipeline({}, config, None, device=device)
+    source = KnowledgeSource(spec, geometry, cache, cfg.qwen, KNOWLEDGE_SEED, device)
+    mine = index.pairs[rank::world]
+    done = sum(os.path.isfile(cache._file(p.key)) for p in mine)
+    for pair in tqdm(mine, desc=f"knowledge {rank + 1}/{world}", disable=not cfg.progress):
+        source(pair)
+        cache.memory.clear()
+    return {"pairs": len(mine), "computed": len(mine) - done, "cached": done}
