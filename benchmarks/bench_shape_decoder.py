@@ -53,6 +53,7 @@ from _common import (  # noqa: E402
 from know3d_core.mesh import clean_mesh  # noqa: E402
 from know3d_core.sparse import SparseTensor  # noqa: E402
 from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
+from know3d_core.trellis2.modules.dit import parse_dtype  # noqa: E402
 from know3d_core.trellis2.modules.fused import use_fused_kernels  # noqa: E402
 from know3d_core.trellis2 import sparse_structure_decoder as ss_mod  # noqa: E402
 from know3d_core.trellis2.ovoxel import flexible_dual_grid_to_mesh, sdf_to_flexible_dual_grid, sphere_sdf  # noqa: E402
@@ -66,7 +67,6 @@ SHAPE_CASES = [
     ("shape_512", (32, 8000), (8, 60)),
     ("shape_1024", (64, 20000), (12, 150)),
 ]
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def measure(fn, device, warmup: int, repeats: int):
@@ -207,7 +207,7 @@ def _run(args) -> int:
         print(json.dumps(r), flush=True)
 
     for dname in dtypes:
-        dtype = DTYPES[dname]
+        dtype = parse_dtype(dname)
         if wanted is None or "ss_decoder" in wanted:
             report(bench_ss(args, device, dtype))
         cases = [c for c in SHAPE_CASES if wanted is None or c[0] in wanted]

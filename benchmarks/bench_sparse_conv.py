@@ -32,9 +32,10 @@ from _common import default_device, device_name, peak_extra, sample_times, wall_
 
 from know3d_core.sparse import SparseTensor, neighbour_map, submanifold_conv3d  # noqa: E402
 from know3d_core.sparse import conv_triton  # noqa: E402
+from know3d_core.trellis2.modules.dit import parse_dtype  # noqa: E402
 from know3d_core.sparse.conv import ALGORITHMS, DEFAULT_CHUNK_BYTES, build_neighbour_map, choose_algorithm  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")  # --dtype choices, read by know3d_core.plan.dtype_name
 
 
 def sphere_shell(target_voxels: int, device) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="small CPU-sized shells and channels")
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--voxels", type=int, nargs="*", default=None, help="target shell sizes (default 200000 1000000)")
     p.add_argument("--channels", type=int, nargs="*", default=None, help="default 64 128 256 512 1024")
     p.add_argument("--algos", nargs="*", default=None, choices=ALGORITHMS, help="default: all (implicit on CUDA)")
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = default_device(args.device, args.tiny)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     voxels = args.voxels or ([3000, 12000] if args.tiny else [200_000, 1_000_000])
     channels = args.channels or ([16, 32] if args.tiny else [64, 128, 256, 512, 1024])
     if args.tiny:
