@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import logging
 import os
 import sys
@@ -31,8 +32,27 @@ class HostUnavailable(RuntimeError):
     """A ComfyUI service was asked for outside ComfyUI."""
 
 
+# ComfyUI's own top-level packages: only imported when ComfyUI's ``comfy`` is really there.
+_COMFY_PACKAGES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution")
+
+
+def _is_comfyui() -> bool:
+    """True when ComfyUI's ``comfy`` package is importable. ComfyUI's ``comfy`` is a namespace
+    package, so any folder named ``comfy`` on sys.path would import too: look for its files, without
+    importing anything."""
+    mod = sys.modules.get("comfy")
+    locations = getattr(mod, "__path__", None) if mod is not None else None
+    if locations is None:
+        spec = importlib.machinery.PathFinder.find_spec("comfy")
+        locations = spec.submodule_search_locations if spec is not None else None
+    return any(os.path.isfile(os.path.join(p, "model_management.py")) for p in (locations or []))
+
+
 def _module(name: str):
-    """``importlib.import_module(name)``, or None when it is not installed."""
+    """``importlib.import_module(name)``, or None when it is not installed (ComfyUI's packages: when
+    ComfyUI is not there)."""
+    if name.split(".")[0] in _COMFY_PACKAGES and not _is_comfyui():
+        return None
     mod = sys.modules.get(name)
     if mod is not None:
         return mod

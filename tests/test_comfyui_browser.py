@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from _comfy_server import COMFYUI_PYTHON, running_server
+from _comfy_server import COMFYUI_PYTHON, running_server, skip_reason
 from _nodes_helpers import ROOT
 
 pytestmark = pytest.mark.comfyui
@@ -65,7 +65,7 @@ def _qwen_placeholders(base):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    reason = _browser_skip_reason()
+    reason = skip_reason() or _browser_skip_reason()
     if reason:
         pytest.skip(reason)
     yield from running_server(tmp_path_factory, prepare=_qwen_placeholders)

@@ -77,3 +77,21 @@ def test_a_family_whose_import_fails_is_skipped_with_one_warning_line():
     assert set(res["nodes"]) == ALL - qwen
     warnings = [m for m in res["log"] if "Know3D" in m]
     assert len(warnings) == 1 and "'qwen'" in warnings[0] and "mmdit" in warnings[0], warnings
+
+
+def test_a_folder_named_comfy_on_sys_path_is_not_comfyui(tmp_path):
+    """ComfyUI's ``comfy`` is a namespace package, so a folder named ``comfy`` next to a checkout of
+    this pack (pytest puts the checkout's parent on sys.path) would import as one: the pack must still
+    run hostless and import none of it."""
+    (tmp_path / "comfy").mkdir()
+    (tmp_path / "comfy_api").mkdir()
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+            "import importlib.util, os; root = sys.argv[1]; "
+            "spec = importlib.util.spec_from_file_location('pack_under_test', os.path.join(root, '__init__.py'), "
+            "submodule_search_locations=[root]); mod = importlib.util.module_from_spec(spec); "
+            "sys.modules[spec.name] = mod; spec.loader.exec_module(mod); "
+            "io = sys.modules['pack_under_test.nodes._io']; "
+            "print(len(mod.NODE_CLASS_MAPPINGS), io.HOSTED, 'comfy' in sys.modules, 'comfy_api' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [str(len(ALL)), "False", "False", "False"]
