@@ -18,8 +18,13 @@ pytest.importorskip("moderngl")
 SIZE = 32
 
 
+# The steps this file owns; voxelize / encode have their own tests (their cost stays out of these).
+STEPS = ("mesh", "render", "annotate")
+
+
 def _options(inp, out, **kw):
     kw.setdefault("progress", False)
+    kw.setdefault("steps", STEPS)
     return prep.PrepareOptions(input=inp, out=out, render_size=SIZE, max_faces=MAX_FACES, **kw)
 
 
@@ -177,7 +182,7 @@ def test_voxels_to_mesh_counts_boundary_faces():
 def test_cli_killed_and_resumed_ends_with_the_full_set(full, assets, tmp_path):
     out = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "know3d_core.cli", "data", "prepare", "--input", assets, "--out", out,
-           "--size", str(SIZE), "--max-faces", str(MAX_FACES), "--no-progress"]
+           "--size", str(SIZE), "--max-faces", str(MAX_FACES), "--no-progress", "--skip", "voxelize,encode"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = layout.assets_root(out)
