@@ -154,3 +154,12 @@ def test_eval_reads_a_dataset_as_ground_truth(tmp_path):
     report = _read_json(os.path.join(out, "eval.json"))
     assert [r["gt"] for r in report["items"]] == ["a" * 64]
     assert report["items"][0]["chamfer"] == 0.0 and report["items"][0]["iou_64"] == 1.0
+
+
+def test_eval_commands_module_is_torch_free():
+    """The CLI imports every command family at start: ours must not pull torch (house rule)."""
+    import subprocess
+    import sys
+
+    code = "import sys, know3d_core.eval.commands as c; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__))).returncode == 0
