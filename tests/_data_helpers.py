@@ -1,12 +1,10 @@
 """Asset folders for the data tests: synthetic GLBs plus one deliberately broken file per reason."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import struct
 
-import numpy as np
 
 from know3d_core.data import synthetic
 

@@ -1,7 +1,6 @@
 """Back-view annotations: the answer parser, retry-then-record, imports, and tiny Qwen2.5-VL end to end."""
 import json
 import os
-import shutil
 
 import pytest
 

@@ -1,5 +1,4 @@
 """Camera plan and the OpenGL renderer: conventions checked on analytic scenes."""
-import io
 import math
 
 import numpy as np

@@ -22,7 +22,7 @@ import csv
 import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 from ..errors import UsageError
 from . import layout

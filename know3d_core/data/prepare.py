@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .. import batch as batchlib
-from ..errors import UsageError
+from ..errors import UsageError, one_line
 from . import layout
 from .assets import DEFAULT_MAX_FACES, AssetError, list_assets, load_asset
 
@@ -260,10 +260,6 @@ def read_manifest(root: str) -> List[Dict]:
 
 
 # ------------------------------------------------------------------------------ prepare
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-
-
 def _run_steps(ctx: StepContext, steps: Sequence[str], save_record: Callable[[], None]) -> None:
     rec = ctx.record
     for name in steps:
@@ -281,7 +277,7 @@ def _run_steps(ctx: StepContext, steps: Sequence[str], save_record: Callable[[],
             save_record()
             return
         except Exception as e:  # a step failure is recorded and the run goes on
-            rec.update(status=layout.STATUS_FAILED, reason="step_failed", error=_one_line(e), failed_step=name)
+            rec.update(status=layout.STATUS_FAILED, reason="step_failed", error=f"{type(e).__name__}: {one_line(e)}"[:300], failed_step=name)
             save_record()
             return
         if extra:
