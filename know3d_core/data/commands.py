@@ -66,7 +66,7 @@ def _add_step_options(p) -> None:
                    "annotate back views with it (needs the language head)")
     p.add_argument("--resolutions", type=_resolutions, default=(256,), metavar="R[,R]",
                    help="dual-grid resolutions of the voxelize / encode steps (256, 512, 1024; default 256)")
-    p.add_argument("--encoders", metavar="DIR", help="encode step: folder with TRELLIS.2's encoders "
+    p.add_argument("--trellis2", metavar="DIR", help="encode step: folder with TRELLIS.2's encoders "
                    "(ckpts/shape_enc_next_dc_f16c32_fp16.* from TRELLIS.2-4B, ss_enc_conv3d_16l8_fp16.* from "
                    "TRELLIS-image-large)")
     p.add_argument("--device", default="cpu", help="torch device of the annotate / voxelize / encode steps")
@@ -127,7 +127,7 @@ def _options(opts, input_dir: str, out: str, steps, force):
     return PrepareOptions(input=input_dir, out=out, steps=tuple(steps), force=tuple(force), shard=opts.shard,
                           max_faces=opts.max_faces, up=opts.up, render_size=opts.size,
                           renderer=opts.renderer, annotations=opts.annotations,
-                          annotator=opts.annotator, resolutions=opts.resolutions, encoders=opts.encoders, device=opts.device,
+                          annotator=opts.annotator, resolutions=opts.resolutions, trellis2=opts.trellis2, device=opts.device,
                           retry_failed=opts.retry_failed, progress=not opts.no_progress)
 
 

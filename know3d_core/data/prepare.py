@@ -73,7 +73,7 @@ class PrepareOptions:
     annotations: Optional[str] = None    # JSONL / CSV to import (default: INPUT/annotations.jsonl if present)
     annotator: Optional[str] = None      # Qwen2.5-VL folder for annotate
     resolutions: Tuple[int, ...] = (256,)
-    encoders: Optional[str] = None       # folder with TRELLIS.2's shape and sparse-structure VAE encoders (encode)
+    trellis2: Optional[str] = None       # encode: the TRELLIS.2 folder with the shape and sparse-structure encoders
     device: str = "cpu"
     retry_failed: bool = False
     progress: bool = True
