@@ -24,7 +24,11 @@ import torch.nn.functional as F
 from ..sparse import SparseLinear, SparseTensor, SubMConv3d, spatial_to_channel
 from .shape_decoder import SparseConvNeXtBlock3d, _check_block_args, _norm
 
-__all__ = ["FlexiDualGridVaeEncoder", "SparseResBlockS2C3d", "encoder_input", "TINY_ARGS"]
+__all__ = ["FlexiDualGridVaeEncoder", "SparseResBlockS2C3d", "encoder_input", "TINY_ARGS", "CHECKPOINT_REFERENCE"]
+
+# Where TRELLIS.2's data toolkit loads it from (encode_shape_latent.py); found next to a TRELLIS.2-4B
+# folder by trellis2.loading.resolve_checkpoint (FOLDER/ckpts/NAME).
+CHECKPOINT_REFERENCE = "microsoft/TRELLIS.2-4B/ckpts/shape_enc_next_dc_f16c32_fp16"
 
 # Tiny config with the real structure (5 levels, 4 halvings, no blocks at the first level).
 TINY_ARGS = {

@@ -17,7 +17,11 @@ import torch.nn as nn
 
 from .sparse_structure_decoder import ResBlock3d, _norm_layer
 
-__all__ = ["SparseStructureEncoder", "DownsampleBlock3d", "TINY_ARGS"]
+__all__ = ["SparseStructureEncoder", "DownsampleBlock3d", "TINY_ARGS", "CHECKPOINT_REFERENCE"]
+
+# Where TRELLIS.2's data toolkit loads it from (encode_ss_latent.py): the TRELLIS v1 repo, found in a
+# sibling TRELLIS-image-large folder or FOLDER/ckpts by trellis2.loading.resolve_checkpoint.
+CHECKPOINT_REFERENCE = "microsoft/TRELLIS-image-large/ckpts/ss_enc_conv3d_16l8_fp16"
 
 # Tiny config (same structure as the real one: 64^3 -> latent 8 @ 16^3, two downsamplings).
 TINY_ARGS = {

@@ -22,7 +22,7 @@ from .loading import get_model_class
 
 __all__ = [
     "OFFICIAL_MODEL_REFERENCES", "tiny_flow_args", "random_state_dict", "write_checkpoint",
-    "write_tiny_trellis2",
+    "write_tiny_trellis2", "write_tiny_encoders",
 ]
 
 # pipeline.json "models" of microsoft/TRELLIS.2-4B (geometry path).
@@ -197,4 +197,20 @@ def write_tiny_trellis2(
     }
     with open(os.path.join(folder, "pipeline.json"), "w", encoding="utf-8") as f:
         json.dump(pipeline, f, indent=4)
+    return folder
+
+
+def write_tiny_encoders(folder: str, seed: int = 0) -> str:
+    """Add the tiny shape and sparse-structure encoders (``TINY_ARGS`` of shape_encoder.py /
+    sparse_structure_encoder.py) to ``folder/ckpts`` under their official file names, stored like
+    the official files (all F16; the SS encoder's input/output layers F32). Returns ``folder``."""
+    from . import shape_encoder, sparse_structure_encoder
+
+    for i, (module, name, storage) in enumerate((
+        (shape_encoder, "FlexiDualGridVaeEncoder", torch.float16),
+        (sparse_structure_encoder, "SparseStructureEncoder", None),
+    )):
+        model = getattr(module, name)(**module.TINY_ARGS)
+        stem = os.path.join(folder, "ckpts", module.CHECKPOINT_REFERENCE.rsplit("/", 1)[-1])
+        write_checkpoint(stem, name, module.TINY_ARGS, random_state_dict(model, seed * 1000 + 500 + i), storage)
     return folder
