@@ -32,7 +32,8 @@ def stage1(setup):
     out = root / "ss"
     code, _ = run_cli(train_args("know3d", data, out, demo.trellis2, "--qwen", demo.qwen, *FAST_QWEN,
                                  "--knowledge-source", "gt_latent", "--knowledge-cache", root / "kcache",
-                                 "--lr", "1e-2", "--layers", "1,2", "--sigma", "0.3", steps=30))
+                                 "--lr", "1e-2", "--layers", "1,2", "--sigma", "0.3", "--val-every", "30",
+                                 "--val-pairs", "1", "--val-steps", "2", steps=30))
     assert code == 0
     return out
 
@@ -124,3 +125,16 @@ def test_knowledge_command_fills_the_cache_that_training_reads(stage1, setup, tm
     assert len(files) == 4 and (cache / "cache.json").read_text() == (root / "kcache" / "cache.json").read_text()
     for name in files:
         assert torch.equal(load_file(cache / name)["tensor"], load_file(root / "kcache" / name)["tensor"]), name
+
+
+def test_validation_sheet_with_and_without_knowledge(stage1):
+    """One held-out row: the front (128 px), then front + back normals with knowledge, then without."""
+    from PIL import Image
+
+    sheet = stage1 / "validation" / "step_0000030.png"
+    img = torch.from_numpy(__import__("numpy").array(Image.open(sheet))).float()
+    assert img.shape == (128, 128 * 5, 3)
+    with_k, without_k = img[:, 128:384], img[:, 384:]
+    grey = torch.full_like(with_k, 128.0)
+    assert not torch.equal(with_k, grey) and not torch.equal(without_k, grey)  # both generated a mesh
+    assert not torch.equal(with_k, without_k)  # the trained branch changes the structure

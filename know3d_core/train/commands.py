@@ -112,6 +112,11 @@ def register(sub) -> None:
     r.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     r.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
     r.add_argument("--log-every", type=int, default=10, help="steps between metrics.csv flushes (default 10)")
+    r.add_argument("--val-every", type=int, default=0, metavar="N",
+                   help="every N steps (and at the end) a validation sheet RUN/validation/step_*.png: normal "
+                        "renders of meshes from held-out pairs, with and without knowledge (know3d, trellis2)")
+    r.add_argument("--val-pairs", type=int, default=4, help="held-out pairs on the sheet (default 4)")
+    r.add_argument("--val-steps", type=int, default=12, help="sampler steps of the sheet's meshes (default 12)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
@@ -139,7 +144,8 @@ def config_from_options(opts):
         p_uncond_knowledge=opts.p_uncond_knowledge, seed=opts.seed, device=opts.device, precision=opts.precision,
         grad_checkpointing=opts.grad_checkpointing, fsdp=opts.fsdp, fused_kernels=not opts.no_fused_kernels,
         num_workers=opts.num_workers, checkpoint_every=opts.checkpoint_every,
-        keep_checkpoints=opts.keep_checkpoints, log_every=opts.log_every, resume=opts.resume,
+        keep_checkpoints=opts.keep_checkpoints, log_every=opts.log_every, val_every=opts.val_every,
+        val_pairs=opts.val_pairs, val_steps=opts.val_steps, resume=opts.resume,
         progress=not opts.no_progress, export_weights=opts.export_weights, lora_rank=opts.lora_rank,
         lora_alpha=opts.lora_alpha, full=opts.full, init=opts.init, knowledge_source=opts.knowledge_source,
         knowledge_cache=opts.knowledge_cache, sigma=opts.sigma, layers=opts.layers, back_steps=opts.back_steps,

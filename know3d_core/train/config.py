@@ -67,6 +67,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    val_every: int = 0                    # steps between validation sheets (flow tasks; 0: off)
+    val_pairs: int = 4
+    val_steps: int = 12                   # sampler steps per stage of the validation meshes
     resume: bool = False
     progress: bool = True
     export_weights: str = "model"         # model | ema

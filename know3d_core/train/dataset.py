@@ -136,7 +136,7 @@ class DatasetIndex:
                 raise UsageError(f"{os.path.join(folder, L.PAIRS_FILE)}: expected a JSON list of pairs")
             for i, p in enumerate(raw):
                 try:
-                    pair = Pair(sha, folder, i, int(p["front"]), int(p["back"]), str(p["set"]),
+                    pair = Pair(sha, folder, i, L.view_index(p["front"]), L.view_index(p["back"]), str(p["set"]),
                                 tuple(str(a) for a in p.get("annotations") or ()))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise UsageError(f"{os.path.join(folder, L.PAIRS_FILE)}: pair {i} lacks front/back/set ({exc})") from None

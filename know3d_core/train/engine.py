@@ -118,6 +118,10 @@ class Task:
     def describe(self) -> Dict[str, Any]:
         return {"task": self.name}
 
+    def validate(self, step: int) -> Optional[str]:
+        """Write a validation sheet for ``step`` (main process only); None when the task has none."""
+        return None
+
 
 # ------------------------------------------------------------------------------ distributed
 def pick_device(cfg: TrainConfig) -> torch.device:
@@ -429,6 +433,9 @@ def _train(task: Task, cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                 logger.log(done, mean_loss, optimizer.param_groups[0]["lr"], norm, float(stats[1]) / elapsed,
                            every=cfg.log_every)
                 summary.update(step=done, loss=mean_loss)
+                if info.is_main and cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
+                    with _autocast(cfg, info.device):
+                        summary["validation"] = task.validate(done)
                 if done % cfg.checkpoint_every == 0 or done == end:
                     last_ckpt = _save_checkpoint(cfg.out, done, _state(cfg, done, params, optimizer, scheduler,
                                                                        ema, micro_per_step, task),

@@ -370,26 +370,44 @@ class FlowTask(Task):
         record.pop("dataset", None)
         return previous + [record]
 
-    def _export_know3d(self, folder: str, step: int) -> str:
-        from ..knowledge import MODEL_NAMES, apply_know3d, init_lora, install_branch, save_know3d
+    def companion_flows(self, names: List[str]) -> Dict[str, nn.Module]:
+        """The other flows, loaded from the base folder (fp32, on the device; cached): for ``know3d``
+        with ``--init``'s branch and LoRA where it has them, else a fresh branch and LoRA that add
+        exactly zero (zero output layer, B = 0)."""
+        from ..knowledge import apply_know3d, init_lora, install_branch
         from ..trellis2.loading import load_model
 
-        models = {}
-        for name in MODEL_NAMES:
-            if name == self.key:
-                models[name] = self.flow
+        cache = self.__dict__.setdefault("_companions", {})
+        for name in names:
+            if name in cache:
                 continue
-            if name not in self.config.models:
-                continue
-            other = load_model(_flow_stem(self.config, name), dtype=torch.float32)
-            if self.init_ckpt is not None and name in self.init_ckpt.tensors:
+            other = load_model(_flow_stem(self.config, name), dtype=torch.float32, device=self.device)
+            if self.branch and self.init_ckpt is not None and name in self.init_ckpt.tensors:
                 apply_know3d({name: other}, self.init_ckpt, merge=False)
-            else:  # untrained stage: the branch's zero output layer and LoRA B = 0 add exactly nothing
+            elif self.branch:
                 install_branch(other, self.spec.dim, kind="mmdit_hidden", mmdit_layers=list(self.spec.layers),
                                sigma=self.spec.sigma)
-                rank = self.cfg.lora_rank
-                init_lora(other, rank, self.cfg.lora_alpha, generator=torch.Generator().manual_seed(self.cfg.seed))
-            models[name] = other
+                init_lora(other, self.cfg.lora_rank, self.cfg.lora_alpha,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+            cache[name] = other.eval()
+        return {n: cache[n] for n in names}
+
+    def validate(self, step: int) -> Optional[str]:
+        """The validation sheet (``--val-every``); None when off."""
+        if not self.cfg.val_every:
+            return None
+        from .validation import ValidationSheet
+
+        if getattr(self, "_sheet", None) is None:
+            self._sheet = ValidationSheet(self, self.cfg.val_pairs, self.cfg.val_steps)
+        return self._sheet(step, self.cfg.out)
+
+    def _export_know3d(self, folder: str, step: int) -> str:
+        from ..knowledge import MODEL_NAMES, save_know3d
+
+        models = self.companion_flows([n for n in MODEL_NAMES if n != self.key and n in self.config.models])
+        models[self.key] = self.flow
+        models = {n: models[n] for n in MODEL_NAMES if n in models}
         path = os.path.join(folder, KNOW3D_FILE)
         tmp = os.path.join(folder, f".tmp-{KNOW3D_FILE}")
         save_know3d(tmp, models, content="delta", mmdit_model=self.spec.model,
