@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from know3d_core.data import layout
-from know3d_core.data.encode import TRELLIS2_OPTION, load_encoders, toolkit_dual
+from know3d_core.data.encode import load_encoders, toolkit_dual
 from know3d_core.data.encode import prepare_step as encode_step
 from know3d_core.data.prepare import PrepareOptions, StepContext, StepSkipped
 from know3d_core.data.voxelize import prepare_step as voxelize_step
@@ -27,11 +27,11 @@ def trellis2_folder(tmp_path_factory):
     return write_tiny_encoders(folder, seed=1)
 
 
-def make_ctx(tmp_path, extra=None):
+def make_ctx(tmp_path, trellis2=None):
     mesh = uv_torus(0.3, 0.12, 32, 16)
     folder = tmp_path / "asset"
     folder.mkdir()
-    options = PrepareOptions(input=str(tmp_path), out=str(tmp_path), resolutions=RES, extra=extra or {})
+    options = PrepareOptions(input=str(tmp_path), out=str(tmp_path), resolutions=RES, trellis2=trellis2)
     ctx = StepContext(str(tmp_path), str(folder), "ab" * 32, "torus.glb", {}, options, {})
     ctx.write_tensors(layout.MESH_FILE, {layout.KEY_VERTICES: mesh.vertices, layout.KEY_FACES: mesh.faces.int()})
     return ctx, mesh
@@ -54,7 +54,7 @@ def test_voxelize_step_writes_grids_and_occupancy(tmp_path):
 
 
 def test_encode_step_writes_normalised_latents(tmp_path, trellis2_folder):
-    ctx, _ = make_ctx(tmp_path, {TRELLIS2_OPTION: trellis2_folder})
+    ctx, _ = make_ctx(tmp_path, trellis2_folder)
     voxelize_step(ctx)
     out = encode_step(ctx)
     enc = load_encoders(trellis2_folder)
@@ -83,7 +83,7 @@ def test_encode_step_is_skipped_without_a_trellis2_folder(tmp_path):
 
 
 def test_encode_step_needs_the_dual_grids(tmp_path, trellis2_folder):
-    ctx, _ = make_ctx(tmp_path, {TRELLIS2_OPTION: trellis2_folder})
+    ctx, _ = make_ctx(tmp_path, trellis2_folder)
     with pytest.raises(FileNotFoundError, match="voxelize"):
         encode_step(ctx)
 

@@ -25,10 +25,7 @@ import torch
 
 from . import layout
 
-__all__ = ["Encoders", "load_encoders", "toolkit_dual", "encode_shape", "encode_ss", "prepare_step",
-           "TRELLIS2_OPTION"]
-
-TRELLIS2_OPTION = "trellis2"  # PrepareOptions.extra key: the TRELLIS.2-4B folder
+__all__ = ["Encoders", "load_encoders", "toolkit_dual", "encode_shape", "encode_ss", "prepare_step"]
 
 
 @dataclass
@@ -87,7 +84,7 @@ def _encoders(ctx) -> Encoders:
 
     enc = ctx.cache.get("encoders")
     if enc is None:
-        folder = ctx.options.extra.get(TRELLIS2_OPTION)
+        folder = ctx.options.trellis2
         if not folder:
             raise StepSkipped("no TRELLIS.2 folder given (--trellis2 DIR with ckpts/shape_enc_next_dc_f16c32_fp16 "
                               "and TRELLIS-image-large's ss_enc_conv3d_16l8_fp16)")
