@@ -3,8 +3,8 @@
 Counts (from the asset records): assets ok, failed by reason, pairs per set, annotated pairs, and
 voxels / latent tokens per resolution where the voxelize / encode steps recorded them. The contact
 sheet has one row per asset: the first back-view pair (front | back, on grey), the voxelisation as
-normal renders (front | back; ``occupancy_64``, else the coarsest dual grid, else the normalised
-mesh, labelled as such) and the feature and annotations as text.
+normal renders from the front-right and back-left (``occupancy_64``, else the coarsest dual grid,
+else the normalised mesh, labelled as such) and the feature and annotations as text.
 """
 from __future__ import annotations
 
@@ -120,6 +120,20 @@ def _voxel_source(folder: str) -> Tuple[Optional[np.ndarray], Optional[np.ndarra
     return None, None, "no geometry"
 
 
+# The voxelisation is shown from two three-quarter views (front-right, back-left), elevation 25
+# degrees: head-on views of voxels show one flat normal colour.
+_SHEET_VIEWS = ((45.0, 25.0), (225.0, 25.0))
+
+
+def _turned(vertices: np.ndarray, azimuth_deg: float, elevation_deg: float) -> np.ndarray:
+    """Rotate model space so that the camera at (azimuth, elevation) (layout's convention) becomes the
+    ``front`` camera of ``mesh.render`` (at -Y): Rx(elevation) @ Rz(-azimuth)."""
+    a, e = np.radians(azimuth_deg), np.radians(elevation_deg)
+    rz = np.array([[np.cos(-a), -np.sin(-a), 0], [np.sin(-a), np.cos(-a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(e), -np.sin(e)], [0, np.sin(e), np.cos(e)]])
+    return (np.asarray(vertices, np.float64) @ (rx @ rz).T).astype(np.float32)
+
+
 def _normal_tiles(vertices, faces, size: int):
     import torch
     from PIL import Image
@@ -128,10 +142,13 @@ def _normal_tiles(vertices, faces, size: int):
     from ..mesh.types import Mesh
 
     if vertices is None or len(faces) == 0:
-        return [Image.new("RGB", (size, size), (60, 60, 60))] * 2
-    imgs = render_normals(Mesh(torch.from_numpy(np.asarray(vertices, np.float32)), torch.from_numpy(faces)),
-                          views=("front", "back"), size=size, background=(0.2, 0.2, 0.2))
-    return [Image.fromarray((im.numpy() * 255).round().astype(np.uint8)) for im in imgs]
+        return [Image.new("RGB", (size, size), (60, 60, 60))] * len(_SHEET_VIEWS)
+    tiles = []
+    for az, el in _SHEET_VIEWS:
+        mesh = Mesh(torch.from_numpy(_turned(vertices, az, el)), torch.from_numpy(np.asarray(faces, np.int64)))
+        img = render_normals(mesh, views=("front",), size=size, extent=0.8, background=(0.2, 0.2, 0.2))[0]
+        tiles.append(Image.fromarray((img.numpy() * 255).round().astype(np.uint8)))
+    return tiles
 
 
 def _view_tile(path: str, size: int):
@@ -176,7 +193,7 @@ def write_contact_sheet(root: str, path: str, records: Sequence[Dict], tile: int
                  if pair else [Image.new("RGB", (tile, tile), (60, 60, 60))] * 2)
         tiles += _normal_tiles(v, f, tile)
         name = os.path.basename(str(rec.get("source") or ""))
-        draw.text((4, y + 1), f"{rec['sha256'][:12]}  {name}  | front | back | {what}: front | back", fill=(230, 230, 230))
+        draw.text((4, y + 1), f"{rec['sha256'][:12]}  {name}  | front | back | {what}: front-right | back-left", fill=(230, 230, 230))
         for k, t in enumerate(tiles):
             sheet.paste(t, (k * tile, y + label_h))
         lines = [f"feature: {rec['feature']}"] if rec.get("feature") else []
