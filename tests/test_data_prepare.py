@@ -241,3 +241,25 @@ def test_counts_read_latent_tokens_from_files(full, tmp_path):
     save_file({layout.KEY_COORDS: np.zeros((37, 3), np.int32), layout.KEY_FEATS: np.zeros((37, 32), np.float32)}, path)
     counts = show.dataset_counts(prep.read_records(out), out)
     assert counts["tokens"] == {"256": 37} and "tokens: 37 at 256" in show.format_counts(counts)
+
+
+def test_steps_that_do_not_apply_are_left_undone_and_reported(tmp_path):
+    from know3d_core.data import synthetic
+
+    inp = tmp_path / "in"
+    synthetic.write_glb(synthetic.make_asset(0, "hole"), str(inp / "a.glb"))  # no annotations.jsonl
+    out = str(tmp_path / "o")
+    counts = prep.prepare(_options(str(inp), out, steps=("mesh", "annotate")), log=lambda m: None)
+    assert counts["undone"] == {"annotate: no pairs.json yet: run the render step first": 1}
+    counts = prep.prepare(_options(str(inp), out), log=lambda m: None)
+    (rec,) = prep.read_records(out)
+    assert rec["status"] == "ok" and rec["steps"] == ["mesh", "render"]
+    assert counts["undone"] == {"annotate: no annotations: pass --annotations FILE or --annotator QWEN_DIR": 1}
+
+
+def test_contact_sheet_views_turn_the_camera_to_the_front():
+    from know3d_core.data import render, show
+
+    for az, el in show._SHEET_VIEWS + ((0.0, 0.0), (90.0, -10.0)):
+        d = render.camera_position(az, el, 1.0)[None]
+        np.testing.assert_allclose(show._turned(d, az, el), [[0.0, -1.0, 0.0]], atol=1e-6)

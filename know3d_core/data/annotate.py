@@ -296,6 +296,8 @@ def prepare_step(ctx) -> Dict[str, Any]:
 
     from .prepare import StepSkipped
 
+    if not os.path.isfile(ctx.path(layout.PAIRS_FILE)):
+        raise StepSkipped(f"no {layout.PAIRS_FILE} yet: run the render step first")
     pairs = ctx.read_json(layout.PAIRS_FILE)
     meta = ctx.cache.get("meta") or {}
     if meta.get("annotations") or meta.get("per_back"):

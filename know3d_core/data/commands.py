@@ -160,6 +160,8 @@ def _run_prepare(opts) -> int:
         resolve_annotator_dirs(opts.annotator)  # fail before slow work
     counts = prepare(_options(opts, opts.input, opts.out, steps, opts.only or ()))
     print(f"this run: {counts['ok']} ok, {counts['failed']} failed, {counts['seconds']} s")
+    for why, n in counts["undone"].items():
+        print(f"left undone on {n} asset(s): {why}")
     _print_counts(opts.out)
     return EXIT_OK
 

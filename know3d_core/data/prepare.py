@@ -377,7 +377,8 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> Dict
     batchlib.remove_stale_tmp(layout.assets_root(options.out), shas)
     cache: Dict[str, Any] = {"annotations": imported}
     _start_renderer(options, cache, available)
-    counts = {"ok": 0, "failed": 0}
+    counts: Dict[str, Any] = {"ok": 0, "failed": 0}
+    undone: Dict[str, int] = {}  # "step: why" -> assets (steps that raised StepSkipped)
     t0 = time.time()
     try:
         bar = tqdm(list(zip(files, shas)), desc="prepare", unit="asset", disable=not options.progress, dynamic_ncols=True)
@@ -385,12 +386,15 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> Dict
             meta = annotate.lookup(imported, path, sha) or {}
             rec = prepare_asset(path, sha, options, cache, meta)
             counts["ok" if rec.get("status") == layout.STATUS_OK else "failed"] += 1
+            for step, note in (rec.get("notes") or {}).items():
+                undone[f"{step}: {note}"] = undone.get(f"{step}: {note}", 0) + 1
     finally:
         renderer = cache.pop("renderer", None)
         if renderer is not None:
             renderer.release()
         write_manifest(options.out)
     counts["missing_steps"] = missing
+    counts["undone"] = undone
     counts["seconds"] = round(time.time() - t0, 3)
     return counts
 
@@ -409,7 +413,8 @@ def prepare_dataset(options: PrepareOptions, log: Callable[[str], None] = print)
     imported = annotate.load_annotation_source(options.annotations, None)
     cache: Dict[str, Any] = {"annotations": imported}
     _start_renderer(options, cache, options.steps)
-    counts = {"ok": 0, "failed": 0}
+    counts: Dict[str, Any] = {"ok": 0, "failed": 0}
+    undone: Dict[str, int] = {}  # "step: why" -> assets (steps that raised StepSkipped)
     t0 = time.time()
     try:
         for rec in tqdm(records, desc=",".join(options.steps), unit="asset", disable=not options.progress,
@@ -418,10 +423,13 @@ def prepare_dataset(options: PrepareOptions, log: Callable[[str], None] = print)
             meta = annotate.lookup(imported, src, rec["sha256"]) or {}
             out = prepare_asset(src, rec["sha256"], options, cache, meta)
             counts["ok" if out.get("status") == layout.STATUS_OK else "failed"] += 1
+            for step, note in (out.get("notes") or {}).items():
+                undone[f"{step}: {note}"] = undone.get(f"{step}: {note}", 0) + 1
     finally:
         renderer = cache.pop("renderer", None)
         if renderer is not None:
             renderer.release()
         write_manifest(options.out)
+    counts["undone"] = undone
     counts["seconds"] = round(time.time() - t0, 3)
     return counts
