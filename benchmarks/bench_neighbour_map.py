@@ -108,41 +108,27 @@ def bench_decoder(case, model, device, warmup: int, repeats: int, torch_maps: bo
             "torch_maps_peak_gib": torch_peak, "same_output": same, "anchor": REFERENCE[name]}
 
 
-LOOKUP_SWEEP = [(4, 4, 2), (16, 4, 2), (2, 2, 2), (4, 4, 4)]  # (BLOCK_LOOKUP, LOOKUP_WARPS, SLOTS_PER_VOXEL)
-MLP_CHUNK_SWEEP = [1 << 62, 24 << 20]
+LOOKUP_SWEEP = [(4, 4, 2), (16, 4, 2), (2, 2, 2), (4, 4, 4), (16, 4, 4), (4, 4, 8)]  # (BLOCK, WARPS, SLOTS)
 
 
 def sweep_maps(device, warmup: int, repeats: int) -> list:
     """Map-build time (map alone) per lookup configuration, at each size."""
     out = []
-    saved = (neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL)
+    saved = (neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL,
+             neighbour_triton.LARGE_SLOTS_PER_VOXEL)
     cases = [(n, *shell_coords(n, device)) for _, n in MAP_CASES]
     try:
         for block, warps, slots in LOOKUP_SWEEP:
-            neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL = block, warps, slots
+            neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS = block, warps
+            neighbour_triton.SLOTS_PER_VOXEL = neighbour_triton.LARGE_SLOTS_PER_VOXEL = slots
             for n, coords, grid in cases:
                 ms = statistics.median(sample_times(lambda: conv._build_neighbour_map(coords, (grid,) * 3, 3, 1),
                                                     device, warmup, repeats)[0])
                 out.append({"block": block, "warps": warps, "slots": slots, "voxels": n, "map_ms": round(ms, 3)})
                 print(out[-1], flush=True)
     finally:
-        neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL = saved
-    return out
-
-
-def sweep_mlp_chunks(model, device, warmup: int, repeats: int) -> list:
-    """Decoder forward ms per ``shape_decoder.MLP_CHUNK_BYTES``."""
-    out = []
-    saved = shape_mod.MLP_CHUNK_BYTES
-    try:
-        for cap in MLP_CHUNK_SWEEP:
-            shape_mod.MLP_CHUNK_BYTES = cap
-            for case in DECODER_CASES:
-                r = bench_decoder(case, model, device, warmup, repeats, torch_maps=False)
-                out.append({"mlp_chunk_bytes": cap, "case": r["case"], "ms": r["ms"]})
-                print(out[-1], flush=True)
-    finally:
-        shape_mod.MLP_CHUNK_BYTES = saved
+        (neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL,
+         neighbour_triton.LARGE_SLOTS_PER_VOXEL) = saved
     return out
 
 
@@ -178,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--parts", default="map,decoder", help="comma list of map,decoder")
     p.add_argument("--profile", action="store_true", help="also the 1024 decoder's kernel time by category")
-    p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration and the MLP chunk cap")
+    p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration (block, warps, table size)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = default_device(args.device, args.tiny)
@@ -205,8 +191,6 @@ def main(argv=None) -> int:
                 case = (name, 8, 60) if args.tiny else case
                 rows.append(bench_decoder(case, model, device, min(args.warmup, 2), min(args.repeats, 5)))
                 print(rows[-1], flush=True)
-        if args.sweep and device.type == "cuda":
-            sweeps["mlp_chunks"] = sweep_mlp_chunks(model, device, 1, 3)
         if args.profile and device.type == "cuda":
             prof = profile_decoder(model, device)
             print(f"\n== decoder 1024 fp16 kernel time {prof['kernel_ms']} ms by category")

@@ -7,7 +7,8 @@ flags), which cost 6-13 ms per structure on an H200 (issue 21). Here:
 
 1. :func:`_hash_insert_kernel`: every voxel's key (its cell on the grid padded by the kernel reach,
    as in the PyTorch build) goes into an open-addressing hash table (linear probing, ``atomic_cas``
-   on int64 keys, table of ``2^ceil(log2 2N)`` slots: load <= 1/2; the idea of FlexGEMM's build);
+   on int64 keys, table of ``2^ceil(log2 4N)`` slots (2N above 2M voxels); the idea of FlexGEMM's
+   build);
 2. :func:`_hash_lookup_kernel`: each program looks up ``BLOCK`` voxels x all ``K`` offsets at once,
    writes ``nbr [N, K]`` (missing = N) and, for ``K <= 31``, each row's pattern bits (bit v: the
    neighbour at offset v exists);
@@ -38,7 +39,12 @@ __all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_l
 BLOCK_INSERT = 256
 BLOCK_LOOKUP = 4  # voxels per program (x 32 offset lanes): the probe loop runs to the program's longest probe
 LOOKUP_WARPS = 4
-SLOTS_PER_VOXEL = 2  # hash table of next_pow2(2 N) slots: load <= 1/2
+# Hash table of next_pow2(SLOTS_PER_VOXEL * N) slots (load <= 1/4: short probes; measured on an H100,
+# session4/NOTES.md: 1M voxels 1.0 ms vs 1.8 ms at load 1/2); LARGE_SLOTS_PER_VOXEL above LARGE_BUILD
+# voxels (the 1024 decoder's last level: a table of ~200 MB, as measured there).
+SLOTS_PER_VOXEL = 4
+LARGE_SLOTS_PER_VOXEL = 2
+LARGE_BUILD = 1 << 21
 _state = {"enabled": True}
 
 
@@ -172,7 +178,7 @@ def build_neighbour_map_triton(
     coords = coords.to(torch.int32).contiguous()
     pad = dilation * (kernel_size // 2)
     X, Y, Z = (int(s) + 2 * pad for s in spatial_shape)
-    slots = triton.next_power_of_2(SLOTS_PER_VOXEL * N)
+    slots = triton.next_power_of_2((SLOTS_PER_VOXEL if N <= LARGE_BUILD else LARGE_SLOTS_PER_VOXEL) * N)
     keys = torch.full((slots,), -1, dtype=torch.int64, device=device)
     vals = torch.empty(slots, dtype=torch.int32, device=device)
     _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](

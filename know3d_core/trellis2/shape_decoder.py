@@ -58,8 +58,6 @@ TINY_ARGS = {
 }
 
 DEFAULT_CHUNK_ROWS = 1 << 18
-MLP_CHUNK_BYTES = 1 << 62  # cap on a ConvNeXt MLP chunk's hidden activation (bytes); see _mlp_chunk_rows
-MIN_MLP_CHUNK_ROWS = 8192
 PRECOMPILE_THREADS = 8
 _log = logging.getLogger(__name__)
 
@@ -104,17 +102,10 @@ class SparseConvNeXtBlock3d(nn.Module):
         hidden = int(channels * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
 
-    def _mlp_chunk_rows(self, dtype: torch.dtype) -> int:
-        """Rows per MLP chunk: ``chunk_rows``, fewer where the ``[m, rC]`` hidden block would exceed
-        ``MLP_CHUNK_BYTES`` (kept near the L2 cache size, the SiLU and the second GEMM read it
-        from there), never under ``MIN_MLP_CHUNK_ROWS`` (launch overhead)."""
-        per_row = self.mlp[0].out_features * torch.finfo(dtype).bits // 8
-        return min(self.chunk_rows, max(MIN_MLP_CHUNK_ROWS, MLP_CHUNK_BYTES // per_row))
-
     def forward(self, x: SparseTensor) -> SparseTensor:
         h = self.conv(x).feats  # [N, C], owned here: normalised and then overwritten in place
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        step = self._mlp_chunk_rows(h.dtype)
+        step = self.chunk_rows  # L2-sized chunks (24 MiB of hidden) measured slower: session4/NOTES.md
         for start in range(0, h.shape[0], step):
             rows = h[start:start + step]
             _norm(rows, self.norm, out=rows)
