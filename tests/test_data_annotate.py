@@ -118,7 +118,7 @@ def test_tiny_qwen_annotates_a_prepared_dataset(tmp_path):
     prep.prepare(opts, log=lambda m: None)
     qwen = _tiny_qwen(str(tmp_path / "qwen"))
     opts = prep.PrepareOptions(input=None, out=out, steps=("annotate",), force=("annotate",), progress=False,
-                               annotator=qwen, extra={"annotate_max_new_tokens": 2, "annotate_sets": ("backview",)})
+                               annotator=qwen, annotate_max_new_tokens=2, annotate_sets=("backview",))
     counts = prep.prepare_dataset(opts)
     assert counts["ok"] == 1
     rec = prep.read_records(out)[0]

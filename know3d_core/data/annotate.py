@@ -291,7 +291,7 @@ def lookup(table: Dict[str, Dict[str, Any]], path: str, sha256: str) -> Optional
 # ------------------------------------------------------------------------------ the step
 def prepare_step(ctx) -> Dict[str, Any]:
     """Fill ``pairs.json`` annotations from the imported table or the Qwen annotator (the pairs of
-    ``options.extra["annotate_sets"]``, default every set)."""
+    ``options.annotate_sets``, default every set)."""
     from PIL import Image
 
     from .prepare import StepSkipped
@@ -312,8 +312,8 @@ def prepare_step(ctx) -> Dict[str, Any]:
     if annotator is None:
         annotator = ctx.cache["annotator"] = QwenAnnotator(
             ctx.options.annotator, device=ctx.options.device,
-            max_new_tokens=int(ctx.options.extra.get("annotate_max_new_tokens", 96)))
-    sets = tuple(ctx.options.extra.get("annotate_sets", layout.PAIR_SETS))
+            max_new_tokens=ctx.options.annotate_max_new_tokens)
+    sets = tuple(ctx.options.annotate_sets)
     failures = 0
     for p in pairs:
         if p["set"] not in sets:

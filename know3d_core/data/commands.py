@@ -40,6 +40,15 @@ def _steps(text: str):
     return names
 
 
+def _pair_sets(text: str):
+    from . import layout
+
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not names or any(n not in layout.PAIR_SETS for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: pair sets are {', '.join(layout.PAIR_SETS)} (comma-separated)")
+    return names
+
+
 def _resolutions(text: str):
     from . import layout
 
@@ -64,6 +73,8 @@ def _add_step_options(p) -> None:
                    "INPUT/annotations.jsonl when present); see 'know3d data annotate --help'")
     p.add_argument("--annotator", metavar="DIR", help="Qwen2.5-VL-7B-Instruct or Qwen-Image-Edit-2511 folder: "
                    "annotate back views with it (needs the language head)")
+    p.add_argument("--annotate-sets", type=_pair_sets, default=None, metavar="SET[,SET]",
+                   help="pair sets the annotator looks at (backview, 3d, 3d_perturbed; default: all)")
     p.add_argument("--resolutions", type=_resolutions, default=(256,), metavar="R[,R]",
                    help="dual-grid resolutions of the voxelize / encode steps (256, 512, 1024; default 256)")
     p.add_argument("--trellis2", metavar="DIR", help="encode step: folder with TRELLIS.2's encoders "
@@ -128,7 +139,8 @@ def _options(opts, input_dir: str, out: str, steps, force):
                           max_faces=opts.max_faces, up=opts.up, render_size=opts.size,
                           renderer=opts.renderer, annotations=opts.annotations,
                           annotator=opts.annotator, resolutions=opts.resolutions, trellis2=opts.trellis2, device=opts.device,
-                          retry_failed=opts.retry_failed, progress=not opts.no_progress)
+                          retry_failed=opts.retry_failed, progress=not opts.no_progress,
+                          **({"annotate_sets": opts.annotate_sets} if opts.annotate_sets else {}))
 
 
 def _print_counts(out: str) -> None:

@@ -72,6 +72,8 @@ class PrepareOptions:
     renderer: str = "opengl"             # render.RENDERERS: opengl (moderngl + EGL) or blender (bpy, Cycles)
     annotations: Optional[str] = None    # JSONL / CSV to import (default: INPUT/annotations.jsonl if present)
     annotator: Optional[str] = None      # Qwen2.5-VL folder for annotate
+    annotate_sets: Tuple[str, ...] = layout.PAIR_SETS  # pair sets the annotator looks at
+    annotate_max_new_tokens: int = 96
     resolutions: Tuple[int, ...] = (256,)
     trellis2: Optional[str] = None       # encode: the TRELLIS.2 folder with the shape and sparse-structure encoders
     device: str = "cpu"
