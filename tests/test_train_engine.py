@@ -105,21 +105,25 @@ def test_resume_equals_uninterrupted_bit_for_bit(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_accumulation(tiny, tmp_path):
+    """DDP and FSDP2 (``--fsdp``) over 2 gloo processes vs 1 process with ``--grad-accum 2``."""
     models, data, _ = tiny
     common = ("--lr", "1e-2", "--batch-size", "1", "--steps", "3")
     one = tmp_path / "one"
     assert run_cli(train_args("trellis2", data, one, models, *common, "--grad-accum", "2"))[0] == 0
-    two = tmp_path / "two"
+    a = checkpoint_state(one)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "know3d_core.cli", *train_args("trellis2", data, two, models, *common, "--grad-accum", "1")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = checkpoint_state(one), checkpoint_state(two)
-    assert a["micro_per_step"] == b["micro_per_step"] == 2
-    # equal up to the order of the all-reduce sum (float32 rounding of the gradient average)
-    for k in a["trainable"]:
-        assert torch.allclose(a["trainable"][k], b["trainable"][k], rtol=1e-5, atol=1e-6), k
+    for name, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        two = tmp_path / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "know3d_core.cli", *train_args("trellis2", data, two, models, *common, "--grad-accum", "1", *extra)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        b = checkpoint_state(two)
+        assert a["micro_per_step"] == b["micro_per_step"] == 2
+        # equal up to the order of the all-reduce sum (float32 rounding of the gradient average)
+        for k in a["trainable"]:
+            assert torch.allclose(a["trainable"][k], b["trainable"][k], rtol=1e-5, atol=1e-6), (name, k)
+        assert (two / "export" / "TRELLIS.2" / "pipeline.json").is_file()
     # the comparison can fail: half the global batch (1 process, no accumulation) lands elsewhere
     half = tmp_path / "half"
     assert run_cli(train_args("trellis2", data, half, models, *common, "--grad-accum", "1"))[0] == 0

@@ -369,6 +369,9 @@ def _train(task: Task, cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise UsageError("--batch-size and --grad-accum must be >= 1")
     resume_from = _check_run_folder(cfg)
+    if cfg.fsdp and resume_from:
+        raise UsageError("--resume of an --fsdp run is not supported yet; resume it without --fsdp (the "
+                         "checkpoints hold full tensors) or start a new --out")
     seed_everything(cfg.seed + info.rank)
     task.setup(cfg, info)
     params = task.trainable()
@@ -438,7 +441,7 @@ def _train(task: Task, cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                         summary["validation"] = task.validate(done)
                 if done % cfg.checkpoint_every == 0 or done == end:
                     last_ckpt = _save_checkpoint(cfg.out, done, _state(cfg, done, params, optimizer, scheduler,
-                                                                       ema, micro_per_step, task),
+                                                                       ema, micro_per_step, task, wrapped),
                                                  info, cfg.keep_checkpoints)
                     summary["checkpoint"] = last_ckpt
     except torch.OutOfMemoryError:
@@ -472,13 +475,23 @@ def _step(task, cfg, info, wrapped, batches, sampler, step, plan):
     return loss_sum, samples
 
 
-def _state(cfg, step, params, optimizer, scheduler, ema, micro_per_step, task) -> Dict[str, Any]:
+def _optimizer_state(optimizer, wrapped, cfg) -> Dict[str, Any]:
+    """AdamW state; with FSDP2 gathered to full tensors (a collective: every rank calls it)."""
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def _state(cfg, step, params, optimizer, scheduler, ema, micro_per_step, task, wrapped) -> Dict[str, Any]:
     return {
         "step": step,
         "config": cfg.resume_view(),
         "micro_per_step": micro_per_step,
         "trainable": _full_values(params),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": _optimizer_state(optimizer, wrapped, cfg),
         "scheduler": scheduler.state_dict(),
         "ema": ema.state_dict(),
         "data_position": step * micro_per_step,

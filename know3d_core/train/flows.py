@@ -352,10 +352,28 @@ class FlowTask(Task):
     # ------------------------------------------------------------------ export
     def export(self, folder: str, values: Dict[str, torch.Tensor], step: int) -> List[str]:
         os.makedirs(folder, exist_ok=True)
+        if any(hasattr(p, "full_tensor") for p in self.trainable().values()):
+            return self._export_unsharded(folder, values, step)
         with _swapped(self.trainable(), values):
             if self.branch:
                 return [self._export_know3d(folder, step)]
             return [self._export_trellis2(folder)]
+
+    def _export_unsharded(self, folder: str, values: Dict[str, torch.Tensor], step: int) -> List[str]:
+        """FSDP2 shards the live flow: export from a fresh copy holding the gathered ``values``."""
+        sharded = self.flow
+        try:
+            self.flow = self._load_flow(self.cfg)
+            if self.branch:
+                self._install(self.cfg, self.spec)
+            else:
+                self._install_plain(self.cfg)
+            with torch.no_grad():
+                for name, p in self.trainable().items():
+                    p.copy_(values[name])
+            return [self._export_know3d(folder, step) if self.branch else self._export_trellis2(folder)]
+        finally:
+            self.flow = sharded
 
     def _training_record(self, step: int) -> List[Dict[str, Any]]:
         previous = []
