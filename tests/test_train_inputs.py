@@ -99,3 +99,13 @@ def test_init_checkpoint_or_knowledge_that_does_not_fit(env, tmp_path, capsys):
     _fails(train_args("know3d", data, tmp_path / "d", models, "--qwen", qwen, "--layers", "0,7"), capsys, "--layers")
     for name in "abcd":
         assert not (tmp_path / name / "checkpoints").exists()
+
+
+def test_commands_module_is_torch_free():
+    import subprocess
+    import sys
+
+    code = "import sys, know3d_core.train.commands; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False", out.stderr
