@@ -29,6 +29,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 
+def _extract_deb(deb: str, dst: str) -> None:
+    """Unpack a .deb's data archive into ``dst`` (an ``ar`` archive holding ``data.tar.*``), in Python:
+    no dpkg needed."""
+    import io
+    import tarfile
+
+    with open(deb, "rb") as f:
+        blob = f.read()
+    if not blob.startswith(b"!<arch>\n"):
+        raise ValueError(f"{deb} is not a .deb (ar) archive")
+    pos = 8
+    while pos < len(blob):
+        name = blob[pos:pos + 16].decode().strip().rstrip("/")
+        size = int(blob[pos + 48:pos + 58].decode().strip())
+        body = blob[pos + 60:pos + 60 + size]
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+                tar.extractall(dst, filter="data")
+            return
+        pos += 60 + size + (size % 2)
+    raise ValueError(f"{deb} has no data.tar member")
+
+
 def eigen_include(eigen: str) -> str:
     """An Eigen include dir from a directory holding ``Eigen/`` or a Debian ``libeigen3-dev`` .deb."""
     if os.path.isdir(os.path.join(eigen, "Eigen")):
@@ -38,29 +61,44 @@ def eigen_include(eigen: str) -> str:
         raise FileNotFoundError(f"no Eigen headers or libeigen3-dev .deb at {eigen}")
     dst = os.path.join(tempfile.gettempdir(), "ovoxel_ref_eigen")
     if not os.path.isdir(os.path.join(dst, "usr/include/eigen3/Eigen")):
-        subprocess.check_call(["dpkg", "-x", debs[0], dst])
+        _extract_deb(debs[0], dst)
     return os.path.join(dst, "usr/include/eigen3")
 
 
-def build(src: str, eigen: str, verbose: bool = False):
-    """Compile the reference converter; ``src`` is TRELLIS.2's ``o-voxel`` folder (or a copy of its
-    ``src/convert/{flexible_dual_grid.cpp, api.h}``)."""
-    from torch.utils.cpp_extension import load
+_SETUP = """
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+setup(name="ovoxel_fdg_reference", ext_modules=[CppExtension(
+    "ovoxel_fdg_reference", ["binding.cpp", {cpp!r}], include_dirs=[{convert!r}, {eigen!r}],
+    extra_compile_args=["-O3", "-std=c++17"])], cmdclass={{"build_ext": BuildExtension}})
+"""
 
-    convert = os.path.join(src, "src", "convert")
+
+def build(src: str, eigen: str, verbose: bool = False):
+    """Compile the reference converter (setuptools + torch's BuildExtension, as o-voxel's setup.py;
+    ninja not required) and import it; ``src`` is TRELLIS.2's ``o-voxel`` folder (or a copy of its
+    ``src/convert/{flexible_dual_grid.cpp, api.h}``)."""
+    import importlib.util
+    import sys
+
+    convert = os.path.abspath(os.path.join(src, "src", "convert"))
     build_dir = os.path.join(tempfile.gettempdir(), "ovoxel_ref_build")
     os.makedirs(build_dir, exist_ok=True)
-    binding = os.path.join(build_dir, "binding.cpp")
-    with open(binding, "w", encoding="utf-8") as f:
+    with open(os.path.join(build_dir, "binding.cpp"), "w", encoding="utf-8") as f:
         f.write(_BINDING)
-    return load(
-        name="ovoxel_fdg_reference",
-        sources=[binding, os.path.join(convert, "flexible_dual_grid.cpp")],
-        extra_include_paths=[convert, eigen_include(eigen)],
-        extra_cflags=["-O3", "-std=c++17"],
-        build_directory=build_dir,
-        verbose=verbose,
-    )
+    with open(os.path.join(build_dir, "setup.py"), "w", encoding="utf-8") as f:
+        f.write(_SETUP.format(cpp=os.path.join(convert, "flexible_dual_grid.cpp"), convert=convert,
+                              eigen=eigen_include(eigen)))
+    built = glob.glob(os.path.join(build_dir, "ovoxel_fdg_reference*.so"))
+    if not built:
+        out = None if verbose else subprocess.DEVNULL
+        subprocess.check_call([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=build_dir,
+                              stdout=out, stderr=None)
+        built = glob.glob(os.path.join(build_dir, "ovoxel_fdg_reference*.so"))
+    spec = importlib.util.spec_from_file_location("ovoxel_fdg_reference", built[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def reference_dual_grid(ext, vertices: torch.Tensor, faces: torch.Tensor, resolution: int,

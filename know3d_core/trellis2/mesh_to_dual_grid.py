@@ -322,13 +322,30 @@ def _solve_dual_vertices(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) ->
     """
     if q.shape[0] == 0:
         return q.new_zeros(0, 3)
-    a, b = q[:, :3, :3], -q[:, :3, 3]
-    p = torch.linalg.solve(a, b)
+    p = _solve3(q[:, :3, :3], -q[:, :3, 3])
     outside = ~(((p >= lo) & (p <= hi)).all(dim=1))
     if outside.any():
         idx = torch.nonzero(outside).squeeze(1)
         p[idx] = _constrained_minimum(q[idx], lo[idx], hi[idx])
     return p
+
+
+def _solve3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [N, 3, 3] x = b [N, 3]`` by cofactors (elementwise: no per-matrix LAPACK call; ``a`` is
+    symmetric positive definite here, its conditioning bounded by the regularisation)."""
+    c0 = torch.cross(a[:, 1], a[:, 2], dim=-1)
+    c1 = torch.cross(a[:, 2], a[:, 0], dim=-1)
+    c2 = torch.cross(a[:, 0], a[:, 1], dim=-1)
+    det = (a[:, 0] * c0).sum(-1, keepdim=True)
+    return (c0 * b[:, 0:1] + c1 * b[:, 1:2] + c2 * b[:, 2:3]) / det
+
+
+def _solve2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [N, 2, 2] x = b [N, 2]`` by Cramer's rule."""
+    det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
+    x0 = (b[:, 0] * a[:, 1, 1] - a[:, 0, 1] * b[:, 1]) / det
+    x1 = (a[:, 0, 0] * b[:, 1] - b[:, 0] * a[:, 1, 0]) / det
+    return torch.stack([x0, x1], dim=-1)
 
 
 def _constrained_minimum(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -344,7 +361,7 @@ def _constrained_minimum(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) ->
         for side in range(2):
             val = bounds[:, side, fixed]
             rhs = -(bmat[:, :, 0] * val.unsqueeze(-1) + bmat[:, :, 1])
-            x = torch.linalg.solve(a2, rhs)
+            x = _solve2(a2, rhs)
             pt = torch.empty(m, 3, dtype=q.dtype, device=q.device)
             pt[:, fixed], pt[:, u], pt[:, w] = val, x[:, 0], x[:, 1]
             cands.append(pt)
