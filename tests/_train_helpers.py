@@ -66,6 +66,9 @@ def write_train_dataset(root, n_assets: int = 4, pairs_per_asset: int = 2, view_
             feats = base_shape * (1 + 0.1 * torch.randn(n, 32, generator=gen))
             save_file({L.KEY_COORDS: coords.int().contiguous(), L.KEY_FEATS: feats.contiguous()},
                       os.path.join(folder, L.shape_latent_file(512)))
+            # the 1024 stage's tokens: each 32^3 voxel's first child on the 64^3 grid
+            save_file({L.KEY_COORDS: (2 * coords).int().contiguous(), L.KEY_FEATS: feats.contiguous()},
+                      os.path.join(folder, L.shape_latent_file(1024)))
         rows.append({"sha256": sha, "source": f"asset{a}.glb", "status": L.STATUS_OK, "split": "train",
                      "n_pairs": len(pairs)})
     rows.append({"sha256": "f" * 64, "source": "broken.glb", "status": L.STATUS_FAILED, "split": "train"})

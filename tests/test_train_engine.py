@@ -164,3 +164,20 @@ def test_grad_checkpointing_gives_the_same_run(tiny, tmp_path):
     assert run_cli(train_args("trellis2", data, ckpt, models, "--lr", "1e-2", "--grad-checkpointing", steps=3))[0] == 0
     a, b = checkpoint_state(plain)["trainable"], checkpoint_state(ckpt)["trainable"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_fine_tuning_and_the_1024_stage(tiny, tmp_path):
+    """``trellis2 --full`` trains every weight and exports them in the base's storage dtype; the
+    shape1024 stage (64^3 grid, 1024 px condition) runs on its own latents."""
+    models, data, _ = tiny
+    out = tmp_path / "full"
+    assert run_cli(train_args("trellis2", data, out, models, "--full", "--lr", "1e-3", steps=2, stage="shape512"))[0] == 0
+    trained = checkpoint_state(out)["trainable"]
+    base = load_file(os.path.join(models, "ckpts", "slat_flow_img2shape_dit_1_3B_512_bf16.safetensors"))
+    new = load_file(out / "export" / "TRELLIS.2" / "ckpts" / "slat_flow_img2shape_dit_1_3B_512_bf16.safetensors")
+    assert set(trained) == set(base) == set(new)
+    assert all(torch.equal(new[k], trained[k].to(base[k].dtype)) for k in base)
+    assert not torch.equal(new["input_layer.weight"], base["input_layer.weight"])
+    out = tmp_path / "s1024"
+    assert run_cli(train_args("trellis2", data, out, models, "--max-tokens", "64", steps=2, stage="shape1024"))[0] == 0
+    assert checkpoint_state(out)["task"]["model"] == "shape_slat_flow_model_1024"
