@@ -29,6 +29,8 @@ __all__ = [
     # pipeline.json model keys
     "SS_FLOW", "SS_DECODER", "SHAPE_FLOWS", "SHAPE_DECODER", "TEXTURE_FLOW", "GEOMETRY_MODELS", "FLOW_MODELS",
     "DECODER_MODELS", "models_for_types",
+    # texture stage
+    "TEX_FLOWS", "TEX_DECODER", "TEXTURE_MODELS", "TEX_STAGE", "PBR_LAYOUT", "texture_models",
     # variants and knowledge kinds
     "MMDIT_HIDDEN", "VAE_LATENT", "DINO_IMAGE", "MULTI_VIEW", "KINDS", "INJECTED_KINDS", "VARIANT_KINDS",
     "VARIANTS", "VARIANT_TEXT", "variant_kind", "variant_of", "needs_back_view", "needs_back_image",
@@ -47,7 +49,15 @@ SS_FLOW = "sparse_structure_flow_model"
 SS_DECODER = "sparse_structure_decoder"
 SHAPE_FLOWS: Dict[str, str] = {"512": "shape_slat_flow_model_512", "1024": "shape_slat_flow_model_1024"}
 SHAPE_DECODER = "shape_slat_decoder"
-TEXTURE_FLOW = "tex_slat_flow_model_1024"  # in ComfyUI's diffusion file; never loaded
+TEXTURE_FLOW = "tex_slat_flow_model_1024"  # also in ComfyUI's diffusion file (``shape2txt.``)
+# Texture stage (``know3d generate --texture``): flows by size and the decoder guided by the shape decoder.
+TEX_FLOWS: Dict[str, str] = {"512": "tex_slat_flow_model_512", "1024": TEXTURE_FLOW}
+TEX_DECODER = "tex_slat_decoder"
+TEXTURE_MODELS: Tuple[str, ...] = (TEX_FLOWS["512"], TEX_FLOWS["1024"], TEX_DECODER)
+TEX_STAGE = "tex_slat"  # progress stage of the texture flow; its sampler is pipeline.json "tex_slat_sampler"
+# Channels of the texture decoder's PBR voxels (the reference pipeline's ``pbr_attr_layout``): name -> (start, stop).
+PBR_LAYOUT: Dict[str, Tuple[int, int]] = {"base_color": (0, 3), "metallic": (3, 4), "roughness": (4, 5),
+                                          "alpha": (5, 6)}
 # pipeline.json "models" entries of the geometry path, in load order (texture models are not used).
 GEOMETRY_MODELS: Tuple[str, ...] = (SS_FLOW, SS_DECODER, SHAPE_FLOWS["512"], SHAPE_FLOWS["1024"], SHAPE_DECODER)
 FLOW_MODELS: Tuple[str, ...] = (SS_FLOW, SHAPE_FLOWS["512"], SHAPE_FLOWS["1024"])
@@ -92,6 +102,16 @@ class PipelineType:
     def required_models(self) -> Tuple[str, ...]:
         """pipeline.json model keys the type runs (the cascade upsamples through the shape decoder)."""
         return (SS_FLOW, SS_DECODER) + self.shape_flows + (SHAPE_DECODER,)
+
+    @property
+    def texture_stage(self) -> str:
+        """Size of the texture flow the type runs (the reference: ``512`` for ``512``, else ``1024``);
+        it is also the DINOv3 size of its condition."""
+        return "512" if self.shape_stages == ("512",) else "1024"
+
+    @property
+    def texture_flow(self) -> str:
+        return TEX_FLOWS[self.texture_stage]
 
     @property
     def mesh_resolution(self) -> int:
@@ -163,6 +183,11 @@ def models_for_types(names: Optional[Iterable[str]]) -> List[str]:
         return list(GEOMETRY_MODELS)
     needed = {k for n in names for k in required_models(n)}
     return [k for k in GEOMETRY_MODELS if k in needed]
+
+
+def texture_models(name: str) -> Tuple[str, ...]:
+    """pipeline.json keys the texture stage of a pipeline type adds: its texture flow and the decoder."""
+    return (pipeline_type(name).texture_flow, TEX_DECODER)
 
 
 def progress_plan(name: str, ss_steps: int = 12, shape_steps: int = 12) -> List[Tuple[str, int]]:
@@ -238,6 +263,9 @@ OFFICIAL_MODELS: Dict[str, Tuple[str, str, str]] = {
     SHAPE_FLOWS["512"]: ("ckpts/slat_flow_img2shape_dit_1_3B_512_bf16", TRELLIS_REPO, "shape flow 512"),
     SHAPE_FLOWS["1024"]: ("ckpts/slat_flow_img2shape_dit_1_3B_1024_bf16", TRELLIS_REPO, "shape flow 1024"),
     SHAPE_DECODER: ("ckpts/shape_dec_next_dc_f16c32_fp16", TRELLIS_REPO, "shape decoder"),
+    TEX_FLOWS["512"]: ("ckpts/slat_flow_imgshape2tex_dit_1_3B_512_bf16", TRELLIS_REPO, "texture flow 512"),
+    TEX_FLOWS["1024"]: ("ckpts/slat_flow_imgshape2tex_dit_1_3B_1024_bf16", TRELLIS_REPO, "texture flow 1024"),
+    TEX_DECODER: ("ckpts/tex_dec_next_dc_f16c32_fp16", TRELLIS_REPO, "texture decoder"),
 }
 
 # ComfyUI's repack (Comfy-Org/TRELLIS.2): key prefix -> pipeline.json key, in the diffusion file

@@ -54,6 +54,7 @@ MODEL_CLASSES: Dict[str, Tuple[str, str]] = {
     "FlexiDualGridVaeDecoder": ("shape_decoder", "FlexiDualGridVaeDecoder"),
     "SparseStructureEncoder": ("sparse_structure_encoder", "SparseStructureEncoder"),
     "FlexiDualGridVaeEncoder": ("shape_encoder", "FlexiDualGridVaeEncoder"),
+    "SparseUnetVaeDecoder": ("tex_decoder", "SparseUnetVaeDecoder"),  # the texture decoder
 }
 
 class CheckpointError(ValueError):

@@ -7,6 +7,11 @@ Official config: in/out 32, model_channels 1536, cond 1024, 30 blocks, 12 heads,
 pe_mode rope, share_mod, qk_rms_norm(+cross), dtype bfloat16 (``resolution`` only matters for
 the unused absolute position embedding). ``ElasticSLatFlowModel`` (upstream: the same network with a
 training-time memory mixin) loads as this class.
+
+The texture flows (``ckpts/slat_flow_imgshape2tex_dit_1_3B_{512,1024}_bf16``) are this network with
+in_channels 64, out_channels 32: the noisy texture latent ``[N, 32]`` and the normalised shape latent
+``[N, 32]`` on the same coords, concatenated on channels (``concat_cond``, the reference's
+``sparse_cat([x, concat_cond], dim=-1)``).
 """
 from typing import Any, Optional
 
@@ -45,7 +50,8 @@ class SLatFlowModel(FlowDiT):
         return TokenLayout(seqlens=x.seqlens, seqlens_list=lens, batch_index=x.batch_index)
 
     def forward(
-        self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None
+        self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None,
+        concat_cond: Optional[torch.Tensor] = None,
     ) -> SparseTensor:
         """Predict the velocity.
 
@@ -55,9 +61,16 @@ class SLatFlowModel(FlowDiT):
             t: ``[B]`` times on the reference scale, i.e. ``1000 * t`` with t in [0, 1].
             cond: image tokens ``[B, Lc, cond_channels]`` (1029 DINOv3 tokens at 512 px, 4101 at 1024).
             knowledge: optional Know3D knowledge, passed to ``knowledge_proj`` (see docs/internals.md).
+            concat_cond: feats ``[N, in_channels - C_x]`` (a tensor or a SparseTensor on x's coords)
+                appended to x's channels (texture flows: the normalised shape latent).
         Returns:
             velocity, SparseTensor with feats ``[N, out_channels]`` in x's dtype on x's coords.
         """
+        if concat_cond is not None:
+            extra = concat_cond.feats if isinstance(concat_cond, SparseTensor) else concat_cond
+            if extra.dim() != 2 or extra.shape[0] != x.feats.shape[0]:
+                raise ValueError(f"concat_cond must have shape [{x.feats.shape[0]}, C], got {tuple(extra.shape)}")
+            x = x.replace(torch.cat([x.feats, extra.to(x.feats.dtype)], dim=1))
         if x.feats.dim() != 2 or x.feats.shape[1] != self.in_channels:
             raise ValueError(f"x.feats must have shape [N, {self.in_channels}], got {tuple(x.feats.shape)}")
         B = x.batch_size
