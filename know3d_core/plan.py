@@ -42,6 +42,8 @@ __all__ = [
     "comfy_is_512",
     # dtypes
     "DTYPE_NAMES", "SAFETENSORS_FLOAT_DTYPES", "dtype_name", "auto_dtype_name",
+    # memory plans (small cards)
+    "FP8_STORAGE", "PLACEMENTS", "MemoryPlan", "MEMORY_PLANS", "vram_plan", "VRAM_HEADROOM_GIB",
 ]
 
 # ----------------------------------------------------------------------------------- model keys
@@ -343,3 +345,94 @@ def dtype_name(dtype: object) -> str:
 def auto_dtype_name(device_type: str, bf16_supported: bool = True) -> str:
     """``auto``: bfloat16 on a CUDA device that has it, else float32."""
     return "bfloat16" if device_type == "cuda" and bf16_supported else "float32"
+
+
+# ----------------------------------------------------------------------------------- memory plans (small cards)
+# How the Qwen side fits a card (``know3d generate --vram GB``). Storage dtype of a network's Linear/Conv
+# weights: None keeps the compute dtype; FP8_STORAGE stores them in float8 e4m3 and casts each layer to
+# the compute dtype while it runs (diffusers' layer-wise casting). Placement: ``resident`` stays on the
+# device, ``model`` visits the device whole while it runs, ``blocks`` stays on the CPU and its blocks
+# visit one group at a time, the next group prefetched on a side stream (diffusers' group offloading).
+FP8_STORAGE = "float8_e4m3fn"
+PLACEMENTS: Tuple[str, ...] = ("resident", "model", "blocks")
+GIB = 2 ** 30
+# Parameter counts behind the estimates. Qwen-Image MMDiT: 60 blocks of width 3072, each 8 attention
+# projections (8 * 3072^2), two modulations (2 * 3072 * 6 * 3072) and two MLPs (2 * 2 * 3072 * 4 * 3072):
+# 340M per block, 20.4B in all. Qwen2.5-VL-7B text encoder with its vision tower: 8.29B. TRELLIS.2: 4B.
+QWEN_MMDIT_PARAMS = 60 * (8 + 2 * 6 + 2 * 2 * 4) * 3072 ** 2
+QWEN_MMDIT_BLOCKS = 60
+QWEN_TEXT_ENCODER_PARAMS = 8_290_000_000
+QWEN_TEXT_ENCODER_LAYERS = 28
+TRELLIS2_PARAMS = 4_000_000_000
+TRELLIS2_OFFLOAD_PEAK_BYTES = int(3.2 * GIB)  # measured peak of the 1024 cascade with --offload (issue 22)
+# Activations at 1 MP (8k image tokens + prompt), the CUDA context and the VAE decode, over the weights.
+VRAM_HEADROOM_GIB = 4.0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where the networks live and how their weights are stored (see the section comment).
+
+    Attributes:
+        name: a key of :data:`MEMORY_PLANS`; mmdit_* / text_encoder_*: storage (None | FP8_STORAGE)
+        and placement (one of :data:`PLACEMENTS`) of the Qwen networks; geometry_offload: the TRELLIS.2
+        networks (and the Qwen VAE) visit the device only while they run.
+    """
+
+    name: str
+    mmdit_storage: Optional[str]
+    mmdit_placement: str
+    text_encoder_storage: Optional[str]
+    text_encoder_placement: str
+    geometry_offload: bool
+
+    def weight_peak_bytes(self) -> int:
+        """Largest set of weights on the device at once (bytes), from the parameter counts."""
+        def size(params: int, storage: Optional[str], placement: str, blocks: int) -> int:
+            nbytes = params * (1 if storage == FP8_STORAGE else 2)  # fp8: 1 byte; bf16: 2
+            return 2 * nbytes // blocks if placement == "blocks" else nbytes  # blocks: one + the prefetched one
+
+        mmdit = size(QWEN_MMDIT_PARAMS, self.mmdit_storage, self.mmdit_placement, QWEN_MMDIT_BLOCKS)
+        te = size(QWEN_TEXT_ENCODER_PARAMS, self.text_encoder_storage, self.text_encoder_placement,
+                  QWEN_TEXT_ENCODER_LAYERS)
+        if not self.geometry_offload:  # everything resident together
+            return mmdit + te + 2 * TRELLIS2_PARAMS
+        return max(mmdit, te, TRELLIS2_OFFLOAD_PEAK_BYTES)
+
+    def needs_gib(self) -> float:
+        """Card size the plan is chosen for: weights + :data:`VRAM_HEADROOM_GIB`."""
+        return self.weight_peak_bytes() / GIB + VRAM_HEADROOM_GIB
+
+    def describe(self) -> str:
+        def one(storage, placement):
+            return f"{'fp8' if storage == FP8_STORAGE else 'compute dtype'}, {placement}"
+        return (f"{self.name}: MMDiT {one(self.mmdit_storage, self.mmdit_placement)}; text encoder "
+                f"{one(self.text_encoder_storage, self.text_encoder_placement)}; TRELLIS.2 "
+                f"{'offloaded' if self.geometry_offload else 'resident'} (needs ~{self.needs_gib():.1f} GiB)")
+
+    def as_record(self) -> Dict[str, object]:
+        return {"name": self.name, "mmdit_storage": self.mmdit_storage, "mmdit_placement": self.mmdit_placement,
+                "text_encoder_storage": self.text_encoder_storage,
+                "text_encoder_placement": self.text_encoder_placement, "geometry_offload": self.geometry_offload,
+                "estimated_gib": round(self.needs_gib(), 2)}
+
+
+# Fastest first; :func:`vram_plan` takes the first that fits.
+MEMORY_PLANS: Dict[str, MemoryPlan] = {p.name: p for p in (
+    MemoryPlan("resident", None, "resident", None, "resident", False),
+    MemoryPlan("offload", None, "model", None, "model", True),
+    MemoryPlan("fp8", FP8_STORAGE, "model", FP8_STORAGE, "model", True),
+    MemoryPlan("fp8_blocks", FP8_STORAGE, "blocks", FP8_STORAGE, "model", True),
+    MemoryPlan("fp8_blocks_all", FP8_STORAGE, "blocks", FP8_STORAGE, "blocks", True),
+)}
+
+
+def vram_plan(vram_gib: float) -> MemoryPlan:
+    """Card size (GiB) -> the fastest :class:`MemoryPlan` whose estimate fits (``needs_gib() <= vram_gib``).
+    ValueError naming the smallest plan's need for a card below it."""
+    for plan in MEMORY_PLANS.values():
+        if plan.needs_gib() <= vram_gib:
+            return plan
+    smallest = list(MEMORY_PLANS.values())[-1]
+    raise ValueError(f"{vram_gib:g} GiB is below the smallest plan ({smallest.name} needs "
+                     f"~{smallest.needs_gib():.1f} GiB)")

@@ -114,18 +114,30 @@ class QwenEditBackView:
         self.loras: list[LoraReport] = []
         self.device: torch.device | None = None  # where the networks run (None: where the transformer is)
         self.offload = False
+        self.hooked: list[torch.nn.Module] = []  # placed by diffusers' group-offloading hooks (``mmdit.memory``)
+        self.compute_dtype: torch.dtype | None = None  # None: the transformer's parameter dtype
 
     # ------------------------------------------------------------------ placement
     def networks(self) -> list[torch.nn.Module]:
         return [m for m in (self.c.transformer, self.c.vae, self.c.text_encoder) if m is not None]
 
-    def place(self, device, offload: bool = False) -> None:
+    def place(self, device, offload: bool = False, hooked=()) -> None:
         """Run on ``device``; with ``offload`` the networks live on the CPU and each visits
-        ``device`` only while it runs (see :meth:`use`)."""
+        ``device`` only while it runs (see :meth:`use`). ``hooked`` networks live on the CPU and are
+        left to their group-offloading hooks (``mmdit.memory.apply_memory_plan``)."""
         self.device, self.offload = torch.device(device), bool(offload)
+        self.hooked = list(hooked)
         home = torch.device("cpu") if self.offload else self.device
         for module in self.networks():
-            module.to(home)
+            module.to(torch.device("cpu") if self._is_hooked(module) else home)
+
+    def _is_hooked(self, module: torch.nn.Module) -> bool:
+        return any(module is m for m in self.hooked)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the networks (with fp8 weight storage: the dtype the layers cast to)."""
+        return self.compute_dtype or next(self.c.transformer.parameters()).dtype
 
     @property
     def execution_device(self) -> torch.device:
@@ -134,7 +146,7 @@ class QwenEditBackView:
     @contextlib.contextmanager
     def use(self, *modules: torch.nn.Module | None) -> Iterator[None]:
         """Keep ``modules`` on the execution device for the block (a no-op unless offloading)."""
-        mods = [m for m in modules if m is not None]
+        mods = [m for m in modules if m is not None and not self._is_hooked(m)]
         if self.offload:
             for m in mods:
                 m.to(self.execution_device)
@@ -169,9 +181,9 @@ class QwenEditBackView:
             raise RuntimeError("no text encoder/processor loaded: the Qwen folder needs text_encoder/ and "
                                "processor/ (or pass prompt_embeds)")
         cond = condition_images(images, self.vae_scale_factor, self.condition_image_area)
-        dtype = next(self.c.transformer.parameters()).dtype
         with self.use(self.c.text_encoder):
-            return encode_prompt(self.c.text_encoder, self.c.processor, cond, text, dtype=dtype)
+            return encode_prompt(self.c.text_encoder, self.c.processor, cond, text, dtype=self.dtype,
+                                 device=self.execution_device)
 
     def prepare(self, images, prompt_embeds, prompt_mask=None, negative_embeds=None, negative_mask=None,
                 height: int | None = None, width: int | None = None) -> EditPlusInputs:
@@ -181,7 +193,7 @@ class QwenEditBackView:
             height, width = height or h, width or w
         m = self.vae_scale_factor * PATCH
         height, width = height // m * m, width // m * m
-        device, dtype = self.execution_device, next(self.c.transformer.parameters()).dtype
+        device, dtype = self.execution_device, self.dtype
         b = prompt_embeds.shape[0]
         with self.use(self.c.vae):
             refs, grids = encode_reference_latents(
@@ -197,7 +209,7 @@ class QwenEditBackView:
     def noise(self, inputs: EditPlusInputs, generator: torch.Generator | None = None) -> torch.Tensor:
         """Packed Gaussian latents [B, N_target, 4z], drawn like diffusers' pipeline draws them."""
         from diffusers.utils.torch_utils import randn_tensor
-        dtype = next(self.c.transformer.parameters()).dtype
+        dtype = self.dtype
         z_dim = self.c.transformer.config.in_channels // (PATCH * PATCH)
         gh, gw = inputs.target_grid
         z = randn_tensor((inputs.batch_size, 1, z_dim, gh * 2, gw * 2), generator=generator,

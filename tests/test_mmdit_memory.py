@@ -1,0 +1,136 @@
+"""Small cards: the memory-plan table (card size -> plan) and the Qwen networks under fp8 storage
+(diffusers' layer-wise casting) and block offloading (diffusers' group offloading), on the CPU."""
+import math
+
+import pytest
+import torch
+
+from know3d_core.mmdit import CaptureSpec
+from know3d_core.mmdit.backview import QwenEditBackView
+from know3d_core.mmdit.loading import QwenEditComponents
+from know3d_core.mmdit.memory import apply_memory_plan
+from know3d_core.mmdit.schedule import QWEN_IMAGE_SCHEDULER_CONFIG
+from know3d_core.plan import (FP8_STORAGE, GIB, MEMORY_PLANS, QWEN_MMDIT_BLOCKS, QWEN_MMDIT_PARAMS,
+                              VRAM_HEADROOM_GIB, vram_plan)
+
+from test_mmdit_common import random_image, tiny_text_stack, tiny_transformer, tiny_vae
+
+
+# ------------------------------------------------------------------------------- plan table
+@pytest.mark.parametrize("gib, name", [
+    (141, "resident"), (80, "resident"),   # bf16 MMDiT 38 + text encoder 15.4 + TRELLIS.2 7.5 GiB + headroom
+    (48, "offload"),                       # one bf16 network at a time: the MMDiT's 38 GiB
+    (40, "fp8"), (24, "fp8"),              # fp8 MMDiT: 19 GiB
+    (16, "fp8_blocks"), (12, "fp8_blocks"),  # the fp8 text encoder (7.7 GiB) is the largest visitor
+    (8, "fp8_blocks_all"),                 # TRELLIS.2's offloaded peak (3.2 GiB) is the largest
+])
+def test_card_size_picks_the_fastest_plan_that_fits(gib, name):
+    plan = vram_plan(gib)
+    assert plan.name == name
+    order = list(MEMORY_PLANS)
+    assert plan.needs_gib() <= gib
+    assert all(MEMORY_PLANS[n].needs_gib() > gib for n in order[:order.index(name)])
+
+
+def test_card_below_the_smallest_plan_is_refused():
+    with pytest.raises(ValueError, match=r"6 GiB is below the smallest plan \(fp8_blocks_all"):
+        vram_plan(6)
+
+
+def test_plan_estimates_follow_the_parameter_counts():
+    fp8 = MEMORY_PLANS["fp8"]
+    assert fp8.weight_peak_bytes() == QWEN_MMDIT_PARAMS            # 1 byte per fp8 weight
+    assert MEMORY_PLANS["offload"].weight_peak_bytes() == 2 * QWEN_MMDIT_PARAMS
+    assert fp8.needs_gib() == pytest.approx(QWEN_MMDIT_PARAMS / GIB + VRAM_HEADROOM_GIB)
+    for plan in MEMORY_PLANS.values():  # either all resident, or nothing of the Qwen side is
+        resident = [plan.mmdit_placement == "resident", plan.text_encoder_placement == "resident"]
+        assert all(resident) != plan.geometry_offload and (all(resident) or not any(resident))
+        assert plan.as_record()["name"] == plan.name and plan.name in plan.describe()
+
+
+def test_mmdit_parameter_count_matches_the_real_config():
+    """The estimate's 20.4B counts the block weight matrices of the real Qwen-Image config (60 blocks,
+    24 heads x 128); built on the meta device (nothing allocated). Biases, norms and the text/image input
+    projections (3584 x 3072 + ...) add 0.23%: within 0.5%."""
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        m = QwenImageTransformer2DModel(num_layers=QWEN_MMDIT_BLOCKS, attention_head_dim=128, num_attention_heads=24,
+                                        joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+    blocks = sum(p.numel() for n, p in m.named_parameters() if n.startswith("transformer_blocks.")
+                 and n.endswith(".weight") and p.dim() == 2)
+    assert blocks == QWEN_MMDIT_PARAMS
+    assert sum(p.numel() for p in m.parameters()) == pytest.approx(QWEN_MMDIT_PARAMS, rel=5e-3)
+
+
+# ------------------------------------------------------------------------------- fp8 under a plan
+def _backview(text_stack=True):
+    te, proc = tiny_text_stack() if text_stack else (None, None)
+    c = QwenEditComponents(transformer=tiny_transformer(num_layers=3).to(torch.bfloat16),
+                           vae=tiny_vae().to(torch.bfloat16), text_encoder=te.to(torch.bfloat16),
+                           processor=proc, scheduler_config=dict(QWEN_IMAGE_SCHEDULER_CONFIG), model_name="tiny")
+    bv = QwenEditBackView(c)
+    bv.vae_image_area = 64 * 64
+    return bv
+
+
+def _hidden(bv):
+    res = bv([random_image(80, 64, seed=4)], "two straps", steps=4, height=64, width=64,
+             generator=torch.Generator().manual_seed(1), capture=CaptureSpec(sigma=0.5, layers=(0, 2)),
+             early_exit=True, decode=False)
+    return res.knowledge.hidden.float()
+
+
+def _linears_in_series(n_blocks: int) -> int:
+    """Linear layers one captured value passes through, in series (the depth errors accumulate over):
+    timestep MLP (2) + the input projection (1), then per block the modulation (1), q/k/v (1), the
+    output projection (1) and the MLP (2)."""
+    return 3 + 5 * n_blocks
+
+
+@pytest.fixture(scope="module")
+def bf16_and_fp8():
+    ref = _backview()
+    ref.place("cpu")
+    ref_hidden = _hidden(ref)
+    bv = _backview()
+    how = apply_memory_plan(bv, MEMORY_PLANS["fp8_blocks_all"], "cpu", torch.bfloat16)
+    return ref_hidden, bv, how, _hidden(bv)
+
+
+def test_plan_stores_fp8_and_hooks_the_blocks(bf16_and_fp8):
+    _, bv, how, _ = bf16_and_fp8
+    assert how == {"transformer": "fp8, block_level", "text_encoder": "fp8, leaf_level"}
+    fp8 = getattr(torch, FP8_STORAGE)
+    for net, blocks in ((bv.c.transformer, "transformer_blocks."), (bv.c.text_encoder, ".layers.")):
+        linear = [m.weight.dtype for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and blocks in n]
+        assert linear and set(linear) == {fp8}   # the blocks' weights stay fp8 between forwards
+        assert all(p.device.type == "cpu" for p in net.parameters())
+    assert bv.dtype == torch.bfloat16 and len(bv.hooked) == 2
+
+
+def test_fp8_hidden_states_within_the_derived_tolerance(bf16_and_fp8):
+    """Relative error of the captured hidden states, fp8 storage against bf16 storage (same bf16 compute).
+
+    Derivation: e4m3 keeps 3 mantissa bits, so round-to-nearest changes a weight by at most 2^-4 of
+    itself (below 2^-6, the subnormals, by at most 2^-10 absolutely: smaller than 2^-4 of the typical
+    tiny weight, ~0.1). A Linear output is a sum of such perturbed products, so its relative error is at
+    most 2^-4 (errors of one sign); through k Linears in series the independent errors add in quadrature:
+    sqrt(k) * 2^-4. The deepest captured layer (block 2) sits behind k = 3 + 5 * 3 = 18 Linears: the bound
+    is sqrt(18) / 16 = 0.265. The error must also exceed bf16's own rounding (2^-9): fp8 did happen."""
+    ref, _, _, fp8 = bf16_and_fp8
+    assert fp8.shape == ref.shape
+    rel = ((fp8 - ref).norm() / ref.norm()).item()
+    bound = math.sqrt(_linears_in_series(3)) * 2 ** -4
+    assert 2 ** -9 < rel <= bound, f"relative error {rel:.4f}, bound {bound:.4f}"
+    print(f"fp8 vs bf16 hidden states: relative error {rel:.4f} (bound {bound:.3f})")
+
+
+def test_model_placement_plan_matches_its_fp8_numbers(bf16_and_fp8):
+    """``fp8`` (whole networks visit) and ``fp8_blocks_all`` (hooks) store the same fp8 weights: the hidden
+    states agree exactly on the CPU (the hooks move nothing there)."""
+    _, _, _, hooked = bf16_and_fp8
+    bv = _backview()
+    how = apply_memory_plan(bv, MEMORY_PLANS["fp8"], "cpu", torch.bfloat16)
+    assert how == {"transformer": "fp8, model", "text_encoder": "fp8, model"}
+    assert torch.equal(_hidden(bv), hooked)
