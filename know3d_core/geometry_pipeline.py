@@ -14,6 +14,14 @@ Stages (each a method, so hosts can run them one by one):
    grid ``G = hr_res / 16`` (:func:`quantize_coords`), lower ``hr_res`` by 128 while the tokens
    reach ``max_num_tokens`` and ``hr_res > 1024`` (:func:`cascade_coords`), then sample the 1024 model.
 4. ``decode_shape``: shape decoder -> O-Voxel flexible dual grid -> raw triangle mesh.
+5. Texture (``run(texture=True)``, the reference's ``sample_tex_slat`` / ``decode_tex_slat``):
+   ``sample_tex_slat``: noise ``[N, 32]`` on the final shape latent's coords, the normalised shape
+   latent concatenated to it on every flow call (``concat_cond``), the texture flow of the type
+   (``plan.PipelineType.texture_flow``, conditioned like the last shape stage), ``tex_slat_sampler``
+   settings, ``* std + mean`` (``tex_slat_normalization``); optionally the back view as a second
+   image condition (``back_cond``: the multi-view conditioning of the ``multiview`` variant).
+   ``decode_textured``: the shape decoder's head and subdivisions, the texture decoder guided by them
+   -> mesh + PBR voxels (``mesh.texture.PBRVoxels``) on the same voxels.
 
 RNG parity with the reference: one ``torch.Generator().manual_seed(seed)`` draws, in order, the
 structure noise and each shape stage's noise on the CPU in fp32 (the reference calls
@@ -60,10 +68,14 @@ from .plan import (
     SS_DECODER,
     SS_FLOW,
     SS_STAGE,
+    TEX_DECODER,
+    TEX_STAGE,
+    TEXTURE_MODELS,
     cond_resolutions,
     models_for_types,
     shape_stages,
     ss_resolution,
+    texture_models,
 )
 from .plan import pipeline_type as pipeline_type_plan
 from .sparse import SparseTensor
@@ -163,6 +175,8 @@ class GeometryResult:
         timings: seconds per stage; peak_vram: bytes per stage (CUDA only, else empty).
         num_tokens: tokens per shape stage (and ``sparse_structure``: occupied voxels).
         knowledge: provenance of the knowledge used (``{"kind": ..., **provenance}``) or None.
+        texture: PBR voxels of the texture stage (``mesh.texture.PBRVoxels``, CPU) or None;
+        tex_slat: the de-normalised texture latent (CPU) or None.
     """
 
     mesh: Any
@@ -175,6 +189,8 @@ class GeometryResult:
     peak_vram: Dict[str, int] = field(default_factory=dict)
     num_tokens: Dict[str, int] = field(default_factory=dict)
     knowledge: Optional[Dict[str, Any]] = None
+    texture: Any = None
+    tex_slat: Optional[SparseTensor] = None
 
     @property
     def peak_vram_total(self) -> Optional[int]:
@@ -253,6 +269,8 @@ class Trellis2GeometryPipeline:
         self.last_num_tokens: Dict[str, int] = {}  # tokens per shape stage of the last sample_shape_slat
         mean, std = config.normalization("shape_slat_normalization")
         self.slat_mean, self.slat_std = mean, std
+        has_tex = "tex_slat_normalization" in config.normalizations
+        self.tex_mean, self.tex_std = config.normalization("tex_slat_normalization") if has_tex else (None, None)
         home = self.offload_device if self.offload else self.device
         for model in self.models.values():
             model.to(home).eval()
@@ -271,6 +289,7 @@ class Trellis2GeometryPipeline:
         dinov3: Union[None, str, os.PathLike] = None,
         pipeline_types: Optional[Sequence[str]] = None,
         decoder_dtype: Union[None, str, torch.dtype] = None,
+        texture: bool = False,
     ) -> "Trellis2GeometryPipeline":
         """Load an official TRELLIS.2 folder (pipeline.json + ckpts/), strictly.
 
@@ -285,11 +304,16 @@ class Trellis2GeometryPipeline:
             pipeline_types: load only the flows these types need (default: all geometry models).
             decoder_dtype: compute dtype of the two decoders; None keeps the checkpoint's (fp16) on
                 CUDA and uses fp32 on the CPU (CPU half-precision convolutions are very slow).
+            texture: also load the texture flow(s) of ``pipeline_types`` (both for None) and the
+                texture decoder (``run(texture=True)``).
         """
         folder = os.fspath(folder)
         device = torch.device(device)
         config = read_pipeline_config(folder)
         keys = models_for_types(pipeline_types)
+        if texture:
+            wanted = {k for t in pipeline_types for k in texture_models(t)} if pipeline_types else set(TEXTURE_MODELS)
+            keys += [k for k in TEXTURE_MODELS if k in wanted]
         home = torch.device("cpu") if offload else device
         models = load_pipeline_models(folder, keys=keys, dtype=_dtype(dtype), device=home)
         dino_path = os.fspath(dinov3) if dinov3 is not None else _find_dinov3(folder, config)
@@ -337,7 +361,7 @@ class Trellis2GeometryPipeline:
         home = torch.device("cpu") if offload else device
         dec_dtype = _dtype(decoder_dtype) or (None if device.type == "cuda" else torch.float32)
         if dec_dtype is not None:
-            for key in DECODER_MODELS:
+            for key in DECODER_MODELS + (TEX_DECODER,):
                 if key in models:
                     models[key].convert_to(dec_dtype)
         spec = cls._load_know3d(models, os.fspath(know3d), home) if know3d is not None else None
@@ -376,11 +400,12 @@ class Trellis2GeometryPipeline:
         return self.config.default_pipeline_type
 
     def sampler_params(self, stage: str, overrides: ParamsArg = None) -> SamplerParams:
-        """pipeline.json sampler defaults of ``stage`` (``"sparse_structure"`` | ``"shape_slat"``),
+        """pipeline.json sampler defaults of ``stage`` (``"sparse_structure"`` | ``"shape_slat"`` | ``"tex_slat"``),
         with ``overrides`` (a dict of fields, e.g. ``{"steps": 8}``) or a full SamplerParams."""
         if isinstance(overrides, SamplerParams):
             return overrides
-        key = {SS_STAGE: "sparse_structure_sampler", "shape_slat": "shape_slat_sampler"}[stage]
+        key = {SS_STAGE: "sparse_structure_sampler", "shape_slat": "shape_slat_sampler",
+               TEX_STAGE: "tex_slat_sampler"}[stage]
         block = self.config.samplers.get(key)
         if block is None:
             raise KeyError(f"{self.config.folder}/pipeline.json has no {key!r}")
@@ -689,6 +714,87 @@ class Trellis2GeometryPipeline:
             raise ValueError(f"decode_shape decodes one sample, the latent holds {len(meshes)}; use decode_shapes")
         return meshes[0]
 
+    # ------------------------------------------------------------------ stage 5: texture
+    @torch.no_grad()
+    def sample_tex_slat(
+        self,
+        slat: SparseTensor,
+        cond: Mapping[str, torch.Tensor],
+        pipeline_type: str = "1024_cascade",
+        *,
+        back_cond: Optional[Mapping[str, torch.Tensor]] = None,
+        back_mode: str = "stochastic",
+        generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
+        params: ParamsArg = None,
+        callback: Optional[ProgressFn] = None,
+        cancel: Optional[CancelFn] = None,
+    ) -> SparseTensor:
+        """Texture latent on the shape latent's coords (the reference's ``sample_tex_slat``).
+
+        Args:
+            slat: de-normalised shape latent of the last shape stage (``sample_shape_slat``).
+            cond: DINOv3 condition at the texture flow's size (``PipelineType.texture_stage``: 512 for
+                ``512``, else 1024).
+            back_cond: the back view's DINOv3 condition at the same size, a second image condition
+                (``knowledge.MultiViewCondition``, ``back_mode``); None: front only (the reference).
+            generator / seed / params / callback / cancel: as :meth:`sample_shape_slat`
+                (params: ``tex_slat_sampler`` overrides).
+        Returns:
+            de-normalised texture latent ``[N, 32]`` on ``slat``'s coords (device).
+        """
+        plan = pipeline_type_plan(pipeline_type)
+        flow = self.model(plan.texture_flow)
+        if self.tex_mean is None:
+            raise KeyError(f"{self.config.folder}/pipeline.json has no 'tex_slat_normalization' (texture stage)")
+        gen = self._generator(generator, seed)
+        sampler = FlowEulerGuidanceIntervalSampler(self.sampler_params(TEX_STAGE, params))
+        coords = slat.coords.to(self.device)
+        shape_feats = (slat.feats.to(self.device).float() - self.slat_mean.to(self.device)) / self.slat_std.to(self.device)
+        noise = reference_noise(gen, coords.shape[0], flow.in_channels - shape_feats.shape[1], device=self.device)
+        x = SparseTensor(noise, coords, slat.spatial_shape)
+        B = cond["cond"].shape[0]
+        if x.batch_size != B:
+            raise ValueError(f"the shape latent holds {x.batch_size} batch items, the condition {B}")
+
+        def fn(xt, t, cc):  # the CFG pair stacks x twice: the shape latent follows it
+            reps = xt.feats.shape[0] // shape_feats.shape[0]
+            return flow(xt, t, cc, concat_cond=shape_feats if reps == 1 else shape_feats.repeat(reps, 1))
+
+        c, n = _batched_cond(cond, self.device)
+        if back_cond is not None:
+            view = MultiViewCondition([c, back_cond["cond"].to(self.device).expand(c.shape[0], -1, -1)], back_mode)
+            model_fn, batched, c = multi_view_model_fn(fn), None, view
+        else:
+            model_fn, batched = fn, sparse_cfg_batch(fn)
+        with self.use(flow):
+            out = sampler.sample(model_fn, x, c, n, batched_model_fn=batched,
+                                 callback=self._progress(callback, TEX_STAGE), cancel_check=cancel)
+        del x, noise
+        feats = out.feats * self.tex_std.to(self.device) + self.tex_mean.to(self.device)
+        return SparseTensor(feats, coords, slat.spatial_shape, batch_size=B)
+
+    @torch.no_grad()
+    def decode_textured(self, slat: SparseTensor, tex_slat: SparseTensor, resolution: int) -> List[Tuple[Any, Any]]:
+        """Shape + texture latents -> ``[(raw mesh, PBRVoxels)]`` per batch item (CPU): the shape
+        decoder's head and subdivisions, then the texture decoder guided by those subdivisions
+        (``* 0.5 + 0.5``); the voxels are the mesh's own (grid ``resolution``)."""
+        from .mesh.texture import PBRVoxels
+
+        shape_dec, tex_dec = self.model(SHAPE_DECODER), self.model(TEX_DECODER)
+        with self.use(shape_dec):
+            head, subs = shape_dec(slat.to(self.device), return_subs=True)
+            meshes = shape_dec.to_meshes(head, int(resolution))
+        del head
+        with self.use(tex_dec):
+            pbr = tex_dec.decode(tex_slat.to(self.device), subs)
+        del subs
+        out = []
+        for mesh, rows in zip(meshes, pbr.layout):
+            voxels = PBRVoxels(pbr.coords[rows, 1:].cpu(), pbr.feats[rows].float().cpu(), int(resolution))
+            out.append((mesh.cpu(), voxels))
+        return out
+
     # ------------------------------------------------------------------ all stages
     @torch.no_grad()
     def run(
@@ -705,9 +811,15 @@ class Trellis2GeometryPipeline:
         max_num_tokens: int = MAX_NUM_TOKENS,
         callback: Optional[ProgressFn] = None,
         cancel: Optional[CancelFn] = None,
+        texture: bool = False,
+        tex_params: ParamsArg = None,
+        back_image: Any = None,
     ) -> GeometryResult:
         """Image -> mesh. ``image``: PIL or float tensor ``[H, W, 3|4]``; preprocessed (foreground
-        crop on black, needs alpha or ``mask``) unless ``preprocess=False``."""
+        crop on black, needs alpha or ``mask``) unless ``preprocess=False``.
+
+        ``texture``: also sample and decode the texture (``GeometryResult.texture``); ``back_image``
+        (preprocessed like ``image``) then becomes the texture flow's second image condition."""
         pipeline_type = pipeline_type_plan(pipeline_type or self.default_pipeline_type).name
         self.check_knowledge(knowledge, pipeline_type)
         timer = StageTimer(self.device)
@@ -716,6 +828,11 @@ class Trellis2GeometryPipeline:
         gen = torch.Generator().manual_seed(int(seed))
         with timer("cond"):
             conds = {size: self.get_cond(img, size) for size in cond_resolutions(pipeline_type)}
+            tex_size = int(pipeline_type_plan(pipeline_type).texture_stage)
+            back_cond = None
+            if texture and back_image is not None:
+                back = self.preprocess(back_image) if preprocess else back_image
+                back_cond = self.get_cond(back, tex_size)
         with timer(SS_STAGE):
             coords = self.sample_sparse_structure(
                 conds[512], knowledge, resolution=ss_resolution(pipeline_type), generator=gen,
@@ -724,13 +841,22 @@ class Trellis2GeometryPipeline:
             slat, res = self.sample_geometry(
                 coords, conds, knowledge, pipeline_type, generator=gen, params=shape_params,
                 max_num_tokens=max_num_tokens, callback=callback, cancel=cancel)
+        tex_slat = voxels = None
+        if texture:
+            with timer(TEX_STAGE):
+                tex_slat = self.sample_tex_slat(slat, conds[tex_size], pipeline_type, back_cond=back_cond,
+                                                generator=gen, params=tex_params, callback=callback, cancel=cancel)
         del conds
         with timer("decode"):
-            mesh = self.decode_shape(slat, res)
+            if texture:
+                [(mesh, voxels)] = self.decode_textured(slat, tex_slat, res)
+            else:
+                mesh = self.decode_shape(slat, res)
         mesh.metadata.update({"seed": int(seed), "pipeline_type": pipeline_type, "resolution": res})
         return GeometryResult(
             mesh=mesh, coords=coords, slat=slat.cpu(), resolution=res, pipeline_type=pipeline_type,
             seed=int(seed), timings=timer.timings, peak_vram=timer.peak_vram,
             num_tokens={SS_STAGE: int(coords.shape[0]), **self.last_num_tokens},
-            knowledge=knowledge_info(knowledge),
+            knowledge=knowledge_info(knowledge), texture=voxels,
+            tex_slat=tex_slat.cpu() if tex_slat is not None else None,
         )
