@@ -68,8 +68,9 @@ def register(sub) -> None:
     k.add_argument("--knowledge-source", default="trajectory", choices=("trajectory", "gt_latent"),
                    help="trajectory: sample the back view as inference does (default); gt_latent: one forward "
                         "on the ground-truth back latent noised to sigma (cheaper)")
-    k.add_argument("--knowledge-cache", metavar="DIR", help="per-pair knowledge files (default RUN/cache/knowledge); "
-                   "shareable between runs and processes")
+    k.add_argument("--knowledge-cache", metavar="DIR", help="per-pair knowledge files (default RUN/cache/knowledge; "
+                   "shareable between runs and processes; 75 MB a pair at full size in bf16); 'off': "
+                   "computed for every micro-batch, nothing written")
     k.add_argument("--sigma", type=float, help="capture noise level (default 0.25, or --init's)")
     k.add_argument("--layers", type=_ints, help="MMDiT blocks to capture, e.g. 20,30,40 (default: 1/3, 1/2, 2/3 depth)")
     k.add_argument("--back-steps", type=int, default=40, help="back-view sampling steps (trajectory; default 40)")

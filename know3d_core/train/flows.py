@@ -109,6 +109,13 @@ class FlowLoss(nn.Module):
         return loss
 
 
+def _knowledge_folder(cfg: TrainConfig) -> Optional[str]:
+    """``--knowledge-cache`` (default RUN/cache/knowledge; ``off``: computed every time, memory only)."""
+    if cfg.knowledge_cache == "off":
+        return None
+    return cfg.knowledge_cache or os.path.join(cfg.out, "cache", "knowledge")
+
+
 def _models_folder(cfg: TrainConfig):
     from ..trellis2.loading import read_pipeline_config
 
@@ -169,8 +176,8 @@ class FlowTask(Task):
         cache_root = os.path.join(cfg.out, "cache")
         if self.branch:
             spec = self._knowledge_spec(cfg)
-            knowledge_cache = FeatureCache(cfg.knowledge_cache or os.path.join(cache_root, "knowledge"),
-                                           spec.cache_spec())
+            folder = _knowledge_folder(cfg)
+            knowledge_cache = FeatureCache(folder, spec.cache_spec(), memory_bytes=(2 << 30) if folder else 0)
         self.dino_path = self._dino_path(cfg, config)
         # everything checkable is checked: now the weights
         self.flow = self._load_flow(cfg)
@@ -220,7 +227,8 @@ class FlowTask(Task):
                                  f"({qc['num_layers']} blocks)")
             model = os.path.basename(os.path.normpath(cfg.qwen))
         else:
-            cached = os.path.join(cfg.knowledge_cache or os.path.join(cfg.out, "cache", "knowledge"), "cache.json")
+            folder = _knowledge_folder(cfg)
+            cached = os.path.join(folder, "cache.json") if folder else ""
             if not os.path.isfile(cached):
                 raise UsageError("--qwen is required to compute the knowledge (or a --knowledge-cache made earlier)")
             with open(cached, "r", encoding="utf-8") as f:
@@ -516,7 +524,9 @@ def fill_knowledge_cache(cfg: TrainConfig) -> Dict[str, int]:
     index.check_views()
     config = _models_folder(cfg)
     spec = task._knowledge_spec(cfg)
-    cache = FeatureCache(cfg.knowledge_cache or os.path.join(cfg.out, "cache", "knowledge"), spec.cache_spec())
+    if _knowledge_folder(cfg) is None:
+        raise UsageError("know3d train knowledge fills a cache: give --knowledge-cache DIR (not 'off')")
+    cache = FeatureCache(_knowledge_folder(cfg), spec.cache_spec())
     device = pick_device(cfg)
     geometry = Trellis2GeometryPipeline({}, config, None, device=device)
     source = KnowledgeSource(spec, geometry, cache, cfg.qwen, KNOWLEDGE_SEED, device)
@@ -524,5 +534,5 @@ def fill_knowledge_cache(cfg: TrainConfig) -> Dict[str, int]:
     done = sum(os.path.isfile(cache._file(p.key)) for p in mine)
     for pair in tqdm(mine, desc=f"knowledge {rank + 1}/{world}", disable=not cfg.progress):
         source(pair)
-        cache.memory.clear()
+        cache.forget()
     return {"pairs": len(mine), "computed": len(mine) - done, "cached": done}
