@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 
 from know3d_core import cli

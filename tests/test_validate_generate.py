@@ -189,7 +189,8 @@ def test_more_bad_images_and_masks(tmp_path, models, monkeypatch, capsys):
     truncated = tmp_path / "truncated.png"
     with open(image, "rb") as f:
         truncated.write_bytes(f.read()[:60])
-    _refused(monkeypatch, capsys, models, truncated, "cannot be read as an image", out=tmp_path / "o", tmp_path=tmp_path)
+    _refused(monkeypatch, capsys, models, truncated, "cannot be read as an image", out=tmp_path / "o",
+             tmp_path=tmp_path)
     mask = tmp_path / "mask.png"
     Image.new("L", (10, 10), 255).save(mask)
     _refused(monkeypatch, capsys, models, image, "--mask", "--mask", str(mask), out=tmp_path / "o", tmp_path=tmp_path)

@@ -120,7 +120,8 @@ def test_backview_lora_for_another_model(folders, monkeypatch, capsys):
     inner = QWEN_TRANSFORMER["num_attention_heads"] * QWEN_TRANSFORMER["attention_head_dim"]
     lora = str(tmp_path / "lora.safetensors")
     name = "diffusion_model.transformer_blocks.0.attn.to_q"
-    save_file({f"{name}.lora_A.weight": torch.zeros(2, 2 * inner), f"{name}.lora_B.weight": torch.zeros(inner, 2)}, lora)
+    save_file({f"{name}.lora_A.weight": torch.zeros(2, 2 * inner), f"{name}.lora_B.weight": torch.zeros(inner, 2)},
+              lora)
     code, out = _models_cli(monkeypatch, capsys, models, qwen, "--lora", lora)
     assert code == 2 and f"does not fit transformer_blocks.0.attn.to_q.weight ({inner}, {inner})" in out
     save_file({"diffusion_model.single_blocks.0.linear1.lora_A.weight": torch.zeros(2, 4),

@@ -19,8 +19,9 @@ from .. import batch as batchlib
 from ..errors import UsageError, one_line
 
 __all__ = [
-    "MAX_STEPS", "MAX_SIDE", "SEED_RANGE", "check_options", "check_model_paths", "check_out_folder", "result_names", "front_image",
-    "resolve_variant", "describe_prompt", "check_prompt", "check_prompts", "publish_result",
+    "MAX_STEPS", "MAX_SIDE", "SEED_RANGE", "check_options", "check_model_paths", "check_out_folder", "result_names",
+    "result_tmp", "front_image", "resolve_variant", "describe_prompt", "check_prompt", "check_prompts",
+    "publish_result",
 ]
 
 MAX_STEPS = 1000          # sampler steps (TRELLIS.2 and back view): beyond is a typo, not a setting
