@@ -28,7 +28,7 @@ face pass on or off: the reference adds the face quadrics unweighted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -175,25 +175,26 @@ def _axis_crossings(tri: torch.Tensor, ax2: int, r: int, vs: float) -> Tuple[tor
 
 
 # --------------------------------------------------------------------------- 2. face overlaps
-def _face_setup(tri: torch.Tensor, n: torch.Tensor, vs: float) -> Dict[str, torch.Tensor]:
-    """Per-triangle constants of the reference's triangle / box overlap test (float32)."""
+_PROJECTIONS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # (u, w, sign axis): xy by n.z, yz by n.x, zx by n.y
+
+
+def _face_setup(tri: torch.Tensor, n: torch.Tensor, vs: float) -> torch.Tensor:
+    """Per-triangle constants of the reference's triangle / box overlap test, float32 ``[F, 32]``:
+    n (3), d1, d2, then for each projection (xy, yz, zx) and edge k: edge normal (u, w) and offset."""
     v = [tri[:, 0], tri[:, 1], tri[:, 2]]
     e = [v[1] - v[0], v[2] - v[1], v[0] - v[2]]
     size = torch.full((3,), vs, dtype=_F32, device=tri.device)
     c = torch.where(n > 0, size, torch.zeros_like(size))
-    out = {"n": n, "d1": _dot3(n, c - v[0]), "d2": _dot3(n, (size - c) - v[0])}
-    # Projections: (xy, sign from n.z), (yz, n.x), (zx, n.y); edge normal (-m e_v, m e_u).
-    for name, (u, w, s) in {"xy": (0, 1, 2), "yz": (1, 2, 0), "zx": (2, 0, 1)}.items():
+    cols = [n[:, 0], n[:, 1], n[:, 2], _dot3(n, c - v[0]), _dot3(n, (size - c) - v[0])]
+    for u, w, s in _PROJECTIONS:
         m = torch.where(n[:, s] < 0, -1.0, 1.0).to(_F32)
         for k in range(3):
-            nu, nw = -m * e[k][:, w], m * e[k][:, u]
-            out[f"{name}{k}u"], out[f"{name}{k}w"] = nu, nw
-            out[f"{name}{k}d"] = -(nu * v[k][:, u] + nw * v[k][:, w]) + (
-                nu.clamp(min=0) * size[u] + nw.clamp(min=0) * size[w])
-    return out
+            nu, nw = -m * e[k][:, w], m * e[k][:, u]  # the reference's (-m e_w, m e_u)
+            cols += [nu, nw, -(nu * v[k][:, u] + nw * v[k][:, w]) + (nu.clamp(min=0) * size[u] + nw.clamp(min=0) * size[w])]
+    return torch.stack(cols, dim=1)
 
 
-def _face_overlaps(tri: torch.Tensor, setup: Dict[str, torch.Tensor], r: int, vs: float, chunk: int):
+def _face_overlaps(tri: torch.Tensor, setup: torch.Tensor, r: int, vs: float, chunk: int):
     """Yield (triangle index ``[M]``, voxel ``[M, 3]``) of every voxel box a triangle overlaps,
     in chunks of at most ``chunk`` candidate boxes."""
     lo_f = _div(torch.minimum(torch.minimum(tri[:, 0], tri[:, 1]), tri[:, 2]), vs)
@@ -218,16 +219,17 @@ def _face_overlaps(tri: torch.Tensor, setup: Dict[str, torch.Tensor], r: int, vs
         start = stop
 
 
-def _box_test(xyz: torch.Tensor, owner: torch.Tensor, s: Dict[str, torch.Tensor], vs: float) -> torch.Tensor:
+def _box_test(xyz: torch.Tensor, owner: torch.Tensor, table: torch.Tensor, vs: float) -> torch.Tensor:
     """The reference's overlap test of triangle ``owner`` with the box at ``vs * xyz`` (float32)."""
     p = xyz.float() * vs
-    n = s["n"][owner]
-    nd = _dot3(n, p)
-    keep = ~((nd + s["d1"][owner]) * (nd + s["d2"][owner]) > 0)
-    for name, (u, w) in {"xy": (0, 1), "yz": (1, 2), "zx": (2, 0)}.items():
-        for k in range(3):
-            val = s[f"{name}{k}u"][owner] * p[:, u] + s[f"{name}{k}w"][owner] * p[:, w] + s[f"{name}{k}d"][owner]
-            keep &= ~(val < 0)
+    t = table[owner]  # [M, 32]: one row gather per candidate
+    nd = _dot3(t[:, 0:3], p)
+    keep = ~((nd + t[:, 3]) * (nd + t[:, 4]) > 0)
+    col = 5
+    for u, w, _ in _PROJECTIONS:
+        for _k in range(3):
+            keep &= ~(t[:, col] * p[:, u] + t[:, col + 1] * p[:, w] + t[:, col + 2] < 0)
+            col += 3
     return keep
 
 
@@ -484,22 +486,20 @@ def voxel_quadrics(
     del corner_keys
     n = keys.numel()
     coords = torch.stack([keys // (r * r), keys // r % r, keys % r], dim=1)
-    q_acc = torch.zeros(n, 10, dtype=_F64, device=dev)
-    point_sum = torch.zeros(n, 3, dtype=_F64, device=dev)
-    count = torch.zeros(n, dtype=_F64, device=dev)
+    # one scatter per corner of [quadric (10) | crossing point (3) | 1] rows, all axes at once
+    acc = torch.zeros(n, 14, dtype=_F64, device=dev)
+    rows = inverse.view(-1, 4)
+    tri_id = torch.cat([h[0] for h in hits])
+    contrib = torch.cat([tri_q[tri_id], torch.cat([h[2] for h in hits]),
+                         torch.ones(tri_id.numel(), 1, dtype=_F64, device=dev)], dim=1)
+    for k in range(4):
+        acc.index_add_(0, rows[:, k], contrib)
+    del contrib
     intersected = torch.zeros(n, 3, dtype=torch.bool, device=dev)
-    start = 0
-    for a, (tri_id, _, point) in enumerate(hits):
-        rows = inverse[start:start + 4 * tri_id.numel()].view(-1, 4)
-        start += 4 * tri_id.numel()
-        q_hit = tri_q[tri_id]
-        ones = torch.ones_like(point[:, 0])
-        for k in range(4):
-            q_acc.index_add_(0, rows[:, k], q_hit)
-            point_sum.index_add_(0, rows[:, k], point)
-            count.index_add_(0, rows[:, k], ones)
-        intersected[rows[:, 0], a] = True
-    del hits, inverse
+    axis = torch.cat([torch.full_like(h[0], a) for a, h in enumerate(hits)])
+    intersected[rows[:, 0], axis] = True
+    del hits, inverse, rows
+    q_acc, point_sum, count = acc[:, :10].contiguous(), acc[:, 10:13], acc[:, 13]
 
     # 2. face quadrics on the active voxels each triangle overlaps
     if face_weight > 0 and n:
