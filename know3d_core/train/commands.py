@@ -90,7 +90,8 @@ def register(sub) -> None:
     o.add_argument("--steps", type=int, default=1000, help="optimiser steps in all (default 1000)")
     o.add_argument("--stop-after", type=int, help="stop this invocation after N steps (checkpoint; resume later)")
     o.add_argument("--batch-size", type=int, default=2, help="micro-batch per process (default 2)")
-    o.add_argument("--max-tokens", type=int, default=8192, help="token budget per micro-batch (shape stages; 8192)")
+    o.add_argument("--max-tokens", type=int, default=8192,
+                   help="voxel-token budget per micro-batch of the shape stages (default 8192, the reference's)")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and process (default 1)")
     o.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     o.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")

@@ -167,7 +167,7 @@ class FlowTask(Task):
         if cfg.stage == "ss":
             r, c = int(args["resolution"]), int(args["in_channels"])
             sizes = self.index.check_latents(L.SS_LATENT_FILE, {L.KEY_LATENT: (c, r, r, r)}, hint)
-            self.tokens = [r ** 3 for _ in self.index.pairs]
+            self.tokens = [1 for _ in self.index.pairs]  # dense: --batch-size alone sizes a micro-batch
         else:
             res = 512 if cfg.stage == "shape512" else 1024
             sizes = self.index.check_latents(
