@@ -444,6 +444,7 @@ def _train(task: Task, cfg: TrainConfig, info: DistInfo) -> Dict[str, Any]:
                                                                        ema, micro_per_step, task, wrapped),
                                                  info, cfg.keep_checkpoints)
                     summary["checkpoint"] = last_ckpt
+                    logger.plot()  # RUN/loss.png follows the checkpoints
     except torch.OutOfMemoryError:
         raise UsageError(f"out of memory at step {summary['step'] + 1} (--batch-size {cfg.batch_size}, --max-tokens "
                          f"{cfg.max_tokens}): lower them, add --grad-checkpointing, or shard with --fsdp") from None
