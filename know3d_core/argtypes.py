@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import List
 
-__all__ = ["positive_int", "fraction", "int_list", "size"]
+__all__ = ["positive_int", "positive_float", "fraction", "int_list", "size"]
 
 
 def positive_int(text: str) -> int:
@@ -15,6 +15,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
     return value
 
 

@@ -750,7 +750,8 @@ class Trellis2GeometryPipeline:
         gen = self._generator(generator, seed)
         sampler = FlowEulerGuidanceIntervalSampler(self.sampler_params(TEX_STAGE, params))
         coords = slat.coords.to(self.device)
-        shape_feats = (slat.feats.to(self.device).float() - self.slat_mean.to(self.device)) / self.slat_std.to(self.device)
+        mean, std = self.slat_mean.to(self.device), self.slat_std.to(self.device)
+        shape_feats = (slat.feats.to(self.device).float() - mean) / std
         noise = reference_noise(gen, coords.shape[0], flow.in_channels - shape_feats.shape[1], device=self.device)
         x = SparseTensor(noise, coords, slat.spatial_shape)
         B = cond["cond"].shape[0]

@@ -149,14 +149,23 @@ class Know3DPipeline:
         geometry: the TRELLIS.2 side (Know3D branch installed when a checkpoint was loaded).
         backview: ``mmdit.backview.QwenEditBackView`` or None (then only ``none`` runs).
         offload: Qwen components visit the geometry's device only while used.
+        memory_plan: a ``plan.MemoryPlan`` (small cards): fp8 weight storage and block offloading of
+            the Qwen networks (``mmdit.memory``); its ``geometry_offload`` replaces ``offload``.
     """
 
-    def __init__(self, geometry: Trellis2GeometryPipeline, backview: Any = None, offload: bool = False):
+    def __init__(self, geometry: Trellis2GeometryPipeline, backview: Any = None, offload: bool = False,
+                 memory_plan: Any = None):
         self.geometry = geometry
         self.backview = backview
-        self.offload = bool(offload)
+        self.memory_plan = memory_plan
+        self.offload = bool(memory_plan.geometry_offload if memory_plan is not None else offload)
         self.multi_view_mode = "stochastic"
-        if backview is not None:
+        self.placement: Dict[str, str] = {}  # Qwen network -> how it is stored and placed (the plan's)
+        if backview is not None and memory_plan is not None:
+            from .mmdit.memory import apply_memory_plan
+
+            self.placement = apply_memory_plan(backview, memory_plan, self.device, backview.dtype)
+        elif backview is not None:
             backview.place(self.device, offload=self.offload)
 
     @classmethod
@@ -172,6 +181,7 @@ class Know3DPipeline:
         offload: bool = False,
         pipeline_types: Optional[Sequence[str]] = None,
         vae_image_area: Optional[int] = None,
+        memory_plan: Any = None,
     ) -> "Know3DPipeline":
         """Load everything from local files (nothing is downloaded).
 
@@ -184,7 +194,10 @@ class Know3DPipeline:
             backview_loras: back-view LoRA files (or ``(path, strength)``), merged at load.
             dtype: compute dtype of the flows and the Qwen networks (None: the checkpoints').
             vae_image_area: pixel area of the VAE copy of the front image (default 1024^2).
+            memory_plan: ``plan.MemoryPlan`` for small cards (``plan.vram_plan(GiB)``); it decides ``offload``.
         """
+        if memory_plan is not None:
+            offload = memory_plan.geometry_offload
         load = Trellis2GeometryPipeline.from_pretrained
         sources = (trellis2,)
         if isinstance(trellis2, (tuple, list)):
@@ -195,7 +208,7 @@ class Know3DPipeline:
         if qwen is not None:
             backview = cls._load_backview(os.fspath(qwen), dtype, torch.device("cpu") if offload else device,
                                           backview_loras, vae_image_area)
-        return cls(geometry, backview, offload=offload)
+        return cls(geometry, backview, offload=offload, memory_plan=memory_plan)
 
     @staticmethod
     def _load_backview(folder: str, dtype, device, loras, vae_image_area):

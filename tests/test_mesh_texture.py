@@ -71,7 +71,8 @@ def test_rasterize_uv_barycentrics_reproduce_the_texel_centres():
 def test_snap_finds_the_closest_surface_point():
     mesh = icosphere(2, RADIUS)
     g = torch.Generator().manual_seed(1)
-    p = torch.nn.functional.normalize(torch.randn(300, 3, generator=g), dim=1) * (RADIUS + 0.01 * torch.rand(300, 1, generator=g))
+    radii = RADIUS + 0.01 * torch.rand(300, 1, generator=g)
+    p = torch.nn.functional.normalize(torch.randn(300, 3, generator=g), dim=1) * radii
     snapped = snap_to_surface(p, mesh, cell=0.1)
     tri = mesh.vertices[mesh.faces]
     every = _closest_on_triangles(p[:, None], tri[None, :, 0], tri[None, :, 1], tri[None, :, 2])  # brute force

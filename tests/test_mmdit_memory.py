@@ -49,18 +49,33 @@ def test_plan_estimates_follow_the_parameter_counts():
 
 
 def test_mmdit_parameter_count_matches_the_real_config():
-    """The estimate's 20.4B counts the block weight matrices of the real Qwen-Image config (60 blocks,
-    24 heads x 128); built on the meta device (nothing allocated). Biases, norms and the text/image input
-    projections (3584 x 3072 + ...) add 0.23%: within 0.5%."""
+    """The estimate's 20.4B counts the block weight matrices of the real Qwen-Image config (24 heads x 128,
+    text width 3584), one block built on the meta device (nothing allocated) times 60 blocks. Biases,
+    norms and the text/image input projections (3584 x 3072 + ...) add 0.23%: within 0.5%."""
     from diffusers import QwenImageTransformer2DModel
 
     with torch.device("meta"):
-        m = QwenImageTransformer2DModel(num_layers=QWEN_MMDIT_BLOCKS, attention_head_dim=128, num_attention_heads=24,
+        m = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=128, num_attention_heads=24,
                                         joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
-    blocks = sum(p.numel() for n, p in m.named_parameters() if n.startswith("transformer_blocks.")
-                 and n.endswith(".weight") and p.dim() == 2)
-    assert blocks == QWEN_MMDIT_PARAMS
-    assert sum(p.numel() for p in m.parameters()) == pytest.approx(QWEN_MMDIT_PARAMS, rel=5e-3)
+    block = [p for n, p in m.named_parameters() if n.startswith("transformer_blocks.0.")]
+    matrices = sum(p.numel() for p in block if p.dim() == 2)
+    assert QWEN_MMDIT_BLOCKS * matrices == QWEN_MMDIT_PARAMS
+    outside = sum(p.numel() for p in m.parameters()) - sum(p.numel() for p in block)
+    total = QWEN_MMDIT_BLOCKS * sum(p.numel() for p in block) + outside
+    assert total == pytest.approx(QWEN_MMDIT_PARAMS, rel=5e-3)
+
+
+def test_pipeline_applies_the_plan_instead_of_offload():
+    from types import SimpleNamespace
+
+    from know3d_core.pipeline import Know3DPipeline
+
+    bv = _backview()
+    pipe = Know3DPipeline(SimpleNamespace(device=torch.device("cpu")), bv, offload=False,
+                          memory_plan=MEMORY_PLANS["fp8_blocks"])
+    assert pipe.offload and bv.offload and pipe.memory_plan.name == "fp8_blocks"
+    assert pipe.placement == {"transformer": "fp8, block_level", "text_encoder": "fp8, model"}
+    assert len(bv.hooked) == 1 and bv.hooked[0] is bv.c.transformer
 
 
 # ------------------------------------------------------------------------------- fp8 under a plan

@@ -147,7 +147,8 @@ def test_tiny_texture_folder_loads_strictly(tmp_path):
     shape = OFFICIAL_MODELS["shape_slat_decoder"][0].rsplit("/", 1)[-1]
     ckpts = os.path.join(folder, "ckpts")
     os.replace(os.path.join(ckpts, shape + ".safetensors"), os.path.join(ckpts, ref + ".safetensors"))
-    with pytest.raises(CheckpointError, match=rf"{ref}.safetensors does not fit SparseUnetVaeDecoder(.|\n)*unexpected keys"):
+    fits = rf"{ref}.safetensors does not fit SparseUnetVaeDecoder(.|\n)*unexpected keys"
+    with pytest.raises(CheckpointError, match=fits):
         load_pipeline_models(folder, keys=[TEX_DECODER])
 
 

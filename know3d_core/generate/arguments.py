@@ -7,12 +7,12 @@ import hashlib
 import os
 from typing import Any, Dict, Optional
 
-from ..argtypes import fraction, int_list, positive_int, size
+from ..argtypes import fraction, int_list, positive_float, positive_int, size
 from ..errors import UsageError
-from ..plan import DTYPE_NAMES, PIPELINE_TYPES, VARIANTS, auto_dtype_name, dtype_name
+from ..plan import DTYPE_NAMES, MEMORY_PLANS, PIPELINE_TYPES, VARIANTS, auto_dtype_name, dtype_name, vram_plan
 
 __all__ = ["add_model_options", "add_generation_options", "open_front_image", "resolve_device", "resolve_dtype",
-           "run_settings", "sha256"]
+           "resolve_memory_plan", "run_settings", "sha256"]
 
 _MODELS_HELP = """\
 TRELLIS.2 folder: the official layout (pipeline.json + ckpts/, as in microsoft/TRELLIS.2-4B;
@@ -78,6 +78,10 @@ def add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> No
                                                       "bfloat16 on CUDA, float32 on CPU") + ")")
     g.add_argument("--offload", action="store_true",
                    help="keep models on the CPU and move each to the GPU only while it runs (small cards)")
+    g.add_argument("--vram", type=positive_float, metavar="GiB",
+                   help="memory of the card in GiB: picks how the Qwen networks fit it (fp8 weight storage, "
+                        "block offloading with prefetch) and implies --offload below 'resident'; printed in "
+                        "the log and stored in record.json (plans: " + ", ".join(MEMORY_PLANS) + ")")
     g.add_argument("--normals-size", type=positive_int, default=256, metavar="PX",
                    help="side of each normal render in normals.png (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -149,6 +153,20 @@ def resolve_dtype(name: str, device: str):
     import torch
 
     return getattr(torch, auto_dtype_name(device.split(":")[0]) if name == "auto" else dtype_name(name))
+
+
+def resolve_memory_plan(opts: argparse.Namespace):
+    """``--vram GiB`` -> ``plan.MemoryPlan`` (None without ``--vram``); :class:`UsageError` for a card
+    below the smallest plan or together with ``--offload`` (the plan decides the offloading)."""
+    gib = getattr(opts, "vram", None)
+    if gib is None:
+        return None
+    if getattr(opts, "offload", False):
+        raise UsageError("--vram and --offload: give one (--vram picks the offloading for the card)")
+    try:
+        return vram_plan(gib)
+    except ValueError as e:
+        raise UsageError(f"--vram {gib:g}: {e}") from None
 
 
 def run_settings(opts: argparse.Namespace) -> Dict[str, Any]:

@@ -23,7 +23,7 @@ from ..errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, one_line
 from ..model_check import ModelCheck, check_models
 from ..plan import PIPELINE_TYPES, VARIANTS, needs_back_view
 from .arguments import (add_generation_options, add_model_options, int_list, resolve_device,
-                        resolve_dtype, run_settings)
+                        resolve_dtype, resolve_memory_plan, run_settings)
 from .outputs import base_record, print_record, write_outputs
 from .validate import (check_model_paths, check_options, check_out_folder, check_prompts, describe_prompt,
                        front_image, publish_result, resolve_variant, result_tmp)
@@ -115,6 +115,7 @@ def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
         device=opts.device_resolved,
         dtype=opts.dtype_resolved,
         offload=opts.offload,
+        memory_plan=getattr(opts, "memory_plan", None),
         pipeline_types=[opts.resolution],
         vae_image_area=getattr(opts, "vae_image_area", None),
     )
@@ -210,6 +211,7 @@ class CheckFailed(UsageError):
 def _prepare_runtime(opts: argparse.Namespace) -> None:
     opts.device_resolved = resolve_device(opts.device)
     opts.dtype_resolved = resolve_dtype(opts.dtype, opts.device_resolved)
+    opts.memory_plan = resolve_memory_plan(opts)
 
 
 def _quiet_libraries() -> None:
@@ -227,12 +229,16 @@ def _load(opts, check, quiet: bool):
     if quiet:
         _quiet_libraries()
     _say(quiet, f"loading models ({opts.variant}, {opts.resolution}) on {opts.device_resolved} ...")
+    if getattr(opts, "memory_plan", None) is not None:
+        _say(quiet, f"--vram {opts.vram:g}: memory plan {opts.memory_plan.describe()}")
     start = time.perf_counter()
     try:
         pipe = (getattr(opts, "pipeline_factory", None) or load_pipeline)(opts, check)
     except (FileNotFoundError, CheckpointError, Know3DFormatError, KnowledgeMismatchError) as e:
         raise UsageError(f"cannot load the models: {one_line(e)}") from None
     _say(quiet, f"models loaded in {time.perf_counter() - start:.1f} s")
+    if getattr(pipe, "placement", None):
+        _say(quiet, "Qwen networks: " + "; ".join(f"{k} {v}" for k, v in pipe.placement.items()))
     return pipe
 
 

@@ -117,10 +117,17 @@ def base_record(opts: argparse.Namespace, check: Any, image_path: str, prompt: s
                    "device": opts.device_resolved, "dtype": str(opts.dtype_resolved).replace("torch.", ""),
                    "offload": opts.offload},
         "seeds": {"seed": opts.seed},
+        "memory_plan": _memory_plan(opts),
         "models": check.paths() if check is not None else {},
         "versions": _versions(opts.device_resolved),
     }
 
+
+
+def _memory_plan(opts: argparse.Namespace):
+    """``--vram``'s plan as the record keeps it (None without ``--vram``)."""
+    plan = getattr(opts, "memory_plan", None)
+    return None if plan is None else {"vram_gib": opts.vram, **plan.as_record()}
 
 
 def print_record(record: Dict[str, Any], out: str, quiet: bool) -> None:

@@ -23,7 +23,6 @@ at the vertices, no UVs). Model space is Z-up; the GLB is written Y-up (``export
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple

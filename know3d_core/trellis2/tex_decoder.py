@@ -76,7 +76,8 @@ class SparseUnetVaeDecoder(FlexiDualGridVaeDecoder):
             raise ValueError("SparseUnetVaeDecoder: only pred_subdiv=False (the texture decoder) is supported")
         levels = len(num_blocks)
         block_args = [{} for _ in range(levels)] if block_args is None else [dict(a) for a in block_args]
-        if not (len(model_channels) == len(block_type) == len(block_args) == levels and len(up_block_type) == levels - 1):
+        if not (len(model_channels) == len(block_type) == len(block_args) == levels
+                and len(up_block_type) == levels - 1):
             raise ValueError(
                 "SparseUnetVaeDecoder: model_channels, num_blocks, block_type, block_args need one entry "
                 "per level and up_block_type one per level but the last"

@@ -1,0 +1,59 @@
+"""``know3d generate/batch --vram GiB``: the memory plan it picks is printed and stored in record.json
+(the generation step is the TEST DOUBLE of ``_cli_double.py``; the plan itself: test_mmdit_memory.py)."""
+import json
+import os
+
+import pytest
+
+from know3d_core import cli
+from know3d_core.errors import EXIT_USAGE
+
+import _cli_double
+from test_cli_models import _complete
+
+from PIL import Image
+
+
+def _front(path):
+    im = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    im.paste(Image.new("RGBA", (20, 24), (200, 50, 50, 255)), (10, 8))
+    im.save(path)
+    return str(path)
+
+
+def _generate(tmp_path, *extra):
+    m, q = _complete(tmp_path / "m")
+    argv = ["generate", "--models", m, "--qwen", q, "--image", _front(tmp_path / "front.png"), "--prompt", "slats",
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--normals-size", "32", *extra]
+    return cli.main(argv, pipeline_factory=_cli_double.factory(0.0))
+
+
+@pytest.mark.parametrize("gib, plan", [(16, "fp8_blocks"), (24, "fp8")])
+def test_vram_plan_is_logged_and_recorded(tmp_path, capsys, gib, plan):
+    assert _generate(tmp_path, "--vram", str(gib)) == 0
+    assert f"--vram {gib}: memory plan {plan}:" in capsys.readouterr().err
+    with open(tmp_path / "out" / "record.json", encoding="utf-8") as f:
+        rec = json.load(f)
+    assert rec["memory_plan"]["name"] == plan and rec["memory_plan"]["vram_gib"] == gib
+    assert rec["memory_plan"]["estimated_gib"] <= gib
+
+
+def test_without_vram_the_record_says_none(tmp_path):
+    assert _generate(tmp_path, "--quiet") == 0
+    with open(tmp_path / "out" / "record.json", encoding="utf-8") as f:
+        assert json.load(f)["memory_plan"] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--vram", "4"), "--vram 4: 4 GiB is below the smallest plan (fp8_blocks_all"),
+    (("--vram", "16", "--offload"), "--vram and --offload: give one"),
+])
+def test_vram_errors_name_the_option(tmp_path, capsys, extra, message):
+    assert _generate(tmp_path, *extra) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / "record.json")
+
+
+def test_vram_must_be_a_positive_number(tmp_path, capsys):
+    assert _generate(tmp_path, "--vram", "-3") == EXIT_USAGE
+    assert "argument --vram: '-3' must be > 0" in capsys.readouterr().err
