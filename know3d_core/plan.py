@@ -39,7 +39,9 @@ __all__ = [
     "TRELLIS_REPO", "TRELLIS_V1_REPO", "DINOV3_REPO", "DINOV3_FOLDER", "COMFY_TRELLIS_REPO", "QWEN_REPO",
     "OFFICIAL_MODELS", "COMFY_FLOW_PREFIXES", "COMFY_VAE_PREFIXES", "COMFY_TEXTURE_VAE_PREFIX",
     "COMFY_OUTER_PREFIXES", "COMFY_FILES", "comfy_source", "strip_outer_prefix", "comfy_file_kind",
-    "comfy_is_512",
+    "comfy_is_512", "COMFY_QWEN_FILES", "COMFY_QWEN_OUTER_PREFIXES", "COMFY_QWEN_TE_RENAMES",
+    "COMFY_INDEX_TIMESTEP_ZERO", "COMFY_SCALED_FP8", "COMFY_WEIGHT_SCALES", "COMFY_DROPPED_SUFFIXES",
+    "COMFY_FP8_FORMATS", "comfy_qwen_te_key",
     # dtypes
     "DTYPE_NAMES", "SAFETENSORS_FLOAT_DTYPES", "dtype_name", "auto_dtype_name",
     # memory plans (small cards)
@@ -322,6 +324,41 @@ def comfy_file_kind(keys: Iterable[str]) -> Optional[str]:
 def comfy_is_512(metadata: Mapping[str, str]) -> bool:
     """ComfyUI's ``is_512`` metadata flag (its ``img2shape.`` weights are then the 512 model)."""
     return str(metadata.get("is_512", "")).strip().lower() in ("1", "true", "yes")
+
+
+# ComfyUI's Qwen files (one set of files for ComfyUI and the CLI): role -> (name in the example workflows,
+# models/ sub-folder, description). The MMDiT file also comes as ``_bf16`` and ``_fp8_e4m3fn``.
+COMFY_QWEN_FILES: Dict[str, Tuple[str, str, str]] = {
+    "transformer": ("qwen_image_edit_2511_fp8mixed.safetensors", "diffusion_models",
+                    "Qwen-Image-Edit-2511 MMDiT (ComfyUI single file: bf16, fp8_e4m3fn or fp8mixed)"),
+    "text_encoder": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "text_encoders",
+                     "Qwen2.5-VL-7B text encoder (ComfyUI single file, scaled fp8)"),
+}
+# Key rules. The MMDiT file uses diffusers' names, bare or behind one outer prefix; the text encoder file
+# uses the original Qwen2.5-VL names, renamed to transformers' (first matching rule; keys already in
+# transformers' layout start with a target and are kept).
+COMFY_QWEN_OUTER_PREFIXES: Tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.")
+COMFY_QWEN_TE_RENAMES: Tuple[Tuple[str, str], ...] = (
+    ("model.language_model.", "model.language_model."), ("model.visual.", "model.visual."),
+    ("model.", "model.language_model."), ("visual.", "model.visual."), ("lm_head.", "lm_head."))
+# Flag tensors, not weights: ``__index_timestep_zero__`` marks 2511 (diffusers' ``zero_cond_t``),
+# ``scaled_fp8`` marks the older scaled-fp8 format.
+COMFY_INDEX_TIMESTEP_ZERO = "__index_timestep_zero__"
+COMFY_SCALED_FP8 = "scaled_fp8"
+# ComfyUI's quantised Linear: ``<layer>.weight`` in fp8 times a per-tensor scale ``<layer>.weight_scale``
+# (``<layer>.scale_weight`` in the older scaled-fp8 files); ``comfy_quant`` (JSON bytes) or the file's
+# ``_quantization_metadata`` names the format. Input scales only matter to fp8 matmuls and are dropped.
+COMFY_WEIGHT_SCALES: Tuple[str, ...] = ("weight_scale", "scale_weight")
+COMFY_DROPPED_SUFFIXES: Tuple[str, ...] = ("comfy_quant", "input_scale", "scale_input")
+COMFY_FP8_FORMATS: Tuple[str, ...] = ("float8_e4m3fn", "float8_e5m2")
+
+
+def comfy_qwen_te_key(key: str) -> Optional[str]:
+    """A ComfyUI text-encoder key -> transformers' Qwen2.5-VL key (None: no rule matches)."""
+    for old, new in COMFY_QWEN_TE_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
 
 
 # ----------------------------------------------------------------------------------- dtypes
