@@ -99,6 +99,11 @@ class Know3DResult:
     def peak_vram_total(self) -> Optional[int]:
         return max(self.peak_vram.values()) if self.peak_vram else None
 
+    @property
+    def texture(self) -> Any:
+        """PBR voxels of the texture stage (``mesh.texture.PBRVoxels``) or None (``run(texture=False)``)."""
+        return self.geometry.texture
+
 
 # ----------------------------------------------------------------------------------- loading
 def _processor_without_video(folder: str):
@@ -182,6 +187,7 @@ class Know3DPipeline:
         pipeline_types: Optional[Sequence[str]] = None,
         vae_image_area: Optional[int] = None,
         memory_plan: Any = None,
+        texture: bool = False,
     ) -> "Know3DPipeline":
         """Load everything from local files (nothing is downloaded).
 
@@ -195,6 +201,7 @@ class Know3DPipeline:
             dtype: compute dtype of the flows and the Qwen networks (None: the checkpoints').
             vae_image_area: pixel area of the VAE copy of the front image (default 1024^2).
             memory_plan: ``plan.MemoryPlan`` for small cards (``plan.vram_plan(GiB)``); it decides ``offload``.
+            texture: also load the texture flow and decoder (official folders only; ``run(texture=True)``).
         """
         if memory_plan is not None:
             offload = memory_plan.geometry_offload
@@ -202,8 +209,12 @@ class Know3DPipeline:
         sources = (trellis2,)
         if isinstance(trellis2, (tuple, list)):
             load, sources = Trellis2GeometryPipeline.from_comfy_files, tuple(trellis2)
+        if texture and len(sources) > 1:
+            raise ValueError("the texture stage loads from an official TRELLIS.2 folder (its texture flows and "
+                             "decoder), not from ComfyUI's single files")
+        extra = {"texture": True} if texture else {}
         geometry = load(*sources, device=device, dtype=dtype, know3d=know3d, offload=offload, dinov3=dinov3,
-                        pipeline_types=pipeline_types)
+                        pipeline_types=pipeline_types, **extra)
         backview = None
         if qwen is not None:
             backview = cls._load_backview(os.fspath(qwen), dtype, torch.device("cpu") if offload else device,
@@ -410,6 +421,9 @@ class Know3DPipeline:
         preprocess: bool = True,
         callback: Optional[ProgressFn] = None,
         cancel: Optional[CancelFn] = None,
+        texture: bool = False,
+        tex_params: Any = None,
+        texture_back: bool = True,
     ) -> Know3DResult:
         """Front image (+ mask) and a back description -> mesh.
 
@@ -418,12 +432,18 @@ class Know3DPipeline:
             steps: back-view steps. trellis_steps: steps of both TRELLIS.2 samplers (default:
                 pipeline.json's); ss_params / shape_params: any other sampler overrides (dicts).
             decode_back: also decode the back image for variants that do not need it.
+            texture: also run the texture stage (``Know3DResult.texture``); tex_params: its sampler
+                overrides. texture_back: a variant with a back view decodes it and gives it to the
+                texture flow as a second image condition (the back's colours follow the description).
         """
         pipeline_type = pipeline_type or self.geometry.default_pipeline_type
         self.check_variant(variant, pipeline_type, sigma, layers)
         if trellis_steps is not None:
             ss_params = {**dict(ss_params or {}), "steps": int(trellis_steps)}
             shape_params = {**dict(shape_params or {}), "steps": int(trellis_steps)}
+            tex_params = {**dict(tex_params or {}), "steps": int(trellis_steps)}
+        back_for_texture = texture and texture_back and variant_kind(variant) is not None
+        decode_back = decode_back or back_for_texture
         timer = StageTimer(self.device)
         with timer("preprocess"):
             front = self.preprocess(image, mask) if preprocess else image
@@ -436,8 +456,12 @@ class Know3DPipeline:
                     callback=callback, cancel=cancel)
         with timer("knowledge"):
             know = self.make_knowledge(stage, variant, pipeline_type)
+        tex = {}
+        if texture:
+            back_image = stage.image_tensor if back_for_texture else None
+            tex = {"texture": True, "tex_params": tex_params, "back_image": back_image}
         geo = self.geometry_stage(front, know, pipeline_type=pipeline_type, seed=seed, ss_params=ss_params,
-                                  shape_params=shape_params, callback=callback, cancel=cancel)
+                                  shape_params=shape_params, callback=callback, cancel=cancel, **tex)
         timings = {**timer.timings, **{k: v for k, v in geo.timings.items() if k != "preprocess"}}
         peak = {**timer.peak_vram, **{k: v for k, v in geo.peak_vram.items() if k != "preprocess"}}
         back = stage.image if stage is not None else None

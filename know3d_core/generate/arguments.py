@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 from ..argtypes import fraction, int_list, positive_float, positive_int, size
 from ..errors import UsageError
 from ..plan import DTYPE_NAMES, MEMORY_PLANS, PIPELINE_TYPES, VARIANTS, auto_dtype_name, dtype_name, vram_plan
+from .texture import add_texture_options, texture_settings
 
 __all__ = ["add_model_options", "add_generation_options", "open_front_image", "resolve_device", "resolve_dtype",
            "resolve_memory_plan", "run_settings", "sha256"]
@@ -85,6 +86,7 @@ def add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> No
     g.add_argument("--normals-size", type=positive_int, default=256, metavar="PX",
                    help="side of each normal render in normals.png (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_texture_options(p)
 
 
 
@@ -178,6 +180,7 @@ def run_settings(opts: argparse.Namespace) -> Dict[str, Any]:
         "target_faces": opts.target_faces, "back_size": list(opts.back_size) if opts.back_size else None,
         "know3d": os.path.basename(opts.know3d) if getattr(opts, "know3d", None) else None,
         "lora": os.path.basename(opts.lora) if getattr(opts, "lora", None) else None,
+        **texture_settings(opts),
     }
 
 

@@ -22,9 +22,11 @@ from .. import batch as batchlib
 from ..errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, one_line
 from ..model_check import ModelCheck, check_models
 from ..plan import PIPELINE_TYPES, VARIANTS, needs_back_view
-from .arguments import (add_generation_options, add_model_options, int_list, resolve_device,
+from ..argtypes import int_list
+from .arguments import (add_generation_options, add_model_options, resolve_device,
                         resolve_dtype, resolve_memory_plan, run_settings)
 from .outputs import base_record, print_record, write_outputs
+from .texture import check_texture_options, texture_settings
 from .validate import (check_model_paths, check_options, check_out_folder, check_prompts, describe_prompt,
                        front_image, publish_result, resolve_variant, result_tmp)
 
@@ -118,6 +120,7 @@ def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
         memory_plan=getattr(opts, "memory_plan", None),
         pipeline_types=[opts.resolution],
         vae_image_area=getattr(opts, "vae_image_area", None),
+        texture=getattr(opts, "texture", False),
     )
 
 
@@ -159,6 +162,8 @@ def _run_pipeline(pipe, image, mask, prompt: str, opts: argparse.Namespace, call
         kwargs["trellis_steps"] = opts.steps
     if opts.back_size is not None:
         kwargs["back_view_size"] = opts.back_size
+    if getattr(opts, "texture", False):
+        kwargs.update(texture=True, texture_back=opts.texture_back)
     return pipe.run(image, prompt, opts.variant, **kwargs)
 
 
@@ -183,7 +188,8 @@ def _generate_into(pipe, opts, check, image_path: str, prompt: str, folder: str,
         record["variant_reason"] = opts.variant_reason
     if getattr(opts, "relabel_record", None):
         record = opts.relabel_record(record)
-    return write_outputs(result, folder, opts.format, record, opts.normals_size, opts.floaters, opts.target_faces)
+    return write_outputs(result, folder, opts.format, record, opts.normals_size, opts.floaters, opts.target_faces,
+                         texture=texture_settings(opts).get("texture"))
 
 
 # --------------------------------------------------------------------------------------- commands
@@ -265,6 +271,7 @@ def _validate(opts: argparse.Namespace) -> ModelCheck:
     """Every check that needs no model, in the order of issue 16 (options, --out, --variant auto,
     image, model files, prompt); sets ``opts.variant_reason``. Nothing is loaded or written."""
     check_options(opts)
+    check_texture_options(opts)
     check_model_paths(opts)
     opts.out = check_out_folder(opts.out)
     opts.variant_reason = resolve_variant(opts)
@@ -323,6 +330,7 @@ def cmd_batch(opts) -> int:
         raise UsageError(str(e)) from None
     mine = batchlib.shard_items(plan, k, n)
     check_options(opts)
+    check_texture_options(opts)
     check_model_paths(opts)
     out = check_out_folder(opts.out, result=False)
     opts.variant_reason = resolve_variant(opts)
@@ -413,6 +421,7 @@ def cmd_demo(opts) -> int:
     if opts.quiet:
         _quiet_libraries()
     check_options(opts)  # before the models are written
+    check_texture_options(opts)
     check_out_folder(opts.out)
     keep = opts.keep_models
     if keep:

@@ -9,7 +9,7 @@ import io
 import json
 import os
 import platform
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .. import __version__
 from .. import batch as batchlib
@@ -63,30 +63,43 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_outputs(result, folder: str, fmt: str, record: Dict[str, Any], normals_size: int = 256,
-                  floaters: float = 0.01, target_faces: int = 0) -> Dict[str, Any]:
+                  floaters: float = 0.01, target_faces: int = 0,
+                  texture: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write ``mesh.<fmt>``, ``back.png`` (if any), ``normals.png`` and ``record.json`` into ``folder``.
 
     ``result`` has ``mesh`` (know3d_core.mesh.Mesh), ``back_image`` (PIL | None), ``timings``
     ``{stage: s}``, ``peak_vram`` ``{stage: bytes}`` and ``knowledge`` (provenance | None). The mesh is
     cleaned with ``mesh.postprocess_mesh`` first. Every file is written atomically; record.json comes
-    last. Returns the record.
+    last. Returns the record. ``texture`` (``generate.texture.texture_settings(...)["texture"]``): bake
+    ``result.texture`` into the GLB (the face budget is ``target_faces`` or the texture's), timed per step.
     """
     from ..mesh import postprocess_mesh, save_mesh
 
     raw = result.mesh
     if raw is None or raw.num_faces == 0:
         raise RuntimeError("the pipeline produced an empty mesh (no occupied voxels); try another seed or image")
+    if texture:
+        target_faces = target_faces or texture["faces"]
     mesh = postprocess_mesh(raw.cpu(), floaters, target_faces)
     os.makedirs(folder, exist_ok=True)
     mesh_name = f"{MESH_BASENAME}.{fmt}"
     meta = {"generator": f"know3d {__version__}", "prompt": record.get("inputs", {}).get("prompt"),
             "seed": record.get("inputs", {}).get("seed")}
-    save_mesh(mesh, os.path.join(folder, mesh_name), fmt, metadata=meta)
+    baked = None
+    if texture:
+        from .texture import write_texture
+
+        device = record.get("inputs", {}).get("device")
+        baked = write_texture(result, raw.cpu(), mesh, os.path.join(folder, mesh_name), texture, meta, device)
+    else:
+        save_mesh(mesh, os.path.join(folder, mesh_name), fmt, metadata=meta)
     back = getattr(result, "back_image", None)
     if back is not None:
         batchlib.atomic_write_bytes(os.path.join(folder, BACK_NAME), _png_bytes(back))
     batchlib.atomic_write_bytes(os.path.join(folder, batchlib.NORMALS_NAME), _png_bytes(_normal_strip(mesh, normals_size)))
     timings = {k: round(float(v), 4) for k, v in (getattr(result, "timings", None) or {}).items()}
+    if baked is not None:
+        timings.update({k: round(float(v), 4) for k, v in baked.pop("seconds").items()})
     peak = {k: int(v) for k, v in (getattr(result, "peak_vram", None) or {}).items()}
     record = dict(record)
     record.update({
@@ -99,6 +112,8 @@ def write_outputs(result, folder: str, fmt: str, record: Dict[str, Any], normals
         "peak_vram_gb": round(max(peak.values()) / 2**30, 3) if peak else None,
         "knowledge": _jsonable(getattr(result, "knowledge", None)),
     })
+    if baked is not None:
+        record["texture"] = baked
     batchlib.atomic_write_json(os.path.join(folder, batchlib.RECORD_NAME), _jsonable(record))
     return record
 

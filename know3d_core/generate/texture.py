@@ -1,0 +1,87 @@
+"""``know3d generate --texture``: the options of the texture stage and what it writes.
+
+With ``--texture`` the pipeline also runs TRELLIS.2's texture flow and decoder (PBR voxels: base
+colour, metallic, roughness, alpha) and ``mesh.glb`` is baked (``mesh.texture``): cleaned and reduced
+to ``--texture-faces``, UV-unwrapped (xatlas), ``--texture-size``² maps as a glTF PBR material; or,
+with ``--texture-mode vertex``, vertex colours (no UVs, fast). For variants with a back view the
+generated back image is the texture flow's second image condition (``--no-texture-back``: front
+only, as plain TRELLIS.2). Torch-free at import.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Optional
+
+from ..argtypes import positive_int
+from ..errors import UsageError
+
+__all__ = ["TEXTURE_MODES", "add_texture_options", "texture_settings", "check_texture_options", "write_texture"]
+
+TEXTURE_MODES = ("pbr", "vertex")
+DEFAULT_TEXTURE_SIZE = 1024
+DEFAULT_TEXTURE_FACES = 200_000
+MAX_TEXTURE_SIZE = 8192
+MIN_TEXTURE_SIZE = 64
+
+
+def add_texture_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("texture")
+    g.add_argument("--texture", action="store_true",
+                   help="also run TRELLIS.2's texture stage and write a textured mesh.glb (PBR material: base "
+                        "colour, metallic-roughness, alpha); needs the texture files of the TRELLIS.2 folder")
+    g.add_argument("--texture-size", type=positive_int, default=DEFAULT_TEXTURE_SIZE, metavar="PX",
+                   help="side of the PBR maps (default: %(default)s)")
+    g.add_argument("--texture-faces", type=positive_int, default=DEFAULT_TEXTURE_FACES, metavar="N",
+                   help="face budget of the textured mesh before its UV unwrap (default: %(default)s; "
+                        "--target-faces wins when given)")
+    g.add_argument("--texture-mode", choices=TEXTURE_MODES, default="pbr",
+                   help="pbr: UV-mapped maps (default); vertex: colours on the vertices (fast, no maps)")
+    g.add_argument("--no-texture-back", dest="texture_back", action="store_false",
+                   help="do not give the generated back view to the texture flow (front image only)")
+
+
+def texture_settings(opts: argparse.Namespace) -> Dict[str, Any]:
+    """The texture options as record.json and the resume check keep them (``{}`` without ``--texture``)."""
+    if not getattr(opts, "texture", False):
+        return {}
+    return {"texture": {"mode": opts.texture_mode, "size": opts.texture_size, "faces": opts.texture_faces,
+                        "back_view_condition": bool(opts.texture_back)}}
+
+
+def check_texture_options(opts: argparse.Namespace) -> None:
+    """One UsageError naming the option (before any model loads)."""
+    if not getattr(opts, "texture", False):
+        return
+    if opts.format != "glb":
+        raise UsageError(f"--texture writes a GLB (PBR material or vertex colours): use --format glb, "
+                         f"not {opts.format}")
+    if not MIN_TEXTURE_SIZE <= opts.texture_size <= MAX_TEXTURE_SIZE:
+        raise UsageError(f"--texture-size {opts.texture_size}: between {MIN_TEXTURE_SIZE} and {MAX_TEXTURE_SIZE}")
+
+
+def write_texture(result: Any, raw: Any, mesh: Any, path: str, settings: Dict[str, Any], metadata: Dict[str, Any],
+                  device: Optional[str] = None) -> Dict[str, Any]:
+    """Bake ``result.texture`` (PBR voxels) onto ``mesh`` (cleaned and reduced from ``raw``) and write the
+    GLB to ``path`` atomically. Returns ``{"seconds": {step: s}, **facts}`` for record.json."""
+    import time
+
+    from ..fileio import atomic_write_bytes
+    from ..mesh.texture import bake_pbr, textured_glb_bytes, vertex_color_glb_bytes
+
+    voxels = result.texture
+    if voxels is None:
+        raise RuntimeError("--texture: the pipeline returned no texture voxels")
+    if settings["mode"] == "vertex":
+        start = time.perf_counter()
+        data = vertex_color_glb_bytes(mesh, voxels, metadata)
+        atomic_write_bytes(path, data)
+        return {"seconds": {"texture_vertex_colors": time.perf_counter() - start}, "mode": "vertex"}
+    decimated = mesh.num_faces < raw.num_faces
+    baked = bake_pbr(mesh, voxels, texture_size=settings["size"], surface=raw if decimated else None, device=device)
+    start = time.perf_counter()
+    atomic_write_bytes(path, textured_glb_bytes(baked, metadata))
+    seconds = {f"texture_{k}": v for k, v in baked.metadata["timings"].items()}
+    seconds["texture_write_glb"] = time.perf_counter() - start
+    return {"seconds": seconds, "mode": "pbr", "size": settings["size"],
+            "texel_coverage": round(baked.metadata["texel_coverage"], 4),
+            "vertices": int(baked.vertices.shape[0]), "faces": int(baked.faces.shape[0])}

@@ -1,0 +1,70 @@
+"""``know3d generate --texture`` on the tiny demo models plus tiny texture networks (real loading,
+real sampling, real bake): the GLB carries a PBR material and UVs (or vertex colours), record.json
+times every texture step, bad texture options exit 2 before any model loads."""
+import json
+import os
+import shutil
+
+import pytest
+
+from know3d_core import cli
+from know3d_core.trellis2.tiny_texture import write_tiny_texture
+
+from _pipeline_helpers import geometry_demo
+
+trimesh = pytest.importorskip("trimesh")
+pytest.importorskip("xatlas")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    demo = geometry_demo(tmp_path_factory)
+    root = tmp_path_factory.mktemp("cli_texture")
+    shutil.copytree(demo.trellis2, root / "TRELLIS.2-4B")
+    shutil.copytree(demo.dinov3, root / os.path.basename(demo.dinov3))
+    write_tiny_texture(str(root / "TRELLIS.2-4B"))
+    return root, demo.image
+
+
+def _generate(models, out, *extra):
+    root, image = models
+    return cli.main(["generate", "--models", str(root), "--variant", "none", "--resolution", "512", "--image", image,
+                     "--prompt", "x", "--out", str(out), "--device", "cpu", "--steps", "2", "--floaters", "0",
+                     "--quiet", "--texture", *extra])
+
+
+def test_generate_texture_writes_a_pbr_glb_and_times_each_step(models, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _generate(models, out, "--texture-size", "64", "--texture-faces", "3000") == 0, capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["mesh.glb", "normals.png", "record.json"]
+    scene = trimesh.load(str(out / "mesh.glb"), file_type="glb")
+    geom = next(iter(scene.geometry.values()))
+    material = geom.visual.material
+    assert isinstance(material, trimesh.visual.material.PBRMaterial)
+    assert material.baseColorTexture.size == (64, 64) and material.metallicRoughnessTexture.size == (64, 64)
+    assert geom.visual.uv.shape == (len(geom.vertices), 2)
+    with open(out / "record.json", encoding="utf-8") as f:
+        rec = json.load(f)
+    assert rec["inputs"]["texture"] == {"mode": "pbr", "size": 64, "faces": 3000, "back_view_condition": True}
+    assert rec["mesh"]["faces"] <= 3000 and rec["texture"]["faces"] == len(geom.faces)
+    steps = {"tex_slat", "texture_uv_unwrap", "texture_rasterize", "texture_snap", "texture_sample",
+             "texture_dilate", "texture_write_glb"}
+    assert steps <= set(rec["stage_seconds"])
+    assert 0 < rec["texture"]["texel_coverage"] <= 1
+
+
+def test_generate_texture_vertex_mode(models, tmp_path):
+    out = tmp_path / "v"
+    assert _generate(models, out, "--texture-mode", "vertex") == 0
+    geom = next(iter(trimesh.load(str(out / "mesh.glb"), file_type="glb").geometry.values()))
+    assert geom.visual.kind == "vertex" and geom.visual.vertex_colors.shape == (len(geom.vertices), 4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--format", "obj"], "--texture writes a GLB"),
+    (["--texture-size", "32"], "--texture-size 32: between 64 and 8192"),
+])
+def test_bad_texture_options_exit_2_before_loading(models, tmp_path, capsys, extra, message):
+    assert _generate(models, tmp_path / "bad", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
