@@ -17,6 +17,7 @@ Cases: ``ss B=2`` (2 x 4096 tokens), ``shape N=8k`` and ``shape N=16k`` (512 mod
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -74,6 +75,7 @@ def run_case(case, tiny, device, warmup, repeats, rank):
     model.train()
     loss_fn = FlowLoss(model)
     target = x.replace(torch.randn_like(x.feats)) if isinstance(x, SparseTensor) else torch.randn_like(x)
+    gc.collect()  # checkpoint_blocks' closures make reference cycles: free the previous case's model now
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -115,6 +117,7 @@ def run_case(case, tiny, device, warmup, repeats, rank):
               f"(x{r['ratio']:.2f})  {r['tokens_per_s']} tok/s  grads {with_grad}/{len(params)}  "
               f"peak+{r['peak_gib']} GiB over {r['frozen_gib']} GiB frozen", flush=True)
     del model, opt, ema, params, loss_fn
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
