@@ -87,8 +87,40 @@ class _CountingFile:
         self._f.close()
 
 
+_FAKES = {}  # id(stand-in) -> (stand-in, the real object it replaces)
+# Modules that bind a safetensors reader by name when first imported: imported before the patch, so
+# none of them keeps a stand-in after it (uninstall() also repairs any module imported meanwhile).
+_PRELOAD = ("know3d_core.safetensors_header", "know3d_core.model_shapes", "know3d_core.trellis2.loading",
+            "know3d_core.trellis2.comfy_files", "know3d_core.mmdit.lora", "know3d_core.mmdit.loading",
+            "know3d_core.knowledge.checkpoint", "know3d_core.conditioning.dinov3", "transformers.modeling_utils",
+            "diffusers.models.model_loading_utils")
+
+
+def _fake(monkeypatch, owner, name, stand_in):
+    _FAKES[id(stand_in)] = (stand_in, getattr(owner, name))
+    monkeypatch.setattr(owner, name, stand_in)
+
+
+def uninstall(monkeypatch):
+    """Undo :func:`install`, including stand-ins bound by modules first imported while it was on."""
+    monkeypatch.undo()
+    for mod in list(sys.modules.values()):
+        names = getattr(mod, "__dict__", None)
+        if not isinstance(names, dict):
+            continue
+        for key, value in list(names.items()):
+            fake = _FAKES.get(id(value))
+            if fake is not None and fake[0] is value:
+                setattr(mod, key, fake[1])
+
+
 def install(monkeypatch):
-    """Patch every reader; returns the list of ``.safetensors`` paths opened (headers only)."""
+    """Patch every reader; returns the list of ``.safetensors`` paths opened (headers only).
+    End it with :func:`uninstall` (not only ``monkeypatch.undo()``)."""
+    import importlib
+
+    for name in _PRELOAD:
+        importlib.import_module(name)
     opened = []
 
     def guarded_open(file, mode="r", *args, **kwargs):
@@ -109,14 +141,14 @@ def install(monkeypatch):
             raise WeightRead(f"{name}{args[:1]} was called: weights would be read")
         return reader
 
-    monkeypatch.setattr(builtins, "open", guarded_open)
-    monkeypatch.setattr(safetensors, "safe_open", header_only_safe_open)
-    monkeypatch.setattr(safetensors.torch, "safe_open", refuse("safe_open"))
-    monkeypatch.setattr(safetensors.torch, "load_file", refuse("load_file"))
-    monkeypatch.setattr(torch, "load", refuse("torch.load"))
+    _fake(monkeypatch, builtins, "open", guarded_open)
+    _fake(monkeypatch, safetensors, "safe_open", header_only_safe_open)
+    _fake(monkeypatch, safetensors.torch, "safe_open", refuse("safe_open"))
+    _fake(monkeypatch, safetensors.torch, "load_file", refuse("load_file"))
+    _fake(monkeypatch, torch, "load", refuse("torch.load"))
     for name, mod in list(sys.modules.items()):
         if name.startswith(("know3d_core", "nodes")) and mod is not None:
             for attr in ("safe_open", "load_file"):
                 if callable(getattr(mod, attr, None)):
-                    monkeypatch.setattr(mod, attr, refuse(f"{name}.{attr}"))
+                    _fake(monkeypatch, mod, attr, refuse(f"{name}.{attr}"))
     return opened

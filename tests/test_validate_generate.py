@@ -34,7 +34,7 @@ def _generate(monkeypatch, capsys, models, image, *extra, out=None, prompt="thre
     if guard:
         _no_weight_reads.install(monkeypatch)
     code = cli.main(argv, pipeline_factory=make)
-    monkeypatch.undo()
+    _no_weight_reads.uninstall(monkeypatch)
     captured = capsys.readouterr()
     return code, captured, make
 
@@ -215,7 +215,7 @@ def test_batch_refuses_an_overlong_description_before_loading(tmp_path, models, 
     _no_weight_reads.install(monkeypatch)
     code = cli.main(["batch", "--models", m, "--qwen", q, "--images", str(fronts), "--prompts", str(prompts),
                      "--out", str(tmp_path / "o")], pipeline_factory=make)
-    monkeypatch.undo()
+    _no_weight_reads.uninstall(monkeypatch)
     err = capsys.readouterr().err
     assert code == 2 and "--prompts (description 2): the back-view prompt is" in err and not make.pipe.calls
 

@@ -31,7 +31,7 @@ def folders(tmp_path):
 def _models_cli(monkeypatch, capsys, models, qwen, *extra):
     opened = _no_weight_reads.install(monkeypatch)
     code = cli.main(["models", "--models", models, "--qwen", qwen, "--variant", "hidden", *extra])
-    monkeypatch.undo()
+    _no_weight_reads.uninstall(monkeypatch)
     out = capsys.readouterr().out
     assert opened, "the check read no header at all"
     return code, out
@@ -177,7 +177,7 @@ def test_comfy_single_files_are_shape_checked(folders, monkeypatch, capsys):
                 root / "clip_vision" / "dino_v3_vit_l.safetensors")
     opened = _no_weight_reads.install(monkeypatch)
     check = check_models(str(root), None, "none", "1024_cascade")
-    monkeypatch.undo()
+    _no_weight_reads.uninstall(monkeypatch)
     assert check.layout == "comfy" and check.ok, check.format()
     assert len(opened) >= 3
     del flows["img2shape.blocks.1.mlp.mlp.0.weight"]
@@ -191,10 +191,32 @@ def test_the_guard_catches_weight_reads(folders, monkeypatch):
     models, _, _ = folders
     path = _ckpt(models, CKPTS[0], ".safetensors")
     _no_weight_reads.install(monkeypatch)
-    from know3d_core.trellis2.loading import load_model
+    try:
+        from know3d_core.trellis2.loading import load_model
 
-    with pytest.raises(_no_weight_reads.WeightRead):
-        load_model(_ckpt(models, CKPTS[0], ""))
-    with pytest.raises(_no_weight_reads.WeightRead, match="past its header"):
-        with open(path, "rb") as f:
-            f.read()
+        with pytest.raises(_no_weight_reads.WeightRead):
+            load_model(_ckpt(models, CKPTS[0], ""))
+        with pytest.raises(_no_weight_reads.WeightRead, match="past its header"):
+            with open(path, "rb") as f:
+                f.read()
+    finally:
+        _no_weight_reads.uninstall(monkeypatch)
+
+
+def test_the_guard_leaves_no_stand_in_behind(monkeypatch):
+    """A module first imported while the guard is on binds its stand-ins; uninstall repairs it."""
+    import sys
+    import types
+
+    import safetensors
+
+    _no_weight_reads.install(monkeypatch)
+    late = types.ModuleType("late_import_under_the_guard")
+    late.safe_open = safetensors.safe_open  # what `from safetensors import safe_open` binds now
+    sys.modules[late.__name__] = late
+    try:
+        assert late.safe_open is not _no_weight_reads._REAL_SAFE_OPEN
+        _no_weight_reads.uninstall(monkeypatch)
+        assert late.safe_open is _no_weight_reads._REAL_SAFE_OPEN is safetensors.safe_open
+    finally:
+        del sys.modules[late.__name__]
