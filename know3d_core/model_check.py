@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .plan import (
     COMFY_FILES,
+    COMFY_QWEN_FILES,
     COMFY_FLOW_PREFIXES,
     COMFY_TRELLIS_REPO,
     COMFY_VAE_PREFIXES,
@@ -493,7 +494,9 @@ def _qwen_weights(folder: str, sub: str, stem: str, role: str, sharded: bool) ->
     return checks
 
 
-def _qwen_checks(qwen_dir: Optional[str]) -> List[FileCheck]:
+def _qwen_checks(qwen_dir: Optional[str], files: Dict[str, str]) -> List[FileCheck]:
+    """The --qwen folder's files; a component in ``files`` (``mmdit.comfy_files``: ComfyUI's single
+    file given with --qwen-transformer / --qwen-text-encoder) is read from there (its config stays)."""
     folder = qwen_dir if qwen_dir else "<the folder given with --qwen>"
     checks: List[FileCheck] = []
     for sub, name, role in (
@@ -504,7 +507,13 @@ def _qwen_checks(qwen_dir: Optional[str]) -> List[FileCheck]:
         ("processor", "preprocessor_config.json", "Qwen2.5-VL image processor config"),
     ):
         checks.append(_file(role, os.path.join(folder, sub), name, _hf(QWEN_REPO, f"{sub}/{name}")))
-        if sub == "transformer":
+        if sub in files:
+            given = files[sub]
+            checks.append(FileCheck(f"{COMFY_QWEN_FILES[sub][2]}", os.path.basename(given),
+                                    os.path.dirname(os.path.abspath(given)),
+                                    f"the file given with --qwen-{sub.replace('_', '-')}",
+                                    path=given if os.path.isfile(given) else None, key=f"qwen_{sub}"))
+        elif sub == "transformer":
             checks += _qwen_weights(folder, sub, "diffusion_pytorch_model", "Qwen MMDiT", sharded=True)
         elif sub == "vae":
             checks += _qwen_weights(folder, sub, "diffusion_pytorch_model", "Qwen VAE", sharded=False)
@@ -541,6 +550,7 @@ def check_models(
     layers: Optional[Sequence[int]] = None,
     dinov3: Optional[str] = None,
     shapes: bool = True,
+    qwen_files: Optional[Dict[str, str]] = None,
 ) -> ModelCheck:
     """Check every file ``variant`` at ``resolution`` needs; never raises for missing files.
 
@@ -580,7 +590,7 @@ def check_models(
     elif know3d is not None:
         check.notes.append(f"  note: --variant {variant} uses no Know3D weights; --know3d is ignored")
     if needs_back_view(variant):
-        check.files += _qwen_checks(qwen_dir)
+        check.files += _qwen_checks(qwen_dir, qwen_files or {})
         check.files.append(_lora_check(lora))
     if shapes:
         from .model_shapes import check_shapes

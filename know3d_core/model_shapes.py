@@ -273,7 +273,10 @@ def check_shapes(check) -> None:
 def _complete(check, qwen: str, sub: str) -> bool:
     """Every file of ``qwen/sub`` was found and is sound (else that is the problem reported)."""
     folder = os.path.join(qwen, sub)
-    return bool(check.path(f"qwen_{sub}")) and all(f.ok for f in check.files if f.folder == folder)
+    path = check.path(f"qwen_{sub}")
+    if path and os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder):
+        return False  # a ComfyUI single file (--qwen-transformer / --qwen-text-encoder): checked as it loads
+    return bool(path) and all(f.ok for f in check.files if f.folder == folder)
 
 
 def _check_qwen(check) -> None:

@@ -187,6 +187,7 @@ class Know3DPipeline:
         pipeline_types: Optional[Sequence[str]] = None,
         vae_image_area: Optional[int] = None,
         memory_plan: Any = None,
+        qwen_files: Optional[Dict[str, str]] = None,
         texture: bool = False,
     ) -> "Know3DPipeline":
         """Load everything from local files (nothing is downloaded).
@@ -201,6 +202,8 @@ class Know3DPipeline:
             dtype: compute dtype of the flows and the Qwen networks (None: the checkpoints').
             vae_image_area: pixel area of the VAE copy of the front image (default 1024^2).
             memory_plan: ``plan.MemoryPlan`` for small cards (``plan.vram_plan(GiB)``); it decides ``offload``.
+            qwen_files: ``{"transformer" | "text_encoder": path}`` of ComfyUI's Qwen single files (bf16 or
+                fp8) read instead of those weights of ``qwen`` (which still gives the configs).
             texture: also load the texture flow and decoder (official folders only; ``run(texture=True)``).
         """
         if memory_plan is not None:
@@ -218,17 +221,17 @@ class Know3DPipeline:
         backview = None
         if qwen is not None:
             backview = cls._load_backview(os.fspath(qwen), dtype, torch.device("cpu") if offload else device,
-                                          backview_loras, vae_image_area)
+                                          backview_loras, vae_image_area, qwen_files)
         return cls(geometry, backview, offload=offload, memory_plan=memory_plan)
 
     @staticmethod
-    def _load_backview(folder: str, dtype, device, loras, vae_image_area):
+    def _load_backview(folder: str, dtype, device, loras, vae_image_area, files=None):
         from .mmdit.backview import QwenEditBackView
         from .mmdit.loading import load_qwen_edit
 
         qdtype = getattr(torch, dtype_name(dtype)) if dtype is not None else torch.bfloat16
         components = load_qwen_edit(folder, dtype=qdtype, device=device,
-                                    components=("transformer", "vae", "text_encoder"))
+                                    components=("transformer", "vae", "text_encoder"), files=files)
         components.processor = load_processor(folder)
         backview = QwenEditBackView(components)
         if vae_image_area is not None:

@@ -13,7 +13,7 @@ from ..plan import DTYPE_NAMES, MEMORY_PLANS, PIPELINE_TYPES, VARIANTS, auto_dty
 from .texture import add_texture_options, texture_settings
 
 __all__ = ["add_model_options", "add_generation_options", "open_front_image", "resolve_device", "resolve_dtype",
-           "resolve_memory_plan", "run_settings", "sha256"]
+           "resolve_memory_plan", "qwen_files", "run_settings", "sha256"]
 
 _MODELS_HELP = """\
 TRELLIS.2 folder: the official layout (pipeline.json + ckpts/, as in microsoft/TRELLIS.2-4B;
@@ -29,6 +29,13 @@ def add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None
                    help="Qwen-Image-Edit-2511 in diffusers format (transformer/, vae/, text_encoder/, "
                         "processor/, scheduler/); needed by every variant but 'none'")
     g.add_argument("--lora", metavar="FILE", help="back-view LoRA for Qwen-Image-Edit (.safetensors; optional)")
+    g.add_argument("--qwen-transformer", metavar="FILE",
+                   help="ComfyUI's Qwen-Image-Edit-2511 diffusion model file (qwen_image_edit_2511_bf16, _fp8mixed "
+                        "or _fp8_e4m3fn.safetensors) read instead of --qwen's transformer weights (its "
+                        "config.json stays): one set of files for ComfyUI and the CLI")
+    g.add_argument("--qwen-text-encoder", metavar="FILE",
+                   help="ComfyUI's qwen_2.5_vl_7b_fp8_scaled.safetensors (or its bf16 file) read instead of "
+                        "--qwen's text_encoder weights (its config.json stays)")
     g.add_argument("--know3d", metavar="FILE",
                    help="Know3D checkpoint (default: the one in DIR/know3d/ or DIR/know3d*.safetensors "
                         "trained for the variant)")
@@ -155,6 +162,13 @@ def resolve_dtype(name: str, device: str):
     import torch
 
     return getattr(torch, auto_dtype_name(device.split(":")[0]) if name == "auto" else dtype_name(name))
+
+
+def qwen_files(opts: argparse.Namespace) -> Dict[str, str]:
+    """``{"transformer" | "text_encoder": path}`` of the ComfyUI Qwen files given on the command line."""
+    given = {"transformer": getattr(opts, "qwen_transformer", None),
+             "text_encoder": getattr(opts, "qwen_text_encoder", None)}
+    return {k: v for k, v in given.items() if v}
 
 
 def resolve_memory_plan(opts: argparse.Namespace):

@@ -24,7 +24,7 @@ from ..model_check import ModelCheck, check_models
 from ..plan import PIPELINE_TYPES, VARIANTS, needs_back_view
 from ..argtypes import int_list
 from .arguments import (add_generation_options, add_model_options, resolve_device,
-                        resolve_dtype, resolve_memory_plan, run_settings)
+                        qwen_files, resolve_dtype, resolve_memory_plan, run_settings)
 from .outputs import base_record, print_record, write_outputs
 from .texture import check_texture_options, texture_settings
 from .validate import (check_model_paths, check_options, check_out_folder, check_prompts, describe_prompt,
@@ -118,6 +118,7 @@ def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
         dtype=opts.dtype_resolved,
         offload=opts.offload,
         memory_plan=getattr(opts, "memory_plan", None),
+        qwen_files=qwen_files(opts) or None,
         pipeline_types=[opts.resolution],
         vae_image_area=getattr(opts, "vae_image_area", None),
         texture=getattr(opts, "texture", False),
@@ -196,7 +197,7 @@ def _generate_into(pipe, opts, check, image_path: str, prompt: str, folder: str,
 def _check_or_raise(opts: argparse.Namespace) -> ModelCheck:
     check = check_models(opts.models, opts.qwen, opts.variant, opts.resolution, lora=opts.lora,
                          know3d=opts.know3d, sigma=getattr(opts, "sigma", None),
-                         layers=getattr(opts, "layers", None), dinov3=opts.dinov3)
+                         layers=getattr(opts, "layers", None), dinov3=opts.dinov3, qwen_files=qwen_files(opts))
     if needs_back_view(opts.variant) and not opts.qwen:
         raise CheckFailed(check, f"--variant {opts.variant} needs --qwen DIR (Qwen-Image-Edit-2511, diffusers "
                                   "format); --variant none runs TRELLIS.2 alone")
@@ -230,6 +231,7 @@ def _quiet_libraries() -> None:
 def _load(opts, check, quiet: bool):
     from ..knowledge.checkpoint import Know3DFormatError
     from ..knowledge.kinds import KnowledgeMismatchError
+    from ..mmdit.comfy_files import ComfyFileError
     from ..trellis2.loading import CheckpointError
 
     if quiet:
@@ -240,7 +242,7 @@ def _load(opts, check, quiet: bool):
     start = time.perf_counter()
     try:
         pipe = (getattr(opts, "pipeline_factory", None) or load_pipeline)(opts, check)
-    except (FileNotFoundError, CheckpointError, Know3DFormatError, KnowledgeMismatchError) as e:
+    except (FileNotFoundError, CheckpointError, Know3DFormatError, KnowledgeMismatchError, ComfyFileError) as e:
         raise UsageError(f"cannot load the models: {one_line(e)}") from None
     _say(quiet, f"models loaded in {time.perf_counter() - start:.1f} s")
     if getattr(pipe, "placement", None):
@@ -259,7 +261,8 @@ def cmd_models(opts) -> int:
     if reason:
         print(reason)
     check = check_models(opts.models, opts.qwen, opts.variant, opts.resolution, lora=opts.lora,
-                         know3d=opts.know3d, sigma=opts.sigma, layers=opts.layers, dinov3=opts.dinov3)
+                         know3d=opts.know3d, sigma=opts.sigma, layers=opts.layers, dinov3=opts.dinov3,
+                         qwen_files=qwen_files(opts))
     print(check.format())
     if needs_back_view(opts.variant) and not opts.qwen:
         print(f"--variant {opts.variant} needs --qwen DIR (Qwen-Image-Edit-2511 in diffusers format)")

@@ -167,8 +167,11 @@ class QwenEditComponents:
 
 def load_qwen_edit(folder: str, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
                    components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "processor"),
-                   model_name: str | None = None) -> QwenEditComponents:
-    """Load the named components of a diffusers-format Qwen-Image-Edit folder."""
+                   model_name: str | None = None, files: dict | None = None) -> QwenEditComponents:
+    """Load the named components of a diffusers-format Qwen-Image-Edit folder.
+
+    ``files``: ``{"transformer" | "text_encoder": path}`` of ComfyUI single files to read those weights
+    from instead (``mmdit.comfy_files``; the folder still gives their configs)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder not found: {folder}")
     sched = load_scheduler_config(folder)
@@ -177,10 +180,25 @@ def load_qwen_edit(folder: str, *, dtype: torch.dtype = torch.bfloat16, device="
         model_name = os.path.basename(os.path.normpath(folder))
         if os.path.isfile(index):
             model_name = _read_json(index).get("_name_or_path", model_name) or model_name
+    files = dict(files or {})
+    if files:
+        from .comfy_files import load_comfy_text_encoder, load_comfy_transformer
+    if "transformer" in files:
+        cfg = _read_json(_need(os.path.join(folder, "transformer", "config.json"), "transformer config"))
+        transformer = load_comfy_transformer(files["transformer"], cfg, dtype, device)
+    else:
+        transformer = load_transformer(folder, dtype, device)
+    text_encoder = None
+    if "text_encoder" in components and "text_encoder" in files:
+        _need(os.path.join(folder, "text_encoder", "config.json"), "text encoder config")
+        text_encoder = load_comfy_text_encoder(files["text_encoder"], os.path.join(folder, "text_encoder"), dtype,
+                                               device)
+    elif "text_encoder" in components:
+        text_encoder = load_text_encoder(folder, dtype, device)
     return QwenEditComponents(
-        transformer=load_transformer(folder, dtype, device),
+        transformer=transformer,
         vae=load_vae(folder, dtype, device) if "vae" in components else None,
-        text_encoder=load_text_encoder(folder, dtype, device) if "text_encoder" in components else None,
+        text_encoder=text_encoder,
         processor=load_processor(folder) if "processor" in components else None,
         scheduler_config=sched, model_name=model_name,
     )
