@@ -191,7 +191,7 @@ def _face_setup(tri: torch.Tensor, n: torch.Tensor, vs: float) -> torch.Tensor:
         for k in range(3):
             nu, nw = -m * e[k][:, w], m * e[k][:, u]  # the reference's (-m e_w, m e_u)
             cols += [nu, nw, -(nu * v[k][:, u] + nw * v[k][:, w]) + (nu.clamp(min=0) * size[u] + nw.clamp(min=0) * size[w])]
-    return torch.stack(cols, dim=1)
+    return torch.stack(cols, dim=1)  # [F, 32]
 
 
 def _face_overlaps(tri: torch.Tensor, setup: torch.Tensor, r: int, vs: float, chunk: int):
@@ -222,13 +222,13 @@ def _face_overlaps(tri: torch.Tensor, setup: torch.Tensor, r: int, vs: float, ch
 def _box_test(xyz: torch.Tensor, owner: torch.Tensor, table: torch.Tensor, vs: float) -> torch.Tensor:
     """The reference's overlap test of triangle ``owner`` with the box at ``vs * xyz`` (float32)."""
     p = xyz.float() * vs
-    t = table[owner]  # [M, 32]: one row gather per candidate
-    nd = _dot3(t[:, 0:3], p)
-    keep = ~((nd + t[:, 3]) * (nd + t[:, 4]) > 0)
+    cols = table.t().contiguous()  # [32, F]: per-column gathers (contiguous results)
+    nd = _dot3(torch.stack([cols[0][owner], cols[1][owner], cols[2][owner]], -1), p)
+    keep = ~((nd + cols[3][owner]) * (nd + cols[4][owner]) > 0)
     col = 5
     for u, w, _ in _PROJECTIONS:
         for _k in range(3):
-            keep &= ~(t[:, col] * p[:, u] + t[:, col + 1] * p[:, w] + t[:, col + 2] < 0)
+            keep &= ~(cols[col][owner] * p[:, u] + cols[col + 1][owner] * p[:, w] + cols[col + 2][owner] < 0)
             col += 3
     return keep
 
