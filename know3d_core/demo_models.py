@@ -223,6 +223,9 @@ def write_demo_trellis2(folder: str, seed: int = 0, ss_resolution: int = SS_RESO
         resolve_checkpoint(folder, config.models["sparse_structure_decoder"]), seed, ss_resolution)
     mean, std = config.normalization("shape_slat_normalization")
     _calibrate_shape_decoder(resolve_checkpoint(folder, config.models["shape_slat_decoder"]), mean, std, seed)
+    from .trellis2.tiny_texture import write_tiny_texture
+
+    write_tiny_texture(folder, seed)  # the texture stage (know3d demo --texture)
     return folder
 
 

@@ -3,12 +3,10 @@ real sampling, real bake): the GLB carries a PBR material and UVs (or vertex col
 times every texture step, bad texture options exit 2 before any model loads."""
 import json
 import os
-import shutil
 
 import pytest
 
 from know3d_core import cli
-from know3d_core.trellis2.tiny_texture import write_tiny_texture
 
 from _pipeline_helpers import geometry_demo
 
@@ -18,12 +16,9 @@ pytest.importorskip("xatlas")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """The demo folder: its TRELLIS.2 folder holds the tiny texture networks too."""
     demo = geometry_demo(tmp_path_factory)
-    root = tmp_path_factory.mktemp("cli_texture")
-    shutil.copytree(demo.trellis2, root / "TRELLIS.2-4B")
-    shutil.copytree(demo.dinov3, root / os.path.basename(demo.dinov3))
-    write_tiny_texture(str(root / "TRELLIS.2-4B"))
-    return root, demo.image
+    return demo.root, demo.image
 
 
 def _generate(models, out, *extra):

@@ -3,7 +3,6 @@ the reference's RNG order and inputs (noise then the normalised shape latent on 
 voxels on the mesh's own voxels, sampler settings from pipeline.json, the back view as a second
 image condition, and the bake of the result to a GLB that trimesh reads with its PBR material."""
 import io
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from PIL import Image
 
 from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
 from know3d_core.plan import PBR_LAYOUT, SHAPE_DECODER, TEX_FLOWS, TEX_STAGE, progress_plan
-from know3d_core.trellis2.tiny_texture import TEX_SAMPLER, write_tiny_texture
+from know3d_core.trellis2.tiny_texture import TEX_SAMPLER
 
 from _pipeline_helpers import FAST, geometry_demo, one_thread
 
@@ -24,12 +23,10 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipe(demo, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("textured") / "TRELLIS.2-4B"
-    shutil.copytree(demo.trellis2, folder)
-    write_tiny_texture(str(folder))
-    return Trellis2GeometryPipeline.from_pretrained(folder, device="cpu", dtype="float32", pipeline_types=["512"],
-                                                    texture=True, dinov3=demo.dinov3)
+def pipe(demo):
+    """The demo TRELLIS.2 folder holds the tiny texture networks (``tiny_texture.write_tiny_texture``)."""
+    return Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32",
+                                                    pipeline_types=["512"], texture=True, dinov3=demo.dinov3)
 
 
 @pytest.fixture(scope="module")
