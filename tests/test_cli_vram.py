@@ -57,3 +57,23 @@ def test_vram_errors_name_the_option(tmp_path, capsys, extra, message):
 def test_vram_must_be_a_positive_number(tmp_path, capsys):
     assert _generate(tmp_path, "--vram", "-3") == EXIT_USAGE
     assert "argument --vram: '-3' must be > 0" in capsys.readouterr().err
+
+
+def test_batch_records_the_plan_in_every_item(tmp_path):
+    m, q = _complete(tmp_path / "m")
+    fronts = tmp_path / "fronts"
+    fronts.mkdir()
+    _front(fronts / "a.png")
+    _front(fronts / "b.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("slats\n", encoding="utf-8")
+    out = tmp_path / "out"
+    code = cli.main(["batch", "--models", m, "--qwen", q, "--images", str(fronts), "--prompts", str(prompts),
+                     "--out", str(out), "--device", "cpu", "--normals-size", "32", "--vram", "12", "--quiet"],
+                    pipeline_factory=_cli_double.factory(0.0))
+    assert code == 0
+    records = [os.path.join(d, "record.json") for d, _, files in os.walk(out) if "record.json" in files]
+    assert len(records) == 2
+    for path in records:
+        with open(path, encoding="utf-8") as f:
+            assert json.load(f)["memory_plan"]["name"] == "fp8_blocks"
