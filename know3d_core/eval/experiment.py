@@ -225,10 +225,26 @@ def train_base(cfg: ExperimentConfig, data: str, models: Dict[str, str], out: st
     from ..train.engine import train
     from ..train.flows import TRELLIS2_FOLDER, FlowTask
 
+    done = os.path.join(out, "export", TRELLIS2_FOLDER)
+    if _finished(out, done):
+        return done
     tc = _train_config(cfg, task="trellis2", data=data, out=out, models=models["trellis2"], dinov3=models["dinov3"],
                        steps=cfg.base_steps, full=True)
     train(FlowTask(branch=False), tc)
-    return os.path.join(out, "export", TRELLIS2_FOLDER)
+    return _mark_finished(out, done)
+
+
+FINISHED = "FINISHED"  # written into a run folder once its export exists: a later call reuses the run
+
+
+def _finished(out: str, export: str) -> bool:
+    return os.path.isfile(os.path.join(out, FINISHED)) and os.path.exists(export)
+
+
+def _mark_finished(out: str, export: str) -> str:
+    with open(os.path.join(out, FINISHED), "w", encoding="utf-8") as f:
+        f.write(export + "\n")
+    return export
 
 
 def train_backview(cfg: ExperimentConfig, data: str, models: Dict[str, str], out: str) -> str:
@@ -236,10 +252,13 @@ def train_backview(cfg: ExperimentConfig, data: str, models: Dict[str, str], out
     from ..train.backview import BACKVIEW_LORA_FILE, BackViewTask
     from ..train.engine import train
 
+    done = os.path.join(out, "export", BACKVIEW_LORA_FILE)
+    if _finished(out, done):
+        return done
     tc = _train_config(cfg, task="backview", data=data, out=out, qwen=models["qwen"], steps=cfg.backview_steps,
                        image_size=tuple(cfg.back_size), vae_image_area=cfg.vae_image_area)
     train(BackViewTask(), tc)
-    return os.path.join(out, "export", BACKVIEW_LORA_FILE)
+    return _mark_finished(out, done)
 
 
 def train_know3d(cfg: ExperimentConfig, data: str, base: str, models: Dict[str, str], out: str, source: str,
@@ -252,8 +271,12 @@ def train_know3d(cfg: ExperimentConfig, data: str, base: str, models: Dict[str, 
                        qwen=models["qwen"], steps=cfg.know3d_steps, knowledge_source=source, sigma=sigma,
                        back_steps=cfg.back_steps, back_size=tuple(cfg.back_size), vae_image_area=cfg.vae_image_area,
                        backview_loras=tuple(loras))
+    done = os.path.join(out, "export", KNOW3D_FILE)
+    if _finished(out, done):
+        return done
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished run of an earlier call: start it again
     train(FlowTask(branch=True), tc)
-    return os.path.join(out, "export", KNOW3D_FILE)
+    return _mark_finished(out, done)
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -369,7 +392,12 @@ def _variants(cfg: ExperimentConfig) -> List[Tuple[str, str, Optional[str], Opti
 
 
 def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
-    """The whole experiment into ``cfg.out``; returns (and writes ``experiment.json``) the table."""
+    """The whole experiment into ``cfg.out``; returns (and writes ``experiment.json``) the table.
+
+    Resumable: trainings and generations finished by an earlier call into the same ``out`` (a
+    ``FINISHED`` file beside their output) are reused, so a call after a failed row redoes only
+    what is missing. Change a size and the inputs are rebuilt (``inputs.json``), but runs are
+    reused by folder: use a fresh ``out`` for other training settings."""
     from .evaluate import EvalSettings
     from .run import run_eval
 
@@ -414,10 +442,13 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
             if source is not None:
                 know3d = train_know3d(cfg, train_data, base, models, os.path.join(out, "runs", row), source, sigma,
                                       loras)
-            pipe = _pipeline(cfg, base, models, know3d, loras)
             pred = os.path.join(out, "pred", row)
-            generate(cfg, pipe, variant, val, pred, sigma)
-            del pipe
+            if not _finished(pred, pred):
+                shutil.rmtree(pred, ignore_errors=True)
+                pipe = _pipeline(cfg, base, models, know3d, loras)
+                generate(cfg, pipe, variant, val, pred, sigma)
+                del pipe
+                _mark_finished(pred, pred)
         except Exception as exc:  # noqa: BLE001 - one failing row must not hide the others
             if cfg.extra.get("strict"):
                 raise
