@@ -3,6 +3,7 @@ real sampling, real bake): the GLB carries a PBR material and UVs (or vertex col
 times every texture step, bad texture options exit 2 before any model loads."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -63,3 +64,23 @@ def test_bad_texture_options_exit_2_before_loading(models, tmp_path, capsys, ext
     assert _generate(models, tmp_path / "bad", *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_batch_texture_writes_a_textured_glb_per_item(models, tmp_path):
+    root, image = models
+    fronts = tmp_path / "fronts"
+    fronts.mkdir()
+    shutil.copy(image, fronts / "a.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("x\n", encoding="utf-8")
+    out = tmp_path / "batch"
+    code = cli.main(["batch", "--models", str(root), "--variant", "none", "--resolution", "512", "--images",
+                     str(fronts), "--prompts", str(prompts), "--out", str(out), "--device", "cpu", "--steps", "2",
+                     "--floaters", "0", "--quiet", "--texture", "--texture-size", "64"])
+    assert code == 0
+    items = [d for d in os.listdir(out) if os.path.isdir(out / d) and not d.startswith(".")]
+    assert len(items) == 1
+    geom = next(iter(trimesh.load(str(out / items[0] / "mesh.glb"), file_type="glb").geometry.values()))
+    assert isinstance(geom.visual.material, trimesh.visual.material.PBRMaterial)
+    with open(out / items[0] / "record.json", encoding="utf-8") as f:
+        assert json.load(f)["inputs"]["texture"]["size"] == 64

@@ -121,3 +121,23 @@ def test_textured_result_bakes_to_a_pbr_glb(textured):
     scene = trimesh.load(io.BytesIO(vertex_color_glb_bytes(mesh, res.texture)), file_type="glb")
     geom = next(iter(scene.geometry.values()))
     assert geom.visual.vertex_colors.shape == (mesh.num_vertices, 4)
+
+
+def test_cascade_textures_with_the_1024_flow_on_the_final_latent(demo, image):
+    """1024_cascade: the texture flow is the 1024 one, on the second stage's coords, DINOv3 at 1024."""
+    pipe = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32",
+                                                    pipeline_types=["1024_cascade"], texture=True,
+                                                    dinov3=demo.dinov3)
+    assert TEX_FLOWS["1024"] in pipe.models and TEX_FLOWS["512"] not in pipe.models
+    seen = {}
+    flow = pipe.models[TEX_FLOWS["1024"]]
+    handle = flow.register_forward_pre_hook(lambda m, args: seen.setdefault("args", args) and None)
+    try:
+        res = pipe.run(image, pipeline_type="1024_cascade", seed=0, ss_params=FAST, shape_params=FAST,
+                       texture=True, tex_params=FAST)
+    finally:
+        handle.remove()
+    x, cond = seen["args"][0], seen["args"][2]
+    assert torch.equal(x.coords[: res.slat.coords.shape[0]].cpu(), res.slat.coords)
+    assert cond.shape[1] == pipe.get_cond(pipe.preprocess(image), 1024)["cond"].shape[1]
+    assert res.texture.resolution == res.resolution == 1024
