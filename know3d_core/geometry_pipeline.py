@@ -333,6 +333,7 @@ class Trellis2GeometryPipeline:
         pipeline_types: Optional[Sequence[str]] = None,
         decoder_dtype: Union[None, str, torch.dtype] = None,
         pipeline_config: Union[None, str, os.PathLike] = None,
+        texture_vae_file: Union[None, str, os.PathLike] = None,
     ) -> "Trellis2GeometryPipeline":
         """Load the single files ComfyUI users have for core's native TRELLIS.2 (Comfy-Org repack).
 
@@ -340,7 +341,9 @@ class Trellis2GeometryPipeline:
         ``vae_file``: ``models/vae/trellis_2_shape_vae_*.safetensors`` (both decoders);
         ``dinov3``: e.g. ``models/clip_vision/dino_v3_vit_l.safetensors``. Sampler settings and the
         shape-latent normalisation come from the official defaults unless ``pipeline_config`` names
-        a ``pipeline.json``. Other arguments as :meth:`from_pretrained`.
+        a ``pipeline.json``. ``texture_vae_file``: ``models/vae/trellis_2_texture_vae_*.safetensors``
+        (the texture decoder; the texture flow comes from the diffusion file): ``run(texture=True)`` for
+        the types with a 1024 texture flow (all but ``512``). Other arguments as :meth:`from_pretrained`.
         """
         from .trellis2.comfy_files import load_comfy_model_set
 
@@ -348,7 +351,7 @@ class Trellis2GeometryPipeline:
         home = torch.device("cpu") if offload else device
         models, config = load_comfy_model_set(os.fspath(diffusion_file), os.fspath(vae_file), device=home,
                                               dtype=_dtype(dtype), keys=models_for_types(pipeline_types),
-                                              pipeline_config=pipeline_config)
+                                              pipeline_config=pipeline_config, texture_vae_file=texture_vae_file)
         dino_path = os.fspath(dinov3) if dinov3 is not None else None
         return cls._assemble(models, config, device, offload, know3d, decoder_dtype, dino_path,
                              dino_path or "a DINOv3 ViT-L/16 .safetensors in models/clip_vision (dinov3=...)")

@@ -194,7 +194,8 @@ class Know3DPipeline:
 
         Args:
             trellis2: official TRELLIS.2 folder (pipeline.json + ckpts/), or the pair
-                ``(diffusion_file, shape_vae_file)`` of ComfyUI's single files (Comfy-Org/TRELLIS.2).
+                ``(diffusion_file, shape_vae_file)`` of ComfyUI's single files (Comfy-Org/TRELLIS.2),
+                ``+ texture_vae_file`` for the texture stage.
             qwen: diffusers-format Qwen-Image-Edit-2511 folder (transformer/, vae/, text_encoder/,
                 processor/, scheduler/); None: only the ``none`` variant can run.
             know3d: Know3D checkpoint (needed by ``hidden``, ``latent``, ``image``).
@@ -212,10 +213,13 @@ class Know3DPipeline:
         sources = (trellis2,)
         if isinstance(trellis2, (tuple, list)):
             load, sources = Trellis2GeometryPipeline.from_comfy_files, tuple(trellis2)
-        if texture and len(sources) > 1:
-            raise ValueError("the texture stage loads from an official TRELLIS.2 folder (its texture flows and "
-                             "decoder), not from ComfyUI's single files")
         extra = {"texture": True} if texture else {}
+        if len(sources) > 1:  # ComfyUI files: (diffusion, shape VAE[, texture VAE])
+            if texture and len(sources) < 3:
+                raise ValueError("the texture stage from ComfyUI's files needs the texture VAE too: pass "
+                                 "trellis2=(diffusion_file, shape_vae_file, texture_vae_file)")
+            extra = {"texture_vae_file": sources[2]} if len(sources) > 2 else {}
+            sources = sources[:2]
         geometry = load(*sources, device=device, dtype=dtype, know3d=know3d, offload=offload, dinov3=dinov3,
                         pipeline_types=pipeline_types, **extra)
         backview = None

@@ -38,7 +38,8 @@ __all__ = [
     # files
     "TRELLIS_REPO", "TRELLIS_V1_REPO", "DINOV3_REPO", "DINOV3_FOLDER", "COMFY_TRELLIS_REPO", "QWEN_REPO",
     "OFFICIAL_MODELS", "COMFY_FLOW_PREFIXES", "COMFY_VAE_PREFIXES", "COMFY_TEXTURE_VAE_PREFIX",
-    "COMFY_OUTER_PREFIXES", "COMFY_FILES", "comfy_source", "strip_outer_prefix", "comfy_file_kind",
+    "COMFY_OUTER_PREFIXES", "COMFY_FILES", "COMFY_TEXTURE_FILES", "comfy_source", "strip_outer_prefix",
+    "comfy_file_kind",
     "comfy_is_512", "COMFY_QWEN_FILES", "COMFY_QWEN_OUTER_PREFIXES", "COMFY_QWEN_TE_RENAMES",
     "COMFY_INDEX_TIMESTEP_ZERO", "COMFY_SCALED_FP8", "COMFY_WEIGHT_SCALES", "COMFY_DROPPED_SUFFIXES",
     "COMFY_FP8_FORMATS", "comfy_qwen_te_key",
@@ -292,11 +293,15 @@ COMFY_FILES: Dict[str, Tuple[str, str, str]] = {
     "vae": ("trellis_2_shape_vae_bf16.safetensors", "vae", "TRELLIS.2 shape VAE (ComfyUI repack)"),
     "dinov3": ("dino_v3_vit_l.safetensors", "clip_vision", "DINOv3 ViT-L/16 (ComfyUI repack)"),
 }
+# Optional, for the texture stage only (so not in COMFY_FILES, which lists what geometry needs).
+COMFY_TEXTURE_FILES: Dict[str, Tuple[str, str, str]] = {
+    "texture_vae": ("trellis_2_texture_vae_bf16.safetensors", "vae", "TRELLIS.2 texture VAE (ComfyUI repack)"),
+}
 
 
 def comfy_source(role: str) -> str:
     """Where a ComfyUI file comes from, in words (``role``: a key of :data:`COMFY_FILES`)."""
-    name, sub, _ = COMFY_FILES[role]
+    name, sub, _ = {**COMFY_FILES, **COMFY_TEXTURE_FILES}[role]
     return f"{name} from huggingface.co/{COMFY_TRELLIS_REPO} (split_files/{sub}) into models/{sub}"
 
 

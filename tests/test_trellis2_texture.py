@@ -159,3 +159,43 @@ def write_texture_folder(tmp_path):
     folder = str(tmp_path / "trellis2")
     write_tiny_trellis2(folder)
     return write_tiny_texture(folder)
+
+
+def test_comfy_single_files_give_the_same_texture_networks(tmp_path):
+    """ComfyUI's repack: the texture flow as ``shape2txt.*`` in the diffusion file, the texture decoder
+    as ``txt_dec.*`` in its own VAE file; loaded strictly they equal the official-layout networks."""
+    from safetensors.torch import save_file
+
+    from know3d_core.plan import COMFY_TEXTURE_FILES, GEOMETRY_MODELS, SS_DECODER, SHAPE_DECODER
+    from know3d_core.trellis2.comfy_files import load_comfy_model_set, load_comfy_texture_vae
+    from know3d_core.trellis2.loading import read_pipeline_config, resolve_checkpoint
+
+    folder = write_texture_folder(tmp_path)
+    config = read_pipeline_config(folder)
+
+    def sd(key):
+        return load_file(resolve_checkpoint(folder, config.models[key]) + ".safetensors")
+
+    prefixes = {"structure_model.": "sparse_structure_flow_model", "img2shape_512.": "shape_slat_flow_model_512",
+                "img2shape.": "shape_slat_flow_model_1024", "shape2txt.": TEX_FLOWS["1024"]}
+    diffusion = str(tmp_path / "trellis_2_bf16.safetensors")
+    save_file({"model.diffusion_model." + p + k: v for p, key in prefixes.items() for k, v in sd(key).items()},
+              diffusion)
+    vae = str(tmp_path / "trellis_2_shape_vae_bf16.safetensors")
+    save_file({p + k: v for p, key in {"struct_dec.": SS_DECODER, "shape_dec.": SHAPE_DECODER}.items()
+               for k, v in sd(key).items()}, vae)
+    texture_vae = str(tmp_path / COMFY_TEXTURE_FILES["texture_vae"][0])
+    save_file({"txt_dec." + k: v for k, v in sd(TEX_DECODER).items()}, texture_vae)
+
+    models, cfg = load_comfy_model_set(diffusion, vae, keys=list(GEOMETRY_MODELS), texture_vae_file=texture_vae)
+    official = load_pipeline_models(folder, keys=[TEX_FLOWS["1024"], TEX_DECODER])
+    for key in (TEX_FLOWS["1024"], TEX_DECODER):
+        ours, ref = models[key].state_dict(), official[key].state_dict()
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), key
+        assert cfg.models[key].startswith(diffusion if "flow" in key else texture_vae)
+    assert "tex_slat_sampler" in cfg.samplers and "tex_slat_normalization" in cfg.normalizations
+    # a shape VAE given as the texture VAE, and a texture VAE given as the shape VAE, name the fix
+    with pytest.raises(CheckpointError, match="not ComfyUI's TRELLIS.2 texture VAE"):
+        load_comfy_texture_vae(vae)
+    with pytest.raises(CheckpointError, match="texture VAE"):
+        load_comfy_model_set(diffusion, texture_vae, keys=list(GEOMETRY_MODELS))

@@ -53,6 +53,9 @@ from ..plan import (
     SHAPE_FLOWS,
     SS_DECODER,
     SS_FLOW,
+    COMFY_TEXTURE_VAE_PREFIX,
+    TEX_DECODER,
+    TEXTURE_FLOW,
     comfy_file_kind,
     comfy_is_512,
     comfy_source,
@@ -74,7 +77,8 @@ from .modules.dit import parse_dtype
 __all__ = [
     "COMFY_SOURCES", "DEFAULT_PIPELINE_CONFIG",
     "default_pipeline_config", "infer_sparse_structure_decoder_args", "infer_shape_decoder_args",
-    "load_comfy_flows", "load_comfy_vae_file", "load_comfy_model_set",
+    "load_comfy_flows", "load_comfy_vae_file", "load_comfy_model_set", "infer_texture_decoder_args",
+    "load_comfy_texture_vae",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -116,14 +120,44 @@ _SHAPE_SLAT_STD = [
 # The geometry part of microsoft/TRELLIS.2-4B's pipeline.json. Sampler params: pipeline.json
 # (research/trellis2.md §1.1); steps / strength / rescale / rescale_t are also the defaults of
 # microsoft/TRELLIS.2 app.py; sigma_min 1e-5 is in every configs/gen/*.json.
+# Texture SLat normalisation (32 channels): microsoft/TRELLIS.2 (5565d24)
+# configs/gen/slat_flow_imgshape2tex_dit_1_3B_512_bf16.json, dataset.args.pbr_slat_normalization (the
+# tex_slat_normalization of TRELLIS.2-4B's pipeline.json, research/trellis2.md §1.1).
+_TEX_SLAT_MEAN = [
+    3.501659, 2.212398, 2.226094, 0.251093, -0.026248, -0.687364, 0.439898, -0.928075,
+    0.029398, -0.339596, -0.869527, 1.038479, -0.972385, 0.126042, -1.129303, 0.455149,
+    -1.209521, 2.069067, 0.544735, 2.569128, -0.323407, 2.293000, -1.925608, -1.217717,
+    1.213905, 0.971588, -0.023631, 0.106750, 2.021786, 0.250524, -0.662387, -0.768862,
+]
+_TEX_SLAT_STD = [
+    2.665652, 2.743913, 2.765121, 2.595319, 3.037293, 2.291316, 2.144656, 2.911822,
+    2.969419, 2.501689, 2.154811, 3.163343, 2.621215, 2.381943, 3.186697, 3.021588,
+    2.295916, 3.234985, 3.233086, 2.260140, 2.874801, 2.810596, 3.292720, 2.674999,
+    2.680878, 2.372054, 2.451546, 2.353556, 2.995195, 2.379849, 2.786195, 2.775190,
+]
+
+
+def _tex_sampler() -> Dict[str, Any]:
+    """pipeline.json's ``tex_slat_sampler`` (``sampling.OFFICIAL_SAMPLER_PARAMS["tex_slat"]``)."""
+    from ..sampling import OFFICIAL_SAMPLER_PARAMS
+
+    p = OFFICIAL_SAMPLER_PARAMS["tex_slat"]
+    return {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": p.sigma_min},
+            "params": {"steps": p.steps, "guidance_strength": p.guidance_strength,
+                       "guidance_rescale": p.guidance_rescale, "guidance_interval": list(p.guidance_interval),
+                       "rescale_t": p.rescale_t}}
+
+
 DEFAULT_PIPELINE_CONFIG = PipelineConfig(
     folder="<ComfyUI files: official TRELLIS.2 defaults>",
     models={key: OFFICIAL_MODELS[key][0] for key in GEOMETRY_MODELS},
     samplers={
         "sparse_structure_sampler": _sampler(guidance_rescale=0.7, rescale_t=5.0),
         "shape_slat_sampler": _sampler(guidance_rescale=0.5, rescale_t=3.0),
+        "tex_slat_sampler": _tex_sampler(),
     },
-    normalizations={"shape_slat_normalization": {"mean": _SHAPE_SLAT_MEAN, "std": _SHAPE_SLAT_STD}},
+    normalizations={"shape_slat_normalization": {"mean": _SHAPE_SLAT_MEAN, "std": _SHAPE_SLAT_STD},
+                    "tex_slat_normalization": {"mean": _TEX_SLAT_MEAN, "std": _TEX_SLAT_STD}},
     default_pipeline_type="1024_cascade",
     image_cond_model={"name": "DinoV3FeatureExtractor", "args": {"model_name": DINOV3_REPO}},
     rembg_model={"name": "BiRefNet", "args": {"model_name": "briaai/RMBG-2.0"}},
@@ -208,9 +242,9 @@ def _load_flows(
     available: Dict[str, str] = {}  # pipeline key -> prefix
     for prefix in groups:
         key = SHAPE_FLOWS["512"] if prefix == "img2shape." and is_512 else COMFY_FLOW_PREFIXES[prefix]
-        if key in FLOW_MODELS:
+        if key in FLOW_MODELS or key == TEXTURE_FLOW:
             available[key] = prefix
-    wanted = [k for k in FLOW_MODELS if k in available] if keys is None else list(keys)
+    wanted = [k for k in FLOW_MODELS if k in available] if keys is None else list(keys)  # texture: on request
     if need_geometry:
         lacking = [] if SS_FLOW in available else ["the structure flow (structure_model.*)"]
         if not any(k in available for k in SHAPE_FLOWS.values()):
@@ -221,8 +255,9 @@ def _load_flows(
                 f"Fix: use {COMFY_SOURCES['diffusion']}."
             )
     for key in wanted:
-        if key not in FLOW_MODELS:
-            raise KeyError(f"{key!r} is not a flow of a ComfyUI TRELLIS.2 diffusion file; flows: {list(FLOW_MODELS)}")
+        if key not in FLOW_MODELS and key != TEXTURE_FLOW:
+            raise KeyError(f"{key!r} is not a flow of a ComfyUI TRELLIS.2 diffusion file; flows: "
+                           f"{list(FLOW_MODELS) + [TEXTURE_FLOW]}")
         if key not in available:
             expected = {v: k for k, v in COMFY_FLOW_PREFIXES.items()}[key]
             has = ", ".join(f"{p}*" for p in groups)
@@ -237,6 +272,7 @@ def _load_flows(
         prefix = available[key]
         state_dict = _read(path, {prefix + sub: full for sub, full in groups[prefix].items()})
         models.update(build_flows_from_state_dict(state_dict, dtype=dtype, device=device, source=path,
+                                                  include_texture=key == TEXTURE_FLOW,
                                                   ss_resolution=ss_resolution, is_512=is_512))
         del state_dict
     return models, {key: available[key] for key in wanted}
@@ -332,13 +368,21 @@ def infer_shape_decoder_args(state_dict: Mapping[str, torch.Tensor], source: str
     ``resolution`` is the official config's 256 (``set_resolution`` changes it per run).
     """
     what = "shape decoder"
-    c0, latent = _shape(state_dict, "from_latent.weight", source, what)
-    out_channels, c_last = _shape(state_dict, "output_layer.weight", source, what)
+    out_channels = _shape(state_dict, "output_layer.weight", source, what)[0]
     if out_channels != 7:
         raise CheckpointError(
             f"{source}: decoder head has {out_channels} outputs, a FlexiDualGrid shape decoder has 7 "
             "(a texture decoder has 6): this is not the shape decoder"
         )
+    return dict(resolution=256, **_unet_decoder_levels(state_dict, source, what, subdiv=True))
+
+
+def _unet_decoder_levels(state_dict: Mapping[str, torch.Tensor], source: str, what: str,
+                         subdiv: bool) -> Dict[str, Any]:
+    """The level walk shared by the shape (``subdiv``: C2S blocks with ``to_subdiv``) and texture
+    decoders (none): channels, blocks per level, latent width, block types, fp16 body."""
+    c0, latent = _shape(state_dict, "from_latent.weight", source, what)
+    c_last = _shape(state_dict, "output_layer.weight", source, what)[1]
     channels, num_blocks, block_args = [c0], [], []
     level = 0
     while True:
@@ -358,19 +402,22 @@ def infer_shape_decoder_args(state_dict: Mapping[str, torch.Tensor], source: str
         c2s = f"blocks.{level}.{n}"
         if f"{c2s}.conv1.weight" not in state_dict:
             break
-        if f"{c2s}.to_subdiv.weight" not in state_dict:
+        if subdiv and f"{c2s}.to_subdiv.weight" not in state_dict:
             raise CheckpointError(
                 f"{source}: {c2s} has no to_subdiv (no subdivision prediction): this is a texture decoder, "
                 "not the shape decoder"
             )
+        if not subdiv and f"{c2s}.to_subdiv.weight" in state_dict:
+            raise CheckpointError(f"{source}: {c2s} predicts subdivisions (to_subdiv): this is a shape decoder, "
+                                  "not the texture decoder")
         channels.append(_shape(state_dict, f"{c2s}.conv2.weight", source, what)[0])
         level += 1
     if channels[-1] != c_last:
         raise CheckpointError(
-            f"{source}: shape decoder's last level has {channels[-1]} channels but output_layer reads {c_last}"
+            f"{source}: {what}'s last level has {channels[-1]} channels but output_layer reads {c_last}"
         )
     levels = len(channels)
-    return dict(resolution=256, model_channels=channels, latent_channels=latent, num_blocks=num_blocks,
+    return dict(model_channels=channels, latent_channels=latent, num_blocks=num_blocks,
                 block_type=["SparseConvNeXtBlock3d"] * levels, up_block_type=["SparseResBlockC2S3d"] * (levels - 1),
                 block_args=block_args, use_fp16=True)
 
@@ -385,6 +432,45 @@ def _role(key: str) -> str:
     """``"shape flow 512"``, ``"shape decoder (FlexiDualGridVaeDecoder)"`` ... for messages."""
     role = OFFICIAL_MODELS[key][2]
     return f"{role} ({_DECODERS[key][0]})" if key in _DECODERS else role
+
+
+def infer_texture_decoder_args(state_dict: Mapping[str, torch.Tensor],
+                               source: str = "<state dict>") -> Dict[str, Any]:
+    """``SparseUnetVaeDecoder`` (texture decoder) constructor args from its official-key state dict:
+    the shape decoder's level walk (:func:`infer_shape_decoder_args`) with 6 outputs and no ``to_subdiv``."""
+    out_channels = _shape(state_dict, "output_layer.weight", source, "texture decoder")[0]
+    if out_channels != 6:
+        raise CheckpointError(f"{source}: decoder head has {out_channels} outputs, the texture decoder has 6 "
+                              "(base colour, metallic, roughness, alpha)")
+    return dict(out_channels=6, **_unet_decoder_levels(state_dict, source, "texture decoder", subdiv=False),
+                pred_subdiv=False)
+
+
+def load_comfy_texture_vae(
+    path: PathLike,
+    device: Union[str, torch.device] = "cpu",
+    decoder_dtype: DTypeArg = None,
+) -> nn.Module:
+    """The texture decoder of ComfyUI's TRELLIS.2 texture VAE file (``txt_dec.*``,
+    ``trellis_2_texture_vae_bf16.safetensors`` in models/vae), strictly; fp16 body unless ``decoder_dtype``."""
+    path = os.fspath(path)
+    names, dtypes, _ = _header(path)
+    bare = strip_outer_prefix(names)
+    group = {k[len(COMFY_TEXTURE_VAE_PREFIX):]: full for k, full in bare.items()
+             if k.startswith(COMFY_TEXTURE_VAE_PREFIX)}
+    if not group:
+        raise CheckpointError(f"{path} is not ComfyUI's TRELLIS.2 texture VAE: no {COMFY_TEXTURE_VAE_PREFIX}* keys "
+                              f"(it has {_sample_keys(names)}). Fix: use {comfy_source('texture_vae')}.")
+    _check_plain_floats(path, {full: dtypes[full] for full in group.values()})
+    source = f"{path} [{COMFY_TEXTURE_VAE_PREFIX}*]"
+    state_dict = _read(path, group)
+    _check_sparse_conv_layout(state_dict, source)
+    model = build_model("SparseUnetVaeDecoder", infer_texture_decoder_args(state_dict, source), device=device,
+                        source=source, empty=True)
+    load_state_dict_strict(model, state_dict, source)
+    if decoder_dtype is not None:
+        model.convert_to(parse_dtype(decoder_dtype))
+    return model
 
 
 def load_comfy_vae_file(
@@ -480,6 +566,7 @@ def load_comfy_model_set(
     keys: Optional[Iterable[str]] = None,
     pipeline_config: Union[None, PathLike, PipelineConfig] = None,
     ss_resolution: Optional[int] = None,
+    texture_vae_file: Optional[PathLike] = None,
 ) -> Tuple[Dict[str, nn.Module], PipelineConfig]:
     """The TRELLIS.2 geometry networks from ComfyUI's diffusion file + shape VAE file.
 
@@ -496,6 +583,8 @@ def load_comfy_model_set(
             samplers / normalisation to use; None: :data:`DEFAULT_PIPELINE_CONFIG`.
         ss_resolution: structure latent size of the structure flow (None: the official 16; the
             weights do not store it).
+        texture_vae_file: ComfyUI's texture VAE: also load the texture decoder from it and the texture
+            flow (``shape2txt.*``, the 1024 one) from the diffusion file.
     Returns:
         ``(models, config)``: models keyed like pipeline.json (``sparse_structure_flow_model``,
         ``sparse_structure_decoder``, ``shape_slat_flow_model_512``, ``shape_slat_flow_model_1024``,
@@ -532,6 +621,13 @@ def load_comfy_model_set(
     models = {k: flows[k] if k in flows else decoders[k] for k in GEOMETRY_MODELS if k in flows or k in decoders}
     sources = {k: f"{diffusion_file}#{flow_prefixes[k]}" if k in flows else f"{vae_file}#{vae_prefix[k]}"
                for k in models}
+    if texture_vae_file is not None:
+        texture_vae_file = os.fspath(texture_vae_file)
+        models[TEX_DECODER] = load_comfy_texture_vae(texture_vae_file, device=device, decoder_dtype=decoder_dtype)
+        sources[TEX_DECODER] = f"{texture_vae_file}#{COMFY_TEXTURE_VAE_PREFIX}"
+        tex_flow, tex_prefix = _load_flows(diffusion_file, [TEXTURE_FLOW], dtype, device)
+        models.update(tex_flow)
+        sources[TEXTURE_FLOW] = f"{diffusion_file}#{tex_prefix[TEXTURE_FLOW]}"
     config.models = sources
     config.default_pipeline_type = _pick_pipeline_type(config.default_pipeline_type, flows)
     return models, config
