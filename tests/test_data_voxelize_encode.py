@@ -99,3 +99,29 @@ def test_missing_encoder_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="shape_enc_next_dc_f16c32_fp16"):
         load_encoders(folder)
     assert not os.path.exists(os.path.join(folder, "ckpts", "shape_enc_next_dc_f16c32_fp16.json"))
+
+
+def test_prepare_runs_voxelize_and_encode_on_a_synthetic_asset(tmp_path, trellis2_folder):
+    """``prepare`` with the mesh, voxelize and encode steps on one procedural GLB: every file of the
+    layout is written, the record has voxel and token counts, a second run has nothing to do."""
+    from know3d_core.data.prepare import prepare, read_manifest
+    from know3d_core.data.synthetic import write_dataset_folder
+
+    src = tmp_path / "in"
+    write_dataset_folder(str(src), seeds=[0], features=["handle"])
+    out = str(tmp_path / "ds")
+    options = PrepareOptions(input=str(src), out=out, steps=("mesh", "voxelize", "encode"), resolutions=(256,),
+                             trellis2=trellis2_folder, progress=False)
+    prepare(options, log=lambda *_: None)
+    (row,) = read_manifest(out)
+    assert row["status"] == layout.STATUS_OK and row["steps"] == ["mesh", "voxelize", "encode"]
+    folder = layout.asset_dir(out, row["sha256"])
+    for name in (layout.dual_grid_file(256), layout.OCCUPANCY_FILE, layout.shape_latent_file(256), layout.SS_LATENT_FILE):
+        assert os.path.exists(os.path.join(folder, name)), name
+    grid = load_file(os.path.join(folder, layout.dual_grid_file(256)))
+    assert row["voxels"] == {"256": grid[layout.KEY_COORDS].shape[0]} and row["voxels"]["256"] > 1000
+    latent = load_file(os.path.join(folder, layout.shape_latent_file(256)))
+    assert latent[layout.KEY_COORDS].max() < 16  # 256 / 16 tokens a side
+    before = os.path.getmtime(os.path.join(folder, layout.SS_LATENT_FILE))
+    prepare(options, log=lambda *_: None)  # resumed: finished steps are skipped
+    assert os.path.getmtime(os.path.join(folder, layout.SS_LATENT_FILE)) == before
