@@ -84,3 +84,21 @@ def test_batch_texture_writes_a_textured_glb_per_item(models, tmp_path):
     assert isinstance(geom.visual.material, trimesh.visual.material.PBRMaterial)
     with open(out / items[0] / "record.json", encoding="utf-8") as f:
         assert json.load(f)["inputs"]["texture"]["size"] == 64
+
+
+def test_comfy_texture_vae_is_found_by_its_keys_or_named_with_its_source(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from know3d_core.errors import UsageError
+    from know3d_core.generate.texture import find_comfy_texture_vae
+
+    (tmp_path / "vae").mkdir()
+    save_file({"shape_dec.from_latent.weight": torch.zeros(2, 2)}, str(tmp_path / "vae" / "shape.safetensors"))
+    with pytest.raises(UsageError, match="trellis_2_texture_vae_bf16.safetensors from huggingface.co/Comfy-Org"):
+        find_comfy_texture_vae(str(tmp_path), "1024_cascade")
+    renamed = tmp_path / "vae" / "my_texture_vae.safetensors"
+    save_file({"txt_dec.from_latent.weight": torch.zeros(2, 2)}, str(renamed))
+    assert find_comfy_texture_vae(str(tmp_path), "1024_cascade") == str(renamed)
+    with pytest.raises(UsageError, match="--resolution 512: their diffusion file holds the 1024 texture flow only"):
+        find_comfy_texture_vae(str(tmp_path), "512")

@@ -10,12 +10,14 @@ only, as plain TRELLIS.2). Torch-free at import.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Dict, Optional
 
 from ..argtypes import positive_int
 from ..errors import UsageError
 
-__all__ = ["TEXTURE_MODES", "add_texture_options", "texture_settings", "check_texture_options", "write_texture"]
+__all__ = ["TEXTURE_MODES", "add_texture_options", "texture_settings", "check_texture_options", "write_texture",
+           "find_comfy_texture_vae"]
 
 TEXTURE_MODES = ("pbr", "vertex")
 DEFAULT_TEXTURE_SIZE = 1024
@@ -57,6 +59,30 @@ def check_texture_options(opts: argparse.Namespace) -> None:
                          f"not {opts.format}")
     if not MIN_TEXTURE_SIZE <= opts.texture_size <= MAX_TEXTURE_SIZE:
         raise UsageError(f"--texture-size {opts.texture_size}: between {MIN_TEXTURE_SIZE} and {MAX_TEXTURE_SIZE}")
+
+
+def find_comfy_texture_vae(models_dir: str, resolution: str) -> str:
+    """The ComfyUI texture VAE (``txt_dec.*``) in ``models_dir`` or its ``vae/`` folder, for a
+    ``--models`` folder of ComfyUI files; UsageError naming the file and where it comes from."""
+    from ..plan import COMFY_TEXTURE_FILES, comfy_file_kind, comfy_source, pipeline_type
+    from ..safetensors_header import read_safetensors_header
+
+    if pipeline_type(resolution).texture_stage != "1024":
+        raise UsageError(f"--texture with ComfyUI's files and --resolution {resolution}: their diffusion file holds "
+                         "the 1024 texture flow only; use a cascade or 1024 (or the official TRELLIS.2 folder)")
+    name = COMFY_TEXTURE_FILES["texture_vae"][0]
+    for folder in (os.path.join(models_dir, "vae"), models_dir):
+        if not os.path.isdir(folder):
+            continue
+        names = sorted(os.listdir(folder), key=lambda n: n != name)  # the published name first
+        for entry in names:
+            path = os.path.join(folder, entry)
+            if entry.endswith(".safetensors") and os.path.isfile(path):
+                info = read_safetensors_header(path)
+                if info.problem is None and comfy_file_kind(info.tensors) == "texture_vae":
+                    return path
+    raise UsageError(f"--texture: no ComfyUI TRELLIS.2 texture VAE in {models_dir} or its vae/ folder; "
+                     f"get {comfy_source('texture_vae')}")
 
 
 def write_texture(result: Any, raw: Any, mesh: Any, path: str, settings: Dict[str, Any], metadata: Dict[str, Any],

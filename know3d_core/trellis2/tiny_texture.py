@@ -15,6 +15,7 @@ import torch
 
 from ..fileio import atomic_write_bytes
 from ..plan import OFFICIAL_MODELS, SHAPE_FLOWS, TEX_DECODER, TEX_FLOWS
+from .comfy_files import DEFAULT_PIPELINE_CONFIG
 from .loading import read_model_json
 from .tex_decoder import TINY_ARGS as TEX_DECODER_ARGS
 from .tex_decoder import SparseUnetVaeDecoder
@@ -23,13 +24,8 @@ from .tiny import random_state_dict, write_checkpoint
 
 __all__ = ["write_tiny_texture", "TEX_SAMPLER"]
 
-# pipeline.json "tex_slat_sampler" of microsoft/TRELLIS.2-4B.
-TEX_SAMPLER = {
-    "name": "FlowEulerGuidanceIntervalSampler",
-    "args": {"sigma_min": 1e-5},
-    "params": {"steps": 12, "guidance_strength": 1.0, "guidance_rescale": 0.0, "guidance_interval": [0.6, 0.9],
-               "rescale_t": 3.0},
-}
+# pipeline.json "tex_slat_sampler" of microsoft/TRELLIS.2-4B (one table: sampling.OFFICIAL_SAMPLER_PARAMS).
+TEX_SAMPLER = DEFAULT_PIPELINE_CONFIG.samplers["tex_slat_sampler"]
 
 
 def write_tiny_texture(folder: str, seed: int = 0) -> str:
