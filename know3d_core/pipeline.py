@@ -225,19 +225,22 @@ class Know3DPipeline:
         backview = None
         if qwen is not None:
             backview = cls._load_backview(os.fspath(qwen), dtype, torch.device("cpu") if offload else device,
-                                          backview_loras, vae_image_area, qwen_files)
+                                          backview_loras, vae_image_area, qwen_files,
+                                          memory_plan.mmdit_storage if memory_plan is not None else None)
         return cls(geometry, backview, offload=offload, memory_plan=memory_plan)
 
     @staticmethod
-    def _load_backview(folder: str, dtype, device, loras, vae_image_area, files=None):
+    def _load_backview(folder: str, dtype, device, loras, vae_image_area, files=None, storage=None):
         from .mmdit.backview import QwenEditBackView
         from .mmdit.loading import load_qwen_edit
 
         qdtype = getattr(torch, dtype_name(dtype)) if dtype is not None else torch.bfloat16
         components = load_qwen_edit(folder, dtype=qdtype, device=device,
-                                    components=("transformer", "vae", "text_encoder"), files=files)
+                                    components=("transformer", "vae", "text_encoder"), files=files,
+                                    storage=storage)  # fp8 as read: the LoRA then merges into fp8
         components.processor = load_processor(folder)
         backview = QwenEditBackView(components)
+        backview.compute_dtype = qdtype  # the MMDiT's parameters may be stored in fp8 (a memory plan)
         if vae_image_area is not None:
             backview.vae_image_area = int(vae_image_area)
         for item in loras:

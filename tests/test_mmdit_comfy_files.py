@@ -158,3 +158,21 @@ def test_scaled_fp8_text_encoder_without_lm_head(tmp_path):
     assert torch.equal(loaded.state_dict()["lm_head.weight"], emb)  # tied: logits are never read
     rel = _rel(_last_hidden(loaded), _last_hidden(te))
     assert 2 ** -9 < rel <= math.sqrt(8) * 2 ** -4, rel
+
+
+def test_comfy_file_loads_fp8_as_read(reference, tmp_path):
+    """``storage=fp8``: each dequantised weight is cast to fp8 as it is read; same weights as loading in
+    bf16 and storing fp8 after (``mmdit.memory.store_weights``)."""
+    from know3d_core.mmdit.memory import store_weights
+
+    model, sd, config = reference
+    comfy = _comfy_sd(sd, "fp8mixed", "model.diffusion_model.")
+    comfy["model.diffusion_model." + COMFY_INDEX_TIMESTEP_ZERO] = torch.tensor([])
+    path = _write(tmp_path, comfy)
+    after = load_comfy_transformer(path, config, torch.bfloat16)
+    store_weights(after, "float8_e4m3fn", torch.bfloat16)
+    read = load_comfy_transformer(path, config, torch.bfloat16, storage="float8_e4m3fn")
+    assert read.transformer_blocks[1].img_mlp.net[2].weight.dtype == FP8
+    assert all(v.dtype == after.state_dict()[k].dtype and torch.equal(v.float(), after.state_dict()[k].float())
+               for k, v in read.state_dict().items())
+    assert torch.equal(_forward(read), _forward(after))

@@ -149,3 +149,39 @@ def test_model_placement_plan_matches_its_fp8_numbers(bf16_and_fp8):
     how = apply_memory_plan(bv, MEMORY_PLANS["fp8"], "cpu", torch.bfloat16)
     assert how == {"transformer": "fp8, model", "text_encoder": "fp8, model"}
     assert torch.equal(_hidden(bv), hooked)
+
+
+# ------------------------------------------------------------------------------- fp8 as the weights are read
+def test_folder_loads_fp8_as_read_identical_to_storing_after(tmp_path):
+    """``load_transformer(storage=fp8)`` (hooks first, each tensor cast as it is read: the host never holds
+    the bf16 network) gives the same weights and forward as loading bf16 and storing fp8 after; a later
+    ``store_weights`` (the plan) leaves it alone; a LoRA merges into the fp8 weights."""
+    from know3d_core.mmdit.loading import load_transformer
+    from know3d_core.mmdit.memory import store_weights
+
+    tiny_transformer(num_layers=3).to(torch.bfloat16).save_pretrained(tmp_path / "transformer")
+    after = load_transformer(str(tmp_path), torch.bfloat16)
+    store_weights(after, FP8_STORAGE, torch.bfloat16)
+    read = load_transformer(str(tmp_path), torch.bfloat16, storage=FP8_STORAGE)
+    fp8 = getattr(torch, FP8_STORAGE)
+    assert read.transformer_blocks[0].attn.to_q.weight.dtype == fp8
+    assert {k: v.dtype for k, v in read.state_dict().items()} == {k: v.dtype for k, v in after.state_dict().items()}
+    assert all(torch.equal(v.float(), after.state_dict()[k].float()) for k, v in read.state_dict().items())
+    store_weights(read, FP8_STORAGE, torch.bfloat16)  # already stored: no second set of hooks
+    g = torch.Generator().manual_seed(3)
+    hidden, embeds = torch.randn(1, 10, 64, generator=g).bfloat16(), torch.randn(1, 5, 16, generator=g).bfloat16()
+
+    def forward(m):
+        return m(hidden_states=hidden, timestep=torch.full((1,), 0.6), encoder_hidden_states=embeds,
+                 encoder_hidden_states_mask=None, img_shapes=[[(1, 2, 3), (1, 2, 2)]], return_dict=False)[0]
+    assert torch.equal(forward(read), forward(after))
+    from know3d_core.mmdit.lora import merge_lora
+    from safetensors.torch import save_file
+
+    lora = str(tmp_path / "lora.safetensors")
+    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 32, generator=g),
+               "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(32, 2, generator=g)}, lora)
+    before = read.transformer_blocks[0].attn.to_q.weight.float().clone()
+    merge_lora(read, lora, 1.0)
+    w = read.transformer_blocks[0].attn.to_q.weight
+    assert w.dtype == fp8 and not torch.equal(w.float(), before)

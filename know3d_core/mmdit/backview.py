@@ -136,8 +136,10 @@ class QwenEditBackView:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Compute dtype of the networks (with fp8 weight storage: the dtype the layers cast to)."""
-        return self.compute_dtype or next(self.c.transformer.parameters()).dtype
+        """Compute dtype of the networks (with fp8 weight storage: the dtype the layers cast to; the
+        norms and embeddings keep it)."""
+        params = self.c.transformer.parameters()
+        return self.compute_dtype or next(p.dtype for p in params if p.dtype.itemsize > 1)
 
     @property
     def execution_device(self) -> torch.device:

@@ -113,12 +113,20 @@ def _check_keys(path: str, what: str, got: Dict[str, torch.Tensor], expected: Di
             raise ComfyFileError(f"{path}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
 
 
-def read_comfy_transformer(path: str, dtype: torch.dtype) -> Tuple[Dict[str, torch.Tensor], bool]:
-    """ComfyUI MMDiT file -> (diffusers state dict in ``dtype``, 2511 marker present)."""
+def read_comfy_transformer(path: str, dtype: torch.dtype, dtypes: Dict[str, torch.dtype] | None = None
+                           ) -> Tuple[Dict[str, torch.Tensor], bool]:
+    """ComfyUI MMDiT file -> (diffusers state dict in ``dtype``, 2511 marker present); ``dtypes``:
+    ``{key: dtype}`` each tensor is then stored in as it is read (fp8 for a plan's stored weights)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        outer = _strip_outer(list(f.keys()))
     items, flags = dense_tensors(path, dtype)
-    raw = dict(items)
-    outer = _strip_outer(list(raw) + sorted(flags))
-    state = {k[len(outer):]: v for k, v in raw.items()}
+    dtypes = dtypes or {}
+    state = {}
+    for k, v in items:
+        key = k[len(outer):]
+        state[key] = v.to(dtypes[key]) if key in dtypes and v.is_floating_point() else v
     return state, any(k.endswith(COMFY_INDEX_TIMESTEP_ZERO) for k in flags)
 
 
@@ -135,23 +143,27 @@ def read_comfy_text_encoder(path: str, dtype: torch.dtype) -> Dict[str, torch.Te
     return state
 
 
-def load_comfy_transformer(path: str, config: dict, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+def load_comfy_transformer(path: str, config: dict, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                           storage: str | None = None):
     """ComfyUI MMDiT file + the diffusers config (``QWEN/transformer/config.json``) ->
     ``QwenImageTransformer2DModel`` (strict: exactly the config's keys and shapes; the file's 2511
-    marker must agree with ``zero_cond_t``)."""
+    marker must agree with ``zero_cond_t``). ``storage`` (``plan.FP8_STORAGE``): the Linear weights
+    are stored in fp8 as they are read (dequantised to ``dtype``, then cast)."""
     from diffusers import QwenImageTransformer2DModel
 
     from .loading import _rebuild_meta_attributes, require_zero_cond_t
+    from .memory import load_dtypes
 
-    state, is_2511 = read_comfy_transformer(path, dtype)
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel.from_config(config)
+    dtypes = load_dtypes(model, storage, dtype)
+    state, is_2511 = read_comfy_transformer(path, dtype, dtypes)
     if is_2511 != bool(config.get("zero_cond_t", False)):
         raise ComfyFileError(f"{path}: the file is {'' if is_2511 else 'not '}Qwen-Image-Edit-2511 (marker "
                              f"{COMFY_INDEX_TIMESTEP_ZERO}), the transformer config says zero_cond_t="
                              f"{config.get('zero_cond_t', False)}")
     if is_2511:
         require_zero_cond_t()
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel.from_config(config)
     _check_keys(path, "Qwen-Image MMDiT of this config", state, model.state_dict())
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
     _rebuild_meta_attributes(model)

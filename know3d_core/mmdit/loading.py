@@ -82,18 +82,22 @@ def _rebuild_meta_attributes(model: torch.nn.Module) -> None:
                                "cannot initialise it on the meta device")
 
 
-def load_diffusers_model(cls, folder: str, sub: str, dtype: torch.dtype, device="cpu"):
+def load_diffusers_model(cls, folder: str, sub: str, dtype: torch.dtype, device="cpu", storage: str | None = None):
     """Strict, meta-device load of a diffusers model from ``folder/sub`` (config + safetensors).
 
     Builds the model from its config without allocating, checks that the files hold exactly the
     model's keys and shapes (the error names the folder, missing and unexpected keys), then
-    assigns the tensors read straight onto ``device`` in ``dtype``.
+    assigns the tensors read straight onto ``device`` in ``dtype``. ``storage`` (``plan.FP8_STORAGE``):
+    the Linear/Conv weights are stored in fp8 as they are read (``mmdit.memory.load_dtypes``).
     """
     d = os.path.join(folder, sub)
     cfg = _read_json(_need(os.path.join(d, "config.json"), f"{sub} config"))
     files = check_weights(folder, sub, "diffusion_pytorch_model")
     with torch.device("meta"):
         model = cls.from_config(cfg)
+    from .memory import load_dtypes
+
+    dtypes = load_dtypes(model, storage, dtype)
     expected = model.state_dict()
     keys = _file_keys(files)
     missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
@@ -106,19 +110,20 @@ def load_diffusers_model(cls, folder: str, sub: str, dtype: torch.dtype, device=
         for k, v in load_file(p, device=str(device)).items():
             if tuple(v.shape) != tuple(expected[k].shape):
                 raise ValueError(f"{p}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
-            state[k] = v.to(dtype) if v.is_floating_point() else v
+            state[k] = v.to(dtype).to(dtypes[k]) if v.is_floating_point() else v
     model.load_state_dict(state, strict=True, assign=True)
     _rebuild_meta_attributes(model)
     return model.eval().requires_grad_(False)
 
 
-def load_transformer(folder: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
-    """``folder/transformer`` -> QwenImageTransformer2DModel (strict; 2511 flag honoured)."""
+def load_transformer(folder: str, dtype: torch.dtype = torch.bfloat16, device="cpu", storage: str | None = None):
+    """``folder/transformer`` -> QwenImageTransformer2DModel (strict; 2511 flag honoured; ``storage``:
+    weights stored in fp8 as read)."""
     from diffusers import QwenImageTransformer2DModel
     cfg = _read_json(_need(os.path.join(folder, "transformer", "config.json"), "transformer config"))
     if cfg.get("zero_cond_t"):
         require_zero_cond_t()
-    return load_diffusers_model(QwenImageTransformer2DModel, folder, "transformer", dtype, device)
+    return load_diffusers_model(QwenImageTransformer2DModel, folder, "transformer", dtype, device, storage)
 
 
 def load_vae(folder: str, dtype: torch.dtype = torch.bfloat16, device="cpu"):
@@ -167,11 +172,13 @@ class QwenEditComponents:
 
 def load_qwen_edit(folder: str, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
                    components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "processor"),
-                   model_name: str | None = None, files: dict | None = None) -> QwenEditComponents:
+                   model_name: str | None = None, files: dict | None = None,
+                   storage: str | None = None) -> QwenEditComponents:
     """Load the named components of a diffusers-format Qwen-Image-Edit folder.
 
     ``files``: ``{"transformer" | "text_encoder": path}`` of ComfyUI single files to read those weights
-    from instead (``mmdit.comfy_files``; the folder still gives their configs)."""
+    from instead (``mmdit.comfy_files``; the folder still gives their configs). ``storage``: the MMDiT's
+    weights stored in fp8 as they are read (a memory plan's ``mmdit_storage``)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder not found: {folder}")
     sched = load_scheduler_config(folder)
@@ -185,9 +192,9 @@ def load_qwen_edit(folder: str, *, dtype: torch.dtype = torch.bfloat16, device="
         from .comfy_files import load_comfy_text_encoder, load_comfy_transformer
     if "transformer" in files:
         cfg = _read_json(_need(os.path.join(folder, "transformer", "config.json"), "transformer config"))
-        transformer = load_comfy_transformer(files["transformer"], cfg, dtype, device)
+        transformer = load_comfy_transformer(files["transformer"], cfg, dtype, device, storage)
     else:
-        transformer = load_transformer(folder, dtype, device)
+        transformer = load_transformer(folder, dtype, device, storage)
     text_encoder = None
     if "text_encoder" in components and "text_encoder" in files:
         _need(os.path.join(folder, "text_encoder", "config.json"), "text encoder config")

@@ -15,25 +15,37 @@ import torch
 
 from ..plan import FP8_STORAGE, PLACEMENTS, MemoryPlan
 
-__all__ = ["store_weights", "offload_blocks", "apply_memory_plan"]
+__all__ = ["store_weights", "load_dtypes", "offload_blocks", "apply_memory_plan"]
+
+STORAGE_ATTRIBUTE = "_know3d_weight_storage"  # set on a network whose weights store_weights re-stored
 
 
 def store_weights(module: torch.nn.Module, storage: str | None, compute_dtype: torch.dtype) -> None:
     """Keep ``module``'s weights in ``storage`` (None: as they are; :data:`FP8_STORAGE`: float8 e4m3),
     computing in ``compute_dtype`` (diffusers' layer-wise casting hooks)."""
-    if storage is None:
+    if storage is None or getattr(module, STORAGE_ATTRIBUTE, None) == storage:  # none, or already (at load)
         return
     if storage != FP8_STORAGE:
         raise ValueError(f"unknown weight storage {storage!r}; use None or {FP8_STORAGE!r}")
     fp8 = getattr(torch, FP8_STORAGE)
     if hasattr(module, "enable_layerwise_casting"):  # a diffusers model: its own skip list
         module.enable_layerwise_casting(storage_dtype=fp8, compute_dtype=compute_dtype)
-        return
-    from diffusers.hooks import apply_layerwise_casting
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    else:
+        from diffusers.hooks import apply_layerwise_casting
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-    apply_layerwise_casting(module, storage_dtype=fp8, compute_dtype=compute_dtype,
-                            skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN)
+        apply_layerwise_casting(module, storage_dtype=fp8, compute_dtype=compute_dtype,
+                                skip_modules_pattern=DEFAULT_SKIP_MODULES_PATTERN)
+    setattr(module, STORAGE_ATTRIBUTE, storage)
+
+
+def load_dtypes(meta_model: torch.nn.Module, storage: str | None, compute_dtype: torch.dtype) -> dict:
+    """``{state-dict key: dtype to load it in}`` for a model built on the meta device, its casting hooks
+    installed first (:func:`store_weights`): the stored weights go straight to fp8 as they are read,
+    so the host never holds the whole network in the compute dtype."""
+    store_weights(meta_model, storage, compute_dtype)
+    fp8 = getattr(torch, FP8_STORAGE)
+    return {k: (fp8 if v.dtype == fp8 else compute_dtype) for k, v in meta_model.state_dict().items()}
 
 
 def offload_blocks(module: torch.nn.Module, device: torch.device) -> str:
