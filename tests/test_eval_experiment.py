@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from know3d_core.data import layout as L
 from know3d_core.eval.experiment import (CodecDecoder, decode_latent, encode_occupancy, occupancy_64,
-                                         prompt_swap_accuracy)
+                                         prompt_effect, prompt_swap_accuracy)
 from know3d_core.trellis2.sparse_structure_decoder import decode_occupancy
 
 
@@ -53,6 +53,11 @@ def test_prompt_swap_accuracy_perfect_and_prompt_blind(tmp_path):
     assert acc == 1.0 and all(r["ious"][r["prompted"]] == 1.0 for r in rows)
     acc, rows = prompt_swap_accuracy(str(tmp_path / "blind"), str(tmp_path / "gt"), feats)
     assert acc == pytest.approx(1 / 3) and {r["classified"] for r in rows} == {"a"}
+    # prompt effect: 0 for the blind model; for the perfect one, that of the ground truths. Back halves
+    # (y >= 32) are 18 x 40 slabs at x offsets 10 apart, each 10 wide: disjoint, so every pair has
+    # back-half IoU 0 and the effect is 1.
+    assert prompt_effect(str(tmp_path / "blind"), feats) == 0.0
+    assert prompt_effect(str(tmp_path / "good"), feats) == prompt_effect(str(tmp_path / "gt"), feats) == 1.0
 
 
 @pytest.mark.slow

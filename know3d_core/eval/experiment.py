@@ -374,6 +374,26 @@ def prompt_swap_accuracy(pred_dir: str, gt_dir: str, features: Sequence[str]) ->
     return acc, rows
 
 
+def prompt_effect(pred_dir: str, features: Sequence[str]) -> float:
+    """How much the description changes the back: 1 - the mean back-half IoU between the K
+    generations of one front (same seed, different descriptions), averaged over fronts. 0 when the
+    output ignores the prompt (``none`` by construction); the ground truths' own value says how far
+    apart the K backs are."""
+    import itertools
+
+    from safetensors.torch import load_file
+
+    from .geometry import back_half_grid, voxel_iou
+
+    back = back_half_grid(64)
+    seeds = sorted({name.split("_", 1)[0] for name in os.listdir(pred_dir) if os.path.isdir(os.path.join(pred_dir, name))})
+    values = []
+    for seed in seeds:
+        occ = [load_file(os.path.join(pred_dir, f"{seed}_{f}", L.OCCUPANCY_FILE))[L.KEY_OCCUPANCY].bool() for f in features]
+        values += [1.0 - voxel_iou(a, b, back) for a, b in itertools.combinations(occ, 2)]
+    return sum(values) / len(values) if values else float("nan")
+
+
 # ----------------------------------------------------------------------------------- run
 def _variants(cfg: ExperimentConfig) -> List[Tuple[str, str, Optional[str], Optional[float]]]:
     """``[(row name, variant, training source or None, sigma)]`` in table order."""
@@ -472,10 +492,11 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
         table.append({"row": row, **meta[row], "back_iou_64": agg["iou_64_back"]["mean"],
                       "iou_64": agg["iou_64"]["mean"], "chamfer": agg["chamfer"]["mean"],
                       "chamfer_back": agg["chamfer_back"]["mean"], "prompt_swap_accuracy": acc,
+                      "prompt_effect": prompt_effect(preds[row], cfg.features),
                       "n": agg["iou_64"]["n"], "classified": detail})
     lap("eval", s)
     result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-              "chance": 1.0 / len(cfg.features),
+              "chance": 1.0 / len(cfg.features), "gt_prompt_effect": prompt_effect(gt_dir, cfg.features),
               "not_run": {**NOT_RUN, **{k: (v if v.startswith("skipped") else f"failed: {v}") for k, v in failed.items()}},
               "device": _device_name(cfg.device), "seconds": round(time.perf_counter() - t0, 1), "times": times,
               "table": table}
@@ -524,7 +545,7 @@ def _device_name(device: str) -> str:
 def format_table(result: Dict[str, Any]) -> str:
     """Markdown table of the rows (means over the held-out items) and the rows not run."""
     lines = ["| row | knowledge (training source, sigma) | back-half IoU 64^3 | IoU 64^3 | CD | back-half CD | "
-             "prompt-swap accuracy |", "|---|---|---|---|---|---|---|"]
+             "prompt-swap accuracy | prompt effect |", "|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return "-" if v is None else f"{v:.3f}"
@@ -532,10 +553,11 @@ def format_table(result: Dict[str, Any]) -> str:
     for r in result["table"]:
         src = "-" if r["train_source"] is None else f"{r['train_source']}, {r['sigma']:g}"
         lines.append(f"| {r['row']} | {src} | {f(r['back_iou_64'])} | {f(r['iou_64'])} | {f(r['chamfer'])} | "
-                     f"{f(r['chamfer_back'])} | {f(r['prompt_swap_accuracy'])} |")
+                     f"{f(r['chamfer_back'])} | {f(r['prompt_swap_accuracy'])} | {f(r.get('prompt_effect'))} |")
     for k, why in result["not_run"].items():
-        lines.append(f"| {k} | not run: {why} | | | | | |")
-    lines.append(f"\nchance (prompt swap) = 1/K = {result['chance']:.3f}; n = items per row")
+        lines.append(f"| {k} | not run: {why} | | | | | | |")
+    lines.append(f"\nchance (prompt swap) = 1/K = {result['chance']:.3f}; prompt effect of the ground truths "
+                 f"(how far apart the K backs are) = {f(result.get('gt_prompt_effect'))}")
     return "\n".join(lines)
 
 
