@@ -102,3 +102,20 @@ def test_comfy_texture_vae_is_found_by_its_keys_or_named_with_its_source(tmp_pat
     assert find_comfy_texture_vae(str(tmp_path), "1024_cascade") == str(renamed)
     with pytest.raises(UsageError, match="--resolution 512: their diffusion file holds the 1024 texture flow only"):
         find_comfy_texture_vae(str(tmp_path), "512")
+
+
+def test_missing_texture_files_exit_2_before_any_model_loads(models, tmp_path, capsys, monkeypatch):
+    root, image = models
+    copy = tmp_path / "models"
+    shutil.copytree(root, copy)
+    os.remove(copy / "TRELLIS.2-4B" / "ckpts" / "tex_dec_next_dc_f16c32_fp16.safetensors")
+    import know3d_core.pipeline as pipeline_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("models were loaded")
+
+    monkeypatch.setattr(pipeline_mod.Know3DPipeline, "from_pretrained", no_load)
+    code = _generate((copy, image), tmp_path / "o")
+    err = capsys.readouterr().err
+    assert code == 2 and "--texture: tex_slat_decoder: checkpoint 'ckpts/tex_dec_next_dc_f16c32_fp16'" in err
+    assert "Fix: the TRELLIS.2 folder" in err

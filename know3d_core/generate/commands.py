@@ -26,7 +26,7 @@ from ..argtypes import int_list
 from .arguments import (add_generation_options, add_model_options, resolve_device,
                         qwen_files, resolve_dtype, resolve_memory_plan, run_settings)
 from .outputs import base_record, print_record, write_outputs
-from .texture import check_texture_options, find_comfy_texture_vae, texture_settings
+from .texture import check_texture_files, check_texture_options, find_comfy_texture_vae, texture_settings
 from .validate import (check_model_paths, check_options, check_out_folder, check_prompts, describe_prompt,
                        front_image, publish_result, resolve_variant, result_tmp)
 
@@ -106,6 +106,8 @@ def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
 
     if check.layout == "official":
         trellis2 = os.path.dirname(check.path("pipeline_json"))
+        if getattr(opts, "texture", False):
+            check_texture_files(trellis2, opts.resolution)
     else:  # ComfyUI's single files (Comfy-Org/TRELLIS.2)
         trellis2 = (check.path("comfy_flows"), check.path("comfy_vae"))
         if getattr(opts, "texture", False):

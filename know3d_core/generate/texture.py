@@ -17,7 +17,7 @@ from ..argtypes import positive_int
 from ..errors import UsageError
 
 __all__ = ["TEXTURE_MODES", "add_texture_options", "texture_settings", "check_texture_options", "write_texture",
-           "find_comfy_texture_vae"]
+           "find_comfy_texture_vae", "check_texture_files"]
 
 TEXTURE_MODES = ("pbr", "vertex")
 DEFAULT_TEXTURE_SIZE = 1024
@@ -59,6 +59,23 @@ def check_texture_options(opts: argparse.Namespace) -> None:
                          f"not {opts.format}")
     if not MIN_TEXTURE_SIZE <= opts.texture_size <= MAX_TEXTURE_SIZE:
         raise UsageError(f"--texture-size {opts.texture_size}: between {MIN_TEXTURE_SIZE} and {MAX_TEXTURE_SIZE}")
+
+
+def check_texture_files(folder: str, resolution: str) -> None:
+    """Before loading anything: the texture flow of ``resolution`` and the texture decoder that the
+    official TRELLIS.2 ``folder``'s pipeline.json names must be there (UsageError naming them)."""
+    from ..plan import texture_models
+    from ..trellis2.loading import read_pipeline_config, resolve_checkpoint
+
+    config = read_pipeline_config(folder)
+    for key in texture_models(resolution):
+        if key not in config.models:
+            raise UsageError(f"--texture: {folder}/pipeline.json lists no {key!r} (not a TRELLIS.2-4B pipeline.json?)")
+        try:
+            resolve_checkpoint(folder, config.models[key], key)
+        except FileNotFoundError as e:
+            first = str(e).split("\n")[0].replace(" Looked for:", "")
+            raise UsageError(f"--texture: {first} Fix: {str(e).split('Fix: ')[-1].strip()}") from None
 
 
 def find_comfy_texture_vae(models_dir: str, resolution: str) -> str:
