@@ -133,7 +133,7 @@ def test_baked_texture_matches_the_analytic_field(decimate):
     row, col, points = texel_points(vertices, faces, uv, size)
     assert len(points) > 0.5 * len(faces)
     if decimate:  # the texels sit on the fine surface, not on the decimated chords
-        fine_snap = snap_to_surface(torch.from_numpy(points).float(), fine, 4.0 / R).double().numpy()
+        fine_snap = snap_to_surface(torch.from_numpy(points).float(), fine, 2.0 / R).double().numpy()
         points = fine_snap
     want = field(torch.from_numpy(points).float()).numpy()
     got_base = base[row, col] / 255.0
