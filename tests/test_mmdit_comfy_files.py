@@ -176,3 +176,57 @@ def test_comfy_file_loads_fp8_as_read(reference, tmp_path):
     assert all(v.dtype == after.state_dict()[k].dtype and torch.equal(v.float(), after.state_dict()[k].float())
                for k, v in read.state_dict().items())
     assert torch.equal(_forward(read), _forward(after))
+
+
+_COMFY_KEYS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+import comfy.ops
+from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+from comfy.text_encoders.llama import Qwen25_7BVLI
+ops = comfy.ops.disable_weight_init
+nets = {"mmdit": QwenImageTransformer2DModel(device="meta", dtype=torch.bfloat16, operations=ops),
+        "te": Qwen25_7BVLI({}, dtype=torch.bfloat16, device="meta", operations=ops)}
+print(json.dumps({n: {k: list(v.shape) for k, v in m.state_dict().items()} for n, m in nets.items()}))
+"""
+
+
+def test_rules_match_comfyui_host_classes_at_full_size():
+    """ComfyUI's own Qwen-Image MMDiT and Qwen2.5-VL-7B text encoder (its classes at their default, full
+    size, built on the meta device in ComfyUI's venv): every MMDiT key and shape is diffusers', and every
+    text-encoder key renamed by ``plan.COMFY_QWEN_TE_RENAMES`` is transformers' with its shape; ComfyUI's
+    encoder has no LM head, the one transformers key left (tied on load)."""
+    import subprocess
+
+    from _comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, _skip_reason
+
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from know3d_core.plan import comfy_qwen_te_key
+
+    proc = subprocess.run([COMFYUI_PYTHON, "-c", _COMFY_KEYS, COMFYUI_DIR], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    comfy = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Qwen/Qwen-Image-Edit-2511 transformer/ and text_encoder/ config.json
+    te_config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064,
+                         rope_scaling={"mrope_section": [16, 24, 24], "rope_type": "default", "type": "default"}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                           fullatt_block_indexes=[7, 15, 23, 31]), tie_word_embeddings=False)
+    with torch.device("meta"):
+        ours = {"mmdit": QwenImageTransformer2DModel(zero_cond_t=True).state_dict(),
+                "te": Qwen2_5_VLForConditionalGeneration(te_config).state_dict()}
+    assert {k: list(v.shape) for k, v in ours["mmdit"].items()} == comfy["mmdit"]
+    renamed = {comfy_qwen_te_key(k): v for k, v in comfy["te"].items()}
+    te = {k: list(v.shape) for k, v in ours["te"].items()}
+    assert set(te) - set(renamed) == {"lm_head.weight"}
+    assert renamed == {k: v for k, v in te.items() if k != "lm_head.weight"}
