@@ -569,8 +569,10 @@ def _write_table(path: str, result: Dict[str, Any]) -> None:
 
 def write_prompt_sheet(path: str, preds: Dict[str, str], gt_dir: str, val, cfg: ExperimentConfig,
                        rows: Sequence[str] = ("gt", "hidden", "none"), tile: int = 96) -> Optional[str]:
-    """Back-view normal renders of the first held-out object under all K prompts: one line per row
-    (ground truth first), one column per prompted feature."""
+    """Normal renders of the first held-out object under all K prompts, seen from the right side (the
+    back features stick out behind the body there; from straight behind, axis-aligned voxel faces
+    all share one normal colour): one line per row (ground truth first), one column per feature.
+    The front faces left in each tile."""
     from PIL import Image, ImageDraw
     from safetensors.torch import load_file
 
@@ -590,7 +592,7 @@ def write_prompt_sheet(path: str, preds: Dict[str, str], gt_dir: str, val, cfg: 
         for j, feature in enumerate(cfg.features):
             folder = os.path.join(gt_dir if row == "gt" else preds[row], f"{seed:04d}_{feature}")
             occ = load_file(os.path.join(folder, L.OCCUPANCY_FILE))[L.KEY_OCCUPANCY].bool()
-            arr = picture(Shape(occupancy=occ), tile)
+            arr = picture(Shape(occupancy=occ), tile, view="right")
             im = Image.fromarray((arr.clip(0, 1) * 255).round().astype("uint8"))
             sheet.paste(im, (label_w + j * tile, 14 + i * tile))
     import io

@@ -17,12 +17,12 @@ IMAGE_SIZE = 256
 BACK_VIEW = "back"
 
 
-def back_normals(vertices: torch.Tensor, faces: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """``[3, H, W]`` float in [0, 1]: the back-view normal map of a model-space mesh."""
+def back_normals(vertices: torch.Tensor, faces: torch.Tensor, size: int = IMAGE_SIZE, view: str = BACK_VIEW) -> torch.Tensor:
+    """``[3, H, W]`` float in [0, 1]: the normal map of a model-space mesh from ``view`` (default the back)."""
     from ..mesh.render import render_normals
     from ..mesh.types import Mesh
 
-    image = render_normals(Mesh(vertices, faces), views=(BACK_VIEW,), size=size)[0]
+    image = render_normals(Mesh(vertices, faces), views=(view,), size=size)[0]
     return image.permute(2, 0, 1).contiguous()
 
 

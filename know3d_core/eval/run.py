@@ -18,8 +18,8 @@ __all__ = ["run_eval", "picture"]
 SHEET_RENDER = 128  # pixels of each worst-sheet render
 
 
-def picture(shape: Shape, size: int):
-    """``[H, W, 3]`` numpy back-view normal map of a shape (its mesh, else its occupancy as cubes)."""
+def picture(shape: Shape, size: int, view: str = "back"):
+    """``[H, W, 3]`` numpy normal map of a shape from ``view`` (its mesh, else its occupancy as cubes)."""
     from . import geometry as G
     from .images import back_normals
 
@@ -29,7 +29,7 @@ def picture(shape: Shape, size: int):
         v, f = G.occupancy_mesh(_coarsest(shape.occupancy.cpu().bool()))
     else:
         return None
-    return back_normals(v.cpu(), f.cpu(), size).permute(1, 2, 0).numpy()
+    return back_normals(v.cpu(), f.cpu(), size, view).permute(1, 2, 0).numpy()
 
 
 def _coarsest(grid):
