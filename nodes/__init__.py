@@ -12,7 +12,7 @@ import logging
 
 _log = logging.getLogger("know3d")
 
-_FAMILIES: tuple[str, ...] = ("mesh", "qwen", "trellis", "knowledge")
+_FAMILIES: tuple[str, ...] = ("mesh", "qwen", "trellis", "knowledge", "texture")
 
 NODE_LIST: list = []
 for _name in _FAMILIES:

@@ -194,12 +194,15 @@ class Know3DLoadModel(IO.ComfyNode):
                                tooltip="A Know3D checkpoint in models/know3d; 'none' = plain TRELLIS.2 (multi-view and baseline graphs)."),
                 IO.Combo.Input("dtype", options=list(DTYPES), default="auto",
                                tooltip="Weights precision of the flows: auto = bfloat16 on a GPU that has it, else float32."),
+                IO.Combo.Input("texture", options=[NONE, FROM_FOLDER] + _host.filename_list("vae"), default=NONE, optional=True,
+                               tooltip="Also load the texture stage (for Know3D Texture): 'none' = geometry only; from the TRELLIS.2 folder "
+                                       "(its texture flows and decoder); or, with a single diffusion file, Comfy-Org's TRELLIS.2 texture VAE in models/vae."),
             ],
-            outputs=[KNOW3D_MODEL.Output("know3d_model", tooltip="TRELLIS.2 (+ Know3D) for Image Condition, Sparse Structure and Geometry.")],
+            outputs=[KNOW3D_MODEL.Output("know3d_model", tooltip="TRELLIS.2 (+ Know3D) for Image Condition, Sparse Structure, Geometry and Texture.")],
         )
 
     @classmethod
-    def execute(cls, trellis2, shape_vae, dinov3, know3d_checkpoint, dtype) -> IO.NodeOutput:
+    def execute(cls, trellis2, shape_vae, dinov3, know3d_checkpoint, dtype, texture=NONE) -> IO.NodeOutput:
         pipe_mod = _pipeline_module()
         dt = _dtype(dtype)
         know3d = None if know3d_checkpoint == NONE else _host.full_path("know3d", know3d_checkpoint, SOURCES["know3d"])
@@ -209,8 +212,12 @@ class Know3DLoadModel(IO.ComfyNode):
             if trellis2.endswith("/"):
                 folder = _host.full_path("trellis2", trellis2, SOURCES["trellis2"])
                 sources["trellis2"] = folder
+                if texture not in (NONE, FROM_FOLDER):
+                    raise ValueError(f"Know3D: {trellis2} is a TRELLIS.2 folder: its texture networks are in it; "
+                                     f"choose texture '{FROM_FOLDER}' (a texture VAE file is for a single diffusion file)")
                 pipeline = pipe_mod.Trellis2GeometryPipeline.from_pretrained(
-                    folder, device="cpu", dtype=dt, know3d=know3d, dinov3=dino, decoder_dtype=_decoder_dtype())
+                    folder, device="cpu", dtype=dt, know3d=know3d, dinov3=dino, decoder_dtype=_decoder_dtype(),
+                    texture=texture == FROM_FOLDER)
             else:
                 flow = _host.full_path("diffusion_models", trellis2, SOURCES["diffusion_models"])
                 if shape_vae == FROM_FOLDER:
@@ -221,9 +228,14 @@ class Know3DLoadModel(IO.ComfyNode):
                     raise ValueError(f"Know3D: with a single diffusion file choose DINOv3 in models/clip_vision "
                                      f"(from {SOURCES['clip_vision']})")
                 vae = _host.full_path("vae", shape_vae, SOURCES["vae"])
-                sources.update(trellis2=flow, shape_vae=vae)
+                if texture == FROM_FOLDER:
+                    raise ValueError(f"Know3D: {trellis2} is a single diffusion file: for the texture choose Comfy-Org's "
+                                     f"TRELLIS.2 texture VAE (models/vae; from {plan.comfy_source('texture_vae')})")
+                tex_vae = None if texture == NONE else _host.full_path("vae", texture, plan.comfy_source("texture_vae"))
+                sources.update(trellis2=flow, shape_vae=vae, texture_vae=tex_vae)
                 pipeline = pipe_mod.Trellis2GeometryPipeline.from_comfy_files(
-                    flow, vae, device="cpu", dtype=dt, know3d=know3d, dinov3=dino, decoder_dtype=_decoder_dtype())
+                    flow, vae, device="cpu", dtype=dt, know3d=know3d, dinov3=dino, decoder_dtype=_decoder_dtype(),
+                    texture_vae_file=tex_vae)
         return IO.NodeOutput(_wrap_pipeline(pipeline, sources))
 
 

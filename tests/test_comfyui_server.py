@@ -65,6 +65,7 @@ FAST = {  # keep a CPU run short; everything else is the workflow's own setting
     "Know3DGeometry": {"steps": 2, "resolution": "512"},
     "Know3DRenderNormals": {"resolution": 64},
     "Know3DLoadModel": {"dtype": "float32"},
+    "Know3DTexture": {"steps": 2, "texture_size": 128, "face_budget": 5000},
 }
 
 
@@ -121,10 +122,22 @@ def saved_meshes(server, entry, prompt):
     return files
 
 
+def assert_textured_glb(path, size):
+    """The GLB holds one UV-mapped mesh with a glTF PBR material: base colour and metallic-roughness
+    maps of ``size``² (Know3D Texture -> Save Mesh)."""
+    import trimesh
+
+    [mesh] = trimesh.load(path, file_type="glb", process=False).geometry.values()
+    assert mesh.visual.kind == "texture" and len(mesh.visual.uv) == len(mesh.vertices), path
+    material = mesh.visual.material
+    assert material.baseColorTexture.size == (size, size), path
+    assert material.metallicRoughnessTexture.size == (size, size), path
+
+
 @pytest.mark.parametrize("workflow,folder", [("know3d_multiview_public", API_DIR), ("know3d_full", API_DIR),
                                              ("trellis2_baseline", API_DIR_BEFORE_V3),
-                                             ("know3d_full", API_DIR_BEFORE_V3)],
-                         ids=["multiview_public", "full", "baseline_before_v3", "full_before_v3"])
+                                             ("know3d_full", API_DIR_BEFORE_V3), ("know3d_textured", API_DIR)],
+                         ids=["multiview_public", "full", "baseline_before_v3", "full_before_v3", "textured"])
 def test_workflow_runs_to_a_mesh_on_disk(server, workflow, folder):
     prompt = tiny_host_graph(load_workflow(workflow, folder))
     t0 = time.monotonic()
@@ -139,5 +152,7 @@ def test_workflow_runs_to_a_mesh_on_disk(server, workflow, folder):
               f"({time.monotonic() - t0:.1f} s)")
     log = server.log_tail(100_000)
     print("\n".join(l for l in log.splitlines() if "Know3D" in l and " s" in l)[-3000:])
+    if workflow == "know3d_textured":
+        assert_textured_glb(meshes[0][0], FAST["Know3DTexture"]["texture_size"])
     if workflow == "know3d_full":
         assert "Know3D hidden-state capture" in log or "hidden-state capture" in log, "capture stage not logged"

@@ -54,7 +54,7 @@ def load_pack_in_subprocess(*blocked):
 ALL = {"Know3DSaveMesh", "Know3DRenderNormals", "Know3DLoadQwenEditLoRA", "Know3DBackViewPrompt",
        "Know3DBackViewSample", "Know3DExtractHiddenStates", "Know3DLoadModel", "Know3DImageCondition",
        "Know3DSparseStructure", "Know3DGeometry", "Know3DKnowledgeFromLatent", "Know3DKnowledgeFromImage",
-       "Know3DBackViewAsSecondView"}
+       "Know3DBackViewAsSecondView", "Know3DTexture"}
 
 
 def test_every_node_registers_without_side_effects():

@@ -146,8 +146,8 @@ FRONTEND_SIZES = {
     "FluxKontextMultiReferenceLatentMethod": (311, 58), "ImageStitch": (270, 150), "InvertMask": (140, 26),
     "Know3DBackViewAsSecondView": (279, 78), "Know3DBackViewPrompt": (320, 200), "Know3DBackViewSample": (270, 262),
     "Know3DExtractHiddenStates": (295, 122), "Know3DGeometry": (295, 334), "Know3DImageCondition": (198, 86),
-    "Know3DLoadModel": (278, 154), "Know3DLoadQwenEditLoRA": (270, 82), "Know3DRenderNormals": (270, 106),
-    "Know3DSaveMesh": (270, 154), "Know3DSparseStructure": (295, 266), "LoadImage": (283, 330),
+    "Know3DLoadModel": (278, 178), "Know3DLoadQwenEditLoRA": (270, 82), "Know3DRenderNormals": (270, 106),
+    "Know3DSaveMesh": (270, 154), "Know3DSparseStructure": (295, 266), "Know3DTexture": (295, 358), "LoadImage": (283, 330),
     "ModelSamplingAuraFlow": (270, 58), "Preview3D": (400, 500), "PreviewImage": (300, 300),
     "TextEncodeQwenImageEditPlus": (320, 200), "UNETLoader": (270, 82), "VAEDecode": (140, 46),
     "VAEEncode": (140, 46), "VAELoader": (270, 58),
@@ -459,11 +459,12 @@ def _models_property(n: Node):
 
 
 # ------------------------------------------------------------------------------ the four graphs
-def _front(g: Graph, know3d_ckpt: str):
+def _front(g: Graph, know3d_ckpt: str, texture: str = "none"):
     """Load Know3D Model + the front image -> (know3d_model, condition, front IMAGE)."""
     with g.group("inputs", 0, "TRELLIS.2 + front image"):
         model = g.add("Know3DLoadModel", trellis2=TRELLIS_FOLDER, shape_vae="(from the TRELLIS.2 folder)",
-                      dinov3="(from the TRELLIS.2 folder)", know3d_checkpoint=know3d_ckpt, dtype="auto")
+                      dinov3="(from the TRELLIS.2 folder)", know3d_checkpoint=know3d_ckpt, dtype="auto",
+                      texture=texture)
         image = g.add("LoadImage", title="Front image (RGBA, transparent background)", image=FRONT_IMAGE)
         mask = g.add("InvertMask", title="Alpha -> object mask", mask=image[1])
         cond = g.add("Know3DImageCondition", know3d_model=model[0], image=image[0], mask=mask[0])
@@ -588,6 +589,39 @@ def build_baseline(decl) -> Graph:
     return g
 
 
+def build_textured(decl) -> Graph:
+    g = Graph("know3d_textured", decl)
+    g.note("# Know3D, textured: front image + a sentence about the back -> PBR-textured GLB\n\nAs *know3d_full*, "
+           "then TRELLIS.2's texture stage (*Know3D Texture*) on the shape latent: the imagined back view is the "
+           "texture flow's second image condition, so the back's colours follow the description too. The mesh is "
+           "reduced to the face budget, UV-unwrapped and baked to PBR maps (base colour, metallic-roughness, "
+           "alpha); *Save Mesh* writes them into the GLB.\n\n" + NOTE_MODELS + NOTE_QWEN + NOTE_KNOW3D
+           + "- The texture flows and decoder come from the same TRELLIS.2 folder (*Load Know3D Model*: texture).\n"
+           + NOTE_IMAGE)
+    model, cond, front = _front(g, KNOW3D_CKPT, texture="(from the TRELLIS.2 folder)")
+    qwen, clip, vae = _qwen(g, lora=True)
+    sample, _ = _back_view(g, qwen, clip, vae, front, "a hollow backrest with three vertical slats")
+    with g.group("back_view"):
+        back = g.add("VAEDecode", title="The imagined back view", samples=sample[0], vae=vae[0])
+        g.add("PreviewImage", images=back[0])
+    with g.group("knowledge"):
+        knowledge = g.add("Know3DExtractHiddenStates", model=qwen[0], trajectory=sample[1], sigma=0.0,
+                          layers="auto", know3d_model=model[0])
+    with g.group("geometry", 0, STAGES["geometry"][0]):
+        structure = g.add("Know3DSparseStructure", know3d_model=model[0], condition=cond[0], seed=0,
+                          knowledge=knowledge[0])
+        geometry = g.add("Know3DGeometry", know3d_model=model[0], structure=structure[0], condition=cond[0],
+                         resolution="1024_cascade", seed=0, knowledge=knowledge[0])
+        textured = g.add("Know3DTexture", know3d_model=model[0], shape_latent=geometry[1], condition=cond[0],
+                         seed=0, mode="pbr", back_image=back[0])
+    with g.group("outputs", 0, STAGES["outputs"][0]):
+        save = g.add("Know3DSaveMesh", mesh=textured[0], filename_prefix="know3d/textured", format="glb")
+        g.add("Preview3D", model_file=save[0])
+        normals = g.add("Know3DRenderNormals", mesh=geometry[0], resolution=512)
+    _normals_preview(g, normals)
+    return g
+
+
 COMPARE_DESCRIPTIONS = (
     "a hollow backrest with three vertical slats",
     "a solid backrest with a rounded top",
@@ -624,6 +658,7 @@ BUILDERS = {
     "know3d_multiview_public": build_multiview,
     "trellis2_baseline": build_baseline,
     "know3d_compare_backs": build_compare,
+    "know3d_textured": build_textured,
 }
 
 

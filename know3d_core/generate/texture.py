@@ -109,7 +109,7 @@ def write_texture(result: Any, raw: Any, mesh: Any, path: str, settings: Dict[st
     import time
 
     from ..fileio import atomic_write_bytes
-    from ..mesh.texture import bake_pbr, textured_glb_bytes, vertex_color_glb_bytes
+    from ..mesh.texture import bake_reduced, textured_glb_bytes, vertex_color_glb_bytes
 
     voxels = result.texture
     if voxels is None:
@@ -119,8 +119,7 @@ def write_texture(result: Any, raw: Any, mesh: Any, path: str, settings: Dict[st
         data = vertex_color_glb_bytes(mesh, voxels, metadata)
         atomic_write_bytes(path, data)
         return {"seconds": {"texture_vertex_colors": time.perf_counter() - start}, "mode": "vertex"}
-    decimated = mesh.num_faces < raw.num_faces
-    baked = bake_pbr(mesh, voxels, texture_size=settings["size"], surface=raw if decimated else None, device=device)
+    baked = bake_reduced(mesh, raw, voxels, texture_size=settings["size"], device=device)
     start = time.perf_counter()
     atomic_write_bytes(path, textured_glb_bytes(baked, metadata))
     seconds = {f"texture_{k}": v for k, v in baked.metadata["timings"].items()}

@@ -37,7 +37,8 @@ from .render import rasterize
 from .types import Mesh
 
 __all__ = ["PBRVoxels", "TexturedMesh", "sample_voxels", "uv_unwrap", "rasterize_uv", "snap_to_surface",
-           "dilate", "bake_pbr", "textured_glb_bytes", "vertex_color_glb_bytes"]
+           "dilate", "bake_pbr", "bake_reduced", "vertex_rgba", "textured_glb_bytes", "vertex_color_glb_bytes",
+           "vertex_rgba_glb_bytes"]
 
 _CORNERS = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
 
@@ -339,6 +340,13 @@ def bake_pbr(
     return TexturedMesh(vertices.float(), faces, uvs.float().cpu(), base_color, mr, meta)
 
 
+def bake_reduced(mesh: Mesh, raw: Mesh, voxels: PBRVoxels, texture_size: int = 1024, device: Any = None) -> TexturedMesh:
+    """:func:`bake_pbr` of ``mesh``, the cleaned / reduced copy of the decoder's ``raw`` mesh: when it
+    lost faces the texels snap to ``raw`` (the decimation error does not move the colours)."""
+    surface = raw if mesh.num_faces < raw.num_faces else None
+    return bake_pbr(mesh, voxels, texture_size=texture_size, surface=surface, device=device)
+
+
 # ----------------------------------------------------------------------------- GLB
 def _png(arr: np.ndarray):
     from PIL import Image
@@ -371,11 +379,23 @@ def textured_glb_bytes(textured: TexturedMesh, metadata: Optional[Dict[str, Any]
 def vertex_color_glb_bytes(mesh: Mesh, voxels: PBRVoxels, metadata: Optional[Dict[str, Any]] = None,
                            y_up: bool = True) -> bytes:
     """The fast alternative: base colour + alpha sampled at the vertices (COLOR_0), no UVs, no maps."""
-    import trimesh
+    return vertex_rgba_glb_bytes(mesh, vertex_rgba(mesh, voxels), metadata, y_up)
 
+
+def vertex_rgba(mesh: Mesh, voxels: PBRVoxels) -> torch.Tensor:
+    """Base colour + alpha ``[V, 4]`` in [0, 1] sampled at ``mesh``'s vertices (CPU); vertices with no
+    occupied voxel corner get the mean of the others (0.5 when none has one)."""
     values, found = sample_voxels(voxels, mesh.vertices.float().to(voxels.attrs.device))
     rgba = torch.cat([voxels.channel(values, "base_color"), voxels.channel(values, "alpha")], 1)
     rgba[~found] = rgba[found].mean(0) if bool(found.any()) else 0.5
+    return rgba.clamp(0, 1).cpu()
+
+
+def vertex_rgba_glb_bytes(mesh: Mesh, rgba: torch.Tensor, metadata: Optional[Dict[str, Any]] = None,
+                          y_up: bool = True) -> bytes:
+    """GLB of ``mesh`` with vertex colours ``rgba [V, 4]`` in [0, 1] (COLOR_0)."""
+    import trimesh
+
     v = mesh.vertices.detach().cpu().double().numpy()
     if y_up:
         v = z_up_to_y_up(v)
