@@ -144,3 +144,33 @@ def test_texture_needs_the_texture_networks_and_the_geometry_latent(files, geome
                                  face_budget=FACES, mode="pbr")
     with pytest.raises(ValueError, match="TRELLIS.2 folder.*choose texture"):
         tr.Know3DLoadModel.execute(files["trellis"], tr.FROM_FOLDER, tr.FROM_FOLDER, tr.NONE, "float32", "x.safetensors")
+
+
+def test_load_model_takes_comfy_orgs_texture_vae_beside_a_single_diffusion_file(files, model, tmp_path):
+    """Single files (diffusion file with ``shape2txt.*``, shape VAE, texture VAE ``txt_dec.*``): the
+    texture networks load, equal to the folder's; 'from the folder' with a diffusion file names the fix."""
+    from safetensors.torch import load_file, save_file
+
+    plan = submodule("know3d_core.plan")
+    folder = files["trellis"].rstrip("/")
+    config = model.pipeline.config
+
+    def sd(key):
+        return load_file(submodule("know3d_core.trellis2.loading").resolve_checkpoint(folder, config.models[key])
+                         + ".safetensors")
+
+    flows = {"structure_model.": plan.SS_FLOW, "img2shape_512.": "shape_slat_flow_model_512",
+             "img2shape.": "shape_slat_flow_model_1024", "shape2txt.": plan.TEX_FLOWS["1024"]}
+    diffusion, vae, tex_vae = (str(tmp_path / n) for n in ("trellis_2.safetensors", "shape_vae.safetensors",
+                                                          "texture_vae.safetensors"))
+    save_file({"model.diffusion_model." + p + k: v for p, key in flows.items() for k, v in sd(key).items()}, diffusion)
+    save_file({p + k: v for p, key in {"struct_dec.": plan.SS_DECODER, "shape_dec.": plan.SHAPE_DECODER}.items()
+               for k, v in sd(key).items()}, vae)
+    save_file({"txt_dec." + k: v for k, v in sd(plan.TEX_DECODER).items()}, tex_vae)
+    dino = demo.write_demo_dinov3(str(tmp_path / "dino")) + "/model.safetensors"
+    (single,) = tr.Know3DLoadModel.execute(diffusion, vae, dino, tr.NONE, "float32", tex_vae)
+    for key in (plan.TEX_FLOWS["1024"], plan.TEX_DECODER):
+        ours, ref = single.pipeline.models[key].state_dict(), model.pipeline.models[key].state_dict()
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), key
+    with pytest.raises(ValueError, match="single diffusion file.*texture VAE"):
+        tr.Know3DLoadModel.execute(diffusion, vae, dino, tr.NONE, "float32", tr.FROM_FOLDER)
