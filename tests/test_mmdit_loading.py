@@ -70,7 +70,8 @@ def test_transformer_weights_must_match_exactly(folder, tmp_path):
 
 
 def test_old_diffusers_without_zero_cond_t_is_refused(folder, monkeypatch):
-    monkeypatch.setattr(loading, "diffusers_supports_zero_cond_t", lambda: False)
+    from know3d_core.mmdit import model_build
+    monkeypatch.setattr(model_build, "diffusers_supports_zero_cond_t", lambda: False)
     with pytest.raises(RuntimeError, match=r"diffusers >= 0\.37\.0"):
         loading.load_transformer(str(folder), dtype=torch.float32)
 

@@ -294,7 +294,7 @@ def prepare_step(ctx) -> Dict[str, Any]:
     ``options.annotate_sets``, default every set)."""
     from PIL import Image
 
-    from .prepare import StepSkipped
+    from .steps import StepSkipped
 
     if not os.path.isfile(ctx.path(layout.PAIRS_FILE)):
         raise StepSkipped(f"no {layout.PAIRS_FILE} yet: run the render step first")

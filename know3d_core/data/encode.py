@@ -80,7 +80,7 @@ def encode_ss(enc: Encoders, occupancy: torch.Tensor) -> torch.Tensor:
 
 
 def _encoders(ctx) -> Encoders:
-    from .prepare import StepSkipped
+    from .steps import StepSkipped
 
     enc = ctx.cache.get("encoders")
     if enc is None:

@@ -37,6 +37,7 @@ import numpy as np
 from .. import batch as batchlib
 from ..errors import UsageError, one_line
 from . import layout
+from .steps import StepSkipped
 from .assets import DEFAULT_MAX_FACES, AssetError, list_assets, load_asset
 
 __all__ = ["PrepareOptions", "StepContext", "STEP_FUNCTIONS", "resolve_steps", "step_function", "prepare",
@@ -51,10 +52,6 @@ STEP_FUNCTIONS: Dict[str, Tuple[str, str]] = {
     "voxelize": ("know3d_core.data.voxelize", "prepare_step"),
     "encode": ("know3d_core.data.encode", "prepare_step"),
 }
-class StepSkipped(Exception):
-    """A step that does not apply to this asset now (e.g. annotate without a source): left undone."""
-
-
 # Annotations beside the assets (as synthetic.write_dataset_folder writes them) are imported by default.
 ANNOTATIONS_FILE = "annotations.jsonl"
 

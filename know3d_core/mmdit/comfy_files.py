@@ -151,7 +151,7 @@ def load_comfy_transformer(path: str, config: dict, dtype: torch.dtype = torch.b
     are stored in fp8 as they are read (dequantised to ``dtype``, then cast)."""
     from diffusers import QwenImageTransformer2DModel
 
-    from .loading import _rebuild_meta_attributes, require_zero_cond_t
+    from .model_build import rebuild_meta_attributes, require_zero_cond_t
     from .memory import load_dtypes
 
     with torch.device("meta"):
@@ -166,7 +166,7 @@ def load_comfy_transformer(path: str, config: dict, dtype: torch.dtype = torch.b
         require_zero_cond_t()
     _check_keys(path, "Qwen-Image MMDiT of this config", state, model.state_dict())
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
-    _rebuild_meta_attributes(model)
+    rebuild_meta_attributes(model)
     return model.eval().requires_grad_(False)
 
 
