@@ -138,3 +138,26 @@ def test_validation_sheet_with_and_without_knowledge(stage1):
     grey = torch.full_like(with_k, 128.0)
     assert not torch.equal(with_k, grey) and not torch.equal(without_k, grey)  # both generated a mesh
     assert not torch.equal(with_k, without_k)  # the trained branch changes the structure
+
+
+def test_output_loads_in_the_comfyui_nodes_and_its_branch_acts(stage1, setup):
+    """The trained file is what Load Know3D Model reads (no conversion): its spec is the training
+    run's, and the trained (non-zero) branch moves the structure-flow output for given knowledge."""
+    from _nodes_helpers import submodule
+    from _pipeline_helpers import hidden_knowledge
+
+    tr = submodule("nodes.trellis")
+    demo = setup[0]
+    (model,) = tr.Know3DLoadModel.execute(demo.trellis2 + "/", tr.FROM_FOLDER, tr.FROM_FOLDER,
+                                         str(stage1 / "export" / "know3d.safetensors"), "float32")
+    spec = model.know3d_spec
+    assert spec.knowledge_kind == "mmdit_hidden" and spec.mmdit_layers == [1, 2] and spec.sigma == 0.3
+    flow = model.pipeline.models["sparse_structure_flow_model"]
+    ctx = hidden_knowledge(dim=spec.knowledge_dim, layers=(1, 2), sigma=0.3).tensor
+    x = torch.randn(1, flow.in_channels, *([flow.resolution] * 3), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0])
+    cond = torch.randn(1, 4, flow.cond_channels, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with_k = flow(x, t, cond, knowledge=ctx)
+        without_k = flow(x, t, cond)
+    assert not torch.allclose(with_k, without_k)
