@@ -107,7 +107,31 @@ class UpsampleBlock3d(nn.Module):
         return pixel_shuffle_3d(self.conv(x), 2)
 
 
-class SparseStructureDecoder(nn.Module):
+class HalfPrecisionConvs:
+    """The reference's mixed precision for the dense VAEs: with ``use_fp16`` the convs of ``blocks``
+    and ``middle_block`` run in fp16; the input/output layers and the channel norms stay fp32."""
+
+    dtype: torch.dtype
+
+    @property
+    def use_fp16(self) -> bool:
+        return self.dtype == torch.float16
+
+    def convert_to(self, dtype: torch.dtype) -> None:
+        """Cast the convs of ``blocks`` and ``middle_block`` to ``dtype`` (norms stay fp32)."""
+        self.dtype = dtype
+        for module in (*self.middle_block.modules(), *self.blocks.modules()):
+            if isinstance(module, nn.Conv3d):
+                module.to(dtype)
+
+    def convert_to_fp16(self) -> None:
+        self.convert_to(torch.float16)
+
+    def convert_to_fp32(self) -> None:
+        self.convert_to(torch.float32)
+
+
+class SparseStructureDecoder(HalfPrecisionConvs, nn.Module):
     """Dense conv decoder ``[B, latent, R, R, R] -> [B, out, 4R, 4R, 4R]`` (for 3 channel levels).
 
     Parameters are allocated in ``__init__`` and may be built on the meta device
@@ -157,25 +181,8 @@ class SparseStructureDecoder(nn.Module):
         self.convert_to(torch.float16 if use_fp16 else torch.float32)
 
     @property
-    def use_fp16(self) -> bool:
-        return self.dtype == torch.float16
-
-    @property
     def upsample_factor(self) -> int:
         return 2 ** (len(self.channels) - 1)
-
-    def convert_to(self, dtype: torch.dtype) -> None:
-        """Cast the convs of ``blocks`` and ``middle_block`` to ``dtype`` (norms stay fp32)."""
-        self.dtype = dtype
-        for module in (*self.middle_block.modules(), *self.blocks.modules()):
-            if isinstance(module, nn.Conv3d):
-                module.to(dtype)
-
-    def convert_to_fp16(self) -> None:
-        self.convert_to(torch.float16)
-
-    def convert_to_fp32(self) -> None:
-        self.convert_to(torch.float32)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
-from .sparse_structure_decoder import ResBlock3d, _norm_layer
+from .sparse_structure_decoder import HalfPrecisionConvs, ResBlock3d, _norm_layer
 
 __all__ = ["SparseStructureEncoder", "DownsampleBlock3d", "TINY_ARGS", "CHECKPOINT_REFERENCE"]
 
@@ -46,7 +46,7 @@ class DownsampleBlock3d(nn.Module):
         return self.conv(x)
 
 
-class SparseStructureEncoder(nn.Module):
+class SparseStructureEncoder(HalfPrecisionConvs, nn.Module):
     """Dense conv encoder ``[B, in, 4R, 4R, 4R] -> [B, latent, R, R, R]`` (for 3 channel levels).
 
     Args mirror the official JSON: ``in_channels``, ``latent_channels``, ``num_res_blocks`` (per
@@ -89,25 +89,8 @@ class SparseStructureEncoder(nn.Module):
         self.convert_to(torch.float16 if use_fp16 else torch.float32)
 
     @property
-    def use_fp16(self) -> bool:
-        return self.dtype == torch.float16
-
-    @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channels) - 1)
-
-    def convert_to(self, dtype: torch.dtype) -> None:
-        """Cast the convs of ``blocks`` and ``middle_block`` to ``dtype`` (norms stay fp32)."""
-        self.dtype = dtype
-        for module in (*self.blocks.modules(), *self.middle_block.modules()):
-            if isinstance(module, nn.Conv3d):
-                module.to(dtype)
-
-    def convert_to_fp16(self) -> None:
-        self.convert_to(torch.float16)
-
-    def convert_to_fp32(self) -> None:
-        self.convert_to(torch.float32)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
