@@ -185,6 +185,20 @@ def test_no_two_nodes_overlap(browser, name):
     assert len(groups) >= 2 and overlaps(groups) == []
 
 
+# The frontend draws node text (titles, widget labels) only above ~0.57 zoom (low-quality threshold).
+READABLE_ZOOM = 0.6
+# Issue 17: still below READABLE_ZOOM at fit-to-view in the 2560 x 1440 window (measured there).
+NOT_YET_READABLE = {"know3d_compare_backs", "know3d_textured"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    strict=True, reason="issue 17: layout still too large for a readable fit-to-view zoom"))
+    if n in NOT_YET_READABLE else n for n in TEMPLATES])
+def test_fit_to_view_zoom_is_readable(browser, name):
+    zoom = workflow(browser, name)["fit_scale"]
+    assert zoom >= READABLE_ZOOM, f"{name}: fit-to-view zoom {zoom:.3f} < {READABLE_ZOOM} in a 2560 x 1440 window"
+
+
 def test_baseline_queued_from_the_ui_shows_its_mesh_in_preview_3d(browser, server):
     from PIL import Image, ImageChops
 

@@ -199,7 +199,7 @@ def test_nodes_do_not_overlap_and_sit_in_one_group_per_stage(name):
     expected = {build.STAGES["geometry"][0], build.STAGES["outputs"][0], "TRELLIS.2 + front image"}
     if name != "trellis2_baseline":
         expected |= {build.STAGES["back_view"][0], build.STAGES["knowledge"][0]}
-    assert expected <= stages, stages
+    assert all(any(e in s for s in stages) for e in expected), stages  # compare_backs: "Knowledge + 3D ..."
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -155,6 +155,7 @@ FRONTEND_SIZES = {
 TITLE_H = 30          # LiteGraph.NODE_TITLE_HEIGHT: the title bar sits above a node's pos
 GAP = 40              # between nodes of a group (after the title bar)
 COLUMN_H = 720        # a group's columns are filled up to this height before a new one starts
+COMPARE_COLUMN_H = 500  # compare_backs' rows lower, so its many groups fit a 16:9 screen at a readable zoom
 GROUP_PAD = 30        # group edge to its nodes
 GROUP_TITLE_H = 50    # group title bar above its nodes (LiteGraph's 24 px group title)
 GROUP_GAP = 80        # between groups
@@ -219,6 +220,7 @@ class Graph:
     decl: dict
     nodes: list = field(default_factory=list)
     lane_titles: dict = field(default_factory=dict)  # (stage, lane) -> group title
+    column_h: int = COLUMN_H
     _where: tuple = ("inputs", 0)
 
     @contextlib.contextmanager
@@ -241,14 +243,15 @@ class Graph:
         self.nodes.append(node)
         return node
 
-    def note(self, text: str) -> Node:
-        node = Node(self, len(self.nodes) + 1, "MarkdownNote", {}, "Read me", note=text, stage="inputs", lane=-1)
+    def note(self, text: str, stage: str = "inputs") -> Node:
+        """The read-me note: first in the inputs' row, or (``stage="comparison"``) below the comparison group."""
+        node = Node(self, len(self.nodes) + 1, "MarkdownNote", {}, "Read me", note=text, stage=stage, lane=-1)
         self.nodes.append(node)
         return node
 
     # -- layout: one group per (stage, lane). The inputs' groups (and the read-me note) form the top
     # row; below it each lane is a row of groups, stages left to right. Inside a group, nodes go in
-    # order of depth (longest path from a source) into columns up to COLUMN_H high.
+    # order of depth (longest path from a source) into columns up to ``column_h`` high.
     def _depths(self) -> dict:
         depth = {}
 
@@ -262,8 +265,7 @@ class Graph:
             d(n)
         return depth
 
-    @staticmethod
-    def _columns(nodes: list, depth: dict) -> tuple[dict, tuple[int, int]]:
+    def _columns(self, nodes: list, depth: dict) -> tuple[dict, tuple[int, int]]:
         """Offsets of a group's nodes from its content corner and the content size: nodes by depth,
         each into the first column that still has room below its last node (a new column else)."""
         columns: list[list] = []  # [[node, ...], ...]
@@ -271,7 +273,7 @@ class Graph:
         for n in sorted(nodes, key=lambda n: (depth[n.id], n.id)):
             need = TITLE_H + node_size(n)[1]
             for col in columns:
-                if max(depth[m.id] for m in col) <= depth[n.id] and height(col) + GAP + need <= COLUMN_H:
+                if max(depth[m.id] for m in col) <= depth[n.id] and height(col) + GAP + need <= self.column_h:
                     col.append(n)
                     break
             else:
@@ -294,7 +296,7 @@ class Graph:
         inner = {key: self._columns(nodes, depth) for key, nodes in members.items()}
         box = {key: (w + 2 * GROUP_PAD, h + GROUP_TITLE_H + GROUP_PAD) for key, (_, (w, h)) in inner.items()}
         stages = [s for s in STAGES if s != "inputs" and any(k[0] == s for k in inner)]
-        lanes = sorted({k[1] for k in inner if k[0] != "inputs"})
+        lanes = sorted({k[1] for k in inner if k[0] != "inputs" and k[1] >= 0})
         col_w = {s: max(box[k][0] for k in inner if k[0] == s) for s in stages}
         lane_h = {l: max(box[k][1] for k in inner if k[1] == l and k[0] != "inputs") for l in lanes}
         inputs = sorted(k for k in inner if k[0] == "inputs")  # the note (lane -1) first
@@ -319,11 +321,14 @@ class Graph:
                         origin[(s, l)] = (x, y)
                     x += col_w[s] + GROUP_GAP
                 y += lane_h[l] + GROUP_GAP
+            if ("comparison", -1) in inner:  # the note, in the comparison column below its group
+                cx, cy = origin[("comparison", lanes[0])]
+                origin[("comparison", -1)] = (cx, cy + lane_h[lanes[0]] + GROUP_GAP)
             return origin
 
         def extent(origin: dict) -> tuple[int, int]:
-            ends = [(x + (box[k][0] if k[0] == "inputs" else col_w[k[0]]),
-                     y + (box[k][1] if k[0] == "inputs" else lane_h[k[1]])) for k, (x, y) in origin.items()]
+            ends = [(x + (box[k][0] if k[0] == "inputs" or k[1] < 0 else col_w[k[0]]),
+                     y + (box[k][1] if k[0] == "inputs" or k[1] < 0 else lane_h[k[1]])) for k, (x, y) in origin.items()]
             return max(e[0] for e in ends), max(e[1] for e in ends)
 
         origin = max((arrange(True), arrange(False)), key=lambda o: fit_scale(*extent(o)))
@@ -630,23 +635,38 @@ COMPARE_DESCRIPTIONS = (
 
 
 def build_compare(decl) -> Graph:
-    g = Graph("know3d_compare_backs", decl)
+    """Compact for fit-to-view (a 16:9 screen): the negative prompt and the front's latent are built once
+    beside the loaders and shared by every row; a row is back view | knowledge + 3D | save + normals (no
+    Preview 3D per row: the stitched normals are the comparison)."""
+    g = Graph("know3d_compare_backs", decl, column_h=COMPARE_COLUMN_H)
     g.note("# One front image, three backs\n\nEach description gives its own back view, knowledge and mesh "
            "(one row of groups each); the normal renders are stitched side by side (one image per view: "
-           "front, back, left, right).\n\n" + NOTE_MODELS + NOTE_QWEN + NOTE_KNOW3D + NOTE_IMAGE)
+           "front, back, left, right).\n\n" + NOTE_MODELS + NOTE_QWEN + NOTE_KNOW3D + NOTE_IMAGE, stage="comparison")
     model, cond, front = _front(g, KNOW3D_CKPT)
     qwen, clip, vae = _qwen(g, lora=True)
-    negative, renders = None, []
+    with g.group("inputs", 1):
+        negative = _encode(g, clip, vae, front, "", "Negative (empty) + front image")
+        latent = g.add("VAEEncode", pixels=g.add("FluxKontextImageScale", image=front)[0], vae=vae[0])
+    renders = []
     for i, text in enumerate(COMPARE_DESCRIPTIONS):
         suffix = f" - description {i + 1}"
-        sample, negative = _back_view(g, qwen, clip, vae, front, text, negative=negative, stop_at_sigma=0.25,
-                                      lane=i, title=STAGES["back_view"][0] + suffix)
-        with g.group("knowledge", i, STAGES["knowledge"][0] + suffix):
+        with g.group("back_view", i, STAGES["back_view"][0] + suffix):
+            prompt = g.add("Know3DBackViewPrompt", description=text)
+            pos = _encode(g, clip, vae, front, prompt[0], "Back-view prompt + front image")
+            sample = g.add("Know3DBackViewSample", model=qwen[0], positive=pos[0], negative=negative[0],
+                           latent_image=latent[0], seed=0, steps=40, cfg=4.0, sampler_name="euler",
+                           scheduler="simple", stop_at_sigma=0.25)
+        with g.group("geometry", i, f"{STAGES['knowledge'][0]} + {STAGES['geometry'][0]}{suffix}"):
             knowledge = g.add("Know3DExtractHiddenStates", model=qwen[0], trajectory=sample[1], sigma=0.0,
                               layers="auto", know3d_model=model[0])
-        _, normals = _geometry(g, model, cond, knowledge[0], f"know3d/compare_{i + 1}", lane=i, suffix=suffix)
-        renders.append(normals)
-    with g.group("comparison", 1):
+            structure = g.add("Know3DSparseStructure", know3d_model=model[0], condition=cond[0], seed=0,
+                              knowledge=knowledge[0])
+            geometry = g.add("Know3DGeometry", know3d_model=model[0], structure=structure[0], condition=cond[0],
+                             resolution="1024_cascade", seed=0, knowledge=knowledge[0])
+        with g.group("outputs", i, STAGES["outputs"][0] + suffix):
+            g.add("Know3DSaveMesh", mesh=geometry[0], filename_prefix=f"know3d/compare_{i + 1}", format="glb")
+            renders.append(g.add("Know3DRenderNormals", mesh=geometry[0], resolution=512))
+    with g.group("comparison", 0):
         row = g.add("ImageStitch", image1=renders[0][0], image2=renders[1][0], direction="right")
         row = g.add("ImageStitch", image1=row[0], image2=renders[2][0], direction="right")
         g.add("PreviewImage", title="Normals side by side (descriptions 1 | 2 | 3)", images=row[0])
