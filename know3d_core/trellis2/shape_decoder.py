@@ -201,7 +201,31 @@ def decode_head(feats: torch.Tensor, voxel_margin: float = 0.5) -> Tuple[torch.T
     return vertices, intersected, split
 
 
-class FlexiDualGridVaeDecoder(nn.Module):
+class HalfPrecisionBlocks:
+    """The reference's mixed precision for the sparse VAEs: with ``use_fp16`` the convs and linears
+    inside ``blocks`` run in fp16; the LayerNorms and the input/output layers stay fp32."""
+
+    dtype: torch.dtype
+
+    @property
+    def use_fp16(self) -> bool:
+        return self.dtype == torch.float16
+
+    def convert_to(self, dtype: torch.dtype) -> None:
+        """Cast the convs and linears inside ``blocks`` to ``dtype`` (LayerNorms stay fp32)."""
+        self.dtype = dtype
+        for module in self.blocks.modules():
+            if isinstance(module, (nn.Linear, SubMConv3d)):
+                module.to(dtype)
+
+    def convert_to_fp16(self) -> None:
+        self.convert_to(torch.float16)
+
+    def convert_to_fp32(self) -> None:
+        self.convert_to(torch.float32)
+
+
+class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
     """Shape SLat -> flexible-dual-grid head on a grid 16x finer than the tokens.
 
     Args mirror the official JSON: ``resolution`` (mesh grid; changed by ``set_resolution``),
@@ -265,26 +289,9 @@ class FlexiDualGridVaeDecoder(nn.Module):
     def num_subdivisions(self) -> int:
         return len(self.blocks) - 1
 
-    @property
-    def use_fp16(self) -> bool:
-        return self.dtype == torch.float16
-
     def set_resolution(self, resolution: int) -> None:
         """Mesh grid size used by :meth:`to_meshes` (token grid x 16)."""
         self.resolution = int(resolution)
-
-    def convert_to(self, dtype: torch.dtype) -> None:
-        """Cast the convs and linears inside ``blocks`` to ``dtype`` (LayerNorms stay fp32)."""
-        self.dtype = dtype
-        for module in self.blocks.modules():
-            if isinstance(module, (nn.Linear, SubMConv3d)):
-                module.to(dtype)
-
-    def convert_to_fp16(self) -> None:
-        self.convert_to(torch.float16)
-
-    def convert_to_fp32(self) -> None:
-        self.convert_to(torch.float32)
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: SparseTensor) -> None:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..sparse import SparseLinear, SparseTensor, SubMConv3d, spatial_to_channel
-from .shape_decoder import SparseConvNeXtBlock3d, _check_block_args, _norm
+from .shape_decoder import HalfPrecisionBlocks, SparseConvNeXtBlock3d, _check_block_args, _norm
 
 __all__ = ["FlexiDualGridVaeEncoder", "SparseResBlockS2C3d", "encoder_input", "TINY_ARGS", "CHECKPOINT_REFERENCE"]
 
@@ -85,7 +85,7 @@ def encoder_input(dual_vertices: torch.Tensor, intersected: torch.Tensor) -> tor
     return torch.cat([dual_vertices.float() - 0.5, intersected.float() - 0.5], dim=1)
 
 
-class FlexiDualGridVaeEncoder(nn.Module):
+class FlexiDualGridVaeEncoder(HalfPrecisionBlocks, nn.Module):
     """Flexible dual grid -> shape SLat (posterior mean) on a grid 16x coarser.
 
     Args mirror the official JSON: ``model_channels`` / ``num_blocks`` / ``block_type`` /
@@ -140,23 +140,6 @@ class FlexiDualGridVaeEncoder(nn.Module):
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.blocks) - 1)
-
-    @property
-    def use_fp16(self) -> bool:
-        return self.dtype == torch.float16
-
-    def convert_to(self, dtype: torch.dtype) -> None:
-        """Cast the convs and linears inside ``blocks`` to ``dtype`` (LayerNorms stay fp32)."""
-        self.dtype = dtype
-        for module in self.blocks.modules():
-            if isinstance(module, (nn.Linear, SubMConv3d)):
-                module.to(dtype)
-
-    def convert_to_fp16(self) -> None:
-        self.convert_to(torch.float16)
-
-    def convert_to_fp32(self) -> None:
-        self.convert_to(torch.float32)
 
     @torch.no_grad()
     def forward(self, x: SparseTensor) -> SparseTensor:
