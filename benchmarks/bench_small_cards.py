@@ -1,23 +1,40 @@
-"""The back view under each memory plan (``--vram``, issue 22), capped like a small card.
+"""Small cards (issue 22): the whole Know3D generation under a memory cap like a 24 / 16 GB card.
 
-For every (plan, cap) a fresh process builds the Qwen networks with RANDOM weights (full size: the
-Qwen-Image-Edit-2511 MMDiT, a Qwen2.5-VL-7B-sized text encoder, the Qwen-Image VAE; ``--tiny``: the
-test sizes on the CPU), applies the plan (``mmdit.memory.apply_memory_plan``), caps the process with
-``torch.cuda.set_per_process_memory_fraction`` (cap 0: none) and runs the back view with a capture:
-seconds, peak memory, and the captured hidden states' relative error against the ``resident`` bf16
-run of the same weights (the first plan listed must be ``resident``). Weights are a fixed random buffer
-tiled over every parameter (std 0.02; identical in every process, nothing written to disk). The
-processor is the demo's character tokenizer (the real one cannot be downloaded): prompts are short,
-and the text encoder's vocabulary (so its embedding and LM head, 1 GB of the real 16.6 GB) is tiny.
+What runs is what ``know3d generate --variant hidden --resolution 1024_cascade --vram GiB`` runs once
+its files are loaded: ``Know3DPipeline(geometry, backview, memory_plan=plan.vram_plan(GiB)).run(...)``
+(preprocess, the Qwen-Image-Edit back view with the hidden-state capture and its early exit, the
+knowledge, the TRELLIS.2 cascade with the Know3D branch in all three flows, the decode). The card
+size picks the plan as ``--vram`` does; the uncapped run gets the plan of the whole GPU (``resident``
+on an 80 GB card). One process per run, in this order: a warm-up (TRELLIS.2 only: Triton compiles
+its kernels once per machine, into the disk cache every later process reads), the uncapped run,
+then each capped run: ``torch.cuda.set_per_process_memory_fraction`` caps the caching allocator at
+the card size less the CUDA context this process holds (measured), so allocator + context fit the
+card. Per run: seconds and peak allocated memory per stage (``Know3DResult.timings`` /
+``peak_vram``), peak reserved memory, back-view seconds per step, and the captured hidden states'
+relative error against the uncapped (bf16) run.
 
-    python benchmarks/bench_small_cards.py --out benchmarks/results/small_cards.json
-    python benchmarks/bench_small_cards.py --tiny          # CPU smoke run (caps ignored)
+Networks are the full-size architectures with RANDOM weights, built directly (no files are written
+or read: the loaders are not what is measured). Each network is initialised on the GPU by its own
+library's default init from a fixed seed, before the cap is set, so every process holds the same
+weights; fp8 storage is applied there (diffusers' layer-wise casting, as ``mmdit.memory`` does) and
+the network then moves to the plan's home (the CPU for every plan but ``resident``), after which the
+cache is emptied and the peaks reset. The Know3D branch (fresh, zero-output: same cost as a trained
+one) is installed on the three flows for the capture's layers. Random weights make TRELLIS.2's
+occupancy meaningless, so, as in ``bench_geometry.py``, the structure stage runs for real but its
+coords are replaced by a sphere shell of ``--n-cascade`` tokens and the shape decoder keeps 4
+children per voxel (~2.4k -> ~9.6k tokens). The processor is the demo's character tokenizer (the
+real one cannot be downloaded): the text encoder's vocabulary (its embedding and LM head, ~1 GB of
+the real 16.6 GB) is tiny. Not run: writing the mesh files (CPU only, no GPU memory).
+
+    python benchmarks/bench_small_cards.py --out small_cards.json        # GPU, full size
+    python benchmarks/bench_small_cards.py --tiny --out tiny.json        # CPU check (caps not applied)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,158 +44,381 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from know3d_core.plan import MEMORY_PLANS  # noqa: E402
+from know3d_core.plan import GIB, MEMORY_PLANS, vram_plan  # noqa: E402
 
-# Qwen2.5-VL-7B (Qwen/Qwen2.5-VL-7B-Instruct config.json), with the demo tokenizer's special tokens.
-TE_FULL = dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4), vision=dict(depth=32, hidden_size=1280, intermediate_size=3420,
-                                                             num_heads=16, out_hidden_size=3584,
-                                                             fullatt_block_indexes=[7, 15, 23, 31]))
-
-
-def fill_random(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Every floating parameter <- a fixed random buffer (std ``std``), tiled: fast and identical in
-    every process."""
-    g = torch.Generator().manual_seed(seed)
-    buf = (torch.randn(1 << 24, generator=g) * std)
-    with torch.no_grad():
-        for p in module.parameters():
-            flat = p.view(-1)
-            for start in range(0, flat.numel(), buf.numel()):
-                n = min(buf.numel(), flat.numel() - start)
-                flat[start:start + n].copy_(buf[:n])
+PROMPT = "a hollow backrest with three vertical slats"
+# Qwen2.5-VL-7B (Qwen/Qwen2.5-VL-7B-Instruct config.json); vocabulary and special tokens: the demo tokenizer's.
+TE_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, rope_theta=1e6)
+TE_MROPE = [16, 24, 24]
+TE_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                 fullatt_block_indexes=[7, 15, 23, 31], window_size=112)
+SIZES = {True: dict(back=64, steps=4, trellis_steps=3, n_cascade=100),
+         False: dict(back=1024, steps=10, trellis_steps=12, n_cascade=2400)}
 
 
-def build(tiny: bool, dtype: torch.dtype):
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
+# ----------------------------------------------------------------------------------- networks
+def _seeded(seed: int, device: torch.device) -> None:
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+
+
+def _text_encoder_config(tiny: bool, vocab: dict, width: int):
+    from know3d_core import demo_models as dm
+
+    cfg = dm.tiny_qwen25vl_config(vocab, width)
+    if tiny:
+        return cfg
+    for k, v in TE_TEXT.items():
+        setattr(cfg.text_config, k, v)
+    for attr in ("rope_scaling", "rope_parameters"):  # transformers 4.x / 5.x name of the M-RoPE settings
+        rope = getattr(cfg.text_config, attr, None)
+        if isinstance(rope, dict):
+            setattr(cfg.text_config, attr, {**rope, "mrope_section": list(TE_MROPE), "rope_theta": 1e6})
+    for k, v in TE_VISION.items():
+        setattr(cfg.vision_config, k, v)
+    return cfg
+
+
+def _processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor
 
     from know3d_core import demo_models as dm
-    from know3d_core.mmdit.loading import QwenEditComponents
-    from know3d_core.mmdit.schedule import QWEN_IMAGE_SCHEDULER_CONFIG
-
-    tok, vocab = dm.char_tokenizer()
-    if tiny:
-        tcfg, vcfg = dict(dm.QWEN_TRANSFORMER), dict(dm.QWEN_VAE)
-        te_cfg = dm.tiny_qwen25vl_config(vocab, tcfg["joint_attention_dim"])
-    else:
-        tcfg, vcfg = dict(zero_cond_t=True), {}
-        te_cfg = dm.tiny_qwen25vl_config(vocab, 3584)
-        te_cfg.text_config.update(TE_FULL["text"])
-        for k, v in TE_FULL["vision"].items():
-            setattr(te_cfg.vision_config, k, v)
-    try:  # transformers >= 5
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        from transformers.modeling_utils import no_init_weights
-
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:  # allocated in dtype with torch's and transformers' initialisers off; tables (RoPE) computed
-        with no_init_weights():
-            transformer = QwenImageTransformer2DModel(**tcfg)
-            text_encoder = Qwen2_5_VLForConditionalGeneration(te_cfg)
-    finally:
-        torch.set_default_dtype(old)
-    parts = []
-    for m in (transformer, text_encoder):
-        fill_random(m)
-        parts.append(m.eval().requires_grad_(False))
-    torch.manual_seed(1)
-    vae = AutoencoderKLQwenImage(**vcfg).to(dtype).eval().requires_grad_(False)
-    cls = dm._image_processor_class()
-    from transformers import Qwen2_5_VLProcessor
 
     class ProcessorWithoutVideo(Qwen2_5_VLProcessor):
         def check_argument_for_proper_class(self, name, arg):
             return None if arg is None else super().check_argument_for_proper_class(name, arg)
 
-    proc = ProcessorWithoutVideo(image_processor=cls(min_pixels=56 * 56, max_pixels=448 * 448), tokenizer=tok,
-                                 video_processor=None)
-    return QwenEditComponents(transformer=parts[0], vae=vae, text_encoder=parts[1], processor=proc,
-                              scheduler_config=dict(QWEN_IMAGE_SCHEDULER_CONFIG), model_name="random")
+    image_processor = dm._image_processor_class()(min_pixels=56 * 56, max_pixels=448 * 448)
+    return ProcessorWithoutVideo(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+
+
+def _network(make, seed: int, device: torch.device, dtype: torch.dtype, storage, home: torch.device):
+    """``make()`` built on ``device`` in ``dtype`` by its library's default init (seeded), stored in
+    ``storage`` there (``mmdit.memory.store_weights``), then moved to ``home``."""
+    from know3d_core.mmdit.memory import store_weights
+
+    _seeded(seed, device)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            net = make()
+    finally:
+        torch.set_default_dtype(old)
+    net = net.eval().requires_grad_(False)
+    store_weights(net, storage, dtype)
+    return net.to(home)
+
+
+def build_backview(tiny: bool, device: torch.device, dtype: torch.dtype, plan):
+    """Random full-size (or tiny) Qwen-Image-Edit-2511 networks as a ``QwenEditBackView``, weights
+    stored as ``plan`` says, each network at ``plan``'s home (device for ``resident``, else the CPU)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from know3d_core import demo_models as dm
+    from know3d_core.mmdit.backview import QwenEditBackView
+    from know3d_core.mmdit.loading import QwenEditComponents
+    from know3d_core.mmdit.schedule import QWEN_IMAGE_SCHEDULER_CONFIG
+
+    tcfg = dict(dm.QWEN_TRANSFORMER) if tiny else dict(zero_cond_t=True)
+    vcfg = dict(dm.QWEN_VAE) if tiny else {}
+    tok, vocab = dm.char_tokenizer()
+    width = 3584 if not tiny else tcfg["joint_attention_dim"]
+    te_cfg = _text_encoder_config(tiny, vocab, width)
+    home = device if plan.mmdit_placement == "resident" else torch.device("cpu")
+    transformer = _network(lambda: QwenImageTransformer2DModel(**tcfg), 0, device, dtype, plan.mmdit_storage, home)
+    text_encoder = _network(lambda: Qwen2_5_VLForConditionalGeneration(te_cfg), 1, device, dtype,
+                            plan.text_encoder_storage, home)
+    vae = _network(lambda: AutoencoderKLQwenImage(**vcfg), 2, device, dtype, None, home)
+    c = QwenEditComponents(transformer=transformer, vae=vae, text_encoder=text_encoder, processor=_processor(tok),
+                           scheduler_config=dict(QWEN_IMAGE_SCHEDULER_CONFIG), model_name="random")
+    bv = QwenEditBackView(c)
+    bv.compute_dtype = dtype
+    if tiny:
+        bv.vae_image_area = 64 * 64
+    return bv
+
+
+def capture_layers(bv) -> tuple[list[int], float, int]:
+    """The default capture of ``bv``'s transformer: (layers, sigma, knowledge_dim)."""
+    from know3d_core.mmdit import CaptureSpec
+
+    spec = CaptureSpec()
+    cfg = bv.c.transformer.config
+    layers = list(spec.resolve_layers(cfg.num_layers))
+    return layers, spec.sigma, cfg.num_attention_heads * cfg.attention_head_dim * len(layers)
+
+
+def build_geometry(tiny: bool, device: torch.device, offload: bool, layers, sigma: float, dim: int):
+    """``bench_geometry``'s random TRELLIS.2 (surface-like decoder) with a Know3D branch for ``mmdit_hidden``
+    knowledge of ``layers`` at ``sigma`` in all three flows (built on ``device``; on the CPU with ``offload``)."""
+    from bench_geometry import build_pipeline
+
+    from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
+    from know3d_core.knowledge import install_branch
+    from know3d_core.knowledge.checkpoint import MODEL_NAMES, Know3DSpec
+
+    built = build_pipeline(tiny, device, offload=False)
+    for key in MODEL_NAMES:
+        install_branch(built.models[key], dim, kind="mmdit_hidden", mmdit_layers=list(layers), sigma=sigma)
+    spec = Know3DSpec(knowledge_kind="mmdit_hidden", knowledge_dim=dim, mmdit_layers=list(layers), sigma=sigma,
+                      mmdit_model="random")
+    return Trellis2GeometryPipeline(built.models, built.config, built.image_cond_model, device=device,
+                                    offload=offload, know3d_spec=spec)
+
+
+def fix_structure(geometry, n_tokens: int) -> None:
+    """The structure stage runs for real; its coords become a sphere shell of ~``n_tokens`` voxels."""
+    from bench_geometry import sphere_shell
+
+    real = geometry.sample_sparse_structure
+
+    def shell(*args, **kwargs):
+        try:
+            real(*args, **kwargs)
+        except RuntimeError as e:  # random weights may decode an empty structure (tiny)
+            if "empty" not in str(e):
+                raise
+        return sphere_shell(32, n_tokens)
+
+    geometry.sample_sparse_structure = shell
+
+
+def front_image(size: int = 512):
+    """RGBA front: a two-tone chair-back shape on a transparent background."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((size, size, 4), dtype=np.uint8)
+    s = size // 8
+    arr[s:7 * s, 2 * s:6 * s] = (180, 120, 60, 255)
+    arr[2 * s:5 * s, 3 * s:5 * s] = (90, 60, 30, 255)
+    return Image.fromarray(arr, "RGBA")
+
+
+# ----------------------------------------------------------------------------------- one process
+def context_bytes(device: torch.device) -> int:
+    """Device memory this process holds outside torch's allocator (CUDA context, libraries' modules)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return int(total - free - torch.cuda.memory_reserved(device))
+
+
+def card_plan(card_gib: float, device: torch.device):
+    """``--vram card_gib``'s plan; card 0: the plan of the whole device (uncapped)."""
+    if card_gib:
+        return vram_plan(card_gib)
+    if device.type == "cuda":
+        return vram_plan(torch.cuda.get_device_properties(device).total_memory / GIB)
+    return MEMORY_PLANS["resident"]
+
+
+def apply_cap(card_gib: float, device: torch.device, row: dict) -> None:
+    """Cap the allocator at the card size less this process's CUDA context (after a cuBLAS call)."""
+    a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+    (a @ a).sum().item()
+    torch.cuda.empty_cache()
+    ctx = context_bytes(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    row["context_gib_at_cap"] = round(ctx / GIB, 3)
+    if card_gib:
+        cap = card_gib * GIB - ctx
+        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+        row["allocator_cap_gib"] = round(cap / GIB, 3)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def back_view_steps(times: list) -> dict:
+    """Seconds per back-view step from the callback times (after the first step), and steps run."""
+    diffs = [b - a for a, b in zip(times, times[1:])]
+    return {"back_steps_run": len(times), "back_s_per_step": round(statistics.median(diffs), 4) if diffs else None}
 
 
 def run_one(args) -> dict:
-    from PIL import Image
-
-    from know3d_core.mmdit import CaptureSpec
-    from know3d_core.mmdit.backview import QwenEditBackView
-    from know3d_core.mmdit.memory import apply_memory_plan
+    from know3d_core.pipeline import Know3DPipeline
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    row = {"plan": args.one, "cap_gib": args.cap, "device": torch.cuda.get_device_name() if device.type == "cuda"
-           else "cpu"}
+    size = SIZES[args.tiny]
+    plan = card_plan(args.card, device)
+    row = {"card_gib": args.card, "plan": plan.name, "plan_describe": plan.describe(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "back_steps": size["steps"], "trellis_steps": size["trellis_steps"], "back_size": size["back"]}
+    print(f"--- card {args.card or 'uncapped'} GiB: {plan.describe()}", flush=True)
     t0 = time.perf_counter()
-    bv = QwenEditBackView(build(args.tiny, dtype))
-    row["build_seconds"] = round(time.perf_counter() - t0, 1)
-    if device.type == "cuda" and args.cap:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap * 2 ** 30 / total), device)
-    row["placement"] = apply_memory_plan(bv, MEMORY_PLANS[args.one], device, dtype)
-    size = 64 if args.tiny else 1024
-    front = Image.new("RGB", (size, size), (180, 120, 60))
-    steps = [0]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        torch.cuda.synchronize(device)
+    bv = build_backview(args.tiny, device, dtype, plan)
+    layers, sigma, dim = capture_layers(bv)
+    geometry = build_geometry(args.tiny, device, plan.geometry_offload, layers, sigma, dim)
+    fix_structure(geometry, size["n_cascade"])
+    pipe = Know3DPipeline(geometry, bv, memory_plan=plan)
+    row.update(placement=pipe.placement, capture={"layers": layers, "sigma": sigma, "knowledge_dim": dim})
+    row["build_s"] = round(time.perf_counter() - t0, 2)
+    print(f"built in {row['build_s']} s; Qwen networks: {pipe.placement}", flush=True)
+    cuda = device.type == "cuda"
+    if cuda:
+        apply_cap(args.card, device, row)
+    kept, times = {}, []
+    real_back_view = pipe.back_view
+
+    def keep_stage(*a, **k):
+        kept["stage"] = real_back_view(*a, **k)
+        return kept["stage"]
+
+    def on_step(stage, step, total):
+        if stage == "back_view":
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter())
+            row["back_steps_planned_run"] = total
+
+    pipe.back_view = keep_stage
     t0 = time.perf_counter()
     try:
-        res = bv([front], "three slats", steps=args.steps, height=size, width=size,
-                 generator=torch.Generator().manual_seed(0), capture=CaptureSpec(sigma=0.5),
-                 early_exit=False, decode=False, record_trajectory=False,
-                 progress=lambda i, n: steps.__setitem__(0, i))
+        res = pipe.run(front_image(), PROMPT, "hidden", seed=0, steps=size["steps"], pipeline_type="1024_cascade",
+                       back_view_size=(size["back"], size["back"]), trellis_steps=size["trellis_steps"],
+                       callback=on_step)
     except torch.OutOfMemoryError as e:
-        row.update(ok=False, error=" ".join(str(e).split())[:300], steps_done=steps[0])
+        row.update(ok=False, error=" ".join(str(e).split())[:400], seconds=round(time.perf_counter() - t0, 2))
         return row
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    row.update(ok=True, seconds=round(time.perf_counter() - t0, 2), steps=args.steps)
-    hidden = res.knowledge.hidden.float().cpu()
-    if args.reference and os.path.isfile(args.reference):
-        ref = torch.load(args.reference)
-        row["hidden_rel_err_vs_resident"] = round(((hidden - ref).norm() / ref.norm()).item(), 5)
-    elif args.reference:
-        torch.save(hidden, args.reference)
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    row.update(ok=True, stage_s={k: round(v, 3) for k, v in res.timings.items()},
+               peak_gib={k: round(v / GIB, 3) for k, v in res.peak_vram.items()},
+               num_tokens=res.geometry.num_tokens, faces=int(res.mesh.num_faces), **back_view_steps(times))
+    if cuda:
+        row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / GIB, 3)
+        row["context_gib_end"] = round(context_bytes(device) / GIB, 3)
+        row["card_total_gib"] = round(row["peak_reserved_gib"] + row["context_gib_end"], 3)
+    if args.hidden_out:
+        torch.save(kept["stage"].mmdit.hidden.float().cpu(), args.hidden_out)
     return row
+
+
+def warm_up(args) -> dict:
+    """TRELLIS.2 with the Know3D branch on random knowledge, 2 steps: Triton's kernels into its disk cache."""
+    from know3d_core.knowledge import mmdit_hidden_knowledge
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    size = SIZES[args.tiny]
+    t0 = time.perf_counter()
+    from know3d_core import demo_models as dm
+    tcfg = dm.QWEN_TRANSFORMER if args.tiny else dict(num_layers=60, attention_head_dim=128, num_attention_heads=24)
+    from know3d_core.mmdit import CaptureSpec
+    spec = CaptureSpec()
+    layers = list(spec.resolve_layers(tcfg["num_layers"]))
+    width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    geometry = build_geometry(args.tiny, device, False, layers, spec.sigma, width * len(layers))
+    fix_structure(geometry, size["n_cascade"])
+    tokens = (size["back"] // 16) ** 2
+    know = mmdit_hidden_knowledge(torch.randn(1, tokens, width * len(layers)), layers, spec.sigma,
+                                  (size["back"], size["back"]), model="random")
+    front = geometry.preprocess(front_image())
+    geometry.run(front, knowledge=know, preprocess=False, pipeline_type="1024_cascade",
+                 ss_params={"steps": 2}, shape_params={"steps": 2})
+    return {"warm_up_s": round(time.perf_counter() - t0, 2)}
+
+
+# ----------------------------------------------------------------------------------- driver
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(((a - b).norm() / b.norm()).item(), 5)
+
+
+def _child(args, extra: list, timeout: float, row_path: str) -> dict | None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--row-out", row_path] + extra + (["--tiny"] if args.tiny else [])
+    try:
+        proc = subprocess.run(cmd, timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    if os.path.isfile(row_path):
+        with open(row_path, encoding="utf-8") as f:
+            return json.load(f)
+    return {"ok": False, "error": f"exit code {proc.returncode} (see the log above)"}
+
+
+def extrapolate(row: dict, steps_at: int, image_tokens: int) -> float | None:
+    """Seconds of the same run with ``steps_at`` back-view steps: the steps run replaced at the measured
+    seconds per step (an estimate; the early exit's step from the schedule)."""
+    from know3d_core.mmdit.schedule import flow_match_sigmas, nearest_step
+
+    if not row.get("ok") or row.get("back_s_per_step") is None:
+        return None
+    n = nearest_step(flow_match_sigmas(steps_at, image_tokens), row["capture"]["sigma"]).index + 1
+    return round(row["seconds"] + (n - row["back_steps_run"]) * row["back_s_per_step"], 2)
+
+
+def summarise(rows: list[dict], tiny: bool) -> None:
+    base = rows[0] if rows and rows[0].get("ok") and not rows[0]["card_gib"] else None
+    tokens = (SIZES[tiny]["back"] // 16) ** 2
+    for row in rows:
+        if base is None or not row.get("ok"):
+            continue
+        row["time_vs_uncapped"] = round(row["seconds"] / base["seconds"], 3)
+        row["seconds_at_40_back_steps_est"] = extrapolate(row, 40, tokens)
+        b40 = extrapolate(base, 40, tokens)
+        if row["seconds_at_40_back_steps_est"] and b40:
+            row["time_vs_uncapped_at_40_est"] = round(row["seconds_at_40_back_steps_est"] / b40, 3)
+        if row.get("back_s_per_step") and base.get("back_s_per_step"):
+            row["back_step_vs_uncapped"] = round(row["back_s_per_step"] / base["back_s_per_step"], 3)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\ncard GiB | plan           | ok | seconds (x uncapped) | s/back step | peak alloc / reserved / +ctx GiB "
+          "| per-stage peak GiB | hidden rel err")
+    for r in rows:
+        peaks = ", ".join(f"{k} {v}" for k, v in (r.get("peak_gib") or {}).items())
+        print(f"{r.get('card_gib') or 'none':>8} | {r.get('plan', '?'):14} | {'y' if r.get('ok') else 'n'}  | "
+              f"{r.get('seconds', '-')} (x{r.get('time_vs_uncapped', '-')}) | {r.get('back_s_per_step', '-')} | "
+              f"{r.get('peak_allocated_gib', '-')} / {r.get('peak_reserved_gib', '-')} / {r.get('card_total_gib', '-')} "
+              f"| {peaks} | {r.get('hidden_rel_err_vs_uncapped', '-')}" + (f" | {r['error'][:160]}" if r.get("error") else ""))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--plans", default="resident,fp8,fp8_blocks,fp8_blocks_all")
-    p.add_argument("--caps", default="0,24,16", help="GiB caps per plan (0: none); resident runs uncapped")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--out")
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--reference", help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help="tiny networks on the CPU (checks the script; no caps)")
+    p.add_argument("--cards", default="24,16", help="card sizes in GiB, each run capped after the uncapped one")
+    p.add_argument("--budget", type=float, default=250.0, help="seconds for all processes together")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--card", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--row-out", help=argparse.SUPPRESS)
+    p.add_argument("--hidden-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.one:
-        print("ROW " + json.dumps(run_one(args)), flush=True)
+    if args.warm or args.card is not None:
+        row = warm_up(args) if args.warm else run_one(args)
+        with open(args.row_out, "w", encoding="utf-8") as f:
+            json.dump(row, f)
         return 0
-    plans = args.plans.split(",")
-    if plans[0] != "resident":
-        p.error("the first plan must be 'resident' (the reference of the hidden-state error)")
-    rows = []
+    deadline = time.perf_counter() + args.budget
+    cards = [0.0] + [float(c) for c in args.cards.split(",") if c]
+    rows, hidden = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        ref = os.path.join(tmp, "resident_hidden.pt")
-        for plan in plans:
-            for cap in ([0.0] if plan == "resident" else [float(c) for c in args.caps.split(",")]):
-                cmd = [sys.executable, os.path.abspath(__file__), "--one", plan, "--cap", str(cap), "--steps",
-                       str(args.steps), "--reference", ref] + (["--tiny"] if args.tiny else [])
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
-                row = json.loads(line) if line else {"plan": plan, "cap_gib": cap, "ok": False,
-                                                      "error": proc.stderr[-500:]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        warm = _child(args, ["--warm"], min(90.0, deadline - time.perf_counter()), os.path.join(tmp, "warm.json"))
+        print(f"warm-up: {warm}", flush=True)
+        for i, card in enumerate(cards):
+            left = deadline - time.perf_counter()
+            hidden[card] = os.path.join(tmp, f"hidden_{i}.pt")
+            row = _child(args, ["--card", str(card), "--hidden-out", hidden[card]], left,
+                         os.path.join(tmp, f"row_{i}.json"))
+            row.setdefault("card_gib", card)
+            if row.get("ok") and card and os.path.isfile(hidden[0.0]):
+                ref = torch.load(hidden[0.0])
+                row["hidden_rel_err_vs_uncapped"] = rel_err(torch.load(hidden[card]), ref)
+                if i > 1 and os.path.isfile(hidden[cards[i - 1]]):
+                    row[f"hidden_rel_err_vs_{cards[i - 1]:g}"] = rel_err(torch.load(hidden[card]),
+                                                                         torch.load(hidden[cards[i - 1]]))
+            rows.append(row)
+            print("ROW " + json.dumps(row), flush=True)
+    summarise(rows, args.tiny)
+    result = {"tiny": args.tiny, "torch": torch.__version__, "warm_up": warm, "sizes": SIZES[args.tiny],
+              "prompt": PROMPT, "rows": rows}
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"rows": rows, "torch": torch.__version__}, f, indent=2)
+            json.dump(result, f, indent=2)
+    print_table(rows)
     return 0
 
 
