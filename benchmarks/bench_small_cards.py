@@ -225,6 +225,7 @@ def apply_cap(card_gib: float, device: torch.device, row: dict) -> None:
     ctx = context_bytes(device)
     total = torch.cuda.get_device_properties(device).total_memory
     row["context_gib_at_cap"] = round(ctx / GIB, 3)
+    row["allocated_gib_at_cap"] = round(torch.cuda.memory_allocated(device) / GIB, 3)
     if card_gib:
         cap = card_gib * GIB - ctx
         torch.cuda.set_per_process_memory_fraction(cap / total, device)
@@ -261,7 +262,7 @@ def run_one(args) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         apply_cap(args.card, device, row)
-    kept, times = {}, []
+    kept, times, steps_seen = {}, [], set()
     real_back_view = pipe.back_view
 
     def keep_stage(*a, **k):
@@ -269,6 +270,7 @@ def run_one(args) -> dict:
         return kept["stage"]
 
     def on_step(stage, step, total):
+        steps_seen.add((stage, step))
         if stage == "back_view":
             if cuda:
                 torch.cuda.synchronize(device)
@@ -281,8 +283,12 @@ def run_one(args) -> dict:
         res = pipe.run(front_image(), PROMPT, "hidden", seed=0, steps=size["steps"], pipeline_type="1024_cascade",
                        back_view_size=(size["back"], size["back"]), trellis_steps=size["trellis_steps"],
                        callback=on_step)
-    except torch.OutOfMemoryError as e:
-        row.update(ok=False, error=" ".join(str(e).split())[:400], seconds=round(time.perf_counter() - t0, 2))
+    except Exception as e:  # noqa: BLE001 - an out-of-memory error (torch's, cuBLAS', cuDNN's) is the result
+        import traceback
+
+        traceback.print_exc()
+        row.update(ok=False, error=f"{type(e).__name__}: " + " ".join(str(e).split())[:400],
+                   seconds=round(time.perf_counter() - t0, 2), stages_seen=sorted({s for s, _ in steps_seen}))
         return row
     row["seconds"] = round(time.perf_counter() - t0, 3)
     row.update(ok=True, stage_s={k: round(v, 3) for k, v in res.timings.items()},
