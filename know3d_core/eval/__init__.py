@@ -4,7 +4,9 @@ back-view normal-map PSNR / SSIM / LPIPS) and the small-scale Know3D experiment.
 Modules: ``geometry`` (definitions of every geometric metric and the back half), ``images``
 (normal-map metrics), ``lpips`` (LPIPS from user-supplied weights), ``evaluate`` (per item,
 aggregation), ``items`` (reading --pred / --gt folders), ``report`` (eval.json / .csv / .png,
-worst-items sheet), ``run`` (the whole evaluation), ``commands`` (the CLI, torch-free at import).
-ULIP-2 / Uni3D image-to-shape similarity is not implemented: see ``docs`` hook in README
-("Train your own Know3D", evaluation).
+worst-items sheet), ``run`` (the whole evaluation), ``commands`` (the CLI, torch-free at import),
+``similarity`` (Uni3D image-to-shape similarity columns), ``uni3d`` / ``eva`` (the Uni3D point
+encoder and its OpenCLIP EVA02-E image tower, loaded strictly from the published checkpoints),
+``weights`` (reading and checking user-supplied checkpoints). ULIP-2 is not implemented (README,
+"3. Evaluate").
 """

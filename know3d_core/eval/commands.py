@@ -7,7 +7,7 @@ import os
 from ..argtypes import positive_int as _positive
 from ..errors import EXIT_OK, UsageError
 
-__all__ = ["register", "parse_variants", "check_eval_deps"]
+__all__ = ["register", "parse_variants", "check_eval_deps", "uni3d_metric"]
 
 _DESCRIPTION = """\
 Compare predictions with ground truth, per item and aggregated per variant. Writes to OUT:
@@ -18,7 +18,9 @@ Metrics: IoU of the 64^3 surface occupancy and of the mesh's surface voxels at -
 Chamfer distance (L1) and F-score at --tau on --points farthest-point samples of --samples surface
 points after HY3D-Bench's unit-sphere normalisation; the same restricted to the back half (y > 0 in
 model space: behind the centre as the front camera, at -Y, sees it); back-view normal-map PSNR and
-SSIM, and LPIPS when --lpips-backbone and --lpips-heads are given. Full definitions: know3d_core/eval/."""
+SSIM, and LPIPS when --lpips-backbone and --lpips-heads are given; with --uni3d and --uni3d-clip,
+the Uni3D image-to-shape similarity (cosine of the shape's and the input front view's embeddings:
+uni3d for the prediction, uni3d_gt for the ground truth). Full definitions: know3d_core/eval/."""
 
 
 def parse_variants(values):
@@ -61,6 +63,14 @@ def register(subparsers) -> None:
                         "vgg16-397923af.pth (vgg); with --lpips-heads enables LPIPS")
     p.add_argument("--lpips-heads", metavar="FILE", help="the lpips package's weights/v0.1/alex.pth or vgg.pth")
     p.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex", help="(default: %(default)s)")
+    p.add_argument("--uni3d", metavar="FILE",
+                   help="Uni3D checkpoint (model.pt of BAAI/Uni3D modelzoo/uni3d-{ti,s,b,l,g}, or its tensors as "
+                        ".safetensors); with --uni3d-clip adds the columns uni3d and uni3d_gt")
+    p.add_argument("--uni3d-clip", metavar="FILE",
+                   help="OpenCLIP EVA02-E-14-plus weights (open_clip_pytorch_model.bin of "
+                        "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k): Uni3D's image encoder")
+    p.add_argument("--uni3d-points", type=_positive, default=10_000,
+                   help="surface points per shape for Uni3D (default: %(default)s, the reference's)")
     p.add_argument("--worst", type=int, default=12, help="items on the worst-items sheet (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="surface sampling seed (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
@@ -154,6 +164,12 @@ def _check_files(opts) -> None:
     for flag, path in (("--lpips-backbone", opts.lpips_backbone), ("--lpips-heads", opts.lpips_heads)):
         if path and not os.path.isfile(path):
             raise UsageError(f"{flag} {path} does not exist")
+    if bool(opts.uni3d) != bool(opts.uni3d_clip):
+        raise UsageError("the Uni3D similarity needs both --uni3d (point encoder) and --uni3d-clip (its image "
+                         "encoder, OpenCLIP EVA02-E-14-plus), or neither")
+    for flag, path in (("--uni3d", opts.uni3d), ("--uni3d-clip", opts.uni3d_clip)):
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{flag} {path} does not exist (README: 3. Evaluate, Uni3D similarity)")
     if not opts.tau > 0:
         raise UsageError(f"--tau {opts.tau}: must be > 0")
 
@@ -165,6 +181,24 @@ def check_eval_deps() -> None:
     missing = [m for m in ("torchmetrics", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(f"know3d eval needs {', '.join(missing)}: pip install 'comfyui-know3d[eval]'")
+
+
+def uni3d_metric(opts):
+    """The Uni3D similarity of ``--uni3d`` / ``--uni3d-clip``; its weights load (strictly) after the
+    items' front views are found, and a wrong file is a UsageError naming it."""
+    from .similarity import Uni3DSimilarity
+
+    def load():
+        from .uni3d import ClipImageTower, Uni3D
+        from .weights import WeightsError
+
+        try:
+            return Uni3D.from_file(opts.uni3d), ClipImageTower.from_file(opts.uni3d_clip)
+        except WeightsError as e:
+            raise UsageError(str(e)) from None
+
+    return Uni3DSimilarity(load, opts.device, opts.uni3d_points, opts.seed,
+                           info={"checkpoint": os.path.abspath(opts.uni3d), "clip": os.path.abspath(opts.uni3d_clip)})
 
 
 def run_eval_command(opts) -> int:
@@ -187,9 +221,10 @@ def run_eval_command(opts) -> int:
                             mesh_resolution=opts.mesh_resolution, normalize=opts.normalize,
                             image_size=opts.image_size, seed=opts.seed, device=opts.device,
                             lpips_net=opts.lpips_net if lpips is not None else None)
+    item_metrics = [uni3d_metric(opts)] if opts.uni3d else []
     report = run_eval(variants, opts.gt, opts.out, settings, lpips=lpips, worst=opts.worst, up=opts.up,
-                      progress=not opts.quiet)
-    print(format_table(report["aggregate"]))
+                      progress=not opts.quiet, item_metrics=item_metrics)
+    print(format_table(report["aggregate"], extra=[n for m in item_metrics for n in m.names]))
     print(f"wrote {os.path.join(opts.out, 'eval.json')}, eval.csv, eval.png"
           + (", worst.png" if report.get("worst_metric") else ""))
     return EXIT_OK

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from . import geometry as G
 
-__all__ = ["Shape", "EvalSettings", "evaluate_pair", "aggregate", "METRICS", "LOWER_IS_BETTER"]
+__all__ = ["Shape", "EvalSettings", "evaluate_pair", "aggregate", "ItemMetric", "METRICS", "LOWER_IS_BETTER"]
 
 METRICS = ("iou_64", "iou_64_back", "iou_mesh", "iou_mesh_back", "chamfer", "chamfer_back", "fscore",
            "fscore_back", "precision", "recall", "psnr_back", "ssim_back", "lpips_back")
@@ -67,6 +67,27 @@ class EvalSettings:
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+class ItemMetric:
+    """Columns that need the items' files as well as their shapes (e.g. the input image: the
+    Uni3D image-to-shape similarity of :mod:`know3d_core.eval.similarity`).
+
+    ``run_eval`` calls :meth:`check` once with every ``(pred item, gt item)`` pair before any
+    metric is computed (raise ``UsageError`` there: missing inputs, bad weights), then the metric
+    per pair; :meth:`describe` goes into ``eval.json`` under ``"item_metrics"``.
+    """
+
+    names: Tuple[str, ...] = ()
+
+    def check(self, pairs: Sequence[tuple]) -> None:
+        return None
+
+    def __call__(self, pred: Shape, gt: Shape, pred_item, gt_item) -> Dict[str, Optional[float]]:
+        raise NotImplementedError
+
+    def describe(self) -> Dict[str, Any]:
+        return {"columns": list(self.names)}
 
 
 def _occupancy(shape: Shape) -> torch.Tensor:
@@ -128,9 +149,8 @@ def evaluate_pair(pred: Shape, gt: Shape, settings: Optional[EvalSettings] = Non
                   ) -> Dict[str, Optional[float]]:
     """Every metric of :data:`METRICS` that the two shapes allow (others are ``None``).
 
-    ``extra_metrics`` ``{name: fn(pred, gt) -> float | None}`` adds columns: the hook for
-    image-to-shape similarities such as ULIP-2 / Uni3D, whose encoders are not part of the pack
-    (a function that closes over its model and the item's front image).
+    ``extra_metrics`` ``{name: fn(pred, gt) -> float | None}`` adds columns (metrics that need the
+    items' files, such as the Uni3D similarity, are :class:`ItemMetric` of ``run_eval``).
     """
     settings = settings or EvalSettings()
     pred, gt = pred.to(settings.device), gt.to(settings.device)

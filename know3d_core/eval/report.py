@@ -47,18 +47,20 @@ def write_csv(path: str, rows: Sequence[Dict[str, Any]], extra: Sequence[str] = 
     return atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def _present_metrics(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    return [m for m in METRICS if any(_clean(r.get(m)) is not None for r in rows)]
+def _present_metrics(rows: Sequence[Dict[str, Any]], extra: Sequence[str] = ()) -> List[str]:
+    return [m for m in tuple(METRICS) + tuple(extra) if any(_clean(r.get(m)) is not None for r in rows)]
 
 
-def write_plot(path: str, rows: Sequence[Dict[str, Any]], variants: Sequence[str]) -> Optional[str]:
-    """One panel per metric: each variant's per-item values (dots) over a box plot."""
+def write_plot(path: str, rows: Sequence[Dict[str, Any]], variants: Sequence[str], extra: Sequence[str] = ()
+               ) -> Optional[str]:
+    """One panel per metric (:data:`METRICS`, then ``extra`` such as ``uni3d``): each variant's
+    per-item values (dots) over a box plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    metrics = _present_metrics(rows)
+    metrics = _present_metrics(rows, extra)
     if not metrics:
         return None
     cols = min(4, len(metrics))
@@ -120,10 +122,11 @@ def write_worst_sheet(path: str, rows: Sequence[Dict[str, Any]], images: Dict[in
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def format_table(aggregates: Dict[str, Dict[str, Dict[str, Any]]], metrics: Optional[Sequence[str]] = None) -> str:
-    """Plain-text table: one row per variant, the mean of each metric."""
+def format_table(aggregates: Dict[str, Dict[str, Dict[str, Any]]], metrics: Optional[Sequence[str]] = None,
+                 extra: Sequence[str] = ()) -> str:
+    """Plain-text table: one row per variant, the mean of each metric (``extra`` after :data:`METRICS`)."""
     variants = list(aggregates)
-    metrics = list(metrics or [m for m in METRICS if any(m in aggregates[v] for v in variants)])
+    metrics = list(metrics or [m for m in tuple(METRICS) + tuple(extra) if any(m in aggregates[v] for v in variants)])
     head = ["variant"] + metrics
     lines = [head]
     for v in variants:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from .. import __version__
 from . import report as R
-from .evaluate import METRICS, EvalSettings, Shape, aggregate, evaluate_pair
+from .evaluate import METRICS, EvalSettings, ItemMetric, Shape, aggregate, evaluate_pair
 from .items import Item, list_items, load_shape, match_items
 
 __all__ = ["run_eval", "picture"]
@@ -46,13 +46,16 @@ def _coarsest(grid):
 def run_eval(variants: Mapping[str, str], gt_root: str, out: str, settings: Optional[EvalSettings] = None,
              lpips=None, worst: int = 12, up: Optional[str] = None, progress: bool = True,
              extra_columns: Optional[Mapping[str, Mapping[str, Any]]] = None, plot: bool = True,
-             extra_metrics: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+             extra_metrics: Optional[Mapping[str, Any]] = None,
+             item_metrics: Sequence[ItemMetric] = ()) -> Dict[str, Any]:
     """Evaluate ``{variant name: prediction folder}`` against ``gt_root``; write into ``out``.
 
     ``extra_columns[variant][item id]`` adds free columns (e.g. the experiment's prompt) to the rows;
-    ``extra_metrics`` (see :func:`evaluate.evaluate_pair`: ULIP-2 / Uni3D hook) add metric columns;
+    ``extra_metrics`` (see :func:`evaluate.evaluate_pair`) and ``item_metrics``
+    (:class:`~know3d_core.eval.evaluate.ItemMetric`: Uni3D image-to-shape similarity) add metric columns;
     ``plot=False`` leaves eval.png out (``report.write_plot`` can draw it later from eval.csv's rows).
-    Bad folders raise :class:`~know3d_core.errors.UsageError` before any metric is computed.
+    Bad folders (and an item metric's :meth:`check`) raise :class:`~know3d_core.errors.UsageError`
+    before any metric is computed.
     """
     from tqdm.auto import tqdm
 
@@ -62,6 +65,8 @@ def run_eval(variants: Mapping[str, str], gt_root: str, out: str, settings: Opti
     for name, root in variants.items():
         for p, g in match_items(list_items(root, f"--pred {name}"), gt_items, root, gt_root):
             plan.append((name, p, g))
+    for metric in item_metrics:
+        metric.check([(p, g) for _, p, g in plan])
     os.makedirs(out, exist_ok=True)
     rows: List[Dict[str, Any]] = []
     gt_cache: Dict[str, Shape] = {}
@@ -69,20 +74,25 @@ def run_eval(variants: Mapping[str, str], gt_root: str, out: str, settings: Opti
     for name, p, g in tqdm(plan, desc="eval", disable=not progress, unit="item"):
         if g.id not in gt_cache:
             gt_cache = {g.id: load_shape(g, up)}  # items are sorted: one ground truth at a time is enough
-        metrics = evaluate_pair(load_shape(p, up), gt_cache[g.id], settings, lpips, extra_metrics=extra_metrics)
+        pred = load_shape(p, up)
+        metrics = evaluate_pair(pred, gt_cache[g.id], settings, lpips, extra_metrics=extra_metrics)
+        for metric in item_metrics:
+            metrics.update(metric(pred, gt_cache[g.id], p, g))
         row = {"variant": name, "item": p.id, "gt": g.id, **metrics}
         row.update((extra_columns or {}).get(name, {}).get(p.id, {}))
         rows.append(row)
     extra = sorted({k for r in rows for k in r} - set(R.ID_COLUMNS) - set(METRICS))  # extra metrics included
-    names = tuple(extra_metrics or ())
+    names = tuple(extra_metrics or ()) + tuple(n for m in item_metrics for n in m.names)
     aggregates = {v: aggregate([r for r in rows if r["variant"] == v], names) for v in variants}
     report = {"know3d": __version__, "gt": os.path.abspath(gt_root),
               "variants": {v: os.path.abspath(p) for v, p in variants.items()},
               "settings": settings.as_dict(), "seconds": time.perf_counter() - start,
               "aggregate": aggregates, "items": rows}
+    if item_metrics:
+        report["item_metrics"] = [m.describe() for m in item_metrics]
     R.write_csv(os.path.join(out, R.CSV_NAME), rows, extra)
     if plot:
-        R.write_plot(os.path.join(out, R.PLOT_NAME), rows, list(variants))
+        R.write_plot(os.path.join(out, R.PLOT_NAME), rows, list(variants), names)
     metric = R.worst_metric(rows)
     if metric and worst > 0:
         _write_worst(out, rows, plan, metric, worst, settings, up)
