@@ -17,6 +17,8 @@ from know3d_core.eval.uni3d import (GREY, UNUSED, ClipImageTower, Uni3D, group_p
                                     prepare_points)
 from know3d_core.eval.weights import WeightsError, read_state
 
+from _similarity_helpers import eval_folders
+
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden_uni3d")
 
 
@@ -131,47 +133,6 @@ def test_image_pixels_short_side_centre_crop_white_background():
 
 
 # ------------------------------------------------------------------------ know3d eval --uni3d
-def _png(path, colour):
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    im = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
-    im.paste(colour, (8, 4, 32, 36))
-    im.save(path)
-    return path
-
-
-def _eval_folders(tmp_path):
-    """gt/{a, b} (meshes; b has a dataset-style cameras.json + views/000.png front render);
-    pred/{a, b} = the ground-truth meshes, a with record.json inputs.image; stage1/a: occupancy only
-    (and the same record)."""
-    from know3d_core.data import layout as L
-    from know3d_core.eval import geometry as G
-    from know3d_core.mesh.primitives import icosphere, uv_torus
-    from safetensors.torch import save_file
-
-    shapes = {"a": icosphere(2, 0.3), "b": uv_torus(0.3, 0.1, 24, 12)}
-    for root in ("gt", "pred"):
-        for name, m in shapes.items():
-            folder = tmp_path / root / name
-            folder.mkdir(parents=True)
-            v, f = torch.as_tensor(m.vertices).float(), torch.as_tensor(m.faces).int()
-            save_file({L.KEY_VERTICES: v, L.KEY_FACES: f}, str(folder / L.MESH_FILE))
-    image_a = _png(str(tmp_path / "inputs" / "a.png"), (200, 40, 40, 255))
-    with open(tmp_path / "pred" / "a" / "record.json", "w") as fh:
-        json.dump({"inputs": {"image": image_a}}, fh)
-    image_b = _png(str(tmp_path / "gt" / "b" / L.view_file(0)), (40, 40, 200, 255))
-    with open(tmp_path / "gt" / "b" / L.CAMERAS_FILE, "w") as fh:
-        json.dump({"views": [{"file": L.view_file(0), "set": L.SET_BACKVIEW, "ring": 0, "azimuth": 0.0}]}, fh)
-    (tmp_path / "stage1" / "a").mkdir(parents=True)
-    m = shapes["a"]
-    occ = G.surface_voxels(torch.as_tensor(m.vertices).float(), torch.as_tensor(m.faces).long(), 64)
-    save_file({L.KEY_OCCUPANCY: occ}, str(tmp_path / "stage1" / "a" / L.OCCUPANCY_FILE))
-    with open(tmp_path / "stage1" / "a" / "record.json", "w") as fh:
-        json.dump({"inputs": {"image": image_a}}, fh)
-    return image_a, image_b
-
-
 @pytest.fixture
 def tiny_heads(monkeypatch):
     """The golden checkpoints' width (32, 2 heads) in the width -> heads tables the CLI reads."""
@@ -182,7 +143,7 @@ def tiny_heads(monkeypatch):
 
 
 UNI3D_ARGS = ["--uni3d", os.path.join(GOLDEN, "uni3d_eva02_base.pt"), "--uni3d-clip",
-              os.path.join(GOLDEN, "open_clip_eva_tiny.bin"), "--uni3d-points", "600"]
+              os.path.join(GOLDEN, "open_clip_eva_tiny.bin"), "--similarity-points", "600"]
 FAST = ["--samples", "2000", "--points", "256", "--image-size", "32", "--mesh-resolution", "32", "--quiet", "--worst", "0"]
 
 
@@ -195,7 +156,7 @@ def test_eval_command_uni3d_columns(tmp_path, tiny_heads):
     from know3d_core.cli import main
     from know3d_core.eval.uni3d import cosine
 
-    image_a, image_b = _eval_folders(tmp_path)
+    image_a, image_b = eval_folders(tmp_path)
     out = tmp_path / "out"
     assert main(["eval", "--pred", f"pred={tmp_path / 'pred'}", "--pred", f"stage1={tmp_path / 'stage1'}",
                  "--gt", str(tmp_path / "gt"), "--out", str(out)] + FAST + UNI3D_ARGS) == 0
@@ -220,14 +181,14 @@ def test_eval_command_uni3d_columns(tmp_path, tiny_heads):
         report = json.load(fh)
     assert report["aggregate"]["pred"]["uni3d"]["n"] == 2 and "uni3d" not in report["aggregate"]["stage1"]
     described = report["item_metrics"][0]
-    assert described["columns"] == ["uni3d", "uni3d_gt"] and described["uni3d"]["mlp"] == "swiglu"
+    assert described["columns"] == ["uni3d", "uni3d_gt"] and described["model"]["mlp"] == "swiglu"
     assert described["points"] == 600
 
 
 def test_eval_command_uni3d_errors_before_any_metric(tmp_path, tiny_heads, capsys):
     from know3d_core.cli import main
 
-    _eval_folders(tmp_path)
+    eval_folders(tmp_path)
     base = ["eval", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")] + FAST
     assert main(base + ["--out", str(tmp_path / "o1"), "--uni3d", UNI3D_ARGS[1]]) == 2
     assert "needs both --uni3d" in capsys.readouterr().err

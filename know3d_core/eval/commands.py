@@ -7,7 +7,7 @@ import os
 from ..argtypes import positive_int as _positive
 from ..errors import EXIT_OK, UsageError
 
-__all__ = ["register", "parse_variants", "check_eval_deps", "uni3d_metric"]
+__all__ = ["register", "parse_variants", "check_eval_deps", "similarity_metrics"]
 
 _DESCRIPTION = """\
 Compare predictions with ground truth, per item and aggregated per variant. Writes to OUT:
@@ -18,9 +18,10 @@ Metrics: IoU of the 64^3 surface occupancy and of the mesh's surface voxels at -
 Chamfer distance (L1) and F-score at --tau on --points farthest-point samples of --samples surface
 points after HY3D-Bench's unit-sphere normalisation; the same restricted to the back half (y > 0 in
 model space: behind the centre as the front camera, at -Y, sees it); back-view normal-map PSNR and
-SSIM, and LPIPS when --lpips-backbone and --lpips-heads are given; with --uni3d and --uni3d-clip,
-the Uni3D image-to-shape similarity (cosine of the shape's and the input front view's embeddings:
-uni3d for the prediction, uni3d_gt for the ground truth). Full definitions: know3d_core/eval/."""
+SSIM, and LPIPS when --lpips-backbone and --lpips-heads are given; with --uni3d and --uni3d-clip
+and/or --ulip2 (and --ulip2-clip), the paper's image-to-shape similarities (cosine of the shape's
+and the input front view's embeddings: uni3d / ulip2 for the prediction, uni3d_gt / ulip2_gt for the
+ground truth with the same image). Full definitions: know3d_core/eval/."""
 
 
 def parse_variants(values):
@@ -69,8 +70,14 @@ def register(subparsers) -> None:
     p.add_argument("--uni3d-clip", metavar="FILE",
                    help="OpenCLIP EVA02-E-14-plus weights (open_clip_pytorch_model.bin of "
                         "timm/eva02_enormous_patch14_plus_clip_224.laion2b_s9b_b144k): Uni3D's image encoder")
-    p.add_argument("--uni3d-points", type=_positive, default=10_000,
-                   help="surface points per shape for Uni3D (default: %(default)s, the reference's)")
+    p.add_argument("--ulip2", metavar="FILE",
+                   help="ULIP-2 PointBERT checkpoint (the 10k-point colored-pc model, or its tensors as .safetensors); "
+                        "adds the columns ulip2 and ulip2_gt")
+    p.add_argument("--ulip2-clip", metavar="FILE",
+                   help="OpenCLIP ViT-bigG-14 weights (open_clip_pytorch_model.bin of laion2b_s39b_b160k): ULIP-2's "
+                        "image encoder (default: the --ulip2 file, when it holds open_clip_model.visual.*)")
+    p.add_argument("--similarity-points", type=_positive, default=10_000,
+                   help="surface points per shape for --uni3d / --ulip2 (default: %(default)s, the references')")
     p.add_argument("--worst", type=int, default=12, help="items on the worst-items sheet (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="surface sampling seed (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
@@ -167,9 +174,13 @@ def _check_files(opts) -> None:
     if bool(opts.uni3d) != bool(opts.uni3d_clip):
         raise UsageError("the Uni3D similarity needs both --uni3d (point encoder) and --uni3d-clip (its image "
                          "encoder, OpenCLIP EVA02-E-14-plus), or neither")
-    for flag, path in (("--uni3d", opts.uni3d), ("--uni3d-clip", opts.uni3d_clip)):
+    if opts.ulip2_clip and not opts.ulip2:
+        raise UsageError("--ulip2-clip is ULIP-2's image encoder: give --ulip2 (its point encoder) too")
+    for flag in ("uni3d", "uni3d_clip", "ulip2", "ulip2_clip"):
+        path = getattr(opts, flag)
         if path and not os.path.isfile(path):
-            raise UsageError(f"{flag} {path} does not exist (README: 3. Evaluate, Uni3D similarity)")
+            raise UsageError(f"--{flag.replace('_', '-')} {path} does not exist "
+                             "(README: 3. Evaluate, image-to-shape similarity)")
     if not opts.tau > 0:
         raise UsageError(f"--tau {opts.tau}: must be > 0")
 
@@ -183,22 +194,36 @@ def check_eval_deps() -> None:
         raise UsageError(f"know3d eval needs {', '.join(missing)}: pip install 'comfyui-know3d[eval]'")
 
 
-def uni3d_metric(opts):
-    """The Uni3D similarity of ``--uni3d`` / ``--uni3d-clip``; its weights load (strictly) after the
-    items' front views are found, and a wrong file is a UsageError naming it."""
-    from .similarity import Uni3DSimilarity
+def similarity_metrics(opts) -> list:
+    """The image-to-shape similarities asked for (``--uni3d``, ``--ulip2``); their weights load
+    (strictly) after the items' front views are found, and a wrong file is a UsageError naming it."""
+    from .similarity import ImageShapeSimilarity
 
-    def load():
+    def loader(point_cls, tower_cls, point_path, tower_path):
+        def load():
+            from .weights import WeightsError
+
+            try:
+                return point_cls.from_file(point_path), tower_cls.from_file(tower_path)
+            except WeightsError as e:
+                raise UsageError(str(e)) from None
+        return load
+
+    out = []
+    if opts.uni3d:
         from .uni3d import ClipImageTower, Uni3D
-        from .weights import WeightsError
 
-        try:
-            return Uni3D.from_file(opts.uni3d), ClipImageTower.from_file(opts.uni3d_clip)
-        except WeightsError as e:
-            raise UsageError(str(e)) from None
+        out.append(ImageShapeSimilarity("uni3d", loader(Uni3D, ClipImageTower, opts.uni3d, opts.uni3d_clip),
+                                        opts.device, opts.similarity_points, opts.seed,
+                                        {"checkpoint": os.path.abspath(opts.uni3d), "clip": os.path.abspath(opts.uni3d_clip)}))
+    if opts.ulip2:
+        from .ulip2 import ClipViTTower, Ulip2
 
-    return Uni3DSimilarity(load, opts.device, opts.uni3d_points, opts.seed,
-                           info={"checkpoint": os.path.abspath(opts.uni3d), "clip": os.path.abspath(opts.uni3d_clip)})
+        clip = opts.ulip2_clip or opts.ulip2
+        out.append(ImageShapeSimilarity("ulip2", loader(Ulip2, ClipViTTower, opts.ulip2, clip),
+                                        opts.device, opts.similarity_points, opts.seed,
+                                        {"checkpoint": os.path.abspath(opts.ulip2), "clip": os.path.abspath(clip)}))
+    return out
 
 
 def run_eval_command(opts) -> int:
@@ -221,7 +246,7 @@ def run_eval_command(opts) -> int:
                             mesh_resolution=opts.mesh_resolution, normalize=opts.normalize,
                             image_size=opts.image_size, seed=opts.seed, device=opts.device,
                             lpips_net=opts.lpips_net if lpips is not None else None)
-    item_metrics = [uni3d_metric(opts)] if opts.uni3d else []
+    item_metrics = similarity_metrics(opts)
     report = run_eval(variants, opts.gt, opts.out, settings, lpips=lpips, worst=opts.worst, up=opts.up,
                       progress=not opts.quiet, item_metrics=item_metrics)
     print(format_table(report["aggregate"], extra=[n for m in item_metrics for n in m.names]))

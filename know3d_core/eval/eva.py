@@ -11,7 +11,8 @@ A block's variant is read from its keys (:func:`block_spec`): fused ``qkv`` with
 packed GLU ``fc1`` (``2H`` outputs, ``silu(first half) * second half``) or SwiGLU ``fc1_g`` /
 ``fc1_x``, with or without ``mlp.norm``; optional ``attn.norm`` and layer scales ``gamma_1`` /
 ``gamma_2``. Two things the keys cannot tell are arguments: the head count and pre- vs post-norm.
-LayerNorm eps is timm's ``1e-6`` everywhere.
+LayerNorm eps is timm's ``1e-6`` unless the spec says otherwise (the PointBERT blocks of ULIP-2 are
+the same pre-norm ViT block with torch's ``1e-5``, fused ``qkv`` without bias, GELU MLP).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class BlockSpec:
     attn_norm: bool = False
     layer_scale: bool = False
     post_norm: bool = False
+    eps: float = LN_EPS       # LayerNorm eps (timm EVA: 1e-6; PointBERT's torch default: 1e-5)
 
 
 def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -50,7 +52,8 @@ def count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     return n
 
 
-def block_spec(state: Mapping[str, torch.Tensor], prefix: str, heads: int, post_norm: bool = False) -> BlockSpec:
+def block_spec(state: Mapping[str, torch.Tensor], prefix: str, heads: int, post_norm: bool = False,
+               eps: float = LN_EPS) -> BlockSpec:
     """The :class:`BlockSpec` of block ``{prefix}blocks.0.`` from its key names and shapes.
 
     Raises ``KeyError`` naming the first key that is needed and absent.
@@ -69,7 +72,7 @@ def block_spec(state: Mapping[str, torch.Tensor], prefix: str, heads: int, post_
         mlp, hidden = ("glu", fc2) if fc1 == 2 * fc2 else ("gelu", fc1)
     return BlockSpec(dim=dim, heads=heads, hidden=hidden, qkv=qkv, mlp=mlp,
                      mlp_norm=b + "mlp.norm.weight" in state, attn_norm=b + "attn.norm.weight" in state,
-                     layer_scale=b + "gamma_1" in state, post_norm=post_norm)
+                     layer_scale=b + "gamma_1" in state, post_norm=post_norm, eps=eps)
 
 
 def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -78,8 +81,8 @@ def _need(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     return state[key]
 
 
-def _norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=LN_EPS)
+def _norm(dim: int, eps: float = LN_EPS) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=eps)
 
 
 class _Attention(nn.Module):
@@ -95,7 +98,7 @@ class _Attention(nn.Module):
             self.qkv = nn.Linear(c, 3 * c, bias=False)
             if spec.qkv == "fused":
                 self.q_bias, self.v_bias = nn.Parameter(torch.zeros(c)), nn.Parameter(torch.zeros(c))
-        self.norm = _norm(c) if spec.attn_norm else nn.Identity()
+        self.norm = _norm(c, spec.eps) if spec.attn_norm else nn.Identity()
         self.proj = nn.Linear(c, c)
 
     def _qkv(self, x: torch.Tensor):
@@ -124,7 +127,7 @@ class _Mlp(nn.Module):
             self.fc1_g, self.fc1_x = nn.Linear(c, h), nn.Linear(c, h)
         else:
             self.fc1 = nn.Linear(c, 2 * h if spec.mlp == "glu" else h)
-        self.norm = _norm(h) if spec.mlp_norm else nn.Identity()
+        self.norm = _norm(h, spec.eps) if spec.mlp_norm else nn.Identity()
         self.fc2 = nn.Linear(h, c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,8 +148,8 @@ class EvaBlock(nn.Module):
     def __init__(self, spec: BlockSpec):
         super().__init__()
         self.post_norm = spec.post_norm
-        self.norm1, self.attn = _norm(spec.dim), _Attention(spec)
-        self.norm2, self.mlp = _norm(spec.dim), _Mlp(spec)
+        self.norm1, self.attn = _norm(spec.dim, spec.eps), _Attention(spec)
+        self.norm2, self.mlp = _norm(spec.dim, spec.eps), _Mlp(spec)
         if spec.layer_scale:
             self.gamma_1, self.gamma_2 = nn.Parameter(torch.ones(spec.dim)), nn.Parameter(torch.ones(spec.dim))
         else:

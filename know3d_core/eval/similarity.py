@@ -1,9 +1,10 @@
-"""Image-to-shape similarity columns of ``know3d eval`` (the paper's Table 1 "Uni3D" score).
+"""Image-to-shape similarity columns of ``know3d eval`` (the paper's Table 1 "ULIP-2" and "Uni3D" scores).
 
-Per item: ``uni3d`` = cosine similarity between the Uni3D embedding of the **predicted** shape and
-the OpenCLIP EVA02-E-14-plus embedding of the item's **input front view**; ``uni3d_gt`` = the same
-for the ground-truth shape with the same image (the value a perfect prediction would get under
-these encoders; read ``uni3d`` against it). Both in [-1, 1], higher is better.
+Per item and model (``uni3d``: Uni3D point encoder + OpenCLIP EVA02-E-14-plus; ``ulip2``: ULIP-2
+PointBERT + OpenCLIP ViT-bigG-14): ``<model>`` = cosine similarity between the 3D embedding of the
+**predicted** shape and the image embedding of the item's **input front view**; ``<model>_gt`` = the
+same for the ground-truth shape with the same image (the value a perfect prediction would get under
+these encoders; read ``<model>`` against it). Both in [-1, 1], higher is better.
 
 The front view of an item (:func:`front_image`): the image its generation recorded
 (``record.json`` ``inputs.image``, as ``know3d generate`` / ``batch`` write it) when that file
@@ -24,9 +25,7 @@ from ..data import layout as L
 from ..errors import UsageError
 from .evaluate import ItemMetric, Shape
 
-__all__ = ["front_image", "Uni3DSimilarity", "COLUMNS"]
-
-COLUMNS = ("uni3d", "uni3d_gt")
+__all__ = ["front_image", "ImageShapeSimilarity"]
 
 
 def _json(path: str) -> Any:
@@ -59,20 +58,22 @@ def front_image(pred_item, gt_item) -> Optional[str]:
     return _recorded_image(pred_item) or _dataset_front(gt_item) or _recorded_image(gt_item)
 
 
-class Uni3DSimilarity(ItemMetric):
-    """:class:`~know3d_core.eval.evaluate.ItemMetric` giving ``uni3d`` and ``uni3d_gt`` per item.
+class ImageShapeSimilarity(ItemMetric):
+    """:class:`~know3d_core.eval.evaluate.ItemMetric` giving ``<name>`` and ``<name>_gt`` per item.
 
-    ``load()`` returns ``(Uni3D, ClipImageTower)`` (:mod:`know3d_core.eval.uni3d`); it is called
-    in :meth:`check`, after every item's front view is found, so a missing image or a wrong
-    checkpoint stops the run before any metric. Embeddings are cached per image and per ground truth.
+    ``load()`` returns ``(point model, image tower)``: ``(Uni3D, ClipImageTower)`` of
+    :mod:`~know3d_core.eval.uni3d` or ``(Ulip2, ClipViTTower)`` of :mod:`~know3d_core.eval.ulip2`
+    (``model(xyz, rgb [1, N, 3]) -> [1, E]``, ``tower(pixels) -> [1, E]``, ``tower.image_size``); it
+    is called in :meth:`check`, after every item's front view is found, so a missing image or a
+    wrong checkpoint stops the run before any metric. Embeddings are cached per image and per
+    ground truth.
     """
 
-    names = COLUMNS
-
-    def __init__(self, load: Callable[[], Tuple[Any, Any]], device: str = "cpu", points: Optional[int] = None,
-                 seed: int = 0, info: Optional[Dict[str, Any]] = None):
+    def __init__(self, name: str, load: Callable[[], Tuple[Any, Any]], device: str = "cpu",
+                 points: Optional[int] = None, seed: int = 0, info: Optional[Dict[str, Any]] = None):
         from .uni3d import POINTS
 
+        self.name, self.names = name, (name, name + "_gt")
         self._load, self.device, self.points, self.seed = load, device, points or POINTS, seed
         self.info = dict(info or {})
         self.model = self.tower = None
@@ -89,10 +90,10 @@ class Uni3DSimilarity(ItemMetric):
             else:
                 self._images[p.id + "\0" + g.id] = path
         if missing:
-            raise UsageError(f"Uni3D similarity needs each item's input front view: {len(missing)} item(s) have none "
-                             f"(first: {missing[0]!r}); it is read from the item's record.json inputs.image or, "
-                             f"for a --gt dataset, the ground truth's {L.CAMERAS_FILE} front view (azimuth 0); "
-                             "leave --uni3d out to skip this metric")
+            raise UsageError(f"the {self.name} similarity needs each item's input front view: {len(missing)} item(s) "
+                             f"have none (first: {missing[0]!r}); it is read from the item's record.json "
+                             f"inputs.image or, for a --gt dataset, the ground truth's {L.CAMERAS_FILE} front view "
+                             f"(azimuth 0); leave --{self.name} out to skip this metric")
         if self.model is None:
             self.model, self.tower = self._load()
             self.model.to(self.device)
@@ -123,16 +124,14 @@ class Uni3DSimilarity(ItemMetric):
         if gt_item.id not in self._gt_embed:
             self._gt_embed[gt_item.id] = self._shape(gt)
         out: Dict[str, Optional[float]] = {}
-        for name, embed in (("uni3d", self._shape(pred)), ("uni3d_gt", self._gt_embed[gt_item.id])):
+        for name, embed in zip(self.names, (self._shape(pred), self._gt_embed[gt_item.id])):
             out[name] = None if embed is None else float(cosine(embed, image)[0])
         return out
 
     def describe(self) -> Dict[str, Any]:
-        from .uni3d import describe
-
         out = {"columns": list(self.names), "points": self.points, "seed": self.seed,
                "image": "input front view (record.json inputs.image, else the dataset's azimuth-0 render)",
                **self.info}
         if self.model is not None:
-            out["uni3d"] = describe(self.model)
+            out["model"] = self.model.describe()
         return out

@@ -162,6 +162,13 @@ class Uni3D(nn.Module):
     def forward(self, xyz: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
         return self.point_encoder(xyz, rgb)
 
+    def describe(self) -> Dict[str, object]:
+        """The sizes read from the checkpoint (recorded in eval.json)."""
+        c = self.point_encoder.cfg
+        return {"kind": "Uni3D", "width": c.blocks.dim, "depth": c.depth, "heads": c.blocks.heads,
+                "embed": c.embed_dim, "mlp": c.blocks.mlp, "qkv": c.blocks.qkv, "groups": c.groups,
+                "group_size": c.group_size}
+
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor], path: str = "<state>", heads: Optional[int] = None,
                    groups: int = GROUPS, group_size: int = GROUP_SIZE) -> "Uni3D":
@@ -270,10 +277,3 @@ def image_pixels(image, size: int = 224) -> torch.Tensor:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[B, E], [B, E] -> [B]`` cosine similarity of L2-normalised embeddings (float32)."""
     return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
-
-
-def describe(model: Uni3D) -> Dict[str, object]:
-    """The sizes read from a checkpoint (recorded in eval.json)."""
-    c = model.point_encoder.cfg
-    return {"width": c.blocks.dim, "depth": c.depth, "heads": c.blocks.heads, "embed": c.embed_dim,
-            "mlp": c.blocks.mlp, "qkv": c.blocks.qkv, "groups": c.groups, "group_size": c.group_size}

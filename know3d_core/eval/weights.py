@@ -29,7 +29,7 @@ class WeightsError(ValueError):
 def _resave_hint(path: str) -> str:
     return ("re-save its tensors as safetensors (only for a file you trust): python -c \"import torch; "
             "from safetensors.torch import save_file; s = torch.load('" + path + "', map_location='cpu', "
-            "weights_only=False); s = s.get('module', s); save_file({k: v.contiguous() for k, v in s.items() "
+            "weights_only=False); s = s.get('module', s.get('state_dict', s)); save_file({k: v.contiguous() for k, v in s.items() "
             "if torch.is_tensor(v)}, 'weights.safetensors')\"")
 
 
