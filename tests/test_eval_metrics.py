@@ -197,7 +197,7 @@ def test_aggregate_skips_missing_and_infinite():
 
 
 def test_extra_metric_hook_adds_a_column():
-    """The ULIP-2 / Uni3D hook: a function of (pred, gt) becomes a metric, aggregated like the others."""
+    """The extra_metrics hook: a function of (pred, gt) becomes a metric, aggregated like the others."""
     s = _sphere(0.3, subdivisions=2)
     m = evaluate_pair(s, s, FAST, with_images=False, extra_metrics={"faces_ratio": lambda p, g: p.faces.shape[0] / g.faces.shape[0]})
     assert m["faces_ratio"] == 1.0
