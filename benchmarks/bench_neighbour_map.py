@@ -41,7 +41,7 @@ MAP_CASES = [("map N=200k", 200_000), ("map N=1M", 1_000_000)]
 DECODER_CASES = [("decoder 512", 32, 8000), ("decoder 1024", 64, 20000)]
 CATEGORIES = [  # first match wins, lower-cased kernel names
     ("sparse conv (Triton)", ("_subm_conv",)),
-    ("neighbour map (Triton)", ("_hash_", "_tile_layout")),
+    ("neighbour map (Triton)", ("_hash_", "_tile_layout", "_child_tile")),
     ("layer norm (+SiLU)", ("_layer_norm_act", "layer_norm")),
     ("sort/search/scan", ("sort", "search", "radix", "scan")),
     ("gemm", ("gemm", "sm90_xmma", "cutlass", "matmul", "nvjet", "cublas")),
@@ -102,13 +102,31 @@ def bench_decoder(case, model, device, warmup: int, repeats: int, torch_maps: bo
         return {"case": name, "ms": ms}
     with neighbour_triton.use_triton_maps(False):
         torch_ms, torch_peak = med(fwd)
-        ref = fwd().feats
-    same = torch.equal(fwd().feats, ref)
-    return {"case": name, "tokens": int(coords.shape[0]), "ms": ms, "peak_gib": peak, "torch_maps_ms": torch_ms,
-            "torch_maps_peak_gib": torch_peak, "same_output": same, "anchor": REFERENCE[name]}
+        ref = fwd()
+    out = fwd()
+    same = torch.equal(out.feats, ref.feats)
+    set_children_only(model, False)  # the earlier C2S path: conv1 for all 8 children, skip added after conv2
+    try:
+        early_ms, early_peak = med(fwd)
+        early = fwd()
+    finally:
+        set_children_only(model, True)
+    same_coords = torch.equal(early.coords, out.coords)
+    err = float((early.feats - out.feats).abs().max() / early.feats.abs().max()) if same_coords else None
+    return {"case": name, "tokens": int(coords.shape[0]), "voxels": int(out.coords.shape[0]), "ms": ms,
+            "peak_gib": peak, "torch_maps_ms": torch_ms, "torch_maps_peak_gib": torch_peak, "same_output": same,
+            "c2s_earlier_ms": early_ms, "c2s_earlier_peak_gib": early_peak, "c2s_same_coords": same_coords,
+            "c2s_rel_err": err, "anchor": REFERENCE[name]}
 
 
-LOOKUP_SWEEP = [(4, 4, 2), (16, 4, 2), (2, 2, 2), (4, 4, 4), (16, 4, 4), (4, 4, 8)]  # (BLOCK, WARPS, SLOTS)
+def set_children_only(model, on: bool) -> None:
+    """Switch every C2S block of ``model`` between the children-only convs (default) and the earlier path."""
+    for m in model.modules():
+        if isinstance(m, shape_mod.SparseResBlockC2S3d):
+            m.children_only = on
+
+
+LOOKUP_SWEEP = [(4, 4, 4), (8, 4, 4), (16, 4, 4), (32, 8, 4), (4, 4, 8), (16, 4, 8)]  # (BLOCK, WARPS, SLOTS)
 
 
 def sweep_maps(device, warmup: int, repeats: int) -> list:
@@ -137,6 +155,23 @@ def categorise(name: str) -> str:
     return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
 
 
+def op_times(fn, top: int = 16) -> list:
+    """The torch ops of one call of ``fn`` with the most device time of their own (kernels they launched),
+    grouped by input shapes: which PyTorch op (and size) each non-Triton kernel belongs to."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages(group_by_input_shape=True):
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        if us and ev.key.startswith("aten::"):
+            rows.append({"op": ev.key, "shapes": str(ev.input_shapes)[:120], "ms": round(us / 1e3, 3), "calls": ev.count})
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def profile_decoder(model, device) -> dict:
     coords = sphere_shell_tokens(64, 20000, device)
     feats = torch.randn(coords.shape[0], 32, device=device)
@@ -150,7 +185,8 @@ def profile_decoder(model, device) -> dict:
         cats[c][1] += v["calls"]
     total = sum(v["us"] for v in kernels.values()) / 1e3
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us"])[:14]
-    return {"kernel_ms": round(total, 2),
+    ops = op_times(lambda: model(SparseTensor(feats, coords, (64,) * 3, batch_size=1)))
+    return {"kernel_ms": round(total, 2), "aten_ops": ops,
             "categories": {c: {"ms": round(ms, 2), "launches": int(n)} for c, (ms, n) in
                            sorted(cats.items(), key=lambda kv: -kv[1][0])},
             "top": [{"kernel": k[:100], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
@@ -198,11 +234,16 @@ def main(argv=None) -> int:
                 print(f"   {c:<26} {v['ms']:8.2f} ms {v['launches']:6d} launches")
             for k in prof["top"]:
                 print(f"   {k['ms']:8.3f} ms {k['calls']:6.0f}x  {k['kernel']}")
-    print(f"\n{'case':<14}{'ours':>12}{'torch build':>14}  anchor  ({device_name(device)})")
+            print("   torch ops by own device time:")
+            for k in prof["aten_ops"]:
+                print(f"   {k['ms']:8.3f} ms {k['calls']:6d}x  {k['op']} {k['shapes']}")
+    print(f"\n{'case':<14}{'ours':>12}{'torch build':>14}{'earlier C2S':>14}  anchor  ({device_name(device)})")
     for r in rows:
         ours = r.get("triton_ms", r.get("ms"))
         base = r.get("torch_ms", r.get("torch_maps_ms"))
-        print(f"{r['case']:<14}{ours:>10.3f}ms{base:>12.3f}ms  {r['anchor']}")
+        early = f"{r['c2s_earlier_ms']:>12.3f}ms" if "c2s_earlier_ms" in r else f"{'-':>14}"
+        peaks = f"  peak {r['peak_gib']} / earlier {r['c2s_earlier_peak_gib']} GiB" if "c2s_earlier_ms" in r else ""
+        print(f"{r['case']:<14}{ours:>10.3f}ms{base:>12.3f}ms{early}  {r['anchor']}{peaks}")
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny,
                           "rows": rows, "profile": prof, "sweeps": sweeps})
     return 0

@@ -50,6 +50,10 @@ __all__ = [
     "build_neighbour_map",
     "kernel_offsets",
     "submanifold_conv3d",
+    "submanifold_conv3d_children",
+    "submanifold_conv3d_skip",
+    "add_repeated_rows_",
+    "implicit_kernel_ok",
     "choose_algorithm",
     "ALGORITHMS",
 ]
@@ -352,13 +356,8 @@ def submanifold_conv3d(
     Weight and bias are cast to ``x.dtype``. Returns a tensor on the same coords (shared cache)
     with feats ``[N, Co]``.
     """
-    if x.feats.dim() != 2:
-        raise ValueError(f"submanifold_conv3d needs feats [N, C], got {tuple(x.feats.shape)}")
-    if weight.dim() != 5 or not (weight.shape[1] == weight.shape[2] == weight.shape[3]) or weight.shape[1] % 2 == 0:
-        raise ValueError(f"submanifold_conv3d weight must be [Co, k, k, k, Ci] with odd k, got {tuple(weight.shape)}")
+    _check_conv_args("submanifold_conv3d", x, weight)
     Co, k, Ci = weight.shape[0], weight.shape[1], weight.shape[4]
-    if x.feats.shape[1] != Ci:
-        raise ValueError(f"submanifold_conv3d: input has {x.feats.shape[1]} channels, weight expects {Ci}")
     if algo not in ALGORITHMS and algo != "auto":
         raise ValueError(f"submanifold_conv3d algo must be one of {ALGORITHMS + ('auto',)}, got {algo!r}")
     feats = x.feats
@@ -384,6 +383,99 @@ def submanifold_conv3d(
     else:
         out = _conv_bag(feats, nm, w, b, chunk_bytes, use_csr=algo == "csr")
     return x.replace(out)
+
+
+def _check_conv_args(name: str, x: SparseTensor, weight: torch.Tensor) -> None:
+    """feats ``[N, Ci]`` and weight ``[Co, k, k, k, Ci]`` with odd k, or a ValueError naming ``name``."""
+    if x.feats.dim() != 2:
+        raise ValueError(f"{name} needs feats [N, C], got {tuple(x.feats.shape)}")
+    if weight.dim() != 5 or not (weight.shape[1] == weight.shape[2] == weight.shape[3]) or weight.shape[1] % 2 == 0:
+        raise ValueError(f"{name} weight must be [Co, k, k, k, Ci] with odd k, got {tuple(weight.shape)}")
+    if x.feats.shape[1] != weight.shape[4]:
+        raise ValueError(f"{name}: input has {x.feats.shape[1]} channels, weight expects {weight.shape[4]}")
+
+
+def implicit_kernel_ok(feats: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether ``algo="auto"`` runs the Triton implicit GEMM on ``feats`` and no input needs a
+    gradient (the kernels of :func:`submanifold_conv3d_children` / ``_skip`` have no backward)."""
+    return (conv_triton.supports(feats) and not _implicit_failed and not grad_needed(feats, *params)
+            and choose_algorithm(feats.device, feats.shape[1], feats.shape[1], None, feats.dtype) == "implicit")
+
+
+def submanifold_conv3d_children(x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                src: torch.Tensor, num_slots: int = 8) -> torch.Tensor:
+    """Selected output blocks of a submanifold conv: ``conv(x).view(N * S, Co)[src]``.
+
+    x feats ``[N, Ci]``; weight ``[S * Co, k, k, k, Ci]``, bias ``[S * Co]`` (S = ``num_slots``; the
+    channel-to-space conv of the decoders, block s = child s); ``src [M]`` int: ``row * S + slot``.
+    Returns ``[M, Co]`` in x's dtype. With the Triton implicit GEMM (CUDA half, no grad, k = 3)
+    only the selected blocks are computed (:func:`.conv_triton.conv_children_implicit_gemm`; about
+    half the FLOPs and memory of the full conv for a surface's children); elsewhere the full conv
+    is gathered (same values: the kernel adds the same products in the same order).
+    """
+    _check_conv_args("submanifold_conv3d_children", x, weight)
+    if weight.shape[0] % num_slots:
+        raise ValueError(f"submanifold_conv3d_children: {weight.shape[0]} output channels are not {num_slots} blocks")
+    w = weight.to(x.feats.dtype)
+    b = None if bias is None else bias.to(x.feats.dtype)
+    k = weight.shape[1]
+    if x.num_voxels and src.numel() and k == 3 and implicit_kernel_ok(x.feats, w, b):
+        nm = neighbour_map(x, k, 1)
+        Co = weight.shape[0] // num_slots
+        cfg = conv_triton.kernel_config(weight.shape[4], Co, x.feats.dtype)
+        flags = neighbour_triton.child_tile_flags if neighbour_triton.available(x.coords) else None
+        out = _first_launch_guard(lambda: conv_triton.conv_children_implicit_gemm(
+            x.feats, nm.nbr, conv_triton.child_tile_layout(nm.nbr, nm._derived.get("bits"), src, cfg.BM, num_slots,
+                                                           flags), w, b, src.shape[0], num_slots, cfg))
+        if out is not None:
+            return out
+    full = submanifold_conv3d(x, weight, bias).feats
+    return full.view(-1, full.shape[1] // num_slots)[src]
+
+
+def submanifold_conv3d_skip(x: SparseTensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``submanifold_conv3d(x, weight, bias).feats + skip`` with ``skip[n, j] = table[index[n], j // r]``
+    (``table [R, c]``, ``r = Co // c``; the channel-to-space skip of the decoders) -> ``[N, Co]``.
+
+    With the Triton implicit GEMM the skip is added in the conv's epilogue (fp32, one rounding, no
+    gathered temporary); elsewhere conv then :func:`add_repeated_rows_` (rounded twice).
+    """
+    _check_conv_args("submanifold_conv3d_skip", x, weight)
+    w = weight.to(x.feats.dtype)
+    b = None if bias is None else bias.to(x.feats.dtype)
+    if x.num_voxels and implicit_kernel_ok(x.feats, w, b) and table.dtype == x.feats.dtype:
+        nm = neighbour_map(x, weight.shape[1], 1)
+        cfg = conv_triton.kernel_config(weight.shape[4], weight.shape[0], x.feats.dtype)
+        out = _first_launch_guard(lambda: conv_triton.conv_implicit_gemm(x.feats, nm.tile_layout(cfg.BM), w, b, cfg,
+                                                                         skip=(table, index)))
+        if out is not None:
+            return out
+    out = submanifold_conv3d(x, weight, bias).feats
+    return add_repeated_rows_(out, table, index)
+
+
+def _first_launch_guard(launch) -> Optional[torch.Tensor]:
+    """``launch()``, or None after logging a failing launch (compiler/driver errors vary): from then on
+    ``"auto"`` and :func:`implicit_kernel_ok` keep to the PyTorch paths, as for the plain conv."""
+    try:
+        return launch()
+    except Exception as exc:  # noqa: BLE001
+        _implicit_failed.append(exc)
+        _log.warning("Triton sparse conv failed (%s: %s); using the PyTorch algorithms", type(exc).__name__, exc)
+        return None
+
+
+def add_repeated_rows_(out: torch.Tensor, table: torch.Tensor, index: torch.Tensor,
+                       chunk_rows: int = 1 << 18) -> torch.Tensor:
+    """In place ``out[n, j] += table[index[n], j // r]`` (``out [N, Co]``, ``table [R, c]``,
+    ``r = Co // c``), in row chunks; returns ``out``."""
+    repeat = out.shape[1] // table.shape[1]
+    for start in range(0, out.shape[0], chunk_rows):
+        stop = start + chunk_rows
+        # channel j*repeat + r gets table channel j: a broadcast add over r
+        out[start:stop].view(-1, table.shape[1], repeat).add_(table[index[start:stop]].unsqueeze(-1))
+    return out
 
 
 def _conv_implicit(feats, nm: NeighbourMap, w, b, fallback: bool) -> Optional[torch.Tensor]:

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
 
-__all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_layout_triton"]
+__all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_layout_triton", "child_tile_flags"]
 
 BLOCK_INSERT = 256
 BLOCK_LOOKUP = 4  # voxels per program (x 32 offset lanes): the probe loop runs to the program's longest probe
@@ -151,6 +151,13 @@ if triton is not None:
         tl.store(nbr_sorted_ptr + v[None, :].to(tl.int64) * N + pos[:, None], tile, mask=both)
         tl.store(rows_ptr + pos, src.to(tl.int32), mask=ok)
         bits = tl.load(bits_ptr + pos, mask=ok, other=0)
+        _store_tile_offsets(bits, t, offsets_ptr, counts_ptr, K, KP)
+
+    @triton.jit
+    def _store_tile_offsets(bits, t, offsets_ptr, counts_ptr, K, KP: tl.constexpr):
+        """Tile t's active offsets (OR of its rows' pattern ``bits``) ascending, then the rest; the count."""
+        v = tl.arange(0, KP)
+        v_ok = v < K
         tile_bits = tl.reduce(bits, 0, _or)
         act = ((tile_bits >> v) & 1) * v_ok.to(tl.int32)
         ca = tl.cumsum(act, 0)
@@ -158,6 +165,13 @@ if triton is not None:
         slot = tl.where(act == 1, ca - 1, count + v - ca)  # active offsets first, then the rest
         tl.store(offsets_ptr + t * K + slot, v, mask=v_ok)
         tl.store(counts_ptr + t, count)
+
+    @triton.jit(do_not_specialize=["N", "K"])
+    def _child_tile_kernel(par_ptr, bits_ptr, offsets_ptr, counts_ptr, N, K, BM: tl.constexpr, KP: tl.constexpr):
+        t = tl.program_id(0)
+        par = tl.load(par_ptr + t * BM + tl.arange(0, BM))  # padded to whole tiles; N = padding
+        bits = tl.load(bits_ptr + par, mask=par < N, other=0)
+        _store_tile_offsets(bits, t, offsets_ptr, counts_ptr, K, KP)
 
 
 def build_neighbour_map_triton(
@@ -208,6 +222,18 @@ def tile_layout_triton(nbr: torch.Tensor, bits: torch.Tensor, bm: int):
     return TileLayout(bm, T, rows, nbr_sorted, offsets, counts)
 
 
+def child_tile_flags(parents: torch.Tensor, bits: torch.Tensor, N: int, K: int, bm: int):
+    """``(offsets [T, K] int32, counts [T] int32)`` of a child tile layout (``parents [T * bm]``, N =
+    padding; parent pattern ``bits [N]``): one launch, for :func:`.conv_triton.child_tile_layout`."""
+    T = parents.shape[0] // bm
+    offsets = torch.empty((T, K), dtype=torch.int32, device=parents.device)
+    counts = torch.empty(T, dtype=torch.int32, device=parents.device)
+    if T:
+        _child_tile_kernel[(T,)](parents, bits, offsets, counts, N, K, BM=bm, KP=triton.next_power_of_2(K),
+                                 num_warps=4)
+    return offsets, counts
+
+
 def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> list:
     """One call per kernel of the build (as the forward specialises them), each runnable on its
     own thread on dummy inputs, so that first-use compiles run side by side (CUDA; the tensors of
@@ -239,4 +265,7 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
         _tile_layout_kernel[(1,)](nbr, order, bits, out, small, offs, small[:1].clone(), 4, K, BM=bm, KP=KP,
                                   num_warps=4)
 
-    return [insert, lookup, layout] if K <= 31 else [insert, lookup]
+    def child_tiles():
+        child_tile_flags(torch.full((bm,), 4, dtype=torch.int32, device=device), bits, 4, K, bm)
+
+    return [insert, lookup, layout, child_tiles] if K <= 31 else [insert, lookup]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ..mesh.types import Mesh
 from ..sparse import NeighbourMap, SparseLinear, SparseTensor, SubMConv3d, channel_to_spatial, child_bits
+from ..sparse.conv import add_repeated_rows_, submanifold_conv3d_children, submanifold_conv3d_skip
 from .modules.fused import fused_enabled
 from .modules.fused_norm import layer_norm_act
 from .ovoxel import flexible_dual_grid_to_mesh
@@ -139,6 +140,8 @@ class SparseResBlockC2S3d(nn.Module):
         self.norm1 = nn.LayerNorm(channels, eps=1e-6)
         self.conv1 = SubMConv3d(channels, out_channels * 8, 3)
         self.conv2 = SubMConv3d(out_channels, out_channels, 3)
+        # False: the earlier path (conv1 for all 8 children, skip added after conv2), for A/B runs
+        self.children_only = True
         if pred_subdiv:
             self.to_subdiv = SparseLinear(channels, 8)
 
@@ -153,16 +156,23 @@ class SparseResBlockC2S3d(nn.Module):
             subdiv = self.subdivision_logits(x)
         if subdiv is None:
             raise ValueError("SparseResBlockC2S3d without to_subdiv needs subdiv logits [N, 8]")
-        mask = subdiv > 0
-        h = self.conv1(x.replace(_norm(x.feats, self.norm1, silu=True))).feats  # [N, 8*Co]
+        fine, src = self._children(x, subdiv > 0)
+        a = x.replace(_norm(x.feats, self.norm1, silu=True))
+        if self.children_only:  # conv1 only for the existing children (about half its FLOPs)
+            feats = submanifold_conv3d_children(a, self.conv1.weight, self.conv1.bias, src)  # [N', Co]
+            feats = _norm(feats, None, silu=True, out=feats)
+        else:
+            h = self.conv1(a).feats  # [N, 8*Co]
+            feats = _norm(h.view(-1, self.out_channels), None, silu=True, index=src)  # [N', Co]
+            del h
+        del a
         if release_input_maps:
             _drop_neighbour_maps(x)
-        fine, src = self._children(x, mask)
-        feats = _norm(h.view(-1, self.out_channels), None, silu=True, index=src)  # [N', Co]
-        del h
-        out = self.conv2(fine.replace(feats)).feats
-        del feats
-        self._add_skip(out, x.feats, src)
+        table = x.feats.reshape(-1, self.channels // 8)  # skip: child row i gets parent block src[i]
+        if self.children_only:  # the skip added in conv2's epilogue (one rounding)
+            out = submanifold_conv3d_skip(fine.replace(feats), self.conv2.weight, self.conv2.bias, table, src)
+        else:
+            out = add_repeated_rows_(self.conv2(fine.replace(feats)).feats, table, src, DEFAULT_CHUNK_ROWS)
         return fine.replace(out), subdiv
 
     @staticmethod
@@ -174,16 +184,6 @@ class SparseResBlockC2S3d(nn.Module):
         ids = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64, device=x.device)
         fine = channel_to_spatial(x.replace(ids.view(-1, 8)), mask)
         return fine, fine.feats.view(-1)
-
-    def _add_skip(self, out: torch.Tensor, feats: torch.Tensor, src: torch.Tensor) -> None:
-        """``out += skip``: child row i gets channel block k of its parent (``[N*8, Ci/8]`` view row
-        ``src[i]``), each channel repeated ``Co / (Ci/8)`` times; in row chunks."""
-        flat = feats.reshape(-1, self.channels // 8)
-        repeat = self.out_channels // (self.channels // 8)
-        for start in range(0, out.shape[0], DEFAULT_CHUNK_ROWS):
-            stop = start + DEFAULT_CHUNK_ROWS
-            # channel j*repeat + r of a child gets parent channel j: a broadcast add over r
-            out[start:stop].view(-1, flat.shape[1], repeat).add_(flat[src[start:stop]].unsqueeze(-1))
 
 
 _BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
@@ -341,32 +341,49 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
         grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
         coords = torch.cat([torch.zeros(64, 1, dtype=grid.dtype, device=device), grid], 1).int()
         from ..sparse import conv as sparse_conv
-        from ..sparse import neighbour_triton
+        from ..sparse import conv_triton, neighbour_triton
         from ..sparse.conv_triton import kernel_config
 
         if neighbour_triton.available(coords):  # the map kernels compile in jobs of their own ...
             jobs.extend(neighbour_triton.warmup_jobs(device))
-        maps: Dict[tuple, NeighbourMap] = {}  # ... while the conv jobs use maps built with torch ops
+        if not sparse_conv.implicit_kernel_ok(torch.zeros(1, 16, device=device, dtype=self.dtype)):
+            return jobs  # the convs run on PyTorch ops here: nothing more to compile
+        # ... while the conv jobs use a map built with torch ops, and layouts built here (not raced for)
+        nbr = sparse_conv._build_neighbour_map_torch(coords, (4, 4, 4), 3, 1, sparse_conv.DEFAULT_TABLE_BYTES)
+        src = torch.arange(64, device=device, dtype=torch.int32) * 9 % 512  # one child per parent, every slot
         seen = set()
-        for conv in self.blocks.modules():
-            if not isinstance(conv, SubMConv3d):
-                continue
-            cfg = kernel_config(conv.in_channels, conv.out_channels, self.dtype)
-            key = (cfg, conv.bias is not None, tuple(conv.weight.shape[1:4]))
+        for kind, conv in self._conv_launches():
+            if (conv.kernel_size, conv.dilation) != (3, 1):
+                raise ValueError(f"shape decoder precompile: 3x3x3 convs expected, got {conv}")
+            co = conv.out_channels // 8 if kind == "child" else conv.out_channels
+            cfg = kernel_config(conv.in_channels, co, self.dtype)
+            key = (kind, cfg, conv.bias is not None)
             if key in seen:
                 continue
             seen.add(key)
-            map_key = ("subm_neighbour_map", conv.kernel_size, conv.dilation)
-            if map_key not in maps:
-                nbr = sparse_conv._build_neighbour_map_torch(coords, (4, 4, 4), conv.kernel_size, conv.dilation,
-                                                             sparse_conv.DEFAULT_TABLE_BYTES)
-                maps[map_key] = NeighbourMap(nbr, conv.kernel_size, conv.dilation)
-            maps[map_key].tile_layout(cfg.BM)  # built here, not raced for in the threads
             feats = torch.zeros(64, conv.in_channels, device=device, dtype=self.dtype)
-            cache = {map_key: maps[map_key], "batch_size": 1}
-            jobs.append(lambda conv=conv, feats=feats, cache=cache: conv(SparseTensor(feats, coords, (4, 4, 4),
-                                                                                      cache=dict(cache))))
+            if kind == "child":
+                lay = conv_triton.child_tile_layout(nbr, None, src, cfg.BM)
+                jobs.append(lambda f=feats, c=conv, lay=lay, cfg=cfg: conv_triton.conv_children_implicit_gemm(
+                    f, nbr, lay, c.weight, c.bias, 64, 8, cfg))
+            else:
+                lay = conv_triton.tile_layout(nbr, cfg.BM)
+                skip = (torch.zeros(512, co, device=device, dtype=self.dtype), src) if kind == "skip" else None
+                jobs.append(lambda f=feats, c=conv, lay=lay, cfg=cfg, skip=skip: conv_triton.conv_implicit_gemm(
+                    f, lay, c.weight, c.bias, cfg, skip))
         return jobs
+
+    def _conv_launches(self) -> List[Tuple[str, SubMConv3d]]:
+        """Each conv of the body with the kernel form the forward launches it in: ``"plain"``,
+        ``"child"`` (C2S conv1, existing children only) or ``"skip"`` (C2S conv2 + skip)."""
+        out: List[Tuple[str, SubMConv3d]] = []
+        for level in self.blocks:
+            for block in level:
+                if isinstance(block, SparseResBlockC2S3d) and block.children_only:
+                    out += [("child", block.conv1), ("skip", block.conv2)]
+                else:
+                    out += [("plain", m) for m in block.modules() if isinstance(m, SubMConv3d)]
+        return out
 
     def precompile_kernels(self, device: Optional[torch.device] = None, threads: int = PRECOMPILE_THREADS) -> int:
         """Run every Triton kernel variant of the forward once, from a thread pool.
