@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import SHAPE_DECODER_FULL, default_device, device_name, kernel_times, sample_times, write_json  # noqa: E402
 from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
-from know3d_core.sparse import SparseTensor, conv, neighbour_triton  # noqa: E402
+from know3d_core.sparse import SparseTensor, conv, conv_triton, neighbour_triton  # noqa: E402
 from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
 from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: E402
 
@@ -111,12 +111,14 @@ def bench_decoder(case, model, device, warmup: int, repeats: int, torch_maps: bo
         early = fwd()
     finally:
         set_children_only(model, True)
+    with conv_triton.use_config_rule("wide"):  # BN 256 from 256 output channels on
+        wide_ms, wide_peak = med(fwd)
     same_coords = torch.equal(early.coords, out.coords)
     err = float((early.feats - out.feats).abs().max() / early.feats.abs().max()) if same_coords else None
     return {"case": name, "tokens": int(coords.shape[0]), "voxels": int(out.coords.shape[0]), "ms": ms,
             "peak_gib": peak, "torch_maps_ms": torch_ms, "torch_maps_peak_gib": torch_peak, "same_output": same,
             "c2s_earlier_ms": early_ms, "c2s_earlier_peak_gib": early_peak, "c2s_same_coords": same_coords,
-            "c2s_rel_err": err, "anchor": REFERENCE[name]}
+            "c2s_rel_err": err, "wide_rule_ms": wide_ms, "wide_rule_peak_gib": wide_peak, "anchor": REFERENCE[name]}
 
 
 def set_children_only(model, on: bool) -> None:
@@ -242,7 +244,8 @@ def main(argv=None) -> int:
         ours = r.get("triton_ms", r.get("ms"))
         base = r.get("torch_ms", r.get("torch_maps_ms"))
         early = f"{r['c2s_earlier_ms']:>12.3f}ms" if "c2s_earlier_ms" in r else f"{'-':>14}"
-        peaks = f"  peak {r['peak_gib']} / earlier {r['c2s_earlier_peak_gib']} GiB" if "c2s_earlier_ms" in r else ""
+        peaks = (f"  peak {r['peak_gib']} / earlier {r['c2s_earlier_peak_gib']} GiB; wide rule {r['wide_rule_ms']} ms"
+                 if "c2s_earlier_ms" in r else "")
         print(f"{r['case']:<14}{ours:>10.3f}ms{base:>12.3f}ms{early}  {r['anchor']}{peaks}")
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny,
                           "rows": rows, "profile": prof, "sweeps": sweeps})

@@ -204,3 +204,25 @@ def test_failing_kernel_launch_falls_back_to_pytorch(monkeypatch, caplog):
     got2 = conv.submanifold_conv3d_skip(x, w[:8], b[:8], table, index)  # the flag is set: no second launch
     assert len(failed) == 1
     assert torch.allclose(got2, submanifold_conv3d(x, w[:8], b[:8]).feats + table[index].repeat_interleave(2, 1))
+
+
+@cuda
+@pytest.mark.cuda
+def test_cuda_wide_config_rule_gives_the_same_convs():
+    """The ``wide`` rule (BN 256) in all three forms against the fp32 full conv."""
+    x = random_sparse((24, 20, 22), [3000, 1500], 256).to("cuda").to(torch.float16)
+    w = (torch.randn(8 * 256, 3, 3, 3, 256, device="cuda") / (27 * 256) ** 0.5).half()
+    b = torch.randn(8 * 256, device="cuda").half()
+    src = _children(x.num_voxels, seed=9, device="cuda")
+    table = torch.randn(2 * x.num_voxels, 64, device="cuda").half()
+    index = torch.randint(0, table.shape[0], (x.num_voxels,), device="cuda", dtype=torch.int32)
+    with torch.no_grad(), conv_triton.use_config_rule("wide"):
+        assert conv_triton.kernel_config(256, 256, torch.float16).BN == 256
+        child = conv.submanifold_conv3d_children(x, w, b, src)
+        plain = submanifold_conv3d(x, w[:256], b[:256], 1, "implicit").feats
+        skip = conv.submanifold_conv3d_skip(x, w[:256], b[:256], table, index)
+    ref_child = _full_blocks(x, w, b, src)
+    ref_plain = submanifold_conv3d(x.to(torch.float32), w[:256].float(), b[:256].float(), 1, "csr").feats
+    ref_skip = ref_plain + table.float()[index.long()].repeat_interleave(4, 1)
+    for out, ref in ((child, ref_child), (plain, ref_plain), (skip, ref_skip)):
+        assert ((out.float() - ref).abs().max() / ref.abs().max()).item() <= 2e-3

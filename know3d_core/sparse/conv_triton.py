@@ -17,8 +17,9 @@ Triton in-process (one compile per configuration and dtype, about a second each)
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -32,7 +33,8 @@ except ImportError:  # pragma: no cover - depends on the installation
     tl = None
 
 __all__ = ["triton_available", "supports", "kernel_config", "tile_layout", "TileLayout", "conv_implicit_gemm",
-           "ChildTileLayout", "child_tile_layout", "pattern_bits", "conv_children_implicit_gemm"]
+           "ChildTileLayout", "child_tile_layout", "pattern_bits", "conv_children_implicit_gemm", "use_config_rule",
+           "RULES"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -60,13 +62,33 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+RULES = ("base", "wide")
+_rule = {"name": "base"}
+
+
+@contextlib.contextmanager
+def use_config_rule(name: str) -> Iterator[None]:
+    """Context manager: :func:`kernel_config` by rule ``name`` (one of :data:`RULES`; A/B runs)."""
+    if name not in RULES:
+        raise ValueError(f"unknown conv config rule {name!r}; known: {RULES}")
+    previous = _rule["name"]
+    _rule["name"] = name
+    try:
+        yield
+    finally:
+        _rule["name"] = previous
+
+
 def kernel_config(in_channels: int, out_channels: int, dtype: torch.dtype) -> KernelConfig:
     """Block sizes by rule (measured on an H100, benchmarks/results/perf_conv_sweep.log).
 
-    BN covers the output channels up to 128 (one gather per 128 outputs), BK the input channels up
-    to 64; fp32 halves BK (twice the bytes per element).
+    ``base``: BN covers the output channels up to 128 (one gather per 128 outputs), BK the input
+    channels up to 64; fp32 halves BK (twice the bytes per element). ``wide``: BN 256 for half
+    precision from 256 output channels on (twice the multiplies per weight byte read).
     """
     bn = 128 if out_channels > 64 else max(16, _next_pow2(out_channels))
+    if _rule["name"] == "wide" and out_channels >= 256 and dtype != torch.float32:
+        bn = 256
     bk_max = 32 if dtype == torch.float32 else 64
     bk = min(bk_max, max(16, _next_pow2(in_channels)))
     warps = 8 if bn >= 128 else 4
