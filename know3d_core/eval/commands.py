@@ -5,6 +5,7 @@ import argparse
 import os
 
 from ..argtypes import positive_int as _positive
+from ..argtypes import size as _size
 from ..errors import EXIT_OK, UsageError
 
 __all__ = ["register", "parse_variants", "check_eval_deps", "similarity_metrics"]
@@ -100,6 +101,9 @@ def _register_experiment(subparsers) -> None:
                               description=_EXPERIMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--smoke", action="store_true", help="tiny CPU settings (CI)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="make the inputs (procedural assets, renders, codec latents, models) in --out and stop: "
+                        "renders need OpenGL, so a GPU run can start from inputs made elsewhere (same sizes and seed)")
     p.add_argument("--train-seeds", type=_positive, help="objects (fronts) to train on")
     p.add_argument("--val-seeds", type=_positive, help="held-out fronts to evaluate")
     p.add_argument("--features", help="comma-separated back features (K of them; default flat_back,handle,slats,shelf)")
@@ -113,10 +117,11 @@ def _register_experiment(subparsers) -> None:
     p.add_argument("--batch-size", type=_positive)
     p.add_argument("--lr", type=float)
     p.add_argument("--back-steps", type=_positive)
+    p.add_argument("--back-size", type=_size, help="back-view HxW in pixels (default 32x32: 4 MMDiT tokens)")
     p.add_argument("--sample-steps", type=_positive)
     p.add_argument("--render-size", type=_positive)
     p.add_argument("--sigmas", help="capture-sigma sweep, e.g. 0.85,0.5,0.25,0.1 (default: none)")
-    p.add_argument("--rows", help="rows, comma-separated (default hidden,hidden_gt,multiview,none)")
+    p.add_argument("--rows", help="rows, comma-separated (default hidden,hidden_gt,latent,image,multiview,none)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int)
@@ -134,7 +139,7 @@ def run_experiment_command(opts) -> int:
     kw = dict(SMOKE) if opts.smoke else {}
     for name in ("train_seeds", "val_seeds", "latent_grid", "model_channels", "num_blocks", "num_heads",
                  "backview_steps", "base_steps", "know3d_steps", "batch_size", "lr", "back_steps", "sample_steps", "render_size",
-                 "num_workers"):
+                 "num_workers", "back_size"):
         if getattr(opts, name) is not None:
             kw[name] = getattr(opts, name)
     if opts.features:
@@ -157,8 +162,15 @@ def run_experiment_command(opts) -> int:
         kw["rows"] = rows
     if kw.get("latent_grid") and 64 % (2 * kw["latent_grid"]):
         raise UsageError(f"--latent-grid {kw['latent_grid']}: 2R must divide 64 (R = 2, 4, 8, 16 or 32)")
-    result = run_experiment(ExperimentConfig(out=opts.out, device=opts.device, seed=opts.seed,
-                                             progress=opts.progress, time_budget=opts.time_budget, **kw))
+    cfg = ExperimentConfig(out=opts.out, device=opts.device, seed=opts.seed, progress=opts.progress,
+                           time_budget=opts.time_budget, **kw)
+    if opts.prepare_only:
+        from .experiment import prepare_inputs
+
+        prepare_inputs(cfg, os.path.abspath(opts.out))
+        print(f"inputs ready in {opts.out} (inputs.json states their sizes)")
+        return EXIT_OK
+    result = run_experiment(cfg)
     print(format_table(result))
     print(f"device {result['device']}, {result['seconds']} s; wrote {os.path.join(opts.out, 'experiment.json')}, "
           "experiment.md, prompts.png")

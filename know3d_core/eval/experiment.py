@@ -16,10 +16,11 @@ of K named features) go through the real parts of the pack:
    matches best by back-half IoU; ``none`` cannot depend on the prompt, so it scores 1/K.
 
 Rows: ``hidden`` (trajectory knowledge, the paper's), ``hidden_gt`` (trained on one forward on the
-ground-truth back latent noised to sigma; inference as always from the trajectory), ``multiview``
-(the decoded back view as a second image of the base), ``none`` (the base alone), and the capture
-sigma sweep of ``hidden``. ``latent`` and ``image`` need a trainer for ``vae_latent`` /
-``dino_image`` knowledge, which ``know3d train`` does not have: they are listed as not run.
+ground-truth back latent noised to sigma; inference as always from the trajectory), ``latent`` (the
+denoised back-view latent, ``--knowledge-source latent``), ``image`` (DINOv3 features of the decoded
+back view, ``--knowledge-source image``; the experiment's DINOv3 and Qwen VAE are the same tiny
+random modules as everywhere else), ``multiview`` (the decoded back view as a second image of the
+base), ``none`` (the base alone), and the capture sigma sweep of ``hidden``.
 
 Experiment codec. The networks are small and random-initialised (nothing is downloaded), so the
 TRELLIS SS VAE would be random too, and its decoder cannot invert its encoder. The experiment
@@ -34,7 +35,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -43,11 +44,12 @@ from torch import nn
 from ..data import layout as L
 
 __all__ = ["ExperimentConfig", "SMOKE", "encode_occupancy", "decode_latent", "CodecDecoder", "run_experiment",
-           "ROWS", "NOT_RUN"]
+           "ROWS", "ROW_SOURCES"]
 
-ROWS = ("hidden", "hidden_gt", "multiview", "none")
-NOT_RUN = {"latent": "know3d train makes mmdit_hidden knowledge only (no vae_latent trainer)",
-           "image": "know3d train makes mmdit_hidden knowledge only (no dino_image trainer)"}
+ROWS = ("hidden", "hidden_gt", "latent", "image", "multiview", "none")
+# row -> (pipeline variant at generation, know3d train --knowledge-source or None: no Know3D training)
+ROW_SOURCES = {"hidden": ("hidden", "trajectory"), "hidden_gt": ("hidden", "gt_latent"), "latent": ("latent", "latent"),
+               "image": ("image", "image"), "multiview": ("multiview", None), "none": ("none", None)}
 SIGMAS = (0.85, 0.5, 0.25, 0.1)
 
 
@@ -315,9 +317,9 @@ def generate(cfg: ExperimentConfig, pipe, variant: str, val: Dict[int, Dict[str,
             gen_seed = cfg.seed * 1000 + seed
             knowledge = None
             if variant != "none":
-                stage = pipe.back_view(front, ANNOTATIONS[feature][0], "multiview" if variant == "multiview" else "hidden",
-                                       seed=gen_seed, steps=cfg.back_steps, sigma=sigma, size=tuple(cfg.back_size))
-                knowledge = pipe.make_knowledge(stage, "multiview" if variant == "multiview" else "hidden", "512")
+                stage = pipe.back_view(front, ANNOTATIONS[feature][0], variant, seed=gen_seed, steps=cfg.back_steps,
+                                       sigma=sigma, size=tuple(cfg.back_size))
+                knowledge = pipe.make_knowledge(stage, variant, "512")
             coords = pipe.geometry.sample_sparse_structure(cond, knowledge, resolution=64, seed=gen_seed,
                                                            params={"steps": cfg.sample_steps})
             occ = coords_to_grid(coords[:, 1:], 64)
@@ -327,6 +329,60 @@ def generate(cfg: ExperimentConfig, pipe, variant: str, val: Dict[int, Dict[str,
             with open(os.path.join(item, "record.json"), "w", encoding="utf-8") as f:
                 json.dump({"gt": f"{seed:04d}_{feature}", "seed": seed, "feature": feature,
                            "prompt": ANNOTATIONS[feature][0], "variant": variant, "sigma": sigma}, f)
+
+
+PROBE_FILE = "knowledge_probe.json"  # in a row's pred folder
+PROBE_NOISES = 4  # back-view noise seeds per (front, prompt) in the knowledge probe
+
+
+@torch.no_grad()
+def knowledge_probe(cfg: ExperimentConfig, pipe, variant: str, val: Dict[int, Dict[str, str]],
+                    sigma: Optional[float], noises: int = PROBE_NOISES) -> Dict[str, float]:
+    """Does the knowledge itself carry the prompt? For every held-out front, the knowledge tensor
+    ``[N, D]`` of each of the K descriptions under ``noises`` back-view seeds; a nearest-centroid
+    classifier (centroid per description over the other seeds of the same front, leave one seed out)
+    names the description. Returns ``accuracy`` (1/K: the prompt is not recoverable), ``prompt_diff``
+    (mean relative distance between two descriptions, same seed) and ``noise_diff`` (two seeds, same
+    description). Independent of the structure flow: it separates "the knowledge does not depend on the
+    text" from "the branch does not use it"."""
+    import itertools
+
+    from PIL import Image
+
+    from ..data.synthetic import ANNOTATIONS
+
+    check = pipe.geometry.check_knowledge
+    pipe.geometry.check_knowledge = lambda *a, **k: None  # the base may carry no branch (multiview, probes)
+    try:
+        know: Dict[Tuple[int, str, int], torch.Tensor] = {}
+        for seed, by_feature in sorted(val.items()):
+            with Image.open(_front_view(by_feature[cfg.features[0]])) as im:
+                front = pipe.preprocess(im.convert("RGBA"))
+            for feature in cfg.features:
+                for n in range(noises):
+                    stage = pipe.back_view(front, ANNOTATIONS[feature][0], variant, seed=cfg.seed * 1000 + seed + 7919 * n,
+                                           steps=cfg.back_steps, sigma=sigma, size=tuple(cfg.back_size))
+                    k = pipe.make_knowledge(stage, variant)
+                    know[(seed, feature, n)] = getattr(k, "tensor", k).flatten().float().cpu()
+    finally:
+        pipe.geometry.check_knowledge = check
+
+    def rel(a, b):
+        return float((know[a] - know[b]).norm() / know[a].norm().clamp_min(1e-12))
+
+    fs, seeds = cfg.features, sorted(val)
+    correct = total = 0
+    for s in seeds:
+        for n in range(noises):
+            cents = {f: torch.stack([know[(s, f, m)] for m in range(noises) if m != n]).mean(0) for f in fs}
+            for f in fs:
+                best = min(fs, key=lambda g: float((know[(s, f, n)] - cents[g]).norm()))  # first minimum in order
+                correct += best == f
+                total += 1
+    pd = [rel((s, a, 0), (s, b, 0)) for s in seeds for a, b in itertools.combinations(fs, 2)]
+    nd = [rel((s, f, 0), (s, f, 1)) for s in seeds for f in fs]
+    return {"accuracy": correct / total, "prompt_diff": sum(pd) / len(pd), "noise_diff": sum(nd) / len(nd),
+            "noises": noises}
 
 
 def _front_view(asset: str) -> str:
@@ -399,16 +455,41 @@ def _variants(cfg: ExperimentConfig) -> List[Tuple[str, str, Optional[str], Opti
     """``[(row name, variant, training source or None, sigma)]`` in table order."""
     out = []
     for row in cfg.rows:
-        if row == "hidden":
-            out.append(("hidden", "hidden", "trajectory", cfg.sigma))
-        elif row == "hidden_gt":
-            out.append(("hidden_gt", "hidden", "gt_latent", cfg.sigma))
-        elif row in ("multiview", "none"):
-            out.append((row, row, None, None))
+        variant, source = ROW_SOURCES[row]
+        out.append((row, variant, source, cfg.sigma if variant == "hidden" else None))
     for s in cfg.sigmas:
         if s != cfg.sigma or "hidden" not in cfg.rows:
             out.append((f"hidden_sigma{s:g}", "hidden", "trajectory", float(s)))
     return out
+
+
+# Shares of the time budget (``--time-budget``) when one is given: the base training, then the Know3D
+# trainings together (of what is left after the base); the rest is the knowledge, generation and probes.
+BASE_SHARE = 0.3
+TRAIN_SHARE = 0.45
+CALIBRATION_STEPS = 30
+
+
+def seconds_per_step(cfg: ExperimentConfig, data: str, models: Dict[str, str], out: str) -> float:
+    """Median seconds of one structure-flow training step at this size (a short plain training into
+    ``out``; the first steps, which fill the condition cache, are left out)."""
+    from ..train.engine import train
+    from ..train.flows import FlowTask
+    from ..train.logs import METRICS_FILE, read_metrics
+
+    shutil.rmtree(out, ignore_errors=True)
+    tc = _train_config(cfg, task="trellis2", data=data, out=out, models=models["trellis2"], dinov3=models["dinov3"],
+                       steps=CALIBRATION_STEPS, full=True, log_every=1)
+    train(FlowTask(branch=False), tc)
+    rows = read_metrics(os.path.join(out, METRICS_FILE))
+    per_step = sorted(cfg.batch_size / max(r["samples_per_s"], 1e-9) for r in rows[CALIBRATION_STEPS // 3:])
+    return per_step[len(per_step) // 2]
+
+
+def steps_for_budget(most: int, share_seconds: float, runs: int, per_step: float) -> int:
+    """Steps of each of ``runs`` trainings that together take ``share_seconds`` at ``per_step``
+    seconds a step (at most ``most``, at least 1)."""
+    return max(1, min(int(most), int(share_seconds / (max(runs, 1) * per_step))))
 
 
 def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
@@ -444,9 +525,27 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
         loras = (train_backview(cfg, train_data, models, os.path.join(out, "runs", "backview")),)
         lap("train_backview", s)
 
+    per_step = None
+    if cfg.time_budget and not _finished(os.path.join(out, "runs", "base"), os.path.join(out, "runs", "base", "export")):
+        # size the trainings to the budget from the measured speed (a reused base needs no sizing)
+        s = time.perf_counter()
+        per_step = seconds_per_step(cfg, train_data, models, os.path.join(out, "runs", "calibrate"))
+        lap("calibrate", s)
+        base_steps = steps_for_budget(cfg.base_steps, BASE_SHARE * cfg.time_budget, 1, per_step)
+        if base_steps != cfg.base_steps:
+            _say(f"base steps {cfg.base_steps} -> {base_steps} ({per_step * 1000:.1f} ms a step; the time budget)")
+            cfg = replace(cfg, base_steps=base_steps)
+
     s = time.perf_counter()
     base = train_base(cfg, train_data, models, os.path.join(out, "runs", "base"))
     lap("train_base", s)
+    if per_step is not None:
+        trained = sum(source is not None for _, _, source, _ in _variants(cfg))
+        left = cfg.time_budget - (time.perf_counter() - t0)
+        steps = steps_for_budget(cfg.know3d_steps, TRAIN_SHARE * left, trained, per_step)
+        if steps != cfg.know3d_steps:
+            _say(f"know3d steps {cfg.know3d_steps} -> {steps} (each of {trained} trained rows; the time budget)")
+            cfg = replace(cfg, know3d_steps=steps)
 
     preds: Dict[str, str] = {}
     meta: Dict[str, Dict[str, Any]] = {}
@@ -467,6 +566,9 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
                 shutil.rmtree(pred, ignore_errors=True)
                 pipe = _pipeline(cfg, base, models, know3d, loras)
                 generate(cfg, pipe, variant, val, pred, sigma)
+                probe = knowledge_probe(cfg, pipe, variant, val, sigma) if variant != "none" else None
+                with open(os.path.join(pred, PROBE_FILE), "w", encoding="utf-8") as f:
+                    json.dump(probe, f)
                 del pipe
                 _mark_finished(pred, pred)
         except Exception as exc:  # noqa: BLE001 - one failing row must not hide the others
@@ -476,7 +578,8 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
             _say(f"row {row} FAILED: {failed[row]}")
             continue
         preds[row] = pred
-        meta[row] = {"variant": variant, "train_source": source, "sigma": sigma}
+        with open(os.path.join(pred, PROBE_FILE), "r", encoding="utf-8") as f:
+            meta[row] = {"variant": variant, "train_source": source, "sigma": sigma, "knowledge_probe": json.load(f)}
         lap(f"row {row}", s)
 
     s = time.perf_counter()
@@ -497,7 +600,7 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
     lap("eval", s)
     result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
               "chance": 1.0 / len(cfg.features), "gt_prompt_effect": prompt_effect(gt_dir, cfg.features),
-              "not_run": {**NOT_RUN, **{k: (v if v.startswith("skipped") else f"failed: {v}") for k, v in failed.items()}},
+              "not_run": {k: (v if v.startswith("skipped") else f"failed: {v}") for k, v in failed.items()},
               "device": _device_name(cfg.device), "seconds": round(time.perf_counter() - t0, 1), "times": times,
               "table": table}
     from .report import write_json
@@ -545,19 +648,22 @@ def _device_name(device: str) -> str:
 def format_table(result: Dict[str, Any]) -> str:
     """Markdown table of the rows (means over the held-out items) and the rows not run."""
     lines = ["| row | knowledge (training source, sigma) | back-half IoU 64^3 | IoU 64^3 | CD | back-half CD | "
-             "prompt-swap accuracy | prompt effect |", "|---|---|---|---|---|---|---|---|"]
+             "prompt-swap accuracy | prompt effect | prompt from knowledge |", "|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return "-" if v is None else f"{v:.3f}"
 
     for r in result["table"]:
-        src = "-" if r["train_source"] is None else f"{r['train_source']}, {r['sigma']:g}"
+        src = "-" if r["train_source"] is None else r["train_source"] + ("" if r["sigma"] is None else f", {r['sigma']:g}")
+        probe = (r.get("knowledge_probe") or {}).get("accuracy")
         lines.append(f"| {r['row']} | {src} | {f(r['back_iou_64'])} | {f(r['iou_64'])} | {f(r['chamfer'])} | "
-                     f"{f(r['chamfer_back'])} | {f(r['prompt_swap_accuracy'])} | {f(r.get('prompt_effect'))} |")
+                     f"{f(r['chamfer_back'])} | {f(r['prompt_swap_accuracy'])} | {f(r.get('prompt_effect'))} | {f(probe)} |")
     for k, why in result["not_run"].items():
-        lines.append(f"| {k} | not run: {why} | | | | | | |")
+        lines.append(f"| {k} | not run: {why} | | | | | | | |")
     lines.append(f"\nchance (prompt swap) = 1/K = {result['chance']:.3f}; prompt effect of the ground truths "
-                 f"(how far apart the K backs are) = {f(result.get('gt_prompt_effect'))}")
+                 f"(how far apart the K backs are) = {f(result.get('gt_prompt_effect'))}; prompt from knowledge: "
+                 f"nearest-centroid accuracy of the description from the knowledge tensor alone "
+                 f"({PROBE_NOISES} back-view seeds per front and description, leave one seed out; chance 1/K)")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import sys
 
 from ..argtypes import size as _pair
 from ..errors import EXIT_FAILED, EXIT_OK, UsageError
+from .config import KNOWLEDGE_SOURCES
 
 __all__ = ["register", "cmd_train", "cmd_export_pairs", "config_from_options"]
 
@@ -65,9 +66,11 @@ def register(sub) -> None:
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1)")
     g.add_argument("--full", action="store_true", help="trellis2: train every weight instead of a LoRA")
     k = p.add_argument_group("knowledge (know3d)")
-    k.add_argument("--knowledge-source", default="trajectory", choices=("trajectory", "gt_latent"),
-                   help="trajectory: sample the back view as inference does (default); gt_latent: one forward "
-                        "on the ground-truth back latent noised to sigma (cheaper)")
+    k.add_argument("--knowledge-source", default="trajectory", choices=KNOWLEDGE_SOURCES,
+                   help="trajectory: MMDiT hidden states captured while the back view is sampled as inference "
+                        "does (default); gt_latent: hidden states of one forward on the ground-truth back latent "
+                        "noised to sigma (cheaper); latent: the denoised back-view latent (vae_latent knowledge); "
+                        "image: DINOv3 features of the decoded back view (dino_image knowledge)")
     k.add_argument("--knowledge-cache", metavar="DIR", help="per-pair knowledge files (default RUN/cache/knowledge; "
                    "shareable between runs and processes; 75 MB a pair at full size in bf16); 'off': "
                    "computed for every micro-batch, nothing written")

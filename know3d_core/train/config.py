@@ -12,11 +12,17 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["TrainConfig", "TASKS", "STAGES", "KNOWLEDGE_SOURCES", "RESUME_KEYS"]
+from ..plan import DINO_IMAGE, MMDIT_HIDDEN, VAE_LATENT
+
+__all__ = ["TrainConfig", "TASKS", "STAGES", "KNOWLEDGE_SOURCES", "SOURCE_KIND", "RESUME_KEYS"]
 
 TASKS = ("know3d", "trellis2", "backview", "knowledge")
 STAGES = ("ss", "shape512", "shape1024")
-KNOWLEDGE_SOURCES = ("trajectory", "gt_latent")
+# --knowledge-source -> the knowledge kind it makes (the paper's ablation rows): ``trajectory`` and
+# ``gt_latent`` capture MMDiT hidden states; ``latent`` is the fully denoised back-view latent,
+# ``image`` the DINOv3 features of the decoded back view (the pipeline's ``latent`` / ``image`` variants).
+SOURCE_KIND = {"trajectory": MMDIT_HIDDEN, "gt_latent": MMDIT_HIDDEN, "latent": VAE_LATENT, "image": DINO_IMAGE}
+KNOWLEDGE_SOURCES = tuple(SOURCE_KIND)
 
 # Settings that must not change between an interrupted run and its resume (the rest may: log
 # cadence, workers, checkpoint cadence, the step at which this invocation stops).

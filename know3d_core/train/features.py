@@ -10,6 +10,12 @@ Knowledge sources (``know3d train know3d --knowledge-source``):
 - ``gt_latent`` (cheaper, our documented alternative): the ground-truth back view is VAE-encoded at
   the back-view size, noised to ``sigma`` with a per-pair noise, and one conditional forward at that
   sigma is captured (``EditPlusSampler.capture_from_trajectory``).
+- ``latent`` (the ablation's): the back view is sampled through every step as ``know3d generate
+  --variant latent`` does; the denoised latent, patchified like the MMDiT input, is the knowledge
+  (``vae_latent``, D = 16 * 2 * 2).
+- ``image`` (the ablation's): as ``latent``, then the back view is VAE-decoded and its DINOv3 tokens at
+  ``pipeline.DINO_IMAGE_RESOLUTION`` are the knowledge (``dino_image``, D = DINOv3 width), as
+  ``know3d generate --variant image`` makes them.
 
 The prompt is the camera prompt plus the pair's first annotation. Each pair's tensor goes to
 ``CACHE/<pair key>.safetensors`` (one file per pair: processes and machines can fill a shared cache
@@ -28,6 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UsageError
+from ..plan import DINO_IMAGE, MMDIT_HIDDEN, VAE_LATENT
+from .config import SOURCE_KIND
 from .dataset import Pair, open_view, pair_seed
 
 __all__ = ["FeatureCache", "KnowledgeSpec", "ConditionSource", "KnowledgeSource", "qwen_transformer_config"]
@@ -116,11 +124,13 @@ def qwen_transformer_config(folder: str) -> Dict[str, Any]:
 
 @dataclass(frozen=True)
 class KnowledgeSpec:
-    """What the knowledge of a run is: kind mmdit_hidden, ``layers``, ``sigma``, ``width`` per layer."""
+    """What the knowledge of a run is: its ``source`` (``config.SOURCE_KIND`` gives the kind) and, for
+    ``mmdit_hidden``, ``layers``, ``sigma`` and ``width`` per layer; for ``vae_latent`` / ``dino_image``
+    ``layers`` is empty, ``sigma`` None and ``width`` the whole D."""
 
     source: str
     layers: Tuple[int, ...]
-    sigma: float
+    sigma: Optional[float]
     width: int
     back_size: Tuple[int, int]
     back_steps: int
@@ -130,12 +140,43 @@ class KnowledgeSpec:
     vae_image_area: Optional[int] = None
 
     @property
+    def kind(self) -> str:
+        return SOURCE_KIND[self.source]
+
+    @property
+    def hidden(self) -> bool:
+        """MMDiT hidden states (layers and sigma apply)."""
+        return self.kind == MMDIT_HIDDEN
+
+    @property
     def dim(self) -> int:
-        return self.width * len(self.layers)
+        return self.width * len(self.layers) if self.hidden else self.width
+
+    @property
+    def variant(self) -> str:
+        """The ``Know3DPipeline`` variant whose back-view stage this knowledge comes from."""
+        return {MMDIT_HIDDEN: "hidden", VAE_LATENT: "latent", DINO_IMAGE: "image"}[self.kind]
+
+    def branch_kwargs(self) -> Dict[str, Any]:
+        """``install_branch`` keywords: what the branch is for."""
+        if self.hidden:
+            return dict(kind=self.kind, mmdit_layers=list(self.layers), sigma=self.sigma)
+        return dict(kind=self.kind)
+
+    def wrap(self, tensor: torch.Tensor):
+        """A cached ``[B, N, D]`` tensor as the ``knowledge.Knowledge`` inference would make."""
+        from ..knowledge import dino_image_knowledge, mmdit_hidden_knowledge, vae_latent_knowledge
+        from ..pipeline import DINO_IMAGE_RESOLUTION
+
+        if self.hidden:
+            return mmdit_hidden_knowledge(tensor, self.layers, self.sigma, self.back_size, model=self.model)
+        if self.kind == VAE_LATENT:
+            return vae_latent_knowledge(tensor, self.back_size, model=f"{self.model} VAE")
+        return dino_image_knowledge(tensor, DINO_IMAGE_RESOLUTION)
 
     def cache_spec(self) -> Dict[str, Any]:
         d = asdict(self)
-        d.update(kind="mmdit_hidden", dim=self.dim, layers=list(self.layers), back_size=list(self.back_size),
+        d.update(kind=self.kind, dim=self.dim, layers=list(self.layers), back_size=list(self.back_size),
                  loras=[os.path.basename(p) for p in self.loras])
         if self.source == "gt_latent":  # neither the sampling steps nor CFG enter a single forward
             d.pop("back_steps")
@@ -201,15 +242,14 @@ class KnowledgeSource:
         pipe = self.pipeline()
         front = pipe.preprocess(front_rgba if front_rgba is not None else open_view(pair.view("front")))
         seed = pair_seed(self.seed, pair.key)
-        if self.spec.source == "trajectory":
-            stage = pipe.back_view(front, self.description(pair), "hidden", seed=seed, steps=self.spec.back_steps,
-                                   sigma=self.spec.sigma, layers=list(self.spec.layers), size=self.spec.back_size,
-                                   true_cfg_scale=self.spec.true_cfg_scale)
-            captured = stage.mmdit
-        else:
+        if self.spec.source == "gt_latent":
             back = pipe.preprocess(back_rgba if back_rgba is not None else open_view(pair.view("back")))
-            captured = self._gt_latent_capture(pipe, front, back, seed, self.description(pair))
-        return from_mmdit_capture(captured).tensor[0]
+            return from_mmdit_capture(self._gt_latent_capture(pipe, front, back, seed, self.description(pair))).tensor[0]
+        hidden = self.spec.hidden
+        stage = pipe.back_view(front, self.description(pair), self.spec.variant, seed=seed, steps=self.spec.back_steps,
+                               sigma=self.spec.sigma if hidden else None, layers=list(self.spec.layers) if hidden else None,
+                               size=self.spec.back_size, true_cfg_scale=self.spec.true_cfg_scale)
+        return pipe.make_knowledge(stage, self.spec.variant).tensor[0]
 
     def _gt_latent_capture(self, pipe, front, back, seed: int, description: str):
         """One cond forward on the GT back latent noised to sigma: ``x = (1 - s) x0 + s eps``."""

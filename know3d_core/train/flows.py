@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from ..data import layout as L
 from ..errors import UsageError
 from ..fileio import atomic_write_bytes
-from .config import TrainConfig
+from ..plan import DINO_IMAGE, MMDIT_HIDDEN, VAE_LATENT
+from .config import SOURCE_KIND, TrainConfig
 from .dataset import DatasetIndex, Pair, open_view, read_tensors
 from .engine import DistInfo, Task, checkpoint_blocks
 from .features import ConditionSource, FeatureCache, KnowledgeSource, KnowledgeSpec, qwen_transformer_config
@@ -196,10 +197,17 @@ class FlowTask(Task):
 
     def _knowledge_spec(self, cfg: TrainConfig) -> KnowledgeSpec:
         from ..knowledge import Know3DFormatError, read_know3d
-        from ..mmdit.capture import DEFAULT_SIGMA, default_layers
+        from ..mmdit.capture import DEFAULT_SIGMA
 
-        if cfg.knowledge_source not in ("trajectory", "gt_latent"):
-            raise UsageError(f"--knowledge-source {cfg.knowledge_source!r}: use trajectory or gt_latent")
+        if cfg.knowledge_source not in SOURCE_KIND:
+            raise UsageError(f"--knowledge-source {cfg.knowledge_source!r}: use one of {', '.join(SOURCE_KIND)}")
+        kind = SOURCE_KIND[cfg.knowledge_source]
+        hidden = kind == MMDIT_HIDDEN
+        if not hidden:
+            for flag, value in (("--sigma", cfg.sigma), ("--layers", cfg.layers)):
+                if value is not None:
+                    raise UsageError(f"{flag} applies to MMDiT hidden-state knowledge (trajectory, gt_latent); "
+                                     f"--knowledge-source {cfg.knowledge_source} makes {kind} knowledge: drop {flag}")
         layers, sigma = cfg.layers, cfg.sigma
         if cfg.init:
             try:
@@ -207,25 +215,19 @@ class FlowTask(Task):
             except (Know3DFormatError, FileNotFoundError) as exc:
                 raise UsageError(f"--init: {exc}") from None
             s = self.init_ckpt.spec
-            if s.knowledge_kind != "mmdit_hidden":
-                raise UsageError(f"--init {cfg.init} was trained for {s.describe()} knowledge; this trainer makes "
-                                 "mmdit_hidden knowledge")
-            for what, mine, theirs in (("--layers", layers, s.mmdit_layers), ("--sigma", sigma, s.sigma)):
-                if mine is not None and list(mine if isinstance(mine, tuple) else [mine]) != \
-                        list(theirs if isinstance(theirs, list) else [theirs]):
-                    raise UsageError(f"{what} {mine} differs from --init {cfg.init} ({theirs}); drop {what}")
-            layers, sigma = tuple(s.mmdit_layers), s.sigma
+            if s.knowledge_kind != kind:
+                raise UsageError(f"--init {cfg.init} was trained for {s.describe()} knowledge; --knowledge-source "
+                                 f"{cfg.knowledge_source} makes {kind} knowledge")
+            if hidden:
+                for what, mine, theirs in (("--layers", layers, s.mmdit_layers), ("--sigma", sigma, s.sigma)):
+                    if mine is not None and list(mine if isinstance(mine, tuple) else [mine]) != \
+                            list(theirs if isinstance(theirs, list) else [theirs]):
+                        raise UsageError(f"{what} {mine} differs from --init {cfg.init} ({theirs}); drop {what}")
+                layers, sigma = tuple(s.mmdit_layers), s.sigma
             if s.lora_rank and s.lora_rank != cfg.lora_rank:
                 raise UsageError(f"--lora-rank {cfg.lora_rank} differs from --init {cfg.init} (rank {s.lora_rank})")
         if cfg.qwen:
-            qc = qwen_transformer_config(cfg.qwen)
-            width = int(qc["num_attention_heads"]) * int(qc["attention_head_dim"])
-            layers = tuple(layers) if layers is not None else default_layers(int(qc["num_layers"]))
-            bad = [i for i in layers if not 0 <= i < int(qc["num_layers"])]
-            if bad:
-                raise UsageError(f"--layers {list(layers)}: {bad} out of range for {cfg.qwen} "
-                                 f"({qc['num_layers']} blocks)")
-            model = os.path.basename(os.path.normpath(cfg.qwen))
+            width, layers, model = self._knowledge_width(cfg, kind, layers)
         else:
             folder = _knowledge_folder(cfg)
             cached = os.path.join(folder, "cache.json") if folder else ""
@@ -234,19 +236,44 @@ class FlowTask(Task):
             with open(cached, "r", encoding="utf-8") as f:
                 have = json.load(f)
             width, model = int(have["width"]), have["model"]
-            layers = tuple(layers) if layers is not None else tuple(have["layers"])
-        if self.init_ckpt is not None and self.init_ckpt.spec.knowledge_dim != width * len(layers):
+            layers = (tuple(layers) if layers is not None else tuple(have["layers"])) if hidden else ()
+        dim = width * len(layers) if hidden else width
+        if self.init_ckpt is not None and self.init_ckpt.spec.knowledge_dim != dim:
             raise UsageError(f"--init {cfg.init} expects knowledge of D={self.init_ckpt.spec.knowledge_dim}, the "
-                             f"Qwen model gives {width} x {len(layers)} layers = {width * len(layers)}")
+                             f"--knowledge-source {cfg.knowledge_source} models give D={dim}")
         for lora in cfg.backview_loras:
             if not os.path.isfile(lora):
                 raise UsageError(f"--backview-lora {lora}: no such file")
         return KnowledgeSpec(
             source=cfg.knowledge_source, layers=tuple(int(i) for i in layers),
-            sigma=float(DEFAULT_SIGMA if sigma is None else sigma), width=width,
+            sigma=float(DEFAULT_SIGMA if sigma is None else sigma) if hidden else None, width=width,
             back_size=tuple(cfg.back_size or (1024, 1024)), back_steps=int(cfg.back_steps),
             true_cfg_scale=float(cfg.true_cfg_scale), model=model, loras=tuple(cfg.backview_loras),
             vae_image_area=cfg.vae_image_area)
+
+    def _knowledge_width(self, cfg: TrainConfig, kind: str, layers):
+        """``(width, layers, model name)`` of ``kind`` knowledge from the model folders' configs: the
+        MMDiT width per captured layer (hidden), the packed VAE latent's channels (latent), the DINOv3
+        width (image)."""
+        from ..mmdit.capture import default_layers
+
+        qc = qwen_transformer_config(cfg.qwen)
+        model = os.path.basename(os.path.normpath(cfg.qwen))
+        if kind == VAE_LATENT:
+            return int(qc["in_channels"]), (), model  # the MMDiT input is the packed latent: C * p * p
+        if kind == DINO_IMAGE:
+            path = cfg.dinov3 or self._dino_path(cfg, _models_folder(cfg))
+            try:
+                with open(os.path.join(path, "config.json"), "r", encoding="utf-8") as f:
+                    return int(json.load(f)["hidden_size"]), (), model
+            except (OSError, ValueError, KeyError) as exc:
+                raise UsageError(f"--dinov3 {path}: no readable config.json with hidden_size ({exc})") from None
+        width = int(qc["num_attention_heads"]) * int(qc["attention_head_dim"])
+        layers = tuple(layers) if layers is not None else default_layers(int(qc["num_layers"]))
+        bad = [i for i in layers if not 0 <= i < int(qc["num_layers"])]
+        if bad:
+            raise UsageError(f"--layers {list(layers)}: {bad} out of range for {cfg.qwen} ({qc['num_layers']} blocks)")
+        return width, layers, model
 
     def _load_flow(self, cfg: TrainConfig) -> nn.Module:
         from ..trellis2.loading import load_model
@@ -286,7 +313,7 @@ class FlowTask(Task):
             self.flow.knowledge_proj.out_dtype = torch.float32
             self.flow.convert_to(torch.float32)
         else:
-            install_branch(self.flow, spec.dim, kind="mmdit_hidden", mmdit_layers=list(spec.layers), sigma=spec.sigma)
+            install_branch(self.flow, spec.dim, **spec.branch_kwargs())
             init_lora(self.flow, cfg.lora_rank, cfg.lora_alpha, generator=torch.Generator().manual_seed(cfg.seed))
         self.flow.requires_grad_(False)
         for name, p in self.flow.named_parameters():
@@ -411,8 +438,7 @@ class FlowTask(Task):
             if self.branch and self.init_ckpt is not None and name in self.init_ckpt.tensors:
                 apply_know3d({name: other}, self.init_ckpt, merge=False)
             elif self.branch:
-                install_branch(other, self.spec.dim, kind="mmdit_hidden", mmdit_layers=list(self.spec.layers),
-                               sigma=self.spec.sigma)
+                install_branch(other, self.spec.dim, **self.spec.branch_kwargs())
                 init_lora(other, self.cfg.lora_rank, self.cfg.lora_alpha,
                           generator=torch.Generator().manual_seed(self.cfg.seed))
             cache[name] = other.eval()
@@ -528,7 +554,12 @@ def fill_knowledge_cache(cfg: TrainConfig) -> Dict[str, int]:
         raise UsageError("know3d train knowledge fills a cache: give --knowledge-cache DIR (not 'off')")
     cache = FeatureCache(_knowledge_folder(cfg), spec.cache_spec())
     device = pick_device(cfg)
-    geometry = Trellis2GeometryPipeline({}, config, None, device=device)
+    extractor = None
+    if spec.kind == DINO_IMAGE:  # the image source encodes the decoded back view with DINOv3
+        from ..conditioning import DinoV3FeatureExtractor
+
+        extractor = DinoV3FeatureExtractor.from_pretrained(task._dino_path(cfg, config), device=device)
+    geometry = Trellis2GeometryPipeline({}, config, extractor, device=device)
     source = KnowledgeSource(spec, geometry, cache, cfg.qwen, KNOWLEDGE_SEED, device)
     mine = index.pairs[rank::world]
     done = sum(os.path.isfile(cache._file(p.key)) for p in mine)

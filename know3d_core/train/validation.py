@@ -70,11 +70,7 @@ class ValidationSheet:
     def _knowledge(self, pair) -> Optional[Any]:
         if not self.task.branch:
             return None
-        from ..knowledge import mmdit_hidden_knowledge
-
-        spec = self.task.spec
-        tensor = self.task.knowledge(pair).to(self.task.device)[None]
-        return mmdit_hidden_knowledge(tensor, spec.layers, spec.sigma, spec.back_size, model=spec.model)
+        return self.task.spec.wrap(self.task.knowledge(pair).to(self.task.device)[None])
 
     @torch.no_grad()
     def __call__(self, step: int, out: str) -> str:
