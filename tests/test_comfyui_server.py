@@ -11,6 +11,7 @@ import pytest
 
 from _comfy_server import running_server
 from _nodes_helpers import ROOT, load_pack
+from know3d_core import plan
 
 pytestmark = pytest.mark.comfyui
 
@@ -22,7 +23,7 @@ def server(tmp_path_factory):
 
 # Combos whose options the host lists (model folders, core samplers): outside ComfyUI they are empty
 # or a placeholder, so only their options differ between the two.
-HOST_LISTED = {"Know3DLoadModel": {"trellis2", "shape_vae", "dinov3", "know3d_checkpoint"},
+HOST_LISTED = {"Know3DLoadModel": {"trellis2", "shape_vae", "dinov3", "know3d_checkpoint", "texture"},
                "Know3DLoadQwenEditLoRA": {"lora_name"}, "Know3DBackViewSample": {"sampler_name", "scheduler"}}
 
 
@@ -66,14 +67,28 @@ FAST = {  # keep a CPU run short; everything else is the workflow's own setting
     "Know3DRenderNormals": {"resolution": 64},
     "Know3DLoadModel": {"dtype": "float32"},
     "Know3DTexture": {"steps": 2, "texture_size": 128, "face_budget": 5000},
+    "KSampler": {"steps": 2},  # core TRELLIS.2's texture flow (know3d_core_textured)
+    "DecimateMesh": {"target_face_count": 5000},
+    "UnwrapMesh": {"resolution": 256},
+    "BakeTextureFromVoxel": {"texture_size": 128},
 }
+# Comfy-Org's TRELLIS.2 files (tests/_nodes_server_models.py writes the demo networks under these names):
+# core's loaders build full-size networks, so the test pack's stand-ins load them (same outputs).
+TRELLIS_FILES = {name for name, _, _ in {**plan.COMFY_FILES, **plan.COMFY_TEXTURE_FILES}.values()}
+TRELLIS_LOADERS = {"UNETLoader": ("unet_name", "Know3DTestTinyTrellis2"),
+                   "VAELoader": ("vae_name", "Know3DTestTinyTrellis2VAE"),
+                   "CLIPVisionLoader": ("clip_name", "Know3DTestTinyDINOv3")}
 
 
 def tiny_host_graph(prompt):
-    """The API workflow with core's full-size Qwen loaders swapped for the test pack's tiny ones
-    (same socket types: MODEL, VAE, CONDITIONING) and the ~1 MP Kontext image scale swapped for a
-    128 px core ImageScale (CPU time); every other node is left as it is."""
+    """The API workflow with core's full-size Qwen and TRELLIS.2 loaders swapped for the test pack's
+    tiny ones (same socket types: MODEL, VAE, CLIP_VISION, CONDITIONING) and the ~1 MP Kontext image
+    scale swapped for a 128 px core ImageScale (CPU time); every other node is left as it is."""
     p = json.loads(json.dumps(prompt))
+    for k, v in p.items():
+        name_input, stand_in = TRELLIS_LOADERS.get(v["class_type"], (None, None))
+        if name_input and v["inputs"][name_input] in TRELLIS_FILES:
+            p[k] = {"class_type": stand_in, "inputs": {name_input: v["inputs"][name_input]}}
     unets = [k for k, v in p.items() if v["class_type"] == "UNETLoader"]
     vaes = [k for k, v in p.items() if v["class_type"] == "VAELoader"]
     assert len(unets) == len(vaes) <= 1  # the baseline has no Qwen side
@@ -124,7 +139,7 @@ def saved_meshes(server, entry, prompt):
 
 def assert_textured_glb(path, size):
     """The GLB holds one UV-mapped mesh with a glTF PBR material: base colour and metallic-roughness
-    maps of ``size``² (Know3D Texture -> Save Mesh)."""
+    maps of ``size``² (Know3D Texture, or core's bake nodes -> Save Mesh)."""
     import trimesh
 
     [mesh] = trimesh.load(path, file_type="glb", process=False).geometry.values()
@@ -134,10 +149,23 @@ def assert_textured_glb(path, size):
     assert material.metallicRoughnessTexture.size == (size, size), path
 
 
+def assert_vertex_coloured_glb(path):
+    """The GLB holds one mesh with a colour per vertex, not all the same (core Paint Mesh -> Save Mesh)."""
+    import numpy as np
+    import trimesh
+
+    [mesh] = trimesh.load(path, file_type="glb", process=False).geometry.values()
+    assert mesh.visual.kind == "vertex", path
+    colours = np.asarray(mesh.visual.vertex_colors)[:, :3]
+    assert len(colours) == len(mesh.vertices) and len(np.unique(colours, axis=0)) > 1, path
+
+
 @pytest.mark.parametrize("workflow,folder", [("know3d_multiview_public", API_DIR), ("know3d_full", API_DIR),
                                              ("trellis2_baseline", API_DIR_BEFORE_V3),
-                                             ("know3d_full", API_DIR_BEFORE_V3), ("know3d_textured", API_DIR)],
-                         ids=["multiview_public", "full", "baseline_before_v3", "full_before_v3", "textured"])
+                                             ("know3d_full", API_DIR_BEFORE_V3), ("know3d_textured", API_DIR),
+                                             ("know3d_core_textured", API_DIR)],
+                         ids=["multiview_public", "full", "baseline_before_v3", "full_before_v3", "textured",
+                              "core_textured"])
 def test_workflow_runs_to_a_mesh_on_disk(server, workflow, folder):
     prompt = tiny_host_graph(load_workflow(workflow, folder))
     t0 = time.monotonic()
@@ -154,5 +182,9 @@ def test_workflow_runs_to_a_mesh_on_disk(server, workflow, folder):
     print("\n".join(l for l in log.splitlines() if "Know3D" in l and " s" in l)[-3000:])
     if workflow == "know3d_textured":
         assert_textured_glb(meshes[0][0], FAST["Know3DTexture"]["texture_size"])
+    if workflow == "know3d_core_textured":  # core's texture stage and bake nodes on Know3D's mesh
+        by_prefix = {os.path.basename(path).rsplit("_", 2)[0]: path for path, _, _ in meshes}
+        assert_textured_glb(by_prefix["core_textured"], FAST["BakeTextureFromVoxel"]["texture_size"])
+        assert_vertex_coloured_glb(by_prefix["core_painted"])
     if workflow == "know3d_full":
         assert "Know3D hidden-state capture" in log or "hidden-state capture" in log, "capture stage not logged"

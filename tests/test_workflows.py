@@ -55,8 +55,8 @@ def test_listing_is_versioned_and_workflows_are_where_comfyui_looks():
     listing = load(LISTING)
     assert listing["comfyui_version"] == "0.33.0" and listing["nodes"]
     assert os.path.basename(WF) == TEMPLATE_FOLDERS[0]  # the folder ComfyUI prefers
-    assert set(NAMES) == {"know3d_full", "know3d_multiview_public", "trellis2_baseline", "know3d_compare_backs",
-                          "know3d_textured"}
+    assert set(NAMES) == set(build.BUILDERS) == {"know3d_full", "know3d_multiview_public", "trellis2_baseline",
+                                                 "know3d_compare_backs", "know3d_textured", "know3d_core_textured"}
     assert [os.path.basename(p) for p in API_FILES] == [os.path.basename(p) for p in UI_FILES]
 
 
@@ -192,14 +192,34 @@ def test_nodes_do_not_overlap_and_sit_in_one_group_per_stage(name):
         inside = [t for t, g in groups if g[0] <= r[0] and r[0] + r[2] <= g[0] + g[2]
                   and g[1] + build.GROUP_TITLE_H <= r[1] and r[1] + r[3] <= g[1] + g[3]]
         assert len(inside) == (0 if label.endswith("MarkdownNote") else 1), (label, inside)
-    for n in ui["nodes"]:  # sizes the frontend keeps (at least its own for a new node of the type)
+    for n in ui["nodes"]:  # sizes the frontend keeps: at least its minimum for the type and as wide as the title
         if n["type"] not in FRONTEND_ONLY:
-            assert n["size"] == list(build.FRONTEND_SIZES[n["type"]]), n["type"]
+            w, h = build.FRONTEND_SIZES[n["type"]]
+            assert n["size"][1] == h and n["size"][0] >= w, n["type"]
+            assert all(s >= m for s, m in zip(n["size"], build.FRONTEND_MIN[n["type"]])), n["type"]
+            assert n["size"][0] >= build.TITLE_PAD_W + build.TITLE_CHAR_W * len(n.get("title") or ""), n["type"]
     stages = {t.split(" - ")[0] for t, _ in groups}
     expected = {build.STAGES["geometry"][0], build.STAGES["outputs"][0], "TRELLIS.2 + front image"}
     if name != "trellis2_baseline":
         expected |= {build.STAGES["back_view"][0], build.STAGES["knowledge"][0]}
     assert all(any(e in s for s in stages) for e in expected), stages  # compare_backs: "Knowledge + 3D ..."
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_to_view_zoom_is_readable(name):
+    """The zoom the frontend's fit to view gives the nodes' extent (its rule, the 2560 x 1440 window's canvas;
+    the browser test measures the real one) shows node text: every template opens readable on a 16:9 screen."""
+    ui = load(os.path.join(WF, f"{name}.json"))
+    placed = {n["id"]: (n["pos"], n["size"]) for n in ui["nodes"]}
+    x0, y0, x1, y1 = build.graph_extent(ui["groups"], placed)
+    assert build.fit_scale(x1 - x0, y1 - y0) >= build.READABLE_ZOOM + 0.02, (name, x1 - x0, y1 - y0)
+
+
+def test_fit_scale_is_the_frontends_rule():
+    """fitToBounds: 75 % of the 2560 x 1440 canvas, the smaller of the two ratios, bounds 10 px larger a side,
+    extents below 300 counted as 300."""
+    assert build.fit_scale(2540, 100) == 0.75 and build.fit_scale(10, 10) == round(0.75 * 1440 / 300, 3)
+    assert build.fit_scale(3180, 1000) == 0.6 and build.fit_scale(1000, 1780) == 0.6
 
 
 @pytest.mark.parametrize("name", NAMES)

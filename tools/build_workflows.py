@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import uuid
@@ -83,12 +84,17 @@ def declarations() -> dict:
     return decl
 
 
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # a combo whose options may add inputs (none for the ones used here)
+
+
 def input_kind(spec) -> tuple[str, dict]:
-    """(socket or widget type, options) of one input declaration."""
+    """(socket or widget type, options) of one input declaration (a dynamic combo: a combo of its keys)."""
     typ = spec[0]
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     if isinstance(typ, list):
         return "COMBO", opts
+    if typ == DYNAMIC_COMBO:
+        return "COMBO", {**opts, "options": [o["key"] for o in opts["options"]]}
     return typ, opts
 
 
@@ -135,61 +141,120 @@ def widget_names(decl: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ sizes and layout
-# Body size [w, h] (the 30 px title bar above it not included) the frontend (comfyui-frontend-package
-# 1.49.6, ComfyUI 0.33.0) gives a new node of each type, measured in headless Chromium with
-# LiteGraph.createNode (the frontend keeps a saved size at least this large). A few are set other than
-# measured, all above the frontend's minimum (computeSize): multiline text nodes narrower (320 for
-# 400), Preview 3D's viewport 400 x 500 (550 by default), Load Image and Preview Image with room for
-# their image (Load Image grows to ~314 px high once its image loads; Preview Image once it ran).
+# The smallest body [w, h] (the 30 px title bar above it not included) the frontend
+# (comfyui-frontend-package 1.49.6, ComfyUI 0.33.0) allows each node type: LiteGraph.createNode(type)
+# .computeSize() measured in headless Chromium. A workflow's saved size at least this large is kept.
+FRONTEND_MIN = {
+    "ApplyTextureToMesh": (189, 126), "BakeTextureFromVoxel": (210, 98), "CFGNorm": (210, 82),
+    "CLIPLoader": (210, 106), "CLIPVisionLoader": (210, 58), "DecimateMesh": (210, 82),
+    "FluxKontextImageScale": (195, 26), "FluxKontextMultiReferenceLatentMethod": (252, 58), "ImageStitch": (210, 150),
+    "InvertMask": (140, 26), "KSampler": (210, 262), "Know3DBackViewAsSecondView": (219, 78),
+    "Know3DBackViewPrompt": (210, 166), "Know3DBackViewSample": (210, 262), "Know3DExtractHiddenStates": (236, 122),
+    "Know3DGeometry": (236, 334), "Know3DImageCondition": (199, 86), "Know3DLoadModel": (218, 178),
+    "Know3DLoadQwenEditLoRA": (210, 82), "Know3DRenderNormals": (210, 106), "Know3DSaveMesh": (210, 154),
+    "Know3DSparseStructure": (236, 266), "Know3DTexture": (236, 358), "LoadImage": (223, 102),
+    "ModelSamplingAuraFlow": (210, 58), "PaintMesh": (147, 46), "Preview3D": (210, 132), "PreviewImage": (140, 26),
+    "TextEncodeQwenImageEditPlus": (250, 168), "Trellis2Conditioning": (193, 46), "Trellis2TextureStage": (176, 66),
+    "UNETLoader": (210, 82), "UnwrapMesh": (210, 130), "VAEDecode": (140, 46), "VAEEncode": (140, 46),
+    "VAELoader": (210, 58), "VaeDecodeShapeTrellis": (197, 46), "VaeDecodeTextureTrellis": (217, 66),
+}
+# The body sizes the workflows save: 250 wide where the minimum is narrower (values stay legible at
+# fit-to-view zoom; the frontend's own default is 270-400), the minimum height, and room for what a
+# node shows: Load Image's image (it grows to ~314 px high once its image loads), Preview Image's
+# result, Preview 3D's viewport, Back-View Prompt's two text boxes.
+W = 250
 FRONTEND_SIZES = {
-    "CFGNorm": (270, 82), "CLIPLoader": (270, 106), "FluxKontextImageScale": (195, 26),
-    "FluxKontextMultiReferenceLatentMethod": (311, 58), "ImageStitch": (270, 150), "InvertMask": (140, 26),
-    "Know3DBackViewAsSecondView": (279, 78), "Know3DBackViewPrompt": (320, 200), "Know3DBackViewSample": (270, 262),
-    "Know3DExtractHiddenStates": (295, 122), "Know3DGeometry": (295, 334), "Know3DImageCondition": (198, 86),
-    "Know3DLoadModel": (278, 178), "Know3DLoadQwenEditLoRA": (270, 82), "Know3DRenderNormals": (270, 106),
-    "Know3DSaveMesh": (270, 154), "Know3DSparseStructure": (295, 266), "Know3DTexture": (295, 358), "LoadImage": (283, 330),
-    "ModelSamplingAuraFlow": (270, 58), "Preview3D": (400, 500), "PreviewImage": (300, 300),
-    "TextEncodeQwenImageEditPlus": (320, 200), "UNETLoader": (270, 82), "VAEDecode": (140, 46),
-    "VAEEncode": (140, 46), "VAELoader": (270, 58),
+    **{t: (max(W, w), h) for t, (w, h) in FRONTEND_MIN.items()},
+    "ApplyTextureToMesh": (200, 126), "FluxKontextImageScale": (195, 26), "FluxKontextMultiReferenceLatentMethod": (260, 58),
+    "InvertMask": (140, 26), "Know3DBackViewPrompt": (260, 200), "Know3DImageCondition": (200, 86),
+    "LoadImage": (250, 330), "PaintMesh": (150, 46), "Preview3D": (360, 420), "PreviewImage": (260, 260),
+    "TextEncodeQwenImageEditPlus": (260, 170), "Trellis2Conditioning": (200, 46), "Trellis2TextureStage": (200, 66),
+    "VAEDecode": (140, 46), "VAEEncode": (140, 46), "VaeDecodeShapeTrellis": (200, 46), "VaeDecodeTextureTrellis": (220, 66),
 }
 TITLE_H = 30          # LiteGraph.NODE_TITLE_HEIGHT: the title bar sits above a node's pos
 GAP = 40              # between nodes of a group (after the title bar)
-COLUMN_H = 720        # a group's columns are filled up to this height before a new one starts
-COMPARE_COLUMN_H = 500  # compare_backs' rows lower, so its many groups fit a 16:9 screen at a readable zoom
+# A group's columns are filled up to a height before a new one starts: the group's own (Graph.group), else
+# the one of these that gives the graph the largest fit-to-view zoom (the larger height on a tie).
+COLUMN_HEIGHTS = tuple(range(440, 801, 20))
 GROUP_PAD = 30        # group edge to its nodes
 GROUP_TITLE_H = 50    # group title bar above its nodes (LiteGraph's 24 px group title)
-GROUP_GAP = 80        # between groups
+GROUP_GAP = 60        # between groups
 NOTE_WIDTH = 460
 NOTE_CHARS_PER_LINE = 52   # at NOTE_WIDTH in the frontend's markdown font
 NOTE_LINE_H = 22
+NOTE = ("note", 0)    # the read-me note's place in an arrangement (it stands alone, no group)
+
+# Fit to view (the frontend's Comfy.Canvas.FitView: fitViewToSelectionAnimated -> ds.animateToBounds over
+# the bounds of every node, title bar included, and group, 10 px added a side (createBounds), filling 75 %
+# of the canvas element, which spans the whole 2560 x 1440 window under the side and top bars; checked in
+# tests/test_comfyui_browser.py).
+# Node text is drawn from ~0.57 zoom on (the frontend's low-quality threshold): READABLE_ZOOM is what
+# every template must reach.
+FIT_FILL = 0.75
+FIT_PAD = 20
+CANVAS = (2560, 1440)
+READABLE_ZOOM = 0.6
+# A node is at least as wide as its title (LiteGraph computeSize: the title's text + ~52 px; 7 px a
+# character: the frontend's sans font measured 6.1-6.8 px for the titles here).
+TITLE_CHAR_W, TITLE_PAD_W = 7.0, 52
 
 
-# (stage title, colour) in left-to-right order; lanes stack groups of one stage vertically.
+# (stage title, colour); an arrangement (``row`` / ``col``) places the groups.
 STAGES = {
     "inputs": ("Models + front image", "#3f789e"),
     "back_view": ("Back view (Qwen-Image-Edit-2511)", "#a1309b"),
     "knowledge": ("Knowledge", "#b58b2a"),
     "geometry": ("3D (TRELLIS.2)", "#8A8"),
+    "texture": ("Texture (core TRELLIS.2 nodes)", "#b06634"),
+    "bake": ("UV unwrap + bake (core mesh nodes)", "#b06634"),
     "outputs": ("Outputs", "#88A"),
     "comparison": ("Comparison", "#3f789e"),
+    "note": ("Read me", ""),
 }
 
 
 def node_size(n: "Node") -> list[int]:
     if n.type in FRONTEND_ONLY:
-        return [NOTE_WIDTH, note_height(n.note or "")]
-    return [int(v) for v in FRONTEND_SIZES[n.type]]
+        return [n.graph.note_width, note_height(n.note or "", n.graph.note_width)]
+    w, h = FRONTEND_SIZES[n.type]
+    if n.title:  # a custom title may be wider than the type's (its display name is in FRONTEND_MIN)
+        w = max(w, math.ceil(TITLE_PAD_W + TITLE_CHAR_W * len(n.title)))
+    return [int(w), int(h)]
 
 
-def note_height(text: str) -> int:
-    """Body height that shows the whole markdown note at NOTE_WIDTH (wrapped lines + headings)."""
+def note_height(text: str, width: int = NOTE_WIDTH) -> int:
+    """Body height that shows the whole markdown note at ``width`` (wrapped lines + headings)."""
+    per_line = NOTE_CHARS_PER_LINE * width // NOTE_WIDTH
     lines = 0.0
     for line in text.split("\n"):
         if line.startswith("#"):
-            lines += 2.0
+            lines += 2.0 * max(1, -(-len(line) // per_line))
         else:
-            lines += max(1, -(-len(line) // NOTE_CHARS_PER_LINE))
+            lines += max(1, -(-len(line) // per_line))
     return int(lines * NOTE_LINE_H + 60)
+
+
+def fit_scale(width: float, height: float, canvas=CANVAS) -> float:
+    """The zoom the frontend's fit to view gives a graph whose nodes (title bars included) and groups
+    span ``width`` x ``height``."""
+    w, h = width + FIT_PAD, height + FIT_PAD
+    return round(min(FIT_FILL * canvas[0] / max(w, 300), FIT_FILL * canvas[1] / max(h, 300)), 3)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Groups (``(stage, lane)`` keys), the note (:data:`NOTE`) or nested stacks, side by side
+    (``across``, tops aligned, groups as high as the row) or one below another (groups as wide as the column)."""
+    across: bool
+    items: tuple
+
+
+def row(*items) -> Stack:
+    return Stack(True, items)
+
+
+def col(*items) -> Stack:
+    return Stack(False, items)
 
 
 # ------------------------------------------------------------------------------ graph description
@@ -220,16 +285,20 @@ class Graph:
     decl: dict
     nodes: list = field(default_factory=list)
     lane_titles: dict = field(default_factory=dict)  # (stage, lane) -> group title
-    column_h: int = COLUMN_H
+    column_h: dict = field(default_factory=dict)     # (stage, lane) -> its columns' height (else COLUMN_HEIGHTS)
+    arrangement: Stack | None = None
+    note_width: int = NOTE_WIDTH
     _where: tuple = ("inputs", 0)
 
     @contextlib.contextmanager
-    def group(self, stage: str, lane: int = 0, title: str | None = None):
+    def group(self, stage: str, lane: int = 0, title: str | None = None, column_h: int | None = None):
         """Nodes added in the block go into the group of ``stage`` (a key of STAGES) in ``lane``."""
         if stage not in STAGES:
             raise KeyError(f"{self.name}: unknown stage {stage}")
         if title:
             self.lane_titles[(stage, lane)] = title
+        if column_h:
+            self.column_h[(stage, lane)] = column_h
         before, self._where = self._where, (stage, lane)
         try:
             yield
@@ -243,15 +312,18 @@ class Graph:
         self.nodes.append(node)
         return node
 
-    def note(self, text: str, stage: str = "inputs") -> Node:
-        """The read-me note: first in the inputs' row, or (``stage="comparison"``) below the comparison group."""
-        node = Node(self, len(self.nodes) + 1, "MarkdownNote", {}, "Read me", note=text, stage=stage, lane=-1)
+    def note(self, text: str, width: int = NOTE_WIDTH) -> Node:
+        """The read-me note (placed as :data:`NOTE` in the arrangement; no group around it)."""
+        self.note_width = width
+        node = Node(self, len(self.nodes) + 1, "MarkdownNote", {}, "Read me", note=text, stage=NOTE[0], lane=NOTE[1])
         self.nodes.append(node)
         return node
 
-    # -- layout: one group per (stage, lane). The inputs' groups (and the read-me note) form the top
-    # row; below it each lane is a row of groups, stages left to right. Inside a group, nodes go in
-    # order of depth (longest path from a source) into columns up to ``column_h`` high.
+    def arrange(self, arrangement: Stack) -> None:
+        self.arrangement = arrangement
+
+    # -- layout: one group per (stage, lane), placed by the arrangement. Inside a group, nodes go in
+    # order of depth (longest path from a source) into columns up to the group's column height.
     def _depths(self) -> dict:
         depth = {}
 
@@ -265,7 +337,7 @@ class Graph:
             d(n)
         return depth
 
-    def _columns(self, nodes: list, depth: dict) -> tuple[dict, tuple[int, int]]:
+    def _columns(self, nodes: list, depth: dict, column_h: int) -> tuple[dict, tuple[int, int]]:
         """Offsets of a group's nodes from its content corner and the content size: nodes by depth,
         each into the first column that still has room below its last node (a new column else)."""
         columns: list[list] = []  # [[node, ...], ...]
@@ -273,7 +345,7 @@ class Graph:
         for n in sorted(nodes, key=lambda n: (depth[n.id], n.id)):
             need = TITLE_H + node_size(n)[1]
             for col in columns:
-                if max(depth[m.id] for m in col) <= depth[n.id] and height(col) + GAP + need <= self.column_h:
+                if max(depth[m.id] for m in col) <= depth[n.id] and height(col) + GAP + need <= column_h:
                     col.append(n)
                     break
             else:
@@ -288,64 +360,71 @@ class Graph:
         return offsets, (x - GAP, max(height(col) for col in columns))
 
     def layout(self) -> tuple[dict, list]:
-        """({node id: (pos, size)}, groups as the frontend stores them)."""
+        """({node id: (pos, size)}, groups as the frontend stores them): the arrangement at the column
+        height of :data:`COLUMN_HEIGHTS` that fits the screen best (:meth:`fit_zoom`)."""
+        def zoom(laid):
+            x0, y0, x1, y1 = graph_extent(laid[1], laid[0])
+            return fit_scale(x1 - x0, y1 - y0)
+
+        return max((self._layout(h) for h in COLUMN_HEIGHTS), key=lambda laid: (zoom(laid), laid[2]))[:2]
+
+    def _layout(self, column_h: int) -> tuple[dict, list, int]:
         depth = self._depths()
         members: dict = {}
         for n in self.nodes:
             members.setdefault((n.stage, n.lane), []).append(n)
-        inner = {key: self._columns(nodes, depth) for key, nodes in members.items()}
-        box = {key: (w + 2 * GROUP_PAD, h + GROUP_TITLE_H + GROUP_PAD) for key, (_, (w, h)) in inner.items()}
-        stages = [s for s in STAGES if s != "inputs" and any(k[0] == s for k in inner)]
-        lanes = sorted({k[1] for k in inner if k[0] != "inputs" and k[1] >= 0})
-        col_w = {s: max(box[k][0] for k in inner if k[0] == s) for s in stages}
-        lane_h = {l: max(box[k][1] for k in inner if k[1] == l and k[0] != "inputs") for l in lanes}
-        inputs = sorted(k for k in inner if k[0] == "inputs")  # the note (lane -1) first
+        inner = {key: self._columns(nodes, depth, self.column_h.get(key, column_h)) for key, nodes in members.items()}
+        placed_keys = []
 
-        def arrange(inputs_on_top: bool) -> dict:
-            """Group corners: the inputs' groups as a row above the lanes, or as a column left of them."""
-            origin, x, y = {}, 0, 0
-            for key in inputs:
-                origin[key] = (x, y)
-                if inputs_on_top:
-                    x += box[key][0] + GROUP_GAP
+        def box(item) -> tuple[int, int]:
+            if isinstance(item, Stack):
+                sizes = [box(i) for i in item.items]
+                gaps = GROUP_GAP * (len(sizes) - 1)
+                if item.across:
+                    return sum(w for w, _ in sizes) + gaps, max(h for _, h in sizes)
+                return max(w for w, _ in sizes), sum(h for _, h in sizes) + gaps
+            w, h = inner[item][1]
+            return (w, h) if item == NOTE else (w + 2 * GROUP_PAD, h + GROUP_TITLE_H + GROUP_PAD)
+
+        corners: dict = {}  # key -> [x, y, w, h] of its group (the note: of its node)
+
+        def place(item, x: int, y: int, w: int, h: int) -> None:
+            if not isinstance(item, Stack):
+                corners[item] = [x, y, w, h]
+                placed_keys.append(item)
+                return
+            for child in item.items:
+                cw, ch = box(child)
+                if item.across:
+                    place(child, x, y, cw, h if not isinstance(child, Stack) else ch)
+                    x += cw + GROUP_GAP
                 else:
-                    y += box[key][1] + GROUP_GAP
-            if inputs_on_top:
-                x0, y = 0, max(box[k][1] for k in inputs) + GROUP_GAP
-            else:
-                x0, y = max(box[k][0] for k in inputs) + GROUP_GAP, 0
-            for l in lanes:
-                x = x0
-                for s in stages:
-                    if (s, l) in inner:
-                        origin[(s, l)] = (x, y)
-                    x += col_w[s] + GROUP_GAP
-                y += lane_h[l] + GROUP_GAP
-            if ("comparison", -1) in inner:  # the note, in the comparison column below its group
-                cx, cy = origin[("comparison", lanes[0])]
-                origin[("comparison", -1)] = (cx, cy + lane_h[lanes[0]] + GROUP_GAP)
-            return origin
+                    place(child, x, y, w if not isinstance(child, Stack) else cw, ch)
+                    y += ch + GROUP_GAP
 
-        def extent(origin: dict) -> tuple[int, int]:
-            ends = [(x + (box[k][0] if k[0] == "inputs" or k[1] < 0 else col_w[k[0]]),
-                     y + (box[k][1] if k[0] == "inputs" or k[1] < 0 else lane_h[k[1]])) for k, (x, y) in origin.items()]
-            return max(e[0] for e in ends), max(e[1] for e in ends)
-
-        origin = max((arrange(True), arrange(False)), key=lambda o: fit_scale(*extent(o)))
+        if self.arrangement is None:
+            raise ValueError(f"{self.name}: no arrangement (Graph.arrange)")
+        place(self.arrangement, 0, 0, *box(self.arrangement))
+        if sorted(placed_keys) != sorted(inner):
+            raise ValueError(f"{self.name}: the arrangement places {sorted(placed_keys)}, the graph has {sorted(inner)}")
         placed, groups = {}, []
-        for key in sorted(origin, key=lambda k: (origin[k][1], origin[k][0])):
-            gx, gy = origin[key]
+        for key in sorted(corners, key=lambda k: (corners[k][1], corners[k][0])):
+            gx, gy, w, h = corners[key]
+            dx0, dy0 = (0, 0) if key == NOTE else (GROUP_PAD, GROUP_TITLE_H)
             for nid, (dx, dy) in inner[key][0].items():
-                placed[nid] = ([gx + GROUP_PAD + dx, gy + GROUP_TITLE_H + dy], node_size(self.nodes[nid - 1]))
-            stage, lane = key
-            if lane < 0:  # the read-me note stands alone, no group around it
+                placed[nid] = ([gx + dx0 + dx, gy + dy0 + dy], node_size(self.nodes[nid - 1]))
+            if key == NOTE:
                 continue
-            title, color = STAGES[stage]
-            w = box[key][0] if stage == "inputs" else col_w[stage]
-            h = box[key][1] if stage == "inputs" else lane_h[lane]
+            title, color = STAGES[key[0]]
             groups.append({"id": len(groups) + 1, "title": self.lane_titles.get(key, title), "bounding": [gx, gy, w, h],
                            "color": color, "flags": {}})
-        return placed, groups
+        return placed, groups, column_h
+
+    def fit_zoom(self) -> float:
+        """The fit-to-view zoom the frontend gives this graph (:func:`fit_scale` of its extent)."""
+        placed, groups = self.layout()
+        x0, y0, x1, y1 = graph_extent(groups, placed)
+        return fit_scale(x1 - x0, y1 - y0)
 
     def to_api(self) -> dict:
         prompt = {}
@@ -435,20 +514,19 @@ class Graph:
         }
 
 
-VIEW = (2500, 1360)  # the canvas of a 2560 x 1440 browser window
+def graph_extent(groups: list, placed: dict) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the nodes (title bars included) and groups: what the frontend fits to view."""
+    rects = [[p[0], p[1] - TITLE_H, s[0], s[1] + TITLE_H] for p, s in placed.values()] + [g["bounding"] for g in groups]
+    return (min(r[0] for r in rects), min(r[1] for r in rects),
+            max(r[0] + r[2] for r in rects), max(r[1] + r[3] for r in rects))
 
 
-def fit_scale(width: float, height: float, view=VIEW) -> float:
-    return round(min(1.0, (view[0] - 80) / width, (view[1] - 80) / height), 3)
-
-
-def fit_view(groups: list, placed: dict, view=VIEW) -> dict:
-    """Canvas scale and offset that show the whole graph in a ``view``-sized canvas."""
-    rects = [g["bounding"] for g in groups] + [[p[0], p[1] - TITLE_H, s[0], s[1] + TITLE_H] for p, s in placed.values()]
-    x0, y0 = min(r[0] for r in rects), min(r[1] for r in rects)
-    x1, y1 = max(r[0] + r[2] for r in rects), max(r[1] + r[3] for r in rects)
-    scale = fit_scale(x1 - x0, y1 - y0, view)
-    return {"scale": scale, "offset": [40 / scale - x0, 40 / scale - y0]}
+def fit_view(groups: list, placed: dict, canvas=CANVAS) -> dict:
+    """The canvas scale and offset the workflow opens with: as the frontend's fit to view (:func:`fit_scale`, centred)."""
+    x0, y0, x1, y1 = graph_extent(groups, placed)
+    scale = fit_scale(x1 - x0, y1 - y0, canvas)
+    return {"scale": scale, "offset": [round(canvas[0] / scale / 2 - (x0 + x1) / 2, 1),
+                                       round(canvas[1] / scale / 2 - (y0 + y1) / 2, 1)]}
 
 
 def display_name(node_type: str, decl: dict) -> str:
@@ -463,22 +541,28 @@ def _models_property(n: Node):
     return None
 
 
-# ------------------------------------------------------------------------------ the four graphs
+# ------------------------------------------------------------------------------ the graphs
+IN_TRELLIS, IN_QWEN, IN_CORE = ("inputs", 0), ("inputs", 1), ("inputs", 2)
+BACK, KNOW, GEO, TEX, BAKE, OUT = (("back_view", 0), ("knowledge", 0), ("geometry", 0), ("texture", 0), ("bake", 0),
+                                   ("outputs", 0))
+PAINT = ("outputs", 1)
+
+
 def _front(g: Graph, know3d_ckpt: str, texture: str = "none"):
     """Load Know3D Model + the front image -> (know3d_model, condition, front IMAGE)."""
-    with g.group("inputs", 0, "TRELLIS.2 + front image"):
+    with g.group(*IN_TRELLIS, "TRELLIS.2 + front image"):
         model = g.add("Know3DLoadModel", trellis2=TRELLIS_FOLDER, shape_vae="(from the TRELLIS.2 folder)",
                       dinov3="(from the TRELLIS.2 folder)", know3d_checkpoint=know3d_ckpt, dtype="auto",
                       texture=texture)
-        image = g.add("LoadImage", title="Front image (RGBA, transparent background)", image=FRONT_IMAGE)
-        mask = g.add("InvertMask", title="Alpha -> object mask", mask=image[1])
+        image = g.add("LoadImage", title="Front image (RGBA)", image=FRONT_IMAGE)
+        mask = g.add("InvertMask", title="Alpha -> mask", mask=image[1])
         cond = g.add("Know3DImageCondition", know3d_model=model[0], image=image[0], mask=mask[0])
     return model, cond, cond[1]
 
 
 def _qwen(g: Graph, lora: bool):
     """Qwen-Image-Edit-2511 as the official ComfyUI graph loads it (+ the back-view LoRA)."""
-    with g.group("inputs", 1, "Qwen-Image-Edit-2511" + (" + back-view LoRA" if lora else "")):
+    with g.group(*IN_QWEN, "Qwen-Image-Edit-2511" + (" + back-view LoRA" if lora else "")):
         unet = g.add("UNETLoader", unet_name=QWEN_MODELS["unet"]["name"], weight_dtype="default")
         shift = g.add("ModelSamplingAuraFlow", model=unet[0], shift=3.1)
         model = g.add("CFGNorm", model=shift[0], strength=1.0)
@@ -494,37 +578,48 @@ def _encode(g: Graph, clip, vae, front, prompt, title):
     return g.add("FluxKontextMultiReferenceLatentMethod", conditioning=enc[0], reference_latents_method="index_timestep_zero")
 
 
-def _back_view(g: Graph, model, clip, vae, front, description, negative=None, stop_at_sigma=0.0, seed=0, lane=0,
-               title=None):
-    with g.group("back_view", lane, title):
+def _back_view(g: Graph, model, clip, vae, front, description, stop_at_sigma=0.0, preview=True):
+    """Back-view prompt -> Qwen-Image-Edit sampling (-> the decoded back view and its preview)."""
+    with g.group(*BACK):
         prompt = g.add("Know3DBackViewPrompt", description=description)
-        pos = _encode(g, clip, vae, front, prompt[0], "Back-view prompt + front image")
-        if negative is None:
-            negative = _encode(g, clip, vae, front, "", "Negative (empty) + front image")
+        pos = _encode(g, clip, vae, front, prompt[0], "Prompt + front image")
+        negative = _encode(g, clip, vae, front, "", "Negative + front image")
         scaled = g.add("FluxKontextImageScale", image=front)
         latent = g.add("VAEEncode", pixels=scaled[0], vae=vae[0])
         sample = g.add("Know3DBackViewSample", model=model[0], positive=pos[0], negative=negative[0],
-                       latent_image=latent[0], seed=seed, steps=40, cfg=4.0, sampler_name="euler", scheduler="simple",
+                       latent_image=latent[0], seed=0, steps=40, cfg=4.0, sampler_name="euler", scheduler="simple",
                        stop_at_sigma=stop_at_sigma)
-    return sample, negative
+        back = None
+        if preview:
+            back = g.add("VAEDecode", title="Imagined back view", samples=sample[0], vae=vae[0])
+            g.add("PreviewImage", images=back[0])
+    return sample, back
 
 
-def _geometry(g: Graph, model, cond, knowledge=None, prefix="know3d/mesh", seed=0, lane=0, suffix=""):
+def _hidden_states(g: Graph, qwen, sample, model):
+    with g.group(*KNOW):
+        return g.add("Know3DExtractHiddenStates", model=qwen[0], trajectory=sample[1], sigma=0.0, layers="auto",
+                     know3d_model=model[0])
+
+
+def _shape(g: Graph, model, cond, knowledge=None, seed=0, key=GEO, title=None):
+    """Sparse Structure -> Geometry (mesh + shape latent)."""
     extra = {"knowledge": knowledge} if knowledge is not None else {}
-    with g.group("geometry", lane, STAGES["geometry"][0] + suffix):
+    with g.group(*key, title):
         structure = g.add("Know3DSparseStructure", know3d_model=model[0], condition=cond[0], seed=seed, **extra)
-        geometry = g.add("Know3DGeometry", know3d_model=model[0], structure=structure[0], condition=cond[0],
-                         resolution="1024_cascade", seed=seed, **extra)
-    with g.group("outputs", lane, STAGES["outputs"][0] + suffix):
-        save = g.add("Know3DSaveMesh", mesh=geometry[0], filename_prefix=prefix, format="glb")
-        g.add("Preview3D", model_file=save[0])
-        normals = g.add("Know3DRenderNormals", mesh=geometry[0], resolution=512)
-    return geometry, normals
+        return g.add("Know3DGeometry", know3d_model=model[0], structure=structure[0], condition=cond[0],
+                     resolution="1024_cascade", seed=seed, **extra)
 
 
-def _normals_preview(g: Graph, normals, lane=0, title="Normals: front, back, left, right"):
-    with g.group("outputs", lane):
-        g.add("PreviewImage", title=title, images=normals[0])
+def _outputs(g: Graph, mesh, normals_of, prefix, key=OUT, title=None, preview_3d=True):
+    """Save Mesh (-> Preview 3D), normal renders of ``normals_of`` and their preview."""
+    with g.group(*key, title):
+        save = g.add("Know3DSaveMesh", mesh=mesh, filename_prefix=prefix, format="glb")
+        if preview_3d:
+            g.add("Preview3D", model_file=save[0])
+        normals = g.add("Know3DRenderNormals", mesh=normals_of, resolution=512)
+        g.add("PreviewImage", title="Normal renders", images=normals[0])
+    return normals
 
 
 NOTE_MODELS = (
@@ -545,6 +640,8 @@ NOTE_IMAGE = (
     "(or feed a background-removal node's mask to *Image Condition*).\n"
     f"\nNeeds ComfyUI >= {MIN_COMFYUI}."
 )
+# Two rows: the note, the loaders and the knowledge above; back view, 3D and outputs below.
+TWO_ROWS = col(row(NOTE, IN_TRELLIS, IN_QWEN, KNOW), row(BACK, GEO, OUT))
 
 
 def build_full(decl) -> Graph:
@@ -555,14 +652,10 @@ def build_full(decl) -> Graph:
     model, cond, front = _front(g, KNOW3D_CKPT)
     qwen, clip, vae = _qwen(g, lora=True)
     sample, _ = _back_view(g, qwen, clip, vae, front, "a hollow backrest with three vertical slats")
-    with g.group("back_view"):
-        back = g.add("VAEDecode", title="The imagined back view", samples=sample[0], vae=vae[0])
-        g.add("PreviewImage", images=back[0])
-    with g.group("knowledge"):
-        knowledge = g.add("Know3DExtractHiddenStates", model=qwen[0], trajectory=sample[1], sigma=0.0,
-                          layers="auto", know3d_model=model[0])
-    _, normals = _geometry(g, model, cond, knowledge[0], "know3d/full")
-    _normals_preview(g, normals)
+    knowledge = _hidden_states(g, qwen, sample, model)
+    geometry = _shape(g, model, cond, knowledge[0])
+    _outputs(g, geometry[0], geometry[0], "know3d/full")
+    g.arrange(TWO_ROWS)
     return g
 
 
@@ -573,14 +666,12 @@ def build_multiview(decl) -> Graph:
            "weights.\n\n" + NOTE_MODELS + NOTE_QWEN + NOTE_IMAGE)
     model, cond, front = _front(g, "none")
     qwen, clip, vae = _qwen(g, lora=False)
-    sample, _ = _back_view(g, qwen, clip, vae, front, "")
-    with g.group("back_view"):
-        back = g.add("VAEDecode", title="Generated back view", samples=sample[0], vae=vae[0])
-        g.add("PreviewImage", images=back[0])
-    with g.group("knowledge"):
+    _, back = _back_view(g, qwen, clip, vae, front, "")
+    with g.group(*KNOW):
         knowledge = g.add("Know3DBackViewAsSecondView", back_image=back[0], mode="stochastic")
-    _, normals = _geometry(g, model, cond, knowledge[0], "know3d/multiview")
-    _normals_preview(g, normals)
+    geometry = _shape(g, model, cond, knowledge[0])
+    _outputs(g, geometry[0], geometry[0], "know3d/multiview")
+    g.arrange(TWO_ROWS)
     return g
 
 
@@ -589,8 +680,9 @@ def build_baseline(decl) -> Graph:
     g.note("# Plain TRELLIS.2 (baseline)\n\nThe same stages with no knowledge about the back.\n\n"
            + NOTE_MODELS + NOTE_IMAGE)
     model, cond, _ = _front(g, "none")
-    _, normals = _geometry(g, model, cond, None, "know3d/baseline")
-    _normals_preview(g, normals)
+    geometry = _shape(g, model, cond)
+    _outputs(g, geometry[0], geometry[0], "know3d/baseline")
+    g.arrange(col(row(NOTE, IN_TRELLIS), row(GEO, OUT)))
     return g
 
 
@@ -602,28 +694,89 @@ def build_textured(decl) -> Graph:
            "reduced to the face budget, UV-unwrapped and baked to PBR maps (base colour, metallic-roughness, "
            "alpha); *Save Mesh* writes them into the GLB.\n\n" + NOTE_MODELS + NOTE_QWEN + NOTE_KNOW3D
            + "- The texture flows and decoder come from the same TRELLIS.2 folder (*Load Know3D Model*: texture).\n"
-           + NOTE_IMAGE)
+           + NOTE_IMAGE, width=560)
     model, cond, front = _front(g, KNOW3D_CKPT, texture="(from the TRELLIS.2 folder)")
     qwen, clip, vae = _qwen(g, lora=True)
-    sample, _ = _back_view(g, qwen, clip, vae, front, "a hollow backrest with three vertical slats")
-    with g.group("back_view"):
-        back = g.add("VAEDecode", title="The imagined back view", samples=sample[0], vae=vae[0])
-        g.add("PreviewImage", images=back[0])
-    with g.group("knowledge"):
-        knowledge = g.add("Know3DExtractHiddenStates", model=qwen[0], trajectory=sample[1], sigma=0.0,
-                          layers="auto", know3d_model=model[0])
-    with g.group("geometry", 0, STAGES["geometry"][0]):
-        structure = g.add("Know3DSparseStructure", know3d_model=model[0], condition=cond[0], seed=0,
-                          knowledge=knowledge[0])
-        geometry = g.add("Know3DGeometry", know3d_model=model[0], structure=structure[0], condition=cond[0],
-                         resolution="1024_cascade", seed=0, knowledge=knowledge[0])
+    sample, back = _back_view(g, qwen, clip, vae, front, "a hollow backrest with three vertical slats")
+    knowledge = _hidden_states(g, qwen, sample, model)
+    geometry = _shape(g, model, cond, knowledge[0])
+    with g.group(*GEO):
         textured = g.add("Know3DTexture", know3d_model=model[0], shape_latent=geometry[1], condition=cond[0],
                          seed=0, mode="pbr", back_image=back[0])
-    with g.group("outputs", 0, STAGES["outputs"][0]):
-        save = g.add("Know3DSaveMesh", mesh=textured[0], filename_prefix="know3d/textured", format="glb")
+    _outputs(g, textured[0], geometry[0], "know3d/textured")
+    g.arrange(TWO_ROWS)
+    return g
+
+
+def trellis_plan():
+    """know3d_core.plan (the pack's; Comfy-Org's TRELLIS.2 file names live there)."""
+    return importlib.import_module(f"{load_pack().__name__}.know3d_core.plan")
+
+
+def core_trellis_files() -> dict:
+    """role -> file name of Comfy-Org's TRELLIS.2 files."""
+    plan = trellis_plan()
+    return {role: name for role, (name, _, _) in {**plan.COMFY_FILES, **plan.COMFY_TEXTURE_FILES}.items()}
+
+
+def texture_sampler() -> dict:
+    """KSampler settings of TRELLIS.2's texture stage (pipeline.json's tex_slat_sampler: steps, guidance;
+    its rescale_t 3 is core TRELLIS.2's own sampling shift)."""
+    sampling = importlib.import_module(f"{load_pack().__name__}.know3d_core.sampling")
+    p = sampling.OFFICIAL_SAMPLER_PARAMS["tex_slat"]
+    return {"steps": p.steps, "cfg": float(p.guidance_strength), "sampler_name": "euler", "scheduler": "normal"}
+
+
+CORE_FACES = 200_000      # DecimateMesh before unwrapping (core's default)
+CORE_TEXTURE_SIZE = 2048  # UV atlas and baked maps
+
+
+def build_core_textured(decl) -> Graph:
+    """Know3D's mesh and shape latent (as *know3d_full*) textured by ComfyUI's own nodes: core TRELLIS.2's
+    texture stage on Comfy-Org's files, then core's decimate / unwrap / bake / apply, and Paint Mesh's
+    vertex colours as the fast alternative."""
+    g = Graph("know3d_core_textured", decl)
+    files = core_trellis_files()
+    g.note("# Know3D mesh, textured by ComfyUI's own nodes\n\nAs *know3d_full* up to *Geometry*. Its shape latent "
+           "goes through core TRELLIS.2's texture stage (*Trellis2 Texture Stage* -> *KSampler* -> texture VAE "
+           "decode, guided by the shape VAE's subdivisions); core's mesh nodes decimate and UV-unwrap Know3D's mesh "
+           "and bake the voxel colours onto it (PBR GLB); *Paint Mesh* gives vertex colours.\n\n"
+           "**Models**: as in *know3d_full* (its read-me note), plus Comfy-Org/TRELLIS.2's "
+           f"`{files['flows']}` (models/diffusion_models), `{files['vae']}` and `{files['texture_vae']}` "
+           f"(models/vae), `{files['dinov3']}` (models/clip_vision).\n\nNeeds ComfyUI >= {MIN_COMFYUI}.")
+    model, cond, front = _front(g, KNOW3D_CKPT)
+    qwen, clip, vae = _qwen(g, lora=True)
+    sample, _ = _back_view(g, qwen, clip, vae, front, "a hollow backrest with three vertical slats", preview=False)
+    knowledge = _hidden_states(g, qwen, sample, model)
+    geometry = _shape(g, model, cond, knowledge[0])
+    with g.group(*IN_CORE, "Core texture models"):
+        flow = g.add("UNETLoader", title="TRELLIS.2 (texture flow)", unet_name=files["flows"], weight_dtype="default")
+        shape_vae = g.add("VAELoader", title="TRELLIS.2 shape VAE", vae_name=files["vae"])
+        tex_vae = g.add("VAELoader", title="TRELLIS.2 texture VAE", vae_name=files["texture_vae"])
+        dino = g.add("CLIPVisionLoader", title="DINOv3", clip_name=files["dinov3"])
+    with g.group(*TEX):
+        conds = g.add("Trellis2Conditioning", clip_vision_model=dino[0], image=front)
+        subdivs = g.add("VaeDecodeShapeTrellis", samples=geometry[1], vae=shape_vae[0])
+        stage = g.add("Trellis2TextureStage", positive=conds[0], negative=conds[1], shape_latent=geometry[1])
+        tex = g.add("KSampler", title="Texture flow", model=flow[0], positive=stage[0], negative=stage[1],
+                    latent_image=stage[2], seed=0, denoise=1.0, **texture_sampler())
+        voxels = g.add("VaeDecodeTextureTrellis", samples=tex[0], vae=tex_vae[0], shape_subdivides=subdivs[1])
+    with g.group(*BAKE):
+        low = g.add("DecimateMesh", mesh=geometry[0], target_face_count=CORE_FACES, placement_mode="midpoint")
+        uv = g.add("UnwrapMesh", mesh=low[0], segmenter="pec", resolution=CORE_TEXTURE_SIZE, padding=1,
+                   weld_distance=0.0)
+        maps = g.add("BakeTextureFromVoxel", mesh=uv[0], voxel_colors=voxels[0], texture_size=CORE_TEXTURE_SIZE,
+                     reference_mesh=geometry[0])
+        pbr = g.add("ApplyTextureToMesh", mesh=uv[0], base_color=maps[0], metallic=maps[1], roughness=maps[2])
+    with g.group(*OUT):
+        save = g.add("Know3DSaveMesh", title="Save Mesh (PBR)", mesh=pbr[0], filename_prefix="know3d/core_textured",
+                     format="glb")
         g.add("Preview3D", model_file=save[0])
-        normals = g.add("Know3DRenderNormals", mesh=geometry[0], resolution=512)
-    _normals_preview(g, normals)
+    with g.group(*PAINT, "Vertex colours"):
+        painted = g.add("PaintMesh", mesh=geometry[0], voxel_colors=voxels[0])
+        g.add("Know3DSaveMesh", title="Save Mesh (vertex colours)", mesh=painted[0],
+              filename_prefix="know3d/core_painted", format="glb")
+    g.arrange(col(row(NOTE, IN_TRELLIS, IN_QWEN, KNOW, IN_CORE, PAINT), row(BACK, GEO, TEX, BAKE, OUT)))
     return g
 
 
@@ -632,44 +785,46 @@ COMPARE_DESCRIPTIONS = (
     "a solid backrest with a rounded top",
     "a backrest made of two horizontal bars",
 )
+COMPARE_COLUMN_H = 500  # each description's column of groups stays lower than the screen
 
 
 def build_compare(decl) -> Graph:
     """Compact for fit-to-view (a 16:9 screen): the negative prompt and the front's latent are built once
-    beside the loaders and shared by every row; a row is back view | knowledge + 3D | save + normals (no
-    Preview 3D per row: the stitched normals are the comparison)."""
-    g = Graph("know3d_compare_backs", decl, column_h=COMPARE_COLUMN_H)
-    g.note("# One front image, three backs\n\nEach description gives its own back view, knowledge and mesh "
-           "(one row of groups each); the normal renders are stitched side by side (one image per view: "
-           "front, back, left, right).\n\n" + NOTE_MODELS + NOTE_QWEN + NOTE_KNOW3D + NOTE_IMAGE, stage="comparison")
+    beside the loaders and shared by every description; a description is a column of groups (back view,
+    knowledge + 3D, save + normals; no Preview 3D per description: the stitched normals are the comparison)."""
+    g = Graph("know3d_compare_backs", decl)
+    g.note("# One front image, three backs\n\nEach description (a column of groups) gives its own back view, "
+           "knowledge and mesh; the normal renders are stitched side by side (one image per view: front, back, "
+           "left, right).\n\nModels and input: as in *know3d_full* (its read-me note).", width=300)
     model, cond, front = _front(g, KNOW3D_CKPT)
     qwen, clip, vae = _qwen(g, lora=True)
-    with g.group("inputs", 1):
-        negative = _encode(g, clip, vae, front, "", "Negative (empty) + front image")
+    with g.group(*IN_QWEN):
+        negative = _encode(g, clip, vae, front, "", "Negative + front image")
         latent = g.add("VAEEncode", pixels=g.add("FluxKontextImageScale", image=front)[0], vae=vae[0])
-    renders = []
+    renders, columns = [], []
     for i, text in enumerate(COMPARE_DESCRIPTIONS):
-        suffix = f" - description {i + 1}"
-        with g.group("back_view", i, STAGES["back_view"][0] + suffix):
+        suffix = f" - {i + 1}"
+        back_key, shape_key, out_key = ("back_view", i), ("geometry", i), ("outputs", i)
+        with g.group(*back_key, STAGES["back_view"][0] + suffix, column_h=COMPARE_COLUMN_H):
             prompt = g.add("Know3DBackViewPrompt", description=text)
-            pos = _encode(g, clip, vae, front, prompt[0], "Back-view prompt + front image")
+            pos = _encode(g, clip, vae, front, prompt[0], "Prompt + front image")
             sample = g.add("Know3DBackViewSample", model=qwen[0], positive=pos[0], negative=negative[0],
                            latent_image=latent[0], seed=0, steps=40, cfg=4.0, sampler_name="euler",
                            scheduler="simple", stop_at_sigma=0.25)
-        with g.group("geometry", i, f"{STAGES['knowledge'][0]} + {STAGES['geometry'][0]}{suffix}"):
+        with g.group(*shape_key, f"{STAGES['knowledge'][0]} + {STAGES['geometry'][0]}{suffix}",
+                     column_h=COMPARE_COLUMN_H):
             knowledge = g.add("Know3DExtractHiddenStates", model=qwen[0], trajectory=sample[1], sigma=0.0,
                               layers="auto", know3d_model=model[0])
-            structure = g.add("Know3DSparseStructure", know3d_model=model[0], condition=cond[0], seed=0,
-                              knowledge=knowledge[0])
-            geometry = g.add("Know3DGeometry", know3d_model=model[0], structure=structure[0], condition=cond[0],
-                             resolution="1024_cascade", seed=0, knowledge=knowledge[0])
-        with g.group("outputs", i, STAGES["outputs"][0] + suffix):
+        geometry = _shape(g, model, cond, knowledge[0], key=shape_key)
+        with g.group(*out_key, STAGES["outputs"][0] + suffix, column_h=200):  # side by side
             g.add("Know3DSaveMesh", mesh=geometry[0], filename_prefix=f"know3d/compare_{i + 1}", format="glb")
             renders.append(g.add("Know3DRenderNormals", mesh=geometry[0], resolution=512))
-    with g.group("comparison", 0):
-        row = g.add("ImageStitch", image1=renders[0][0], image2=renders[1][0], direction="right")
-        row = g.add("ImageStitch", image1=row[0], image2=renders[2][0], direction="right")
-        g.add("PreviewImage", title="Normals side by side (descriptions 1 | 2 | 3)", images=row[0])
+        columns.append(col(back_key, shape_key, out_key))
+    with g.group("comparison", 0, column_h=1000):  # one column
+        stitched = g.add("ImageStitch", image1=renders[0][0], image2=renders[1][0], direction="right")
+        stitched = g.add("ImageStitch", image1=stitched[0], image2=renders[2][0], direction="right")
+        g.add("PreviewImage", title="Normals 1 | 2 | 3", images=stitched[0])
+    g.arrange(row(col(IN_TRELLIS, IN_QWEN), *columns, col(("comparison", 0), NOTE)))
     return g
 
 
@@ -679,6 +834,7 @@ BUILDERS = {
     "trellis2_baseline": build_baseline,
     "know3d_compare_backs": build_compare,
     "know3d_textured": build_textured,
+    "know3d_core_textured": build_core_textured,
 }
 
 

@@ -35,7 +35,8 @@ COLLECT = """async () => {
   }));
   const groups = (g._groups || g.groups || []).map(gr => ({title: gr.title, rect: Array.from(gr._bounding || gr.bounding)}));
   const prompt = (await app.graphToPrompt()).output;
-  return {nodes, groups, prompt, scale: app.canvas.ds.scale};
+  const box = app.canvas.canvas.getBoundingClientRect();
+  return {nodes, groups, prompt, scale: app.canvas.ds.scale, canvas: [Math.round(box.width), Math.round(box.height)]};
 }"""
 
 
@@ -59,8 +60,9 @@ def close_overlays(page):
 def open_template(page, pack, name, count):
     """Load a pack template the way a user does: Templates -> the pack -> its card."""
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    page.get_by_text(pack, exact=True).first.click(timeout=30000)
-    page.get_by_text(name, exact=True).first.click(timeout=30000)
+    dialog = page.get_by_role("dialog")  # not the canvas behind it (a note may name a template)
+    dialog.get_by_text(pack, exact=True).first.click(timeout=30000)
+    dialog.get_by_text(name, exact=True).first.click(timeout=30000)
     page.wait_for_function(f"() => window.app.graph._nodes.length === {count}", timeout=60000)
 
 
