@@ -15,6 +15,9 @@ make_uni3d_goldens.py); ``knn_cuda`` (its KNN a no-op constructor), ``models.poi
 ``models.losses`` (imported by the model files, unused on this path): empty modules; ``easydict.EasyDict``:
 a dict with attribute access (what the class reads from it).
 
+It also builds the released sizes (ULIP-2 PointBERT, OpenCLIP ViT-bigG-14) and checks that our modules
+have exactly their keys and shapes (``config.json`` lists them).
+
 The weights are saved as ULIP's training saves a DDP model, ``{"state_dict": {"module.<key>": ...}}``
 (fp16, tensors only: the real file also holds ``args``, which tensors-only loading refuses), with
 every key of the reference model, its ``open_clip_model.*`` included.
@@ -71,6 +74,38 @@ def reference():
     return ULIP2_WITH_OPENCLIP(point_encoder=point, open_clip_model=clip, pc_feat_dims=2 * POINTBERT["trans_dim"]).eval()
 
 
+FULL = dict(trans_dim=384, depth=18, drop_path_rate=0.1, cls_dim=40, num_heads=6, group_size=32, num_group=512,
+            encoder_dims=256)  # ULIP_2_PointBERT_10k_colored_pointclouds.yaml
+
+
+def check_full_sizes():
+    """The released sizes' layouts (ULIP-2 PointBERT on the CPU, ViT-bigG-14 on the meta device) against
+    our modules, key by key and shape by shape: {model: parameter count of ours}."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    from models.pointbert.point_encoder import PointTransformer_Colored
+    from models.ULIP_models import ULIP2_WITH_OPENCLIP
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from know3d_core.eval.clip_vit import ClipViT
+    from know3d_core.eval.ulip2 import Ulip2, Ulip2Config, _unused
+    from know3d_core.eval.weights import check_state
+
+    ref = ULIP2_WITH_OPENCLIP(point_encoder=PointTransformer_Colored(Namespace(**FULL), args=None), open_clip_model=None,
+                              pc_feat_dims=2 * FULL["trans_dim"])  # the meta device cannot run its drop-path schedule
+    ours = Ulip2(Ulip2Config.from_state(ref.state_dict()))
+    check_state(ours, ref.state_dict(), "ULIP-2", "the reference layout", unused=_unused)
+    with open(os.path.join(os.path.dirname(open_clip.__file__), "model_configs", "ViT-bigG-14.json")) as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        sd = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).state_dict()
+        vit = ClipViT.from_state(sd, "visual.")
+    check_state(vit, sd, "ViT-bigG-14", "the reference layout", prefix="visual.")
+    return {"ulip2/pointbert": sum(v.numel() for v in ours.parameters()),
+            "open_clip/ViT-bigG-14 visual": sum(v.numel() for v in vit.parameters())}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ulip-src", required=True, help="ULIP checkout (f194ddb)")
@@ -91,8 +126,9 @@ def main(argv=None) -> int:
               os.path.join(args.out, "ulip2_io.safetensors"))
     torch.save({"state_dict": {"module." + k: v for k, v in _half(weights).items()}},
                os.path.join(args.out, "ulip2_pointbert_tiny.pt"))
+    full = check_full_sizes()
     with open(os.path.join(args.out, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({"pointbert": POINTBERT, "vision": VISION, "text": TEXT, "embed": EMBED, "weight_seed": SEED,
+        json.dump({"full_size_layouts_match (parameters)": full, "pointbert": POINTBERT, "vision": VISION, "text": TEXT, "embed": EMBED, "weight_seed": SEED,
                    "ulip": "salesforce/ULIP f194ddb", "timm": "1.0.31", "open_clip": "3.3.0"}, f, indent=1)
     print("wrote", args.out)
     return 0

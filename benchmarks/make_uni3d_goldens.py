@@ -21,6 +21,9 @@ run or cannot load here is replaced, and nothing else:
 * ``timm.create_model`` inside ``open_clip.timm_model``: the same call with tiny widths added
   (open_clip passes no size arguments to timm).
 
+It also builds the released sizes (Uni3D-Ti/S/B/L/g, OpenCLIP EVA02-E-14-plus) on the meta device and
+checks that our modules have exactly their keys and shapes (``config.json`` lists them).
+
 Weights are written as the official files are laid out: Uni3D ``{"module": state_dict}`` (.pt,
 tensors only, fp16) with every key the reference model has (``logit_scale``, the unused EVA image
 tensors included); OpenCLIP a flat state dict (.bin) with the text tower's keys.
@@ -188,6 +191,46 @@ def clip_reference():
         tm.timm.create_model = real
 
 
+FULL_SIZES = {"eva02_tiny_patch14_224": 192, "eva02_small_patch14_224": 384, "eva02_base_patch14_448": 768,
+              "eva02_large_patch14_448": 1024, "eva_giant_patch14_560": 1408}  # Uni3D-Ti/S/B/L/g (inference.sh)
+
+
+def check_full_sizes():
+    """The released sizes' state-dict layouts (reference classes built on the meta device) against
+    our modules, key by key and shape by shape: {model: parameter count of ours}."""
+    import json as _json
+
+    import open_clip
+    import timm
+    from models.point_encoder import PointcloudEncoder
+    from models.uni3d import Uni3D as RefUni3D
+    from open_clip.model import CustomTextCLIP
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from know3d_core.eval.eva import EvaImageTower
+    from know3d_core.eval.uni3d import UNUSED, ClipImageTower, Uni3D, Uni3DConfig
+    from know3d_core.eval.weights import check_state
+
+    out = {}
+    args = dict(embed_dim=1024, group_size=64, num_group=512, pc_encoder_dim=512, patch_dropout=0.0)
+    for name, width in FULL_SIZES.items():
+        with torch.device("meta"):
+            sd = RefUni3D(PointcloudEncoder(timm.create_model(name, pretrained=False),
+                                            Namespace(pc_feat_dim=width, **args))).state_dict()
+            ours = Uni3D(Uni3DConfig.from_state(sd))
+        check_state(ours, sd, name, "the reference layout", unused=UNUSED.__contains__)
+        out[f"uni3d/{name}"] = sum(v.numel() for v in ours.parameters())
+    path = os.path.join(os.path.dirname(open_clip.__file__), "model_configs", "EVA02-E-14-plus.json")
+    with open(path) as f:
+        cfg = _json.load(f)
+    with torch.device("meta"):
+        sd = CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).state_dict()
+        tower = ClipImageTower(EvaImageTower.from_state(sd, "visual.trunk.", 16, post_norm=True))
+    check_state(tower, sd, "EVA02-E-14-plus", "the reference layout", prefix="visual.")
+    out["open_clip/EVA02-E-14-plus visual"] = sum(v.numel() for v in tower.parameters())
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--uni3d-src", required=True, help="Uni3D checkout (64e03c3)")
@@ -214,8 +257,9 @@ def main(argv=None) -> int:
     torch.save(_half(weights), os.path.join(args.out, "open_clip_eva_tiny.bin"))
     save_file({"pixels": pixels, "embed": clip.encode_image(pixels).contiguous()},
               os.path.join(args.out, "clip_io.safetensors"))
+    full = check_full_sizes()
     with open(os.path.join(args.out, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({"point_encoder": POINT, "npoints": NPOINTS, "timm_tiny": TIMM_TINY, "variants": VARIANTS,
+        json.dump({"full_size_layouts_match (parameters)": full, "point_encoder": POINT, "npoints": NPOINTS, "timm_tiny": TIMM_TINY, "variants": VARIANTS,
                    "clip_tiny": CLIP_TINY, "clip_embed": CLIP_EMBED, "weight_seed": SEED,
                    "uni3d": "baaivision/Uni3D 64e03c3", "timm": "1.0.31", "open_clip": "3.3.0"}, f, indent=1)
     print("wrote", args.out)
