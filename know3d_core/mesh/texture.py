@@ -39,7 +39,7 @@ from .types import Mesh
 
 __all__ = ["PBRVoxels", "TexturedMesh", "sample_voxels", "mesh_pieces", "uv_unwrap", "uv_stretch", "rasterize_uv",
            "snap_to_surface", "dilate", "bake_pbr", "bake_reduced", "vertex_rgba", "textured_glb_bytes",
-           "vertex_color_glb_bytes", "vertex_rgba_glb_bytes"]
+           "vertex_color_glb_bytes", "vertex_rgba_glb_bytes", "render_textured"]
 
 _CORNERS = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
 
@@ -254,23 +254,29 @@ def uv_stretch(vertices: torch.Tensor, faces: torch.Tensor, uvs: torch.Tensor) -
 
 
 # ----------------------------------------------------------------------------- UV rasterisation
-def rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Texel centres ``((j + 0.5)/T, (i + 0.5)/T)`` -> covering face ``[T, T]`` (-1: none) and
-    barycentrics ``[T, T, 3]`` (clamped to the triangle). Row i is v, column j is u."""
-    screen = torch.cat([uvs.float() * size - 0.5, torch.zeros_like(uvs[:, :1]).float()], 1)
-    face_id, _ = rasterize(screen, faces, size, size)
-    ii, jj = torch.meshgrid(torch.arange(size, device=uvs.device), torch.arange(size, device=uvs.device),
+def _barycentrics(screen_xy: torch.Tensor, faces: torch.Tensor, face_id: torch.Tensor) -> torch.Tensor:
+    """Barycentrics ``[H, W, 3]`` (clamped to the triangle) of every pixel centre in its face ``face_id
+    [H, W]`` (-1: any), ``screen_xy [V, 2]`` in pixel units (pixel (i, j) has centre (j, i))."""
+    h, w = face_id.shape
+    ii, jj = torch.meshgrid(torch.arange(h, device=face_id.device), torch.arange(w, device=face_id.device),
                             indexing="ij")
-    p = torch.stack([jj, ii], -1).float()  # pixel centre in screen units
-    tri = screen[:, :2][faces[face_id.clamp(min=0)]]  # [T, T, 3, 2]
-    a, b, c = tri.unbind(-2)
+    p = torch.stack([jj, ii], -1).to(screen_xy.dtype)
+    a, b, c = screen_xy[faces[face_id.clamp(min=0)]].unbind(-2)
     v0, v1, v2 = b - a, c - a, p - a
     den = v0[..., 0] * v1[..., 1] - v1[..., 0] * v0[..., 1]
     den = torch.where(den.abs() < 1e-20, torch.full_like(den, 1e-20), den)
     w1 = (v2[..., 0] * v1[..., 1] - v1[..., 0] * v2[..., 1]) / den
     w2 = (v0[..., 0] * v2[..., 1] - v2[..., 0] * v0[..., 1]) / den
     bary = torch.stack([1 - w1 - w2, w1, w2], -1).clamp(0, 1)
-    bary = bary / bary.sum(-1, keepdim=True).clamp_min(1e-12)
+    return bary / bary.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def rasterize_uv(uvs: torch.Tensor, faces: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Texel centres ``((j + 0.5)/T, (i + 0.5)/T)`` -> covering face ``[T, T]`` (-1: none) and
+    barycentrics ``[T, T, 3]`` (clamped to the triangle). Row i is v, column j is u."""
+    screen = torch.cat([uvs.float() * size - 0.5, torch.zeros_like(uvs[:, :1]).float()], 1)
+    face_id, _ = rasterize(screen, faces, size, size)
+    bary = _barycentrics(screen[:, :2], faces, face_id)
     return face_id, bary
 
 
@@ -445,11 +451,40 @@ def bake_pbr(
     return TexturedMesh(vertices.float(), faces, uvs.float().cpu(), base_color, mr, meta)
 
 
-def bake_reduced(mesh: Mesh, raw: Mesh, voxels: PBRVoxels, texture_size: int = 1024, device: Any = None) -> TexturedMesh:
+def bake_reduced(mesh: Mesh, raw: Mesh, voxels: PBRVoxels, texture_size: int = 1024,
+                 device: Any = None) -> TexturedMesh:
     """:func:`bake_pbr` of ``mesh``, the cleaned / reduced copy of the decoder's ``raw`` mesh: when it
     lost faces the texels snap to ``raw`` (the decimation error does not move the colours)."""
     surface = raw if mesh.num_faces < raw.num_faces else None
     return bake_pbr(mesh, voxels, texture_size=texture_size, surface=surface, device=device)
+
+
+# ----------------------------------------------------------------------------- preview render
+def render_textured(textured: TexturedMesh, view: str = "front", size: int = 256, extent: float = 0.55,
+                    background: Tuple[float, float, float] = (1.0, 1.0, 1.0), shade: bool = True) -> torch.Tensor:
+    """Base colour of a baked mesh seen from ``view`` (the orthographic cameras of
+    :func:`.render.render_normals`), each pixel the texel its UV falls in (nearest, glTF rows);
+    ``shade``: times ``0.55 + 0.45 |n . view|`` so the shape reads. Returns ``[size, size, 3]`` float
+    in [0, 1] (CPU)."""
+    from .render import camera_basis
+
+    vertices = textured.vertices.float().cpu()
+    faces = textured.faces.cpu()
+    cam = vertices @ camera_basis(view).T
+    scale = size / (2 * extent)
+    screen = torch.stack([(cam[:, 0] + extent) * scale - 0.5, (extent - cam[:, 1]) * scale - 0.5, cam[:, 2]], 1)
+    face_id, _ = rasterize(screen, faces, size, size)
+    bary = _barycentrics(screen[:, :2], faces, face_id)
+    uv = (bary.unsqueeze(-1) * textured.uvs.float().cpu()[faces[face_id.clamp(min=0)]]).sum(-2)
+    t = textured.base_color.shape[0]
+    texel = (uv * t).floor().long().clamp(0, t - 1)
+    colour = torch.from_numpy(textured.base_color[..., :3]).float()[texel[..., 1], texel[..., 0]] / 255
+    if shade:
+        tri = cam[faces]
+        normal = F.normalize(torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), dim=1)
+        colour = colour * (0.55 + 0.45 * normal[face_id.clamp(min=0), 2].abs()).unsqueeze(-1)
+    bg = torch.tensor(background, dtype=torch.float32)
+    return torch.where((face_id >= 0).unsqueeze(-1), colour.clamp(0, 1), bg)
 
 
 # ----------------------------------------------------------------------------- GLB
