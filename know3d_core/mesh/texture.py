@@ -128,12 +128,12 @@ def sample_voxels(voxels: PBRVoxels, points: torch.Tensor, chunk: int = 1 << 20)
 
 
 # ----------------------------------------------------------------------------- UV unwrap
-PIECE_FACES = 256
+PIECE_FACES = 1024
 """Faces per piece of :func:`uv_unwrap` (xatlas charts each piece on its own, so charts stay small).
-A 200k-face bumpy sphere, 2048 maps, one busy CPU core (CPU seconds): pieces of 256 faces 1.6 s
-(1.2k charts, 62% of the atlas used, L2 stretch 1.0000, 26% of the vertices split by seams), 2000
-6 s, 8000 16 s; the whole mesh as one (xatlas' own charting) over 60 s, 82k faces 17-37 s: xatlas'
-chart growing is superlinear in the chart size. benchmarks/results/texture_unwrap.json."""
+A 200k-face bumpy sphere at 2048^2, one CPU core: pieces of 256 faces 1.5 CPU s (47% of the texels
+on the surface), 1024 2.6 s (55%), 2048 3.6 s (59%), L2 stretch <= 1.0003 for all; the whole mesh as
+one (xatlas' own charting: chart growing is superlinear in the chart size) takes 21 s at 82k faces
+(54%, stretch 1.017) and over a minute at 200k. benchmarks/results/texture/unwrap_cpu_*.json."""
 
 
 def mesh_pieces(vertices: torch.Tensor, faces: torch.Tensor, max_faces: int = PIECE_FACES) -> torch.Tensor:
