@@ -214,12 +214,12 @@ def test_fit_to_view_zoom_is_readable(browser, name):
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_frontend_keeps_the_saved_node_sizes(browser, name):
-    """The builder's layout (and its fit-to-view estimate) holds in the frontend: each node keeps the size
-    the workflow saves (at least the frontend's minimum), but Load Image, which shows its image."""
+    """The builder's layout (and its fit-to-view estimate) holds in the frontend: each node, notes and Load
+    Image with its image included, keeps the size the workflow saves (at least the frontend's minimum and
+    its title's width)."""
     saved = {str(n["id"]): n["size"] for n in load(os.path.join(UI_DIR, f"{name}.json"))["nodes"]}
     grown = [(n["type"], saved[n["id"]], n["rect"][2:]) for n in workflow(browser, name)["nodes"]
-             if n["type"] not in ("LoadImage", "MarkdownNote")
-             and [round(v) for v in n["rect"][2:]] != [saved[n["id"]][0], saved[n["id"]][1] + build.TITLE_H]]
+             if [round(v) for v in n["rect"][2:]] != [saved[n["id"]][0], saved[n["id"]][1] + build.TITLE_H]]
     assert grown == []
 
 

@@ -266,6 +266,11 @@ def test_core_3d_nodes_accept_our_outputs():
     assert accepts(core["MeshToFile3D"]["input"]["required"]["mesh"], geometry[0])
     assert accepts(core["Trellis2TextureStage"]["input"]["required"]["shape_latent"], geometry[1])
     assert accepts(core["VaeDecodeShapeTrellis"]["input"]["required"]["samples"], geometry[1])
+    for node, name in (("DecimateMesh", "mesh"), ("UnwrapMesh", "mesh"), ("PaintMesh", "mesh"),
+                       ("BakeTextureFromVoxel", "mesh")):  # know3d_core_textured: core's bake nodes on our mesh
+        assert accepts(core[node]["input"]["required"][name], geometry[0]), node
+    assert accepts(core["BakeTextureFromVoxel"]["input"]["optional"]["reference_mesh"], geometry[0])
+    assert accepts(ours["Know3DSaveMesh"].INPUT_TYPES()["required"]["mesh"], core["ApplyTextureToMesh"]["output"][0])
     structure = ours["Know3DSparseStructure"].RETURN_TYPES
     assert accepts(core["VoxelToMesh"]["input"]["required"]["voxel"], structure[1])
     assert accepts(core["Trellis2ShapeStage"]["input"]["required"]["voxel"], structure[1])

@@ -158,18 +158,18 @@ FRONTEND_MIN = {
     "UNETLoader": (210, 82), "UnwrapMesh": (210, 130), "VAEDecode": (140, 46), "VAEEncode": (140, 46),
     "VAELoader": (210, 58), "VaeDecodeShapeTrellis": (197, 46), "VaeDecodeTextureTrellis": (217, 66),
 }
-# The body sizes the workflows save: 250 wide where the minimum is narrower (values stay legible at
-# fit-to-view zoom; the frontend's own default is 270-400), the minimum height, and room for what a
-# node shows: Load Image's image (it grows to ~314 px high once its image loads), Preview Image's
-# result, Preview 3D's viewport, Back-View Prompt's two text boxes.
+# The body sizes the workflows save: 250 wide where the minimum is narrower (values and titles stay
+# legible at fit-to-view zoom, beside the title's badge; the frontend's own default is 270-400), small
+# helpers a little wider than their minimum, the minimum height, and room for what a node shows: Load
+# Image's image (it grows to ~314 px high once its image loads), Preview Image's result, Preview 3D's
+# viewport, Back-View Prompt's two text boxes.
 W = 250
 FRONTEND_SIZES = {
     **{t: (max(W, w), h) for t, (w, h) in FRONTEND_MIN.items()},
-    "ApplyTextureToMesh": (200, 126), "FluxKontextImageScale": (195, 26), "FluxKontextMultiReferenceLatentMethod": (260, 58),
-    "InvertMask": (140, 26), "Know3DBackViewPrompt": (260, 200), "Know3DImageCondition": (200, 86),
-    "LoadImage": (250, 330), "PaintMesh": (150, 46), "Preview3D": (360, 420), "PreviewImage": (260, 260),
-    "TextEncodeQwenImageEditPlus": (260, 170), "Trellis2Conditioning": (200, 46), "Trellis2TextureStage": (200, 66),
-    "VAEDecode": (140, 46), "VAEEncode": (140, 46), "VaeDecodeShapeTrellis": (200, 46), "VaeDecodeTextureTrellis": (220, 66),
+    "FluxKontextImageScale": (195, 26), "FluxKontextMultiReferenceLatentMethod": (260, 58), "InvertMask": (160, 26),
+    "Know3DBackViewPrompt": (260, 200), "Know3DImageCondition": (200, 86), "LoadImage": (250, 330),
+    "PaintMesh": (160, 46), "Preview3D": (360, 420), "PreviewImage": (260, 260), "TextEncodeQwenImageEditPlus": (260, 170),
+    "VAEDecode": (160, 46), "VAEEncode": (160, 46),
 }
 TITLE_H = 30          # LiteGraph.NODE_TITLE_HEIGHT: the title bar sits above a node's pos
 GAP = 40              # between nodes of a group (after the title bar)
