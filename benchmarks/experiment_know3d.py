@@ -19,12 +19,13 @@ from know3d_core.cli import main  # noqa: E402
 # step first and gives the base 30% of the budget and the Know3D rows (same steps each) 45% of what is
 # left (know3d_core/eval/experiment.py). No back-view LoRA (--backview-steps 0): at this size a trained
 # LoRA made the hidden states *less* text-dependent (nearest-centroid prompt probe 0.75 -> 0.33 on the
-# CPU, README), so every back view comes from the MMDiT as initialised.
-GPU_RUN = ["--train-seeds", "12", "--val-seeds", "4", "--latent-grid", "8", "--model-channels", "128",
+# CPU, README), so every back view comes from the MMDiT as initialised, with its text values scaled
+# by 4 (--text-gain; the knowledge's prompt-to-noise ratio doubles: README).
+GPU_RUN = ["--train-seeds", "8", "--val-seeds", "4", "--latent-grid", "8", "--model-channels", "128",
            "--num-blocks", "4", "--num-heads", "4", "--backview-steps", "0", "--base-steps", "6000",
            "--know3d-steps", "3000", "--batch-size", "16", "--lr", "5e-4", "--back-steps", "6", "--back-size", "64x64",
            "--sample-steps", "12", "--render-size", "64", "--sigmas", "0.85,0.5,0.25,0.1", "--num-workers", "4",
-           "--time-budget", "370"]
+           "--text-gain", "4", "--time-budget", "400"]
 
 
 if __name__ == "__main__":

@@ -120,6 +120,8 @@ def _register_experiment(subparsers) -> None:
     p.add_argument("--back-size", type=_size, help="back-view HxW in pixels (default 32x32: 4 MMDiT tokens)")
     p.add_argument("--sample-steps", type=_positive)
     p.add_argument("--render-size", type=_positive)
+    p.add_argument("--text-gain", type=float, help="scale of the random MMDiT's text values on top of the demo's "
+                   "(default 1; a trained back-view model follows its description, a random one barely does)")
     p.add_argument("--sigmas", help="capture-sigma sweep, e.g. 0.85,0.5,0.25,0.1 (default: none)")
     p.add_argument("--rows", help="rows, comma-separated (default hidden,hidden_gt,latent,image,multiview,none)")
     p.add_argument("--device", default="cpu")
@@ -127,7 +129,8 @@ def _register_experiment(subparsers) -> None:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--progress", action="store_true", help="training / eval progress bars")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="S",
-                   help="skip the rows that would start after S seconds (reported as skipped; default: no limit)")
+                   help="size the trainings from a measured step time to fit S seconds and skip the rows that "
+                        "would end later, judged by the last row of the same kind (reported; default: no limit)")
     p.set_defaults(run=run_experiment_command)
 
 
@@ -139,7 +142,7 @@ def run_experiment_command(opts) -> int:
     kw = dict(SMOKE) if opts.smoke else {}
     for name in ("train_seeds", "val_seeds", "latent_grid", "model_channels", "num_blocks", "num_heads",
                  "backview_steps", "base_steps", "know3d_steps", "batch_size", "lr", "back_steps", "sample_steps", "render_size",
-                 "num_workers", "back_size"):
+                 "num_workers", "back_size", "text_gain"):
         if getattr(opts, name) is not None:
             kw[name] = getattr(opts, name)
     if opts.features:
