@@ -288,6 +288,7 @@ class Graph:
     column_h: dict = field(default_factory=dict)     # (stage, lane) -> its columns' height (else COLUMN_HEIGHTS)
     arrangement: Stack | None = None
     note_width: int = NOTE_WIDTH
+    group_gap: int = GROUP_GAP
     _where: tuple = ("inputs", 0)
 
     @contextlib.contextmanager
@@ -379,7 +380,7 @@ class Graph:
         def box(item) -> tuple[int, int]:
             if isinstance(item, Stack):
                 sizes = [box(i) for i in item.items]
-                gaps = GROUP_GAP * (len(sizes) - 1)
+                gaps = self.group_gap * (len(sizes) - 1)
                 if item.across:
                     return sum(w for w, _ in sizes) + gaps, max(h for _, h in sizes)
                 return max(w for w, _ in sizes), sum(h for _, h in sizes) + gaps
@@ -397,10 +398,10 @@ class Graph:
                 cw, ch = box(child)
                 if item.across:
                     place(child, x, y, cw, h if not isinstance(child, Stack) else ch)
-                    x += cw + GROUP_GAP
+                    x += cw + self.group_gap
                 else:
                     place(child, x, y, w if not isinstance(child, Stack) else cw, ch)
-                    y += ch + GROUP_GAP
+                    y += ch + self.group_gap
 
         if self.arrangement is None:
             raise ValueError(f"{self.name}: no arrangement (Graph.arrange)")
@@ -792,7 +793,7 @@ def build_compare(decl) -> Graph:
     """Compact for fit-to-view (a 16:9 screen): the negative prompt and the front's latent are built once
     beside the loaders and shared by every description; a description is a column of groups (back view,
     knowledge + 3D, save + normals; no Preview 3D per description: the stitched normals are the comparison)."""
-    g = Graph("know3d_compare_backs", decl)
+    g = Graph("know3d_compare_backs", decl, group_gap=40)  # 16 groups: closer together
     g.note("# One front image, three backs\n\nEach description (a column of groups) gives its own back view, "
            "knowledge and mesh; the normal renders are stitched side by side (one image per view: front, back, "
            "left, right).\n\nModels and input: as in *know3d_full* (its read-me note).", width=300)
