@@ -130,10 +130,10 @@ def sample_voxels(voxels: PBRVoxels, points: torch.Tensor, chunk: int = 1 << 20)
 # ----------------------------------------------------------------------------- UV unwrap
 PIECE_FACES = 1024
 """Faces per piece of :func:`uv_unwrap` (xatlas charts each piece on its own, so charts stay small).
-A 200k-face bumpy sphere at 2048^2, one CPU core: pieces of 256 faces 1.5 CPU s (47% of the texels
+Bumpy spheres at 2048^2, one CPU core: 200k faces in pieces of 256 take 1.5 CPU s (47% of the texels
 on the surface), 1024 2.6 s (55%), 2048 3.6 s (59%), L2 stretch <= 1.0003 for all; the whole mesh as
-one (xatlas' own charting: chart growing is superlinear in the chart size) takes 21 s at 82k faces
-(54%, stretch 1.017) and over a minute at 200k. benchmarks/results/texture/unwrap_cpu_*.json."""
+one (xatlas' own charting, superlinear in the chart size) 105 s (55%, stretch 1.035); at 82k faces
+1024-face pieces 1.4 s (58%) against 15 s (54%, stretch 1.017). benchmarks/results/texture/."""
 
 
 def mesh_pieces(vertices: torch.Tensor, faces: torch.Tensor, max_faces: int = PIECE_FACES) -> torch.Tensor:
