@@ -5,9 +5,12 @@ their thumbnails live there, since ComfyUI serves the whole folder) and the API-
 
 Node declarations come from the pack itself (our nodes' V3 schemas) and from the recorded core listing
 ``tests/data/comfyui/object_info_0.33.0.json``, so widget order (each node's ``input_order``), socket
-types and defaults are the host's. Node sizes are those the real frontend gives each node type
-(:data:`FRONTEND_SIZES`); nodes sit in one group per stage, so no two overlap (the browser test,
-tests/test_comfyui_browser.py, checks it in the real frontend).
+types and defaults are the host's. Node sizes are ones the real frontend keeps (:data:`FRONTEND_SIZES`,
+at least its measured minimum :data:`FRONTEND_MIN` and the title's width); nodes sit in one group per
+stage (``(stage, lane)``), and each graph places its groups with rows and columns (:func:`row`,
+:func:`col`), so no two overlap, at the column height that gives the largest fit-to-view zoom in the
+frontend's rule (:func:`fit_scale`; every template must reach :data:`READABLE_ZOOM`). The browser test,
+tests/test_comfyui_browser.py, checks sizes, overlaps and the zoom in the real frontend.
 
 ``python tools/build_workflows.py`` rewrites the files; tests/test_workflows.py checks that the
 committed files are what this script produces. ``python tools/build_workflows.py --thumbnails DIR``
