@@ -60,6 +60,28 @@ def test_prompt_swap_accuracy_perfect_and_prompt_blind(tmp_path):
     assert prompt_effect(str(tmp_path / "good"), feats) == prompt_effect(str(tmp_path / "gt"), feats) == 1.0
 
 
+def test_prompt_swap_ignores_the_shared_body(tmp_path):
+    """Two backs on one body: a is the body and 4 voxels, b the body and a 10 x 10 slab. A generation
+    with 40% of b's slab is b's. Over the whole back half the body dominates and the IoU ranks by the
+    voxel count that differs, which picks the small feature a (44 voxels off against 60); within the
+    feature region (where a and b disagree) b wins, 0.4 against 0."""
+    from know3d_core.eval.geometry import back_half_grid, voxel_iou
+
+    body = torch.zeros(64, 64, 64, dtype=torch.bool)
+    body[10:50, 10:50, 10:50] = True
+    a, b, pred = body.clone(), body.clone(), body.clone()
+    a[40, 52:56, 40] = True
+    b[20:30, 52, 20:30] = True
+    pred[20:24, 52, 20:30] = True
+    for f, occ in (("a", a), ("b", b)):
+        _item(str(tmp_path / "gt"), f"0003_{f}", occ)
+    _item(str(tmp_path / "pred"), "0003_b", pred, {"seed": 3, "feature": "b"})
+    back = back_half_grid(64)
+    assert voxel_iou(pred, a, back) > voxel_iou(pred, b, back)  # the whole back half: a (wrong)
+    acc, rows = prompt_swap_accuracy(str(tmp_path / "pred"), str(tmp_path / "gt"), ("a", "b"))
+    assert acc == 1.0 and rows[0]["ious"] == {"a": 0.0, "b": pytest.approx(0.4)}
+
+
 @pytest.mark.slow
 def test_experiment_smoke_runs_end_to_end(tmp_path, capsys):
     """Every stage on tiny random models (data -> base -> know3d -> generate -> eval), the table written.

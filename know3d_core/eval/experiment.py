@@ -423,14 +423,18 @@ def write_gt(cfg: ExperimentConfig, val: Dict[int, Dict[str, str]], out: str) ->
 
 # ----------------------------------------------------------------------------------- scoring
 def prompt_swap_accuracy(pred_dir: str, gt_dir: str, features: Sequence[str]) -> Tuple[float, List[Dict[str, Any]]]:
-    """Share of generations whose best back-half-IoU match among the K ground truths of their front is
-    the prompted feature. Ties (e.g. identical back halves) count as wrong unless the prompted feature
+    """Share of generations whose best match among the K ground truths of their front is the
+    prompted feature. The match is the IoU within the front's *feature region*: the back-half voxels
+    where the K ground truths disagree (occupied in some, not all). The body they share is left out:
+    over the whole back half, the body's IoU outweighs the feature's, and a bigger ground truth wins
+    whatever came out. Ties (e.g. identical back halves) count as wrong unless the prompted feature
     is the first of the tied ones in ``features`` order."""
     from safetensors.torch import load_file
 
     from .geometry import back_half_grid, voxel_iou
 
     back = back_half_grid(64)
+    gts: Dict[int, Dict[str, torch.Tensor]] = {}
     rows = []
     for name in sorted(os.listdir(pred_dir)):
         rec_path = os.path.join(pred_dir, name, "record.json")
@@ -439,10 +443,13 @@ def prompt_swap_accuracy(pred_dir: str, gt_dir: str, features: Sequence[str]) ->
         with open(rec_path, "r", encoding="utf-8") as f:
             rec = json.load(f)
         pred = load_file(os.path.join(pred_dir, name, L.OCCUPANCY_FILE))[L.KEY_OCCUPANCY].bool()
-        ious = {}
-        for feature in features:
-            gt = load_file(os.path.join(gt_dir, f"{rec['seed']:04d}_{feature}", L.OCCUPANCY_FILE))[L.KEY_OCCUPANCY].bool()
-            ious[feature] = voxel_iou(pred, gt, back)
+        if rec["seed"] not in gts:
+            gts[rec["seed"]] = {f: load_file(os.path.join(gt_dir, f"{rec['seed']:04d}_{f}", L.OCCUPANCY_FILE))[
+                L.KEY_OCCUPANCY].bool() for f in features}
+        mine = gts[rec["seed"]]
+        stack = torch.stack([mine[f] for f in features])
+        region = back & stack.any(0) & ~stack.all(0)
+        ious = {f: voxel_iou(pred, mine[f], region) for f in features}
         best = max(features, key=lambda f: ious[f])  # first maximum in features order
         rows.append({"item": name, "prompted": rec["feature"], "classified": best, "correct": best == rec["feature"],
                      "ious": ious})
