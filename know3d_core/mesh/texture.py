@@ -411,21 +411,27 @@ def bake_pbr(
 
     device = torch.device(device) if device is not None else voxels.attrs.device
     timings: Dict[str, float] = {}
-    t0 = time.perf_counter()
+
+    def now() -> float:  # step times that hold on CUDA too (its kernels run asynchronously)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    t0 = now()
     vertices, faces, uvs, _ = uv_unwrap(mesh, texture_size, piece_faces=piece_faces, device=device)
-    timings["uv_unwrap"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timings["uv_unwrap"] = now() - t0
+    t0 = now()
     face_id, bary = rasterize_uv(uvs.to(device), faces.to(device), texture_size)
     covered = face_id >= 0
     tri = vertices.to(device)[faces.to(device)[face_id[covered]]]  # [P, 3, 3]
     points = (tri * bary[covered].unsqueeze(-1)).sum(1)
-    timings["rasterize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timings["rasterize"] = now() - t0
+    t0 = now()
     if surface is not None:
         cell = snap_cell if snap_cell is not None else 2.0 / voxels.resolution
         points = snap_to_surface(points, surface, cell)
-    timings["snap"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timings["snap"] = now() - t0
+    t0 = now()
     values, found = sample_voxels(voxels.to(device), points)
     channels = values.shape[1]
     image = torch.zeros(texture_size, texture_size, channels, device=device)
@@ -433,12 +439,12 @@ def bake_pbr(
     idx = torch.nonzero(covered)
     image[idx[found, 0], idx[found, 1]] = values[found]
     mask[idx[found, 0], idx[found, 1]] = True
-    timings["sample"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timings["sample"] = now() - t0
+    t0 = now()
     image, filled = dilate(image, mask, dilation)
     if bool(filled.any()) and not bool(filled.all()):
         image[~filled] = image[filled].mean(0)
-    timings["dilate"] = time.perf_counter() - t0
+    timings["dilate"] = now() - t0
     flat = image.reshape(-1, channels)
     base = voxels.channel(flat, "base_color").reshape(texture_size, texture_size, 3)
     alpha = voxels.channel(flat, "alpha").reshape(texture_size, texture_size, 1)
