@@ -56,7 +56,7 @@ TE_MROPE = [16, 24, 24]
 TE_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                  fullatt_block_indexes=[7, 15, 23, 31], window_size=112)
 SIZES = {True: dict(back=64, steps=4, trellis_steps=3, n_cascade=100),
-         False: dict(back=1024, steps=10, trellis_steps=12, n_cascade=2400)}
+         False: dict(back=1024, steps=6, trellis_steps=8, n_cascade=2400)}
 
 
 # ----------------------------------------------------------------------------------- networks
@@ -67,20 +67,26 @@ def _seeded(seed: int, device: torch.device) -> None:
 
 
 def _text_encoder_config(tiny: bool, vocab: dict, width: int):
+    """The demo's Qwen2.5-VL config (its token ids), at full size rebuilt from a dict so that what the
+    constructor derives from the depth (``layer_types``) follows the real 28 layers."""
     from know3d_core import demo_models as dm
 
     cfg = dm.tiny_qwen25vl_config(vocab, width)
     if tiny:
         return cfg
-    for k, v in TE_TEXT.items():
-        setattr(cfg.text_config, k, v)
-    for attr in ("rope_scaling", "rope_parameters"):  # transformers 4.x / 5.x name of the M-RoPE settings
-        rope = getattr(cfg.text_config, attr, None)
-        if isinstance(rope, dict):
-            setattr(cfg.text_config, attr, {**rope, "mrope_section": list(TE_MROPE), "rope_theta": 1e6})
-    for k, v in TE_VISION.items():
-        setattr(cfg.vision_config, k, v)
-    return cfg
+    d = cfg.to_dict()
+    text = d["text_config"]
+    text.update(TE_TEXT)
+    text.pop("layer_types", None)
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 4.x / 5.x name of the M-RoPE settings
+        if isinstance(text.get(key), dict):
+            text[key] = {**text[key], "mrope_section": list(TE_MROPE), "rope_theta": TE_TEXT["rope_theta"]}
+    d["vision_config"].update(TE_VISION)
+    full = type(cfg).from_dict(d)
+    layer_types = getattr(full.text_config, "layer_types", None)
+    if layer_types is not None and len(layer_types) != TE_TEXT["num_hidden_layers"]:
+        raise RuntimeError(f"text config kept {len(layer_types)} layer types for {TE_TEXT['num_hidden_layers']} layers")
+    return full
 
 
 def _processor(tokenizer):
@@ -239,7 +245,7 @@ def back_view_steps(times: list) -> dict:
     return {"back_steps_run": len(times), "back_s_per_step": round(statistics.median(diffs), 4) if diffs else None}
 
 
-def run_one(args) -> dict:
+def run_one(args, keep_hidden: dict | None = None) -> dict:
     from know3d_core.pipeline import Know3DPipeline
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -301,11 +307,13 @@ def run_one(args) -> dict:
         row["card_total_gib"] = round(row["peak_reserved_gib"] + row["context_gib_end"], 3)
     if args.hidden_out:
         torch.save(kept["stage"].mmdit.hidden.float().cpu(), args.hidden_out)
+    if keep_hidden is not None:
+        keep_hidden[args.card] = kept["stage"].mmdit.hidden.float().cpu()
     return row
 
 
 def warm_up(args) -> dict:
-    """TRELLIS.2 with the Know3D branch on random knowledge, 2 steps: Triton's kernels into its disk cache."""
+    """TRELLIS.2 with the Know3D branch on random knowledge, 1 step: Triton's kernels into its disk cache."""
     from know3d_core.knowledge import mmdit_hidden_knowledge
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -324,7 +332,7 @@ def warm_up(args) -> dict:
                                   (size["back"], size["back"]), model="random")
     front = geometry.preprocess(front_image())
     geometry.run(front, knowledge=know, preprocess=False, pipeline_type="1024_cascade",
-                 ss_params={"steps": 2}, shape_params={"steps": 2})
+                 ss_params={"steps": 1}, shape_params={"steps": 1})
     return {"warm_up_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -357,7 +365,7 @@ def extrapolate(row: dict, steps_at: int, image_tokens: int) -> float | None:
 
 
 def summarise(rows: list[dict], tiny: bool) -> None:
-    base = rows[0] if rows and rows[0].get("ok") and not rows[0]["card_gib"] else None
+    base = next((r for r in rows if r.get("ok") and not r["card_gib"]), None)
     tokens = (SIZES[tiny]["back"] // 16) ** 2
     for row in rows:
         if base is None or not row.get("ok"):
@@ -382,11 +390,88 @@ def print_table(rows: list[dict]) -> None:
               f"| {peaks} | {r.get('hidden_rel_err_vs_uncapped', '-')}" + (f" | {r['error'][:160]}" if r.get("error") else ""))
 
 
+def release(device: torch.device) -> None:
+    """Free what the last run left (its networks are unreachable once it returned) and lift the cap."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def compare_hidden(rows: list, hidden: dict) -> None:
+    """Relative error of each capped run's hidden states against the uncapped run's (and the first capped one's)."""
+    capped = [r["card_gib"] for r in rows if r.get("ok") and r["card_gib"] and r["card_gib"] in hidden]
+    for row in rows:
+        card = row["card_gib"]
+        if card in capped and 0.0 in hidden:
+            row["hidden_rel_err_vs_uncapped"] = rel_err(hidden[card], hidden[0.0])
+        if card in capped[1:]:
+            row[f"hidden_rel_err_vs_{capped[0]:g}"] = rel_err(hidden[card], hidden[capped[0]])
+
+
+def runs_in_process(args, cards: list, deadline: float, result: dict) -> None:
+    """Warm-up, then each card's run in this process (networks rebuilt per run, memory released between
+    runs, the cap lifted); the JSON is rewritten after every run (a run cut by the time limit keeps the rest)."""
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    result["warm_up"] = warm_up(args)
+    release(device)
+    print(f"warm-up: {result['warm_up']}", flush=True)
+    hidden = {}
+    for card in cards:
+        if deadline - time.perf_counter() < 15:
+            row = {"card_gib": card, "ok": False, "error": "skipped: out of time"}
+        else:
+            args.card = card
+            try:
+                row = run_one(args, hidden)
+            except Exception as e:  # noqa: BLE001 - a failed build is a result too; the next card still runs
+                import traceback
+
+                traceback.print_exc()
+                row = {"card_gib": card, "ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            release(device)
+        result["rows"].append(row)
+        compare_hidden(result["rows"], hidden)
+        print("ROW " + json.dumps(row), flush=True)
+        summarise(result["rows"], args.tiny)
+        write_result(args.out, result)
+
+
+def runs_in_processes(args, cards: list, deadline: float, result: dict) -> None:
+    """The same, one process per run (the warm-up too): isolation, at ~10 s of imports each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result["warm_up"] = _child(args, ["--warm"], min(90.0, deadline - time.perf_counter()),
+                                   os.path.join(tmp, "warm.json"))
+        print(f"warm-up: {result['warm_up']}", flush=True)
+        paths, hidden = {}, {}
+        for i, card in enumerate(cards):
+            paths[card] = os.path.join(tmp, f"hidden_{i}.pt")
+            row = _child(args, ["--card", str(card), "--hidden-out", paths[card]], deadline - time.perf_counter(),
+                         os.path.join(tmp, f"row_{i}.json"))
+            row.setdefault("card_gib", card)
+            if os.path.isfile(paths[card]):
+                hidden[card] = torch.load(paths[card])
+            result["rows"].append(row)
+            compare_hidden(result["rows"], hidden)
+            print("ROW " + json.dumps(row), flush=True)
+            summarise(result["rows"], args.tiny)
+            write_result(args.out, result)
+
+
+def write_result(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny networks on the CPU (checks the script; no caps)")
-    p.add_argument("--cards", default="24,16", help="card sizes in GiB, each run capped after the uncapped one")
-    p.add_argument("--budget", type=float, default=250.0, help="seconds for all processes together")
+    p.add_argument("--cards", default="24,16", help="card sizes in GiB, each run capped; the uncapped run comes last")
+    p.add_argument("--budget", type=float, default=250.0, help="seconds for all runs together")
+    p.add_argument("--processes", action="store_true", help="one process per run (default: all in this one)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--card", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
@@ -398,33 +483,18 @@ def main(argv=None) -> int:
         with open(args.row_out, "w", encoding="utf-8") as f:
             json.dump(row, f)
         return 0
+    import diffusers
+    import transformers
+
     deadline = time.perf_counter() + args.budget
-    cards = [0.0] + [float(c) for c in args.cards.split(",") if c]
-    rows, hidden = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        warm = _child(args, ["--warm"], min(90.0, deadline - time.perf_counter()), os.path.join(tmp, "warm.json"))
-        print(f"warm-up: {warm}", flush=True)
-        for i, card in enumerate(cards):
-            left = deadline - time.perf_counter()
-            hidden[card] = os.path.join(tmp, f"hidden_{i}.pt")
-            row = _child(args, ["--card", str(card), "--hidden-out", hidden[card]], left,
-                         os.path.join(tmp, f"row_{i}.json"))
-            row.setdefault("card_gib", card)
-            if row.get("ok") and card and os.path.isfile(hidden[0.0]):
-                ref = torch.load(hidden[0.0])
-                row["hidden_rel_err_vs_uncapped"] = rel_err(torch.load(hidden[card]), ref)
-                if i > 1 and os.path.isfile(hidden[cards[i - 1]]):
-                    row[f"hidden_rel_err_vs_{cards[i - 1]:g}"] = rel_err(torch.load(hidden[card]),
-                                                                         torch.load(hidden[cards[i - 1]]))
-            rows.append(row)
-            print("ROW " + json.dumps(row), flush=True)
-    summarise(rows, args.tiny)
-    result = {"tiny": args.tiny, "torch": torch.__version__, "warm_up": warm, "sizes": SIZES[args.tiny],
-              "prompt": PROMPT, "rows": rows}
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-    print_table(rows)
+    # the uncapped run last: what a process's first generation pays beyond the warm-up (the Qwen side's
+    # first calls) then falls on a capped run, which overstates, never understates, the slowdown
+    cards = [float(c) for c in args.cards.split(",") if c] + [0.0]
+    result = {"tiny": args.tiny, "torch": torch.__version__, "transformers": transformers.__version__,
+              "diffusers": diffusers.__version__, "in_one_process": not args.processes, "sizes": SIZES[args.tiny],
+              "prompt": PROMPT, "rows": []}
+    (runs_in_processes if args.processes else runs_in_process)(args, cards, deadline, result)
+    print_table(result["rows"])
     return 0
 
 
