@@ -242,8 +242,12 @@ if triton is not None:
         ``rows[p]`` of parent ``par[p]`` (N = padding), neighbour v is ``nbr[par[p], v]`` (``[N, K]``),
         and the tile uses weight/bias block ``slot[tile]`` (``Co`` rows each). Output has M rows.
         SKIP: adds ``skip[skip_idx[row], col // repeat]`` (``skip_c`` columns) before rounding."""
-        pid_n = tl.program_id(0)  # fastest: the column tiles of one row tile run together (L2 reuse)
-        pid_m = tl.program_id(1)
+        # one grid axis (a second one stops at 65535 tiles, 8.4M rows at BM 128); the column tiles of
+        # one row tile are consecutive programs and run together (L2 reuse of the gathered rows)
+        n_col = tl.cdiv(Co, BN)
+        pid = tl.program_id(0)
+        pid_m = pid // n_col
+        pid_n = pid - pid_m * n_col
         pos = pid_m * BM + tl.arange(0, BM)
         if CHILD:
             par = tl.load(par_ptr + pos)  # the child layout is padded to whole tiles
@@ -316,7 +320,7 @@ def conv_implicit_gemm(
     if N == 0 or Co == 0:
         return out
     table, index, skip_c, repeat = _skip_args(skip, N, Co, out)
-    grid = (triton.cdiv(Co, cfg.BN), layout.num_tiles)
+    grid = (triton.cdiv(Co, cfg.BN) * layout.num_tiles,)
     _subm_conv_kernel[grid](
         feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
         layout.nbr, layout.rows, layout.offsets, layout.counts,
@@ -373,7 +377,7 @@ def conv_children_implicit_gemm(
     out = torch.empty(num_children, Co, dtype=feats.dtype, device=feats.device)
     if num_children == 0 or N == 0:
         return out
-    grid = (triton.cdiv(Co, cfg.BN), layout.num_tiles)
+    grid = (triton.cdiv(Co, cfg.BN) * layout.num_tiles,)
     _subm_conv_kernel[grid](
         feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
         nbr.contiguous(), layout.rows, layout.offsets, layout.counts,

