@@ -14,7 +14,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from know3d_core.cli import main  # noqa: E402
 
-# The README's GPU run (one H100/H200 call of benchmarks/experiment_know3d_device.sh, ~8 min in all).
+# The README's GPU run (one H100 call of benchmarks/experiment_know3d_device.sh: 378.5 s of experiment;
+# results in benchmarks/results/experiment_know3d_gpu/). At these sizes a training step is launch-bound
+# (~27-42 ms on the H100, about what a free 2-core CPU gives the 64-wide flow) and the knowledge costs
+# ~0.15 s a pair, so the budget left 472 Know3D steps a row and no room for `image` or the sigma sweep;
+# on the CPU the branch first moved the back after ~700 steps (README). A run that answers the question
+# gives every row >= 2000 steps: split the rows over calls (--rows, --sigmas; the base is reused by folder).
 # --base-steps / --know3d-steps are maxima: with --time-budget the run measures its seconds per training
 # step first and gives the base 30% of the budget and the Know3D rows (same steps each) 45% of what is
 # left (know3d_core/eval/experiment.py). No back-view LoRA (--backview-steps 0): at this size a trained

@@ -494,23 +494,27 @@ def _variants(cfg: ExperimentConfig) -> List[Tuple[str, str, Optional[str], Opti
 # trainings together (of what is left after the base); the rest is the knowledge, generation and probes.
 BASE_SHARE = 0.3
 TRAIN_SHARE = 0.45
-CALIBRATION_STEPS = 30
+CALIBRATION_STEPS = 20
 
 
 def seconds_per_step(cfg: ExperimentConfig, data: str, models: Dict[str, str], out: str) -> float:
-    """Median seconds of one structure-flow training step at this size (a short plain training into
-    ``out``; the first steps, which fill the condition cache, are left out)."""
+    """Mean seconds of one structure-flow training step at this size, from a short plain training
+    into ``out``: one epoch (it fills the condition cache: 5-8x slower steps, paid once) and then
+    ``CALIBRATION_STEPS`` steps, whose mean is returned (the mean, not the median: the budget pays
+    the occasional slow step too; on one H100 the median of a window inside the first epoch sized a
+    base at 26.9 ms a step that then took 42)."""
+    from ..train.dataset import DatasetIndex
     from ..train.engine import train
-    from ..train.flows import FlowTask
+    from ..train.flows import TRAIN_SETS, FlowTask
     from ..train.logs import METRICS_FILE, read_metrics
 
+    epoch = -(-len(DatasetIndex.load(data, "train", TRAIN_SETS).pairs) // cfg.batch_size)
     shutil.rmtree(out, ignore_errors=True)
     tc = _train_config(cfg, task="trellis2", data=data, out=out, models=models["trellis2"], dinov3=models["dinov3"],
-                       steps=CALIBRATION_STEPS, full=True, log_every=1)
+                       steps=epoch + CALIBRATION_STEPS, full=True, log_every=1)
     train(FlowTask(branch=False), tc)
-    rows = read_metrics(os.path.join(out, METRICS_FILE))
-    per_step = sorted(cfg.batch_size / max(r["samples_per_s"], 1e-9) for r in rows[CALIBRATION_STEPS // 3:])
-    return per_step[len(per_step) // 2]
+    rows = read_metrics(os.path.join(out, METRICS_FILE))[epoch:]
+    return sum(cfg.batch_size / max(r["samples_per_s"], 1e-9) for r in rows) / len(rows)
 
 
 def steps_for_budget(most: int, share_seconds: float, runs: int, per_step: float) -> int:
