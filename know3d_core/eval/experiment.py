@@ -46,10 +46,11 @@ from ..data import layout as L
 __all__ = ["ExperimentConfig", "SMOKE", "encode_occupancy", "decode_latent", "CodecDecoder", "run_experiment",
            "ROWS", "ROW_SOURCES"]
 
-ROWS = ("hidden", "hidden_gt", "latent", "image", "multiview", "none")
-# row -> (pipeline variant at generation, know3d train --knowledge-source or None: no Know3D training)
-ROW_SOURCES = {"hidden": ("hidden", "trajectory"), "hidden_gt": ("hidden", "gt_latent"), "latent": ("latent", "latent"),
-               "image": ("image", "image"), "multiview": ("multiview", None), "none": ("none", None)}
+# (row, pipeline variant at generation, know3d train --knowledge-source or None: no Know3D training)
+_ROW_TABLE = (("hidden", "hidden", "trajectory"), ("hidden_gt", "hidden", "gt_latent"), ("latent", "latent", "latent"),
+              ("image", "image", "image"), ("multiview", "multiview", None), ("none", "none", None))
+ROWS = tuple(row for row, _, _ in _ROW_TABLE)
+ROW_SOURCES = {row: (variant, source) for row, variant, source in _ROW_TABLE}
 SIGMAS = (0.85, 0.5, 0.25, 0.1)
 
 
