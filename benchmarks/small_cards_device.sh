@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Issue 22's measurement as one device call (H100/H200): bench_small_cards.py at full size with random
+# weights (TRELLIS.2 warm-up, then 24 GiB, uncapped, 16 GiB in one process), about 150-250 s.
+#
+# Here, first: the device image lacks diffusers, so fetch its wheel (no deps) into .whl_cards/:
+#   echo /.whl_cards/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl_cards diffusers==0.42.1
+# Then the device call: command `bash benchmarks/small_cards_device.sh [BUDGET_S]`, carry [".whl_cards"].
+# Results: $OUT/small_cards.json (rewritten after every run) and $OUT/small_cards.log; copy them to
+# benchmarks/results/small_cards/ and fill the README's "Small cards" table from them.
+set -o pipefail
+budget=${1:-240}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_cards .whl_cards/diffusers-*.whl \
+  || { echo "wheel install failed: see the header of $0"; exit 3; }
+export PYTHONPATH=/tmp/site_cards PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+timeout -k 5 $((budget + 10)) python3 benchmarks/bench_small_cards.py --budget "$budget" \
+  --out "$OUT/small_cards.json" 2>&1 | tee "$OUT/small_cards.log"
