@@ -29,17 +29,22 @@ def default_device(requested: str | None, tiny: bool) -> torch.device:
     return torch.device(requested or ("cpu" if tiny or not torch.cuda.is_available() else "cuda"))
 
 
-def flow_run_setup(args) -> torch.device | None:
-    """Device, ``args.dtype`` default (float32 with ``--tiny``, else bfloat16) and ``--tiny``'s caps
-    on warmup (1) and repeats (3); None (after a message) for a full-size run without CUDA."""
+def bench_device(args) -> torch.device | None:
+    """``default_device(args.device, args.tiny)``; None (after a message) for a full-size run without CUDA."""
     device = default_device(args.device, args.tiny)
-    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
-    if args.tiny:
-        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
-    elif device.type != "cuda":
+    if not args.tiny and device.type != "cuda":
         print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
         return None
     return device
+
+
+def flow_run_setup(args) -> torch.device | None:
+    """Device, ``args.dtype`` default (float32 with ``--tiny``, else bfloat16) and ``--tiny``'s caps
+    on warmup (1) and repeats (3); None (after a message) for a full-size run without CUDA."""
+    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    if args.tiny:
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 3)
+    return bench_device(args)
 
 
 def device_name(device: torch.device) -> str:

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SHAPE_DECODER_FULL, default_device, device_name, sample_times, sync, write_json  # noqa: E402
+from _common import SHAPE_DECODER_FULL, bench_device, device_name, sample_times, sync, write_json  # noqa: E402
 from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
 from know3d_core.sparse import SparseTensor, conv as conv_mod, conv_triton, neighbour_map  # noqa: E402
@@ -161,9 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-voxels", type=int, default=None, help="sweep only the convs up to this many voxels")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = default_device(args.device, args.tiny)
-    if not args.tiny and device.type != "cuda":
-        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+    device = bench_device(args)
+    if device is None:
         return 2
     cfg = dict(shape_mod.TINY_ARGS) if args.tiny else dict(SHAPE_DECODER_FULL)
     grid, tokens = (8, 60) if args.tiny else (args.grid, args.tokens)

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SHAPE_DECODER_FULL, default_device, device_name, kernel_times, sample_times, write_json  # noqa: E402
+from _common import SHAPE_DECODER_FULL, bench_device, device_name, kernel_times, sample_times, write_json  # noqa: E402
 from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
 from know3d_core.sparse import SparseTensor, conv, conv_triton, neighbour_triton  # noqa: E402
@@ -205,9 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration (block, warps, table size)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = default_device(args.device, args.tiny)
-    if not args.tiny and device.type != "cuda":
-        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+    device = bench_device(args)
+    if device is None:
         return 2
     if args.tiny:
         args.warmup, args.repeats = 0, 1

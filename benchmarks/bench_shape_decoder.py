@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     SHAPE_DECODER_FULL,
     SS_DECODER_FULL,
-    default_device,
+    bench_device,
     device_name,
     sample_times,
     sync,
@@ -192,9 +192,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
 
-    device = default_device(args.device, args.tiny)
-    if not args.tiny and device.type != "cuda":
-        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+    device = bench_device(args)
+    if device is None:
         return 2
     args.warmup = (0 if args.tiny else 1) if args.warmup is None else args.warmup
     args.repeats = (1 if args.tiny else 3) if args.repeats is None else args.repeats

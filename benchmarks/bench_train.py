@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import device_name, random_coords, sample_times, write_json  # noqa: E402
+from _common import bench_device, device_name, random_coords, sample_times, write_json  # noqa: E402
 from bench_trellis2_flows import FULL, TINY, build  # noqa: E402
 
 from know3d_core.knowledge import init_lora, install_branch  # noqa: E402
@@ -133,9 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=None, help="comma-separated subset of case names")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
-    if device.type != "cuda" and not args.tiny:
-        print("full size needs CUDA; use --tiny on the CPU", file=sys.stderr)
+    device = bench_device(args)
+    if device is None:
         return 2
     if args.tiny:
         args.warmup, args.repeats, args.rank = 1, 2, 4

@@ -295,6 +295,12 @@ if triton is not None:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _grid(Co: int, cfg, num_tiles: int) -> tuple[int]:
+    """One grid axis of ``cdiv(Co, BN) x num_tiles`` programs, column tiles fastest: the order
+    ``_subm_conv_kernel`` derives ``(pid_m, pid_n)`` from (a second axis stops at 65535 tiles)."""
+    return (triton.cdiv(Co, cfg.BN) * num_tiles,)
+
+
 def conv_implicit_gemm(
     feats: torch.Tensor,
     layout: TileLayout,
@@ -320,7 +326,7 @@ def conv_implicit_gemm(
     if N == 0 or Co == 0:
         return out
     table, index, skip_c, repeat = _skip_args(skip, N, Co, out)
-    grid = (triton.cdiv(Co, cfg.BN) * layout.num_tiles,)
+    grid = _grid(Co, cfg, layout.num_tiles)
     _subm_conv_kernel[grid](
         feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
         layout.nbr, layout.rows, layout.offsets, layout.counts,
@@ -377,7 +383,7 @@ def conv_children_implicit_gemm(
     out = torch.empty(num_children, Co, dtype=feats.dtype, device=feats.device)
     if num_children == 0 or N == 0:
         return out
-    grid = (triton.cdiv(Co, cfg.BN) * layout.num_tiles,)
+    grid = _grid(Co, cfg, layout.num_tiles)
     _subm_conv_kernel[grid](
         feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
         nbr.contiguous(), layout.rows, layout.offsets, layout.counts,
