@@ -34,3 +34,14 @@ def icosphere(subdivisions: int = 2, radius: float = 0.3, center=(0.0, 0.0, 0.0)
     m = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
     v = torch.tensor(m.vertices, dtype=torch.float32) + torch.tensor(center, dtype=torch.float32)
     return v, torch.tensor(m.faces, dtype=torch.int64)
+
+
+def load_workflow_builder():
+    """``tools/build_workflows.py`` as a module (tools/ is no package), loaded once per session."""
+    name = "know3d_workflow_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "build_workflows.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]

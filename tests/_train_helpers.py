@@ -12,6 +12,9 @@ from safetensors.torch import save_file
 
 from know3d_core.data import layout as L
 
+# Back-view flags of a fast `train know3d` on the tiny demo Qwen (64x64 back view, 2 steps).
+FAST_QWEN = ("--back-size", "64x64", "--back-steps", "2", "--vae-image-area", "4096")
+
 SS_SHAPE = (8, 4, 4, 4)   # write_tiny_models: 8 channels on a 4^3 grid (the demo set: 8^3)
 SHAPE_GRID = 32           # shape512 tokens live on the 32^3 grid
 

@@ -16,18 +16,16 @@ Screenshots (one per workflow, fit to view in a 2560 x 1440 window) go to the te
 their paths are printed.
 """
 import glob
-import importlib.util
 import json
 import math
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 from _comfy_server import COMFYUI_PYTHON, running_server, skip_reason
-from _nodes_helpers import ROOT
+from _nodes_helpers import ROOT, load_workflow_builder
 
 pytestmark = pytest.mark.comfyui
 
@@ -44,15 +42,7 @@ FAST_WIDGETS = {"Know3DLoadModel": {"dtype": "float32"}, "Know3DSparseStructure"
 BROWSER_TIMEOUT_S = 900
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("know3d_workflow_build", os.path.join(ROOT, "tools", "build_workflows.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build = _builder()
+build = load_workflow_builder()
 # Stand-ins for Comfy-Org's Qwen and TRELLIS.2 files (the test cannot hold 20 GB): their names let the
 # prompt pass validation like a user's installed files; loading one fails at once (an empty file: core's
 # loaders never build a full-size network here), so those prompts are validated, not run.

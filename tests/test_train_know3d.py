@@ -9,11 +9,9 @@ import torch
 from safetensors import safe_open
 
 from _pipeline_helpers import full_demo
-from _train_helpers import run_cli, train_args, write_train_dataset
+from _train_helpers import FAST_QWEN, run_cli, train_args, write_train_dataset
 from know3d_core.knowledge import read_know3d
 from know3d_core.train.logs import METRICS_FILE, read_metrics
-
-FAST_QWEN = ("--back-size", "64x64", "--back-steps", "2", "--vae-image-area", "4096")
 
 
 @pytest.fixture(scope="module")

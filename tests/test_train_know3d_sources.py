@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from _pipeline_helpers import full_demo
-from _train_helpers import run_cli, train_args, write_train_dataset
+from _train_helpers import FAST_QWEN, run_cli, train_args, write_train_dataset
 from know3d_core.knowledge import read_know3d
 
-FAST_QWEN = ("--back-size", "64x64", "--back-steps", "2", "--vae-image-area", "4096")
 # (source, kind, D of the tiny models: 16 latent channels x 2 x 2 patch; the tiny DINOv3's width)
 SOURCES = [("latent", "vae_latent", 64), ("image", "dino_image", 32)]
 

@@ -4,14 +4,12 @@ per template, files equal to what tools/build_workflows.py produces. Core nodes 
 the recorded /object_info listing in tests/data/comfyui (ComfyUI 0.33.0); the real frontend checks the
 same files in tests/test_comfyui_browser.py."""
 import glob
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-from _nodes_helpers import ROOT, load_pack
+from _nodes_helpers import ROOT, load_pack, load_workflow_builder
 
 WF = os.path.join(ROOT, "example_workflows")
 API = os.path.join(ROOT, "example_workflows_api")
@@ -25,15 +23,7 @@ FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "lora_name", "image", "ckpt
                "trellis2", "shape_vae", "dinov3", "know3d_checkpoint"}
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("know3d_workflow_build", os.path.join(ROOT, "tools", "build_workflows.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-build = _builder()
+build = load_workflow_builder()
 DECL = build.declarations()
 UI_FILES = sorted(glob.glob(os.path.join(WF, "*.json")))
 API_FILES = sorted(glob.glob(os.path.join(API, "*.json")))
