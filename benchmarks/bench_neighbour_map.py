@@ -19,6 +19,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -33,6 +34,7 @@ from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
 from know3d_core.sparse import SparseTensor, conv, conv_triton, neighbour_triton  # noqa: E402
 from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
+from know3d_core.trellis2.modules import fused_mlp  # noqa: E402
 from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: E402
 
 REFERENCE = {"map": "FlexGEMM +0.4-0.6 ms (H200, issue 21)", "decoder 512": "reference 94-107 ms (H200, issue 21)",
@@ -41,6 +43,7 @@ MAP_CASES = [("map N=200k", 200_000), ("map N=1M", 1_000_000)]
 DECODER_CASES = [("decoder 512", 32, 8000), ("decoder 1024", 64, 20000)]
 CATEGORIES = [  # first match wins, lower-cased kernel names
     ("sparse conv (Triton)", ("_subm_conv",)),
+    ("ConvNeXt tail: LN+MLP+residual (Triton)", ("_convnext_mlp",)),
     ("neighbour map (Triton)", ("_hash_", "_tile_layout", "_child_tile")),
     ("layer norm (+SiLU)", ("_layer_norm_act", "layer_norm")),
     ("sort/search/scan", ("sort", "search", "radix", "scan")),
@@ -83,7 +86,16 @@ def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
             "anchor": REFERENCE["map"]}
 
 
-def bench_decoder(case, model, device, warmup: int, repeats: int, torch_maps: bool = True) -> dict:
+BASELINES = ("mlp_off", "torch_maps", "c2s_earlier", "wide_rule")
+
+
+def bench_decoder(case, model, device, warmup: int, repeats: int, baselines=BASELINES) -> dict:
+    """Forward ms and peak extra GiB of ``model`` on the case, then with each baseline in one process:
+    ``mlp_off`` the ConvNeXt tail as PyTorch ops (the path before the fused MLP kernel),
+    ``torch_maps`` the PyTorch map build, ``c2s_earlier`` conv1 for all 8 children and the skip added
+    after conv2, ``wide_rule`` the BN 256 conv tiles. ``*_same_coords`` / ``*_rel_err``: whether the
+    baseline reached the same voxels and its head's largest difference relative to its largest value
+    (a subdivision logit next to zero can flip with other rounding, and the later levels differ)."""
     name, grid, target = case
     coords = sphere_shell_tokens(grid, target, device)
     gen = torch.Generator(device=device).manual_seed(1)
@@ -98,27 +110,39 @@ def bench_decoder(case, model, device, warmup: int, repeats: int, torch_maps: bo
         return round(statistics.median(times), 2), None if peak is None else round(peak, 2)
 
     ms, peak = med(fwd)
-    if not torch_maps:
-        return {"case": name, "ms": ms}
-    with neighbour_triton.use_triton_maps(False):
-        torch_ms, torch_peak = med(fwd)
-        ref = fwd()
     out = fwd()
-    same = torch.equal(out.feats, ref.feats)
-    set_children_only(model, False)  # the earlier C2S path: conv1 for all 8 children, skip added after conv2
-    try:
-        early_ms, early_peak = med(fwd)
-        early = fwd()
-    finally:
-        set_children_only(model, True)
-    with conv_triton.use_config_rule("wide"):  # BN 256 from 256 output channels on
-        wide_ms, wide_peak = med(fwd)
-    same_coords = torch.equal(early.coords, out.coords)
-    err = float((early.feats - out.feats).abs().max() / early.feats.abs().max()) if same_coords else None
-    return {"case": name, "tokens": int(coords.shape[0]), "voxels": int(out.coords.shape[0]), "ms": ms,
-            "peak_gib": peak, "torch_maps_ms": torch_ms, "torch_maps_peak_gib": torch_peak, "same_output": same,
-            "c2s_earlier_ms": early_ms, "c2s_earlier_peak_gib": early_peak, "c2s_same_coords": same_coords,
-            "c2s_rel_err": err, "wide_rule_ms": wide_ms, "wide_rule_peak_gib": wide_peak, "anchor": REFERENCE[name]}
+    row = {"case": name, "tokens": int(coords.shape[0]), "voxels": int(out.coords.shape[0]), "ms": ms,
+           "peak_gib": peak, "anchor": REFERENCE[name]}
+    for base in baselines:
+        with _baseline(model, base):
+            row[f"{base}_ms"], row[f"{base}_peak_gib"] = med(fwd)
+            ref = fwd()
+        row[f"{base}_same_coords"] = same = torch.equal(ref.coords, out.coords)
+        row[f"{base}_rel_err"] = float((ref.feats - out.feats).abs().max() / ref.feats.abs().max()) if same else None
+        del ref
+    return row
+
+
+@contextlib.contextmanager
+def _baseline(model, name: str):
+    """The decoder switched to one baseline path inside the block (see :func:`bench_decoder`)."""
+    if name == "mlp_off":
+        with fused_mlp.use_fused_mlp(False):
+            yield
+    elif name == "torch_maps":
+        with neighbour_triton.use_triton_maps(False):
+            yield
+    elif name == "c2s_earlier":
+        set_children_only(model, False)
+        try:
+            yield
+        finally:
+            set_children_only(model, True)
+    elif name == "wide_rule":
+        with conv_triton.use_config_rule("wide"):  # BN 256 from 256 output channels on
+            yield
+    else:
+        raise ValueError(f"unknown baseline {name!r} (known: {BASELINES})")
 
 
 def set_children_only(model, on: bool) -> None:
@@ -149,6 +173,40 @@ def sweep_maps(device, warmup: int, repeats: int) -> list:
     finally:
         (neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL,
          neighbour_triton.LARGE_SLOTS_PER_VOXEL) = saved
+    return out
+
+
+# ConvNeXt widths and row counts of the official decoder's levels at 1024 (20k tokens; 64: no blocks there)
+MLP_SWEEP_ROWS = {128: 1_244_000, 256: 350_000, 512: 87_500, 64: 1_000_000}
+
+
+def sweep_mlp(device, warmup: int, repeats: int, tiny: bool = False) -> list:
+    """ConvNeXt tail (LayerNorm, MLP, residual; in place) per width: the PyTorch ops against the fused
+    kernel in each configuration of ``fused_mlp.SWEEP_CONFIGS`` (``default``: ``MLP_CONFIGS``'s)."""
+    out = []
+    for C, rows in MLP_SWEEP_ROWS.items():
+        rows = 100 if tiny else rows
+        block = shape_mod.SparseConvNeXtBlock3d(C).to(device).requires_grad_(False)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        norm, fc1, fc2 = block.norm, block.mlp[0].to(dtype), block.mlp[2].to(dtype)
+        h, x = (torch.randn(rows, C, device=device, dtype=dtype) for _ in range(2))
+
+        def med(fn):
+            return round(statistics.median(sample_times(fn, device, warmup, repeats)[0]), 3)
+
+        with fused_mlp.use_fused_mlp(False):
+            row = {"C": C, "rows": rows, "torch_ms": med(lambda: fused_mlp.convnext_mlp_(h, norm, fc1, fc2, x))}
+        default = fused_mlp.MLP_CONFIGS.get(C)
+        configs = ([] if device.type != "cuda" else list(fused_mlp.SWEEP_CONFIGS.get(C, ())))
+        for cfg in ([default] if default and device.type == "cuda" else []) + [c for c in configs if c != default]:
+            key = "default" if cfg == default else "x".join(map(str, cfg))
+            try:
+                row[key] = med(lambda: fused_mlp.convnext_mlp_triton(h, norm.weight, norm.bias, norm.eps, fc1.weight,
+                                                                     fc1.bias, fc2.weight, fc2.bias, x, h, cfg))
+            except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses is a result too
+                row[key] = f"{type(exc).__name__}: {str(exc)[:80]}"
+        out.append(row)
+        print(row, flush=True)
     return out
 
 
@@ -194,6 +252,21 @@ def profile_decoder(model, device) -> dict:
             "top": [{"kernel": k[:100], "ms": round(v["us"] / 1e3, 3), "calls": v["calls"]} for k, v in top]}
 
 
+def print_table(rows: list, mlp_sweep: list, device: str) -> None:
+    """Last lines of the log: each row with its in-run baselines, then the MLP sweep."""
+    print(f"\n({device}) ms; peak extra GiB in brackets")
+    for r in rows:
+        if "triton_ms" in r:
+            print(f"{r['case']:<14} ours {r['triton_ms']:.3f}  torch build {r['torch_ms']:.3f}  equal {r['equal']}"
+                  f"  | {r['anchor']}")
+            continue
+        base = "  ".join(f"{b} {r[b + '_ms']} [{r[b + '_peak_gib']}]" for b in BASELINES if b + "_ms" in r)
+        print(f"{r['case']:<14} ours {r['ms']} [{r['peak_gib']}]  {base}  | {r['anchor']}")
+    for r in mlp_sweep:
+        rest = "  ".join(f"{k} {v}" for k, v in r.items() if k not in ("C", "rows", "torch_ms"))
+        print(f"MLP C={r['C']:<4} rows {r['rows']:>8}  torch {r['torch_ms']}  {rest}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="small sizes on the CPU (script check; PyTorch maps only)")
@@ -202,7 +275,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--parts", default="map,decoder", help="comma list of map,decoder")
     p.add_argument("--profile", action="store_true", help="also the 1024 decoder's kernel time by category")
-    p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration (block, warps, table size)")
+    p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration (block, warps, table "
+                   "size) and the fused MLP's (rows, hidden slice, warps, stages) against the PyTorch ops")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help=f"comma list of the decoder's in-run baselines (of {','.join(BASELINES)}; '' for none)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = bench_device(args)
@@ -216,8 +292,15 @@ def main(argv=None) -> int:
         for name, n in MAP_CASES:
             rows.append(bench_map(name, n // 1000 if args.tiny else n, device, args.warmup, args.repeats))
             print(rows[-1], flush=True)
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        p.error(f"unknown baselines {unknown} (known: {','.join(BASELINES)})")
     if args.sweep and device.type == "cuda":
         sweeps["maps"] = sweep_maps(device, args.warmup, args.repeats)
+    if args.sweep:
+        with torch.no_grad():
+            sweeps["mlp"] = sweep_mlp(device, args.warmup, args.repeats, args.tiny)
     if "decoder" in parts or args.profile:
         cfg = dict(shape_mod.TINY_ARGS) if args.tiny else dict(SHAPE_DECODER_FULL)
         model = init_random(FlexiDualGridVaeDecoder(**cfg).to(device))
@@ -226,7 +309,7 @@ def main(argv=None) -> int:
             for case in DECODER_CASES:
                 name, grid, target = case
                 case = (name, 8, 60) if args.tiny else case
-                rows.append(bench_decoder(case, model, device, min(args.warmup, 2), min(args.repeats, 5)))
+                rows.append(bench_decoder(case, model, device, min(args.warmup, 2), min(args.repeats, 5), baselines))
                 print(rows[-1], flush=True)
         if args.profile and device.type == "cuda":
             prof = profile_decoder(model, device)
@@ -238,14 +321,7 @@ def main(argv=None) -> int:
             print("   torch ops by own device time:")
             for k in prof["aten_ops"]:
                 print(f"   {k['ms']:8.3f} ms {k['calls']:6d}x  {k['op']} {k['shapes']}")
-    print(f"\n{'case':<14}{'ours':>12}{'torch build':>14}{'earlier C2S':>14}  anchor  ({device_name(device)})")
-    for r in rows:
-        ours = r.get("triton_ms", r.get("ms"))
-        base = r.get("torch_ms", r.get("torch_maps_ms"))
-        early = f"{r['c2s_earlier_ms']:>12.3f}ms" if "c2s_earlier_ms" in r else f"{'-':>14}"
-        peaks = (f"  peak {r['peak_gib']} / earlier {r['c2s_earlier_peak_gib']} GiB; wide rule {r['wide_rule_ms']} ms"
-                 if "c2s_earlier_ms" in r else "")
-        print(f"{r['case']:<14}{ours:>10.3f}ms{base:>12.3f}ms{early}  {r['anchor']}{peaks}")
+    print_table(rows, sweeps.get("mlp", []), device_name(device))
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny,
                           "rows": rows, "profile": prof, "sweeps": sweeps})
     return 0

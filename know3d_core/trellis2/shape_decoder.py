@@ -15,8 +15,10 @@ fp32, as in the official model.
 
 Inference only (``forward``/``upsample`` run under ``no_grad``). Memory: levels run one after
 another and every intermediate (features, neighbour maps held in a
-tensor's cache) is dropped as soon as the next level exists; ConvNeXt MLPs and the head run in
-row chunks, so the peak is set by the last channel-to-space block. The fp32 LayerNorms (+ SiLU)
+tensor's cache) is dropped as soon as the next level exists; the ConvNeXt tail (LayerNorm, MLP,
+residual) runs as one Triton pass on CUDA for C <= 256 (:mod:`.modules.fused_mlp`: the hidden layer
+stays on chip) and otherwise, like the head, in row chunks, so the peak is set by the last
+channel-to-space block. The fp32 LayerNorms (+ SiLU)
 run as one pass each (:func:`.modules.fused_norm.layer_norm_act`: a Triton kernel on CUDA, fp32
 statistics, one rounding), in place where the input is not needed again; the C2S block normalises
 its children straight out of ``conv1``'s output (fused gather) and adds the skip rows in chunks.
@@ -35,6 +37,7 @@ from ..mesh.types import Mesh
 from ..sparse import NeighbourMap, SparseLinear, SparseTensor, SubMConv3d, channel_to_spatial, child_bits
 from ..sparse.conv import add_repeated_rows_, submanifold_conv3d_children, submanifold_conv3d_skip
 from .modules.fused import fused_enabled
+from .modules.fused_mlp import convnext_mlp_, mlp_kernel_ok
 from .modules.fused_norm import layer_norm_act
 from .ovoxel import flexible_dual_grid_to_mesh
 
@@ -104,17 +107,10 @@ class SparseConvNeXtBlock3d(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        h = self.conv(x).feats  # [N, C], owned here: normalised and then overwritten in place
-        fc1, fc2 = self.mlp[0], self.mlp[2]
-        step = self.chunk_rows  # L2-sized chunks (24 MiB of hidden) measured slower: session4/NOTES.md
-        for start in range(0, h.shape[0], step):
-            rows = h[start:start + step]
-            _norm(rows, self.norm, out=rows)
-            hidden = F.silu(F.linear(rows, fc1.weight, fc1.bias), inplace=True)  # [m, rC]
-            torch.addmm(fc2.bias, hidden, fc2.weight.t(), out=rows)
-            del hidden
-            rows += x.feats[start:start + step]
-        return x.replace(h)
+        h = self.conv(x).feats  # [N, C], owned here: overwritten in place by the MLP's output
+        # one Triton pass on CUDA (fused_mlp); else PyTorch ops in row chunks (L2-sized chunks, 24 MiB
+        # of hidden, measured slower: session4/NOTES.md)
+        return x.replace(convnext_mlp_(h, self.norm, self.mlp[0], self.mlp[2], x.feats, self.chunk_rows))
 
 
 class SparseResBlockC2S3d(nn.Module):
@@ -337,6 +333,7 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
             jobs.append(lambda x=x, w=w: layer_norm_act(x, w, w, 1e-6))
         last = torch.zeros(16, self.model_channels[-1], device=device, dtype=self.dtype)
         jobs.append(lambda: layer_norm_act(last, eps=1e-5, out_dtype=self.output_layer.weight.dtype))
+        jobs.extend(self._mlp_jobs(device))
         r = torch.arange(4, device=device)
         grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
         coords = torch.cat([torch.zeros(64, 1, dtype=grid.dtype, device=device), grid], 1).int()
@@ -371,6 +368,18 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
                 skip = (torch.zeros(512, co, device=device, dtype=self.dtype), src) if kind == "skip" else None
                 jobs.append(lambda f=feats, c=conv, lay=lay, cfg=cfg, skip=skip: conv_triton.conv_implicit_gemm(
                     f, lay, c.weight, c.bias, cfg, skip))
+        return jobs
+
+    def _mlp_jobs(self, device: torch.device) -> List[Callable[[], Any]]:
+        """One ConvNeXt tail per channel width that takes the fused MLP kernel (``MLP_CONFIGS``)."""
+        blocks = {b.channels: b for level in self.blocks for b in level if isinstance(b, SparseConvNeXtBlock3d)}
+        jobs: List[Callable[[], Any]] = []
+        for c, block in sorted(blocks.items()):
+            h = torch.zeros(16, c, device=device, dtype=self.dtype)
+            with torch.no_grad():
+                if not mlp_kernel_ok(h, *block.parameters()):
+                    continue
+            jobs.append(lambda h=h, b=block: convnext_mlp_(h, b.norm, b.mlp[0], b.mlp[2], torch.zeros_like(h)))
         return jobs
 
     def _conv_launches(self) -> List[Tuple[str, SubMConv3d]]:

@@ -1,0 +1,193 @@
+"""The shape decoder's ConvNeXt tail in one pass: ``x + fc2(silu(fc1(LayerNorm(h))))`` (Triton on CUDA).
+
+:func:`convnext_mlp_` replaces the chain the ConvNeXt block ran after its conv: LayerNorm (fp32
+statistics, rounded to the body dtype), ``fc1`` (C -> 4C), SiLU, ``fc2`` (4C -> C) and the residual
+add. As PyTorch ops that is five kernels, and the ``[N, 4C]`` hidden activation goes through memory
+four times (written by ``fc1``, read and written by SiLU, read by ``fc2``): the H100 profile of the
+1024 decoder had 17 ms of SiLU and residual adds beside 22 ms of GEMMs (session5/NOTES.md).
+
+The kernel keeps a tile of ``BM`` rows on chip, the way flash attention keeps its scores: LayerNorm
+of the conv output rows (same formula as :func:`.fused_norm.layer_norm_act`, rounded to the body
+dtype), then for each ``BH``-wide slice of the hidden layer ``z = silu(a @ W1[j]^T + b1[j])`` (fp32,
+rounded once to the body dtype for the tensor cores) and ``acc += z @ W2[:, j]^T``; finally
+``acc + b2 + x`` rounded once. Memory per block: read ``h`` and ``x``, write the result (in place
+over ``h``); the hidden layer never leaves the chip. Rounding differs from the PyTorch path (which
+rounds after ``fc1``, after SiLU, after ``fc2`` and after the add) by a few units of the body dtype.
+
+Runs where :func:`.fused.fused_enabled` holds, the dtype is fp16/bf16, no input needs a gradient
+(no backward: :mod:`know3d_core.sparse.kernel_dispatch`) and ``C`` has a configuration in
+:data:`MLP_CONFIGS`; elsewhere the PyTorch ops in row chunks. A failing launch (compiler/driver
+errors vary) is logged once and the process keeps to the PyTorch ops. The kernel uses portable
+``tl`` ops only, so it also runs under Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Dict, Iterator, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...sparse.kernel_dispatch import check_no_grad, use_kernel
+from .fused import fused_enabled
+from .fused_norm import layer_norm_act
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+    tl = None
+
+__all__ = ["MlpConfig", "MLP_CONFIGS", "SWEEP_CONFIGS", "convnext_mlp_", "convnext_mlp_triton", "mlp_kernel_ok",
+           "use_fused_mlp"]
+
+_log = logging.getLogger(__name__)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class MlpConfig(NamedTuple):
+    """Rows per program, hidden slice width, warps, software pipeline stages."""
+    BM: int
+    BH: int
+    warps: int
+    stages: int
+
+
+# Per channel width C (hidden 4C). Wider C (the 1024 decoder's first two levels: 512 / 1024 channels
+# on 20k-90k rows) keeps cuBLAS: its GEMMs ran at ~650 TFLOP/s there (H100), and a [64, 512] fp32
+# accumulator takes 128 registers a thread at 8 warps (512 is in the sweep, off by default).
+MLP_CONFIGS: Dict[int, MlpConfig] = {
+    64: MlpConfig(128, 64, 4, 2),
+    128: MlpConfig(128, 64, 8, 2),
+    256: MlpConfig(64, 64, 8, 2),
+}
+# The configurations benchmarks/bench_neighbour_map.py --sweep times against MLP_CONFIGS (and the
+# CUDA tests check), per C; each fits the H100's 227 KiB of shared memory per block with room to
+# spare (the [BM, C] input tile plus STAGES copies of the [C, BH] and [BH, C] weight slices).
+SWEEP_CONFIGS: Dict[int, tuple] = {
+    **{c: (MlpConfig(64, 64, 4, 2), MlpConfig(128, 64, 8, 2), MlpConfig(64, 128, 8, 2), MlpConfig(128, 32, 4, 3),
+           MlpConfig(128, 128, 8, 2)) for c in (64, 128)},
+    256: (MlpConfig(64, 64, 4, 2), MlpConfig(64, 32, 8, 3), MlpConfig(128, 32, 8, 3), MlpConfig(128, 64, 8, 2)),
+    512: (MlpConfig(64, 32, 8, 2), MlpConfig(64, 64, 8, 1)),
+}
+_failed: list = []
+_state = {"enabled": True}
+
+
+@contextlib.contextmanager
+def use_fused_mlp(enabled: bool) -> Iterator[None]:
+    """Context manager: the fused MLP kernel on or off inside the block (A/B runs; the other fused
+    kernels keep their own switch, :func:`.fused.use_fused_kernels`, which also turns this one off)."""
+    previous = _state["enabled"]
+    _state["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["enabled"] = previous
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _convnext_mlp_kernel(
+        h_ptr, x_ptr, out_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+        n_rows, h_stride, x_stride, out_stride, eps,
+        C: tl.constexpr, H: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, STAGES: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        row_ok = rows < n_rows
+        r = rows.to(tl.int64)
+        cols = tl.arange(0, C)
+        v = tl.load(h_ptr + r[:, None] * h_stride + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        mean = tl.sum(v, axis=1) / C
+        vc = v - mean[:, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(vc * vc, axis=1) / C + eps)
+        nw = tl.load(nw_ptr + cols).to(tl.float32)
+        nb = tl.load(nb_ptr + cols).to(tl.float32)
+        a = (vc * rstd[:, None] * nw[None, :] + nb[None, :]).to(out_ptr.dtype.element_ty)  # [BM, C]
+        acc = tl.zeros((BM, C), dtype=tl.float32)
+        hid = tl.arange(0, BH)
+        for j in tl.range(0, H, BH, num_stages=STAGES):
+            w1 = tl.load(w1_ptr + (j + hid)[None, :] * C + cols[:, None])  # [C, BH] = W1[j:j+BH, :]^T
+            z = tl.dot(a, w1) + tl.load(b1_ptr + j + hid).to(tl.float32)[None, :]  # [BM, BH] fp32
+            z = z / (1.0 + tl.exp(-z))  # SiLU
+            w2 = tl.load(w2_ptr + cols[None, :] * H + (j + hid)[:, None])  # [BH, C] = W2[:, j:j+BH]^T
+            acc = tl.dot(z.to(a.dtype), w2, acc)
+        acc += tl.load(b2_ptr + cols).to(tl.float32)[None, :]
+        acc += tl.load(x_ptr + r[:, None] * x_stride + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(out_ptr + r[:, None] * out_stride + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+def mlp_kernel_ok(h: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`convnext_mlp_` launches the kernel for ``h [N, C]`` (CUDA fp16/bf16, Triton,
+    switch on, a configuration for C, no gradient needed, no earlier failure)."""
+    device_ok = (_state["enabled"] and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
+                 and h.shape[1] in MLP_CONFIGS and not _failed)
+    return use_kernel(device_ok, False, h, *params)
+
+
+def convnext_mlp_(h: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor,
+                  chunk_rows: int = 1 << 18) -> torch.Tensor:
+    """In place ``h <- x + fc2(silu(fc1(LayerNorm(h))))``; returns ``h``.
+
+    Args:
+        h: ``[N, C]`` the block's conv output (overwritten; channels contiguous).
+        norm: affine LayerNorm over C (fp32 statistics; output rounded to h's dtype).
+        fc1, fc2: ``Linear(C, 4C)`` and ``Linear(4C, C)`` in h's dtype.
+        x: ``[N, C]`` the block's input (the residual), not aliasing ``h``.
+        chunk_rows: rows per step of the PyTorch path (bounds its ``[rows, 4C]`` hidden temporary).
+    """
+    if x.shape != h.shape:
+        raise ValueError(f"convnext_mlp_: residual {tuple(x.shape)} and h {tuple(h.shape)} differ")
+    params = (norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    if h.shape[0] and mlp_kernel_ok(h, x, *params):
+        try:
+            return convnext_mlp_triton(h, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias,
+                                       fc2.weight, fc2.bias, x, h)
+        except Exception as exc:  # noqa: BLE001 - compiler/driver errors vary; the torch path still works
+            _failed.append(exc)
+            _log.warning("Triton ConvNeXt MLP failed (%s: %s); using the PyTorch ops", type(exc).__name__, exc)
+    return _convnext_mlp_torch(h, norm, fc1, fc2, x, chunk_rows)
+
+
+def _convnext_mlp_torch(h, norm, fc1, fc2, x, chunk_rows):
+    """The PyTorch ops in row chunks (the reference's rounding: after each op)."""
+    for start in range(0, h.shape[0], chunk_rows):
+        rows = h[start:start + chunk_rows]
+        layer_norm_act(rows, norm.weight, norm.bias, norm.eps, out=rows)
+        hidden = F.silu(F.linear(rows, fc1.weight, fc1.bias), inplace=True)  # [m, 4C]
+        torch.addmm(fc2.bias, hidden, fc2.weight.t(), out=rows)
+        del hidden
+        rows += x[start:start + chunk_rows]
+    return h
+
+
+def convnext_mlp_triton(h, norm_w, norm_b, eps, w1, b1, w2, b2, x, out, cfg: Optional[MlpConfig] = None):
+    """The kernel on any device Triton runs on (CUDA, or CPU tensors under the interpreter).
+
+    h, x, out ``[N, C]`` (``out`` may be ``h``); norm_w/norm_b ``[C]``; w1 ``[H, C]``, b1 ``[H]``,
+    w2 ``[C, H]``, b2 ``[C]`` in h's dtype (H a multiple of ``cfg.BH``); C a power of two (>= 16 on a GPU).
+    ``cfg`` defaults to ``MLP_CONFIGS[C]``.
+    """
+    if triton is None:
+        raise RuntimeError("convnext_mlp_triton needs Triton")
+    check_no_grad("convnext_mlp_triton", h, x, norm_w, norm_b, w1, b1, w2, b2)
+    n, C = h.shape
+    H = w1.shape[0]
+    cfg = cfg or MLP_CONFIGS[C]
+    if C & (C - 1) or H % cfg.BH or w1.shape != (H, C) or w2.shape != (C, H):
+        raise ValueError(f"convnext_mlp_triton: need C a power of two and H % {cfg.BH} == 0, "
+                         f"got h {tuple(h.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    if not (w1.is_contiguous() and w2.is_contiguous()) or h.stride(1) != 1 or x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("convnext_mlp_triton needs contiguous weights and contiguous channels")
+    if n == 0:
+        return out
+    _convnext_mlp_kernel[(triton.cdiv(n, cfg.BM),)](
+        h, x, out, norm_w, norm_b, w1, b1, w2, b2,
+        n, h.stride(0), x.stride(0), out.stride(0), float(eps),
+        C=C, H=H, BM=cfg.BM, BH=cfg.BH, STAGES=cfg.stages, num_warps=cfg.warps,
+    )
+    return out
