@@ -181,8 +181,8 @@ MLP_SWEEP_ROWS = {128: 1_244_000, 256: 350_000, 512: 87_500, 64: 1_000_000}
 
 
 def sweep_mlp(device, warmup: int, repeats: int, tiny: bool = False) -> list:
-    """ConvNeXt tail (LayerNorm, MLP, residual; in place) per width: the PyTorch ops against the fused
-    kernel in each configuration of ``fused_mlp.SWEEP_CONFIGS`` (``default``: ``MLP_CONFIGS``'s)."""
+    """``--mlp-sweep``: ConvNeXt tail (LayerNorm, MLP, residual; in place) per width, the PyTorch ops against
+    the fused kernel in each configuration of ``fused_mlp.SWEEP_CONFIGS`` (``default``: ``MLP_CONFIGS``'s)."""
     out = []
     for C, rows in MLP_SWEEP_ROWS.items():
         rows = 100 if tiny else rows
@@ -275,8 +275,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--parts", default="map,decoder", help="comma list of map,decoder")
     p.add_argument("--profile", action="store_true", help="also the 1024 decoder's kernel time by category")
-    p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration (block, warps, table "
-                   "size) and the fused MLP's (rows, hidden slice, warps, stages) against the PyTorch ops")
+    p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration (block, warps, table size)")
+    p.add_argument("--mlp-sweep", action="store_true",
+                   help="also time the fused ConvNeXt MLP per (rows, hidden slice, warps, stages) against the PyTorch ops")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma list of the decoder's in-run baselines (of {','.join(BASELINES)}; '' for none)")
     p.add_argument("--out", default=None)
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
         p.error(f"unknown baselines {unknown} (known: {','.join(BASELINES)})")
     if args.sweep and device.type == "cuda":
         sweeps["maps"] = sweep_maps(device, args.warmup, args.repeats)
-    if args.sweep:
+    if args.mlp_sweep:
         with torch.no_grad():
             sweeps["mlp"] = sweep_mlp(device, args.warmup, args.repeats, args.tiny)
     if "decoder" in parts or args.profile:

@@ -64,7 +64,7 @@ MLP_CONFIGS: Dict[int, MlpConfig] = {
     128: MlpConfig(128, 64, 8, 2),
     256: MlpConfig(64, 64, 8, 2),
 }
-# The configurations benchmarks/bench_neighbour_map.py --sweep times against MLP_CONFIGS (and the
+# The configurations benchmarks/bench_neighbour_map.py --mlp-sweep times against MLP_CONFIGS (and the
 # CUDA tests check), per C; each fits the H100's 227 KiB of shared memory per block with room to
 # spare (the [BM, C] input tile plus STAGES copies of the [C, BH] and [BH, C] weight slices).
 SWEEP_CONFIGS: Dict[int, tuple] = {
