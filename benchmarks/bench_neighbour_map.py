@@ -210,6 +210,23 @@ def sweep_mlp(device, warmup: int, repeats: int, tiny: bool = False) -> list:
     return out
 
 
+def adopt_fastest(mlp_sweep: list, margin: float = 0.97) -> dict:
+    """``--mlp-adopt``: set ``fused_mlp.MLP_CONFIGS`` (in place, for the rest of this process) to each
+    width's fastest swept configuration where it beats the PyTorch ops by more than ``1 - margin``;
+    widths where none does keep the PyTorch ops. Returns the adopted table."""
+    best = {}
+    for r in mlp_sweep:
+        timed = [(v, k) for k, v in r.items() if k not in ("C", "rows", "torch_ms") and isinstance(v, float)]
+        if timed and min(timed)[0] < margin * r["torch_ms"]:
+            key = min(timed)[1]
+            best[r["C"]] = fused_mlp.MLP_CONFIGS[r["C"]] if key == "default" else \
+                fused_mlp.MlpConfig(*map(int, key.split("x")))
+    fused_mlp.MLP_CONFIGS.clear()
+    fused_mlp.MLP_CONFIGS.update(best)
+    print("MLP configs adopted:", {c: tuple(cfg) for c, cfg in best.items()}, flush=True)
+    return {c: list(cfg) for c, cfg in best.items()}
+
+
 def categorise(name: str) -> str:
     low = name.lower()
     return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
@@ -278,6 +295,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also sweep the lookup configuration (block, warps, table size)")
     p.add_argument("--mlp-sweep", action="store_true",
                    help="also time the fused ConvNeXt MLP per (rows, hidden slice, warps, stages) against the PyTorch ops")
+    p.add_argument("--mlp-adopt", action="store_true",
+                   help="with --mlp-sweep: run the decoder rows with each width's fastest swept MLP configuration")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma list of the decoder's in-run baselines (of {','.join(BASELINES)}; '' for none)")
     p.add_argument("--out", default=None)
@@ -302,6 +321,8 @@ def main(argv=None) -> int:
     if args.mlp_sweep:
         with torch.no_grad():
             sweeps["mlp"] = sweep_mlp(device, args.warmup, args.repeats, args.tiny)
+        if args.mlp_adopt:
+            sweeps["mlp_adopted"] = adopt_fastest(sweeps["mlp"])
     if "decoder" in parts or args.profile:
         cfg = dict(shape_mod.TINY_ARGS) if args.tiny else dict(SHAPE_DECODER_FULL)
         model = init_random(FlexiDualGridVaeDecoder(**cfg).to(device))
@@ -324,7 +345,8 @@ def main(argv=None) -> int:
                 print(f"   {k['ms']:8.3f} ms {k['calls']:6d}x  {k['op']} {k['shapes']}")
     print_table(rows, sweeps.get("mlp", []), device_name(device))
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny,
-                          "rows": rows, "profile": prof, "sweeps": sweeps})
+                          "rows": rows, "profile": prof, "sweeps": sweeps,
+                          "mlp_configs": {c: list(cfg) for c, cfg in fused_mlp.MLP_CONFIGS.items()}})
     return 0
 
 
