@@ -177,12 +177,24 @@ def sweep_maps(device, warmup: int, repeats: int) -> list:
 
 
 # ConvNeXt widths and row counts of the official decoder's levels at 1024 (20k tokens)
-MLP_SWEEP_ROWS = {128: 1_244_000, 256: 350_000, 512: 87_500}
+MLP_SWEEP_ROWS = {128: 1_244_000, 256: 350_000, 512: 87_500, 1024: 20_336}
+
+
+def _cfg_key(cfg) -> str:
+    """``tail 128x64x8x2`` (fused tail: BM, BH, warps, stages) or ``fc2 128x256x64x8x3`` (BM, BN, BK, ...)."""
+    return ("fc2 " if isinstance(cfg, fused_mlp.Fc2Config) else "tail ") + "x".join(map(str, cfg))
+
+
+def _parse_key(key: str):
+    kind, numbers = key.split()
+    return (fused_mlp.Fc2Config if kind == "fc2" else fused_mlp.MlpConfig)(*map(int, numbers.split("x")))
 
 
 def sweep_mlp(device, warmup: int, repeats: int, tiny: bool = False) -> list:
-    """``--mlp-sweep``: ConvNeXt tail (LayerNorm, MLP, residual; in place) per width, the PyTorch ops against
-    the fused kernel in each configuration of ``fused_mlp.SWEEP_CONFIGS`` (``default``: ``MLP_CONFIGS``'s)."""
+    """``--mlp-sweep``: the ConvNeXt tail (LayerNorm, MLP, residual; in place) per width: the PyTorch ops
+    (``torch_ms``) against each configuration of the defaults (``fused_mlp.MLP_CONFIGS`` / ``FC2_CONFIGS``,
+    listed in ``defaults``) and ``fused_mlp.SWEEP_CONFIGS``: ``tail ...`` the whole tail in one kernel,
+    ``fc2 ...`` cuBLAS fc1 then the SiLU-GEMM. A configuration the compiler refuses gets its error."""
     out = []
     for C, rows in MLP_SWEEP_ROWS.items():
         rows = 100 if tiny else rows
@@ -196,35 +208,41 @@ def sweep_mlp(device, warmup: int, repeats: int, tiny: bool = False) -> list:
 
         with fused_mlp.use_fused_mlp(False):
             row = {"C": C, "rows": rows, "torch_ms": med(lambda: fused_mlp.convnext_mlp_(h, norm, fc1, fc2, x))}
-        default = fused_mlp.MLP_CONFIGS.get(C)
-        configs = ([] if device.type != "cuda" else list(fused_mlp.SWEEP_CONFIGS.get(C, ())))
-        for cfg in ([default] if default and device.type == "cuda" else []) + [c for c in configs if c != default]:
-            key = "default" if cfg == default else "x".join(map(str, cfg))
+        defaults = [t[C] for t in (fused_mlp.MLP_CONFIGS, fused_mlp.FC2_CONFIGS) if C in t]
+        row["defaults"] = [_cfg_key(c) for c in defaults]
+        configs = [] if device.type != "cuda" else defaults + [c for c in fused_mlp.SWEEP_CONFIGS.get(C, ())
+                                                              if c not in defaults]
+        for cfg in configs:
+            if isinstance(cfg, fused_mlp.Fc2Config):
+                fn = lambda cfg=cfg: fused_mlp.convnext_mlp_chunks_(h, norm, fc1, fc2, x, fc2_cfg=cfg)  # noqa: E731
+            else:
+                fn = lambda cfg=cfg: fused_mlp.convnext_mlp_triton(  # noqa: E731
+                    h, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias, x, h, cfg)
             try:
-                row[key] = med(lambda: fused_mlp.convnext_mlp_triton(h, norm.weight, norm.bias, norm.eps, fc1.weight,
-                                                                     fc1.bias, fc2.weight, fc2.bias, x, h, cfg))
+                row[_cfg_key(cfg)] = med(fn)
             except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses is a result too
-                row[key] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                row[_cfg_key(cfg)] = f"{type(exc).__name__}: {str(exc)[:80]}"
         out.append(row)
         print(row, flush=True)
     return out
 
 
 def adopt_fastest(mlp_sweep: list, margin: float = 0.97) -> dict:
-    """``--mlp-adopt``: set ``fused_mlp.MLP_CONFIGS`` (in place, for the rest of this process) to each
-    width's fastest swept configuration where it beats the PyTorch ops by more than ``1 - margin``;
-    widths where none does keep the PyTorch ops. Returns the adopted table."""
-    best = {}
+    """``--mlp-adopt``: set ``fused_mlp.MLP_CONFIGS`` / ``FC2_CONFIGS`` (in place, for the rest of this
+    process) to each width's fastest swept configuration where it beats the PyTorch ops by more than
+    ``1 - margin``; widths where none does keep the PyTorch ops. Returns the adopted table."""
+    tail, fc2 = {}, {}
     for r in mlp_sweep:
-        timed = [(v, k) for k, v in r.items() if k not in ("C", "rows", "torch_ms") and isinstance(v, float)]
+        timed = [(v, k) for k, v in r.items() if k.startswith(("tail ", "fc2 ")) and isinstance(v, float)]
         if timed and min(timed)[0] < margin * r["torch_ms"]:
-            key = min(timed)[1]
-            best[r["C"]] = fused_mlp.MLP_CONFIGS[r["C"]] if key == "default" else \
-                fused_mlp.MlpConfig(*map(int, key.split("x")))
-    fused_mlp.MLP_CONFIGS.clear()
-    fused_mlp.MLP_CONFIGS.update(best)
-    print("MLP configs adopted:", {c: tuple(cfg) for c, cfg in best.items()}, flush=True)
-    return {c: list(cfg) for c, cfg in best.items()}
+            cfg = _parse_key(min(timed)[1])
+            (fc2 if isinstance(cfg, fused_mlp.Fc2Config) else tail)[r["C"]] = cfg
+    for table, new in ((fused_mlp.MLP_CONFIGS, tail), (fused_mlp.FC2_CONFIGS, fc2)):
+        table.clear()
+        table.update(new)
+    adopted = {c: _cfg_key(cfg) for c, cfg in sorted({**tail, **fc2}.items())}
+    print("MLP configs adopted:", adopted, flush=True)
+    return adopted
 
 
 def categorise(name: str) -> str:
@@ -280,7 +298,8 @@ def print_table(rows: list, mlp_sweep: list, device: str) -> None:
         base = "  ".join(f"{b} {r[b + '_ms']} [{r[b + '_peak_gib']}]" for b in BASELINES if b + "_ms" in r)
         print(f"{r['case']:<14} ours {r['ms']} [{r['peak_gib']}]  {base}  | {r['anchor']}")
     for r in mlp_sweep:
-        rest = "  ".join(f"{k} {v}" for k, v in r.items() if k not in ("C", "rows", "torch_ms"))
+        rest = "  ".join(f"{k}{'*' if k in r['defaults'] else ''} {v}" for k, v in r.items()
+                         if k not in ("C", "rows", "torch_ms", "defaults"))
         print(f"MLP C={r['C']:<4} rows {r['rows']:>8}  torch {r['torch_ms']}  {rest}")
 
 
@@ -346,7 +365,8 @@ def main(argv=None) -> int:
     print_table(rows, sweeps.get("mlp", []), device_name(device))
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny,
                           "rows": rows, "profile": prof, "sweeps": sweeps,
-                          "mlp_configs": {c: list(cfg) for c, cfg in fused_mlp.MLP_CONFIGS.items()}})
+                          "mlp_configs": {c: _cfg_key(t[c]) for t in (fused_mlp.MLP_CONFIGS, fused_mlp.FC2_CONFIGS)
+                                          for c in t}})
     return 0
 
 

@@ -173,7 +173,8 @@ def test_kernel_matches_torch_path_on_cuda(dtype, C):
 
 def _cuda_decoder(dtype):
     torch.manual_seed(0)
-    model = shape_mod.FlexiDualGridVaeDecoder(**dict(shape_mod.TINY_ARGS, model_channels=[256, 128, 128, 64, 64],
+    # widths 512 (the ConvNeXt tail's fc2 GEMM), 128 and 64 (the fused tail): every MLP kernel form
+    model = shape_mod.FlexiDualGridVaeDecoder(**dict(shape_mod.TINY_ARGS, model_channels=[512, 128, 128, 64, 64],
                                                       use_fp16=False))
     with torch.no_grad():
         for name, p in model.named_parameters():

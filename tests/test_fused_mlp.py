@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from know3d_core.sparse import SparseTensor
 from know3d_core.trellis2 import shape_decoder as shape_mod
 from know3d_core.trellis2.modules import fused, fused_mlp
-from know3d_core.trellis2.modules.fused_mlp import MlpConfig, convnext_mlp_, convnext_mlp_triton
+from know3d_core.trellis2.modules.fused_mlp import (
+    Fc2Config,
+    MlpConfig,
+    convnext_mlp_,
+    convnext_mlp_chunks_,
+    convnext_mlp_triton,
+    silu_linear_residual_triton,
+)
 
 import test_trellis2_decoders as dec
 
@@ -85,6 +92,33 @@ def test_kernel_not_taken_on_cpu_or_with_grad():
     assert not fused_mlp.mlp_kernel_ok(h)
 
 
+@pytest.mark.parametrize("form", ["tail", "fc2"])
+def test_failing_kernel_launch_falls_back_to_pytorch(monkeypatch, caplog, form):
+    """A kernel that fails to launch (compiler/driver) is logged; the result comes from the PyTorch ops
+    and no kernel is tried again in this process."""
+    norm, fc1, fc2 = make_block(32)
+    h, x = inputs(20, 32, torch.float32)
+    ref = convnext_mlp_(h.clone(), norm, fc1, fc2, x)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused_mlp, "_failed", [])
+    monkeypatch.setattr(fused_mlp, "fused_enabled", lambda t: True)
+    monkeypatch.setattr(fused_mlp, "_KERNEL_DTYPES", (torch.float32,))
+    monkeypatch.setattr(fused_mlp, "MLP_CONFIGS", {32: MlpConfig(16, 32, 4, 2)} if form == "tail" else {})
+    monkeypatch.setattr(fused_mlp, "FC2_CONFIGS", {32: Fc2Config(16, 32, 32, 4, 2)} if form == "fc2" else {})
+    monkeypatch.setattr(fused_mlp, "convnext_mlp_triton", broken)
+    monkeypatch.setattr(fused_mlp, "silu_linear_residual_triton", broken)
+    with caplog.at_level("WARNING"):
+        got = convnext_mlp_(h.clone(), norm, fc1, fc2, x)
+        again = convnext_mlp_(h.clone(), norm, fc1, fc2, x)
+    assert calls == [1] and len(fused_mlp._failed) == 1 and "no compiler here" in caplog.text
+    assert torch.equal(got, ref) and torch.equal(again, ref)
+
+
 # ----------------------------------------------------------------------------- Triton interpreter
 @interpreter
 @pytest.mark.parametrize("C,cfg", [(16, MlpConfig(16, 16, 4, 2)), (32, MlpConfig(32, 64, 4, 2)),
@@ -113,6 +147,33 @@ def test_kernel_reads_strided_rows_in_the_interpreter():
     assert rel(out, ref) <= 1e-3
 
 
+@interpreter
+def test_silu_gemm_matches_fp64_in_the_interpreter():
+    """fc2 with SiLU on load and bias + residual in the epilogue: several row and column tiles, a partial
+    last row tile, out aliasing the residual."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 64, generator=gen).to(torch.float16)
+    w = (torch.randn(32, 64, generator=gen) / 8).to(torch.float16)
+    b = torch.randn(32, generator=gen).to(torch.float16)
+    x = torch.randn(37, 32, generator=gen).to(torch.float16)
+    ref = x.double() + F.linear(F.silu(a.float()).half().double(), w.double(), b.double())
+    out = silu_linear_residual_triton(a, w, b, x.clone(), x, Fc2Config(16, 16, 32, 4, 2))
+    assert out is x
+    assert rel(out, ref) <= 1e-3
+
+
+@interpreter
+def test_chunked_tail_with_the_silu_gemm_in_the_interpreter():
+    """The wide-C path (LayerNorm, cuBLAS fc1, fc2 kernel) in row chunks: close to fp64 and to the PyTorch ops."""
+    norm, fc1, fc2 = make_block(32, torch.float16, seed=5)
+    h, x = inputs(45, 32, torch.float16)
+    ref = reference(h, x, norm, fc1, fc2)
+    plain = convnext_mlp_chunks_(h.clone(), norm, fc1, fc2, x, chunk_rows=16)
+    out = convnext_mlp_chunks_(h, norm, fc1, fc2, x, chunk_rows=16, fc2_cfg=Fc2Config(16, 32, 64, 4, 2))
+    assert out is h and rel(out, ref) <= 1e-3
+    torch.testing.assert_close(out.float(), plain.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_bad_hidden_slice_is_an_error():
     if fused_mlp.triton is None:
         pytest.skip("needs Triton")
@@ -125,8 +186,8 @@ def test_bad_hidden_slice_is_an_error():
 
 @interpreter
 def test_golden_decoder_through_the_kernel_in_the_interpreter(monkeypatch):
-    """Every ConvNeXt block of the golden decoder through the kernel (fp32 CPU tensors, interpreted):
-    still the golden output."""
+    """Every ConvNeXt block of the golden decoder through a kernel (fp32 CPU tensors, interpreted): the
+    fused tail at widths 8 and 16, the fc2 GEMM at 32; still the golden output."""
     model, io = dec.golden_shape_decoder()
     launches = []
     kernel = fused_mlp.convnext_mlp_triton
@@ -137,10 +198,14 @@ def test_golden_decoder_through_the_kernel_in_the_interpreter(monkeypatch):
 
     monkeypatch.setattr(fused_mlp, "fused_enabled", lambda t: True)
     monkeypatch.setattr(fused_mlp, "_KERNEL_DTYPES", (torch.float32,))
-    monkeypatch.setattr(fused_mlp, "MLP_CONFIGS", {c: MlpConfig(16, 32, 4, 2) for c in (8, 16, 32)})
+    monkeypatch.setattr(fused_mlp, "MLP_CONFIGS", {c: MlpConfig(16, 32, 4, 2) for c in (8, 16)})
+    monkeypatch.setattr(fused_mlp, "FC2_CONFIGS", {32: Fc2Config(16, 32, 32, 4, 2)})  # the first level's block
     monkeypatch.setattr(fused_mlp, "convnext_mlp_triton", counted)
+    gemm = fused_mlp.silu_linear_residual_triton
+    monkeypatch.setattr(fused_mlp, "silu_linear_residual_triton", lambda a, *r: launches.append(a.shape) or gemm(a, *r))
     head, subs = model(dec.slat_from(io), return_subs=True)
-    assert len(launches) == 4 and not fused_mlp._failed  # the four ConvNeXt blocks
+    assert len(launches) == 4 and not fused_mlp._failed  # the four ConvNeXt blocks: three fused tails, one fc2
+    assert (launches[0][1], sum(1 for s in launches if s[1] == 128)) == (128, 1)  # fc2's input [N, 4 * 32] first
     assert torch.equal(head.coords, io["out_coords"])
     assert dec.rel_err(head.feats, io["out_feats"]) <= 1e-5
     for i, sub in enumerate(subs):
@@ -154,22 +219,27 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,C", [(torch.float16, 64), (torch.float16, 128), (torch.float16, 256),
-                                     (torch.float16, 512), (torch.bfloat16, 128)])
+                                     (torch.float16, 512), (torch.float16, 1024), (torch.bfloat16, 128),
+                                     (torch.bfloat16, 512)])
 def test_kernel_matches_torch_path_on_cuda(dtype, C):
-    """The default configuration and (fp16) every one the benchmark sweeps: close to fp64 and to the PyTorch ops."""
+    """The default configuration and (fp16) every one the benchmark sweeps, fused tail or fc2 GEMM:
+    close to fp64 and to the PyTorch ops."""
     norm, fc1, fc2 = make_block(C, dtype, "cuda", seed=C)
-    h, x = inputs(20011, C, dtype, "cuda")
+    h, x = inputs(20011 if C < 1024 else 5003, C, dtype, "cuda")
     ref = reference(h, x, norm, fc1, fc2)
     with fused.use_fused_kernels(False):
         plain = convnext_mlp_(h.clone(), norm, fc1, fc2, x)
     plain_err = rel(plain, ref)
     assert plain_err <= TOL[dtype]
-    cfgs = [fused_mlp.MLP_CONFIGS[C]] if C in fused_mlp.MLP_CONFIGS else []
+    cfgs = [t[C] for t in (fused_mlp.MLP_CONFIGS, fused_mlp.FC2_CONFIGS) if C in t]
     if dtype == torch.float16:  # the benchmark's sweep runs fp16
         cfgs += list(fused_mlp.SWEEP_CONFIGS.get(C, ()))
     for cfg in cfgs:
-        out = convnext_mlp_triton(h.clone(), norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias,
-                                  fc2.weight, fc2.bias, x, h.clone(), cfg)
+        if isinstance(cfg, Fc2Config):
+            out = convnext_mlp_chunks_(h.clone(), norm, fc1, fc2, x, fc2_cfg=cfg)
+        else:
+            out = convnext_mlp_triton(h.clone(), norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias,
+                                      fc2.weight, fc2.bias, x, h.clone(), cfg)
         assert rel(out, ref) <= max(plain_err, TOL[dtype] / 4), cfg
         torch.testing.assert_close(out.float(), plain.float(), rtol=4 * TOL[dtype], atol=4 * TOL[dtype])
 

@@ -17,8 +17,8 @@ Inference only (``forward``/``upsample`` run under ``no_grad``). Memory: levels 
 another and every intermediate (features, neighbour maps held in a
 tensor's cache) is dropped as soon as the next level exists; the ConvNeXt tail (LayerNorm, MLP,
 residual) runs as one Triton pass on CUDA for C <= 256 (:mod:`.modules.fused_mlp`: the hidden layer
-stays on chip) and otherwise, like the head, in row chunks, so the peak is set by the last
-channel-to-space block. The fp32 LayerNorms (+ SiLU)
+stays on chip) and otherwise, like the head, in row chunks (wider C: fc1 on cuBLAS, then SiLU, fc2
+and the residual as one Triton GEMM), so the peak is set by the last channel-to-space block. The fp32 LayerNorms (+ SiLU)
 run as one pass each (:func:`.modules.fused_norm.layer_norm_act`: a Triton kernel on CUDA, fp32
 statistics, one rounding), in place where the input is not needed again; the C2S block normalises
 its children straight out of ``conv1``'s output (fused gather) and adds the skip rows in chunks.
@@ -37,7 +37,7 @@ from ..mesh.types import Mesh
 from ..sparse import NeighbourMap, SparseLinear, SparseTensor, SubMConv3d, channel_to_spatial, child_bits
 from ..sparse.conv import add_repeated_rows_, submanifold_conv3d_children, submanifold_conv3d_skip
 from .modules.fused import fused_enabled
-from .modules.fused_mlp import convnext_mlp_, mlp_kernel_ok
+from .modules.fused_mlp import convnext_mlp_, fc2_kernel_ok, mlp_kernel_ok
 from .modules.fused_norm import layer_norm_act
 from .ovoxel import flexible_dual_grid_to_mesh
 
@@ -371,13 +371,14 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
         return jobs
 
     def _mlp_jobs(self, device: torch.device) -> List[Callable[[], Any]]:
-        """One ConvNeXt tail per channel width that takes the fused MLP kernel (``MLP_CONFIGS``)."""
+        """One ConvNeXt tail per channel width that takes a fused MLP kernel (the whole tail, or fc2)."""
         blocks = {b.channels: b for level in self.blocks for b in level if isinstance(b, SparseConvNeXtBlock3d)}
         jobs: List[Callable[[], Any]] = []
         for c, block in sorted(blocks.items()):
             h = torch.zeros(16, c, device=device, dtype=self.dtype)
             with torch.no_grad():
-                if not mlp_kernel_ok(h, *block.parameters()):
+                params = list(block.parameters())
+                if not (mlp_kernel_ok(h, *params) or fc2_kernel_ok(h, *params)):
                     continue
             jobs.append(lambda h=h, b=block: convnext_mlp_(h, b.norm, b.mlp[0], b.mlp[2], torch.zeros_like(h)))
         return jobs

@@ -41,8 +41,9 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
 
-__all__ = ["MlpConfig", "MLP_CONFIGS", "SWEEP_CONFIGS", "convnext_mlp_", "convnext_mlp_triton", "mlp_kernel_ok",
-           "use_fused_mlp"]
+__all__ = ["MlpConfig", "Fc2Config", "MLP_CONFIGS", "FC2_CONFIGS", "SWEEP_CONFIGS", "convnext_mlp_",
+           "convnext_mlp_chunks_", "convnext_mlp_triton", "silu_linear_residual_triton", "mlp_kernel_ok",
+           "fc2_kernel_ok", "use_fused_mlp"]
 
 _log = logging.getLogger(__name__)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -64,13 +65,35 @@ MLP_CONFIGS: Dict[int, MlpConfig] = {
     128: MlpConfig(128, 64, 8, 2),
     256: MlpConfig(64, 64, 8, 2),
 }
-# The configurations benchmarks/bench_neighbour_map.py --mlp-sweep times against MLP_CONFIGS (and the
+
+
+class Fc2Config(NamedTuple):
+    """Tile of the SiLU-prologue GEMM: rows, output columns, K slice, warps, pipeline stages."""
+    BM: int
+    BN: int
+    BK: int
+    warps: int
+    stages: int
+
+
+# Widths without a fused-tail configuration keep cuBLAS for fc1 and run ``fc2`` as a Triton GEMM that
+# applies SiLU to the hidden tile as it loads it and adds bias and residual in its epilogue: the SiLU
+# pass over ``[N, 4C]`` and the residual add disappear (same rounding of the SiLU input as the PyTorch
+# ops: fc1's fp16 output, SiLU in fp32 rounded to fp16).
+FC2_CONFIGS: Dict[int, Fc2Config] = {
+    512: Fc2Config(128, 256, 64, 8, 3),
+    1024: Fc2Config(128, 256, 64, 8, 3),
+}
+# The configurations benchmarks/bench_neighbour_map.py --mlp-sweep times against the defaults (and the
 # CUDA tests check), per C; each fits the H100's 227 KiB of shared memory per block with room to
-# spare (the [BM, C] input tile plus STAGES copies of the [C, BH] and [BH, C] weight slices).
+# spare (fused tail: the [BM, C] input tile plus STAGES copies of the [C, BH] and [BH, C] weight
+# slices; fc2 GEMM: STAGES copies of the [BM, BK] and [BK, BN] tiles).
 SWEEP_CONFIGS: Dict[int, tuple] = {
     128: (MlpConfig(64, 64, 4, 2), MlpConfig(128, 32, 4, 3), MlpConfig(128, 128, 8, 2)),
     256: (MlpConfig(64, 64, 4, 2), MlpConfig(128, 32, 8, 3), MlpConfig(128, 64, 8, 2)),
-    512: (MlpConfig(64, 32, 8, 2), MlpConfig(64, 64, 8, 1)),
+    512: (MlpConfig(64, 32, 8, 2), MlpConfig(64, 64, 8, 1), Fc2Config(128, 128, 64, 8, 4),
+          Fc2Config(128, 128, 64, 4, 4)),
+    1024: (Fc2Config(128, 128, 64, 8, 4),),
 }
 _failed: list = []
 _state = {"enabled": True}
@@ -120,6 +143,41 @@ if triton is not None:
                  mask=row_ok[:, None])
 
 
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _silu_linear_residual_kernel(
+        a_ptr, w_ptr, b_ptr, x_ptr, out_ptr, n_rows, a_stride, x_stride, out_stride,
+        N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = (pid // (N // BN)) * BM + tl.arange(0, BM)  # the column tiles of a row tile run side by side
+        cols = (pid % (N // BN)) * BN + tl.arange(0, BN)
+        row_ok = rows < n_rows
+        r = rows.to(tl.int64)
+        kk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in tl.range(0, K, BK, num_stages=STAGES):
+            a = tl.load(a_ptr + r[:, None] * a_stride + (k + kk)[None, :], mask=row_ok[:, None], other=0.0)
+            a = a.to(tl.float32)
+            a = (a / (1.0 + tl.exp(-a))).to(out_ptr.dtype.element_ty)  # SiLU, rounded as the PyTorch op rounds
+            w = tl.load(w_ptr + cols[None, :] * K + (k + kk)[:, None])  # [BK, BN] = W[cols, k:k+BK]^T
+            acc = tl.dot(a, w, acc)
+        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+        acc += tl.load(x_ptr + r[:, None] * x_stride + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(out_ptr + r[:, None] * out_stride + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+def fc2_kernel_ok(h: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether the PyTorch-path tail runs ``fc2`` (with SiLU and the residual) as the Triton GEMM for
+    ``h [N, C]``: as :func:`mlp_kernel_ok`, with a configuration in :data:`FC2_CONFIGS`."""
+    device_ok = (_state["enabled"] and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
+                 and h.shape[1] in FC2_CONFIGS and not _failed)
+    return use_kernel(device_ok, False, h, *params)
+
+
 def mlp_kernel_ok(h: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether :func:`convnext_mlp_` launches the kernel for ``h [N, C]`` (CUDA fp16/bf16, Triton,
     switch on, a configuration for C, no gradient needed, no earlier failure)."""
@@ -149,19 +207,63 @@ def convnext_mlp_(h: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.L
         except Exception as exc:  # noqa: BLE001 - compiler/driver errors vary; the torch path still works
             _failed.append(exc)
             _log.warning("Triton ConvNeXt MLP failed (%s: %s); using the PyTorch ops", type(exc).__name__, exc)
-    return _convnext_mlp_torch(h, norm, fc1, fc2, x, chunk_rows)
+    fc2_cfg = FC2_CONFIGS[h.shape[1]] if h.shape[0] and fc2_kernel_ok(h, x, fc2.weight, fc2.bias) else None
+    return convnext_mlp_chunks_(h, norm, fc1, fc2, x, chunk_rows, fc2_cfg)
 
 
-def _convnext_mlp_torch(h, norm, fc1, fc2, x, chunk_rows):
-    """The PyTorch ops in row chunks (the reference's rounding: after each op)."""
+def convnext_mlp_chunks_(h, norm, fc1, fc2, x, chunk_rows: int = 1 << 18, fc2_cfg: Optional[Fc2Config] = None):
+    """:func:`convnext_mlp_` in row chunks: LayerNorm (fused_norm), ``fc1`` (cuBLAS), then SiLU, ``fc2`` and
+    the residual as PyTorch ops (the reference's rounding: after each op) or, with ``fc2_cfg``, as one
+    Triton GEMM (:func:`silu_linear_residual_triton`)."""
     for start in range(0, h.shape[0], chunk_rows):
-        rows = h[start:start + chunk_rows]
+        rows, res = h[start:start + chunk_rows], x[start:start + chunk_rows]
         layer_norm_act(rows, norm.weight, norm.bias, norm.eps, out=rows)
-        hidden = F.silu(F.linear(rows, fc1.weight, fc1.bias), inplace=True)  # [m, 4C]
-        torch.addmm(fc2.bias, hidden, fc2.weight.t(), out=rows)
+        hidden = F.linear(rows, fc1.weight, fc1.bias)  # [m, 4C]
+        if fc2_cfg is not None and _fc2_guarded(hidden, fc2, res, rows, fc2_cfg):
+            continue
+        torch.addmm(fc2.bias, F.silu(hidden, inplace=True), fc2.weight.t(), out=rows)
         del hidden
-        rows += x[start:start + chunk_rows]
+        rows += res
     return h
+
+
+def _fc2_guarded(hidden, fc2, res, out, cfg) -> bool:
+    """:func:`silu_linear_residual_triton` into ``out``; False (logged once, then PyTorch ops for the
+    rest of the process) where the launch fails."""
+    try:
+        silu_linear_residual_triton(hidden, fc2.weight, fc2.bias, res, out, cfg)
+        return True
+    except Exception as exc:  # noqa: BLE001 - compiler/driver errors vary; the torch path still works
+        _failed.append(exc)
+        _log.warning("Triton SiLU-GEMM failed (%s: %s); using the PyTorch ops", type(exc).__name__, exc)
+        return False
+
+
+def silu_linear_residual_triton(a, w, b, x, out, cfg: Optional[Fc2Config] = None):
+    """``out = x + silu(a) @ w^T + b`` as one Triton GEMM (CUDA, or CPU tensors under the interpreter).
+
+    a ``[M, K]`` (fc1's output), w ``[N, K]``, b ``[N]``, x and out ``[M, N]`` (out may alias x, not a),
+    all one dtype; K a multiple of ``cfg.BK``, N of ``cfg.BN``. ``cfg`` defaults to ``FC2_CONFIGS[N]``.
+    """
+    if triton is None:
+        raise RuntimeError("silu_linear_residual_triton needs Triton")
+    check_no_grad("silu_linear_residual_triton", a, w, b, x)
+    M, K = a.shape
+    N = w.shape[0]
+    cfg = cfg or FC2_CONFIGS[N]
+    if w.shape != (N, K) or K % cfg.BK or N % cfg.BN or x.shape != (M, N) or out.shape != (M, N):
+        raise ValueError(f"silu_linear_residual_triton: need w [N, K] with K % {cfg.BK} == 0 and N % {cfg.BN} == 0, "
+                         f"x and out [M, N]; got a {tuple(a.shape)}, w {tuple(w.shape)}, x {tuple(x.shape)}, "
+                         f"out {tuple(out.shape)}")
+    if not w.is_contiguous() or a.stride(1) != 1 or x.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError("silu_linear_residual_triton needs a contiguous weight and contiguous channels")
+    if M == 0:
+        return out
+    _silu_linear_residual_kernel[(triton.cdiv(M, cfg.BM) * (N // cfg.BN),)](
+        a, w, b, x, out, M, a.stride(0), x.stride(0), out.stride(0),
+        N=N, K=K, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, STAGES=cfg.stages, num_warps=cfg.warps,
+    )
+    return out
 
 
 def convnext_mlp_triton(h, norm_w, norm_b, eps, w1, b1, w2, b2, x, out, cfg: Optional[MlpConfig] = None):
