@@ -145,15 +145,17 @@ if triton is not None:
 
 if triton is not None:
 
+    # N and K are run-time ints (both multiples of 16 at every width): the 512 and 1024 levels of the
+    # decoder share one compiled kernel (a first call compiles one variant fewer)
     @triton.jit(do_not_specialize=["n_rows"])
     def _silu_linear_residual_kernel(
-        a_ptr, w_ptr, b_ptr, x_ptr, out_ptr, n_rows, a_stride, x_stride, out_stride,
-        N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        STAGES: tl.constexpr,
+        a_ptr, w_ptr, b_ptr, x_ptr, out_ptr, n_rows, a_stride, x_stride, out_stride, N, K,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        rows = (pid // (N // BN)) * BM + tl.arange(0, BM)  # the column tiles of a row tile run side by side
-        cols = (pid % (N // BN)) * BN + tl.arange(0, BN)
+        col_tiles = N // BN
+        rows = (pid // col_tiles) * BM + tl.arange(0, BM)  # the column tiles of a row tile run side by side
+        cols = (pid % col_tiles) * BN + tl.arange(0, BN)
         row_ok = rows < n_rows
         r = rows.to(tl.int64)
         kk = tl.arange(0, BK)
@@ -260,8 +262,8 @@ def silu_linear_residual_triton(a, w, b, x, out, cfg: Optional[Fc2Config] = None
     if M == 0:
         return out
     _silu_linear_residual_kernel[(triton.cdiv(M, cfg.BM) * (N // cfg.BN),)](
-        a, w, b, x, out, M, a.stride(0), x.stride(0), out.stride(0),
-        N=N, K=K, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, STAGES=cfg.stages, num_warps=cfg.warps,
+        a, w, b, x, out, M, a.stride(0), x.stride(0), out.stride(0), N, K,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, STAGES=cfg.stages, num_warps=cfg.warps,
     )
     return out
 
