@@ -152,27 +152,32 @@ def set_children_only(model, on: bool) -> None:
             m.children_only = on
 
 
-LOOKUP_SWEEP = [(4, 4, 4), (8, 4, 4), (16, 4, 4), (32, 8, 4), (4, 4, 8), (16, 4, 8)]  # (BLOCK, WARPS, SLOTS)
+# (BLOCK, WARPS, SLOTS, EAGER): the session-5 default, the default since (16, 4, 8), and with the values
+# loaded beside the keys (neighbour_triton.EAGER_VALUES)
+LOOKUP_SWEEP = [(4, 4, 4, False), (16, 4, 8, False), (16, 4, 8, True), (32, 4, 8, True), (8, 4, 8, True),
+                (16, 8, 8, True)]
 
 
 def sweep_maps(device, warmup: int, repeats: int) -> list:
     """Map-build time (map alone) per lookup configuration, at each size."""
     out = []
     saved = (neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL,
-             neighbour_triton.LARGE_SLOTS_PER_VOXEL)
+             neighbour_triton.LARGE_SLOTS_PER_VOXEL, neighbour_triton.EAGER_VALUES)
     cases = [(n, *shell_coords(n, device)) for _, n in MAP_CASES]
     try:
-        for block, warps, slots in LOOKUP_SWEEP:
+        for block, warps, slots, eager in LOOKUP_SWEEP:
             neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS = block, warps
             neighbour_triton.SLOTS_PER_VOXEL = neighbour_triton.LARGE_SLOTS_PER_VOXEL = slots
+            neighbour_triton.EAGER_VALUES = eager
             for n, coords, grid in cases:
                 ms = statistics.median(sample_times(lambda: conv._build_neighbour_map(coords, (grid,) * 3, 3, 1),
                                                     device, warmup, repeats)[0])
-                out.append({"block": block, "warps": warps, "slots": slots, "voxels": n, "map_ms": round(ms, 3)})
+                out.append({"block": block, "warps": warps, "slots": slots, "eager": eager, "voxels": n,
+                            "map_ms": round(ms, 3)})
                 print(out[-1], flush=True)
     finally:
         (neighbour_triton.BLOCK_LOOKUP, neighbour_triton.LOOKUP_WARPS, neighbour_triton.SLOTS_PER_VOXEL,
-         neighbour_triton.LARGE_SLOTS_PER_VOXEL) = saved
+         neighbour_triton.LARGE_SLOTS_PER_VOXEL, neighbour_triton.EAGER_VALUES) = saved
     return out
 
 

@@ -49,15 +49,19 @@ def _check(device, cases, bm):
 
 
 @interpreter
-def test_triton_build_matches_torch_in_the_interpreter():
+@pytest.mark.parametrize("eager", [False, True])
+def test_triton_build_matches_torch_in_the_interpreter(monkeypatch, eager):
+    monkeypatch.setattr(neighbour_triton, "EAGER_VALUES", eager)  # values loaded with the keys, or after a hit
     _check("cpu", [(2, 10, 300, 3, 1), (1, 12, 400, 3, 2), (1, 6, 80, 5, 1)], bm=16)
 
 
 @cuda
 @pytest.mark.cuda
-def test_triton_build_matches_torch_on_cuda():
+@pytest.mark.parametrize("eager", [False, True])
+def test_triton_build_matches_torch_on_cuda(monkeypatch, eager):
     # dense and sparse fills, two batch items, dilation 2, a 5^3 kernel (no pattern bits), a
     # partial last tile
+    monkeypatch.setattr(neighbour_triton, "EAGER_VALUES", eager)
     _check("cuda", [(2, 40, 20000, 3, 1), (1, 64, 3000, 3, 1), (1, 30, 5000, 3, 2), (1, 16, 900, 5, 1),
                     (3, 20, 1001, 3, 1)], bm=128)
 

@@ -46,6 +46,10 @@ LOOKUP_WARPS = 4
 SLOTS_PER_VOXEL = 8
 LARGE_SLOTS_PER_VOXEL = 2
 LARGE_BUILD = 1 << 21
+# Load each probed slot's value together with its key (two independent loads, one memory round trip
+# per probe) instead of after the key matched (two dependent ones); misses read a value they drop.
+# Off until measured (bench_neighbour_map.py --sweep times both).
+EAGER_VALUES = False
 _state = {"enabled": True}
 
 
@@ -108,7 +112,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
     def _hash_lookup_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, bits_ptr,
                             N, X, Y, Z, pad, mask, K, ksize, dilation,
-                            BLOCK: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr):
+                            BLOCK: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, EAGER: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
         key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
@@ -125,8 +129,13 @@ if triton is not None:
         res = tl.full((BLOCK, KP), N, tl.int32)
         while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
             k = tl.load(keys_ptr + slot, mask=active, other=-1)
-            hit = active & (k == target)
-            res = tl.where(hit, tl.load(vals_ptr + slot, mask=hit, other=0), res)
+            if EAGER:
+                val = tl.load(vals_ptr + slot, mask=active, other=0)
+                hit = active & (k == target)
+            else:
+                hit = active & (k == target)
+                val = tl.load(vals_ptr + slot, mask=hit, other=0)
+            res = tl.where(hit, val, res)
             active = active & (k != -1) & (~hit)  # an empty slot ends the probe: not present
             slot = (slot + 1) & mask
         tl.store(nbr_ptr + i.to(tl.int64)[:, None] * K + v[None, :], res, mask=ok[:, None] & v_ok[None, :])
@@ -200,7 +209,7 @@ def build_neighbour_map_triton(
         coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
     _hash_lookup_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
         coords, keys, vals, nbr, bits if with_bits else nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
-        BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, num_warps=LOOKUP_WARPS)
+        BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, EAGER=EAGER_VALUES, num_warps=LOOKUP_WARPS)
     return nbr, bits
 
 
@@ -257,7 +266,8 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
 
     def lookup():
         _hash_lookup_kernel[(1,)](coords, keys, vals, nbr.clone(), bits.clone(), 4, 6, 6, 6, 1, 7, K, kernel_size,
-                                  1, BLOCK=BLOCK_LOOKUP, KP=KP, BITS=K <= 31, num_warps=LOOKUP_WARPS)
+                                  1, BLOCK=BLOCK_LOOKUP, KP=KP, BITS=K <= 31, EAGER=EAGER_VALUES,
+                                  num_warps=LOOKUP_WARPS)
 
     def layout():
         out = torch.empty(K, 4, dtype=torch.int32, device=device)
