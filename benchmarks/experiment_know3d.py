@@ -14,23 +14,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from know3d_core.cli import main  # noqa: E402
 
-# The README's GPU run (one H100 call of benchmarks/experiment_know3d_device.sh: 378.5 s of experiment;
-# results in benchmarks/results/experiment_know3d_gpu/). At these sizes a training step is launch-bound
-# (~27-42 ms on the H100, about what a free 2-core CPU gives the 64-wide flow) and the knowledge costs
-# ~0.15 s a pair, so the budget left 472 Know3D steps a row and no room for `image` or the sigma sweep;
-# on the CPU the branch first moved the back after ~700 steps (README). A run that answers the question
-# gives every row >= 2000 steps: split the rows over calls (--rows, --sigmas; the base is reused by folder).
-# --base-steps / --know3d-steps are maxima: with --time-budget the run measures its seconds per training
-# step first and gives the base 30% of the budget and the Know3D rows (same steps each) 45% of what is
-# left (know3d_core/eval/experiment.py). No back-view LoRA (--backview-steps 0): at this size a trained
-# LoRA made the hidden states *less* text-dependent (nearest-centroid prompt probe 0.75 -> 0.33 on the
-# CPU, README), so every back view comes from the MMDiT as initialised, with its text values scaled
-# by 4 (--text-gain; the knowledge's prompt-to-noise ratio doubles: README).
+# The GPU run (one device call of benchmarks/experiment_know3d_device.sh; results in
+# benchmarks/results/experiment_know3d_<name>/, README). At these sizes a training step is launch-bound:
+# on the H100 the last run's base took 42 ms a step at batch 16 (4456 steps in 187 s; median 27 ms) and
+# its Know3D rows 53-56 ms a step (median 34-38 ms) once the knowledge was cached, which costs ~0.15 s a
+# training pair; a bigger Know3D batch (32: half the 64 front pairs a step) costs about the same per
+# step. So one 420 s call holds the base (2500 steps) and about three Know3D rows of 1500 steps. --fixed-steps keeps the steps;
+# --time-budget then only skips the rows that would end after it, in --rows order (the paper's row
+# first, the prompt-blind reference, the image source, the capture-sigma sweep, then the rows the last
+# run already measured at 472 steps), and the table is rewritten after every row.
+# --know3d-front-azimuth 30: the Know3D rows train on the pairs whose front view the back feature is
+# hidden from (azimuth 0 and its perturbed neighbour; the data toolkit also pairs the 45/90/135 degree
+# views, where the feature is in the image condition and the knowledge adds nothing: 3 of 4 pairs).
+# No back-view LoRA (--backview-steps 0): at this size a trained LoRA made the hidden states *less*
+# text-dependent (nearest-centroid prompt probe 0.75 -> 0.33 on the CPU, README), so every back view
+# comes from the MMDiT as initialised, with its text values scaled by 4 (--text-gain).
 GPU_RUN = ["--train-seeds", "8", "--val-seeds", "4", "--latent-grid", "8", "--model-channels", "128",
-           "--num-blocks", "4", "--num-heads", "4", "--backview-steps", "0", "--base-steps", "6000",
-           "--know3d-steps", "3000", "--batch-size", "16", "--lr", "5e-4", "--back-steps", "6", "--back-size", "64x64",
-           "--sample-steps", "12", "--render-size", "64", "--sigmas", "0.85,0.5,0.25,0.1", "--num-workers", "4",
-           "--text-gain", "4", "--time-budget", "400"]
+           "--num-blocks", "4", "--num-heads", "4", "--backview-steps", "0", "--base-steps", "2500",
+           "--know3d-steps", "1500", "--batch-size", "16", "--lr", "5e-4", "--back-steps", "6", "--back-size", "64x64",
+           "--sample-steps", "12", "--render-size", "64", "--num-workers", "4", "--text-gain", "4",
+           "--rows", "hidden,none,image,hidden_sigma0.85,hidden_sigma0.5,hidden_sigma0.1,latent,hidden_gt,multiview",
+           "--know3d-front-azimuth", "30", "--know3d-batch-size", "32", "--time-budget", "345", "--fixed-steps"]
 
 
 if __name__ == "__main__":
@@ -38,8 +42,11 @@ if __name__ == "__main__":
     if "--smoke" not in argv:
         given = {a for a in argv if a.startswith("--")}
         defaults = []
-        for i in range(0, len(GPU_RUN), 2):
+        i = 0
+        while i < len(GPU_RUN):  # a flag and its value, or a lone switch (--fixed-steps)
+            n = 1 if i + 1 == len(GPU_RUN) or GPU_RUN[i + 1].startswith("--") else 2
             if GPU_RUN[i] not in given:
-                defaults += GPU_RUN[i:i + 2]
+                defaults += GPU_RUN[i:i + n]
+            i += n
         argv = argv + defaults
     sys.exit(main(["experiment"] + argv))

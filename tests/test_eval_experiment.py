@@ -95,9 +95,55 @@ def test_experiment_smoke_runs_end_to_end(tmp_path, capsys):
         result = json.load(f)
     rows = {r["row"]: r for r in result["table"]}
     assert set(rows) == {"hidden", "none"}
+    assert result["partial"] is False and result["not_run"] == {}
     assert rows["none"]["prompt_swap_accuracy"] == pytest.approx(result["chance"])
+    # the Know3D row trained on the front pairs only (smoke: within 30 degrees of azimuth 0)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(out, "runs", "hidden", "export", "know3d.safetensors"), framework="pt") as f:
+        trained = json.loads(f.metadata()["training"])[-1]
+    front = 0
+    for a in os.listdir(os.path.join(out, "data_train_front", "assets")):
+        with open(os.path.join(out, "data_train_front", "assets", a, L.PAIRS_FILE), encoding="utf-8") as f:
+            front += len(json.load(f))
+    assert trained["pairs"] == front == 2 * 2 * 2  # 2 fronts x 2 features x (azimuth 0 and its perturbed neighbour)
     for r in rows.values():
         assert 0.0 <= r["back_iou_64"] <= 1.0 and r["n"] == len(result["config"]["features"])
     for name in ("experiment.md", "prompts.png", "eval/eval.json", "eval/eval.csv", "eval/eval.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     assert "prompt-swap accuracy" in capsys.readouterr().out
+
+
+def test_rows_name_sweep_sigmas_where_they_run():
+    """``--rows`` may place sweep rows (``hidden_sigma<s>``) anywhere: they run in that order; the rest of
+    ``sigmas`` follows (none twice, and not the ``hidden`` row's own sigma)."""
+    from know3d_core.eval.experiment import ExperimentConfig, _variants, check_row
+
+    cfg = ExperimentConfig(out="x", rows=("hidden", "none", "hidden_sigma0.85", "image"), sigmas=(0.85, 0.5, 0.25))
+    assert [v[0] for v in _variants(cfg)] == ["hidden", "none", "hidden_sigma0.85", "image", "hidden_sigma0.5"]
+    assert _variants(cfg)[2] == ("hidden_sigma0.85", "hidden", "trajectory", 0.85)
+    assert check_row("hidden_sigma0.1") and check_row("latent")
+    assert not check_row("hidden_sigma2") and not check_row("hidden_sigmax") and not check_row("lat")
+
+
+def test_front_pairs_dataset_keeps_the_3d_pairs_seen_from_the_front(tmp_path):
+    """Pairs whose front view is within the azimuth limit of 0 (either side) stay; side and back fronts
+    and the back-view set go; every other file is the source's (linked)."""
+    from know3d_core.eval.experiment import front_pairs_dataset
+
+    src = tmp_path / "src"
+    asset = src / "assets" / "abc"
+    asset.mkdir(parents=True)
+    (src / L.MANIFEST_NAME).write_text("{}\n")
+    views = [("backview", 0.0), ("3d", 0.0), ("3d", 45.0), ("3d", 180.0), ("3d_perturbed", 352.0), ("3d_perturbed", 135.0)]
+    (asset / L.CAMERAS_FILE).write_text(json.dumps({"views": [{"file": f"views/{i:03d}.png", "set": s, "azimuth": a}
+                                                               for i, (s, a) in enumerate(views)]}))
+    pairs = [{"front": f"views/{i:03d}.png", "back": "views/000.png", "set": s} for i, (s, _) in enumerate(views)]
+    (asset / L.PAIRS_FILE).write_text(json.dumps(pairs))
+    (asset / L.SS_LATENT_FILE).write_bytes(b"latent")
+    dst = front_pairs_dataset(str(src), str(tmp_path / "dst"), 30)
+    kept = json.loads((tmp_path / "dst" / "assets" / "abc" / L.PAIRS_FILE).read_text())
+    assert [p["front"] for p in kept] == ["views/001.png", "views/004.png"]
+    assert (tmp_path / "dst" / "assets" / "abc" / L.SS_LATENT_FILE).read_bytes() == b"latent"
+    assert json.loads((tmp_path / "src" / "assets" / "abc" / L.PAIRS_FILE).read_text()) == pairs  # source untouched
+    assert dst == str(tmp_path / "dst")

@@ -131,18 +131,24 @@ def _register_experiment(subparsers) -> None:
     p.add_argument("--time-budget", type=float, default=0.0, metavar="S",
                    help="size the trainings from a measured step time to fit S seconds and skip the rows that "
                         "would end later, judged by the last row of the same kind (reported; default: no limit)")
+    p.add_argument("--fixed-steps", action="store_true",
+                   help="with --time-budget: keep --base-steps / --know3d-steps as given; the budget only skips rows")
+    p.add_argument("--know3d-front-azimuth", type=float, metavar="DEG",
+                   help="Know3D rows train on the pairs whose front view is within DEG degrees of azimuth 0 (the "
+                        "objects' front, the view every row is evaluated from; default: every pair)")
+    p.add_argument("--know3d-batch-size", type=_positive, help="the Know3D rows' batch (default --batch-size)")
     p.set_defaults(run=run_experiment_command)
 
 
 def run_experiment_command(opts) -> int:
     # no check_eval_deps(): the experiment's metrics need neither torchmetrics (no meshes) nor
     # matplotlib (eval.png is left out without it)
-    from .experiment import ROWS, SMOKE, ExperimentConfig, format_table, run_experiment
+    from .experiment import ROWS, SIGMA_ROW, SMOKE, ExperimentConfig, check_row, format_table, run_experiment
 
     kw = dict(SMOKE) if opts.smoke else {}
     for name in ("train_seeds", "val_seeds", "latent_grid", "model_channels", "num_blocks", "num_heads",
                  "backview_steps", "base_steps", "know3d_steps", "batch_size", "lr", "back_steps", "sample_steps", "render_size",
-                 "num_workers", "back_size", "text_gain"):
+                 "num_workers", "back_size", "text_gain", "know3d_front_azimuth", "know3d_batch_size"):
         if getattr(opts, name) is not None:
             kw[name] = getattr(opts, name)
     if opts.features:
@@ -160,13 +166,14 @@ def run_experiment_command(opts) -> int:
             raise UsageError(f"--sigmas {opts.sigmas!r}: comma-separated numbers in (0, 1)") from None
     if opts.rows:
         rows = tuple(r.strip() for r in opts.rows.split(",") if r.strip())
-        if not rows or any(r not in ROWS for r in rows):
-            raise UsageError(f"--rows {opts.rows!r}: choose from {', '.join(ROWS)}")
+        if not rows or not all(check_row(r) for r in rows):
+            raise UsageError(f"--rows {opts.rows!r}: choose from {', '.join(ROWS)} or {SIGMA_ROW}<s> (a capture "
+                             f"sigma in (0, 1), e.g. {SIGMA_ROW}0.5)")
         kw["rows"] = rows
     if kw.get("latent_grid") and 64 % (2 * kw["latent_grid"]):
         raise UsageError(f"--latent-grid {kw['latent_grid']}: 2R must divide 64 (R = 2, 4, 8, 16 or 32)")
     cfg = ExperimentConfig(out=opts.out, device=opts.device, seed=opts.seed, progress=opts.progress,
-                           time_budget=opts.time_budget, **kw)
+                           time_budget=opts.time_budget, fit_steps=not opts.fixed_steps, **kw)
     if opts.prepare_only:
         from .experiment import prepare_inputs
 

@@ -44,7 +44,7 @@ from torch import nn
 from ..data import layout as L
 
 __all__ = ["ExperimentConfig", "SMOKE", "encode_occupancy", "decode_latent", "CodecDecoder", "run_experiment",
-           "ROWS", "ROW_SOURCES"]
+           "ROWS", "ROW_SOURCES", "SIGMA_ROW", "check_row", "front_pairs_dataset"]
 
 # (row, pipeline variant at generation, know3d train --knowledge-source or None: no Know3D training)
 _ROW_TABLE = (("hidden", "hidden", "trajectory"), ("hidden_gt", "hidden", "gt_latent"), ("latent", "latent", "latent"),
@@ -52,6 +52,19 @@ _ROW_TABLE = (("hidden", "hidden", "trajectory"), ("hidden_gt", "hidden", "gt_la
 ROWS = tuple(row for row, _, _ in _ROW_TABLE)
 ROW_SOURCES = {row: (variant, source) for row, variant, source in _ROW_TABLE}
 SIGMAS = (0.85, 0.5, 0.25, 0.1)
+SIGMA_ROW = "hidden_sigma"  # a row of the capture-sigma sweep: ``hidden_sigma0.5`` (``hidden`` at sigma 0.5)
+
+
+def check_row(name: str) -> bool:
+    """A row name ``--rows`` accepts: one of :data:`ROWS` or ``hidden_sigma<s>`` with s in (0, 1)."""
+    if name in ROWS:
+        return True
+    if name.startswith(SIGMA_ROW):
+        try:
+            return 0.0 < float(name[len(SIGMA_ROW):]) < 1.0
+        except ValueError:
+            return False
+    return False
 
 
 @dataclass
@@ -90,13 +103,20 @@ class ExperimentConfig:
     # on the CPU (64x64 back view, sigma 0.25, 4 seeds): the knowledge changes by 3.5% between two
     # descriptions and 21% between two noise seeds at 1; 3.8% and 12% at 4.
     text_gain: float = 1.0
+    # Know3D rows train on the pairs whose front view lies within this many degrees of azimuth of the
+    # objects' front (the generator's azimuth 0, the view every row is evaluated from); None: every pair.
+    # The data toolkit pairs every 3d-set view with the opposite one, and from azimuth 90 or 135 the
+    # back feature is in the image condition: there the knowledge adds nothing to learn from.
+    know3d_front_azimuth: Optional[float] = None
+    know3d_batch_size: Optional[int] = None  # Know3D rows' batch (default batch_size)
+    fit_steps: bool = True               # with time_budget: size the steps to it; False: keep them, only skip rows
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
 # The CPU smoke run CI does (minutes): every stage runs, numbers mean nothing at this size.
 SMOKE = dict(train_seeds=2, val_seeds=1, features=("flat_back", "handle"), render_size=32, latent_grid=4,
              backview_steps=2, base_steps=2, know3d_steps=2, batch_size=2, back_steps=2, sample_steps=2, eval_points=256,
-             rows=ROWS, sigmas=())
+             rows=ROWS, sigmas=(), know3d_front_azimuth=30.0)
 
 
 # ----------------------------------------------------------------------------------- codec
@@ -291,7 +311,8 @@ def train_know3d(cfg: ExperimentConfig, data: str, base: str, models: Dict[str, 
     from ..train.flows import KNOW3D_FILE, FlowTask
 
     tc = _train_config(cfg, task="know3d", data=data, out=out, models=base, dinov3=models["dinov3"],
-                       qwen=models["qwen"], steps=cfg.know3d_steps, knowledge_source=source, sigma=sigma,
+                       qwen=models["qwen"], steps=cfg.know3d_steps, batch_size=cfg.know3d_batch_size or cfg.batch_size,
+                       knowledge_source=source, sigma=sigma,
                        back_steps=cfg.back_steps, back_size=tuple(cfg.back_size), vae_image_area=cfg.vae_image_area,
                        backview_loras=tuple(loras))
     done = os.path.join(out, "export", KNOW3D_FILE)
@@ -480,14 +501,21 @@ def prompt_effect(pred_dir: str, features: Sequence[str]) -> float:
 
 # ----------------------------------------------------------------------------------- run
 def _variants(cfg: ExperimentConfig) -> List[Tuple[str, str, Optional[str], Optional[float]]]:
-    """``[(row name, variant, training source or None, sigma)]`` in table order."""
+    """``[(row name, variant, training source or None, sigma)]`` in run and table order: ``cfg.rows``
+    (sweep rows ``hidden_sigma<s>`` among them run where they are named), then the rest of
+    ``cfg.sigmas``."""
     out = []
     for row in cfg.rows:
-        variant, source = ROW_SOURCES[row]
-        out.append((row, variant, source, cfg.sigma if variant == "hidden" else None))
+        if row in ROW_SOURCES:
+            variant, source = ROW_SOURCES[row]
+            out.append((row, variant, source, cfg.sigma if variant == "hidden" else None))
+        else:
+            s = float(row[len(SIGMA_ROW):])
+            out.append((f"{SIGMA_ROW}{s:g}", "hidden", "trajectory", s))
+    named = {v[0] for v in out}
     for s in cfg.sigmas:
-        if s != cfg.sigma or "hidden" not in cfg.rows:
-            out.append((f"hidden_sigma{s:g}", "hidden", "trajectory", float(s)))
+        if (s != cfg.sigma or "hidden" not in cfg.rows) and f"{SIGMA_ROW}{s:g}" not in named:
+            out.append((f"{SIGMA_ROW}{s:g}", "hidden", "trajectory", float(s)))
     return out
 
 
@@ -557,8 +585,12 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
         loras = (train_backview(cfg, train_data, models, os.path.join(out, "runs", "backview")),)
         lap("train_backview", s)
 
+    know3d_data = train_data
+    if cfg.know3d_front_azimuth is not None:
+        know3d_data = front_pairs_dataset(train_data, os.path.join(out, "data_train_front"), cfg.know3d_front_azimuth)
+
     per_step = None
-    if cfg.time_budget and not _finished(os.path.join(out, "runs", "base"), os.path.join(out, "runs", "base", "export")):
+    if cfg.time_budget and cfg.fit_steps and not _finished(os.path.join(out, "runs", "base"), os.path.join(out, "runs", "base", "export")):
         # size the trainings to the budget from the measured speed (a reused base needs no sizing)
         s = time.perf_counter()
         per_step = seconds_per_step(cfg, train_data, models, os.path.join(out, "runs", "calibrate"))
@@ -583,7 +615,9 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
     meta: Dict[str, Dict[str, Any]] = {}
     failed: Dict[str, str] = {}
     last: Dict[bool, float] = {}  # seconds of the last trained / untrained row: the next one's estimate
-    for row, variant, source, sigma in _variants(cfg):
+    aggs: Dict[str, Dict[str, Any]] = {}  # each finished row's run_eval aggregate (the partial tables)
+    variants = _variants(cfg)
+    for i, (row, variant, source, sigma) in enumerate(variants):
         s = time.perf_counter()
         if cfg.time_budget and s - t0 + last.get(source is not None, 0.0) > cfg.time_budget:
             failed[row] = f"skipped: it would end after the time budget of {cfg.time_budget:g} s"
@@ -592,7 +626,7 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
         try:
             know3d = None
             if source is not None:
-                know3d = train_know3d(cfg, train_data, base, models, os.path.join(out, "runs", row), source, sigma,
+                know3d = train_know3d(cfg, know3d_data, base, models, os.path.join(out, "runs", row), source, sigma,
                                       loras)
             pred = os.path.join(out, "pred", row)
             if not _finished(pred, pred):
@@ -615,6 +649,13 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
             meta[row] = {"variant": variant, "train_source": source, "sigma": sigma, "knowledge_probe": json.load(f)}
         lap(f"row {row}", s)
         last[source is not None] = times[f"row {row}"]
+        # the table so far, after every row: a run cut short still leaves its finished rows
+        part = run_eval({row: pred}, gt_dir, os.path.join(out, "eval_partial", row),
+                        EvalSettings(points=cfg.eval_points, device="cpu"), progress=False, plot=False)
+        aggs[row] = part["aggregate"][row]
+        pending = {v[0]: "pending: the run stopped before this row" for v in variants[i + 1:]}
+        _write_result(out, _result(cfg, preds, meta, aggs, gt_dir, {**failed, **pending}, times, t0, partial=True))
+        write_prompt_sheet(os.path.join(out, "prompts.png"), preds, gt_dir, val, cfg)
 
     s = time.perf_counter()
     settings = EvalSettings(points=cfg.eval_points, device="cpu")  # small point sets: fpsample on the CPU is fastest
@@ -622,27 +663,68 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
 
     report = run_eval(preds, gt_dir, os.path.join(out, "eval"), settings, progress=cfg.progress,
                       plot=importlib.util.find_spec("matplotlib") is not None)
+    shutil.rmtree(os.path.join(out, "eval_partial"), ignore_errors=True)
+    lap("eval", s)
+    result = _result(cfg, preds, meta, report["aggregate"], gt_dir, failed, times, t0)
+    _write_result(out, result)
+    write_prompt_sheet(os.path.join(out, "prompts.png"), preds, gt_dir, val, cfg)
+    return result
+
+
+def _result(cfg: ExperimentConfig, preds: Dict[str, str], meta: Dict[str, Dict[str, Any]],
+            aggregate: Dict[str, Dict[str, Any]], gt_dir: str, failed: Dict[str, str], times: Dict[str, float],
+            t0: float, partial: bool = False) -> Dict[str, Any]:
+    """The experiment's result (``experiment.json``) from the rows' predictions and their ``run_eval``
+    aggregates (row -> metric -> stats); ``partial``: written while rows are still to come."""
     table = []
     for row in preds:
         acc, detail = prompt_swap_accuracy(preds[row], gt_dir, cfg.features)
-        agg = report["aggregate"][row]
+        agg = aggregate[row]
         table.append({"row": row, **meta[row], "back_iou_64": agg["iou_64_back"]["mean"],
                       "iou_64": agg["iou_64"]["mean"], "chamfer": agg["chamfer"]["mean"],
                       "chamfer_back": agg["chamfer_back"]["mean"], "prompt_swap_accuracy": acc,
                       "prompt_effect": prompt_effect(preds[row], cfg.features),
                       "n": agg["iou_64"]["n"], "classified": detail})
-    lap("eval", s)
-    result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-              "chance": 1.0 / len(cfg.features), "gt_prompt_effect": prompt_effect(gt_dir, cfg.features),
-              "not_run": {k: (v if v.startswith("skipped") else f"failed: {v}") for k, v in failed.items()},
-              "device": _device_name(cfg.device), "seconds": round(time.perf_counter() - t0, 1), "times": times,
-              "table": table}
+    return {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "chance": 1.0 / len(cfg.features), "gt_prompt_effect": prompt_effect(gt_dir, cfg.features),
+            "not_run": {k: (v if v.startswith(("skipped", "pending")) else f"failed: {v}") for k, v in failed.items()},
+            "device": _device_name(cfg.device), "seconds": round(time.perf_counter() - t0, 1), "times": dict(times),
+            "partial": partial, "table": table}
+
+
+def _write_result(out: str, result: Dict[str, Any]) -> None:
     from .report import write_json
 
     write_json(os.path.join(out, "experiment.json"), result)
     _write_table(os.path.join(out, "experiment.md"), result)
-    write_prompt_sheet(os.path.join(out, "prompts.png"), preds, gt_dir, val, cfg)
-    return result
+
+
+def front_pairs_dataset(src: str, dst: str, max_azimuth: float) -> str:
+    """A copy of experiment dataset ``src`` in ``dst`` (files linked) whose pairs are those of the 3d sets
+    with a front view within ``max_azimuth`` degrees of azimuth 0 (the objects' front). Returns ``dst``."""
+    from ..fileio import atomic_write_bytes
+
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(L.assets_root(dst))
+    shutil.copy2(L.manifest_path(src), L.manifest_path(dst))
+    kept = 0
+    for sha in sorted(os.listdir(L.assets_root(src))):
+        a, b = os.path.join(L.assets_root(src), sha), os.path.join(L.assets_root(dst), sha)
+        os.makedirs(b)
+        for name in os.listdir(a):
+            if name != L.PAIRS_FILE:
+                os.symlink(os.path.abspath(os.path.join(a, name)), os.path.join(b, name))
+        with open(os.path.join(a, L.CAMERAS_FILE), "r", encoding="utf-8") as f:
+            azimuth = {v["file"]: float(v["azimuth"]) for v in json.load(f)["views"]}
+        with open(os.path.join(a, L.PAIRS_FILE), "r", encoding="utf-8") as f:
+            pairs = json.load(f)
+        keep = [p for p in pairs if p["set"] != L.SET_BACKVIEW and abs((azimuth[p["front"]] + 180) % 360 - 180) <= max_azimuth]
+        if not keep:
+            raise RuntimeError(f"experiment: {a} has no 3d pair with a front within {max_azimuth:g} degrees of azimuth 0")
+        kept += len(keep)
+        atomic_write_bytes(os.path.join(b, L.PAIRS_FILE), json.dumps(keep).encode())
+    _say(f"Know3D rows train on {kept} front pairs (front view within {max_azimuth:g} degrees of azimuth 0)")
+    return dst
 
 
 def prepare_inputs(cfg: ExperimentConfig, out: str) -> Dict[str, str]:
@@ -694,6 +776,8 @@ def format_table(result: Dict[str, Any]) -> str:
                      f"{f(r['chamfer_back'])} | {f(r['prompt_swap_accuracy'])} | {f(r.get('prompt_effect'))} | {f(probe)} |")
     for k, why in result["not_run"].items():
         lines.append(f"| {k} | not run: {why} | | | | | | | |")
+    if result.get("partial"):
+        lines.append("\n(partial: rows still running)")
     lines.append(f"\nchance (prompt swap) = 1/K = {result['chance']:.3f}; prompt effect of the ground truths "
                  f"(how far apart the K backs are) = {f(result.get('gt_prompt_effect'))}; prompt from knowledge: "
                  f"nearest-centroid accuracy of the description from the knowledge tensor alone "

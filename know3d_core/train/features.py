@@ -38,7 +38,8 @@ from ..plan import DINO_IMAGE, MMDIT_HIDDEN, VAE_LATENT
 from .config import SOURCE_KIND
 from .dataset import Pair, open_view, pair_seed
 
-__all__ = ["FeatureCache", "KnowledgeSpec", "ConditionSource", "KnowledgeSource", "qwen_transformer_config"]
+__all__ = ["FeatureCache", "KnowledgeSpec", "ConditionSource", "KnowledgeSource", "qwen_transformer_config",
+           "knowledge_dtype"]
 
 CACHE_SPEC = "cache.json"
 TENSOR_KEY = "tensor"
@@ -122,6 +123,15 @@ def qwen_transformer_config(folder: str) -> Dict[str, Any]:
         raise UsageError(f"{path}: unreadable JSON ({exc})") from None
 
 
+def knowledge_dtype(precision: str, device_type: str) -> str:
+    """The dtype the back-view networks run in to make a run's knowledge: bf16 on CUDA unless the run
+    is fp32 (``--precision fp32``), fp32 on the CPU. Inference makes knowledge in its own dtype
+    (``know3d generate --dtype``, bf16 by default), so a bf16 run matches default generation and an fp32
+    run matches fp32 generation (the experiment's): the branch is not trained on one rounding of the
+    hidden states and used on another."""
+    return "bfloat16" if device_type == "cuda" and precision != "fp32" else "float32"
+
+
 @dataclass(frozen=True)
 class KnowledgeSpec:
     """What the knowledge of a run is: its ``source`` (``config.SOURCE_KIND`` gives the kind) and, for
@@ -138,6 +148,7 @@ class KnowledgeSpec:
     model: str
     loras: Tuple[str, ...] = ()
     vae_image_area: Optional[int] = None
+    dtype: str = "float32"  # of the back-view networks (``knowledge_dtype``); part of the cache spec
 
     @property
     def kind(self) -> str:
@@ -222,7 +233,7 @@ class KnowledgeSource:
                                  "(Qwen-Image-Edit-2511 folder) or a complete --knowledge-cache")
             from ..pipeline import Know3DPipeline
 
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            dtype = getattr(torch, self.spec.dtype)
             backview = Know3DPipeline._load_backview(self.qwen, dtype, self.device, list(self.spec.loras),
                                                       self.spec.vae_image_area)
             self._pipe = Know3DPipeline(self.geometry, backview)

@@ -34,7 +34,7 @@ from ..plan import DINO_IMAGE, MMDIT_HIDDEN, VAE_LATENT
 from .config import SOURCE_KIND, TrainConfig
 from .dataset import DatasetIndex, Pair, open_view, read_tensors
 from .engine import DistInfo, Task, checkpoint_blocks
-from .features import ConditionSource, FeatureCache, KnowledgeSource, KnowledgeSpec, qwen_transformer_config
+from .features import ConditionSource, FeatureCache, KnowledgeSource, KnowledgeSpec, knowledge_dtype, qwen_transformer_config
 from .flow_matching import drop_mask, interpolate, noise_like, per_row, sample_t, velocity_target
 
 __all__ = ["STAGE_MODELS", "FlowSamples", "FlowLoss", "FlowTask", "KNOW3D_FILE", "TRELLIS2_FOLDER", "fill_knowledge_cache"]
@@ -176,7 +176,7 @@ class FlowTask(Task):
             self.tokens = [sizes[p.sha256] for p in self.index.pairs]
         cache_root = os.path.join(cfg.out, "cache")
         if self.branch:
-            spec = self._knowledge_spec(cfg)
+            spec = self._knowledge_spec(cfg, self.device)
             folder = _knowledge_folder(cfg)
             knowledge_cache = FeatureCache(folder, spec.cache_spec(), memory_bytes=(2 << 30) if folder else 0)
         self.dino_path = self._dino_path(cfg, config)
@@ -195,7 +195,7 @@ class FlowTask(Task):
         self.module = FlowLoss(self.flow)
         self.dataset = FlowSamples(self.index, cfg.stage, with_back=self.branch and self.spec.source == "gt_latent")
 
-    def _knowledge_spec(self, cfg: TrainConfig) -> KnowledgeSpec:
+    def _knowledge_spec(self, cfg: TrainConfig, device: torch.device) -> KnowledgeSpec:
         from ..knowledge import Know3DFormatError, read_know3d
         from ..mmdit.capture import DEFAULT_SIGMA
 
@@ -249,7 +249,7 @@ class FlowTask(Task):
             sigma=float(DEFAULT_SIGMA if sigma is None else sigma) if hidden else None, width=width,
             back_size=tuple(cfg.back_size or (1024, 1024)), back_steps=int(cfg.back_steps),
             true_cfg_scale=float(cfg.true_cfg_scale), model=model, loras=tuple(cfg.backview_loras),
-            vae_image_area=cfg.vae_image_area)
+            vae_image_area=cfg.vae_image_area, dtype=knowledge_dtype(cfg.precision, torch.device(device).type))
 
     def _knowledge_width(self, cfg: TrainConfig, kind: str, layers):
         """``(width, layers, model name)`` of ``kind`` knowledge from the model folders' configs: the
@@ -549,11 +549,11 @@ def fill_knowledge_cache(cfg: TrainConfig) -> Dict[str, int]:
     index = DatasetIndex.load(cfg.data, "train", TRAIN_SETS)
     index.check_views()
     config = _models_folder(cfg)
-    spec = task._knowledge_spec(cfg)
+    device = pick_device(cfg)
+    spec = task._knowledge_spec(cfg, device)
     if _knowledge_folder(cfg) is None:
         raise UsageError("know3d train knowledge fills a cache: give --knowledge-cache DIR (not 'off')")
     cache = FeatureCache(_knowledge_folder(cfg), spec.cache_spec())
-    device = pick_device(cfg)
     extractor = None
     if spec.kind == DINO_IMAGE:  # the image source encodes the decoded back view with DINOv3
         from ..conditioning import DinoV3FeatureExtractor
