@@ -320,34 +320,42 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
     # ------------------------------------------------------------------ kernels
     def _kernel_jobs(self, device: torch.device) -> List[Callable[[], Any]]:
         """One call per Triton kernel variant the forward launches, on tiny inputs (none off the
-        fused path): the LayerNorm at every channel width (the flags are run-time arguments, so one
-        call per width and dtype pair covers the ConvNeXt, C2S and head norms) and every distinct
-        conv configuration, through the conv modules themselves (same algorithm choice)."""
+        fused path): every distinct conv configuration, through the conv modules themselves (same
+        algorithm choice), the fused ConvNeXt MLP forms, the map kernels, and the LayerNorm at every
+        channel width (the flags are run-time arguments, so one call per width and dtype pair covers
+        the C2S and head norms). Longest compiles first (the convs), so that the thread pool's last
+        round is short."""
         probe = torch.empty(0, device=device, dtype=self.dtype)
         if device.type != "cuda" or not fused_enabled(probe):
             return []
-        jobs: List[Callable[[], Any]] = []
+        from ..sparse import neighbour_triton
+
+        jobs = self._conv_jobs(device) + self._mlp_jobs(device)
+        if neighbour_triton.available(probe):  # the map kernels compile in jobs of their own
+            jobs.extend(neighbour_triton.warmup_jobs(device))
         for c in sorted(set(self.model_channels)):
             x = torch.zeros(16, c, device=device, dtype=self.dtype)
             w = torch.ones(c, device=device)
             jobs.append(lambda x=x, w=w: layer_norm_act(x, w, w, 1e-6))
         last = torch.zeros(16, self.model_channels[-1], device=device, dtype=self.dtype)
         jobs.append(lambda: layer_norm_act(last, eps=1e-5, out_dtype=self.output_layer.weight.dtype))
-        jobs.extend(self._mlp_jobs(device))
+        return jobs
+
+    def _conv_jobs(self, device: torch.device) -> List[Callable[[], Any]]:
+        """One launch per distinct (form, configuration, bias) of the body's convs, on a 4^3 block of
+        voxels whose map is built with torch ops and whose layouts are built here (not raced for)."""
+        from ..sparse import conv as sparse_conv
+        from ..sparse import conv_triton
+        from ..sparse.conv_triton import kernel_config
+
+        if not sparse_conv.implicit_kernel_ok(torch.zeros(1, 16, device=device, dtype=self.dtype)):
+            return []  # the convs run on PyTorch ops here: nothing to compile
         r = torch.arange(4, device=device)
         grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
         coords = torch.cat([torch.zeros(64, 1, dtype=grid.dtype, device=device), grid], 1).int()
-        from ..sparse import conv as sparse_conv
-        from ..sparse import conv_triton, neighbour_triton
-        from ..sparse.conv_triton import kernel_config
-
-        if neighbour_triton.available(coords):  # the map kernels compile in jobs of their own ...
-            jobs.extend(neighbour_triton.warmup_jobs(device))
-        if not sparse_conv.implicit_kernel_ok(torch.zeros(1, 16, device=device, dtype=self.dtype)):
-            return jobs  # the convs run on PyTorch ops here: nothing more to compile
-        # ... while the conv jobs use a map built with torch ops, and layouts built here (not raced for)
         nbr = sparse_conv._build_neighbour_map_torch(coords, (4, 4, 4), 3, 1, sparse_conv.DEFAULT_TABLE_BYTES)
         src = torch.arange(64, device=device, dtype=torch.int32) * 9 % 512  # one child per parent, every slot
+        jobs: List[Callable[[], Any]] = []
         seen = set()
         for kind, conv in self._conv_launches():
             if (conv.kernel_size, conv.dilation) != (3, 1):
@@ -371,16 +379,19 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
         return jobs
 
     def _mlp_jobs(self, device: torch.device) -> List[Callable[[], Any]]:
-        """One ConvNeXt tail per channel width that takes a fused MLP kernel (the whole tail, or fc2)."""
+        """A ConvNeXt tail per channel width that takes the fused-tail kernel (one variant per width),
+        and one for the first width that takes the fc2 GEMM (one variant serves every width)."""
         blocks = {b.channels: b for level in self.blocks for b in level if isinstance(b, SparseConvNeXtBlock3d)}
         jobs: List[Callable[[], Any]] = []
+        fc2_done = False
         for c, block in sorted(blocks.items()):
             h = torch.zeros(16, c, device=device, dtype=self.dtype)
             with torch.no_grad():
                 params = list(block.parameters())
-                if not (mlp_kernel_ok(h, *params) or fc2_kernel_ok(h, *params)):
-                    continue
-            jobs.append(lambda h=h, b=block: convnext_mlp_(h, b.norm, b.mlp[0], b.mlp[2], torch.zeros_like(h)))
+                tail, fc2 = mlp_kernel_ok(h, *params), fc2_kernel_ok(h, *params)
+            if tail or (fc2 and not fc2_done):
+                jobs.append(lambda h=h, b=block: convnext_mlp_(h, b.norm, b.mlp[0], b.mlp[2], torch.zeros_like(h)))
+                fc2_done = fc2_done or not tail
         return jobs
 
     def _conv_launches(self) -> List[Tuple[str, SubMConv3d]]:
