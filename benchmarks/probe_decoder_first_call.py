@@ -35,8 +35,8 @@ def describe(job) -> str:
             parts.append("x".join(map(str, d.shape)))
         elif isinstance(d, torch.nn.Module):
             parts.append(type(d).__name__)
-        elif isinstance(d, tuple) and hasattr(d, "_fields"):
-            parts.append(repr(d))
+        elif (isinstance(d, tuple) and hasattr(d, "_fields")) or hasattr(d, "__dataclass_fields__"):
+            parts.append(repr(d))  # a kernel configuration
     return f"{job.__code__.co_filename.rsplit('/', 1)[-1]}:{job.__code__.co_firstlineno} " + " ".join(parts)
 
 
