@@ -137,6 +137,8 @@ def _register_experiment(subparsers) -> None:
                    help="Know3D rows train on the pairs whose front view is within DEG degrees of azimuth 0 (the "
                         "objects' front, the view every row is evaluated from; default: every pair)")
     p.add_argument("--know3d-batch-size", type=_positive, help="the Know3D rows' batch (default --batch-size)")
+    p.add_argument("--knowledge-seeds", type=_positive, help="back-view noise seeds per training pair of the Know3D "
+                   "rows (know3d train --knowledge-seeds; default 1)")
     p.set_defaults(run=run_experiment_command)
 
 
@@ -148,7 +150,8 @@ def run_experiment_command(opts) -> int:
     kw = dict(SMOKE) if opts.smoke else {}
     for name in ("train_seeds", "val_seeds", "latent_grid", "model_channels", "num_blocks", "num_heads",
                  "backview_steps", "base_steps", "know3d_steps", "batch_size", "lr", "back_steps", "sample_steps", "render_size",
-                 "num_workers", "back_size", "text_gain", "know3d_front_azimuth", "know3d_batch_size"):
+                 "num_workers", "back_size", "text_gain", "know3d_front_azimuth", "know3d_batch_size",
+                 "knowledge_seeds"):
         if getattr(opts, name) is not None:
             kw[name] = getattr(opts, name)
     if opts.features:

@@ -74,6 +74,11 @@ def register(sub) -> None:
     k.add_argument("--knowledge-cache", metavar="DIR", help="per-pair knowledge files (default RUN/cache/knowledge; "
                    "shareable between runs and processes; 75 MB a pair at full size in bf16); 'off': "
                    "computed for every micro-batch, nothing written")
+    k.add_argument("--knowledge-seeds", type=int, default=1, metavar="N",
+                   help="back-view noise seeds per pair (default 1): each time a pair is used, one of its N "
+                        "knowledge samples (N times the knowledge cost and cache); with few pairs and many "
+                        "epochs one sample per pair lets the branch learn that sample's noise instead of the "
+                        "description (generation draws a new seed every time)")
     k.add_argument("--sigma", type=float, help="capture noise level (default 0.25, or --init's)")
     k.add_argument("--layers", type=_ints, help="MMDiT blocks to capture, e.g. 20,30,40 (default: 1/3, 1/2, 2/3 depth)")
     k.add_argument("--back-steps", type=int, default=40, help="back-view sampling steps (trajectory; default 40)")
@@ -153,7 +158,8 @@ def config_from_options(opts):
         val_pairs=opts.val_pairs, val_steps=opts.val_steps, resume=opts.resume,
         progress=not opts.no_progress, export_weights=opts.export_weights, lora_rank=opts.lora_rank,
         lora_alpha=opts.lora_alpha, full=opts.full, init=opts.init, knowledge_source=opts.knowledge_source,
-        knowledge_cache=opts.knowledge_cache, sigma=opts.sigma, layers=opts.layers, back_steps=opts.back_steps,
+        knowledge_cache=opts.knowledge_cache, knowledge_seeds=opts.knowledge_seeds, sigma=opts.sigma,
+        layers=opts.layers, back_steps=opts.back_steps,
         back_size=opts.back_size, true_cfg_scale=opts.true_cfg_scale, vae_image_area=opts.vae_image_area,
         backview_loras=tuple(opts.backview_lora),
         p_description=opts.p_description, image_size=opts.image_size)
@@ -173,6 +179,8 @@ def cmd_train(opts) -> int:
     from .engine import TrainingDiverged, train
 
     cfg = config_from_options(opts)
+    if cfg.knowledge_seeds < 1:
+        raise UsageError(f"--knowledge-seeds must be >= 1, got {cfg.knowledge_seeds}")
     if cfg.task == "knowledge":
         from .flows import fill_knowledge_cache
 

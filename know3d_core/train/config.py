@@ -29,7 +29,7 @@ KNOWLEDGE_SOURCES = tuple(SOURCE_KIND)
 RESUME_KEYS = (
     "task", "stage", "seed", "lr", "weight_decay", "betas", "eps", "batch_size", "max_tokens", "grad_accum",
     "ema_rate", "grad_clip", "p_uncond", "p_uncond_knowledge", "lora_rank", "lora_alpha", "full", "warmup_steps",
-    "knowledge_source", "sigma", "layers", "p_description", "steps", "vae_image_area",
+    "knowledge_source", "sigma", "layers", "p_description", "steps", "vae_image_area", "knowledge_seeds",
 )
 
 
@@ -86,6 +86,7 @@ class TrainConfig:
     init: Optional[str] = None            # know3d: a Know3D checkpoint to continue from (earlier stage)
     knowledge_source: str = "trajectory"
     knowledge_cache: Optional[str] = None
+    knowledge_seeds: int = 1              # back-view noise seeds per pair; a draw picks one each time a pair is used
     sigma: Optional[float] = None
     layers: Optional[Tuple[int, ...]] = None
     back_steps: int = 40

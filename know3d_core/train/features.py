@@ -243,16 +243,22 @@ class KnowledgeSource:
     def description(pair: Pair) -> str:
         return pair.annotations[0] if pair.annotations else ""
 
-    def __call__(self, pair: Pair, front_rgba=None, back_rgba=None) -> torch.Tensor:
-        return self.cache.get(pair.key, lambda: self._compute(pair, front_rgba, back_rgba))
+    @staticmethod
+    def key(pair: Pair, draw: int = 0) -> str:
+        """Cache key of draw ``draw`` (back-view noise seed index) of ``pair``: draw 0 is the pair's key."""
+        return pair.key if draw == 0 else f"{pair.key}_k{draw}"
+
+    def __call__(self, pair: Pair, front_rgba=None, back_rgba=None, draw: int = 0) -> torch.Tensor:
+        """Knowledge ``[N, D]`` of ``pair`` under its ``draw``-th back-view noise seed (``--knowledge-seeds``)."""
+        return self.cache.get(self.key(pair, draw), lambda: self._compute(pair, front_rgba, back_rgba, draw))
 
     @torch.no_grad()
-    def _compute(self, pair: Pair, front_rgba=None, back_rgba=None) -> torch.Tensor:
+    def _compute(self, pair: Pair, front_rgba=None, back_rgba=None, draw: int = 0) -> torch.Tensor:
         from ..knowledge import from_mmdit_capture
 
         pipe = self.pipeline()
         front = pipe.preprocess(front_rgba if front_rgba is not None else open_view(pair.view("front")))
-        seed = pair_seed(self.seed, pair.key)
+        seed = pair_seed(self.seed + draw, pair.key)
         if self.spec.source == "gt_latent":
             back = pipe.preprocess(back_rgba if back_rgba is not None else open_view(pair.view("back")))
             return from_mmdit_capture(self._gt_latent_capture(pipe, front, back, seed, self.description(pair))).tensor[0]

@@ -373,8 +373,11 @@ class FlowTask(Task):
         inputs = {"x_t": x_t, "t": t.to(self.device), "cond": cond, "target": target}
         if self.branch:
             if not bool(drop_mask(1, self.cfg.p_uncond_knowledge, generator)[0]):
+                n = int(self.cfg.knowledge_seeds)  # which back-view noise seed of each pair (one: no draw)
+                draws = torch.randint(n, (B,), generator=generator).tolist() if n > 1 else [0] * B
                 inputs["knowledge"] = torch.stack(
-                    [self.knowledge(p, f, b) for p, f, b in zip(pairs, batch["front"], batch["back"])]).to(self.device)
+                    [self.knowledge(p, f, b, d) for p, f, b, d in zip(pairs, batch["front"], batch["back"], draws)]
+                ).to(self.device)
         return inputs
 
     def describe(self) -> Dict[str, Any]:
@@ -417,7 +420,7 @@ class FlowTask(Task):
 
             with safe_open(self.init_ckpt.path, framework="pt") as f:
                 previous = json.loads((f.metadata() or {}).get("training", "[]"))
-        record = {**self.describe(), "steps": step, "lr": self.cfg.lr,
+        record = {**self.describe(), "steps": step, "lr": self.cfg.lr, "knowledge_seeds": int(self.cfg.knowledge_seeds),
                   "global_batch": self.cfg.batch_size * self.cfg.grad_accum * self.info.world,
                   "lora_rank": self.cfg.lora_rank}
         record.pop("dataset", None)
@@ -562,8 +565,11 @@ def fill_knowledge_cache(cfg: TrainConfig) -> Dict[str, int]:
     geometry = Trellis2GeometryPipeline({}, config, extractor, device=device)
     source = KnowledgeSource(spec, geometry, cache, cfg.qwen, KNOWLEDGE_SEED, device)
     mine = index.pairs[rank::world]
-    done = sum(os.path.isfile(cache._file(p.key)) for p in mine)
+    draws = range(int(cfg.knowledge_seeds))
+    done = sum(os.path.isfile(cache._file(KnowledgeSource.key(p, d))) for p in mine for d in draws)
     for pair in tqdm(mine, desc=f"knowledge {rank + 1}/{world}", disable=not cfg.progress):
-        source(pair)
+        for d in draws:
+            source(pair, draw=d)
         cache.forget()
-    return {"pairs": len(mine), "computed": len(mine) - done, "cached": done}
+    total = len(mine) * len(draws)
+    return {"pairs": len(mine), "seeds": len(draws), "computed": total - done, "cached": done}
