@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from know3d_core.sparse import SparseTensor
 from know3d_core.trellis2 import shape_decoder as shape_mod
-from know3d_core.trellis2.modules import fused, fused_norm
+from know3d_core.trellis2.modules import fused, fused_mlp, fused_norm
 from know3d_core.trellis2.modules.fused_norm import layer_norm_act
 
 import test_trellis2_decoders as dec
@@ -195,7 +195,8 @@ def test_decoder_fused_matches_unfused_on_cuda(dtype):
     x = SparseTensor(torch.randn(len(coords), 32, device="cuda"), coords, (16, 16, 16))
     with fused.use_fused_kernels(False):
         ref, ref_subs = model(SparseTensor(x.feats, x.coords, x.spatial_shape), return_subs=True)
-    head, subs = model(SparseTensor(x.feats, x.coords, x.spatial_shape), return_subs=True)
+    with fused_mlp.use_fused_mlp(True):  # the MLP kernels too (off by default until measured)
+        head, subs = model(SparseTensor(x.feats, x.coords, x.spatial_shape), return_subs=True)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert torch.equal(subs[0].coords, ref_subs[0].coords)
     for a, b in zip(subs, ref_subs):  # a logit next to zero may flip a child: compare up to there
@@ -228,6 +229,8 @@ def variants():
     return sorted(p for p in glob.glob(os.path.join(root, "*", "*.json"))
                   if not os.path.basename(p).startswith("__grp__"))
 
+from know3d_core.trellis2.modules import fused_mlp
+fused_mlp.set_fused_mlp(True)  # cover the MLP kernels too (off by default until measured)
 model = tdf._cuda_decoder(torch.float16)
 ran = model.precompile_kernels()
 compiled = variants()

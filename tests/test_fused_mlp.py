@@ -107,6 +107,7 @@ def test_failing_kernel_launch_falls_back_to_pytorch(monkeypatch, caplog, form):
 
     monkeypatch.setattr(fused_mlp, "_failed", [])
     monkeypatch.setattr(fused_mlp, "fused_enabled", lambda t: True)
+    monkeypatch.setitem(fused_mlp._state, "enabled", True)
     monkeypatch.setattr(fused_mlp, "_KERNEL_DTYPES", (torch.float32,))
     monkeypatch.setattr(fused_mlp, "MLP_CONFIGS", {32: MlpConfig(16, 32, 4, 2)} if form == "tail" else {})
     monkeypatch.setattr(fused_mlp, "FC2_CONFIGS", {32: Fc2Config(16, 32, 32, 4, 2)} if form == "fc2" else {})
@@ -197,6 +198,7 @@ def test_golden_decoder_through_the_kernel_in_the_interpreter(monkeypatch):
         return kernel(h, *args)
 
     monkeypatch.setattr(fused_mlp, "fused_enabled", lambda t: True)
+    monkeypatch.setitem(fused_mlp._state, "enabled", True)
     monkeypatch.setattr(fused_mlp, "_KERNEL_DTYPES", (torch.float32,))
     monkeypatch.setattr(fused_mlp, "MLP_CONFIGS", {c: MlpConfig(16, 32, 4, 2) for c in (8, 16)})
     monkeypatch.setattr(fused_mlp, "FC2_CONFIGS", {32: Fc2Config(16, 32, 32, 4, 2)})  # the first level's block
@@ -260,7 +262,7 @@ def test_convnext_block_launches_the_kernel_on_cuda(monkeypatch):
     launches = []
     kernel = fused_mlp.convnext_mlp_triton
     monkeypatch.setattr(fused_mlp, "convnext_mlp_triton", lambda *a: launches.append(1) or kernel(*a))
-    with torch.no_grad():
+    with torch.no_grad(), fused_mlp.use_fused_mlp(True):
         out = block(x).feats
     assert launches == [1] and not fused_mlp._failed
     assert dec.rel_err(out, ref) <= 2e-3

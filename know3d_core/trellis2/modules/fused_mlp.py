@@ -14,7 +14,8 @@ rounded once to the body dtype for the tensor cores) and ``acc += z @ W2[:, j]^T
 over ``h``); the hidden layer never leaves the chip. Rounding differs from the PyTorch path (which
 rounds after ``fc1``, after SiLU, after ``fc2`` and after the add) by a few units of the body dtype.
 
-Runs where :func:`.fused.fused_enabled` holds, the dtype is fp16/bf16, no input needs a gradient
+Off by default until a GPU run has measured it (``ENABLED_BY_DEFAULT``; :func:`set_fused_mlp`,
+:func:`use_fused_mlp`). Where on, runs where :func:`.fused.fused_enabled` holds, the dtype is fp16/bf16, no input needs a gradient
 (no backward: :mod:`know3d_core.sparse.kernel_dispatch`) and ``C`` has a configuration in
 :data:`MLP_CONFIGS`; elsewhere the PyTorch ops in row chunks. A failing launch (compiler/driver
 errors vary) is logged once and the process keeps to the PyTorch ops. The kernel uses portable
@@ -43,7 +44,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 __all__ = ["MlpConfig", "Fc2Config", "MLP_CONFIGS", "FC2_CONFIGS", "SWEEP_CONFIGS", "convnext_mlp_",
            "convnext_mlp_chunks_", "convnext_mlp_triton", "silu_linear_residual_triton", "mlp_kernel_ok",
-           "fc2_kernel_ok", "use_fused_mlp"]
+           "fc2_kernel_ok", "use_fused_mlp", "set_fused_mlp", "ENABLED_BY_DEFAULT"]
 
 _log = logging.getLogger(__name__)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -96,7 +97,16 @@ SWEEP_CONFIGS: Dict[int, tuple] = {
     1024: (Fc2Config(128, 128, 64, 8, 4),),
 }
 _failed: list = []
-_state = {"enabled": True}
+# Off until measured on a GPU: written and tested (Triton's interpreter; CUDA tests ready), but no device
+# run has timed it yet. ``benchmarks/bench_neighbour_map.py --mlp-sweep --mlp-adopt`` times every form
+# against the PyTorch ops and runs the decoder with the winners; flip this once that shows a gain.
+ENABLED_BY_DEFAULT = False
+_state = {"enabled": ENABLED_BY_DEFAULT}
+
+
+def set_fused_mlp(enabled: bool) -> None:
+    """Switch the fused MLP kernels on or off for the rest of the process (see ``ENABLED_BY_DEFAULT``)."""
+    _state["enabled"] = bool(enabled)
 
 
 @contextlib.contextmanager
