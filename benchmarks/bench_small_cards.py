@@ -208,6 +208,11 @@ def front_image(size: int = 512):
 
 
 # ----------------------------------------------------------------------------------- one process
+def cuda_index(device: torch.device) -> int:
+    """The device's index (``torch.device("cuda")`` has none; the fraction cap wants one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def context_bytes(device: torch.device) -> int:
     """Device memory this process holds outside torch's allocator (CUDA context, libraries' modules)."""
     free, total = torch.cuda.mem_get_info(device)
@@ -234,7 +239,7 @@ def apply_cap(card_gib: float, device: torch.device, row: dict) -> None:
     row["allocated_gib_at_cap"] = round(torch.cuda.memory_allocated(device) / GIB, 3)
     if card_gib:
         cap = card_gib * GIB - ctx
-        torch.cuda.set_per_process_memory_fraction(cap / total, device)
+        torch.cuda.set_per_process_memory_fraction(cap / total, cuda_index(device))
         row["allocator_cap_gib"] = round(cap / GIB, 3)
     torch.cuda.reset_peak_memory_stats(device)
 
@@ -397,7 +402,7 @@ def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, cuda_index(device))
 
 
 def compare_hidden(rows: list, hidden: dict) -> None:
