@@ -249,7 +249,7 @@ def adopt_fastest(mlp_sweep: list, margin: float = 0.97) -> dict:
     for table, new in ((fused_mlp.MLP_CONFIGS, tail), (fused_mlp.FC2_CONFIGS, fc2)):
         table.clear()
         table.update(new)
-    fused_mlp.set_fused_mlp(True)  # the adopted forms are "ours" from here on (off by default until measured)
+    fused_mlp.set_fused_mlp(True)  # the adopted forms are "ours" from here on
     adopted = {c: _cfg_key(cfg) for c, cfg in sorted({**tail, **fc2}.items())}
     print("MLP configs adopted:", adopted, flush=True)
     return adopted

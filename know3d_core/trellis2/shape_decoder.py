@@ -16,10 +16,9 @@ fp32, as in the official model.
 Inference only (``forward``/``upsample`` run under ``no_grad``). Memory: levels run one after
 another and every intermediate (features, neighbour maps held in a
 tensor's cache) is dropped as soon as the next level exists; the ConvNeXt tail (LayerNorm, MLP,
-residual) can run as one Triton pass on CUDA for C <= 256 (:mod:`.modules.fused_mlp`: the hidden
-layer stays on chip; off by default until a GPU run has measured it) and otherwise runs, like the
-head, in row chunks (wider C, with the kernels on: fc1 on cuBLAS, then SiLU, fc2 and the residual as
-one Triton GEMM), so the peak is set by the last channel-to-space block. The fp32 LayerNorms (+ SiLU)
+residual) runs as one Triton pass on CUDA at C = 128 / 256 (:mod:`.modules.fused_mlp`: the hidden
+layer stays on chip; H100: session6/NOTES.md) and otherwise, like the head, in row chunks, so the
+peak is set by the last channel-to-space block. The fp32 LayerNorms (+ SiLU)
 run as one pass each (:func:`.modules.fused_norm.layer_norm_act`: a Triton kernel on CUDA, fp32
 statistics, one rounding), in place where the input is not needed again; the C2S block normalises
 its children straight out of ``conv1``'s output (fused gather) and adds the skip rows in chunks.

@@ -14,8 +14,7 @@ rounded once to the body dtype for the tensor cores) and ``acc += z @ W2[:, j]^T
 over ``h``); the hidden layer never leaves the chip. Rounding differs from the PyTorch path (which
 rounds after ``fc1``, after SiLU, after ``fc2`` and after the add) by a few units of the body dtype.
 
-Off by default until a GPU run has measured it (``ENABLED_BY_DEFAULT``; :func:`set_fused_mlp`,
-:func:`use_fused_mlp`). Where on, runs where :func:`.fused.fused_enabled` holds, the dtype is fp16/bf16, no input needs a gradient
+Switches: ``ENABLED_BY_DEFAULT`` (on, measured), :func:`set_fused_mlp`, :func:`use_fused_mlp`. Runs where :func:`.fused.fused_enabled` holds, the dtype is fp16/bf16, no input needs a gradient
 (no backward: :mod:`know3d_core.sparse.kernel_dispatch`) and ``C`` has a configuration in
 :data:`MLP_CONFIGS`; elsewhere the PyTorch ops in row chunks. A failing launch (compiler/driver
 errors vary) is logged once and the process keeps to the PyTorch ops. The kernel uses portable
@@ -58,13 +57,13 @@ class MlpConfig(NamedTuple):
     stages: int
 
 
-# Per channel width C (hidden 4C). Wider C (the 1024 decoder's first two levels: 512 / 1024 channels
-# on 20k-90k rows) keeps cuBLAS: its GEMMs ran at ~650 TFLOP/s there (H100), and a [64, 512] fp32
-# accumulator takes 128 registers a thread at 8 warps (512 is in the sweep, off by default).
+# Per channel width C (hidden 4C): the fastest of the H100 sweep (session6/NOTES.md; 1.24M rows at 128:
+# 1.135 ms vs 2.714 ms as PyTorch ops, 350k rows at 256: 1.111 vs 1.545 ms). Widths not measured (64)
+# keep the PyTorch ops; 512 / 1024 too: their whole-tail forms were 3x slower (a [64, 512] fp32
+# accumulator), see FC2_CONFIGS for the other form.
 MLP_CONFIGS: Dict[int, MlpConfig] = {
-    64: MlpConfig(128, 64, 4, 2),
-    128: MlpConfig(128, 64, 8, 2),
-    256: MlpConfig(64, 64, 8, 2),
+    128: MlpConfig(128, 32, 4, 3),
+    256: MlpConfig(128, 32, 8, 3),
 }
 
 
@@ -81,26 +80,26 @@ class Fc2Config(NamedTuple):
 # applies SiLU to the hidden tile as it loads it and adds bias and residual in its epilogue: the SiLU
 # pass over ``[N, 4C]`` and the residual add disappear (same rounding of the SiLU input as the PyTorch
 # ops: fc1's fp16 output, SiLU in fp32 rounded to fp16).
-FC2_CONFIGS: Dict[int, Fc2Config] = {
-    512: Fc2Config(128, 256, 64, 8, 3),
-    1024: Fc2Config(128, 256, 64, 8, 3),
-}
+# Empty by default: on the H100 the form gained 3 % of the tail at 512 (0.957 vs 0.988 ms a block) and
+# lost 13 % at 1024 (0.803 vs 0.712), while its compile was the longest job of a first call (1.4 s).
+FC2_CONFIGS: Dict[int, Fc2Config] = {}
+FC2_SWEPT = Fc2Config(128, 256, 64, 8, 3)  # the configuration those figures are for
 # The configurations benchmarks/bench_neighbour_map.py --mlp-sweep times against the defaults (and the
 # CUDA tests check), per C; each fits the H100's 227 KiB of shared memory per block with room to
 # spare (fused tail: the [BM, C] input tile plus STAGES copies of the [C, BH] and [BH, C] weight
 # slices; fc2 GEMM: STAGES copies of the [BM, BK] and [BK, BN] tiles).
 SWEEP_CONFIGS: Dict[int, tuple] = {
-    128: (MlpConfig(64, 64, 4, 2), MlpConfig(128, 32, 4, 3), MlpConfig(128, 128, 8, 2)),
-    256: (MlpConfig(64, 64, 4, 2), MlpConfig(128, 32, 8, 3), MlpConfig(128, 64, 8, 2)),
-    512: (MlpConfig(64, 32, 8, 2), MlpConfig(64, 64, 8, 1), Fc2Config(128, 128, 64, 8, 4),
+    128: (MlpConfig(64, 64, 4, 2), MlpConfig(128, 64, 8, 2), MlpConfig(128, 128, 8, 2)),
+    256: (MlpConfig(64, 64, 4, 2), MlpConfig(64, 64, 8, 2), MlpConfig(128, 64, 8, 2)),
+    512: (MlpConfig(64, 32, 8, 2), MlpConfig(64, 64, 8, 1), FC2_SWEPT, Fc2Config(128, 128, 64, 8, 4),
           Fc2Config(128, 128, 64, 4, 4)),
-    1024: (Fc2Config(128, 128, 64, 8, 4),),
+    1024: (FC2_SWEPT, Fc2Config(128, 128, 64, 8, 4)),
 }
 _failed: list = []
-# Off until measured on a GPU: written and tested (Triton's interpreter; CUDA tests ready), but no device
-# run has timed it yet. ``benchmarks/bench_neighbour_map.py --mlp-sweep --mlp-adopt`` times every form
-# against the PyTorch ops and runs the decoder with the winners; flip this once that shows a gain.
-ENABLED_BY_DEFAULT = False
+# On: the H100 run of session 6 (benchmarks/results/session6/NOTES.md) timed the decoder 512 / 1024 at
+# 81.3 / 179.1 ms with these kernels against 84.4 / 190.0 ms without, same process.
+# ``benchmarks/bench_neighbour_map.py --mlp-sweep --mlp-adopt`` repeats that measurement.
+ENABLED_BY_DEFAULT = True
 _state = {"enabled": ENABLED_BY_DEFAULT}
 
 
