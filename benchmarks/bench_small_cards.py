@@ -306,10 +306,12 @@ def run_one(args, keep_hidden: dict | None = None) -> dict:
                peak_gib={k: round(v / GIB, 3) for k, v in res.peak_vram.items()},
                num_tokens=res.geometry.num_tokens, faces=int(res.mesh.num_faces), **back_view_steps(times))
     if cuda:
-        row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
-        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / GIB, 3)
+        # every stage resets the peak counters (its own peak is in peak_gib): the run's peak is the largest
+        # of those; the reserved peak is only known since the last stage began
+        peak = max([torch.cuda.max_memory_allocated(device)] + list(res.peak_vram.values()))
+        row["peak_allocated_gib"] = round(peak / GIB, 3)
+        row["peak_reserved_gib_last_stage"] = round(torch.cuda.max_memory_reserved(device) / GIB, 3)
         row["context_gib_end"] = round(context_bytes(device) / GIB, 3)
-        row["card_total_gib"] = round(row["peak_reserved_gib"] + row["context_gib_end"], 3)
     if args.hidden_out:
         torch.save(kept["stage"].mmdit.hidden.float().cpu(), args.hidden_out)
     if keep_hidden is not None:
@@ -385,13 +387,13 @@ def summarise(rows: list[dict], tiny: bool) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\ncard GiB | plan           | ok | seconds (x uncapped) | s/back step | peak alloc / reserved / +ctx GiB "
+    print("\ncard GiB | plan           | ok | seconds (x uncapped) | s/back step | peak alloc / reserved (last stage) / ctx GiB "
           "| per-stage peak GiB | hidden rel err")
     for r in rows:
         peaks = ", ".join(f"{k} {v}" for k, v in (r.get("peak_gib") or {}).items())
         print(f"{r.get('card_gib') or 'none':>8} | {r.get('plan', '?'):14} | {'y' if r.get('ok') else 'n'}  | "
               f"{r.get('seconds', '-')} (x{r.get('time_vs_uncapped', '-')}) | {r.get('back_s_per_step', '-')} | "
-              f"{r.get('peak_allocated_gib', '-')} / {r.get('peak_reserved_gib', '-')} / {r.get('card_total_gib', '-')} "
+              f"{r.get('peak_allocated_gib', '-')} / {r.get('peak_reserved_gib_last_stage', '-')} / {r.get('context_gib_end', '-')} "
               f"| {peaks} | {r.get('hidden_rel_err_vs_uncapped', '-')}" + (f" | {r['error'][:160]}" if r.get("error") else ""))
 
 
