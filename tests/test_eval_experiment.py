@@ -109,6 +109,13 @@ def test_experiment_smoke_runs_end_to_end(tmp_path, capsys):
     assert trained["pairs"] == front == 2 * 2 * 2  # 2 fronts x 2 features x (azimuth 0 and its perturbed neighbour)
     for r in rows.values():
         assert 0.0 <= r["back_iou_64"] <= 1.0 and r["n"] == len(result["config"]["features"])
+    # the capture's schedule sigma is recorded: the nearest back-view step to the requested one
+    assert rows["none"]["sigma_actual"] is None
+    with open(os.path.join(out, "pred", "hidden", sorted(os.listdir(os.path.join(out, "pred", "hidden")))[0],
+                           "record.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    assert rows["hidden"]["sigma_actual"] == record["sigma_actual"] and 0.0 < record["sigma_actual"] < 1.0
+    assert isinstance(record["capture_step"], int)
     for name in ("experiment.md", "prompts.png", "eval/eval.json", "eval/eval.csv", "eval/eval.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     assert "prompt-swap accuracy" in capsys.readouterr().out
@@ -147,3 +154,24 @@ def test_front_pairs_dataset_keeps_the_3d_pairs_seen_from_the_front(tmp_path):
     assert (tmp_path / "dst" / "assets" / "abc" / L.SS_LATENT_FILE).read_bytes() == b"latent"
     assert json.loads((tmp_path / "src" / "assets" / "abc" / L.PAIRS_FILE).read_text()) == pairs  # source untouched
     assert dst == str(tmp_path / "dst")
+
+
+def test_two_sweep_sigmas_on_one_capture_step_are_flagged_in_the_table():
+    """With few back-view steps two requested sigmas can snap to one step: the later row names the earlier,
+    and the table shows the sigma actually captured (session 6: 0.5 fell on 0.25's step at 4 steps)."""
+    from know3d_core.eval.experiment import format_table, same_capture_as
+
+    meta = {"hidden": {"sigma": 0.25, "sigma_actual": 0.3125},
+            "hidden_sigma0.5": {"sigma": 0.5, "sigma_actual": 0.3125},
+            "hidden_sigma0.85": {"sigma": 0.85, "sigma_actual": 0.8125},
+            "none": {"sigma": None, "sigma_actual": None}}
+    assert same_capture_as(meta, "hidden_sigma0.5") == "hidden"
+    assert same_capture_as(meta, "hidden_sigma0.85") is None and same_capture_as(meta, "none") is None
+    stats = {"back_iou_64": 0.5, "iou_64": 0.5, "chamfer": 0.1, "chamfer_back": 0.1, "prompt_swap_accuracy": 0.25,
+             "prompt_effect": 0.0}
+    table = [{"row": "hidden", "train_source": "trajectory", "sigma": 0.25, "sigma_actual": 0.25, **stats},
+             {"row": "hidden_sigma0.5", "train_source": "trajectory", "sigma": 0.5, "sigma_actual": 0.25,
+              "same_capture_as": "hidden", **stats}]
+    text = format_table({"table": table, "not_run": {}, "chance": 0.25, "gt_prompt_effect": 0.6})
+    assert "| hidden | trajectory, 0.25 |" in text  # captured where asked: nothing added
+    assert "trajectory, 0.5 (captured at 0.250, as hidden)" in text

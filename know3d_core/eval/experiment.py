@@ -366,6 +366,7 @@ def generate(cfg: ExperimentConfig, pipe, variant: str, val: Dict[int, Dict[str,
                 stage = pipe.back_view(front, ANNOTATIONS[feature][0], variant, seed=gen_seed, steps=cfg.back_steps,
                                        sigma=sigma, size=tuple(cfg.back_size))
                 knowledge = pipe.make_knowledge(stage, variant, "512")
+            captured = dict(getattr(knowledge, "provenance", None) or {})
             coords = pipe.geometry.sample_sparse_structure(cond, knowledge, resolution=64, seed=gen_seed,
                                                            params={"steps": cfg.sample_steps})
             occ = coords_to_grid(coords[:, 1:], 64)
@@ -374,7 +375,31 @@ def generate(cfg: ExperimentConfig, pipe, variant: str, val: Dict[int, Dict[str,
             save_file({L.KEY_OCCUPANCY: occ.cpu().contiguous()}, os.path.join(item, L.OCCUPANCY_FILE))
             with open(os.path.join(item, "record.json"), "w", encoding="utf-8") as f:
                 json.dump({"gt": f"{seed:04d}_{feature}", "seed": seed, "feature": feature,
-                           "prompt": ANNOTATIONS[feature][0], "variant": variant, "sigma": sigma}, f)
+                           "prompt": ANNOTATIONS[feature][0], "variant": variant, "sigma": sigma,
+                           "sigma_actual": captured.get("sigma_actual"), "capture_step": captured.get("step_index")}, f)
+
+
+def captured_sigma(pred_dir: str) -> Optional[float]:
+    """The schedule sigma the row's knowledge was captured at (a requested sigma snaps to the nearest
+    back-view step), from the first generation's ``record.json``; None for rows without a capture."""
+    items = sorted(e for e in os.listdir(pred_dir) if os.path.isfile(os.path.join(pred_dir, e, "record.json")))
+    if not items:
+        return None
+    with open(os.path.join(pred_dir, items[0], "record.json"), encoding="utf-8") as f:
+        return json.load(f).get("sigma_actual")
+
+
+def same_capture_as(meta: Dict[str, Dict[str, Any]], row: str) -> Optional[str]:
+    """An earlier row whose knowledge was captured at the same schedule step as ``row``'s although it
+    asked for another sigma (with few back-view steps two sweep sigmas can snap to one step: the two
+    rows then measure the same knowledge, not two noise levels); None when there is none."""
+    mine = meta[row]
+    if mine.get("sigma_actual") is None:
+        return None
+    for other, m in meta.items():
+        if other != row and m.get("sigma_actual") == mine["sigma_actual"] and m.get("sigma") != mine.get("sigma"):
+            return other
+    return None
 
 
 PROBE_FILE = "knowledge_probe.json"  # in a row's pred folder
@@ -651,6 +676,12 @@ def run_experiment(cfg: ExperimentConfig) -> Dict[str, Any]:
         preds[row] = pred
         with open(os.path.join(pred, PROBE_FILE), "r", encoding="utf-8") as f:
             meta[row] = {"variant": variant, "train_source": source, "sigma": sigma, "knowledge_probe": json.load(f)}
+        meta[row]["sigma_actual"] = captured_sigma(pred) if sigma is not None else None
+        twin = same_capture_as(meta, row)
+        if twin:
+            meta[row]["same_capture_as"] = twin
+            _say(f"row {row}: sigma {sigma:g} was captured at {meta[row]['sigma_actual']:.3f}, the same back-view step "
+                 f"as row {twin} (sigma {meta[twin]['sigma']:g}): more back-view steps separate them")
         lap(f"row {row}", s)
         last[source is not None] = times[f"row {row}"]
         # the table so far, after every row: a run cut short still leaves its finished rows
@@ -775,6 +806,8 @@ def format_table(result: Dict[str, Any]) -> str:
 
     for r in result["table"]:
         src = "-" if r["train_source"] is None else r["train_source"] + ("" if r["sigma"] is None else f", {r['sigma']:g}")
+        if r.get("sigma_actual") is not None and r["sigma"] is not None and f"{r['sigma_actual']:.3f}" != f"{r['sigma']:.3f}":
+            src += f" (captured at {r['sigma_actual']:.3f}" + (f", as {r['same_capture_as']}" if r.get("same_capture_as") else "") + ")"
         probe = (r.get("knowledge_probe") or {}).get("accuracy")
         lines.append(f"| {r['row']} | {src} | {f(r['back_iou_64'])} | {f(r['iou_64'])} | {f(r['chamfer'])} | "
                      f"{f(r['chamfer_back'])} | {f(r['prompt_swap_accuracy'])} | {f(r.get('prompt_effect'))} | {f(probe)} |")
