@@ -252,3 +252,23 @@ def test_shape_flow_gradients_match_pytorch_path_on_a_ragged_batch(dtype):
     t = torch.tensor([900.0, 100.0], device="cuda")
     cond = torch.randn(2, 5, 16, generator=gen).cuda()
     _check_flow(_shape_flow, lambda m: m(SparseTensor(feats, coords, (32, 32, 32)), t, cond).feats, dtype)
+
+
+def test_kernel_switch_scopes_its_setting_and_restores_it_after_an_error():
+    """Each kernel family's switch (fused kernels, fused MLP, neighbour maps): ``use`` changes it inside
+    the block only, also when the block raises; ``set`` changes it for the process."""
+    from know3d_core.sparse.kernel_dispatch import KernelSwitch
+
+    switch = KernelSwitch(True)
+    with switch.use(False):
+        assert switch.enabled is False
+        with switch.use(True):
+            assert switch.enabled is True
+        assert switch.enabled is False
+    assert switch.enabled is True
+    with pytest.raises(RuntimeError):
+        with switch.use(False):
+            raise RuntimeError("inside the block")
+    assert switch.enabled is True
+    switch.set(0)
+    assert switch.enabled is False

@@ -107,7 +107,7 @@ def test_failing_kernel_launch_falls_back_to_pytorch(monkeypatch, caplog, form):
 
     monkeypatch.setattr(fused_mlp, "_failed", [])
     monkeypatch.setattr(fused_mlp, "fused_enabled", lambda t: True)
-    monkeypatch.setitem(fused_mlp._state, "enabled", True)
+    monkeypatch.setattr(fused_mlp._switch, "enabled", True)
     monkeypatch.setattr(fused_mlp, "_KERNEL_DTYPES", (torch.float32,))
     monkeypatch.setattr(fused_mlp, "MLP_CONFIGS", {32: MlpConfig(16, 32, 4, 2)} if form == "tail" else {})
     monkeypatch.setattr(fused_mlp, "FC2_CONFIGS", {32: Fc2Config(16, 32, 32, 4, 2)} if form == "fc2" else {})
@@ -198,7 +198,7 @@ def test_golden_decoder_through_the_kernel_in_the_interpreter(monkeypatch):
         return kernel(h, *args)
 
     monkeypatch.setattr(fused_mlp, "fused_enabled", lambda t: True)
-    monkeypatch.setitem(fused_mlp._state, "enabled", True)
+    monkeypatch.setattr(fused_mlp._switch, "enabled", True)
     monkeypatch.setattr(fused_mlp, "_KERNEL_DTYPES", (torch.float32,))
     monkeypatch.setattr(fused_mlp, "MLP_CONFIGS", {c: MlpConfig(16, 32, 4, 2) for c in (8, 16)})
     monkeypatch.setattr(fused_mlp, "FC2_CONFIGS", {32: Fc2Config(16, 32, 32, 4, 2)})  # the first level's block

@@ -24,11 +24,11 @@ def test_cpu_never_takes_the_fused_path():
     x = torch.randn(2, 3)
     assert not fused.fused_enabled(x)
     with fused.use_fused_kernels(False):
-        assert not fused._state["enabled"]
+        assert not fused._switch.enabled
         with fused.use_fused_kernels(True):
-            assert fused._state["enabled"]
-        assert not fused._state["enabled"]
-    assert fused._state["enabled"]
+            assert fused._switch.enabled
+        assert not fused._switch.enabled
+    assert fused._switch.enabled
 
 
 def _block(C=128, H=2, ctx=48, seed=0):

@@ -9,16 +9,38 @@ parameter upstream silently gets no gradient). Hence:
   no input needs a gradient; otherwise the caller's PyTorch path.
 - :func:`check_no_grad` is called by every raw kernel entry point that has no backward: it raises
   instead of returning a result that autograd would treat as a constant.
+- :class:`KernelSwitch` is each kernel family's on/off setting (on by default; scoped off for A/B runs).
 
 Torch-only (no Triton import): the lowest layer, shared by the sparse ops and the networks.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["grad_needed", "use_kernel", "check_no_grad"]
+__all__ = ["grad_needed", "use_kernel", "check_no_grad", "KernelSwitch"]
+
+
+class KernelSwitch:
+    """One kernel family's on/off setting for the process (an explicit object, no environment variable),
+    with :meth:`use` to change it inside a block only (A/B runs, tests)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = bool(enabled)
+
+    def set(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+
+    @contextlib.contextmanager
+    def use(self, enabled: bool) -> Iterator[None]:
+        previous = self.enabled
+        self.enabled = bool(enabled)
+        try:
+            yield
+        finally:
+            self.enabled = previous
 
 
 def grad_needed(*tensors: Optional[torch.Tensor]) -> bool:

@@ -22,10 +22,11 @@ integer outputs, nothing to differentiate.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import ContextManager, Optional, Sequence, Tuple
 
 import torch
+
+from .kernel_dispatch import KernelSwitch
 
 try:
     import triton
@@ -50,23 +51,17 @@ LARGE_BUILD = 1 << 21
 # per probe) instead of after the key matched (two dependent ones); misses read a value they drop.
 # Off: measured slower on the H100 (1M voxels 0.779 vs 0.762 ms, 200k 0.177 vs 0.169; session6/NOTES.md).
 EAGER_VALUES = False
-_state = {"enabled": True}
+_switch = KernelSwitch(True)
 
 
 def available(coords: torch.Tensor) -> bool:
     """Triton present, ``coords`` on CUDA and the switch on (:func:`use_triton_maps`)."""
-    return _state["enabled"] and triton is not None and coords.is_cuda
+    return _switch.enabled and triton is not None and coords.is_cuda
 
 
-@contextlib.contextmanager
-def use_triton_maps(enabled: bool) -> Iterator[None]:
+def use_triton_maps(enabled: bool) -> ContextManager[None]:
     """Context manager: build neighbour maps with these kernels (default) or the PyTorch ops (A/B)."""
-    previous = _state["enabled"]
-    _state["enabled"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _state["enabled"] = previous
+    return _switch.use(enabled)
 
 
 if triton is not None:

@@ -20,13 +20,12 @@ at first use (well under a second each) and stay cached in-process.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Iterator, Optional
+from typing import ContextManager, Optional
 
 import torch
 
-from ...sparse.kernel_dispatch import grad_needed
+from ...sparse.kernel_dispatch import KernelSwitch, grad_needed
 
 try:
     import triton
@@ -42,23 +41,17 @@ __all__ = [
     "qk_norm_rope", "qk_norm_rope_pair",
 ]
 
-_state = {"enabled": True}
+_switch = KernelSwitch(True)
 
 
 def fused_enabled(x: torch.Tensor) -> bool:
     """True when ``x`` should take the Triton path (CUDA tensor, Triton present, switch on)."""
-    return _state["enabled"] and triton is not None and x.is_cuda
+    return _switch.enabled and triton is not None and x.is_cuda
 
 
-@contextlib.contextmanager
-def use_fused_kernels(enabled: bool) -> Iterator[None]:
+def use_fused_kernels(enabled: bool) -> ContextManager[None]:
     """Context manager: switch the fused kernels on or off inside the block (for A/B checks)."""
-    previous = _state["enabled"]
-    _state["enabled"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _state["enabled"] = previous
+    return _switch.use(enabled)
 
 
 class _Launcher:

@@ -22,15 +22,14 @@ errors vary) is logged once and the process keeps to the PyTorch ops. The kernel
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Dict, Iterator, NamedTuple, Optional
+from typing import ContextManager, Dict, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...sparse.kernel_dispatch import check_no_grad, use_kernel
+from ...sparse.kernel_dispatch import KernelSwitch, check_no_grad, use_kernel
 from .fused import fused_enabled
 from .fused_norm import layer_norm_act
 
@@ -100,24 +99,18 @@ _failed: list = []
 # 81.3 / 179.1 ms with these kernels against 84.4 / 190.0 ms without, same process.
 # ``benchmarks/bench_neighbour_map.py --mlp-sweep --mlp-adopt`` repeats that measurement.
 ENABLED_BY_DEFAULT = True
-_state = {"enabled": ENABLED_BY_DEFAULT}
+_switch = KernelSwitch(ENABLED_BY_DEFAULT)
 
 
 def set_fused_mlp(enabled: bool) -> None:
     """Switch the fused MLP kernels on or off for the rest of the process (see ``ENABLED_BY_DEFAULT``)."""
-    _state["enabled"] = bool(enabled)
+    _switch.set(enabled)
 
 
-@contextlib.contextmanager
-def use_fused_mlp(enabled: bool) -> Iterator[None]:
+def use_fused_mlp(enabled: bool) -> ContextManager[None]:
     """Context manager: the fused MLP kernel on or off inside the block (A/B runs; the other fused
     kernels keep their own switch, :func:`.fused.use_fused_kernels`, which also turns this one off)."""
-    previous = _state["enabled"]
-    _state["enabled"] = bool(enabled)
-    try:
-        yield
-    finally:
-        _state["enabled"] = previous
+    return _switch.use(enabled)
 
 if triton is not None:
 
@@ -184,7 +177,7 @@ if triton is not None:
 def fc2_kernel_ok(h: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether the PyTorch-path tail runs ``fc2`` (with SiLU and the residual) as the Triton GEMM for
     ``h [N, C]``: as :func:`mlp_kernel_ok`, with a configuration in :data:`FC2_CONFIGS`."""
-    device_ok = (_state["enabled"] and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
+    device_ok = (_switch.enabled and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
                  and h.shape[1] in FC2_CONFIGS and not _failed)
     return use_kernel(device_ok, False, h, *params)
 
@@ -192,7 +185,7 @@ def fc2_kernel_ok(h: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
 def mlp_kernel_ok(h: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether :func:`convnext_mlp_` launches the kernel for ``h [N, C]`` (CUDA fp16/bf16, Triton,
     switch on, a configuration for C, no gradient needed, no earlier failure)."""
-    device_ok = (_state["enabled"] and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
+    device_ok = (_switch.enabled and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
                  and h.shape[1] in MLP_CONFIGS and not _failed)
     return use_kernel(device_ok, False, h, *params)
 
