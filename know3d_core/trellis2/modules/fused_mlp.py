@@ -112,6 +112,7 @@ def use_fused_mlp(enabled: bool) -> ContextManager[None]:
     kernels keep their own switch, :func:`.fused.use_fused_kernels`, which also turns this one off)."""
     return _switch.use(enabled)
 
+
 if triton is not None:
 
     @triton.jit(do_not_specialize=["n_rows"])
@@ -174,20 +175,36 @@ if triton is not None:
                  mask=row_ok[:, None])
 
 
+def _kernel_ok(configs: dict, h: torch.Tensor, params) -> bool:
+    """CUDA fp16/bf16 ``h [N, C]``, Triton, switch on, a configuration for C in ``configs``, no gradient
+    needed (no backward), no earlier failure of either kernel."""
+    device_ok = (_switch.enabled and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
+                 and h.shape[1] in configs and not _failed)
+    return use_kernel(device_ok, False, h, *params)
+
+
 def fc2_kernel_ok(h: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether the PyTorch-path tail runs ``fc2`` (with SiLU and the residual) as the Triton GEMM for
-    ``h [N, C]``: as :func:`mlp_kernel_ok`, with a configuration in :data:`FC2_CONFIGS`."""
-    device_ok = (_switch.enabled and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
-                 and h.shape[1] in FC2_CONFIGS and not _failed)
-    return use_kernel(device_ok, False, h, *params)
+    ``h [N, C]`` (:func:`_kernel_ok` with :data:`FC2_CONFIGS`)."""
+    return _kernel_ok(FC2_CONFIGS, h, params)
 
 
 def mlp_kernel_ok(h: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`convnext_mlp_` launches the kernel for ``h [N, C]`` (CUDA fp16/bf16, Triton,
-    switch on, a configuration for C, no gradient needed, no earlier failure)."""
-    device_ok = (_switch.enabled and fused_enabled(h) and h.dtype in _KERNEL_DTYPES and h.dim() == 2
-                 and h.shape[1] in MLP_CONFIGS and not _failed)
-    return use_kernel(device_ok, False, h, *params)
+    """Whether :func:`convnext_mlp_` launches the fused tail for ``h [N, C]`` (:func:`_kernel_ok` with
+    :data:`MLP_CONFIGS`)."""
+    return _kernel_ok(MLP_CONFIGS, h, params)
+
+
+def _launched(name: str, launch, *args) -> bool:
+    """Run ``launch(*args)``; False, logged once and the PyTorch ops for the rest of the process, where a
+    launch fails (compiler/driver errors vary; the torch path still works)."""
+    try:
+        launch(*args)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        _failed.append(exc)
+        _log.warning("Triton %s failed (%s: %s); using the PyTorch ops", name, type(exc).__name__, exc)
+        return False
 
 
 def convnext_mlp_(h: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear, x: torch.Tensor,
@@ -204,13 +221,10 @@ def convnext_mlp_(h: torch.Tensor, norm: nn.LayerNorm, fc1: nn.Linear, fc2: nn.L
     if x.shape != h.shape:
         raise ValueError(f"convnext_mlp_: residual {tuple(x.shape)} and h {tuple(h.shape)} differ")
     params = (norm.weight, norm.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-    if h.shape[0] and mlp_kernel_ok(h, x, *params):
-        try:
-            return convnext_mlp_triton(h, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias,
-                                       fc2.weight, fc2.bias, x, h)
-        except Exception as exc:  # noqa: BLE001 - compiler/driver errors vary; the torch path still works
-            _failed.append(exc)
-            _log.warning("Triton ConvNeXt MLP failed (%s: %s); using the PyTorch ops", type(exc).__name__, exc)
+    if h.shape[0] and mlp_kernel_ok(h, x, *params) and _launched(
+            "ConvNeXt MLP", convnext_mlp_triton, h, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias,
+            fc2.weight, fc2.bias, x, h):
+        return h
     fc2_cfg = FC2_CONFIGS[h.shape[1]] if h.shape[0] and fc2_kernel_ok(h, x, fc2.weight, fc2.bias) else None
     return convnext_mlp_chunks_(h, norm, fc1, fc2, x, chunk_rows, fc2_cfg)
 
@@ -223,24 +237,13 @@ def convnext_mlp_chunks_(h, norm, fc1, fc2, x, chunk_rows: int = 1 << 18, fc2_cf
         rows, res = h[start:start + chunk_rows], x[start:start + chunk_rows]
         layer_norm_act(rows, norm.weight, norm.bias, norm.eps, out=rows)
         hidden = F.linear(rows, fc1.weight, fc1.bias)  # [m, 4C]
-        if fc2_cfg is not None and _fc2_guarded(hidden, fc2, res, rows, fc2_cfg):
+        if fc2_cfg is not None and _launched("SiLU-GEMM", silu_linear_residual_triton, hidden, fc2.weight, fc2.bias,
+                                             res, rows, fc2_cfg):
             continue
         torch.addmm(fc2.bias, F.silu(hidden, inplace=True), fc2.weight.t(), out=rows)
         del hidden
         rows += res
     return h
-
-
-def _fc2_guarded(hidden, fc2, res, out, cfg) -> bool:
-    """:func:`silu_linear_residual_triton` into ``out``; False (logged once, then PyTorch ops for the
-    rest of the process) where the launch fails."""
-    try:
-        silu_linear_residual_triton(hidden, fc2.weight, fc2.bias, res, out, cfg)
-        return True
-    except Exception as exc:  # noqa: BLE001 - compiler/driver errors vary; the torch path still works
-        _failed.append(exc)
-        _log.warning("Triton SiLU-GEMM failed (%s: %s); using the PyTorch ops", type(exc).__name__, exc)
-        return False
 
 
 def silu_linear_residual_triton(a, w, b, x, out, cfg: Optional[Fc2Config] = None):
