@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
+from _comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, skip_reason
 from _nodes_helpers import ROOT
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", "")
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_comfy_small_cards.py")
 # know3d_full.json's nodes that run (Load*, Save and Preview nodes aside), in the graph's order.
 GRAPH = [("5", "Know3DImageCondition"), ("7", "ModelSamplingAuraFlow"), ("8", "CFGNorm"),
@@ -58,10 +57,8 @@ def test_pyav_stand_in_answers_comfy_api_imports_and_refuses_use():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    if not COMFYUI_DIR or not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
-        pytest.skip("COMFYUI_DIR is unset or has no main.py: set it to a ComfyUI checkout (see docs/testing.md)")
-    if not COMFYUI_PYTHON or not os.path.isfile(COMFYUI_PYTHON):
-        pytest.skip("COMFYUI_PYTHON is unset or missing: set it to the python of ComfyUI's venv (see docs/testing.md)")
+    if skip_reason():
+        pytest.skip(skip_reason())
     work = tmp_path_factory.mktemp("comfy_cards")
     site = subprocess.run([COMFYUI_PYTHON, "-c", "import comfy_kitchen, os; print(os.path.dirname(os.path.dirname("
                            "comfy_kitchen.__file__)))"], capture_output=True, text=True, check=True).stdout.strip()

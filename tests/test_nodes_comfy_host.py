@@ -8,12 +8,11 @@ import subprocess
 
 import pytest
 
+from _comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, skip_reason
 from _nodes_helpers import ROOT
 
 pytestmark = pytest.mark.comfyui
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", "")
 CHECKS = ["lora_adds_strength_scaled_delta_on_a_clone", "lora_for_another_architecture_is_a_clear_error",
           "missing_lora_file_names_file_folder_and_source", "back_view_sample_equals_core_ksampler_and_records_every_step",
           "early_exit_records_the_same_latent_as_the_full_run",
@@ -24,10 +23,8 @@ CHECKS = ["lora_adds_strength_scaled_delta_on_a_clone", "lora_for_another_archit
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not COMFYUI_DIR or not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
-        pytest.skip("COMFYUI_DIR is unset or has no main.py: set it to a ComfyUI checkout (see docs/testing.md)")
-    if not COMFYUI_PYTHON or not os.path.isfile(COMFYUI_PYTHON):
-        pytest.skip("COMFYUI_PYTHON is unset or missing: set it to the python of ComfyUI's venv (see docs/testing.md)")
+    if skip_reason():
+        pytest.skip(skip_reason())
     work = tmp_path_factory.mktemp("host")
     out = work / "results.json"
     script = os.path.join(ROOT, "tests", "data", "comfyui", "host_checks.py")

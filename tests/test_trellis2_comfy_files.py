@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, skip_reason
+
 from know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS, FlowEulerGuidanceIntervalSampler
 from know3d_core.sparse import SparseTensor
 from know3d_core.trellis2.comfy_files import (
@@ -377,8 +379,6 @@ def test_quantised_and_foreign_files_are_refused(official, comfy_pair, tmp_path)
 
 
 # ----------------------------------------------------------------------------- ComfyUI's own classes
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", "")
 DINO_CONFIG = {"model_type": "dinov3", "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
                "num_hidden_layers": 2, "num_register_tokens": 4, "patch_size": 16, "num_channels": 3,
                "layer_norm_eps": 1e-5, "rope_theta": 100.0, "image_size": 224, "mlp_bias": True,
@@ -387,12 +387,8 @@ DINO_CONFIG = {"model_type": "dinov3", "hidden_size": 128, "intermediate_size": 
 
 @pytest.fixture(scope="module")
 def comfy_results(official, comfy_pair, tmp_path_factory):
-    if not COMFYUI_DIR or not os.path.isfile(os.path.join(COMFYUI_DIR, "main.py")):
-        pytest.skip("COMFYUI_DIR is unset or has no main.py: set COMFYUI_DIR to a ComfyUI checkout and "
-                    "COMFYUI_PYTHON to its venv's python (see docs/testing.md)")
-    if not COMFYUI_PYTHON or not os.path.isfile(COMFYUI_PYTHON):
-        pytest.skip("COMFYUI_PYTHON is unset or missing: set it to the python of ComfyUI's venv, next to "
-                    "COMFYUI_DIR (see docs/testing.md)")
+    if skip_reason():
+        pytest.skip(skip_reason())
     _, sds = official
     work = tmp_path_factory.mktemp("comfy_host")
     with open(os.path.join(GOLDEN, "config.json")) as f:
