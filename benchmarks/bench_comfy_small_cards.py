@@ -431,8 +431,38 @@ def front_inputs(size: int):
     return rgba[None, :, :, :3].contiguous(), rgba[None, :, :, 3].contiguous()
 
 
+PROMPT_ID = "know3d-small-cards"  # the prompt id the nodes see in their execution context
+
+
+@contextlib.contextmanager
+def executor_scope():
+    """What ComfyUI 0.33.0's ``PromptExecutor.execute_async`` sets up around a prompt: the interrupt flag
+    cleared, the whole prompt (loaders included) under ``torch.inference_mode()``, a model-management
+    GC pass before the first node. Without it, tensors a node makes under core's own inference-mode
+    code (the tiled VAE decode) fail their in-place updates outside it."""
+    import comfy.model_management as mm
+    import nodes as core
+
+    core.interrupt_processing(False)
+    with torch.inference_mode():
+        mm.cleanup_models_gc()
+        yield
+
+
+def call_node(node_id: str, fn, *args, **kwargs):
+    """One node's function as ``execution._async_map_node_over_list`` calls it: the interrupt check
+    (``nodes.before_node_execution``), then the call inside its ``CurrentNodeContext``."""
+    import nodes as core
+    from comfy_execution.utils import CurrentNodeContext
+
+    core.before_node_execution()
+    with CurrentNodeContext(PROMPT_ID, node_id, 0):
+        return fn(*args, **kwargs)
+
+
 class Graph:
-    """Runs the nodes one at a time, each measured; stops at the first failure or out of time."""
+    """Runs the nodes one at a time (inside :func:`executor_scope`), each measured; stops at the first
+    failure or out of time."""
 
     def __init__(self, device: torch.device, deadline: float, log: StageLog, on_row=None):
         self.peaks = Peaks(device)
@@ -453,7 +483,7 @@ class Graph:
         self.peaks.start()
         t0 = time.perf_counter()
         try:
-            out = fn(*args, **kwargs)
+            out = call_node(node_id, fn, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - an out-of-memory error is a result; the rest is skipped
             import traceback
 
@@ -593,11 +623,35 @@ def run(args) -> dict:
 
     result["comfy"].update(vram_state=mm.vram_state.name, torch_device=str(mm.get_torch_device()),
                            total_vram_mb=round(mm.total_vram))
+    result["executor"] = {"inference_mode": True, "node_context": True, "prompt_id": PROMPT_ID}
+    with executor_scope():  # the loaders run inside the prompt too, as ComfyUI runs them
+        run_prompt(args, device, deadline, log, result)
+    return result
+
+
+def simulate_vae_oom_once(vae) -> None:
+    """The first VAE decode raises torch's out-of-memory error, as the 24 GB card's regular decode did on
+    the H100: ComfyUI's ``VAE.decode`` then falls back to its tiled decode (``--vae-oom-once``, CPU check)."""
+    inner = vae.first_stage_model
+    real = inner.decode
+
+    def decode(*args, **kwargs):
+        inner.decode = real
+        raise torch.OutOfMemoryError("simulated: CUDA out of memory (bench_comfy_small_cards --vae-oom-once)")
+
+    inner.decode = decode
+
+
+def run_prompt(args, device: torch.device, deadline: float, log: StageLog, result: dict) -> None:
+    """Build the models (the Load* nodes' work), cap the card, run the graph; ``result`` filled in place."""
     t0 = time.perf_counter()
     result.update(ok=False, error="stopped while building the models", rows=[])
     write_result(args.out, result)
     model, clip, vae, know3d_model = build_models(args, device, device, result)
     result["build_s"] = round(time.perf_counter() - t0, 2)
+    if args.vae_oom_once:
+        simulate_vae_oom_once(vae)
+        result["vae_oom_simulated"] = True
     if device.type == "cuda" and args.card:
         apply_cap(args.card, device, result)
     result["error"] = "stopped during the graph (the last row is the last node that finished)"
@@ -618,7 +672,6 @@ def run(args) -> dict:
             result["rows"] = g.rows
             result["ok"] = g.failed is None and len(g.rows) > 0
             result["error"] = g.failed
-    return result
 
 
 def write_result(path, result: dict) -> None:
@@ -704,6 +757,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=220.0,
                    help="seconds for the whole run, building included: nodes not started by then are skipped")
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--vae-oom-once", action="store_true",
+                   help="the first VAE decode raises out-of-memory (ComfyUI then decodes tiled), as on the 24 GB card")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--make-min", metavar="DIR", help="write the minimum ComfyUI copy to carry into DIR and exit")
     p.add_argument("--site", help="with --make-min: the site-packages of a ComfyUI venv")

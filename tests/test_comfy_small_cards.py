@@ -68,7 +68,8 @@ def tiny_run(tmp_path_factory):
     assert made.returncode == 0, made.stderr[-3000:]
     env = dict(os.environ, PYTHONPATH=str(minimum / "site"))
     out = work / "result.json"
-    proc = subprocess.run([COMFYUI_PYTHON, SCRIPT, "--comfyui", str(minimum / "ComfyUI"), "--tiny", "--out", str(out)],
+    proc = subprocess.run([COMFYUI_PYTHON, SCRIPT, "--comfyui", str(minimum / "ComfyUI"), "--tiny", "--vae-oom-once",
+                           "--out", str(out)],
                           cwd=str(work), env=env, capture_output=True, text=True, timeout=600)
     if not out.exists():
         pytest.fail(f"bench_comfy_small_cards.py --tiny wrote nothing ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -105,3 +106,14 @@ def test_know3d_full_nodes_run_under_comfy_model_management(tiny_run):
     layers = result["build"]["capture_layers"]
     assert capture["knowledge_shape"] == [1, 64 * 64, 32 * len(layers)]  # 1 MP back view: 64 x 64 tokens of width 32
     assert next(r for r in rows if r["node"] == "24")["faces"] > 0
+
+
+@pytest.mark.comfyui
+def test_vae_decode_falls_back_to_tiled_inside_the_executors_inference_mode(tiny_run):
+    """The H100's 24 GB run: the regular VAE decode ran out of memory and core's tiled fallback (made under
+    its own inference mode) failed its in-place update outside the executor's; the harness now runs the
+    nodes as ComfyUI's executor does, and the simulated out-of-memory takes the same fallback."""
+    result, _sizes, _minimum, proc = tiny_run
+    assert result["vae_oom_simulated"] and result["executor"]["inference_mode"]
+    assert "retrying with tiled VAE decoding" in proc.stderr + proc.stdout
+    assert next(r for r in result["rows"] if r["node"] == "20")["ok"]
