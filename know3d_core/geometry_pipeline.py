@@ -276,6 +276,18 @@ class Trellis2GeometryPipeline:
             model.to(home).eval()
         if self.image_cond_model is not None:
             self.image_cond_model.to(home)
+        if not self.offload:
+            self._start_kernel_warmups()
+
+    def _start_kernel_warmups(self) -> None:
+        """Each network's kernel warm-up (Triton's start, compiles or cache loads) in the background,
+        in run order, so that it overlaps the stages before the network's first call (the decoder's
+        with both flows); each first call joins its own. Not with ``offload`` (the weights reach
+        ``device`` only when the stage runs: the first call warms up there)."""
+        for model in self.models.values():
+            start = getattr(model, "start_kernel_precompile", None)
+            if start is not None:
+                start(self.device)
 
     # ------------------------------------------------------------------ construction
     @classmethod

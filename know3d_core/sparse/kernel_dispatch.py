@@ -10,17 +10,22 @@ parameter upstream silently gets no gradient). Hence:
 - :func:`check_no_grad` is called by every raw kernel entry point that has no backward: it raises
   instead of returning a result that autograd would treat as a constant.
 - :class:`KernelSwitch` is each kernel family's on/off setting (on by default; scoped off for A/B runs).
+- :class:`KernelWarmup` runs a network's kernel warm-up (Triton compiles, or loads from its disk
+  cache) once per key: in the background from load (:meth:`KernelWarmup.start`), joined before the
+  first use (:meth:`KernelWarmup.ensure`), or at the first use itself.
 
 Torch-only (no Triton import): the lowest layer, shared by the sparse ops and the networks.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, Hashable, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["grad_needed", "use_kernel", "check_no_grad", "KernelSwitch"]
+__all__ = ["grad_needed", "use_kernel", "check_no_grad", "KernelSwitch", "KernelWarmup"]
 
 
 class KernelSwitch:
@@ -70,3 +75,95 @@ def check_no_grad(name: str, *inputs: Optional[torch.Tensor]) -> None:
             "(its output would silently cut the autograd graph); run it under torch.no_grad() "
             "or call the dispatching wrapper, which takes the PyTorch path when gradients are needed"
         )
+
+
+_BACKGROUND: Optional[ThreadPoolExecutor] = None  # one thread: warm-ups run one after another, in start order
+_in_warmup = threading.local()
+
+
+def _background() -> ThreadPoolExecutor:
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="know3d-kernel-warmup")
+    return _BACKGROUND
+
+
+def _run_marked(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with this thread marked as inside a warm-up (nested ``ensure`` calls return at once)."""
+    _in_warmup.active = True
+    try:
+        return fn()
+    finally:
+        _in_warmup.active = False
+
+
+class KernelWarmup:
+    """A network's kernel warm-up, run once per key (e.g. ``(device, dtype)``).
+
+    Triton's first launch of each kernel variant in a process compiles it (empty disk cache) or
+    loads it, and the process's first launch also pays Triton's own start (it hashes its compiler
+    before the first cache lookup; ~0.5 s on the H100 machine). :meth:`start` moves that work into
+    a background thread when the network is loaded, so that it overlaps whatever runs before the
+    network's first call; :meth:`ensure` (called at the top of the forward) waits for it, or runs
+    it there and then when nothing was started. All networks share one background thread: their
+    warm-ups run one after another in start order, and one still waiting in the queue when its
+    network is called runs in the caller instead.
+
+    Errors: an exception raised by a background warm-up is re-raised by the first :meth:`ensure`
+    of its key (the first use), as it would have been had the warm-up run there; later calls
+    proceed. A warm-up that calls the network's forward (the flows' tiny forward) reaches
+    :meth:`ensure` again from inside: that nested call returns at once.
+
+    Copies (``deepcopy``, pickling) start with nothing warmed: threads and futures do not copy.
+    """
+
+    def __init__(self):
+        self._state: Dict[Hashable, Union[bool, Future]] = {}  # key -> True (done) or the pending Future
+
+    def __deepcopy__(self, memo) -> "KernelWarmup":
+        return KernelWarmup()
+
+    def __getstate__(self) -> dict:
+        return {"_state": {}}
+
+    @staticmethod
+    def key(device: Union[str, torch.device], dtype: torch.dtype) -> tuple:
+        """``(device, dtype)`` key with the CUDA device's index filled in (``"cuda"`` and
+        ``"cuda:0"`` name the same warm-up)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return (str(device), dtype)
+
+    def pending(self, key: Hashable) -> bool:
+        """True while a background warm-up of ``key`` is queued or running and nobody has joined it."""
+        return isinstance(self._state.get(key), Future)
+
+    def done(self, key: Hashable) -> bool:
+        """True once ``key``'s warm-up ran (or was joined, or marked with :meth:`mark_done`)."""
+        return self._state.get(key) is True
+
+    def mark_done(self, key: Hashable) -> None:
+        """Record ``key`` as warmed (e.g. a probe that ran the warm-up's jobs itself)."""
+        self._state[key] = True
+
+    def start(self, key: Hashable, fn: Callable[[], Any]) -> bool:
+        """Queue ``fn`` on the background thread unless ``key`` is warmed or pending; True if queued."""
+        if key in self._state:
+            return False
+        self._state[key] = _background().submit(_run_marked, fn)
+        return True
+
+    def ensure(self, key: Hashable, fn: Callable[[], Any]) -> None:
+        """Before the first use of ``key``: join its background warm-up (re-raising its error), or run
+        ``fn`` here when none was started or it has not left the queue yet. No-op once done."""
+        if getattr(_in_warmup, "active", False):
+            return
+        state = self._state.get(key)
+        if state is True:
+            return
+        self._state[key] = True
+        if isinstance(state, Future) and not state.cancel():
+            state.result()  # waits; raises what the warm-up raised
+            return
+        fn()

@@ -25,6 +25,7 @@ its children straight out of ``conv1``'s output (fused gather) and adds the skip
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from ..mesh.types import Mesh
 from ..sparse import NeighbourMap, SparseLinear, SparseTensor, SubMConv3d, channel_to_spatial, child_bits
 from ..sparse.conv import add_repeated_rows_, submanifold_conv3d_children, submanifold_conv3d_skip
+from ..sparse.kernel_dispatch import KernelWarmup
 from .modules.fused import fused_enabled
 from .modules.fused_mlp import convnext_mlp_, fc2_kernel_ok, mlp_kernel_ok
 from .modules.fused_norm import layer_norm_act
@@ -271,7 +273,7 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
             self.blocks.append(level)
         self.dtype = torch.float32
         self.convert_to(torch.float16 if use_fp16 else torch.float32)
-        self._kernels_ready: set = set()  # (device, dtype) whose kernel variants ran once
+        self._warmup = KernelWarmup()  # (device, dtype) -> kernel variants run once (precompile)
 
     @staticmethod
     def _make(name: str, table: Dict[str, type], args: Dict[str, Any], *channels: int) -> nn.Module:
@@ -419,9 +421,10 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
         jobs = self._kernel_jobs(device)
         if not jobs:
             return 0
+        on_cuda = device.type == "cuda"
 
         def run(job):
-            with torch.no_grad(), torch.cuda.device(device):
+            with torch.no_grad(), torch.cuda.device(device) if on_cuda else contextlib.nullcontext():
                 job()
 
         with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
@@ -430,14 +433,25 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
                     fut.result()
                 except Exception as exc:  # noqa: BLE001 - an optimisation only; the forward reports
                     _log.info("kernel precompile: %s: %s (the forward compiles it)", type(exc).__name__, exc)
-        torch.cuda.synchronize(device)
+        if on_cuda:
+            torch.cuda.synchronize(device)
         return len(jobs)
 
+    def start_kernel_precompile(self, device: Optional[torch.device] = None) -> bool:
+        """Start :meth:`precompile_kernels` in the background (call when the decoder is loaded on its
+        device): the compiles or cache loads, and Triton's own start, overlap whatever runs before the
+        first forward/upsample, which joins it (and re-raises an error it hit). True if started (not
+        for a device and dtype already warmed or pending). Off CUDA the thread finds nothing to do."""
+        device = torch.device(device) if device is not None else self.from_latent.weight.device
+        return self._warmup.start(self._warmup_key(device), lambda: self.precompile_kernels(device))
+
+    def _warmup_key(self, device: torch.device) -> tuple:
+        return KernelWarmup.key(device, self.dtype)
+
     def _ensure_kernels(self, device: torch.device) -> None:
-        key = (str(device), self.dtype)
-        if key not in self._kernels_ready:
-            self._kernels_ready.add(key)
-            self.precompile_kernels(device)
+        """Before the first forward/upsample per device and dtype: join the background precompile
+        (:meth:`start_kernel_precompile`) or run :meth:`precompile_kernels` here."""
+        self._warmup.ensure(self._warmup_key(device), lambda: self.precompile_kernels(device))
 
     @torch.no_grad()
     def forward(self, x: SparseTensor, return_subs: bool = False):

@@ -13,7 +13,7 @@ in_channels 64, out_channels 32: the noisy texture latent ``[N, 32]`` and the no
 ``[N, 32]`` on the same coords, concatenated on channels (``concat_cond``, the reference's
 ``sparse_cat([x, concat_cond], dim=-1)``).
 """
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -49,6 +49,14 @@ class SLatFlowModel(FlowDiT):
             return None
         return TokenLayout(seqlens=x.seqlens, seqlens_list=lens, batch_index=x.batch_index)
 
+    def _warmup_inputs(self, device: torch.device) -> Tuple[SparseTensor, torch.Tensor, torch.Tensor]:
+        """16 zero tokens of one sample (the first voxels of the grid, every input channel)."""
+        R, n = self.resolution, 16
+        i = torch.arange(n, device=device) % R ** 3
+        coords = torch.stack([torch.zeros_like(i), i // (R * R), i // R % R, i % R], 1).int()
+        x = SparseTensor(torch.zeros(n, self.in_channels, device=device), coords, (R,) * 3, batch_size=1)
+        return (x, *self._warmup_cond(device))
+
     def forward(
         self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None,
         concat_cond: Optional[torch.Tensor] = None,
@@ -66,6 +74,7 @@ class SLatFlowModel(FlowDiT):
         Returns:
             velocity, SparseTensor with feats ``[N, out_channels]`` in x's dtype on x's coords.
         """
+        self._ensure_kernels(x.feats.device)
         if concat_cond is not None:
             extra = concat_cond.feats if isinstance(concat_cond, SparseTensor) else concat_cond
             if extra.dim() != 2 or extra.shape[0] != x.feats.shape[0]:

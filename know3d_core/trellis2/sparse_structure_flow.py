@@ -42,6 +42,11 @@ class SparseStructureFlowModel(FlowDiT):
         device = self.input_layer.weight.device
         return {"rope_phases": self._rope_tables(device if device.type == "meta" else torch.device("cpu"))}
 
+    def _warmup_inputs(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A zero latent ``[1, in_channels, R, R, R]`` (all R^3 tokens: the kernels' real row count)."""
+        R = self.resolution
+        return (torch.zeros(1, self.in_channels, R, R, R, device=device), *self._warmup_cond(device))
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None
     ) -> torch.Tensor:
@@ -55,6 +60,7 @@ class SparseStructureFlowModel(FlowDiT):
         Returns:
             velocity ``[B, out_channels, R, R, R]`` in x's dtype.
         """
+        self._ensure_kernels(x.device)
         R = self.resolution
         B = x.shape[0]
         if tuple(x.shape[1:]) != (self.in_channels, R, R, R):

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..sparse import SparseLinear, SparseTensor
+from ..sparse.kernel_dispatch import KernelWarmup
 from .shape_decoder import (
     FlexiDualGridVaeDecoder,
     SparseResBlockC2S3d,
@@ -105,7 +106,7 @@ class SparseUnetVaeDecoder(FlexiDualGridVaeDecoder):
             self.blocks.append(level)
         self.dtype = torch.float32
         self.convert_to(torch.float16 if use_fp16 else torch.float32)
-        self._kernels_ready: set = set()
+        self._warmup = KernelWarmup()
 
     # ------------------------------------------------------------------ forward
     def _check_guides(self, x: SparseTensor, guide_subs: Sequence[SparseTensor]) -> None:

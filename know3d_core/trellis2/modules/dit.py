@@ -5,14 +5,17 @@ dtype (bf16 in the official checkpoints); ``input_layer``, ``t_embedder``, ``ada
 ``out_layer``, every norm, RMS gamma and ``modulation`` stay fp32. Activations are cast to the block
 dtype before the blocks and back to fp32 for the head.
 """
-from typing import Any, Optional, Sequence, Union
+import contextlib
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...plan import dtype_name
+from ...sparse.kernel_dispatch import KernelWarmup
 from .blocks import ModulatedTransformerCrossBlock
+from .fused import fused_enabled
 from .embedder import TimestepEmbedder
 
 __all__ = ["FlowDiT", "parse_dtype"]
@@ -97,6 +100,41 @@ class FlowDiT(nn.Module):
         self.knowledge_proj: Optional[nn.Module] = None
         self.dtype = torch.float32
         self.convert_to(parse_dtype(dtype))
+        self._warmup = KernelWarmup()  # (device, dtype) -> Triton kernels of the blocks run once
+
+    # ------------------------------------------------------------------ kernel warm-up
+    def start_kernel_precompile(self, device: Optional[torch.device] = None) -> bool:
+        """Start one tiny forward (:meth:`_warmup_inputs`, no grad) in the background (call when the
+        flow is loaded on its device): Triton's start and the fused kernels' compiles or cache loads,
+        cuBLAS's and the attention libraries' first calls then overlap whatever runs before the first
+        real forward, which joins it (re-raising an error it hit). True if started. Nothing runs
+        where the fused kernels do not (off CUDA, Triton missing or switched off)."""
+        device = torch.device(device) if device is not None else self.device
+        return self._warmup.start(KernelWarmup.key(device, self.dtype), lambda: self._warm_kernels(device))
+
+    def _warm_kernels(self, device: torch.device) -> bool:
+        """The warm-up itself: one forward on :meth:`_warmup_inputs` where the fused kernels run."""
+        if not fused_enabled(torch.empty(0, device=device, dtype=self.dtype)):
+            return False
+        on_cuda = device.type == "cuda"
+        with torch.no_grad(), torch.cuda.device(device) if on_cuda else contextlib.nullcontext():
+            self(*self._warmup_inputs(device))
+            if on_cuda:
+                torch.cuda.synchronize(device)
+        return True
+
+    def _warmup_inputs(self, device: torch.device) -> Tuple[Any, torch.Tensor, torch.Tensor]:
+        """``(x, t, cond)`` of the smallest forward that launches the blocks' kernels (batch 1)."""
+        raise NotImplementedError
+
+    def _ensure_kernels(self, device: torch.device) -> None:
+        """Top of the forward: join a background warm-up of this device and dtype if one was
+        started; without one the forward compiles what it launches, as it goes."""
+        self._warmup.ensure(KernelWarmup.key(device, self.dtype), lambda: None)
+
+    def _warmup_cond(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(t [1], cond [1, 16, cond_channels])`` zeros for :meth:`_warmup_inputs`."""
+        return torch.zeros(1, device=device), torch.zeros(1, 16, self.cond_channels, device=device)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,100 @@
+"""Probe (CUDA): the structure flow's and the shape decoder's first calls in a fresh process, in the
+pipeline's order, with the kernel warm-ups started at load (as ``Trellis2GeometryPipeline`` does)
+or not (the first call warms up itself: the path before) (issue 21).
+
+One fresh process: build the sparse-structure flow (bf16) and the shape decoder (fp16), full size,
+random weights (the stand-in for loading them); with ``--at-load on`` start both warm-ups there
+(``start_kernel_precompile``, one background thread, in that order); then the structure flow's first
+call (B=2 CFG pair, cond 1029), ``--ss-steps`` more of its forwards (what a sampler runs before the
+decoder; the shape flow, which sits in between in a real run, is left out: the decoder's warm-up
+gets less time to overlap here than in a pipeline), the decoder's first forward (20k tokens ->
+1024 grid) and a second one. Every figure is wall time between synchronizes.
+
+    D=$(mktemp -d); for r in cold warm; do for m in off on; do TRITON_CACHE_DIR=$D/$m \\
+        python benchmarks/probe_first_calls.py --at-load $m --out first_${m}_$r.json; done; done
+    python benchmarks/probe_first_calls.py --tiny --at-load on --out x.json   # CPU script check
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+T0 = time.perf_counter()
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import SHAPE_DECODER_FULL, default_device, device_name, sync, write_json  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--at-load", choices=["on", "off"], required=True, help="start the warm-ups when built")
+    p.add_argument("--ss-steps", type=int, default=11, help="structure-flow forwards after its first")
+    p.add_argument("--tiny", action="store_true", help="tiny networks on the CPU (script check)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = default_device(None, args.tiny)
+    log = {"at_load": args.at_load, "import_torch_ms": round(1000 * (time.perf_counter() - T0), 1)}
+    clock = [time.perf_counter()]
+
+    def stamp(name: str) -> float:
+        sync(device)
+        now = time.perf_counter()
+        log[name] = round(1000 * (now - clock[0]), 1)
+        clock[0] = now
+        return log[name]
+
+    from bench_shape_decoder import init_random, sphere_shell_tokens
+    from bench_trellis2_flows import FULL, TINY, build
+    from know3d_core.sparse import SparseTensor
+    from know3d_core.trellis2 import shape_decoder as shape_mod
+    stamp("import_ours_ms")
+    torch.zeros(1, device=device)
+    stamp("cuda_init_ms")
+    flow = build("ss", TINY if args.tiny else FULL, "float32" if args.tiny else "bfloat16", device)
+    stamp("build_flow_ms")
+    cfg = dict(shape_mod.TINY_ARGS) if args.tiny else dict(SHAPE_DECODER_FULL)
+    decoder = init_random(shape_mod.FlexiDualGridVaeDecoder(**cfg).to(device))
+    decoder.convert_to(torch.float16 if device.type == "cuda" else torch.float32)
+    stamp("build_decoder_ms")
+    if args.at_load == "on":
+        log["started"] = [flow.start_kernel_precompile(device), decoder.start_kernel_precompile(device)]
+    stamp("start_ms")
+    gen = torch.Generator(device=device).manual_seed(1)
+    lc = 17 if args.tiny else 1029
+    x = torch.randn(2, 8, 16, 16, 16, device=device, generator=gen)
+    t = torch.full((2,), 700.0, device=device)
+    cond = torch.randn(2, lc, flow.cond_channels, device=device, generator=gen)
+    grid, target = (12, 150) if args.tiny else (64, 20000)
+    coords = sphere_shell_tokens(grid, target, device)
+    slat = torch.randn(coords.shape[0], cfg["latent_channels"], device=device, generator=gen)
+    decoder.set_resolution(grid * 16)
+    stamp("inputs_ms")
+    with torch.no_grad():
+        flow(x, t, cond)
+        stamp("ss_first_ms")
+        for _ in range(args.ss_steps):
+            flow(x, t, cond)
+        stamp("ss_steps_ms")
+        flow(x, t, cond)
+        stamp("ss_steady_ms")
+        for name in ("decoder_first_ms", "decoder_second_ms"):
+            decoder(SparseTensor(slat, coords, (grid,) * 3, batch_size=1))
+            stamp(name)
+    log["from_start_to_decoded_ms"] = round(sum(log[k] for k in ("start_ms", "inputs_ms", "ss_first_ms", "ss_steps_ms",
+                                                                 "ss_steady_ms", "decoder_first_ms")), 1)
+    log["cache"] = os.environ.get("TRITON_CACHE_DIR")
+    print(log, flush=True)
+    print(f"({device_name(device)}) warm-ups at load {args.at_load}: structure flow first {log['ss_first_ms']} ms "
+          f"(steady {log['ss_steady_ms']}), {args.ss_steps} more {log['ss_steps_ms']} ms; decoder first "
+          f"{log['decoder_first_ms']} ms (second {log['decoder_second_ms']})", flush=True)
+    write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny, "log": log})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

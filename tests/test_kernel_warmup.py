@@ -1,0 +1,285 @@
+"""Kernel warm-up started at load (issue 21: first call in a fresh process).
+
+``KernelWarmup`` runs a network's warm-up (the decoder's precompile jobs, a flow's tiny forward) in a
+background thread from load and the first forward joins it. CPU checks with the real decoder and
+flows: the jobs run in the background thread before the first forward's body, the forward waits
+for them, an error raised there surfaces at the first use, a warm-up that runs the forward itself
+does not deadlock on its own join, results are unchanged, and the pipeline starts the warm-ups of
+its networks at load (not with ``offload``). On CUDA the precompile covers the variants (see
+test_decoder_fused's coverage test and the flow coverage test below).
+"""
+import copy
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from know3d_core.sparse import SparseTensor
+from know3d_core.sparse.kernel_dispatch import KernelWarmup
+from know3d_core.trellis2 import shape_decoder as shape_mod
+from know3d_core.trellis2 import sparse_structure_flow as ssf_mod
+from know3d_core.trellis2.modules import dit as dit_mod
+from know3d_core.trellis2.slat_flow import SLatFlowModel
+from know3d_core.trellis2.sparse_structure_flow import SparseStructureFlowModel
+from know3d_core.trellis2.tiny import random_state_dict, tiny_flow_args
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+KEY = ("cpu", torch.float32)
+
+
+# ----------------------------------------------------------------------------- KernelWarmup itself
+def test_start_runs_in_the_background_and_ensure_joins_it():
+    seen = {}
+    gate = threading.Event()
+
+    def warm():
+        gate.wait(5)
+        seen["thread"] = threading.current_thread().name
+        time.sleep(0.05)
+        seen["done"] = True
+
+    w = KernelWarmup()
+    assert w.start(KEY, warm) and w.pending(KEY)
+    assert not w.start(KEY, warm)  # once per key
+    assert "done" not in seen  # start returned before the warm-up ran
+    gate.set()
+    w.ensure(KEY, lambda: pytest.fail("a started warm-up must be joined, not run again"))
+    assert seen["done"] and seen["thread"] != threading.current_thread().name
+    assert w.done(KEY) and not w.pending(KEY)
+    w.ensure(KEY, lambda: pytest.fail("done: nothing runs"))
+
+
+def test_ensure_without_start_runs_the_warmup_in_the_caller_once():
+    calls = []
+    w = KernelWarmup()
+    w.ensure(KEY, lambda: calls.append(threading.current_thread().name))
+    w.ensure(KEY, lambda: calls.append("again"))
+    assert calls == [threading.current_thread().name]
+
+
+def test_an_error_in_the_background_surfaces_at_the_first_use_only():
+    w, began = KernelWarmup(), threading.Event()
+
+    def broken():
+        began.set()
+        raise ValueError("precompile broke")
+
+    w.start(KEY, broken)
+    began.wait(5)  # left the queue (a queued one would run in the caller instead)
+    with pytest.raises(ValueError, match="precompile broke"):
+        w.ensure(KEY, lambda: None)
+    w.ensure(KEY, lambda: pytest.fail("reported once; later calls proceed"))
+
+
+def test_a_queued_warmup_runs_in_the_caller_instead_of_waiting_behind_others():
+    """All warm-ups share one background thread; one that has not started when its network is
+    called is taken out of the queue and run by the caller."""
+    blocker, release = KernelWarmup(), threading.Event()
+    blocker.start(KEY, lambda: release.wait(5))
+    queued, where = KernelWarmup(), []
+    queued.start(KEY, lambda: where.append("background"))
+    queued.ensure(KEY, lambda: where.append("caller"))
+    release.set()
+    blocker.ensure(KEY, lambda: None)
+    assert where == ["caller"]
+
+
+def test_nested_ensure_inside_a_warmup_returns_at_once():
+    w, inner, began = KernelWarmup(), [], threading.Event()
+
+    def warm():  # a flow's warm-up calls its own forward, which calls ensure
+        began.set()
+        w.ensure(KEY, lambda: pytest.fail("nested"))
+        inner.append(True)
+
+    w.start(KEY, warm)
+    began.wait(5)
+    w.ensure(KEY, lambda: None)
+    assert inner == [True]
+
+
+def test_copies_start_cold_and_cuda_keys_name_the_index():
+    w = KernelWarmup()
+    w.start(KEY, lambda: None)
+    w.ensure(KEY, lambda: None)
+    assert not copy.deepcopy(w).done(KEY) and w.done(KEY)
+    assert KernelWarmup.key("cpu", torch.float16) == ("cpu", torch.float16)
+
+
+# ----------------------------------------------------------------------------- the shape decoder
+def _decoder():
+    torch.manual_seed(0)
+    model = shape_mod.FlexiDualGridVaeDecoder(**shape_mod.TINY_ARGS).eval()
+    model.convert_to(torch.float32)
+    return model
+
+
+def _decoder_input():
+    torch.manual_seed(1)
+    r = torch.arange(4)
+    grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    coords = torch.cat([torch.zeros(len(grid), 1, dtype=grid.dtype), grid], 1).int()
+    return SparseTensor(torch.randn(len(coords), 32), coords, (4, 4, 4), batch_size=1)
+
+
+def test_decoder_precompile_starts_in_the_background_and_the_first_forward_waits(monkeypatch):
+    """The precompile jobs (here: CPU stand-ins through the real precompile_kernels) run in the
+    background thread started at load, and the first forward's body runs only after all of them."""
+    model, log, began = _decoder(), [], threading.Event()
+
+    def slow_job():
+        time.sleep(0.2)
+        log.append(("job", threading.current_thread().name.startswith("know3d-kernel-warmup")
+                    or threading.current_thread().name.startswith("ThreadPool")))
+
+    monkeypatch.setattr(model, "_kernel_jobs", lambda device: (began.set(), [slow_job, slow_job])[1])
+    original = model._from_latent
+    monkeypatch.setattr(model, "_from_latent", lambda x: (log.append(("body", None)), original(x))[1])
+    assert model.start_kernel_precompile(torch.device("cpu"))
+    assert not model.start_kernel_precompile(torch.device("cpu"))
+    began.wait(5)
+    model(_decoder_input())
+    assert log == [("job", True), ("job", True), ("body", None)]
+    model(_decoder_input())  # joined once: no second precompile
+    assert log.count(("body", None)) == 2 and len(log) == 4
+
+
+def test_decoder_precompile_error_surfaces_at_the_first_forward(monkeypatch):
+    model = _decoder()
+
+    def broken(device):  # where the real _kernel_jobs raises for a config it cannot precompile
+        raise ValueError("shape decoder precompile: 3x3x3 convs expected")
+
+    monkeypatch.setattr(model, "_kernel_jobs", broken)
+    model.start_kernel_precompile(torch.device("cpu"))
+    with pytest.raises(ValueError, match="3x3x3 convs expected"):
+        model(_decoder_input())
+    assert torch.isfinite(model(_decoder_input()).feats).all()  # then the forward proceeds
+
+
+def test_decoder_output_is_the_same_with_the_background_precompile():
+    a, b, x = _decoder(), _decoder(), _decoder_input()
+    b.load_state_dict(a.state_dict())
+    b.start_kernel_precompile(torch.device("cpu"))
+    ra, rb = a(x), b(x)
+    assert torch.equal(ra.coords, rb.coords) and torch.equal(ra.feats, rb.feats)
+
+
+# ----------------------------------------------------------------------------- the flows
+def _flow(cls, kind):
+    model = cls(**{**tiny_flow_args(kind), "dtype": "float32"}).eval()
+    model.load_state_dict(random_state_dict(model, 0))
+    return model
+
+
+@pytest.mark.parametrize("cls,kind", [(SparseStructureFlowModel, "ss"), (SLatFlowModel, "shape512")])
+def test_flow_warmup_forward_runs_in_the_background_without_deadlock(monkeypatch, cls, kind):
+    """Where the fused kernels run (forced here on the CPU, so the real warm-up forward runs), the
+    warm-up is one tiny forward in the background thread; that forward's own ensure returns at once
+    and the first real forward joins it."""
+    model, threads, began = _flow(cls, kind), [], threading.Event()
+    monkeypatch.setattr(dit_mod, "fused_enabled", lambda x: True)
+    original = model._warmup_inputs
+    monkeypatch.setattr(model, "_warmup_inputs", lambda device: (
+        threads.append(threading.current_thread().name), began.set(), original(device))[2])
+    assert model.start_kernel_precompile(torch.device("cpu"))
+    began.wait(5)
+    x, t, cond = original(torch.device("cpu"))
+    model(x, t, cond)
+    assert model._warmup.done(KEY) and len(threads) == 1 and threads[0].startswith("know3d-kernel-warmup")
+
+
+def test_flow_warmup_error_surfaces_at_the_first_forward(monkeypatch):
+    model = _flow(SparseStructureFlowModel, "ss")
+    began = threading.Event()
+
+    def broken(device):
+        began.set()
+        raise RuntimeError("warm-up broke")
+
+    monkeypatch.setattr(model, "_warm_kernels", broken)
+    model.start_kernel_precompile(torch.device("cpu"))
+    began.wait(5)
+    x, t, cond = model._warmup_inputs(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="warm-up broke"):
+        model(x, t, cond)
+    assert torch.isfinite(model(x, t, cond)).all()
+
+
+def test_flow_warmup_does_nothing_where_the_fused_kernels_do_not_run():
+    model = _flow(SparseStructureFlowModel, "ss")
+    assert model._warm_kernels(torch.device("cpu")) is False
+    model.start_kernel_precompile(torch.device("cpu"))
+    x, t, cond = model._warmup_inputs(torch.device("cpu"))
+    ref = _flow(SparseStructureFlowModel, "ss")(x, t, cond)
+    assert torch.equal(model(x, t, cond), ref)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from _pipeline_helpers import geometry_demo
+
+    return geometry_demo(tmp_path_factory)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_pipeline_starts_each_networks_warmup_at_load_unless_offloaded(demo, offload):
+    from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
+
+    pipe = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32",
+                                                    pipeline_types=["512"], offload=offload)
+    warm = {k: m._warmup for k, m in pipe.models.items() if hasattr(m, "_warmup")}
+    assert len(warm) == 3  # the structure flow, the shape flow, the shape decoder
+    for key, w in warm.items():
+        dtype = pipe.models[key].dtype
+        assert (w.pending(KernelWarmup.key("cpu", dtype)) or w.done(KernelWarmup.key("cpu", dtype))) != offload, key
+
+
+# ----------------------------------------------------------------------------- CUDA: coverage
+_FLOW_SCRIPT = """
+import glob, os, torch
+from know3d_core.trellis2.sparse_structure_flow import SparseStructureFlowModel
+from know3d_core.trellis2.slat_flow import SLatFlowModel
+from know3d_core.trellis2.tiny import random_state_dict, tiny_flow_args
+from know3d_core.sparse import SparseTensor
+
+def variants():
+    root = os.environ["TRITON_CACHE_DIR"]
+    return sorted(p for p in glob.glob(os.path.join(root, "*", "*.json")) if not os.path.basename(p).startswith("__grp__"))
+
+ss = SparseStructureFlowModel(**{**tiny_flow_args("ss", model_channels=128, num_heads=2), "dtype": "bfloat16"}).cuda()
+ss.load_state_dict(random_state_dict(ss, 0))
+assert ss.start_kernel_precompile()
+ss._ensure_kernels(torch.device("cuda"))  # joins the warm-up
+compiled = variants()
+x, t, cond = ss._warmup_inputs(torch.device("cuda"))
+ss(torch.randn(2, *x.shape[1:], device="cuda"), torch.full((2,), 700.0, device="cuda"),
+   torch.randn(2, 40, cond.shape[2], device="cuda"))
+sl = SLatFlowModel(**{**tiny_flow_args("shape512", model_channels=128, num_heads=2), "dtype": "bfloat16"}).cuda()
+sl.load_state_dict(random_state_dict(sl, 1))
+coords = torch.randint(0, 32, (2 * 300, 3), device="cuda")
+coords = torch.cat([torch.arange(2, device="cuda").repeat_interleave(300)[:, None], coords], 1).int()
+sl(SparseTensor(torch.randn(600, 32, device="cuda"), coords, (32, 32, 32), batch_size=2),
+   torch.full((2,), 700.0, device="cuda"), torch.randn(2, 40, cond.shape[2], device="cuda"))
+torch.cuda.synchronize()
+print("compiled by the warm-up", len(compiled), "after both B=2 forwards", len(variants()))
+assert compiled and variants() == compiled, sorted(set(variants()) - set(compiled))
+"""
+
+
+@cuda
+@pytest.mark.cuda
+def test_flow_warmup_covers_the_kernels_of_a_cfg_pair_forward(tmp_path):
+    """In a fresh process with an empty kernel cache: after the structure flow's warm-up (B=1, short
+    condition), its B=2 forward and a B=2 shape-flow forward of the same width compile nothing new."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _FLOW_SCRIPT], env=env, cwd=here, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
