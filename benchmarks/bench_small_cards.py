@@ -10,8 +10,9 @@ its kernels once per machine, into the disk cache every later process reads), th
 then each capped run: ``torch.cuda.set_per_process_memory_fraction`` caps the caching allocator at
 the card size less the CUDA context this process holds (measured), so allocator + context fit the
 card. Per run: seconds and peak allocated memory per stage (``Know3DResult.timings`` /
-``peak_vram``), peak reserved memory, back-view seconds per step, and the captured hidden states'
-relative error against the uncapped (bf16) run.
+``peak_vram``), peak reserved memory, back-view seconds per step, the page-locked host memory of
+the Qwen networks (``device_visits``; the cost of fast visits) and the process's peak host RSS so
+far, and the captured hidden states' relative error against the uncapped (bf16) run.
 
 Networks are the full-size architectures with RANDOM weights, built directly (no files are written
 or read: the loaders are not what is measured). Each network is initialised on the GPU by its own
@@ -244,6 +245,22 @@ def apply_cap(card_gib: float, device: torch.device, row: dict) -> None:
     torch.cuda.reset_peak_memory_stats(device)
 
 
+def pinned_host_bytes(bv) -> int:
+    """Page-locked host bytes of the Qwen networks: the pinned copies of the networks that visit whole,
+    plus the block-offloaded networks' (diffusers' group offloading with streams pins every weight)."""
+    if bv.execution_device.type != "cuda":
+        return 0
+    hooked = sum(t.numel() * t.element_size() for m in bv.hooked for t in list(m.parameters()) + list(m.buffers()))
+    return sum(bv.pinned_bytes(m) for m in bv.networks()) + hooked
+
+
+def host_rss_peak_gib() -> float:
+    """This process's peak resident host memory so far (all runs before this one included), GiB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2)
+
+
 def back_view_steps(times: list) -> dict:
     """Seconds per back-view step from the callback times (after the first step), and steps run."""
     diffs = [b - a for a, b in zip(times, times[1:])]
@@ -267,7 +284,8 @@ def run_one(args, keep_hidden: dict | None = None) -> dict:
     geometry = build_geometry(args.tiny, device, plan.geometry_offload, layers, sigma, dim)
     fix_structure(geometry, size["n_cascade"])
     pipe = Know3DPipeline(geometry, bv, memory_plan=plan)
-    row.update(placement=pipe.placement, capture={"layers": layers, "sigma": sigma, "knowledge_dim": dim})
+    row.update(placement=pipe.placement, capture={"layers": layers, "sigma": sigma, "knowledge_dim": dim},
+               pinned_host_gib=round(pinned_host_bytes(bv) / GIB, 3))
     row["build_s"] = round(time.perf_counter() - t0, 2)
     print(f"built in {row['build_s']} s; Qwen networks: {pipe.placement}", flush=True)
     cuda = device.type == "cuda"
@@ -312,6 +330,7 @@ def run_one(args, keep_hidden: dict | None = None) -> dict:
         row["peak_allocated_gib"] = round(peak / GIB, 3)
         row["peak_reserved_gib_last_stage"] = round(torch.cuda.max_memory_reserved(device) / GIB, 3)
         row["context_gib_end"] = round(context_bytes(device) / GIB, 3)
+    row["host_rss_peak_gib_process"] = host_rss_peak_gib()
     if args.hidden_out:
         torch.save(kept["stage"].mmdit.hidden.float().cpu(), args.hidden_out)
     if keep_hidden is not None:
@@ -388,13 +407,13 @@ def summarise(rows: list[dict], tiny: bool) -> None:
 
 def print_table(rows: list[dict]) -> None:
     print("\ncard GiB | plan           | ok | seconds (x uncapped) | s/back step | peak alloc / reserved (last stage) / ctx GiB "
-          "| per-stage peak GiB | hidden rel err")
+          "| per-stage peak GiB | pinned host GiB | hidden rel err")
     for r in rows:
         peaks = ", ".join(f"{k} {v}" for k, v in (r.get("peak_gib") or {}).items())
         print(f"{r.get('card_gib') or 'none':>8} | {r.get('plan', '?'):14} | {'y' if r.get('ok') else 'n'}  | "
               f"{r.get('seconds', '-')} (x{r.get('time_vs_uncapped', '-')}) | {r.get('back_s_per_step', '-')} | "
               f"{r.get('peak_allocated_gib', '-')} / {r.get('peak_reserved_gib_last_stage', '-')} / {r.get('context_gib_end', '-')} "
-              f"| {peaks} | {r.get('hidden_rel_err_vs_uncapped', '-')}" + (f" | {r['error'][:160]}" if r.get("error") else ""))
+              f"| {peaks} | {r.get('pinned_host_gib', '-')} | {r.get('hidden_rel_err_vs_uncapped', '-')}" + (f" | {r['error'][:160]}" if r.get("error") else ""))
 
 
 def release(device: torch.device) -> None:

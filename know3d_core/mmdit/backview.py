@@ -4,7 +4,8 @@ and our sampling loop; optional hidden-state capture and early exit.
 :class:`QwenEditBackView` is the one back-view orchestration: ``Know3DPipeline.back_view`` (the
 CLI) calls it, and the parity test against diffusers' ``QwenImageEditPlusPipeline`` runs it. With
 ``place(device, offload=True)`` each network stays on the CPU and visits ``device`` only while it
-runs (text encoder, then VAE, then transformer, then VAE).
+runs (text encoder once for both prompts, then VAE, then transformer, then VAE); on CUDA from pinned
+host copies (``device_visits``: one copy in, nothing copied back).
 """
 from __future__ import annotations
 
@@ -115,6 +116,8 @@ class QwenEditBackView:
         self.device: torch.device | None = None  # where the networks run (None: where the transformer is)
         self.offload = False
         self.hooked: list[torch.nn.Module] = []  # placed by diffusers' group-offloading hooks (``mmdit.memory``)
+        self.visits: dict = {}  # id(network) -> device_visits.PinnedVisits (offload on CUDA)
+        self._visiting: set[int] = set()  # ids of the networks on the device now (outermost ``use`` moves them)
         self.compute_dtype: torch.dtype | None = None  # None: the transformer's parameter dtype
 
     # ------------------------------------------------------------------ placement
@@ -125,11 +128,24 @@ class QwenEditBackView:
         """Run on ``device``; with ``offload`` the networks live on the CPU and each visits
         ``device`` only while it runs (see :meth:`use`). ``hooked`` networks live on the CPU and are
         left to their group-offloading hooks (``mmdit.memory.apply_memory_plan``)."""
+        from ..device_visits import visits_for
+
         self.device, self.offload = torch.device(device), bool(offload)
         self.hooked = list(hooked)
         home = torch.device("cpu") if self.offload else self.device
         for module in self.networks():
             module.to(torch.device("cpu") if self._is_hooked(module) else home)
+        self.visits = {}
+        if self.offload:
+            for module in self.networks():
+                visits = None if self._is_hooked(module) else visits_for(module, self.device)
+                if visits is not None:
+                    self.visits[id(module)] = visits
+
+    def pinned_bytes(self, module: torch.nn.Module | None) -> int:
+        """Bytes of ``module``'s pinned host copy (0: it moves with ``.to`` or stays put)."""
+        visits = self.visits.get(id(module))
+        return visits.host_bytes if visits is not None else 0
 
     def _is_hooked(self, module: torch.nn.Module) -> bool:
         return any(module is m for m in self.hooked)
@@ -147,19 +163,36 @@ class QwenEditBackView:
 
     @contextlib.contextmanager
     def use(self, *modules: torch.nn.Module | None) -> Iterator[None]:
-        """Keep ``modules`` on the execution device for the block (a no-op unless offloading)."""
-        mods = [m for m in modules if m is not None and not self._is_hooked(m)]
+        """Keep ``modules`` on the execution device for the block (a no-op unless offloading); a
+        network already there (an enclosing ``use``) stays and moves with the outermost block."""
+        mods = [m for m in modules if m is not None and not self._is_hooked(m) and id(m) not in self._visiting]
         if self.offload:
             for m in mods:
-                m.to(self.execution_device)
+                self._arrive(m)
         try:
             yield
         finally:
             if self.offload:
                 for m in mods:
-                    m.to("cpu")
+                    self._leave(m)
                 if self.execution_device.type == "cuda" and torch.cuda.is_available():
                     torch.cuda.empty_cache()
+
+    def _arrive(self, module: torch.nn.Module) -> None:
+        self._visiting.add(id(module))
+        visits = self.visits.get(id(module))
+        if visits is not None:
+            visits.onload()
+        else:
+            module.to(self.execution_device)
+
+    def _leave(self, module: torch.nn.Module) -> None:
+        visits = self.visits.get(id(module))
+        if visits is not None:
+            visits.offload()
+        else:
+            module.to("cpu")
+        self._visiting.discard(id(module))
 
     @classmethod
     def from_folder(cls, folder: str, *, dtype=torch.bfloat16, device="cpu", loras=(),
@@ -234,10 +267,11 @@ class QwenEditBackView:
         receives the captured states.
         """
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if prompt_embeds is None:
-            prompt_embeds, prompt_mask = self.encode(images, self.prompt.build(description))
-        if negative_embeds is None and negative_prompt is not None and true_cfg_scale > 1:
-            negative_embeds, negative_mask = self.encode(images, negative_prompt)
+        with self.use(self.c.text_encoder if prompt_embeds is None or negative_embeds is None else None):
+            if prompt_embeds is None:  # both prompts in one visit of the text encoder
+                prompt_embeds, prompt_mask = self.encode(images, self.prompt.build(description))
+            if negative_embeds is None and negative_prompt is not None and true_cfg_scale > 1:
+                negative_embeds, negative_mask = self.encode(images, negative_prompt)
         inputs = self.prepare(images, prompt_embeds, prompt_mask, negative_embeds, negative_mask, height, width)
         if latents is None:
             latents = self.noise(inputs, generator)

@@ -7,7 +7,9 @@
   top-level block list) visit the device while they run, the next one prefetched on a side CUDA
   stream (``use_stream``, CUDA only; on the CPU the hooks move nothing).
 
-Networks of the ``model`` placement visit the device whole (``QwenEditBackView.use``).
+Networks of the ``model`` placement visit the device whole (``QwenEditBackView.use``), on CUDA from
+pinned host copies (``know3d_core.device_visits``: diffusers' ``ModuleGroup``; one copy in per visit,
+none back); the text encoder visits once per back view, for both prompts.
 """
 from __future__ import annotations
 
@@ -87,5 +89,8 @@ def apply_memory_plan(backview, plan: MemoryPlan, device, compute_dtype: torch.d
         if module is None:
             continue
         how = offload_blocks(module, device) if placement == "blocks" else placement
+        pinned = backview.pinned_bytes(module)
+        if pinned:
+            how += f" (pinned host copy {pinned / 2 ** 30:.1f} GiB)"
         done[name] = f"{'fp8' if storage == FP8_STORAGE else str(compute_dtype).replace('torch.', '')}, {how}"
     return done

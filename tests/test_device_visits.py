@@ -1,0 +1,77 @@
+"""Whole networks visiting the device (the ``model`` placement): pinned host copies through diffusers'
+``ModuleGroup`` on CUDA (``know3d_core.device_visits``), and the back view's visits (the text encoder
+once for both prompts)."""
+import pytest
+import torch
+
+from know3d_core.device_visits import PinnedVisits, chunks, visits_for
+
+from test_mmdit_memory import _backview
+from test_mmdit_common import random_image
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(64, 64)          # 16 KiB weight + bias
+        self.b = torch.nn.Linear(64, 64)
+        self.b.weight = self.a.weight              # tied: one tensor
+        self.register_buffer("scale", torch.full((64,), 2.0))
+
+    def forward(self, x):
+        return self.b(self.a(x)) * self.scale
+
+
+def test_chunks_cover_every_tensor_once_within_the_size():
+    net = _Net()
+    parts = chunks(net, max_bytes=16 * 1024 + 100)
+    tensors = [t for params, bufs in parts for t in params + bufs]
+    assert len(tensors) == len({id(t) for t in tensors}) == 4  # a.weight (tied), a.bias, b.bias, scale
+    assert {id(t) for t in tensors} == {id(t) for t in list(net.parameters()) + list(net.buffers())}
+    assert [len(p) + len(b) for p, b in parts] == [1, 3]       # the 16 KiB weight fills the first chunk
+    assert all(sum(t.numel() * t.element_size() for t in p + b) <= 16 * 1024 + 100 for p, b in parts)
+
+
+def test_no_pinned_visits_off_cuda():
+    assert visits_for(_Net(), "cpu") is None
+    assert visits_for(object(), "cpu") is None
+
+
+def test_text_encoder_visits_once_for_both_prompts():
+    """The positive and the negative prompt are encoded in one visit of the text encoder (each visit of
+    a 16 GB card's fp8 text encoder moved 7.7 GiB in and out); the other networks visit as before."""
+    bv = _backview()
+    bv.place("cpu", offload=True)
+    arrivals = []
+    real = bv._arrive
+    bv._arrive = lambda m: (arrivals.append(m), real(m))[1]
+    bv([random_image(80, 64, seed=4)], "two straps", steps=2, height=64, width=64,
+       generator=torch.Generator().manual_seed(1), decode=True)
+    names = {id(bv.c.text_encoder): "text_encoder", id(bv.c.vae): "vae", id(bv.c.transformer): "transformer"}
+    assert [names[id(m)] for m in arrivals] == ["text_encoder", "vae", "transformer", "vae"]
+    assert not bv._visiting
+
+
+@cuda
+@pytest.mark.cuda
+def test_pinned_visit_moves_in_and_points_back_without_copying():
+    """On CUDA: the host copies are pinned; a visit puts every tensor on the device with the same values
+    and the forward matches the CPU's; leaving points each tensor back at the same pinned storage."""
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(3, 64)
+    want = net(x)
+    visits = PinnedVisits(net, torch.device("cuda"), max_bytes=16 * 1024 + 100)
+    host = {name: t.data_ptr() for name, t in list(net.named_parameters()) + list(net.named_buffers())}
+    assert all(t.is_pinned() for t in list(net.parameters()) + list(net.buffers()))
+    assert visits.host_bytes == sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
+    for _ in range(2):
+        visits.onload()
+        assert all(t.device.type == "cuda" for t in list(net.parameters()) + list(net.buffers()))
+        torch.testing.assert_close(net(x.cuda()).cpu(), want)
+        visits.offload()
+        now = {name: t.data_ptr() for name, t in list(net.named_parameters()) + list(net.named_buffers())}
+        assert now == host
+    torch.testing.assert_close(net(x), want)
