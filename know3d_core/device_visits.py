@@ -11,13 +11,18 @@ CPU before, now page-locked; while it visits, the host copy stays (the device ho
 
 The weights are pinned in chunks of at most :data:`CHUNK_BYTES` (one ``ModuleGroup`` each, its
 pageable original freed right after), so pinning never holds a second copy of a whole network.
-On a CPU device, or without diffusers, :func:`visits_for` returns None and the callers keep ``.to``.
+On a CPU device, without diffusers, or with ``KNOW3D_PIN_HOST=0`` in the environment (a host short of
+RAM to lock), :func:`visits_for` returns None and the callers keep ``.to``.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["CHUNK_BYTES", "PinnedVisits", "chunks", "visits_for"]
+__all__ = ["CHUNK_BYTES", "PIN_HOST_ENV", "PinnedVisits", "chunks", "pin_host_enabled", "visits_for"]
+
+PIN_HOST_ENV = "KNOW3D_PIN_HOST"
 
 CHUNK_BYTES = 256 * 2 ** 20
 
@@ -74,11 +79,19 @@ class PinnedVisits:
             group.offload_()
 
 
+def pin_host_enabled() -> bool:
+    """False when ``KNOW3D_PIN_HOST`` is ``0`` / ``false`` / ``no`` / ``off``."""
+    return os.environ.get(PIN_HOST_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def visits_for(module, device) -> PinnedVisits | None:
     """:class:`PinnedVisits` of ``module`` (an ``nn.Module`` on the CPU) for a CUDA ``device``; None
-    for any other device, any other object, or without diffusers (callers then move with ``.to``)."""
+    for any other device, any other object, without diffusers, or when :func:`pin_host_enabled` is
+    False (callers then move with ``.to``)."""
     device = torch.device(device)
     if device.type != "cuda" or not isinstance(module, torch.nn.Module) or not torch.cuda.is_available():
+        return None
+    if not pin_host_enabled():
         return None
     try:
         import diffusers.hooks.group_offloading  # noqa: F401

@@ -28,8 +28,9 @@ structure noise and each shape stage's noise on the CPU in fp32 (the reference c
 ``torch.manual_seed(seed)`` and ``torch.randn``: the same numbers).
 
 Placement: with ``offload`` every network lives on the CPU and visits ``device`` only while its
-stage runs (the reference's ``low_vram``). Per-stage buffers (knowledge contexts, the CFG pair
-template, intermediate latents) are released when a stage ends, also when it is cancelled.
+stage runs (the reference's ``low_vram``); on CUDA from pinned host copies (``device_visits``). Per-
+stage buffers (knowledge contexts, the CFG pair template, intermediate latents) are released when a
+stage ends, also when it is cancelled.
 """
 from __future__ import annotations
 
@@ -276,8 +277,21 @@ class Trellis2GeometryPipeline:
             model.to(home).eval()
         if self.image_cond_model is not None:
             self.image_cond_model.to(home)
-        if not self.offload:
+        self.visits: Dict[int, Any] = {}  # id(network) -> device_visits.PinnedVisits (offload on CUDA)
+        if self.offload:
+            self._pin_host_copies()
+        else:
             self._start_kernel_warmups()
+
+    def _pin_host_copies(self) -> None:
+        """Pinned host copies of every network (the DINOv3 extractor's model too) for fast visits."""
+        from .device_visits import visits_for
+
+        nets = list(self.models.values()) + [getattr(self.image_cond_model, "model", None)]
+        for net in nets:
+            visits = visits_for(net, self.device) if net is not None else None
+            if visits is not None:
+                self.visits[id(net)] = visits
 
     def _start_kernel_warmups(self) -> None:
         """Each network's kernel warm-up (Triton's start, compiles or cache loads) in the background,
@@ -437,15 +451,22 @@ class Trellis2GeometryPipeline:
     @contextlib.contextmanager
     def use(self, *modules: Any) -> Iterator[None]:
         """Keep ``modules`` (networks or the DINOv3 extractor) on ``device`` for the block (offload)."""
+        visits = [self.visits.get(id(getattr(m, "model", m))) for m in modules]
         if self.offload:
-            for m in modules:
-                m.to(self.device)
+            for m, v in zip(modules, visits):
+                if v is not None:
+                    v.onload()
+                else:
+                    m.to(self.device)
         try:
             yield
         finally:
             if self.offload:
-                for m in modules:
-                    m.to(self.offload_device)
+                for m, v in zip(modules, visits):
+                    if v is not None:
+                        v.offload()
+                    else:
+                        m.to(self.offload_device)
                 _empty_cache(self.device)
 
     # ------------------------------------------------------------------ conditioning

@@ -75,3 +75,46 @@ def test_pinned_visit_moves_in_and_points_back_without_copying():
         now = {name: t.data_ptr() for name, t in list(net.named_parameters()) + list(net.named_buffers())}
         assert now == host
     torch.testing.assert_close(net(x), want)
+
+
+def test_pin_host_switch(monkeypatch):
+    from know3d_core.device_visits import PIN_HOST_ENV, pin_host_enabled
+
+    assert pin_host_enabled()
+    for off in ("0", "false", "Off"):
+        monkeypatch.setenv(PIN_HOST_ENV, off)
+        assert not pin_host_enabled()
+    monkeypatch.setenv(PIN_HOST_ENV, "1")
+    assert pin_host_enabled()
+
+
+@cuda
+@pytest.mark.cuda
+def test_offloaded_pipeline_on_cuda_visits_from_pinned_copies(tmp_path_factory):
+    """The demo models, ``offload=True`` on CUDA: every network (Qwen and TRELLIS.2, the DINOv3 model too)
+    has pinned host copies, the run gives the resident run's knowledge and mesh size, and afterwards every
+    weight is back on its pinned host copy."""
+    from PIL import Image
+
+    from know3d_core.demo_models import DEMO_RUN_SETTINGS
+    from know3d_core.pipeline import Know3DPipeline
+
+    from _pipeline_helpers import full_demo
+
+    demo = full_demo(tmp_path_factory)
+    run = dict(steps=DEMO_RUN_SETTINGS["steps"], pipeline_type="512", back_view_size=DEMO_RUN_SETTINGS["back_view_size"],
+               trellis_steps=3)
+    image = Image.open(demo.image)
+    results = {}
+    for offload in (False, True):
+        pipe = Know3DPipeline.from_pretrained(
+            demo.trellis2, qwen=demo.qwen, know3d=demo.know3d, backview_loras=[demo.backview_lora], device="cuda",
+            dtype="float32", offload=offload, vae_image_area=DEMO_RUN_SETTINGS["vae_image_area"])
+        results[offload] = pipe.run(image, "a hollow backrest", "hidden", seed=2, **run)
+    nets = list(pipe.geometry.models.values()) + [pipe.geometry.image_cond_model.model] + pipe.backview.networks()
+    assert len(pipe.geometry.visits) + len(pipe.backview.visits) == len(nets)
+    assert all(t.is_pinned() for n in nets for t in list(n.parameters()) + list(n.buffers()))
+    a, b = results[True], results[False]
+    assert a.knowledge == b.knowledge and a.mesh.num_faces == b.mesh.num_faces
+    torch.testing.assert_close(a.geometry.slat.feats.float().cpu(), b.geometry.slat.feats.float().cpu(),
+                               atol=1e-3, rtol=1e-3)
