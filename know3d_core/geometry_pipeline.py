@@ -28,9 +28,9 @@ structure noise and each shape stage's noise on the CPU in fp32 (the reference c
 ``torch.manual_seed(seed)`` and ``torch.randn``: the same numbers).
 
 Placement: with ``offload`` every network lives on the CPU and visits ``device`` only while its
-stage runs (the reference's ``low_vram``); on CUDA from pinned host copies (``device_visits``). Per-
-stage buffers (knowledge contexts, the CFG pair template, intermediate latents) are released when a
-stage ends, also when it is cancelled.
+stage runs (the reference's ``low_vram``); on CUDA from pinned host copies (``device_visits``).
+Per-stage buffers (knowledge contexts, the CFG pair template, intermediate latents) are released when
+a stage ends, also when it is cancelled.
 """
 from __future__ import annotations
 
