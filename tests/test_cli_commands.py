@@ -328,6 +328,19 @@ def _wait_for_first_item(proc, out, timeout=60):
     raise AssertionError("no item finished in time")
 
 
+def _wait_for_temporary(proc, out, timeout=60):
+    """Until an item's temporary folder exists under ``out`` (the batch is inside an item)."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if any(".tmp-" in e for e in _entries(out)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"batch ended early: {proc.communicate()}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("no item started in time")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_batch_interrupted_part_way_cleans_up_and_resumes(tmp_path, models, sig):
     """Ctrl-C / SIGTERM (a scheduler's pre-emption): exit 130, no temporary folder left, and a rerun
@@ -336,7 +349,7 @@ def test_batch_interrupted_part_way_cleans_up_and_resumes(tmp_path, models, sig)
     argv = _batch_argv(tmp_path, models[0], out)
     proc = _spawn(argv, delay=0.8)
     _wait_for_first_item(proc, str(out))
-    time.sleep(0.3)  # inside the second item: its temporary folder exists
+    _wait_for_temporary(proc, out)  # inside the second item (a fixed sleep was flaky on a loaded CPU)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     done_before = _finished(out)
