@@ -11,6 +11,8 @@ Rows:
 - ``decoder 512`` / ``decoder 1024``: the official shape decoder (fp16, random weights) on ~8k /
   ~20k sphere-shell tokens: forward ms with each map build (same model, same input). Anchor: the
   TRELLIS.2 reference's 94-107 / 202-239 ms on an H200 (issue 21).
+- ``children``: one subdivision's child coords and source rows as at the 1024 decoder's last level
+  (1.25 M parents), one Triton launch against the PyTorch ops (``torch_ms``), identical outputs.
 - ``--profile``: kernel time of one 1024 decoder forward by category (where the time goes).
 
     python benchmarks/bench_neighbour_map.py --out maps.json [--profile]   # GPU
@@ -38,13 +40,16 @@ from know3d_core.trellis2.modules import fused_mlp  # noqa: E402
 from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: E402
 
 REFERENCE = {"map": "FlexGEMM +0.4-0.6 ms (H200, issue 21)", "decoder 512": "reference 94-107 ms (H200, issue 21)",
-             "decoder 1024": "reference 202-239 ms (H200, issue 21)"}
+             "decoder 1024": "reference 202-239 ms (H200, issue 21)",
+             "children": "PyTorch ops: index_select 2.96 ms at 1.25 M -> 4.9 M in the 1024 profile (H100, session 6)"}
 MAP_CASES = [("map N=200k", 200_000), ("map N=1M", 1_000_000)]
+CHILDREN_PARENTS = 1_250_000  # the 1024 decoder's last subdivision: ~1.25 M parents -> ~4.9 M children
 DECODER_CASES = [("decoder 512", 32, 8000), ("decoder 1024", 64, 20000)]
 CATEGORIES = [  # first match wins, lower-cased kernel names
     ("sparse conv (Triton)", ("_subm_conv",)),
     ("ConvNeXt tail: LN+MLP+residual (Triton)", ("_convnext_mlp",)),
     ("neighbour map (Triton)", ("_hash_", "_tile_layout", "_child_tile")),
+    ("subdivision children (Triton)", ("_children_kernel",)),
     ("layer norm (+SiLU)", ("_layer_norm_act", "layer_norm")),
     ("sort/search/scan", ("sort", "search", "radix", "scan")),
     ("gemm", ("gemm", "sm90_xmma", "cutlass", "matmul", "nvjet", "cublas")),
@@ -86,7 +91,31 @@ def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
             "anchor": REFERENCE["map"]}
 
 
-BASELINES = ("mlp_off", "torch_maps", "c2s_earlier", "wide_rule")
+def bench_children(n: int, device, warmup: int, repeats: int) -> dict:
+    """Children of one subdivision as the 1024 decoder's last one (~n parents of a shell, each child
+    present with probability 0.49: ~3.9 n children): coords + source rows in one Triton launch vs the
+    PyTorch ops (index_select, bit table, arithmetic), identical outputs."""
+    from know3d_core.sparse import spatial
+
+    coords, grid = shell_coords(n, device)
+    gen = torch.Generator(device=device).manual_seed(2)
+    mask = torch.rand(coords.shape[0], 8, device=device, generator=gen) < 0.49
+    x = SparseTensor(torch.zeros(coords.shape[0], 8, device=device), coords, (grid,) * 3)
+
+    def med(fn):
+        return round(statistics.median(sample_times(fn, device, warmup, repeats)[0]), 3)
+
+    with neighbour_triton.use_triton_children(False):
+        torch_ms = med(lambda: spatial._subdivide(x, mask))
+        ref = spatial._subdivide(x, mask)
+    ms = med(lambda: spatial._subdivide(x, mask))
+    got = spatial._subdivide(x, mask)
+    return {"case": "children", "voxels": int(coords.shape[0]), "children": int(got[1].shape[0]),
+            "triton_ms": ms, "torch_ms": torch_ms,
+            "equal": torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]), "anchor": REFERENCE["children"]}
+
+
+BASELINES = ("mlp_off", "torch_maps", "c2s_earlier", "wide_rule", "torch_children")
 
 
 def bench_decoder(case, model, device, warmup: int, repeats: int, baselines=BASELINES) -> dict:
@@ -141,6 +170,9 @@ def _baseline(model, name: str):
     elif name == "wide_rule":
         with conv_triton.use_config_rule("wide"):  # BN 256 from 256 output channels on
             yield
+    elif name == "torch_children":
+        with neighbour_triton.use_triton_children(False):
+            yield
     else:
         raise ValueError(f"unknown baseline {name!r} (known: {BASELINES})")
 
@@ -153,9 +185,10 @@ def set_children_only(model, on: bool) -> None:
 
 
 # (BLOCK, WARPS, SLOTS, EAGER): the session-5 default, the default since (16, 4, 8), and with the values
-# loaded beside the keys (neighbour_triton.EAGER_VALUES)
+# loaded beside the keys (neighbour_triton.EAGER_VALUES); the default's table at 1/4 and 1/16 load (table
+# size alone: 1M voxels give 100 MB of slots at 1/8, beyond the H100's 50 MB L2; 50 MB at 1/4)
 LOOKUP_SWEEP = [(4, 4, 4, False), (16, 4, 8, False), (16, 4, 8, True), (32, 4, 8, True), (8, 4, 8, True),
-                (16, 8, 8, True)]
+                (16, 8, 8, True), (16, 4, 4, False), (16, 4, 16, False)]
 
 
 def sweep_maps(device, warmup: int, repeats: int) -> list:
@@ -341,6 +374,9 @@ def main(argv=None) -> int:
         for name, n in MAP_CASES:
             rows.append(bench_map(name, n // 1000 if args.tiny else n, device, args.warmup, args.repeats))
             print(rows[-1], flush=True)
+        rows.append(bench_children(CHILDREN_PARENTS // 1000 if args.tiny else CHILDREN_PARENTS, device,
+                                   args.warmup, args.repeats))
+        print(rows[-1], flush=True)
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from know3d_core.sparse import SparseTensor, conv, conv_triton, neighbour_triton, submanifold_conv3d
+from know3d_core.sparse import SparseTensor, conv, conv_triton, neighbour_triton, spatial, submanifold_conv3d
 
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and neighbour_triton.triton is not None),
                           reason="needs CUDA + Triton")
@@ -87,3 +87,39 @@ def test_cpu_builds_with_torch():
     assert not neighbour_triton.available(coords)
     x = SparseTensor(torch.zeros(50, 2), coords, (8, 8, 8))
     assert "bits" not in conv.neighbour_map(x)._derived
+
+
+# ----------------------------------------------------------------------------- subdivision children
+def _children_case(device, n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    coords = _coords(2, 50, n, seed, "cpu").to(device)
+    mask = (torch.rand(coords.shape[0], 8, generator=gen) > 0.45).to(device)
+    mask[::7] = False  # parents without children
+    return SparseTensor(torch.zeros(coords.shape[0], 8, device=device), coords, (50, 50, 50)), mask
+
+
+def _children_torch(x, mask):
+    with neighbour_triton.use_triton_children(False):
+        return spatial._subdivide(x, mask)
+
+
+@interpreter
+def test_children_kernel_matches_torch_in_the_interpreter():
+    x, mask = _children_case("cpu", 300, 3)
+    coords, src = neighbour_triton.children_triton(x.coords, mask.nonzero())
+    _, want_coords, want_src, _ = _children_torch(x, mask)
+    assert torch.equal(coords, want_coords) and torch.equal(src, want_src)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,seed", [(20000, 0), (1001, 1), (1, 2)])
+def test_children_kernel_matches_torch_on_cuda(n, seed):
+    """The one-launch children (coords, src rows) equal the PyTorch ops bit for bit, and the C2S
+    path takes the kernel on CUDA (same results through channel_to_spatial)."""
+    x, mask = _children_case("cuda", n, seed)
+    got = spatial._subdivide(x, mask)
+    want = _children_torch(x, mask)
+    assert got[1].dtype == torch.int32 and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    empty = torch.zeros_like(mask)
+    assert neighbour_triton.children_triton(x.coords, empty.nonzero())[0].shape == (0, 4)

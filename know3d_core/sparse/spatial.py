@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import neighbour_triton
 from .tensor import SparseTensor, flat_keys
 
 __all__ = ["spatial_to_channel", "channel_to_spatial", "child_bits"]
@@ -115,12 +116,15 @@ def channel_to_spatial(
 def _subdivide(x: SparseTensor, mask: torch.Tensor):
     """Children of the set bits: ``(mask, coords [N', 4], source rows of flat feats [N'], cache)``."""
     pk = mask.nonzero()  # [N', 2] (parent, k), parent-major, k ascending
-    parent, k = pk[:, 0].contiguous(), pk[:, 1].contiguous()
-    coords = x.coords.index_select(0, parent)  # (measured: advanced indexing took 2.9 ms at 1.2M -> 4.9M rows)
-    coords[:, 1:] = coords[:, 1:] * _FACTOR + child_bits(mask.device)[k]
     cache: dict = {}
     if "batch_size" in x.cache:
         cache["batch_size"] = x.cache["batch_size"]
+    if neighbour_triton.children_available(x.coords):
+        coords, src = neighbour_triton.children_triton(x.coords, pk)  # one launch, same values
+        return mask, coords, src, cache
+    parent, k = pk[:, 0].contiguous(), pk[:, 1].contiguous()
+    coords = x.coords.index_select(0, parent)  # (advanced indexing took 2.9 ms at 1.2M -> 4.9M rows; this too)
+    coords[:, 1:] = coords[:, 1:] * _FACTOR + child_bits(mask.device)[k]
     return mask, coords, parent * _CHILDREN + k, cache
 
 

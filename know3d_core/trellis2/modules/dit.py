@@ -124,7 +124,7 @@ class FlowDiT(nn.Module):
         return True
 
     def _warmup_inputs(self, device: torch.device) -> Tuple[Any, torch.Tensor, torch.Tensor]:
-        """``(x, t, cond)`` of the smallest forward that launches the blocks' kernels (batch 1)."""
+        """``(x, t, cond)`` of a small forward that launches the blocks' kernels."""
         raise NotImplementedError
 
     def _ensure_kernels(self, device: torch.device) -> None:
@@ -132,9 +132,9 @@ class FlowDiT(nn.Module):
         started; without one the forward compiles what it launches, as it goes."""
         self._warmup.ensure(KernelWarmup.key(device, self.dtype), lambda: None)
 
-    def _warmup_cond(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(t [1], cond [1, 16, cond_channels])`` zeros for :meth:`_warmup_inputs`."""
-        return torch.zeros(1, device=device), torch.zeros(1, 16, self.cond_channels, device=device)
+    def _warmup_cond(self, device: torch.device, batch: int = 1, tokens: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(t [batch], cond [batch, tokens, cond_channels])`` zeros for :meth:`_warmup_inputs`."""
+        return torch.zeros(batch, device=device), torch.zeros(batch, tokens, self.cond_channels, device=device)
 
     @property
     def device(self) -> torch.device:
