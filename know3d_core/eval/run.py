@@ -11,7 +11,7 @@ import torch
 from .. import __version__
 from . import report as R
 from .evaluate import METRICS, EvalSettings, ItemMetric, Shape, aggregate, evaluate_pair
-from .items import Item, list_items, load_shape, match_items
+from .items import list_items, load_shape, match_items
 
 __all__ = ["run_eval", "picture"]
 

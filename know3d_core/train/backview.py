@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..data import layout as L
 from ..errors import UsageError
 from .config import TrainConfig
-from .dataset import DatasetIndex, Pair, open_view, pair_seed
+from .dataset import DatasetIndex, Pair, open_view
 from .engine import DistInfo, Task
 from .features import FeatureCache, qwen_transformer_config
 from .flow_matching import sample_t
