@@ -246,12 +246,19 @@ def apply_cap(card_gib: float, device: torch.device, row: dict) -> None:
 
 
 def pinned_host_bytes(bv) -> int:
-    """Page-locked host bytes of the Qwen networks: the pinned copies of the networks that visit whole,
-    plus the block-offloaded networks' (diffusers' group offloading with streams pins every weight)."""
-    if bv.execution_device.type != "cuda":
-        return 0
-    hooked = sum(t.numel() * t.element_size() for m in bv.hooked for t in list(m.parameters()) + list(m.buffers()))
-    return sum(bv.pinned_bytes(m) for m in bv.networks()) + hooked
+    """Page-locked host bytes of the Qwen networks (visiting whole or block by block)."""
+    return sum(bv.pinned_bytes(m) for m in bv.networks())
+
+
+def pinned_allocator_gib() -> dict:
+    """torch's pinned host allocator, this process so far: its byte counters (current / peak) in GiB
+    (the names vary by torch version; {} where it has none)."""
+    try:
+        stats = torch.cuda.host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return {}
+    return {k: round(v / GIB, 3) for k, v in stats.items()
+            if "bytes" in k and k.endswith((".current", ".peak")) and isinstance(v, (int, float))}
 
 
 def host_rss_peak_gib() -> float:
@@ -331,6 +338,8 @@ def run_one(args, keep_hidden: dict | None = None) -> dict:
         row["peak_reserved_gib_last_stage"] = round(torch.cuda.max_memory_reserved(device) / GIB, 3)
         row["context_gib_end"] = round(context_bytes(device) / GIB, 3)
     row["host_rss_peak_gib_process"] = host_rss_peak_gib()
+    if cuda:
+        row["pinned_allocator_gib_process"] = pinned_allocator_gib()
     if args.hidden_out:
         torch.save(kept["stage"].mmdit.hidden.float().cpu(), args.hidden_out)
     if keep_hidden is not None:

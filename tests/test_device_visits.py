@@ -34,6 +34,31 @@ def test_chunks_cover_every_tensor_once_within_the_size():
     assert all(sum(t.numel() * t.element_size() for t in p + b) <= 16 * 1024 + 100 for p, b in parts)
 
 
+def test_pack_into_one_buffer_keeps_every_tensor():
+    """Each chunk's tensors become views of one buffer (one pinned allocation on CUDA) with their dtypes,
+    shapes and values: fp8 / bf16 / bool / 0-dim, tied weights once; the module computes the same."""
+    from know3d_core.device_visits import ALIGN, pack_into, packed_bytes
+
+    torch.manual_seed(0)
+    net = _Net()
+    net.register_buffer("flag", torch.tensor([True, False, True]))
+    net.register_buffer("step", torch.tensor(3.5, dtype=torch.bfloat16))
+    net.register_buffer("fp8", torch.randn(5, 3).to(torch.float8_e4m3fn))
+    x = torch.randn(2, 64)
+    want = net(x)
+    before = {n: t.clone() for n, t in list(net.named_parameters()) + list(net.named_buffers())}
+    (params, bufs), = chunks(net)
+    tensors = params + bufs
+    buf = torch.empty(packed_bytes(tensors), dtype=torch.uint8)
+    pack_into(tensors, buf)
+    start, end = buf.data_ptr(), buf.data_ptr() + buf.numel()
+    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+        assert start <= t.data_ptr() < end and (t.data_ptr() - start) % ALIGN == 0, name
+        assert t.dtype == before[name].dtype and torch.equal(t.reshape(-1).view(torch.uint8), before[name].reshape(-1).view(torch.uint8)), name
+    assert net.b.weight is net.a.weight and packed_bytes(tensors) == buf.numel()
+    torch.testing.assert_close(net(x), want)
+
+
 def test_no_pinned_visits_off_cuda():
     assert visits_for(_Net(), "cpu") is None
     assert visits_for(object(), "cpu") is None
@@ -66,7 +91,8 @@ def test_pinned_visit_moves_in_and_points_back_without_copying():
     visits = PinnedVisits(net, torch.device("cuda"), max_bytes=16 * 1024 + 100)
     host = {name: t.data_ptr() for name, t in list(net.named_parameters()) + list(net.named_buffers())}
     assert all(t.is_pinned() for t in list(net.parameters()) + list(net.buffers()))
-    assert visits.host_bytes == sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
+    raw = sum(t.numel() * t.element_size() for t in list(net.parameters()) + list(net.buffers()))
+    assert raw <= visits.host_bytes <= 2 * raw and len(visits.groups) == 2  # two chunks, each one buffer
     for _ in range(2):
         visits.onload()
         assert all(t.device.type == "cuda" for t in list(net.parameters()) + list(net.buffers()))

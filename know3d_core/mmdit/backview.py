@@ -117,6 +117,7 @@ class QwenEditBackView:
         self.offload = False
         self.hooked: list[torch.nn.Module] = []  # placed by diffusers' group-offloading hooks (``mmdit.memory``)
         self.visits: dict = {}  # id(network) -> device_visits.PinnedVisits (offload on CUDA)
+        self.block_pins: dict[int, int] = {}  # id(hooked network) -> bytes pinned for its group offloading
         self._visiting: set[int] = set()  # ids of the networks on the device now (outermost ``use`` moves them)
         self.compute_dtype: torch.dtype | None = None  # None: the transformer's parameter dtype
 
@@ -143,9 +144,10 @@ class QwenEditBackView:
                     self.visits[id(module)] = visits
 
     def pinned_bytes(self, module: torch.nn.Module | None) -> int:
-        """Bytes of ``module``'s pinned host copy (0: it moves with ``.to`` or stays put)."""
+        """Bytes locked for ``module``'s pinned host copy (its visits or its group offloading; 0: it
+        moves with ``.to`` or stays put)."""
         visits = self.visits.get(id(module))
-        return visits.host_bytes if visits is not None else 0
+        return visits.host_bytes if visits is not None else self.block_pins.get(id(module), 0)
 
     def _is_hooked(self, module: torch.nn.Module) -> bool:
         return any(module is m for m in self.hooked)

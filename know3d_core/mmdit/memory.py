@@ -50,20 +50,25 @@ def load_dtypes(meta_model: torch.nn.Module, storage: str | None, compute_dtype:
     return {k: (fp8 if v.dtype == fp8 else compute_dtype) for k, v in meta_model.state_dict().items()}
 
 
-def offload_blocks(module: torch.nn.Module, device: torch.device) -> str:
+def offload_blocks(module: torch.nn.Module, device: torch.device) -> tuple[str, int]:
     """Group offloading of ``module`` (on the CPU) onto ``device``: ``block_level`` when it has
-    ``transformer_blocks`` (the MMDiT), else ``leaf_level``; prefetch on a side stream on CUDA.
-    Returns the offload type used."""
+    ``transformer_blocks`` (the MMDiT), else ``leaf_level``; prefetch on a side stream on CUDA, from
+    weights pinned first in chunk buffers (``device_visits.pin_in_chunks``: diffusers keeps tensors
+    already pinned, instead of one power-of-two pinned allocation per tensor). Returns (the offload
+    type used, bytes pinned)."""
     from diffusers.hooks import apply_group_offloading
+
+    from ..device_visits import pin_host_enabled, pin_in_chunks
 
     device = torch.device(device)
     cuda = device.type == "cuda"
+    pinned = pin_in_chunks(module)[1] if cuda and torch.cuda.is_available() and pin_host_enabled() else 0
     level = "block_level" if isinstance(getattr(module, "transformer_blocks", None), torch.nn.ModuleList) \
         else "leaf_level"
     apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"), offload_type=level,
                            num_blocks_per_group=1 if level == "block_level" else None, non_blocking=cuda,
                            use_stream=cuda)
-    return level
+    return level, pinned
 
 
 def apply_memory_plan(backview, plan: MemoryPlan, device, compute_dtype: torch.dtype) -> dict:
@@ -88,7 +93,9 @@ def apply_memory_plan(backview, plan: MemoryPlan, device, compute_dtype: torch.d
     for name, (module, storage, placement) in nets.items():
         if module is None:
             continue
-        how = offload_blocks(module, device) if placement == "blocks" else placement
+        how = placement
+        if placement == "blocks":
+            how, backview.block_pins[id(module)] = offload_blocks(module, device)
         pinned = backview.pinned_bytes(module)
         if pinned:
             how += f" (pinned host copy {pinned / 2 ** 30:.1f} GiB)"
