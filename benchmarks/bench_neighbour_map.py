@@ -36,7 +36,7 @@ from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
 from know3d_core.sparse import SparseTensor, conv, conv_triton, neighbour_triton  # noqa: E402
 from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
-from know3d_core.trellis2.modules import fused_mlp  # noqa: E402
+from know3d_core.trellis2.modules import fused_mlp, fused_norm  # noqa: E402
 from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: E402
 
 REFERENCE = {"map": "FlexGEMM +0.4-0.6 ms (H200, issue 21)", "decoder 512": "reference 94-107 ms (H200, issue 21)",
@@ -50,6 +50,7 @@ CATEGORIES = [  # first match wins, lower-cased kernel names
     ("ConvNeXt tail: LN+MLP+residual (Triton)", ("_convnext_mlp",)),
     ("neighbour map (Triton)", ("_hash_", "_tile_layout", "_child_tile")),
     ("subdivision children (Triton)", ("_children_kernel",)),
+    ("head: LayerNorm + linear (Triton)", ("_layer_norm_linear",)),
     ("layer norm (+SiLU)", ("_layer_norm_act", "layer_norm")),
     ("sort/search/scan", ("sort", "search", "radix", "scan")),
     ("gemm", ("gemm", "sm90_xmma", "cutlass", "matmul", "nvjet", "cublas")),
@@ -115,14 +116,15 @@ def bench_children(n: int, device, warmup: int, repeats: int) -> dict:
             "equal": torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]), "anchor": REFERENCE["children"]}
 
 
-BASELINES = ("mlp_off", "torch_maps", "c2s_earlier", "wide_rule", "torch_children")
+BASELINES = ("mlp_off", "torch_maps", "c2s_earlier", "wide_rule", "torch_children", "torch_head")
 
 
 def bench_decoder(case, model, device, warmup: int, repeats: int, baselines=BASELINES) -> dict:
     """Forward ms and peak extra GiB of ``model`` on the case, then with each baseline in one process:
     ``mlp_off`` the ConvNeXt tail as PyTorch ops (the path before the fused MLP kernel),
     ``torch_maps`` the PyTorch map build, ``c2s_earlier`` conv1 for all 8 children and the skip added
-    after conv2, ``wide_rule`` the BN 256 conv tiles. ``*_same_coords`` / ``*_rel_err``: whether the
+    after conv2, ``wide_rule`` the BN 256 conv tiles, ``torch_children`` the subdivision children by
+    PyTorch ops, ``torch_head`` the head as LayerNorm then ``addmm``. ``*_same_coords`` / ``*_rel_err``: whether the
     baseline reached the same voxels and its head's largest difference relative to its largest value
     (a subdivision logit next to zero can flip with other rounding, and the later levels differ)."""
     name, grid, target = case
@@ -172,6 +174,9 @@ def _baseline(model, name: str):
             yield
     elif name == "torch_children":
         with neighbour_triton.use_triton_children(False):
+            yield
+    elif name == "torch_head":
+        with fused_norm.use_fused_head(False):
             yield
     else:
         raise ValueError(f"unknown baseline {name!r} (known: {BASELINES})")

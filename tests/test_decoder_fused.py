@@ -259,3 +259,37 @@ def test_precompile_covers_every_kernel_the_forward_launches(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _PRECOMPILE_SCRIPT], env=env, cwd=here,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- fused head
+@pytest.mark.skipif(fused_norm.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("n,C,O", [(300, 64, 7), (1, 64, 6), (130, 48, 7)])
+def test_head_kernel_matches_layer_norm_then_linear_in_the_interpreter(n, C, O):
+    _check_head("cpu", n, C, O, torch.float32)
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_head_kernel_matches_layer_norm_then_linear_on_cuda(dtype):
+    _check_head("cuda", 200_001, 64, 7, dtype)
+    _check_head("cuda", 5, 64, 6, dtype)
+
+
+def _check_head(device, n, C, O, dtype):
+    """The decoders' head in one pass equals LayerNorm (fp32, non-affine) then the fp32 linear, up to
+    fp32 summation order."""
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, C, generator=gen) * 3 + 1).to(device, dtype)
+    w, b = torch.randn(O, C, generator=gen).to(device), torch.randn(O, generator=gen).to(device)
+    got = fused_norm.layer_norm_linear_triton(x, w, b, 1e-5)
+    want = F.linear(F.layer_norm(x.double(), (C,), eps=1e-5), w.double(), b.double())
+    assert got.dtype == torch.float32 and got.shape == (n, O)
+    assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
+
+
+def test_head_takes_the_kernel_only_where_it_runs():
+    model = shape_mod.FlexiDualGridVaeDecoder(**shape_mod.TINY_ARGS)
+    x = torch.zeros(4, model.model_channels[-1])
+    assert not fused_norm.head_kernel_ok(x, model.output_layer.weight)  # CPU: the PyTorch ops

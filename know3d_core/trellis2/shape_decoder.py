@@ -40,7 +40,7 @@ from ..sparse.conv import add_repeated_rows_, submanifold_conv3d_children, subma
 from ..sparse.kernel_dispatch import KernelWarmup
 from .modules.fused import fused_enabled
 from .modules.fused_mlp import convnext_mlp_, fc2_kernel_ok, mlp_kernel_ok
-from .modules.fused_norm import layer_norm_act
+from .modules.fused_norm import head_kernel_ok, layer_norm_act, layer_norm_linear_triton
 from .ovoxel import flexible_dual_grid_to_mesh
 
 __all__ = [
@@ -64,6 +64,7 @@ TINY_ARGS = {
 }
 
 DEFAULT_CHUNK_ROWS = 1 << 18
+HEAD_EPS = 1e-5  # the head's non-affine LayerNorm (the reference's)
 PRECOMPILE_THREADS = 8
 _log = logging.getLogger(__name__)
 
@@ -339,9 +340,18 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
             x = torch.zeros(16, c, device=device, dtype=self.dtype)
             w = torch.ones(c, device=device)
             jobs.append(lambda x=x, w=w: layer_norm_act(x, w, w, 1e-6))
-        last = torch.zeros(16, self.model_channels[-1], device=device, dtype=self.dtype)
-        jobs.append(lambda: layer_norm_act(last, eps=1e-5, out_dtype=self.output_layer.weight.dtype))
+        jobs.append(self._head_job(device))
         return jobs
+
+    def _head_job(self, device: torch.device) -> Callable[[], Any]:
+        """The head's kernel, as :meth:`_head` takes it (fused LayerNorm + linear, or the LayerNorm)."""
+        last = torch.zeros(16, self.model_channels[-1], device=device, dtype=self.dtype)
+        w, b = self.output_layer.weight, self.output_layer.bias
+        with torch.no_grad():  # as the forward asks (the weights require grad)
+            fused = w.dtype == torch.float32 and head_kernel_ok(last, w)
+        if fused:
+            return lambda: layer_norm_linear_triton(last, w, b, HEAD_EPS)
+        return lambda: layer_norm_act(last, eps=HEAD_EPS, out_dtype=w.dtype)
 
     def _conv_jobs(self, device: torch.device) -> List[Callable[[], Any]]:
         """One launch per distinct (form, configuration, bias) of the body's convs, on a 4^3 block of
@@ -467,12 +477,16 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
         return (out, subs) if return_subs else out
 
     def _head(self, h: SparseTensor) -> SparseTensor:
-        """Final non-affine LayerNorm (fp32) and ``output_layer``, in row chunks; fresh cache."""
+        """Final non-affine LayerNorm (fp32) and ``output_layer``: one Triton pass where it runs
+        (:func:`.modules.fused_norm.layer_norm_linear_triton`), else in row chunks; fresh cache."""
         w, b = self.output_layer.weight, self.output_layer.bias
-        out = torch.empty(h.feats.shape[0], self.out_channels, device=h.device, dtype=w.dtype)
-        for start in range(0, h.feats.shape[0], DEFAULT_CHUNK_ROWS):
-            z = layer_norm_act(h.feats[start:start + DEFAULT_CHUNK_ROWS], eps=1e-5, out_dtype=w.dtype)
-            torch.addmm(b, z, w.t(), out=out[start:start + DEFAULT_CHUNK_ROWS])
+        if w.dtype == torch.float32 and head_kernel_ok(h.feats, w):
+            out = layer_norm_linear_triton(h.feats, w, b, HEAD_EPS)
+        else:
+            out = torch.empty(h.feats.shape[0], self.out_channels, device=h.device, dtype=w.dtype)
+            for start in range(0, h.feats.shape[0], DEFAULT_CHUNK_ROWS):
+                z = layer_norm_act(h.feats[start:start + DEFAULT_CHUNK_ROWS], eps=HEAD_EPS, out_dtype=w.dtype)
+                torch.addmm(b, z, w.t(), out=out[start:start + DEFAULT_CHUNK_ROWS])
         cache = {"batch_size": h.cache["batch_size"]} if "batch_size" in h.cache else None
         return SparseTensor(out, h.coords, h.spatial_shape, cache=cache)
 
