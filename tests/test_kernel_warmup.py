@@ -283,3 +283,23 @@ def test_flow_warmup_covers_the_kernels_of_a_cfg_pair_forward(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _FLOW_SCRIPT], env=env, cwd=here, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_exit_waits_for_the_running_warmup_only(tmp_path):
+    """A process that ends while warm-ups are queued does not run them first (only the running one
+    finishes)."""
+    import subprocess
+    import sys
+    flag = tmp_path / "queued_ran"
+    script = f"""
+import time
+from know3d_core.sparse.kernel_dispatch import KernelWarmup
+a, b = KernelWarmup(), KernelWarmup()
+a.start("k", lambda: time.sleep(0.5))
+b.start("k", lambda: open({str(flag)!r}, "w").write("ran"))
+"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not flag.exists()

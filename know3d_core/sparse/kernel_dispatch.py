@@ -78,6 +78,7 @@ def check_no_grad(name: str, *inputs: Optional[torch.Tensor]) -> None:
 
 
 _BACKGROUND: Optional[ThreadPoolExecutor] = None  # one thread: warm-ups run one after another, in start order
+_QUEUED: list = []  # futures of started warm-ups (cancelled at interpreter exit if still queued)
 _in_warmup = threading.local()
 
 
@@ -85,7 +86,19 @@ def _background() -> ThreadPoolExecutor:
     global _BACKGROUND
     if _BACKGROUND is None:
         _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="know3d-kernel-warmup")
+        # The executor's exit hook runs every queued item before the process may end; drop the
+        # queued warm-ups first (hooks registered later run earlier), so that exit waits for the
+        # running one only.
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            register(_cancel_queued)
     return _BACKGROUND
+
+
+def _cancel_queued() -> None:
+    for future in _QUEUED:
+        future.cancel()
+    _QUEUED.clear()
 
 
 def _run_marked(fn: Callable[[], Any]) -> Any:
@@ -151,7 +164,9 @@ class KernelWarmup:
         """Queue ``fn`` on the background thread unless ``key`` is warmed or pending; True if queued."""
         if key in self._state:
             return False
-        self._state[key] = _background().submit(_run_marked, fn)
+        future = _background().submit(_run_marked, fn)
+        _QUEUED[:] = [f for f in _QUEUED if not f.done()] + [future]
+        self._state[key] = future
         return True
 
     def ensure(self, key: Hashable, fn: Callable[[], Any]) -> None:
