@@ -32,9 +32,10 @@ KEY = ("cpu", torch.float32)
 # ----------------------------------------------------------------------------- KernelWarmup itself
 def test_start_runs_in_the_background_and_ensure_joins_it():
     seen = {}
-    gate = threading.Event()
+    began, gate = threading.Event(), threading.Event()
 
     def warm():
+        began.set()
         gate.wait(5)
         seen["thread"] = threading.current_thread().name
         time.sleep(0.05)
@@ -43,7 +44,8 @@ def test_start_runs_in_the_background_and_ensure_joins_it():
     w = KernelWarmup()
     assert w.start(KEY, warm) and w.pending(KEY)
     assert not w.start(KEY, warm)  # once per key
-    assert "done" not in seen  # start returned before the warm-up ran
+    began.wait(5)  # running (a warm-up still queued would be run by the caller instead)
+    assert "done" not in seen  # start returned before the warm-up finished
     gate.set()
     w.ensure(KEY, lambda: pytest.fail("a started warm-up must be joined, not run again"))
     assert seen["done"] and seen["thread"] != threading.current_thread().name
