@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 22's measurement as one device call (H100/H200): first the CUDA tests of the pinned visits
-# (tests/test_device_visits.py, ~20 s; if they fail, the benchmark runs with KNOW3D_PIN_HOST=0 and says so),
-# then bench_small_cards.py at full size with random weights (TRELLIS.2 warm-up, then 24 GiB, uncapped,
-# 16 GiB in one process); wall time about BUDGET_S + 50 s.
+# Issue 22's measurement as one device call (H100/H200): first the CUDA test of the pinned visits' mechanism
+# (tests/test_device_visits.py -k pinned_visit, ~10 s, at most 30; if it fails, the benchmark runs with
+# KNOW3D_PIN_HOST=0 and says so; the whole-pipeline CUDA test is left to the full CUDA suite), then
+# bench_small_cards.py at full size with random weights (TRELLIS.2 warm-up, then 24 GiB, uncapped, 16 GiB in
+# one process, each generating twice where the budget allows); wall time at most BUDGET_S + 45 s.
 #
 # Here, first: the device image lacks diffusers, so fetch its wheel (no deps) into .whl_cards/:
 #   echo /.whl_cards/ >> .git/info/exclude
@@ -12,15 +13,21 @@
 # Results: $OUT/small_cards.json (rewritten after every run) and $OUT/small_cards.log; copy them to
 # benchmarks/results/small_cards/ and fill the README's "Small cards" table from them.
 set -o pipefail
-budget=${1:-180}
+budget=${1:-190}
 shift  # further arguments go to the benchmark: `OUT=/tmp/sc bash $0 60 --tiny` checks this file on the CPU
 log="$OUT/small_cards.log"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_cards .whl_cards/diffusers-*.whl \
   || { echo "wheel install failed: see the header of $0"; exit 3; }
 export PYTHONPATH=/tmp/site_cards PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$log"
-if ! timeout -k 5 40 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_device_visits.py -rs 2>&1 | tail -30 >> "$log"; then
-  echo "pinned-visit CUDA tests FAILED: benchmark with KNOW3D_PIN_HOST=0 (pageable .to() moves)" | tee -a "$log"
+timeout -k 2 30 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_device_visits.py -k pinned_visit -rs \
+  > /tmp/visits_test.log 2>&1
+rc=$?
+tail -30 /tmp/visits_test.log >> "$log"
+if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+  echo "pinned-visit CUDA test timed out (30 s): benchmark with pinned visits anyway" | tee -a "$log"
+elif [ $rc -ne 0 ]; then
+  echo "pinned-visit CUDA test FAILED (rc $rc): benchmark with KNOW3D_PIN_HOST=0 (pageable .to() moves)" | tee -a "$log"
   export KNOW3D_PIN_HOST=0
 fi
 timeout -k 5 $((budget + 10)) python3 benchmarks/bench_small_cards.py --budget "$budget" \
