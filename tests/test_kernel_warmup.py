@@ -21,6 +21,7 @@ from know3d_core.sparse.kernel_dispatch import KernelWarmup
 from know3d_core.trellis2 import shape_decoder as shape_mod
 from know3d_core.trellis2 import sparse_structure_flow as ssf_mod
 from know3d_core.trellis2.modules import dit as dit_mod
+from know3d_core.trellis2.modules import fused as fused_mod
 from know3d_core.trellis2.slat_flow import SLatFlowModel
 from know3d_core.trellis2.sparse_structure_flow import SparseStructureFlowModel
 from know3d_core.trellis2.tiny import random_state_dict, tiny_flow_args
@@ -191,6 +192,20 @@ def test_flow_warmup_forward_runs_in_the_background_without_deadlock(monkeypatch
     x, t, cond = original(torch.device("cpu"))
     model(x, t, cond)
     assert model._warmup.done(KEY) and len(threads) == 1 and threads[0].startswith("know3d-kernel-warmup")
+
+
+@pytest.mark.skipif(fused_mod.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs Triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("cls,kind", [(SparseStructureFlowModel, "ss"), (SLatFlowModel, "shape512")])
+def test_flow_kernel_jobs_are_the_fused_calls_in_the_interpreter(cls, kind):
+    """Each warm-up job (the block's fused calls on 16 tokens) runs the kernels (one at a time: the
+    interpreter is not thread-safe)."""
+    model = cls(**{**tiny_flow_args(kind), "dtype": "bfloat16"})
+    jobs = model._kernel_jobs(torch.device("cpu"))
+    assert len(jobs) == 6
+    with torch.no_grad():
+        for job in jobs:
+            job()
 
 
 def test_flow_warmup_error_surfaces_at_the_first_forward(monkeypatch):
