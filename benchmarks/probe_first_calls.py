@@ -1,18 +1,23 @@
 """Probe (CUDA): the structure flow's and the shape decoder's first calls in a fresh process, in the
-pipeline's order, with the kernel warm-ups started at load (as ``Trellis2GeometryPipeline`` does)
-or not (the first call warms up itself: the path before) (issue 21).
+pipeline's order, per warm-up mode (issue 21):
+
+- ``before``: session 6's path: the flow compiles its kernels as its first forward reaches them, the
+  decoder precompiles its variants side by side at its first forward;
+- ``first``: no warm-up at load; the flow's first forward compiles its blocks' kernels side by side
+  first (what a flow used outside the pipeline does now), the decoder as before;
+- ``load``: both warm-ups started at load (``start_kernel_precompile``, one background thread, in
+  that order), as ``Trellis2GeometryPipeline`` does unless offload.
 
 One fresh process: build the sparse-structure flow (bf16) and the shape decoder (fp16), full size,
-random weights (the stand-in for loading them); with ``--at-load on`` start both warm-ups there
-(``start_kernel_precompile``, one background thread, in that order); then the structure flow's first
+random weights (the stand-in for loading them), start the warm-ups (``load``); then the structure flow's first
 call (B=2 CFG pair, cond 1029), ``--ss-steps`` more of its forwards (what a sampler runs before the
 decoder; the shape flow, which sits in between in a real run, is left out: the decoder's warm-up
 gets less time to overlap here than in a pipeline), the decoder's first forward (20k tokens ->
 1024 grid) and a second one. Every figure is wall time between synchronizes.
 
-    D=$(mktemp -d); for r in cold warm; do for m in off on; do TRITON_CACHE_DIR=$D/$m \\
-        python benchmarks/probe_first_calls.py --at-load $m --out first_${m}_$r.json; done; done
-    python benchmarks/probe_first_calls.py --tiny --at-load on --out x.json   # CPU script check
+    D=$(mktemp -d); for r in cold warm; do for m in before first load; do TRITON_CACHE_DIR=$D/$m \\
+        python benchmarks/probe_first_calls.py --mode $m --out first_${m}_$r.json; done; done
+    python benchmarks/probe_first_calls.py --tiny --mode load --out x.json   # CPU script check
 """
 from __future__ import annotations
 
@@ -32,13 +37,13 @@ from _common import SHAPE_DECODER_FULL, default_device, device_name, sync, write
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--at-load", choices=["on", "off"], required=True, help="start the warm-ups when built")
+    p.add_argument("--mode", choices=["before", "first", "load"], required=True, help="warm-up mode (see above)")
     p.add_argument("--ss-steps", type=int, default=11, help="structure-flow forwards after its first")
     p.add_argument("--tiny", action="store_true", help="tiny networks on the CPU (script check)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = default_device(None, args.tiny)
-    log = {"at_load": args.at_load, "import_torch_ms": round(1000 * (time.perf_counter() - T0), 1)}
+    log = {"mode": args.mode, "import_torch_ms": round(1000 * (time.perf_counter() - T0), 1)}
     clock = [time.perf_counter()]
 
     def stamp(name: str) -> float:
@@ -51,6 +56,7 @@ def main(argv=None) -> int:
     from bench_shape_decoder import init_random, sphere_shell_tokens
     from bench_trellis2_flows import FULL, TINY, build
     from know3d_core.sparse import SparseTensor
+    from know3d_core.sparse.kernel_dispatch import KernelWarmup
     from know3d_core.trellis2 import shape_decoder as shape_mod
     stamp("import_ours_ms")
     torch.zeros(1, device=device)
@@ -61,8 +67,10 @@ def main(argv=None) -> int:
     decoder = init_random(shape_mod.FlexiDualGridVaeDecoder(**cfg).to(device))
     decoder.convert_to(torch.float16 if device.type == "cuda" else torch.float32)
     stamp("build_decoder_ms")
-    if args.at_load == "on":
+    if args.mode == "load":
         log["started"] = [flow.start_kernel_precompile(device), decoder.start_kernel_precompile(device)]
+    elif args.mode == "before":  # the flow's warm-up marked done: its first forward compiles as it goes
+        flow._warmup.mark_done(KernelWarmup.key(device, flow.dtype))
     stamp("start_ms")
     gen = torch.Generator(device=device).manual_seed(1)
     lc = 17 if args.tiny else 1029
@@ -89,7 +97,7 @@ def main(argv=None) -> int:
                                                                  "ss_steady_ms", "decoder_first_ms")), 1)
     log["cache"] = os.environ.get("TRITON_CACHE_DIR")
     print(log, flush=True)
-    print(f"({device_name(device)}) warm-ups at load {args.at_load}: structure flow first {log['ss_first_ms']} ms "
+    print(f"({device_name(device)}) warm-up mode {args.mode}: structure flow first {log['ss_first_ms']} ms "
           f"(steady {log['ss_steady_ms']}), {args.ss_steps} more {log['ss_steps_ms']} ms; decoder first "
           f"{log['decoder_first_ms']} ms (second {log['decoder_second_ms']})", flush=True)
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny, "log": log})

@@ -208,6 +208,17 @@ def test_flow_kernel_jobs_are_the_fused_calls_in_the_interpreter(cls, kind):
             job()
 
 
+def test_flow_without_a_started_warmup_compiles_its_kernels_side_by_side_at_the_first_forward(monkeypatch):
+    model, ran = _flow(SparseStructureFlowModel, "ss"), []
+    monkeypatch.setattr(dit_mod, "fused_enabled", lambda x: True)
+    job = lambda: ran.append(threading.current_thread().name)  # noqa: E731
+    monkeypatch.setattr(model, "_kernel_jobs", lambda device: [job, job])
+    x, t, cond = model._warmup_inputs(torch.device("cpu"))
+    model(x, t, cond)
+    model(x, t, cond)
+    assert len(ran) == 2 and threading.current_thread().name not in ran  # once, on the pool's threads
+
+
 def test_flow_warmup_error_surfaces_at_the_first_forward(monkeypatch):
     model = _flow(SparseStructureFlowModel, "ss")
     began = threading.Event()

@@ -109,11 +109,12 @@ class FlowDiT(nn.Module):
 
     # ------------------------------------------------------------------ kernel warm-up
     def start_kernel_precompile(self, device: Optional[torch.device] = None) -> bool:
-        """Start one tiny forward (:meth:`_warmup_inputs`, no grad) in the background (call when the
-        flow is loaded on its device): Triton's start and the fused kernels' compiles or cache loads,
-        cuBLAS's and the attention libraries' first calls then overlap whatever runs before the first
-        real forward, which joins it (re-raising an error it hit). True if started. Nothing runs
-        where the fused kernels do not (off CUDA, Triton missing or switched off)."""
+        """Start the warm-up in the background (call when the flow is loaded on its device): the
+        blocks' fused calls side by side, then one small forward (:meth:`_warmup_inputs`, no grad).
+        Triton's start and the kernels' compiles or cache loads, cuBLAS's and the attention's first
+        calls then overlap whatever runs before the first real forward, which joins it (re-raising an
+        error it hit). True if started. Nothing runs where the fused kernels do not (off CUDA,
+        Triton missing or switched off)."""
         device = torch.device(device) if device is not None else self.device
         return self._warmup.start(KernelWarmup.key(device, self.dtype), lambda: self._warm_kernels(device))
 
@@ -121,6 +122,17 @@ class FlowDiT(nn.Module):
         """The warm-up itself, where the fused kernels run: each fused call of a block once on 16
         tokens, side by side (an empty kernel cache: the compiles overlap), then one forward on
         :meth:`_warmup_inputs` (whatever those missed, cuBLAS, the attention's plans)."""
+        if not self._precompile_blocks(device):
+            return False
+        with torch.no_grad(), torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            self(*self._warmup_inputs(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return True
+
+    def _precompile_blocks(self, device: torch.device) -> bool:
+        """:meth:`_kernel_jobs` side by side (thread pool); False (nothing run) where the fused kernels
+        do not run. A failing job is logged and left to the forward."""
         if not fused_enabled(torch.empty(0, device=device, dtype=self.dtype)):
             return False
         on_cuda = device.type == "cuda"
@@ -136,9 +148,6 @@ class FlowDiT(nn.Module):
                     fut.result()
                 except Exception as exc:  # noqa: BLE001 - an optimisation only; the forward reports
                     _log.info("flow kernel warm-up: %s: %s (the forward compiles it)", type(exc).__name__, exc)
-        run(lambda: self(*self._warmup_inputs(device)))
-        if on_cuda:
-            torch.cuda.synchronize(device)
         return True
 
     def _kernel_jobs(self, device: torch.device) -> List[Callable[[], Any]]:
@@ -167,8 +176,9 @@ class FlowDiT(nn.Module):
 
     def _ensure_kernels(self, device: torch.device) -> None:
         """Top of the forward: join a background warm-up of this device and dtype if one was
-        started; without one the forward compiles what it launches, as it goes."""
-        self._warmup.ensure(KernelWarmup.key(device, self.dtype), lambda: None)
+        started; without one, compile the blocks' kernels side by side here (:meth:`_precompile_blocks`,
+        not the warm-up forward)."""
+        self._warmup.ensure(KernelWarmup.key(device, self.dtype), lambda: self._precompile_blocks(device))
 
     def _warmup_cond(self, device: torch.device, batch: int = 1, tokens: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(t [batch], cond [batch, tokens, cond_channels])`` zeros for :meth:`_warmup_inputs`."""
