@@ -10,13 +10,15 @@
 # `know3d experiment` with all rows evaluates them and writes the one table (nothing is retrained there).
 #
 # Command (device, repo root): `bash benchmarks/experiment_know3d_parallel.sh`, carry [".whl_exp", ".expdata"]
-# (same inputs as experiment_know3d_device.sh). Env: ROWS (the trained rows run in parallel), STOP_AT (script
+# (same inputs as experiment_know3d_device.sh; INPUTS names another folder of them, and a missing one is made
+# there, which needs OpenGL). Env: ROWS (the trained rows run in parallel), STOP_AT (script
 # seconds at which the parallel rows are stopped; default 500), END_AT (hard end of the final evaluation;
 # default 575). A base from an earlier call, unpacked to .expdata/base (runs/base of base.tgz), is reused.
 # Writes into ${RESULTS:-$OUT}: log, results.tgz (as the one-process script), base.tgz (the trained base, to
 # carry into a later call), exports.tgz (each finished row's run folder without checkpoints, to merge here).
 # CPU check (tiny steps): RESULTS=/tmp/expp PY=.venv/bin/python NO_WHEELS=1 DEVICE=cpu STOP_AT=400 END_AT=600 \
 #     EXTRA="--base-steps 4 --know3d-steps 4 --sample-steps 2" ROWS=hidden,image bash benchmarks/experiment_know3d_parallel.sh
+# (tests/test_eval_experiment.py runs it at the --smoke sizes).
 set -o pipefail
 D="${RESULTS:-$OUT}"
 mkdir -p "$D"
@@ -38,8 +40,9 @@ if [ -z "$NO_WHEELS" ]; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
-rm -rf "$W" && cp -r .expdata/exp "$W"
-"$PY" benchmarks/experiment_know3d.py --out "$W" --prepare-only 2>&1 | tail -3 | tee -a "$LOG" \
+INPUTS="${INPUTS:-.expdata/exp}"
+rm -rf "$W" && if [ -d "$INPUTS" ]; then cp -r "$INPUTS" "$W"; else mkdir -p "$W"; fi
+"$PY" benchmarks/experiment_know3d.py --out "$W" --prepare-only "${EXTRA_ARGS[@]}" 2>&1 | tail -3 | tee -a "$LOG" \
   || { say "writing the models failed there: using the ones made here"; rm -rf "$W/models"; cp -r .expdata/models_cpu "$W/models"; }
 if [ -d .expdata/base ]; then mkdir -p "$W/runs" && cp -r .expdata/base "$W/runs/base" && say "reusing the carried base"; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"

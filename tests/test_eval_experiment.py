@@ -1,6 +1,10 @@
 """The small-scale Know3D experiment: its codec, its prompt-swap score, and the CPU smoke run."""
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,6 +123,33 @@ def test_experiment_smoke_runs_end_to_end(tmp_path, capsys):
     for name in ("experiment.md", "prompts.png", "eval/eval.json", "eval/eval.csv", "eval/eval.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     assert "prompt-swap accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_parallel_script_trains_the_base_once_and_merges_every_row(tmp_path):
+    """benchmarks/experiment_know3d_parallel.sh at the smoke sizes: the base and the untrained rows in one
+    process, each trained row in its own process on a copy (the base reused, not retrained), then one table
+    over all of them; the archives the device call brings back are written."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res, work = tmp_path / "res", tmp_path / "w"
+    env = dict(os.environ, RESULTS=str(res), WORK=str(work), PY=sys.executable, NO_WHEELS="1", DEVICE="cpu",
+               INPUTS=str(tmp_path / "no_inputs"), STOP_AT="900", END_AT="1200", EXTRA="--smoke", ROWS="hidden,latent",
+               PYTHONPATH=root)
+    done = subprocess.run(["bash", os.path.join(root, "benchmarks", "experiment_know3d_parallel.sh")], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(work / "experiment.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert [r["row"] for r in result["table"]] == ["none", "multiview", "hidden", "latent"]
+    assert result["partial"] is False and result["not_run"] == {}
+    for row in ("hidden", "latent"):
+        with open(f"{work}.{row}.log", encoding="utf-8") as f:
+            log = f.read()
+        base_s = float(re.search(r"train_base: ([0-9.]+) s", log).group(1))
+        assert base_s < 1.0, f"{row}: the base was trained again ({base_s} s)"
+        assert os.path.isfile(work / "runs" / row / "export" / "know3d.safetensors")
+    for name in ("log", "results.tgz", "base.tgz", "exports.tgz"):
+        assert os.path.getsize(res / name) > 0
 
 
 def test_rows_name_sweep_sigmas_where_they_run():
