@@ -292,8 +292,9 @@ def run_one(args, keep_hidden: dict | None = None) -> dict:
     layers, sigma, dim = capture_layers(bv)
     geometry = build_geometry(args.tiny, device, plan.geometry_offload, layers, sigma, dim)
     fix_structure(geometry, size["n_cascade"])
-    pipe = Know3DPipeline(geometry, bv, memory_plan=plan)
-    row.update(placement=pipe.placement, capture={"layers": layers, "sigma": sigma, "knowledge_dim": dim},
+    pipe = Know3DPipeline(geometry, bv, memory_plan=plan, pin_host=args.pin_host)
+    row.update(pin_host=args.pin_host, placement=pipe.placement,
+               capture={"layers": layers, "sigma": sigma, "knowledge_dim": dim},
                pinned_host_gib=round(pinned_host_bytes(bv) / GIB, 3))
     row["build_s"] = round(time.perf_counter() - t0, 2)
     print(f"built in {row['build_s']} s; Qwen networks: {pipe.placement}", flush=True)
@@ -403,7 +404,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _child(args, extra: list, timeout: float, row_path: str) -> dict | None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--row-out", row_path] + extra + (["--tiny"] if args.tiny else [])
+    cmd = [sys.executable, os.path.abspath(__file__), "--row-out", row_path] + extra + (["--tiny"] if args.tiny else []) \
+        + (["--pin-host"] if args.pin_host else [])
     try:
         proc = subprocess.run(cmd, timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
@@ -559,6 +561,8 @@ def main(argv=None) -> int:
     p.add_argument("--cards", default="24,16", help="card sizes in GiB, each run capped; the uncapped run comes second")
     p.add_argument("--budget", type=float, default=250.0, help="seconds for all runs together")
     p.add_argument("--processes", action="store_true", help="one process per run (default: all in this one)")
+    p.add_argument("--pin-host", action="store_true",
+                   help="offloaded networks visit from pinned host copies (Know3DPipeline(pin_host=True), --pin-host)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--card", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)

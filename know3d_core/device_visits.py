@@ -15,19 +15,18 @@ chunk is ONE pinned buffer that its tensors are views of (:func:`pin_in_chunks`;
 a tensor that is already pinned as it is): torch's pinned-memory allocator rounds every allocation up
 to a power of two, which for the MMDiT's 9 / 36 MiB fp8 matrices one by one would lock ~1.6x their
 bytes; a full 256 MiB chunk is itself a power of two.
-On a CPU device, without diffusers, or with ``KNOW3D_PIN_HOST=0`` in the environment (a host short of
-RAM to lock), :func:`visits_for` returns None and the callers keep ``.to``.
+Opt-in (``pin_host=True`` of ``Know3DPipeline``, ``--pin-host`` of the CLI): pinning ~28 GB took ~40 s
+once per process on the H200 (the 24 GiB plan's build: 69.7 s against 28.6 s unpinned), and the
+visits have not run end to end on a GPU yet. On a CPU device or without diffusers, :func:`visits_for`
+returns None and the callers keep ``.to``.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-__all__ = ["CHUNK_BYTES", "PIN_HOST_ENV", "PinnedVisits", "chunks", "pack_into", "packed_bytes", "pin_chunk",
-           "pin_in_chunks", "pin_host_enabled", "visits_for"]
+__all__ = ["CHUNK_BYTES", "PinnedVisits", "chunks", "pack_into", "packed_bytes", "pin_chunk", "pin_in_chunks",
+           "visits_for"]
 
-PIN_HOST_ENV = "KNOW3D_PIN_HOST"
 ALIGN = 64  # bytes: each tensor's offset in its chunk buffer
 
 CHUNK_BYTES = 256 * 2 ** 20
@@ -123,19 +122,11 @@ class PinnedVisits:
             group.offload_()
 
 
-def pin_host_enabled() -> bool:
-    """False when ``KNOW3D_PIN_HOST`` is ``0`` / ``false`` / ``no`` / ``off``."""
-    return os.environ.get(PIN_HOST_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 def visits_for(module, device) -> PinnedVisits | None:
     """:class:`PinnedVisits` of ``module`` (an ``nn.Module`` on the CPU) for a CUDA ``device``; None
-    for any other device, any other object, without diffusers, or when :func:`pin_host_enabled` is
-    False (callers then move with ``.to``)."""
+    for any other device, any other object, or without diffusers (callers then move with ``.to``)."""
     device = torch.device(device)
     if device.type != "cuda" or not isinstance(module, torch.nn.Module) or not torch.cuda.is_available():
-        return None
-    if not pin_host_enabled():
         return None
     try:
         import diffusers.hooks.group_offloading  # noqa: F401

@@ -54,6 +54,25 @@ def test_vram_errors_name_the_option(tmp_path, capsys, extra, message):
     assert not os.path.exists(tmp_path / "out" / "record.json")
 
 
+def test_pin_host_is_logged_recorded_and_handed_to_the_loader(tmp_path, capsys):
+    factory = _cli_double.factory(0.0)
+    m, q = _complete(tmp_path / "m")
+    argv = ["generate", "--models", m, "--qwen", q, "--image", _front(tmp_path / "front.png"), "--prompt", "slats",
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--normals-size", "32", "--vram", "24", "--pin-host"]
+    assert cli.main(argv, pipeline_factory=factory) == 0
+    assert "--pin-host: offloaded networks visit the GPU from pinned host copies" in capsys.readouterr().err
+    assert factory.opts.pin_host is True
+    with open(tmp_path / "out" / "record.json", encoding="utf-8") as f:
+        assert json.load(f)["inputs"]["pin_host"] is True
+
+
+def test_pin_host_needs_something_offloaded(tmp_path, capsys):
+    assert _generate(tmp_path, "--pin-host") == EXIT_USAGE
+    assert "--pin-host applies to offloaded networks: add --offload or --vram GiB" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    assert _generate(tmp_path / "b", "--pin-host", "--offload", "--quiet") == 0
+
+
 def test_vram_must_be_a_positive_number(tmp_path, capsys):
     assert _generate(tmp_path, "--vram", "-3") == EXIT_USAGE
     assert "argument --vram: '-3' must be > 0" in capsys.readouterr().err

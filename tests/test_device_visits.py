@@ -103,21 +103,29 @@ def test_pinned_visit_moves_in_and_points_back_without_copying():
     torch.testing.assert_close(net(x), want)
 
 
-def test_pin_host_switch(monkeypatch):
-    from know3d_core.device_visits import PIN_HOST_ENV, pin_host_enabled
+def test_pin_host_is_a_setting_of_the_pipeline_off_by_default():
+    """Pinning is opt-in: ``Know3DPipeline(pin_host=...)`` hands it to the back view's placement and the
+    geometry's offload; without it (or on the CPU) every network moves with ``.to``."""
+    from types import SimpleNamespace
 
-    assert pin_host_enabled()
-    for off in ("0", "false", "Off"):
-        monkeypatch.setenv(PIN_HOST_ENV, off)
-        assert not pin_host_enabled()
-    monkeypatch.setenv(PIN_HOST_ENV, "1")
-    assert pin_host_enabled()
+    from know3d_core.pipeline import Know3DPipeline
+
+    calls = []
+    geometry = SimpleNamespace(device=torch.device("cpu"), pin_host_copies=lambda: calls.append("geometry"))
+    for pin in (False, True):
+        bv = _backview()
+        places = []
+        real = bv.place
+        bv.place = lambda *a, **k: (places.append(k.get("pin_host")), real(*a, **k))[1]
+        pipe = Know3DPipeline(geometry, bv, offload=True, **({"pin_host": True} if pin else {}))  # default: off
+        assert pipe.pin_host is pin and places == [pin] and bv.visits == {}  # CPU: nothing to pin
+    assert calls == ["geometry"]
 
 
 @cuda
 @pytest.mark.cuda
 def test_offloaded_pipeline_on_cuda_visits_from_pinned_copies(tmp_path_factory):
-    """The demo models, ``offload=True`` on CUDA: every network (Qwen and TRELLIS.2, the DINOv3 model too)
+    """The demo models, ``offload=True, pin_host=True`` on CUDA: every network (Qwen and TRELLIS.2, the DINOv3 model too)
     has pinned host copies, the run gives the resident run's knowledge and mesh size, and afterwards every
     weight is back on its pinned host copy."""
     from PIL import Image
@@ -135,7 +143,7 @@ def test_offloaded_pipeline_on_cuda_visits_from_pinned_copies(tmp_path_factory):
     for offload in (False, True):
         pipe = Know3DPipeline.from_pretrained(
             demo.trellis2, qwen=demo.qwen, know3d=demo.know3d, backview_loras=[demo.backview_lora], device="cuda",
-            dtype="float32", offload=offload, vae_image_area=DEMO_RUN_SETTINGS["vae_image_area"])
+            dtype="float32", offload=offload, pin_host=offload, vae_image_area=DEMO_RUN_SETTINGS["vae_image_area"])
         results[offload] = pipe.run(image, "a hollow backrest", "hidden", seed=2, **run)
     nets = list(pipe.geometry.models.values()) + [pipe.geometry.image_cond_model.model] + pipe.backview.networks()
     assert len(pipe.geometry.visits) + len(pipe.backview.visits) == len(nets)

@@ -122,6 +122,7 @@ def load_pipeline(opts: argparse.Namespace, check: ModelCheck):
         dtype=opts.dtype_resolved,
         offload=opts.offload,
         memory_plan=getattr(opts, "memory_plan", None),
+        pin_host=getattr(opts, "pin_host", False),
         qwen_files=qwen_files(opts) or None,
         pipeline_types=[opts.resolution],
         vae_image_area=getattr(opts, "vae_image_area", None),
@@ -243,6 +244,8 @@ def _load(opts, check, quiet: bool):
     _say(quiet, f"loading models ({opts.variant}, {opts.resolution}) on {opts.device_resolved} ...")
     if getattr(opts, "memory_plan", None) is not None:
         _say(quiet, f"--vram {opts.vram:g}: memory plan {opts.memory_plan.describe()}")
+    if getattr(opts, "pin_host", False):
+        _say(quiet, "--pin-host: offloaded networks visit the GPU from pinned host copies (pinned once, at load)")
     start = time.perf_counter()
     try:
         pipe = (getattr(opts, "pipeline_factory", None) or load_pipeline)(opts, check)

@@ -130,7 +130,7 @@ def base_record(opts: argparse.Namespace, check: Any, image_path: str, prompt: s
         "inputs": {"image": os.path.abspath(image_path), "image_sha256": sha256(image_path),
                    "image_size": size, "image_mode": mode, "prompt": prompt, **run_settings(opts),
                    "device": opts.device_resolved, "dtype": str(opts.dtype_resolved).replace("torch.", ""),
-                   "offload": opts.offload},
+                   "offload": opts.offload, "pin_host": getattr(opts, "pin_host", False)},
         "seeds": {"seed": opts.seed},
         "memory_plan": _memory_plan(opts),
         "models": check.paths() if check is not None else {},

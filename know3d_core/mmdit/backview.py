@@ -4,8 +4,8 @@ and our sampling loop; optional hidden-state capture and early exit.
 :class:`QwenEditBackView` is the one back-view orchestration: ``Know3DPipeline.back_view`` (the
 CLI) calls it, and the parity test against diffusers' ``QwenImageEditPlusPipeline`` runs it. With
 ``place(device, offload=True)`` each network stays on the CPU and visits ``device`` only while it
-runs (text encoder once for both prompts, then VAE, then transformer, then VAE); on CUDA from pinned
-host copies (``device_visits``: one copy in, nothing copied back).
+runs (text encoder once for both prompts, then VAE, then transformer, then VAE); with ``pin_host``
+on CUDA from pinned host copies (``device_visits``: one copy in, nothing copied back).
 """
 from __future__ import annotations
 
@@ -125,10 +125,11 @@ class QwenEditBackView:
     def networks(self) -> list[torch.nn.Module]:
         return [m for m in (self.c.transformer, self.c.vae, self.c.text_encoder) if m is not None]
 
-    def place(self, device, offload: bool = False, hooked=()) -> None:
+    def place(self, device, offload: bool = False, hooked=(), pin_host: bool = False) -> None:
         """Run on ``device``; with ``offload`` the networks live on the CPU and each visits
-        ``device`` only while it runs (see :meth:`use`). ``hooked`` networks live on the CPU and are
-        left to their group-offloading hooks (``mmdit.memory.apply_memory_plan``)."""
+        ``device`` only while it runs (see :meth:`use`), from pinned host copies with ``pin_host``
+        (CUDA). ``hooked`` networks live on the CPU and are left to their group-offloading hooks
+        (``mmdit.memory.apply_memory_plan``)."""
         from ..device_visits import visits_for
 
         self.device, self.offload = torch.device(device), bool(offload)
@@ -137,7 +138,7 @@ class QwenEditBackView:
         for module in self.networks():
             module.to(torch.device("cpu") if self._is_hooked(module) else home)
         self.visits = {}
-        if self.offload:
+        if self.offload and pin_host:
             for module in self.networks():
                 visits = None if self._is_hooked(module) else visits_for(module, self.device)
                 if visits is not None:

@@ -7,9 +7,9 @@
   top-level block list) visit the device while they run, the next one prefetched on a side CUDA
   stream (``use_stream``, CUDA only; on the CPU the hooks move nothing).
 
-Networks of the ``model`` placement visit the device whole (``QwenEditBackView.use``), on CUDA from
-pinned host copies (``know3d_core.device_visits``: diffusers' ``ModuleGroup``; one copy in per visit,
-none back); the text encoder visits once per back view, for both prompts.
+Networks of the ``model`` placement visit the device whole (``QwenEditBackView.use``), with
+``pin_host`` on CUDA from pinned host copies (``know3d_core.device_visits``: diffusers' ``ModuleGroup``;
+one copy in per visit, none back); the text encoder visits once per back view, for both prompts.
 """
 from __future__ import annotations
 
@@ -50,19 +50,19 @@ def load_dtypes(meta_model: torch.nn.Module, storage: str | None, compute_dtype:
     return {k: (fp8 if v.dtype == fp8 else compute_dtype) for k, v in meta_model.state_dict().items()}
 
 
-def offload_blocks(module: torch.nn.Module, device: torch.device) -> tuple[str, int]:
+def offload_blocks(module: torch.nn.Module, device: torch.device, pin_host: bool = False) -> tuple[str, int]:
     """Group offloading of ``module`` (on the CPU) onto ``device``: ``block_level`` when it has
-    ``transformer_blocks`` (the MMDiT), else ``leaf_level``; prefetch on a side stream on CUDA, from
-    weights pinned first in chunk buffers (``device_visits.pin_in_chunks``: diffusers keeps tensors
-    already pinned, instead of one power-of-two pinned allocation per tensor). Returns (the offload
-    type used, bytes pinned)."""
+    ``transformer_blocks`` (the MMDiT), else ``leaf_level``; prefetch on a side stream on CUDA (diffusers
+    then pins each weight). With ``pin_host`` the weights are pinned first in chunk buffers
+    (``device_visits.pin_in_chunks``: diffusers keeps tensors already pinned, instead of one power-of-two
+    pinned allocation per tensor). Returns (the offload type used, bytes pinned here)."""
     from diffusers.hooks import apply_group_offloading
 
-    from ..device_visits import pin_host_enabled, pin_in_chunks
+    from ..device_visits import pin_in_chunks
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    pinned = pin_in_chunks(module)[1] if cuda and torch.cuda.is_available() and pin_host_enabled() else 0
+    pinned = pin_in_chunks(module)[1] if cuda and pin_host and torch.cuda.is_available() else 0
     level = "block_level" if isinstance(getattr(module, "transformer_blocks", None), torch.nn.ModuleList) \
         else "leaf_level"
     apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"), offload_type=level,
@@ -71,8 +71,9 @@ def offload_blocks(module: torch.nn.Module, device: torch.device) -> tuple[str, 
     return level, pinned
 
 
-def apply_memory_plan(backview, plan: MemoryPlan, device, compute_dtype: torch.dtype) -> dict:
-    """Put a ``QwenEditBackView``'s networks where ``plan`` says, storing weights as it says.
+def apply_memory_plan(backview, plan: MemoryPlan, device, compute_dtype: torch.dtype, pin_host: bool = False) -> dict:
+    """Put a ``QwenEditBackView``'s networks where ``plan`` says, storing weights as it says; with
+    ``pin_host`` the offloaded ones move from pinned host copies (``device_visits``).
 
     Layer-wise casting comes first (group offloading then moves the fp8 weights), and the networks
     the hooks manage are excluded from the back view's own placement. Returns ``{network: how}``
@@ -88,14 +89,14 @@ def apply_memory_plan(backview, plan: MemoryPlan, device, compute_dtype: torch.d
             store_weights(module, storage, compute_dtype)
     backview.compute_dtype = compute_dtype
     hooked = [m for m, _, placement in nets.values() if m is not None and placement == "blocks"]
-    backview.place(device, offload=plan.geometry_offload, hooked=hooked)
+    backview.place(device, offload=plan.geometry_offload, hooked=hooked, pin_host=pin_host)
     done = {}
     for name, (module, storage, placement) in nets.items():
         if module is None:
             continue
         how = placement
         if placement == "blocks":
-            how, backview.block_pins[id(module)] = offload_blocks(module, device)
+            how, backview.block_pins[id(module)] = offload_blocks(module, device, pin_host)
         pinned = backview.pinned_bytes(module)
         if pinned:
             how += f" (pinned host copy {pinned / 2 ** 30:.1f} GiB)"
