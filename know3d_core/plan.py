@@ -393,11 +393,11 @@ def auto_dtype_name(device_type: str, bf16_supported: bool = True) -> str:
 # How the Qwen side fits a card (``know3d generate --vram GB``). Storage dtype of a network's Linear/Conv
 # weights: None keeps the compute dtype; FP8_STORAGE stores them in float8 e4m3 and casts each layer to
 # the compute dtype while it runs (diffusers' layer-wise casting). Placement: ``resident`` stays on the
-# device, ``model`` visits the device whole while it runs (on CUDA from pinned host copies, one copy in
-# per visit and none back: ``device_visits``; the MMDiT once per back view, the text encoder once for
-# both prompts), ``blocks`` stays on the CPU and its blocks visit one group at a time, the next group
-# prefetched on a side stream (diffusers' group offloading, also from pinned copies). Either way the
-# host holds every offloaded weight page-locked (24 GiB plan: ~27 GiB; the same bytes the CPU held).
+# device, ``model`` visits the device whole while it runs (the MMDiT once per back view, the text
+# encoder once for both prompts; with ``pin_host``, opt-in, from pinned host copies: ``device_visits``),
+# ``blocks`` stays on the CPU and its blocks visit one group at a time, the next group prefetched on a
+# side stream (diffusers' group offloading, which pins each weight itself). Pinning is not part of a
+# plan: the plans say where weights live on the card, ``pin_host`` what the host gives for it.
 FP8_STORAGE = "float8_e4m3fn"
 PLACEMENTS: Tuple[str, ...] = ("resident", "model", "blocks")
 GIB = 2 ** 30
