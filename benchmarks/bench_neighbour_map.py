@@ -366,8 +366,17 @@ def main(argv=None) -> int:
                    help="with --mlp-sweep: run the decoder rows with each width's fastest swept MLP configuration")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma list of the decoder's in-run baselines (of {','.join(BASELINES)}; '' for none)")
+    p.add_argument("--enable", default="", help="comma list of kernels that are off by default to switch on for "
+                   "the run ('ours'; the torch_* baselines switch them off again): children, head")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    enable = [k for k in args.enable.split(",") if k]
+    if set(enable) - {"children", "head"}:
+        p.error(f"unknown --enable {enable} (known: children, head)")
+    if "children" in enable:
+        neighbour_triton.set_triton_children(True)
+    if "head" in enable:
+        fused_norm.set_fused_head(True)
     device = bench_device(args)
     if device is None:
         return 2

@@ -1,12 +1,12 @@
 """Probe (CUDA): the structure flow's and the shape decoder's first calls in a fresh process, in the
 pipeline's order, per warm-up mode (issue 21):
 
-- ``before``: session 6's path: the flow compiles its kernels as its first forward reaches them, the
-  decoder precompiles its variants side by side at its first forward;
+- ``before``: session 6's path (today's default): the flow compiles its kernels as its first forward
+  reaches them, the decoder precompiles its variants side by side at its first forward;
 - ``first``: no warm-up at load; the flow's first forward compiles its blocks' kernels side by side
-  first (what a flow used outside the pipeline does now), the decoder as before;
+  first (``dit.set_block_precompile``, off by default until measured), the decoder as before;
 - ``load``: both warm-ups started at load (``start_kernel_precompile``, one background thread, in
-  that order), as ``Trellis2GeometryPipeline`` does unless offload.
+  that order), as ``Trellis2GeometryPipeline(..., kernel_warmup=True)`` does unless offload (opt-in).
 
 One fresh process: build the sparse-structure flow (bf16) and the shape decoder (fp16), full size,
 random weights (the stand-in for loading them), start the warm-ups (``load``); then the structure flow's first
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     from bench_shape_decoder import init_random, sphere_shell_tokens
     from bench_trellis2_flows import FULL, TINY, build
     from know3d_core.sparse import SparseTensor
-    from know3d_core.sparse.kernel_dispatch import KernelWarmup
     from know3d_core.trellis2 import shape_decoder as shape_mod
+    from know3d_core.trellis2.modules.dit import set_block_precompile
     stamp("import_ours_ms")
     torch.zeros(1, device=device)
     stamp("cuda_init_ms")
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     stamp("build_decoder_ms")
     if args.mode == "load":
         log["started"] = [flow.start_kernel_precompile(device), decoder.start_kernel_precompile(device)]
-    elif args.mode == "before":  # the flow's warm-up marked done: its first forward compiles as it goes
-        flow._warmup.mark_done(KernelWarmup.key(device, flow.dtype))
+    elif args.mode == "first":  # off by default until measured: the side-by-side compile at the first forward
+        set_block_precompile(True)
     stamp("start_ms")
     gen = torch.Generator(device=device).manual_seed(1)
     lc = 17 if args.tiny else 1029

@@ -229,8 +229,11 @@ def variants():
     return sorted(p for p in glob.glob(os.path.join(root, "*", "*.json"))
                   if not os.path.basename(p).startswith("__grp__"))
 
-from know3d_core.trellis2.modules import fused_mlp
+from know3d_core.sparse import neighbour_triton
+from know3d_core.trellis2.modules import fused_mlp, fused_norm
 fused_mlp.set_fused_mlp(True)  # cover the MLP kernels too (whatever the default)
+neighbour_triton.set_triton_children(True)  # and the children and head kernels (off by default)
+fused_norm.set_fused_head(True)
 model = tdf._cuda_decoder(torch.float16)
 ran = model.precompile_kernels()
 compiled = variants()
@@ -292,4 +295,29 @@ def _check_head(device, n, C, O, dtype):
 def test_head_takes_the_kernel_only_where_it_runs():
     model = shape_mod.FlexiDualGridVaeDecoder(**shape_mod.TINY_ARGS)
     x = torch.zeros(4, model.model_channels[-1])
-    assert not fused_norm.head_kernel_ok(x, model.output_layer.weight)  # CPU: the PyTorch ops
+    assert fused_norm.HEAD_BY_DEFAULT is False  # off until it has run on CUDA
+    with fused_norm.use_fused_head(True):
+        assert not fused_norm.head_kernel_ok(x, model.output_layer.weight)  # CPU: the PyTorch ops
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decoder_with_children_and_head_kernels_matches_without_on_cuda(dtype):
+    """Session 7's kernels (off by default until this has run): the children kernel changes no value
+    (same voxels, same subdivision logits bit for bit); the one-pass head differs from LayerNorm +
+    addmm by fp32 summation order only."""
+    from know3d_core.sparse import neighbour_triton
+
+    model = _cuda_decoder(dtype)
+    coords = dec.sdf_to_flexible_dual_grid(dec.sphere_sdf(radius=0.3), 16)[0]
+    coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1).cuda()
+    x = SparseTensor(torch.randn(len(coords), 32, device="cuda"), coords, (16, 16, 16))
+    with neighbour_triton.use_triton_children(False), fused_norm.use_fused_head(False):
+        ref, ref_subs = model(SparseTensor(x.feats, x.coords, x.spatial_shape), return_subs=True)
+    with neighbour_triton.use_triton_children(True), fused_norm.use_fused_head(True):
+        head, subs = model(SparseTensor(x.feats, x.coords, x.spatial_shape), return_subs=True)
+    for a, b in zip(subs, ref_subs):
+        assert torch.equal(a.coords, b.coords) and torch.equal(a.feats, b.feats)
+    assert torch.equal(head.coords, ref.coords)
+    assert (head.feats - ref.feats).abs().max() <= 1e-5 * ref.feats.abs().max()

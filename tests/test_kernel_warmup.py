@@ -208,15 +208,18 @@ def test_flow_kernel_jobs_are_the_fused_calls_in_the_interpreter(cls, kind):
             job()
 
 
-def test_flow_without_a_started_warmup_compiles_its_kernels_side_by_side_at_the_first_forward(monkeypatch):
+@pytest.mark.parametrize("on", [False, True])
+def test_flow_without_a_started_warmup_compiles_its_kernels_side_by_side_at_the_first_forward(monkeypatch, on):
+    """With the switch on (off by default until measured on CUDA): once, on a pool's threads."""
     model, ran = _flow(SparseStructureFlowModel, "ss"), []
     monkeypatch.setattr(dit_mod, "fused_enabled", lambda x: True)
     job = lambda: ran.append(threading.current_thread().name)  # noqa: E731
     monkeypatch.setattr(model, "_kernel_jobs", lambda device: [job, job])
     x, t, cond = model._warmup_inputs(torch.device("cpu"))
-    model(x, t, cond)
-    model(x, t, cond)
-    assert len(ran) == 2 and threading.current_thread().name not in ran  # once, on the pool's threads
+    with dit_mod.use_block_precompile(on):
+        model(x, t, cond)
+        model(x, t, cond)
+    assert len(ran) == (2 if on else 0) and threading.current_thread().name not in ran
 
 
 def test_flow_warmup_error_surfaces_at_the_first_forward(monkeypatch):
@@ -254,16 +257,19 @@ def demo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("offload", [False, True])
-def test_pipeline_starts_each_networks_warmup_at_load_unless_offloaded(demo, offload):
+def test_pipeline_starts_each_networks_warmup_when_asked_unless_offloaded(demo, offload):
+    """Opt-in (``kernel_warmup=True``; off by default until measured on CUDA)."""
     from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
 
-    pipe = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32",
-                                                    pipeline_types=["512"], offload=offload)
-    warm = {k: m._warmup for k, m in pipe.models.items() if hasattr(m, "_warmup")}
+    loaded = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32",
+                                                      pipeline_types=["512"], offload=offload)
+    warm = {k: m._warmup for k, m in loaded.models.items() if hasattr(m, "_warmup")}
     assert len(warm) == 3  # the structure flow, the shape flow, the shape decoder
-    for key, w in warm.items():
-        dtype = pipe.models[key].dtype
-        assert (w.pending(KernelWarmup.key("cpu", dtype)) or w.done(KernelWarmup.key("cpu", dtype))) != offload, key
+    keys = {k: KernelWarmup.key("cpu", loaded.models[k].dtype) for k in warm}
+    assert not any(w.pending(keys[k]) or w.done(keys[k]) for k, w in warm.items())  # default: nothing started
+    Trellis2GeometryPipeline(loaded.models, loaded.config, device="cpu", offload=offload, kernel_warmup=True)
+    for k, w in warm.items():
+        assert (w.pending(keys[k]) or w.done(keys[k])) != offload, k
 
 
 # ----------------------------------------------------------------------------- CUDA: coverage

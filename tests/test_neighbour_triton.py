@@ -103,6 +103,11 @@ def _children_torch(x, mask):
         return spatial._subdivide(x, mask)
 
 
+def test_children_kernel_is_off_by_default():
+    assert neighbour_triton.CHILDREN_BY_DEFAULT is False
+    assert not neighbour_triton.children_available(torch.zeros(4, 4, dtype=torch.int32))
+
+
 @interpreter
 def test_children_kernel_matches_torch_in_the_interpreter():
     x, mask = _children_case("cpu", 300, 3)
@@ -118,7 +123,8 @@ def test_children_kernel_matches_torch_on_cuda(n, seed):
     """The one-launch children (coords, src rows) equal the PyTorch ops bit for bit, and the C2S
     path takes the kernel on CUDA (same results through channel_to_spatial)."""
     x, mask = _children_case("cuda", n, seed)
-    got = spatial._subdivide(x, mask)
+    with neighbour_triton.use_triton_children(True):  # off by default until this has run on CUDA
+        got = spatial._subdivide(x, mask)
     want = _children_torch(x, mask)
     assert got[1].dtype == torch.int32 and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
     empty = torch.zeros_like(mask)

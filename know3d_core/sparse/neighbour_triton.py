@@ -18,7 +18,8 @@ flags), which cost 6-13 ms per structure on an H200 (issue 21). Here:
    pattern bits, listed ascending, then the inactive ones) and their count.
 
 :func:`children_triton` writes a subdivision's child coords and source rows in one launch (the
-channel-to-space blocks). Results are identical to the PyTorch build and ops
+channel-to-space blocks; off by default until a CUDA run has checked and measured it:
+``CHILDREN_BY_DEFAULT``, :func:`set_triton_children`). Results are identical to the PyTorch build and ops
 (tests/test_neighbour_triton.py). Inference helper only:
 integer outputs, nothing to differentiate.
 """
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
 __all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_layout_triton", "child_tile_flags",
-           "children_available", "children_triton", "use_triton_children"]
+           "children_available", "children_triton", "use_triton_children", "set_triton_children", "CHILDREN_BY_DEFAULT"]
 
 BLOCK_INSERT = 256
 BLOCK_LOOKUP = 16  # voxels per program (x 32 offset lanes): the probe loop runs to the program's longest probe
@@ -67,7 +68,15 @@ def use_triton_maps(enabled: bool) -> ContextManager[None]:
     return _switch.use(enabled)
 
 
-_children_switch = KernelSwitch(True)
+# Off until a CUDA run has checked it (tests/test_neighbour_triton.py) and measured it
+# (benchmarks/bench_neighbour_map.py --enable children): written in session 7 without a GPU run.
+CHILDREN_BY_DEFAULT = False
+_children_switch = KernelSwitch(CHILDREN_BY_DEFAULT)
+
+
+def set_triton_children(enabled: bool) -> None:
+    """Switch :func:`children_triton` on or off for the rest of the process (see ``CHILDREN_BY_DEFAULT``)."""
+    _children_switch.set(enabled)
 
 
 def children_available(coords: torch.Tensor) -> bool:
@@ -78,7 +87,7 @@ def children_available(coords: torch.Tensor) -> bool:
 
 
 def use_triton_children(enabled: bool) -> ContextManager[None]:
-    """Context manager: subdivision children with :func:`children_triton` (default) or the PyTorch ops (A/B)."""
+    """Context manager: subdivision children with :func:`children_triton` or the PyTorch ops inside the block."""
     return _children_switch.use(enabled)
 
 
@@ -338,4 +347,5 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
     def children():
         children_triton(coords, torch.zeros(4, 2, dtype=torch.int64, device=device))
 
-    return [insert, lookup, layout, child_tiles, children] if K <= 31 else [insert, lookup, children]
+    jobs = [insert, lookup, layout, child_tiles] if K <= 31 else [insert, lookup]
+    return jobs + [children] if _children_switch.enabled else jobs

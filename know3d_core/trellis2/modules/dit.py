@@ -8,22 +8,38 @@ dtype before the blocks and back to fp32 for the head.
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...plan import dtype_name
-from ...sparse.kernel_dispatch import KernelWarmup
+from ...sparse.kernel_dispatch import KernelSwitch, KernelWarmup
 from .blocks import ModulatedTransformerCrossBlock
 from .fused import fused_enabled, gated_residual, layer_norm_modulate, residual_layer_norm_modulate
 from .attention import _pow2
 from .rope import rope_phases
 from .embedder import TimestepEmbedder
 
-__all__ = ["FlowDiT", "parse_dtype"]
+__all__ = ["FlowDiT", "parse_dtype", "set_block_precompile", "use_block_precompile", "BLOCK_PRECOMPILE_BY_DEFAULT"]
 _log = logging.getLogger(__name__)
+
+# The first forward compiling the blocks' kernels side by side first (without a started warm-up):
+# off until a CUDA run has measured it (benchmarks/probe_first_calls.py --mode first; session 7
+# had no GPU run); off, the first forward compiles each kernel as it reaches it (session 6's path).
+BLOCK_PRECOMPILE_BY_DEFAULT = False
+_block_precompile = KernelSwitch(BLOCK_PRECOMPILE_BY_DEFAULT)
+
+
+def set_block_precompile(enabled: bool) -> None:
+    """Switch the flows' side-by-side precompile at the first forward on or off for the process."""
+    _block_precompile.set(enabled)
+
+
+def use_block_precompile(enabled: bool) -> ContextManager[None]:
+    """Context manager: :func:`set_block_precompile` inside the block only."""
+    return _block_precompile.use(enabled)
 
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     """``'bfloat16'``/``'bf16'``/``torch.bfloat16`` ... -> torch dtype (fp32, bf16 or fp16; names as
@@ -176,9 +192,11 @@ class FlowDiT(nn.Module):
 
     def _ensure_kernels(self, device: torch.device) -> None:
         """Top of the forward: join a background warm-up of this device and dtype if one was
-        started; without one, compile the blocks' kernels side by side here (:meth:`_precompile_blocks`,
-        not the warm-up forward)."""
-        self._warmup.ensure(KernelWarmup.key(device, self.dtype), lambda: self._precompile_blocks(device))
+        started; without one, with :func:`set_block_precompile` on, compile the blocks' kernels side by
+        side here (:meth:`_precompile_blocks`, not the warm-up forward); else nothing (the forward
+        compiles each kernel as it reaches it)."""
+        on = _block_precompile.enabled
+        self._warmup.ensure(KernelWarmup.key(device, self.dtype), lambda: on and self._precompile_blocks(device))
 
     def _warmup_cond(self, device: torch.device, batch: int = 1, tokens: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(t [batch], cond [batch, tokens, cond_channels])`` zeros for :meth:`_warmup_inputs`."""

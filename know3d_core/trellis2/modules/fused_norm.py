@@ -15,8 +15,9 @@ portable ``tl`` ops, so it also runs under Triton's CPU interpreter (``TRITON_IN
 :func:`layer_norm_linear_triton` is the decoders' head in one pass: the non-affine fp32 LayerNorm
 of each row and a small fp32 linear layer (``[C] -> [O]``, O = 7 for the shape decoder) on it, so
 that the normalised rows never go to memory in fp32 (the PyTorch path writes and reads them:
-~0.9 ms of cuBLAS on 4.9 M rows of the 1024 decoder, H100 profile of session 6). Switch:
-:func:`use_fused_head`.
+~0.9 ms of cuBLAS on 4.9 M rows of the 1024 decoder, H100 profile of session 6). Off by default
+until a CUDA run has checked and measured it (``HEAD_BY_DEFAULT``, :func:`set_fused_head`,
+:func:`use_fused_head`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
 __all__ = ["layer_norm_act", "layer_norm_act_triton", "TORCH_CHUNK_ROWS", "head_kernel_ok", "layer_norm_linear_triton",
-           "use_fused_head"]
+           "use_fused_head", "set_fused_head", "HEAD_BY_DEFAULT"]
 
 TORCH_CHUNK_ROWS = 1 << 18
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -188,13 +189,21 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PLACEHOLDERS[key]
 
 
-_head_switch = KernelSwitch(True)
+# Off until a CUDA run has checked it (tests/test_decoder_fused.py) and measured it
+# (benchmarks/bench_neighbour_map.py --enable head): written in session 7 without a GPU run.
+HEAD_BY_DEFAULT = False
+_head_switch = KernelSwitch(HEAD_BY_DEFAULT)
 _HEAD_MAX_OUT = 16
 
 
+def set_fused_head(enabled: bool) -> None:
+    """Switch the one-pass head on or off for the rest of the process (see ``HEAD_BY_DEFAULT``)."""
+    _head_switch.set(enabled)
+
+
 def use_fused_head(enabled: bool) -> ContextManager[None]:
-    """Context manager: the decoders' head as :func:`layer_norm_linear_triton` (default where it runs)
-    or LayerNorm then ``addmm`` (A/B runs)."""
+    """Context manager: the decoders' head as :func:`layer_norm_linear_triton` (where it runs) or
+    LayerNorm then ``addmm``, inside the block."""
     return _head_switch.use(enabled)
 
 
