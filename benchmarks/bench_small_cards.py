@@ -222,12 +222,12 @@ def context_bytes(device: torch.device) -> int:
     return int(total - free - torch.cuda.memory_reserved(device))
 
 
-def card_plan(card_gib: float, device: torch.device):
-    """``--vram card_gib``'s plan; card 0: the plan of the whole device (uncapped)."""
+def card_plan(card_gib: float, device: torch.device, pin_host: bool = False):
+    """``--vram card_gib [--pin-host]``'s plan; card 0: the plan of the whole device (uncapped)."""
     if card_gib:
-        return vram_plan(card_gib)
+        return vram_plan(card_gib, pin_host)
     if device.type == "cuda":
-        return vram_plan(torch.cuda.get_device_properties(device).total_memory / GIB)
+        return vram_plan(torch.cuda.get_device_properties(device).total_memory / GIB, pin_host)
     return MEMORY_PLANS["resident"]
 
 
@@ -282,7 +282,7 @@ def run_one(args, keep_hidden: dict | None = None) -> dict:
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     size = SIZES[args.tiny]
-    plan = card_plan(args.card, device)
+    plan = card_plan(args.card, device, args.pin_host)
     row = {"card_gib": args.card, "plan": plan.name, "plan_describe": plan.describe(),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "back_steps": size["steps"], "trellis_steps": size["trellis_steps"], "back_size": size["back"]}

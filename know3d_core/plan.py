@@ -421,7 +421,8 @@ class MemoryPlan:
     Attributes:
         name: a key of :data:`MEMORY_PLANS`; mmdit_* / text_encoder_*: storage (None | FP8_STORAGE)
         and placement (one of :data:`PLACEMENTS`) of the Qwen networks; geometry_offload: the TRELLIS.2
-        networks (and the Qwen VAE) visit the device only while they run.
+        networks (and the Qwen VAE) visit the device only while they run; pinned_only: :func:`vram_plan`
+        picks it only with ``pin_host`` (measured slower than the next plan without pinned copies).
     """
 
     name: str
@@ -430,6 +431,7 @@ class MemoryPlan:
     text_encoder_storage: Optional[str]
     text_encoder_placement: str
     geometry_offload: bool
+    pinned_only: bool = False
 
     def weight_peak_bytes(self) -> int:
         """Largest set of weights on the device at once (bytes), from the parameter counts."""
@@ -453,30 +455,35 @@ class MemoryPlan:
             return f"{'fp8' if storage == FP8_STORAGE else 'compute dtype'}, {placement}"
         return (f"{self.name}: MMDiT {one(self.mmdit_storage, self.mmdit_placement)}; text encoder "
                 f"{one(self.text_encoder_storage, self.text_encoder_placement)}; TRELLIS.2 "
-                f"{'offloaded' if self.geometry_offload else 'resident'} (needs ~{self.needs_gib():.1f} GiB)")
+                f"{'offloaded' if self.geometry_offload else 'resident'} (needs ~{self.needs_gib():.1f} GiB"
+                f"{'; with pinned host copies only' if self.pinned_only else ''})")
 
     def as_record(self) -> Dict[str, object]:
         return {"name": self.name, "mmdit_storage": self.mmdit_storage, "mmdit_placement": self.mmdit_placement,
                 "text_encoder_storage": self.text_encoder_storage,
                 "text_encoder_placement": self.text_encoder_placement, "geometry_offload": self.geometry_offload,
+                "pinned_only": self.pinned_only,
                 "estimated_gib": round(self.needs_gib(), 2)}
 
 
-# Fastest first; :func:`vram_plan` takes the first that fits.
+# Fastest first; :func:`vram_plan` takes the first that fits. ``fp8`` only with pinned host copies: moving
+# the whole fp8 MMDiT in and out of pageable memory made it slower than ``fp8_blocks`` on a 24 GiB card
+# (H100, session 6: 37.0 s against 20.2 s at 4 back-view steps; estimated 68.1 against 57.4 s at 40).
 MEMORY_PLANS: Dict[str, MemoryPlan] = {p.name: p for p in (
     MemoryPlan("resident", None, "resident", None, "resident", False),
     MemoryPlan("offload", None, "model", None, "model", True),
-    MemoryPlan("fp8", FP8_STORAGE, "model", FP8_STORAGE, "model", True),
+    MemoryPlan("fp8", FP8_STORAGE, "model", FP8_STORAGE, "model", True, pinned_only=True),
     MemoryPlan("fp8_blocks", FP8_STORAGE, "blocks", FP8_STORAGE, "model", True),
     MemoryPlan("fp8_blocks_all", FP8_STORAGE, "blocks", FP8_STORAGE, "blocks", True),
 )}
 
 
-def vram_plan(vram_gib: float) -> MemoryPlan:
-    """Card size (GiB) -> the fastest :class:`MemoryPlan` whose estimate fits (``needs_gib() <= vram_gib``).
-    ValueError naming the smallest plan's need for a card below it."""
+def vram_plan(vram_gib: float, pin_host: bool = False) -> MemoryPlan:
+    """Card size (GiB) -> the fastest :class:`MemoryPlan` whose estimate fits (``needs_gib() <= vram_gib``),
+    ``pinned_only`` plans only with ``pin_host``. ValueError naming the smallest plan's need for a card
+    below it."""
     for plan in MEMORY_PLANS.values():
-        if plan.needs_gib() <= vram_gib:
+        if plan.needs_gib() <= vram_gib and (pin_host or not plan.pinned_only):
             return plan
     smallest = list(MEMORY_PLANS.values())[-1]
     raise ValueError(f"{vram_gib:g} GiB is below the smallest plan ({smallest.name} needs "

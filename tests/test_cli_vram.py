@@ -28,7 +28,7 @@ def _generate(tmp_path, *extra):
     return cli.main(argv, pipeline_factory=_cli_double.factory(0.0))
 
 
-@pytest.mark.parametrize("gib, plan", [(16, "fp8_blocks"), (24, "fp8")])
+@pytest.mark.parametrize("gib, plan", [(16, "fp8_blocks"), (24, "fp8_blocks")])
 def test_vram_plan_is_logged_and_recorded(tmp_path, capsys, gib, plan):
     assert _generate(tmp_path, "--vram", str(gib)) == 0
     assert f"--vram {gib}: memory plan {plan}:" in capsys.readouterr().err
@@ -63,7 +63,9 @@ def test_pin_host_is_logged_recorded_and_handed_to_the_loader(tmp_path, capsys):
     assert "--pin-host: offloaded networks visit the GPU from pinned host copies" in capsys.readouterr().err
     assert factory.opts.pin_host is True
     with open(tmp_path / "out" / "record.json", encoding="utf-8") as f:
-        assert json.load(f)["inputs"]["pin_host"] is True
+        rec = json.load(f)
+    assert rec["inputs"]["pin_host"] is True
+    assert rec["memory_plan"]["name"] == "fp8" and rec["memory_plan"]["pinned_only"]  # 24 GiB with pinned copies
 
 
 def test_pin_host_needs_something_offloaded(tmp_path, capsys):

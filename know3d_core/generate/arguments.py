@@ -187,7 +187,7 @@ def resolve_memory_plan(opts: argparse.Namespace):
     if getattr(opts, "offload", False):
         raise UsageError("--vram and --offload: give one (--vram picks the offloading for the card)")
     try:
-        return vram_plan(gib)
+        return vram_plan(gib, pin_host=getattr(opts, "pin_host", False))
     except ValueError as e:
         raise UsageError(f"--vram {gib:g}: {e}") from None
 
