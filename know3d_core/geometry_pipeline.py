@@ -28,7 +28,8 @@ structure noise and each shape stage's noise on the CPU in fp32 (the reference c
 ``torch.manual_seed(seed)`` and ``torch.randn``: the same numbers).
 
 Placement: with ``offload`` every network lives on the CPU and visits ``device`` only while its
-stage runs (the reference's ``low_vram``); on CUDA from pinned host copies (``device_visits``).
+stage runs (the reference's ``low_vram``); after :meth:`pin_host_copies`, on CUDA from pinned host
+copies (``device_visits``).
 Per-stage buffers (knowledge contexts, the CFG pair template, intermediate latents) are released when
 a stage ends, also when it is cancelled.
 """
@@ -277,16 +278,17 @@ class Trellis2GeometryPipeline:
             model.to(home).eval()
         if self.image_cond_model is not None:
             self.image_cond_model.to(home)
-        self.visits: Dict[int, Any] = {}  # id(network) -> device_visits.PinnedVisits (offload on CUDA)
-        if self.offload:
-            self._pin_host_copies()
-        else:
+        self.visits: Dict[int, Any] = {}  # id(network) -> device_visits.PinnedVisits (pin_host_copies)
+        if not self.offload:
             self._start_kernel_warmups()
 
-    def _pin_host_copies(self) -> None:
-        """Pinned host copies of every network (the DINOv3 extractor's model too) for fast visits."""
+    def pin_host_copies(self) -> None:
+        """With ``offload`` on CUDA: pinned host copies of every network (the DINOv3 extractor's model
+        too), which then visit ``device`` from them (``device_visits``); a no-op otherwise."""
         from .device_visits import visits_for
 
+        if not self.offload:
+            return
         nets = list(self.models.values()) + [getattr(self.image_cond_model, "model", None)]
         for net in nets:
             visits = visits_for(net, self.device) if net is not None else None

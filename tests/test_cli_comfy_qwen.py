@@ -51,7 +51,7 @@ def test_generate_with_comfy_qwen_files_under_a_vram_plan(tmp_path, capsys):
     argv = ["generate", "--models", models, "--qwen", qwen, "--qwen-transformer", transformer,
             "--qwen-text-encoder", text_encoder, "--vram", "16", "--image", str(front), "--prompt", "three slats",
             "--out", str(out), "--device", "cpu", "--dtype", "float32", "--resolution", "512", "--steps", "2",
-            "--back-steps", "2", "--back-size", "128x128", "--floaters", "0", "--normals-size", "32"]
+            "--back-steps", "2", "--back-size", "128x128", "--floaters", "0", "--normals-size", "32", "--pin-host"]
     code = cli.main(argv, pipeline_factory=factory)
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
@@ -60,3 +60,4 @@ def test_generate_with_comfy_qwen_files_under_a_vram_plan(tmp_path, capsys):
         rec = json.load(f)
     assert rec["models"]["qwen_transformer"] == transformer and rec["models"]["qwen_text_encoder"] == text_encoder
     assert rec["memory_plan"]["name"] == "fp8_blocks" and rec["knowledge"]["kind"] == "mmdit_hidden"
+    assert rec["inputs"]["pin_host"] is True  # the real loader takes it (on the CPU nothing is pinned)
