@@ -13,7 +13,7 @@ card. Per run: seconds and peak allocated memory per stage (``Know3DResult.timin
 ``peak_vram``), peak reserved memory, back-view seconds per step, the page-locked host memory of
 the Qwen networks (``device_visits``; the cost of fast visits) and the process's peak host RSS so
 far, and the captured hidden states' relative error against the uncapped (bf16) run. Where the time
-budget allows (:data:`SECOND_RESERVE_S` kept for the later cards), each card generates a second time
+budget allows (:func:`min_card_s` of each later card kept for it), each card generates a second time
 on the same pipeline (``second``: what the next image of a batch costs, without the first calls).
 
 Networks are the full-size architectures with RANDOM weights, built directly (no files are written
@@ -495,8 +495,15 @@ def compare_hidden(rows: list, hidden: dict) -> None:
             row[f"hidden_rel_err_vs_{capped[0]:g}"] = rel_err(hidden[card], hidden[capped[0]])
 
 
-SECOND_RESERVE_S = 70  # seconds left for the later cards when a card's second generation may start
-MIN_CARD_S = 55  # a full-size card is not started with less left (H100: build ~30-40 s, generation ~5-40 s)
+def min_card_s(card: float, tiny: bool, pin_host: bool) -> float:
+    """Seconds a card's run needs at least (not started with less left): the uncapped one builds in
+    ~5 s and runs ~5 s; a capped one builds in ~30 s (H100, session 6), ~70 s with pinned copies
+    (H200, session 7), and generates in ~15-40 s."""
+    if tiny:
+        return 15.0
+    if not card:
+        return 20.0
+    return 95.0 if pin_host else 60.0
 
 
 def runs_in_process(args, cards: list, deadline: float, result: dict) -> None:
@@ -508,11 +515,11 @@ def runs_in_process(args, cards: list, deadline: float, result: dict) -> None:
     print(f"warm-up: {result['warm_up']}", flush=True)
     hidden = {}
     for i, card in enumerate(cards):
-        if deadline - time.perf_counter() < (15 if args.tiny else MIN_CARD_S):
+        if deadline - time.perf_counter() < min_card_s(card, args.tiny, args.pin_host):
             row = {"card_gib": card, "ok": False, "error": "skipped: out of time"}
         else:
             args.card = card
-            args.second_by = deadline - (SECOND_RESERVE_S if i + 1 < len(cards) else 5)
+            args.second_by = deadline - sum(min_card_s(c, args.tiny, args.pin_host) for c in cards[i + 1:]) - 5
             try:
                 row = run_one(args, hidden)
             except Exception as e:  # noqa: BLE001 - a failed build is a result too; the next card still runs

@@ -14,7 +14,7 @@
 # Results: $OUT/small_cards.json (rewritten after every run) and $OUT/small_cards.log; copy them to
 # benchmarks/results/small_cards/ and fill the README's "Small cards" table from them.
 set -o pipefail
-budget=${1:-185}
+budget=${1:-250}
 shift  # further arguments go to the benchmark: `OUT=/tmp/sc bash $0 60 --tiny` checks this file on the CPU
 log="$OUT/small_cards.log"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_cards .whl_cards/diffusers-*.whl \
