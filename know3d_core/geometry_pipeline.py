@@ -250,6 +250,10 @@ class Trellis2GeometryPipeline:
         device: where the networks run.
         offload: keep networks on the CPU, each on ``device`` only while its stage runs.
         know3d_spec: the ``knowledge.Know3DSpec`` of a loaded Know3D checkpoint, or None.
+        kernel_warmup: start each network's kernel warm-up (Triton's start, compiles or cache loads) in
+            a background thread now, so that it overlaps the stages before its first call (not with
+            ``offload``). Off by default: written in session 7 without a CUDA run
+            (``benchmarks/probe_first_calls.py --mode load`` measures it).
     """
 
     def __init__(
@@ -260,6 +264,7 @@ class Trellis2GeometryPipeline:
         device: Union[str, torch.device] = "cpu",
         offload: bool = False,
         know3d_spec: Any = None,
+        kernel_warmup: bool = False,
     ):
         self.models: Dict[str, nn.Module] = dict(models)
         self.config = config
@@ -279,7 +284,7 @@ class Trellis2GeometryPipeline:
         if self.image_cond_model is not None:
             self.image_cond_model.to(home)
         self.visits: Dict[int, Any] = {}  # id(network) -> device_visits.PinnedVisits (pin_host_copies)
-        if not self.offload:
+        if kernel_warmup and not self.offload:
             self._start_kernel_warmups()
 
     def pin_host_copies(self) -> None:
