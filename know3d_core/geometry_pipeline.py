@@ -284,8 +284,8 @@ class Trellis2GeometryPipeline:
         if self.image_cond_model is not None:
             self.image_cond_model.to(home)
         self.visits: Dict[int, Any] = {}  # id(network) -> device_visits.PinnedVisits (pin_host_copies)
-        if kernel_warmup and not self.offload:
-            self._start_kernel_warmups()
+        if kernel_warmup:
+            self.start_kernel_warmups()
 
     def pin_host_copies(self) -> None:
         """With ``offload`` on CUDA: pinned host copies of every network (the DINOv3 extractor's model
@@ -300,15 +300,20 @@ class Trellis2GeometryPipeline:
             if visits is not None:
                 self.visits[id(net)] = visits
 
-    def _start_kernel_warmups(self) -> None:
+    def start_kernel_warmups(self) -> int:
         """Each network's kernel warm-up (Triton's start, compiles or cache loads) in the background,
         in run order, so that it overlaps the stages before the network's first call (the decoder's
-        with both flows); each first call joins its own. Not with ``offload`` (the weights reach
-        ``device`` only when the stage runs: the first call warms up there)."""
+        with both flows); each first call joins its own. Returns how many started: none with
+        ``offload`` (the weights reach ``device`` only when the stage runs: the first call warms up
+        there). Opt-in (``kernel_warmup=True``, or call it after ``from_pretrained``)."""
+        if self.offload:
+            return 0
+        started = 0
         for model in self.models.values():
             start = getattr(model, "start_kernel_precompile", None)
             if start is not None:
-                start(self.device)
+                started += bool(start(self.device))
+        return started
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -270,6 +270,7 @@ def test_pipeline_starts_each_networks_warmup_when_asked_unless_offloaded(demo, 
     Trellis2GeometryPipeline(loaded.models, loaded.config, device="cpu", offload=offload, kernel_warmup=True)
     for k, w in warm.items():
         assert (w.pending(keys[k]) or w.done(keys[k])) != offload, k
+    assert loaded.start_kernel_warmups() == 0  # once per network (or none with offload)
 
 
 # ----------------------------------------------------------------------------- CUDA: coverage
