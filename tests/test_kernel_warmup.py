@@ -37,7 +37,7 @@ def test_start_runs_in_the_background_and_ensure_joins_it():
 
     def warm():
         began.set()
-        gate.wait(5)
+        gate.wait(120)
         seen["thread"] = threading.current_thread().name
         time.sleep(0.05)
         seen["done"] = True
@@ -45,7 +45,9 @@ def test_start_runs_in_the_background_and_ensure_joins_it():
     w = KernelWarmup()
     assert w.start(KEY, warm) and w.pending(KEY)
     assert not w.start(KEY, warm)  # once per key
-    began.wait(5)  # running (a warm-up still queued would be run by the caller instead)
+    # running (a warm-up still queued would be run by the caller instead); the one background thread may
+    # still be busy with an earlier test's warm-up on a loaded CI machine: wait long, fail clearly
+    assert began.wait(120), "the background thread never started the warm-up"
     assert "done" not in seen  # start returned before the warm-up finished
     gate.set()
     w.ensure(KEY, lambda: pytest.fail("a started warm-up must be joined, not run again"))
