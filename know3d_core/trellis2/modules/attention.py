@@ -134,7 +134,6 @@ class MultiHeadAttention(nn.Module):
         """x ``[B, L, C]`` (packed ``[1, N, C]`` with ``layout``); context ``[B, Lc, Cc]`` (cross);
         rope: complex phases broadcastable to ``[B, L, D/2]`` (self with RoPE). Returns ``[B, L, C]``."""
         B, L, _ = x.shape
-        H = self.num_heads
         if self.use_rope and rope is None:
             raise ValueError("this attention uses RoPE: pass rope=phases")
         if fused_enabled(x) and _pow2(self.head_dim // 2) and not grad_needed(rope):
