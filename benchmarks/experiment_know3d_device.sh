@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The README's GPU run of the small-scale Know3D experiment (issue 20) as one device call (H100/H200).
+# The README's GPU run of the small-scale Know3D experiment (issue 20) as one device call (H100/H200), one row
+# after another: two Know3D rows fit a 420 s call. experiment_know3d_parallel.sh runs the trained rows side by
+# side instead (same inputs and carry).
 #
 # Here, first (CPU; the renders need OpenGL, which the GPU machine lacks without carried EGL debs):
 #   python benchmarks/experiment_know3d.py --out .expdata/exp --prepare-only   # datasets and models
