@@ -15,32 +15,13 @@
 # CPU check of this exact script (venv python, no wheels, tiny steps):
 #   RESULTS=/tmp/expdev PY=.venv/bin/python NO_WHEELS=1 DEVICE=cpu bash benchmarks/experiment_know3d_device.sh \
 #       --base-steps 4 --know3d-steps 4 --sample-steps 2 --time-budget 0
-set -o pipefail
-D="${RESULTS:-$OUT}"
-mkdir -p "$D"
-LOG="$D/log"
-PY="${PY:-python3}"
-W="${WORK:-/tmp/exp}"
-: > "$LOG"
-if [ -z "$NO_WHEELS" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_exp/*.whl \
-    || { echo "wheel install failed" | tee -a "$LOG"; exit 3; }
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
-rm -rf "$W" && cp -r .expdata/exp "$W"
-# the random models are written there (its transformers/diffusers); models written here are the fallback
-"$PY" benchmarks/experiment_know3d.py --out "$W" --prepare-only 2>&1 | tail -3 | tee -a "$LOG" \
-  || { echo "writing the models failed there: using the ones made here" | tee -a "$LOG"; rm -rf "$W/models"; cp -r .expdata/models_cpu "$W/models"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-"$PY" -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$LOG"
+. "$(dirname "$0")/_experiment_device_common.sh"
+prepare_experiment
 left=$(( ${STOP_AT:-400} - SECONDS ))
 echo "setup took ${SECONDS} s; the experiment gets at most ${left} s" | tee -a "$LOG"
 timeout -s INT -k 10 "$left" "$PY" benchmarks/experiment_know3d.py --out "$W" --device "${DEVICE:-cuda}" "$@" 2>&1 \
   | grep --line-buffered -v "Loading weights\|Writing model shards" | tee -a "$LOG"
 rc=$?
-[ -f "$W/experiment.md" ] && { echo "--- table (experiment.md)"; cat "$W/experiment.md"; } | tee -a "$LOG"
-(cd "$W" && tar czf "$D/results.tgz" --ignore-failed-read experiment.md experiment.json prompts.png eval/eval.png \
-   eval/eval.json eval/eval.csv runs/*/metrics.csv pred 2>/dev/null)
+pack_results
 echo "script ${SECONDS} s, experiment rc ${rc}; $(ls -la "$D/results.tgz" 2>&1)" | tee -a "$LOG"
 exit $rc

@@ -19,34 +19,17 @@
 # CPU check (tiny steps): RESULTS=/tmp/expp PY=.venv/bin/python NO_WHEELS=1 DEVICE=cpu STOP_AT=400 END_AT=600 \
 #     EXTRA="--base-steps 4 --know3d-steps 4 --sample-steps 2" ROWS=hidden,image bash benchmarks/experiment_know3d_parallel.sh
 # (tests/test_eval_experiment.py runs it at the --smoke sizes).
-set -o pipefail
-D="${RESULTS:-$OUT}"
-mkdir -p "$D"
-LOG="$D/log"
-PY="${PY:-python3}"
-W="${WORK:-/tmp/exp}"
+. "$(dirname "$0")/_experiment_device_common.sh"
 ROWS="${ROWS:-hidden,image,latent,hidden_gt,hidden_sigma0.85,hidden_sigma0.5,hidden_sigma0.1}"
 STOP_AT="${STOP_AT:-500}"
 END_AT="${END_AT:-575}"
 # shellcheck disable=SC2206
 EXTRA_ARGS=(${EXTRA:-})
-: > "$LOG"
 say() { echo "[parallel $(date -u +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 EXP=("$PY" benchmarks/experiment_know3d.py --device "${DEVICE:-cuda}" --time-budget 0 "${EXTRA_ARGS[@]}")
 
-if [ -z "$NO_WHEELS" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_exp/*.whl \
-    || { say "wheel install failed"; exit 3; }
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
-INPUTS="${INPUTS:-.expdata/exp}"
-rm -rf "$W" && if [ -d "$INPUTS" ]; then cp -r "$INPUTS" "$W"; else mkdir -p "$W"; fi
-"$PY" benchmarks/experiment_know3d.py --out "$W" --prepare-only "${EXTRA_ARGS[@]}" 2>&1 | tail -3 | tee -a "$LOG" \
-  || { say "writing the models failed there: using the ones made here"; rm -rf "$W/models"; cp -r .expdata/models_cpu "$W/models"; }
+prepare_experiment "${EXTRA_ARGS[@]}"
 if [ -d .expdata/base ]; then mkdir -p "$W/runs" && cp -r .expdata/base "$W/runs/base" && say "reusing the carried base"; fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-"$PY" -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$LOG"
 
 say "base and untrained rows (one process)"
 timeout -s INT -k 10 $(( STOP_AT - SECONDS )) "${EXP[@]}" --out "$W" --rows none,multiview 2>&1 \
@@ -87,9 +70,7 @@ say "finished rows: $done_rows; the table over them"
 timeout -s INT -k 5 $(( END_AT - SECONDS )) "${EXP[@]}" --out "$W" --rows "$done_rows" 2>&1 \
   | grep --line-buffered "experiment\|FAILED\|Error" | tee -a "$LOG"
 rc=$?
-[ -f "$W/experiment.md" ] && { echo "--- table (experiment.md)"; cat "$W/experiment.md"; } | tee -a "$LOG"
-(cd "$W" && tar czf "$D/results.tgz" --ignore-failed-read experiment.md experiment.json prompts.png eval/eval.png \
-   eval/eval.json eval/eval.csv runs/*/metrics.csv pred 2>/dev/null)
+pack_results
 (cd "$W/runs" && tar czf "$D/exports.tgz" --exclude='*/checkpoints' --exclude='*/cache' --exclude='*/knowledge*' . 2>/dev/null)
 say "done, experiment rc ${rc}; $(ls -la "$D" | tr '\n' ' ')"
 exit $rc

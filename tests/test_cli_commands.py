@@ -316,29 +316,26 @@ def _spawn(argv, delay):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_first_item(proc, out, timeout=60):
+def _wait_until(proc, ready, what, timeout=60):
+    """Poll ``ready()`` until it holds while the batch runs; fail (killing it) if it ends first or never does."""
     start = time.time()
     while time.time() - start < timeout:
-        if os.path.isdir(out) and _finished(out):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"batch ended early: {proc.communicate()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("no item finished in time")
-
-
-def _wait_for_temporary(proc, out, timeout=60):
-    """Until an item's temporary folder exists under ``out`` (the batch is inside an item)."""
-    start = time.time()
-    while time.time() - start < timeout:
-        if any(".tmp-" in e for e in _entries(out)):
+        if ready():
             return
         if proc.poll() is not None:
             raise AssertionError(f"batch ended early: {proc.communicate()}")
         time.sleep(0.02)
     proc.kill()
-    raise AssertionError("no item started in time")
+    raise AssertionError(f"no {what} in time")
+
+
+def _wait_for_first_item(proc, out):
+    _wait_until(proc, lambda: os.path.isdir(out) and _finished(out), "item finished")
+
+
+def _wait_for_temporary(proc, out):
+    """Until an item's temporary folder exists under ``out`` (the batch is inside an item)."""
+    _wait_until(proc, lambda: any(".tmp-" in e for e in _entries(out)), "item started")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
