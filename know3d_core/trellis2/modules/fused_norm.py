@@ -46,6 +46,14 @@ _TILE_ELEMENTS = 4096  # rows per program = this / padded channels (C=64: 64 row
 
 if triton is not None:
 
+    @triton.jit
+    def _normalise_rows(x, ok, C, eps):
+        """``[BLOCK_R, BLOCK_C]`` fp32 rows (masked entries 0) -> non-affine LayerNorm of each row over ``C``."""
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(ok, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        return xc * rstd[:, None]
+
     # The flags are run-time ints (not constexpr, not specialised) and absent tensors are passed as
     # placeholders of the dtypes the real ones have (int32 index, fp32 affine): one compiled kernel
     # per channel width and dtype pair serves every call site (the shape decoder compiles 6, not 13).
@@ -67,10 +75,7 @@ if triton is not None:
         else:
             src = dst
         x = tl.load(x_ptr + src[:, None] * x_stride + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / C
-        xc = tl.where(ok, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-        y = xc * rstd[:, None]
+        y = _normalise_rows(x, ok, C, eps)
         if AFFINE != 0:
             w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -229,10 +234,7 @@ if triton is not None:
         ok = row_ok[:, None] & col_ok[None, :]
         r64 = rows.to(tl.int64)
         x = tl.load(x_ptr + r64[:, None] * x_stride + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / C
-        xc = tl.where(ok, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-        y = xc * rstd[:, None]
+        y = _normalise_rows(x, ok, C, eps)
         for o in tl.static_range(O):
             w = tl.load(w_ptr + o * C + cols, mask=col_ok, other=0.0).to(tl.float32)
             acc = tl.sum(y * w[None, :], axis=1) + tl.load(b_ptr + o).to(tl.float32)
