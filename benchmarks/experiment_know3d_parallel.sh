@@ -8,6 +8,8 @@
 # experiment skips runs with a FINISHED file), under CUDA MPS when the machine has it so their kernels
 # share the GPU instead of time-slicing it; at the end the finished rows are copied back into one folder and
 # `know3d experiment` with all rows evaluates them and writes the one table (nothing is retrained there).
+# Measured (H200, session 8): four rows side by side under MPS had not finished after 256 s, where one
+# `hidden` row alone takes 148 s on an H100: the sharing gain is well under four-fold; give a call two rows.
 #
 # Command (device, repo root): `bash benchmarks/experiment_know3d_parallel.sh`, carry [".whl_exp", ".expdata"]
 # (same inputs as experiment_know3d_device.sh; INPUTS names another folder of them, and a missing one is made

@@ -17,7 +17,7 @@ to a power of two, which for the MMDiT's 9 / 36 MiB fp8 matrices one by one woul
 bytes; a full 256 MiB chunk is itself a power of two.
 Opt-in (``pin_host=True`` of ``Know3DPipeline``, ``--pin-host`` of the CLI): pinning ~28 GB took ~40 s
 once per process on the H200 (the 24 GiB plan's build: 69.7 s against 28.6 s unpinned), and the
-visits have not run end to end on a GPU yet. On a CPU device or without diffusers, :func:`visits_for`
+visits have run on CUDA only in tests (tiny networks, H200), not in a full-size generate. On a CPU device or without diffusers, :func:`visits_for`
 returns None and the callers keep ``.to``.
 """
 from __future__ import annotations

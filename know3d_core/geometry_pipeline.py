@@ -252,7 +252,7 @@ class Trellis2GeometryPipeline:
         know3d_spec: the ``knowledge.Know3DSpec`` of a loaded Know3D checkpoint, or None.
         kernel_warmup: start each network's kernel warm-up (Triton's start, compiles or cache loads) in
             a background thread now, so that it overlaps the stages before its first call (not with
-            ``offload``). Off by default: written in session 7 without a CUDA run
+            ``offload``). Off by default: its CUDA tests passed (H200), its gain is unmeasured
             (``benchmarks/probe_first_calls.py --mode load`` measures it).
     """
 

@@ -18,7 +18,7 @@ flags), which cost 6-13 ms per structure on an H200 (issue 21). Here:
    pattern bits, listed ascending, then the inactive ones) and their count.
 
 :func:`children_triton` writes a subdivision's child coords and source rows in one launch (the
-channel-to-space blocks; off by default until a CUDA run has checked and measured it:
+channel-to-space blocks; checked on CUDA (H200), off by default until a CUDA run has measured it:
 ``CHILDREN_BY_DEFAULT``, :func:`set_triton_children`). Results are identical to the PyTorch build and ops
 (tests/test_neighbour_triton.py). Inference helper only:
 integer outputs, nothing to differentiate.
@@ -68,8 +68,8 @@ def use_triton_maps(enabled: bool) -> ContextManager[None]:
     return _switch.use(enabled)
 
 
-# Off until a CUDA run has checked it (tests/test_neighbour_triton.py) and measured it
-# (benchmarks/bench_neighbour_map.py --enable children): written in session 7 without a GPU run.
+# Off until a CUDA run has measured it (benchmarks/bench_neighbour_map.py --enable children); its CUDA
+# test (tests/test_neighbour_triton.py) passed on an H200 (benchmarks/results/session8/cuda_all_h200.log).
 CHILDREN_BY_DEFAULT = False
 _children_switch = KernelSwitch(CHILDREN_BY_DEFAULT)
 

@@ -26,8 +26,8 @@ __all__ = ["FlowDiT", "parse_dtype", "set_block_precompile", "use_block_precompi
 _log = logging.getLogger(__name__)
 
 # The first forward compiling the blocks' kernels side by side first (without a started warm-up):
-# off until a CUDA run has measured it (benchmarks/probe_first_calls.py --mode first; session 7
-# had no GPU run); off, the first forward compiles each kernel as it reaches it (session 6's path).
+# off until a CUDA run has measured it (benchmarks/probe_first_calls.py --mode first; its CUDA tests
+# passed on an H200, its timing is unmeasured); off, the first forward compiles each kernel as it reaches it (session 6's path).
 BLOCK_PRECOMPILE_BY_DEFAULT = False
 _block_precompile = KernelSwitch(BLOCK_PRECOMPILE_BY_DEFAULT)
 

@@ -15,8 +15,8 @@ portable ``tl`` ops, so it also runs under Triton's CPU interpreter (``TRITON_IN
 :func:`layer_norm_linear_triton` is the decoders' head in one pass: the non-affine fp32 LayerNorm
 of each row and a small fp32 linear layer (``[C] -> [O]``, O = 7 for the shape decoder) on it, so
 that the normalised rows never go to memory in fp32 (the PyTorch path writes and reads them:
-~0.9 ms of cuBLAS on 4.9 M rows of the 1024 decoder, H100 profile of session 6). Off by default
-until a CUDA run has checked and measured it (``HEAD_BY_DEFAULT``, :func:`set_fused_head`,
+~0.9 ms of cuBLAS on 4.9 M rows of the 1024 decoder, H100 profile of session 6). Checked on CUDA (H200);
+off by default until a CUDA run has measured it (``HEAD_BY_DEFAULT``, :func:`set_fused_head`,
 :func:`use_fused_head`).
 """
 from __future__ import annotations
@@ -194,8 +194,8 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PLACEHOLDERS[key]
 
 
-# Off until a CUDA run has checked it (tests/test_decoder_fused.py) and measured it
-# (benchmarks/bench_neighbour_map.py --enable head): written in session 7 without a GPU run.
+# Off until a CUDA run has measured it (benchmarks/bench_neighbour_map.py --enable head); its CUDA tests
+# (tests/test_decoder_fused.py) passed on an H200 (benchmarks/results/session8/cuda_all_h200.log).
 HEAD_BY_DEFAULT = False
 _head_switch = KernelSwitch(HEAD_BY_DEFAULT)
 _HEAD_MAX_OUT = 16
