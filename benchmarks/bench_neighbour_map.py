@@ -116,7 +116,25 @@ def bench_children(n: int, device, warmup: int, repeats: int) -> dict:
             "equal": torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]), "anchor": REFERENCE["children"]}
 
 
-BASELINES = ("mlp_off", "torch_maps", "c2s_earlier", "wide_rule", "torch_children", "torch_head")
+@contextlib.contextmanager
+def _earlier_c2s(model):
+    set_children_only(model, False)
+    try:
+        yield
+    finally:
+        set_children_only(model, True)
+
+
+# baseline name -> (model -> context manager running the decoder on that baseline path)
+_BASELINE_PATHS = {
+    "mlp_off": lambda model: fused_mlp.use_fused_mlp(False),
+    "torch_maps": lambda model: neighbour_triton.use_triton_maps(False),
+    "c2s_earlier": _earlier_c2s,
+    "wide_rule": lambda model: conv_triton.use_config_rule("wide"),  # BN 256 from 256 output channels on
+    "torch_children": lambda model: neighbour_triton.use_triton_children(False),
+    "torch_head": lambda model: fused_norm.use_fused_head(False),
+}
+BASELINES = tuple(_BASELINE_PATHS)
 
 
 def bench_decoder(case, model, device, warmup: int, repeats: int, baselines=BASELINES) -> dict:
@@ -154,32 +172,11 @@ def bench_decoder(case, model, device, warmup: int, repeats: int, baselines=BASE
     return row
 
 
-@contextlib.contextmanager
 def _baseline(model, name: str):
     """The decoder switched to one baseline path inside the block (see :func:`bench_decoder`)."""
-    if name == "mlp_off":
-        with fused_mlp.use_fused_mlp(False):
-            yield
-    elif name == "torch_maps":
-        with neighbour_triton.use_triton_maps(False):
-            yield
-    elif name == "c2s_earlier":
-        set_children_only(model, False)
-        try:
-            yield
-        finally:
-            set_children_only(model, True)
-    elif name == "wide_rule":
-        with conv_triton.use_config_rule("wide"):  # BN 256 from 256 output channels on
-            yield
-    elif name == "torch_children":
-        with neighbour_triton.use_triton_children(False):
-            yield
-    elif name == "torch_head":
-        with fused_norm.use_fused_head(False):
-            yield
-    else:
+    if name not in _BASELINE_PATHS:
         raise ValueError(f"unknown baseline {name!r} (known: {BASELINES})")
+    return _BASELINE_PATHS[name](model)
 
 
 def set_children_only(model, on: bool) -> None:
