@@ -16,7 +16,7 @@
 #   RESULTS=/tmp/expdev PY=.venv/bin/python NO_WHEELS=1 DEVICE=cpu bash benchmarks/experiment_know3d_device.sh \
 #       --base-steps 4 --know3d-steps 4 --sample-steps 2 --time-budget 0
 . "$(dirname "$0")/_experiment_device_common.sh"
-prepare_experiment
+prepare_experiment "$@"  # the size flags given (--latent-grid, --model-channels ...) shape the models it writes
 left=$(( ${STOP_AT:-400} - SECONDS ))
 echo "setup took ${SECONDS} s; the experiment gets at most ${left} s" | tee -a "$LOG"
 timeout -s INT -k 10 "$left" "$PY" benchmarks/experiment_know3d.py --out "$W" --device "${DEVICE:-cuda}" "$@" 2>&1 \
