@@ -234,11 +234,33 @@ def loaded_models() -> list:
         patcher = lm.model
         if patcher is None:
             continue
-        inner = getattr(patcher, "model", None)
-        inner = getattr(inner, "net", inner)  # our _Holder
-        out.append({"model": type(inner).__name__, "loaded_gib": round(lm.model_loaded_memory() / GIB, 3),
+        out.append({"model": _model_name(patcher), "loaded_gib": round(lm.model_loaded_memory() / GIB, 3),
                     "size_gib": round(lm.model_memory() / GIB, 3)})
     return out
+
+
+def _model_name(patcher) -> str:
+    inner = getattr(patcher, "model", None)
+    return type(getattr(inner, "net", inner)).__name__  # our _Holder's network, or core's model
+
+
+class LoadCalls:
+    """Records every ``load_models_gpu`` call (core's nodes' and ours): the models and the ``memory_required``
+    asked for beside them (the working memory a stage keeps free; ComfyUI evicts other models for it)."""
+
+    def __init__(self):
+        import comfy.model_management as mm
+
+        self.calls = []
+        real = mm.load_models_gpu
+
+        def recorded(models, memory_required=0, *args, **kwargs):
+            self.calls.append({"models": sorted(_model_name(m) for m in models),
+                               "memory_required_gib": round(memory_required / GIB, 4),
+                               "memory_required": int(memory_required)})
+            return real(models, memory_required, *args, **kwargs)
+
+        mm.load_models_gpu = recorded
 
 
 class StageLog(logging.Handler):
@@ -471,6 +493,7 @@ class Graph:
         self.rows = []
         self.failed = None
         self.on_row = on_row or (lambda rows: None)
+        self.loads = LoadCalls()
 
     def node(self, node_id: str, class_type: str, fn, *args, **kwargs):
         if self.failed is not None:
@@ -479,7 +502,7 @@ class Graph:
             self.failed = f"out of time before node {node_id} {class_type}"
             self.rows.append({"node": node_id, "class_type": class_type, "ok": False, "error": "skipped: out of time"})
             return None
-        first_line = len(self.log.lines)
+        first_line, first_load = len(self.log.lines), len(self.loads.calls)
         self.peaks.start()
         t0 = time.perf_counter()
         try:
@@ -496,6 +519,7 @@ class Graph:
             row["error"] = self.failed
         row["loaded_after"] = loaded_models()
         row["know3d_log"] = self.log.lines[first_line:]
+        row["loads"] = self.loads.calls[first_load:]
         self.rows.append(row)
         self.on_row(self.rows)
         print(f"node {node_id:>3} {class_type:38} {row['seconds']:8.2f} s  peak {row.get('peak_allocated_gib', '-')} GiB"
@@ -691,6 +715,8 @@ def print_table(result: dict) -> None:
               f"{r.get('peak_allocated_gib', '-')} / {r.get('peak_reserved_gib', '-')} | {loaded}")
         for line in r.get("know3d_log", []):
             print(f"      {line}")
+        for call in (c for c in r.get("loads", []) if c["memory_required"]):
+            print(f"      loads {', '.join(call['models'])} keeping {call['memory_required_gib']} GiB free beside them")
     print(f"ok {result.get('ok')} error {result.get('error')} graph {result.get('graph_s')} s build {result.get('build_s')} s")
 
 

@@ -47,6 +47,8 @@ __all__ = [
     "DTYPE_NAMES", "SAFETENSORS_FLOAT_DTYPES", "dtype_name", "auto_dtype_name",
     # memory plans (small cards)
     "FP8_STORAGE", "PLACEMENTS", "MemoryPlan", "MEMORY_PLANS", "vram_plan", "VRAM_HEADROOM_GIB",
+    "FLOW_WORKING_BYTES_PER_TOKEN", "DECODER_WORKING_BYTES_PER_TOKEN", "SS_WORKING_BYTES", "flow_working_bytes",
+    "decoder_working_bytes", "geometry_token_bound",
 ]
 
 # ----------------------------------------------------------------------------------- model keys
@@ -488,3 +490,33 @@ def vram_plan(vram_gib: float, pin_host: bool = False) -> MemoryPlan:
     smallest = list(MEMORY_PLANS.values())[-1]
     raise ValueError(f"{vram_gib:g} GiB is below the smallest plan ({smallest.name} needs "
                      f"~{smallest.needs_gib():.1f} GiB)")
+
+
+# Working memory of the TRELLIS.2 stages beyond their weights, which a host's model manager must keep free
+# next to them (ComfyUI: ``load_models_gpu(..., memory_required=...)``; without it, a 24 GB card kept 11 GiB
+# of the Qwen MMDiT loaded and the 1024 decode ran out of memory, issue 22). Per token, from peaks measured
+# on an H100 with the 3D side offloaded (issue 22/21 device runs), plus about a quarter for margin:
+# - shape decoder: +1.19 GiB at 8128 tokens -> 512 and +2.96 GiB at 20336 -> 1024, i.e. 153-157 KiB a token;
+# - shape flow 1024 with the CFG pair at 9600 tokens: 4.72 GiB less 3.02 of weights and 0.1 of conditions,
+#   ~175 KiB a token;
+# - structure stage (flow at its 16^3 latent, then the dense decoder): 4.24 GiB less 3.16 of weights, 1.1 GiB.
+FLOW_WORKING_BYTES_PER_TOKEN = 224 * 1024
+DECODER_WORKING_BYTES_PER_TOKEN = 192 * 1024
+SS_WORKING_BYTES = int(1.5 * GIB)
+
+
+def flow_working_bytes(tokens: int) -> int:
+    """Bytes a shape flow (CFG pair, conditions) needs beyond its weights at ``tokens`` tokens."""
+    return int(tokens) * FLOW_WORKING_BYTES_PER_TOKEN
+
+
+def decoder_working_bytes(tokens: int) -> int:
+    """Bytes the shape decoder needs beyond its weights to decode ``tokens`` latent tokens to a mesh."""
+    return int(tokens) * DECODER_WORKING_BYTES_PER_TOKEN
+
+
+def geometry_token_bound(name: str, structure_tokens: int, max_num_tokens: int = MAX_NUM_TOKENS) -> int:
+    """Most tokens a shape stage of pipeline type ``name`` can hold, before it runs: the structure's voxels at
+    the type's grid, or for a cascade the larger of those and its second stage's budget ``max_num_tokens``."""
+    n = int(structure_tokens)
+    return max(n, int(max_num_tokens)) if pipeline_type(name).cascade else n

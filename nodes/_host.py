@@ -235,9 +235,11 @@ class ManagedModel:
             self.patcher = mp.ModelPatcher(holder, load_device=mm.get_torch_device(),
                                            offload_device=mm.unet_offload_device())
 
-    def use(self) -> torch.nn.Module:
+    def use(self, memory_required: int = 0) -> torch.nn.Module:
+        """Load to the compute device, keeping ``memory_required`` bytes free beside it for the run."""
         if self.patcher is not None:
-            _model_management().load_models_gpu([self.patcher], force_full_load=True)
+            _model_management().load_models_gpu([self.patcher], memory_required=int(memory_required),
+                                                 force_full_load=True)
         return self.net
 
     @property
@@ -247,12 +249,14 @@ class ManagedModel:
         return next(self.net.parameters()).device
 
 
-def load_models(models: Iterable[Optional[ManagedModel]]) -> None:
-    """Load several managed models at once (so they do not evict each other)."""
+def load_models(models: Iterable[Optional[ManagedModel]], memory_required: int = 0) -> None:
+    """Load several managed models at once (so they do not evict each other), keeping ``memory_required``
+    bytes free beside them for what runs next (ComfyUI evicts other models for it; also when every one of
+    them is already loaded, so a stage with more tokens than the last gets its room)."""
     models = [m for m in models if m is not None]
     patchers = [m.patcher for m in models if m.patcher is not None]
     if patchers:
-        _model_management().load_models_gpu(patchers, force_full_load=True)
+        _model_management().load_models_gpu(patchers, memory_required=int(memory_required), force_full_load=True)
 
 
 @contextlib.contextmanager

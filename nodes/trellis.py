@@ -147,8 +147,10 @@ class Know3DModel:
     def dinov3_name(self) -> str:
         return os.path.basename(self.sources.get("dinov3", "dinov3"))
 
-    def load(self, *keys: str) -> None:
-        _host.load_models(self.managed.get(k) for k in keys)
+    def load(self, *keys: str, working_bytes: int = 0) -> None:
+        """Load these networks together, with ``working_bytes`` kept free for the stage that runs them
+        (``plan.flow_working_bytes`` ...): the host evicts other models (a Qwen MMDiT) for it."""
+        _host.load_models((self.managed.get(k) for k in keys), memory_required=working_bytes)
 
     def dinov3(self):
         extractor = getattr(self.pipeline, "image_cond_model", None)
@@ -377,7 +379,7 @@ class Know3DSparseStructure(IO.ComfyNode):
         params = pipe.sampler_params(plan.SS_STAGE, _sampler_inputs(
             steps, cfg, guidance_interval_start, guidance_interval_end, guidance_rescale, rescale_t))
         grid = pipe.structure_decoder_grid  # Geometry coarsens it to its type's grid
-        know3d_model.load(*_stage_models(knowledge, plan.SS_FLOW, plan.SS_DECODER))
+        know3d_model.load(*_stage_models(knowledge, plan.SS_FLOW, plan.SS_DECODER), working_bytes=plan.SS_WORKING_BYTES)
         with _host.stage("sparse structure"):
             coords = _run_stage(
                 pipe.sample_sparse_structure, _to_device(condition.conds[512], pipe.device), knowledge,
@@ -453,7 +455,9 @@ class Know3DGeometry(IO.ComfyNode):
         coords = structure.at(plan.ss_resolution(ptype))
         conds = {size: _to_device(c, pipe.device) for size, c in condition.conds.items()}
         total = sum(n for stage, n in plan.progress_plan(ptype, 0, params.steps) if stage != plan.SS_STAGE)
-        know3d_model.load(*_stage_models(knowledge, *plan.shape_flows(ptype), plan.SHAPE_DECODER))
+        tokens = plan.geometry_token_bound(ptype, coords.shape[0], int(max_num_tokens))
+        know3d_model.load(*_stage_models(knowledge, *plan.shape_flows(ptype), plan.SHAPE_DECODER),
+                          working_bytes=plan.flow_working_bytes(tokens))
         with _host.stage(f"geometry {ptype}"):
             slat, grid = _run_stage(
                 pipe.sample_geometry, coords, conds, knowledge, ptype, generator=pipe.shape_generator(seed),
@@ -461,6 +465,7 @@ class Know3DGeometry(IO.ComfyNode):
                 cancel=_host.interrupted)
         with _host.stage("shape decode"):
             _host.check_interrupted()
+            know3d_model.load(plan.SHAPE_DECODER, working_bytes=plan.decoder_working_bytes(slat.feats.shape[0]))
             mesh = pipe.decode_shape(slat, grid)
         mean, std = pipe.config.normalization("shape_slat_normalization")
         latent = texture_stage_latent(slat, grid, mean, std)

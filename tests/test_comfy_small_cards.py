@@ -12,6 +12,7 @@ import pytest
 
 from _comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, skip_reason
 from _nodes_helpers import ROOT
+from know3d_core import plan
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_comfy_small_cards.py")
 # know3d_full.json's nodes that run (Load*, Save and Preview nodes aside), in the graph's order.
@@ -106,6 +107,36 @@ def test_know3d_full_nodes_run_under_comfy_model_management(tiny_run):
     layers = result["build"]["capture_layers"]
     assert capture["knowledge_shape"] == [1, 64 * 64, 32 * len(layers)]  # 1 MP back view: 64 x 64 tokens of width 32
     assert next(r for r in rows if r["node"] == "24")["faces"] > 0
+
+
+@pytest.mark.comfyui
+def test_our_stages_ask_comfy_to_keep_their_working_memory_free(tiny_run):
+    """The H100's 24 GB run (ComfyUI 0.33.0): our nodes loaded their networks with no working memory asked
+    for, so ComfyUI left 11 GiB of the Qwen MMDiT on the card and the 1024 decode ran out of memory. Each
+    stage now asks ``load_models_gpu`` for its working memory (plan's per-token figures), for which ComfyUI
+    evicts other models, and the decode asks again for its real token count."""
+    result, _sizes, _minimum, proc = tiny_run
+    assert result["ok"], f"{result['error']}\n{proc.stderr[-4000:]}"
+    loads = {r["node"]: r["loads"] for r in result["rows"]}
+    structure = [c for c in loads["23"] if "SparseStructureFlowModel" in c["models"]]
+    assert [c["memory_required"] for c in structure] == [plan.SS_WORKING_BYTES]
+    flows, decode = [c for c in loads["24"] if "SLatFlowModel" in c["models"]], loads["24"][-1]
+    assert len(flows) == 1 and flows[0]["memory_required"] == plan.flow_working_bytes(plan.MAX_NUM_TOKENS)  # cascade
+    assert decode["models"] == ["FlexiDualGridVaeDecoder"]
+    tokens, rest = divmod(decode["memory_required"], plan.DECODER_WORKING_BYTES_PER_TOKEN)
+    assert rest == 0 and 0 < tokens <= plan.MAX_NUM_TOKENS
+
+
+def test_working_memory_covers_the_measured_peaks():
+    """The per-token figures against the H100 peaks they come from (plan.py's comment): each estimate is
+    above its measurement by less than half."""
+    for tokens, measured_gib in ((8128, 1.19), (20336, 2.96)):  # shape decoder -> 512 / -> 1024
+        assert 1.0 < plan.decoder_working_bytes(tokens) / (measured_gib * 2 ** 30) < 1.5
+    assert 1.0 < plan.flow_working_bytes(9600) / (1.6 * 2 ** 30) < 1.5  # shape flow 1024, CFG pair
+    assert plan.SS_WORKING_BYTES > 1.1 * 2 ** 30
+    assert plan.geometry_token_bound("512", 3000) == 3000 == plan.geometry_token_bound("1024", 3000)
+    assert plan.geometry_token_bound("1024_cascade", 3000, 20000) == 20000
+    assert plan.geometry_token_bound("1536_cascade", 60000, 49152) == 60000
 
 
 @pytest.mark.comfyui
