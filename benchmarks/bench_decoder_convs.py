@@ -107,7 +107,8 @@ def sweep(records, device, warmup: int, repeats: int, configs) -> list:
         forms = [rec["kind"]] + (["full", "child_slotmajor"] if rec["kind"] == "child" else [])
         for form in forms:
             co = co_all // 8 if form.startswith("child") else co_all
-            rule = conv_triton.kernel_config(ci, co, rec["w"].dtype)
+            kind = "plain" if form == "full" else "child" if form.startswith("child") else form
+            rule = conv_triton.kernel_config(ci, co, rec["w"].dtype, kind)
             cases.append((rec, form, rule, True))
             if form == "child_slotmajor":
                 continue  # the tile order A/B: the rule's config only

@@ -131,6 +131,7 @@ _BASELINE_PATHS = {
     "torch_maps": lambda model: neighbour_triton.use_triton_maps(False),
     "c2s_earlier": _earlier_c2s,
     "wide_rule": lambda model: conv_triton.use_config_rule("wide"),  # BN 256 from 256 output channels on
+    "uniform_rule": lambda model: conv_triton.use_config_rule("uniform"),  # child/skip convs with plain configs
     "torch_children": lambda model: neighbour_triton.use_triton_children(False),
     "torch_head": lambda model: fused_norm.use_fused_head(False),
 }
@@ -141,7 +142,8 @@ def bench_decoder(case, model, device, warmup: int, repeats: int, baselines=BASE
     """Forward ms and peak extra GiB of ``model`` on the case, then with each baseline in one process:
     ``mlp_off`` the ConvNeXt tail as PyTorch ops (the path before the fused MLP kernel),
     ``torch_maps`` the PyTorch map build, ``c2s_earlier`` conv1 for all 8 children and the skip added
-    after conv2, ``wide_rule`` the BN 256 conv tiles, ``torch_children`` the subdivision children by
+    after conv2, ``wide_rule`` the BN 256 conv tiles, ``uniform_rule`` the child and skip convs with the
+    plain convs' warps and stages (before session 9), ``torch_children`` the subdivision children by
     PyTorch ops, ``torch_head`` the head as LayerNorm then ``addmm``. ``*_same_coords`` / ``*_rel_err``: whether the
     baseline reached the same voxels and its head's largest difference relative to its largest value
     (a subdivision logit next to zero can flip with other rounding, and the later levels differ)."""

@@ -121,7 +121,7 @@ def test_cuda_children_conv_matches_full_conv(dtype, ci, co):
     b = torch.randn(8 * co, device="cuda").to(dtype)
     src = _children(x.num_voxels, seed=ci, device="cuda")
     nm = neighbour_map(x)
-    cfg = conv_triton.kernel_config(ci, co, dtype)
+    cfg = conv_triton.kernel_config(ci, co, dtype, "child")
     lay = conv_triton.child_tile_layout(nm.nbr, nm._derived.get("bits"), src, cfg.BM,
                                         tile_flags=neighbour_triton.child_tile_flags)
     _check_child_layout(nm.nbr, src, lay, cfg.BM)
@@ -137,6 +137,23 @@ def test_cuda_children_conv_matches_full_conv(dtype, ci, co):
         assert ((out.float() - full.float()).abs().max() / ref.abs().max()).item() <= tol
         if dtype != torch.float32:  # the dispatching function takes the kernel
             assert torch.equal(conv.submanifold_conv3d_children(x, w, b, src), out)
+
+
+def test_config_rule_gives_child_and_skip_launches_four_warps_four_stages():
+    """The H100 sweep of the 1024 decoder's convs (session 9): C2S child and skip launches were fastest with
+    4 warps / 4 stages at every size, plain convs with 8 / 3; tiles (BM, BN, BK) are the same in every form,
+    so the tile layouts built for plain convs serve the others."""
+    for dtype in (torch.float16, torch.bfloat16):
+        plain = conv_triton.kernel_config(512, 256, dtype)
+        for form in ("child", "skip"):
+            cfg = conv_triton.kernel_config(512, 256, dtype, form)
+            assert (cfg.num_warps, cfg.num_stages) == (4, 4) and (cfg.BM, cfg.BN, cfg.BK) == (plain.BM, plain.BN, plain.BK)
+        assert (plain.num_warps, plain.num_stages) == (8, 3)
+    assert conv_triton.kernel_config(512, 256, torch.float32, "child") == conv_triton.kernel_config(512, 256, torch.float32)
+    with conv_triton.use_config_rule("uniform"):  # the benchmarks' baseline: every form as before
+        assert conv_triton.kernel_config(512, 256, torch.float16, "skip") == plain
+    with pytest.raises(ValueError, match="unknown conv form 'full'"):
+        conv_triton.kernel_config(64, 64, torch.float16, "full")
 
 
 @cuda

@@ -422,7 +422,7 @@ def submanifold_conv3d_children(x: SparseTensor, weight: torch.Tensor, bias: Opt
     if x.num_voxels and src.numel() and k == 3 and implicit_kernel_ok(x.feats, w, b):
         nm = neighbour_map(x, k, 1)
         Co = weight.shape[0] // num_slots
-        cfg = conv_triton.kernel_config(weight.shape[4], Co, x.feats.dtype)
+        cfg = conv_triton.kernel_config(weight.shape[4], Co, x.feats.dtype, "child")
         flags = neighbour_triton.child_tile_flags if neighbour_triton.available(x.coords) else None
         out = _first_launch_guard(lambda: conv_triton.conv_children_implicit_gemm(
             x.feats, nm.nbr, conv_triton.child_tile_layout(nm.nbr, nm._derived.get("bits"), src, cfg.BM, num_slots,
@@ -446,7 +446,7 @@ def submanifold_conv3d_skip(x: SparseTensor, weight: torch.Tensor, bias: Optiona
     b = None if bias is None else bias.to(x.feats.dtype)
     if x.num_voxels and implicit_kernel_ok(x.feats, w, b) and table.dtype == x.feats.dtype:
         nm = neighbour_map(x, weight.shape[1], 1)
-        cfg = conv_triton.kernel_config(weight.shape[4], weight.shape[0], x.feats.dtype)
+        cfg = conv_triton.kernel_config(weight.shape[4], weight.shape[0], x.feats.dtype, "skip")
         out = _first_launch_guard(lambda: conv_triton.conv_implicit_gemm(x.feats, nm.tile_layout(cfg.BM), w, b, cfg,
                                                                          skip=(table, index)))
         if out is not None:

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 __all__ = ["triton_available", "supports", "kernel_config", "tile_layout", "TileLayout", "conv_implicit_gemm",
            "ChildTileLayout", "child_tile_layout", "pattern_bits", "conv_children_implicit_gemm", "use_config_rule",
-           "RULES"]
+           "RULES", "CONV_FORMS"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -62,7 +62,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-RULES = ("base", "wide")
+RULES = ("base", "wide", "uniform")
 _rule = {"name": "base"}
 
 
@@ -79,18 +79,32 @@ def use_config_rule(name: str) -> Iterator[None]:
         _rule["name"] = previous
 
 
-def kernel_config(in_channels: int, out_channels: int, dtype: torch.dtype) -> KernelConfig:
+# Conv forms (what the launch does beyond a plain submanifold conv): ``child`` computes only the existing
+# children of a subdivision (C2S conv1), ``skip`` adds the skip connection in its epilogue (C2S conv2).
+CONV_FORMS = ("plain", "child", "skip")
+
+
+def kernel_config(in_channels: int, out_channels: int, dtype: torch.dtype, form: str = "plain") -> KernelConfig:
     """Block sizes by rule (measured on an H100, benchmarks/results/perf_conv_sweep.log).
 
     ``base``: BN covers the output channels up to 128 (one gather per 128 outputs), BK the input
     channels up to 64; fp32 halves BK (twice the bytes per element). ``wide``: BN 256 for half
-    precision from 256 output channels on (twice the multiplies per weight byte read).
+    precision from 256 output channels on (twice the multiplies per weight byte read). ``uniform``:
+    every form as a plain conv (the rule before the forms had their own; the A/B baseline).
+    ``form`` (one of :data:`CONV_FORMS`): in half precision the ``child`` and ``skip`` launches take 4
+    warps and 4 stages, same tiles: each of the 1024 decoder's was 1.1-1.5x faster so (H100, every size;
+    14 ms of its 129 ms of convs, benchmarks/results/session9). Plain convs keep 8 warps and 3 stages,
+    their fastest there.
     """
+    if form not in CONV_FORMS:
+        raise ValueError(f"unknown conv form {form!r}; known: {CONV_FORMS}")
     bn = 128 if out_channels > 64 else max(16, _next_pow2(out_channels))
     if _rule["name"] == "wide" and out_channels >= 256 and dtype != torch.float32:
         bn = 256
     bk_max = 32 if dtype == torch.float32 else 64
     bk = min(bk_max, max(16, _next_pow2(in_channels)))
+    if form != "plain" and dtype != torch.float32 and _rule["name"] != "uniform":
+        return KernelConfig(BM=128, BN=bn, BK=bk, num_warps=4, num_stages=4)
     warps = 8 if bn >= 128 else 4
     return KernelConfig(BM=128, BN=bn, BK=bk, num_warps=warps, num_stages=3)
 
@@ -319,7 +333,7 @@ def conv_implicit_gemm(
     N, Ci = feats.shape
     Co = weight.shape[0]
     K = layout.nbr.shape[0]
-    cfg = config or kernel_config(Ci, Co, feats.dtype)
+    cfg = config or kernel_config(Ci, Co, feats.dtype, "plain" if skip is None else "skip")
     if cfg.BM != layout.bm:
         raise ValueError(f"tile layout was built for BM={layout.bm}, kernel config has BM={cfg.BM}")
     out = torch.empty(N, Co, dtype=feats.dtype, device=feats.device)
@@ -377,7 +391,7 @@ def conv_children_implicit_gemm(
     if weight.shape[0] % num_slots:
         raise ValueError(f"conv_children_implicit_gemm: weight rows {weight.shape[0]} not a multiple of {num_slots} slots")
     Co = weight.shape[0] // num_slots
-    cfg = config or kernel_config(Ci, Co, feats.dtype)
+    cfg = config or kernel_config(Ci, Co, feats.dtype, "child")
     if cfg.BM != layout.bm:
         raise ValueError(f"child tile layout was built for BM={layout.bm}, kernel config has BM={cfg.BM}")
     out = torch.empty(num_children, Co, dtype=feats.dtype, device=feats.device)

@@ -64,7 +64,7 @@ class ValidationSheet:
                                                device=task.device))
             models[task.key] = task.flow
             self._geometry = Trellis2GeometryPipeline(models, task.config, task.geometry.image_cond_model,
-                                                      device=task.device)
+                                                      device=task.device, kernel_warmup=False)  # mid-training: no background compiles
         return self._geometry
 
     def _knowledge(self, pair) -> Optional[Any]:

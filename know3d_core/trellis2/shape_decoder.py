@@ -373,7 +373,7 @@ class FlexiDualGridVaeDecoder(HalfPrecisionBlocks, nn.Module):
             if (conv.kernel_size, conv.dilation) != (3, 1):
                 raise ValueError(f"shape decoder precompile: 3x3x3 convs expected, got {conv}")
             co = conv.out_channels // 8 if kind == "child" else conv.out_channels
-            cfg = kernel_config(conv.in_channels, co, self.dtype)
+            cfg = kernel_config(conv.in_channels, co, self.dtype, kind)
             key = (kind, cfg, conv.bias is not None)
             if key in seen:
                 continue
