@@ -396,7 +396,7 @@ def auto_dtype_name(device_type: str, bf16_supported: bool = True) -> str:
 # weights: None keeps the compute dtype; FP8_STORAGE stores them in float8 e4m3 and casts each layer to
 # the compute dtype while it runs (diffusers' layer-wise casting). Placement: ``resident`` stays on the
 # device, ``model`` visits the device whole while it runs (the MMDiT once per back view, the text
-# encoder once for both prompts; with ``pin_host``, opt-in, from pinned host copies: ``device_visits``),
+# encoder once for both prompts; with ``pin_host`` from pinned host copies: ``device_visits``),
 # ``blocks`` stays on the CPU and its blocks visit one group at a time, the next group prefetched on a
 # side stream (diffusers' group offloading, which pins each weight itself). Pinning is not part of a
 # plan: the plans say where weights live on the card, ``pin_host`` what the host gives for it.
@@ -424,7 +424,9 @@ class MemoryPlan:
         name: a key of :data:`MEMORY_PLANS`; mmdit_* / text_encoder_*: storage (None | FP8_STORAGE)
         and placement (one of :data:`PLACEMENTS`) of the Qwen networks; geometry_offload: the TRELLIS.2
         networks (and the Qwen VAE) visit the device only while they run; pinned_only: :func:`vram_plan`
-        picks it only with ``pin_host`` (measured slower than the next plan without pinned copies).
+        picks it only with ``pin_host`` (measured slower than the next plan without pinned copies);
+        pins_by_default: the command line gives the plan pinned host copies unless told not to
+        (``--no-pin-host``): the block plans, whose MMDiT diffusers pins anyway.
     """
 
     name: str
@@ -434,6 +436,7 @@ class MemoryPlan:
     text_encoder_placement: str
     geometry_offload: bool
     pinned_only: bool = False
+    pins_by_default: bool = False
 
     def weight_peak_bytes(self) -> int:
         """Largest set of weights on the device at once (bytes), from the parameter counts."""
@@ -464,19 +467,24 @@ class MemoryPlan:
         return {"name": self.name, "mmdit_storage": self.mmdit_storage, "mmdit_placement": self.mmdit_placement,
                 "text_encoder_storage": self.text_encoder_storage,
                 "text_encoder_placement": self.text_encoder_placement, "geometry_offload": self.geometry_offload,
-                "pinned_only": self.pinned_only,
+                "pinned_only": self.pinned_only, "pins_by_default": self.pins_by_default,
                 "estimated_gib": round(self.needs_gib(), 2)}
 
 
 # Fastest first; :func:`vram_plan` takes the first that fits. ``fp8`` only with pinned host copies: moving
 # the whole fp8 MMDiT in and out of pageable memory made it slower than ``fp8_blocks`` on a 24 GiB card
 # (H100, session 6: 37.0 s against 20.2 s at 4 back-view steps; estimated 68.1 against 57.4 s at 40).
+# The block plans pin by default: with pinned copies ``fp8_blocks`` ran 8.1 s against 20.2 s and built in
+# 26.5 s against 31.9 s (H100, session 9; diffusers pins the streamed MMDiT either way, so only the text
+# encoder's and TRELLIS.2's host copies become page-locked). ``fp8`` with pinned copies is faster per
+# image still (6.9 against 7.1 s once warm) but pinning its whole MMDiT made its build 56.8 s: it pays
+# from about the fifth image (``batch``), so it stays an explicit ``--pin-host``.
 MEMORY_PLANS: Dict[str, MemoryPlan] = {p.name: p for p in (
     MemoryPlan("resident", None, "resident", None, "resident", False),
     MemoryPlan("offload", None, "model", None, "model", True),
     MemoryPlan("fp8", FP8_STORAGE, "model", FP8_STORAGE, "model", True, pinned_only=True),
-    MemoryPlan("fp8_blocks", FP8_STORAGE, "blocks", FP8_STORAGE, "model", True),
-    MemoryPlan("fp8_blocks_all", FP8_STORAGE, "blocks", FP8_STORAGE, "blocks", True),
+    MemoryPlan("fp8_blocks", FP8_STORAGE, "blocks", FP8_STORAGE, "model", True, pins_by_default=True),
+    MemoryPlan("fp8_blocks_all", FP8_STORAGE, "blocks", FP8_STORAGE, "blocks", True, pins_by_default=True),
 )}
 
 

@@ -34,6 +34,7 @@ def test_card_size_picks_the_fastest_plan_that_fits(gib, name, pinned):
         earlier = [MEMORY_PLANS[n] for n in order[:order.index(want)]]
         assert all(p.needs_gib() > gib or (p.pinned_only and not pin_host) for p in earlier)
     assert [p.name for p in MEMORY_PLANS.values() if p.pinned_only] == ["fp8"]
+    assert [p.name for p in MEMORY_PLANS.values() if p.pins_by_default] == ["fp8_blocks", "fp8_blocks_all"]
 
 
 def test_card_below_the_smallest_plan_is_refused():

@@ -90,10 +90,11 @@ def add_generation_options(p: argparse.ArgumentParser, demo: bool = False) -> No
                    help="memory of the card in GiB: picks how the Qwen networks fit it (fp8 weight storage, "
                         "block offloading with prefetch) and implies --offload below 'resident'; printed in "
                         "the log and stored in record.json (plans: " + ", ".join(MEMORY_PLANS) + ")")
-    g.add_argument("--pin-host", action="store_true",
-                   help="with --offload or --vram: offloaded networks visit the GPU from pinned (page-locked) "
-                        "host copies, one copy in per visit, none back; locks the offloaded weights' host RAM "
-                        "and pins them once per process (~40 s for 28 GB); stored in record.json")
+    g.add_argument("--pin-host", action=argparse.BooleanOptionalAction, default=None,
+                   help="offloaded networks visit the GPU from pinned (page-locked) host copies, one copy in per "
+                        "visit, none back; the offloaded weights' host RAM is locked (not swappable). Default: on "
+                        "for the block plans of --vram (12-40 GiB cards), off otherwise; --pin-host with --vram 24+ "
+                        "also allows the fp8 plan (faster per image, ~30 s more to load); stored in record.json")
     g.add_argument("--normals-size", type=positive_int, default=256, metavar="PX",
                    help="side of each normal render in normals.png (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -178,18 +179,24 @@ def qwen_files(opts: argparse.Namespace) -> Dict[str, str]:
 def resolve_memory_plan(opts: argparse.Namespace):
     """``--vram GiB`` -> ``plan.MemoryPlan`` (None without ``--vram``); :class:`UsageError` for a card
     below the smallest plan or together with ``--offload`` (the plan decides the offloading), and for
-    ``--pin-host`` with neither (nothing is offloaded)."""
+    ``--pin-host`` with neither (nothing is offloaded). Sets ``opts.pin_host`` to what runs: as asked, else
+    the plan's ``pins_by_default`` (off without a plan)."""
     gib = getattr(opts, "vram", None)
-    if getattr(opts, "pin_host", False) and gib is None and not getattr(opts, "offload", False):
+    asked = getattr(opts, "pin_host", None)  # True / False from --pin-host / --no-pin-host, None: the plan's default
+    if asked and gib is None and not getattr(opts, "offload", False):
         raise UsageError("--pin-host applies to offloaded networks: add --offload or --vram GiB")
     if gib is None:
+        opts.pin_host = bool(asked)
         return None
     if getattr(opts, "offload", False):
         raise UsageError("--vram and --offload: give one (--vram picks the offloading for the card)")
     try:
-        return vram_plan(gib, pin_host=getattr(opts, "pin_host", False))
+        plan = vram_plan(gib, pin_host=bool(asked))
     except ValueError as e:
         raise UsageError(f"--vram {gib:g}: {e}") from None
+    opts.pin_host = plan.pins_by_default if asked is None else asked
+    opts.pin_host_by_plan = asked is None and plan.pins_by_default
+    return plan
 
 
 def run_settings(opts: argparse.Namespace) -> Dict[str, Any]:

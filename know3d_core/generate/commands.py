@@ -245,7 +245,9 @@ def _load(opts, check, quiet: bool):
     if getattr(opts, "memory_plan", None) is not None:
         _say(quiet, f"--vram {opts.vram:g}: memory plan {opts.memory_plan.describe()}")
     if getattr(opts, "pin_host", False):
-        _say(quiet, "--pin-host: offloaded networks visit the GPU from pinned host copies (pinned once, at load)")
+        why = (f"--vram {opts.vram:g} (plan {opts.memory_plan.name}'s default; --no-pin-host turns it off)"
+               if getattr(opts, "pin_host_by_plan", False) else "--pin-host")
+        _say(quiet, f"{why}: offloaded networks visit the GPU from pinned host copies (pinned once, at load)")
     start = time.perf_counter()
     try:
         pipe = (getattr(opts, "pipeline_factory", None) or load_pipeline)(opts, check)
