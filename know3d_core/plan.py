@@ -18,6 +18,7 @@ The structure stage always conditions on DINOv3 at 512 px; a shape stage on the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -524,7 +525,20 @@ def decoder_working_bytes(tokens: int) -> int:
 
 
 def geometry_token_bound(name: str, structure_tokens: int, max_num_tokens: int = MAX_NUM_TOKENS) -> int:
-    """Most tokens a shape stage of pipeline type ``name`` can hold, before it runs: the structure's voxels at
-    the type's grid, or for a cascade the larger of those and its second stage's budget ``max_num_tokens``."""
+    """Most tokens a shape stage of pipeline type ``name`` can hold, known before it runs, from the
+    structure's voxel count at the type's grid. A cascade's second stage quantises each first-stage token
+    to ``ceil(G / grid)^3`` cells of its grid ``G = hr_resolution / 16`` (8 at 1024, 27 at 1536); above
+    1024 the pipeline lowers the resolution until the tokens are under ``max_num_tokens`` or it reaches
+    1024 (``geometry_pipeline.cascade_coords``)."""
+    t = pipeline_type(name)
     n = int(structure_tokens)
-    return max(n, int(max_num_tokens)) if pipeline_type(name).cascade else n
+    if not t.cascade:
+        return n
+
+    def cells(resolution: int) -> int:
+        return math.ceil(resolution / 16 / t.structure_grid) ** 3
+
+    second = n * cells(t.hr_resolution)
+    if t.hr_resolution > 1024:
+        second = min(second, max(int(max_num_tokens) - 1, n * cells(1024)))
+    return max(n, second)

@@ -121,10 +121,11 @@ def test_our_stages_ask_comfy_to_keep_their_working_memory_free(tiny_run):
     structure = [c for c in loads["23"] if "SparseStructureFlowModel" in c["models"]]
     assert [c["memory_required"] for c in structure] == [plan.SS_WORKING_BYTES]
     flows, decode = [c for c in loads["24"] if "SLatFlowModel" in c["models"]], loads["24"][-1]
-    assert len(flows) == 1 and flows[0]["memory_required"] == plan.flow_working_bytes(plan.MAX_NUM_TOKENS)  # cascade
+    bound, rest = divmod(flows[0]["memory_required"], plan.FLOW_WORKING_BYTES_PER_TOKEN)
+    assert len(flows) == 1 and rest == 0 and bound > 0 and bound % 8 == 0  # 1024 cascade: 8 cells a structure voxel
     assert decode["models"] == ["FlexiDualGridVaeDecoder"]
     tokens, rest = divmod(decode["memory_required"], plan.DECODER_WORKING_BYTES_PER_TOKEN)
-    assert rest == 0 and 0 < tokens <= plan.MAX_NUM_TOKENS
+    assert rest == 0 and 0 < tokens <= bound  # the latent decoded is within the bound asked for before sampling
 
 
 def test_working_memory_covers_the_measured_peaks():
@@ -135,8 +136,12 @@ def test_working_memory_covers_the_measured_peaks():
     assert 1.0 < plan.flow_working_bytes(9600) / (1.6 * 2 ** 30) < 1.5  # shape flow 1024, CFG pair
     assert plan.SS_WORKING_BYTES > 1.1 * 2 ** 30
     assert plan.geometry_token_bound("512", 3000) == 3000 == plan.geometry_token_bound("1024", 3000)
-    assert plan.geometry_token_bound("1024_cascade", 3000, 20000) == 20000
-    assert plan.geometry_token_bound("1536_cascade", 60000, 49152) == 60000
+    # 1024 cascade: grid 32 -> 64, each structure voxel at most 2^3 second-stage tokens, never lowered
+    assert plan.geometry_token_bound("1024_cascade", 3000, 20000) == 24000
+    # 1536 cascade: 27 cells each (grid 96) unless lowered under the budget, at worst down to 1024's 8
+    assert plan.geometry_token_bound("1536_cascade", 1000) == 27000
+    assert plan.geometry_token_bound("1536_cascade", 3000, 49152) == 49151
+    assert plan.geometry_token_bound("1536_cascade", 7000, 49152) == 56000
 
 
 @pytest.mark.comfyui

@@ -15,7 +15,8 @@ from know3d_core.sampling import Cancelled
 from know3d_core.sampling.flow_euler import time_schedule, uses_cfg
 from know3d_core.trellis2.loading import load_pipeline_models
 from know3d_core.geometry_pipeline import Trellis2GeometryPipeline, cascade_coords, quantize_coords
-from know3d_core.plan import PIPELINE_TYPES, cond_resolutions, progress_plan, required_models, ss_resolution
+from know3d_core.plan import (MAX_NUM_TOKENS, PIPELINE_TYPES, cond_resolutions, geometry_token_bound, progress_plan,
+                              required_models, ss_resolution)
 
 from _pipeline_helpers import FAST, geometry_demo, hidden_knowledge, mesh_equal, one_thread
 
@@ -116,6 +117,11 @@ def test_cascade_token_budget_fallback():
     coords, res = cascade_coords(fine, 1536, max_num_tokens=1)
     assert res == 1024 and coords.shape[0] == counts[1024]
     assert cascade_coords(fine, 1024, max_num_tokens=1)[1] == 1024
+    # the bound a host reserves working memory for, from the first stage's tokens (grid 32), holds at every budget
+    n = _expected_quantized(fine.numpy(), 32).shape[0]
+    for budget in (1, counts[1152] + 1, counts[1536], counts[1536] + 1, MAX_NUM_TOKENS):
+        assert cascade_coords(fine, 1536, max_num_tokens=budget)[0].shape[0] <= geometry_token_bound("1536_cascade", n, budget)
+    assert counts[1024] <= geometry_token_bound("1024_cascade", n) == 8 * n
 
 
 # ----------------------------------------------------------------------------------- end to end
@@ -130,6 +136,7 @@ def test_end_to_end_produces_a_mesh_and_reports_every_step(runs, ptype):
     assert res.coords.dtype == torch.int32 and res.coords.shape[1] == 4
     assert int(res.coords[:, 1:].max()) < 32 and res.num_tokens["sparse_structure"] == res.coords.shape[0]
     assert res.slat.feats.shape == (res.num_tokens[progress_plan(ptype)[-1][0]], 32)
+    assert max(res.num_tokens.values()) <= geometry_token_bound(ptype, res.coords.shape[0])
     expected = [(stage, i, n) for stage, n in progress_plan(ptype, 3, 3) for i in range(1, n + 1)]
     assert steps == expected
     assert set(res.timings) == {"preprocess", "cond", "sparse_structure", "shape_slat", "decode"}
