@@ -6,7 +6,7 @@ pipeline's order, per warm-up mode (issue 21):
 - ``first``: no warm-up at load; the flow's first forward compiles its blocks' kernels side by side
   first (``dit.set_block_precompile``, off by default until measured), the decoder as before;
 - ``load``: both warm-ups started at load (``start_kernel_precompile``, one background thread, in
-  that order), as ``Trellis2GeometryPipeline(..., kernel_warmup=True)`` does unless offload (opt-in).
+  that order), as ``Trellis2GeometryPipeline`` does on CUDA unless offload (the default since session 9).
 
 One fresh process: build the sparse-structure flow (bf16) and the shape decoder (fp16), full size,
 random weights (the stand-in for loading them), start the warm-ups (``load``); then the structure flow's first

@@ -15,9 +15,10 @@ chunk is ONE pinned buffer that its tensors are views of (:func:`pin_in_chunks`;
 a tensor that is already pinned as it is): torch's pinned-memory allocator rounds every allocation up
 to a power of two, which for the MMDiT's 9 / 36 MiB fp8 matrices one by one would lock ~1.6x their
 bytes; a full 256 MiB chunk is itself a power of two.
-Opt-in (``pin_host=True`` of ``Know3DPipeline``, ``--pin-host`` of the CLI): pinning ~28 GB took ~40 s
-once per process on the H200 (the 24 GiB plan's build: 69.7 s against 28.6 s unpinned), and the
-visits have run on CUDA only in tests (tiny networks, H200), not in a full-size generate. On a CPU device or without diffusers, :func:`visits_for`
+``pin_host=True`` of ``Know3DPipeline``; the CLI's ``--pin-host``, on by default for the block plans of
+``--vram`` (``plan.MemoryPlan.pins_by_default``). Measured at full size on an H100 (session 9): the 16 GiB
+plan ran a generation in 8.1 s against 20.2 s from pageable memory; pinning the whole fp8 MMDiT for the
+``fp8`` plan made its build 56.8 s against 28.6 s. On a CPU device or without diffusers, :func:`visits_for`
 returns None and the callers keep ``.to``.
 """
 from __future__ import annotations
