@@ -1,10 +1,10 @@
 """Probe (CUDA): the structure flow's and the shape decoder's first calls in a fresh process, in the
 pipeline's order, per warm-up mode (issue 21):
 
-- ``before``: session 6's path (today's default): the flow compiles its kernels as its first forward
+- ``before``: session 6's path (the default before session 9): the flow compiles its kernels as its first forward
   reaches them, the decoder precompiles its variants side by side at its first forward;
 - ``first``: no warm-up at load; the flow's first forward compiles its blocks' kernels side by side
-  first (``dit.set_block_precompile``, off by default until measured), the decoder as before;
+  first (``dit.set_block_precompile``, off: measured slower in all than ``load``), the decoder as before;
 - ``load``: both warm-ups started at load (``start_kernel_precompile``, one background thread, in
   that order), as ``Trellis2GeometryPipeline`` does on CUDA unless offload (the default since session 9).
 
