@@ -25,9 +25,11 @@ from .embedder import TimestepEmbedder
 __all__ = ["FlowDiT", "parse_dtype", "set_block_precompile", "use_block_precompile", "BLOCK_PRECOMPILE_BY_DEFAULT"]
 _log = logging.getLogger(__name__)
 
-# The first forward compiling the blocks' kernels side by side first (without a started warm-up):
-# off until a CUDA run has measured it (benchmarks/probe_first_calls.py --mode first; its CUDA tests
-# passed on an H200, its timing is unmeasured); off, the first forward compiles each kernel as it reaches it (session 6's path).
+# The first forward compiling the blocks' kernels side by side first (without a started warm-up): off.
+# Measured on an H100 (session 9, benchmarks/probe_first_calls.py --mode first): the structure flow's first
+# call 2.65 s against 3.97 s with an empty Triton cache, but the pipeline's default warm-up at load does
+# better over the whole sequence (5.56 against 6.69 s). Off, the first forward compiles each kernel as it
+# reaches it.
 BLOCK_PRECOMPILE_BY_DEFAULT = False
 _block_precompile = KernelSwitch(BLOCK_PRECOMPILE_BY_DEFAULT)
 

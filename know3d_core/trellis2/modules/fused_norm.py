@@ -16,8 +16,7 @@ portable ``tl`` ops, so it also runs under Triton's CPU interpreter (``TRITON_IN
 of each row and a small fp32 linear layer (``[C] -> [O]``, O = 7 for the shape decoder) on it, so
 that the normalised rows never go to memory in fp32 (the PyTorch path writes and reads them:
 ~0.9 ms of cuBLAS on 4.9 M rows of the 1024 decoder, H100 profile of session 6). Checked on CUDA (H200);
-off by default until a CUDA run has measured it (``HEAD_BY_DEFAULT``, :func:`set_fused_head`,
-:func:`use_fused_head`).
+off by default: no gain measured (``HEAD_BY_DEFAULT``, :func:`set_fused_head`, :func:`use_fused_head`).
 """
 from __future__ import annotations
 
@@ -194,8 +193,8 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _PLACEHOLDERS[key]
 
 
-# Off until a CUDA run has measured it (benchmarks/bench_neighbour_map.py --enable head); its CUDA tests
-# (tests/test_decoder_fused.py) passed on an H200 (benchmarks/results/session8/cuda_all_h200.log).
+# Off: no gain measured (H100, session 9, bench_neighbour_map.py --enable head against torch_head: decoder
+# 86.2 / 181.7 ms against 85.6 / 182.2 ms at 512 / 1024). Its CUDA tests passed on an H200 (session 8).
 HEAD_BY_DEFAULT = False
 _head_switch = KernelSwitch(HEAD_BY_DEFAULT)
 _HEAD_MAX_OUT = 16
