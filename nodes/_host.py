@@ -219,9 +219,9 @@ class _Holder(torch.nn.Module):
 class ManagedModel:
     """One network under ComfyUI's model management (a ``ModelPatcher``), or plain outside it.
 
-    ``use()`` loads it to the compute device (evicting other models if needed, e.g. the Qwen MMDiT
-    on a 24 GB card) and returns the network ready to run. The network itself is never mutated by
-    nodes; it is shared, read-only, by every node that receives the KNOW3D_MODEL.
+    :func:`load_models` loads it to the compute device (evicting other models if needed, e.g. the Qwen
+    MMDiT on a 24 GB card). The network itself is never mutated by nodes; it is shared, read-only, by
+    every node that receives the KNOW3D_MODEL.
     """
 
     def __init__(self, net: torch.nn.Module, name: str):
@@ -234,13 +234,6 @@ class ManagedModel:
             holder = _Holder(self.net)
             self.patcher = mp.ModelPatcher(holder, load_device=mm.get_torch_device(),
                                            offload_device=mm.unet_offload_device())
-
-    def use(self, memory_required: int = 0) -> torch.nn.Module:
-        """Load to the compute device, keeping ``memory_required`` bytes free beside it for the run."""
-        if self.patcher is not None:
-            _model_management().load_models_gpu([self.patcher], memory_required=int(memory_required),
-                                                 force_full_load=True)
-        return self.net
 
     @property
     def device(self) -> torch.device:
