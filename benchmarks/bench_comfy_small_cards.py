@@ -255,9 +255,7 @@ class LoadCalls:
         real = mm.load_models_gpu
 
         def recorded(models, memory_required=0, *args, **kwargs):
-            self.calls.append({"models": sorted(_model_name(m) for m in models),
-                               "memory_required_gib": round(memory_required / GIB, 4),
-                               "memory_required": int(memory_required)})
+            self.calls.append({"models": sorted(_model_name(m) for m in models), "memory_required": int(memory_required)})
             return real(models, memory_required, *args, **kwargs)
 
         mm.load_models_gpu = recorded
@@ -716,7 +714,7 @@ def print_table(result: dict) -> None:
         for line in r.get("know3d_log", []):
             print(f"      {line}")
         for call in (c for c in r.get("loads", []) if c["memory_required"]):
-            print(f"      loads {', '.join(call['models'])} keeping {call['memory_required_gib']} GiB free beside them")
+            print(f"      loads {', '.join(call['models'])} keeping {call['memory_required'] / GIB:.4g} GiB free beside them")
     print(f"ok {result.get('ok')} error {result.get('error')} graph {result.get('graph_s')} s build {result.get('build_s')} s")
 
 

@@ -49,7 +49,7 @@ __all__ = [
     # memory plans (small cards)
     "FP8_STORAGE", "PLACEMENTS", "MemoryPlan", "MEMORY_PLANS", "vram_plan", "VRAM_HEADROOM_GIB",
     "FLOW_WORKING_BYTES_PER_TOKEN", "DECODER_WORKING_BYTES_PER_TOKEN", "SS_WORKING_BYTES", "flow_working_bytes",
-    "decoder_working_bytes", "geometry_token_bound",
+    "decoder_working_bytes", "texture_working_bytes", "geometry_token_bound",
 ]
 
 # ----------------------------------------------------------------------------------- model keys
@@ -522,6 +522,12 @@ def flow_working_bytes(tokens: int) -> int:
 def decoder_working_bytes(tokens: int) -> int:
     """Bytes the shape decoder needs beyond its weights to decode ``tokens`` latent tokens to a mesh."""
     return int(tokens) * DECODER_WORKING_BYTES_PER_TOKEN
+
+
+def texture_working_bytes(tokens: int) -> int:
+    """Bytes the texture stage needs beyond its weights on a shape latent of ``tokens`` tokens: its flow
+    runs on those voxels, then the shape and texture decoders decode them side by side (two decoders)."""
+    return max(flow_working_bytes(tokens), 2 * decoder_working_bytes(tokens))
 
 
 def geometry_token_bound(name: str, structure_tokens: int, max_num_tokens: int = MAX_NUM_TOKENS) -> int:

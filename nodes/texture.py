@@ -122,9 +122,8 @@ class Know3DTexture(IO.ComfyNode):
             with _host.stage("DINOv3 back view"):
                 feats = condition.extractor(back, image_size=size).to(pipe.device, torch.float32)
             back_cond = {"cond": feats, "neg_cond": torch.zeros_like(feats)}
-        tokens = slat.feats.shape[0]  # the texture flow runs on the shape latent's voxels; both decoders decode them
         know3d_model.load(flow_key, plan.SHAPE_DECODER, plan.TEX_DECODER,
-                          working_bytes=max(plan.flow_working_bytes(tokens), 2 * plan.decoder_working_bytes(tokens)))
+                          working_bytes=plan.texture_working_bytes(slat.feats.shape[0]))
         with _host.stage(f"texture {size}"):
             tex_slat = _run_stage(
                 pipe.sample_tex_slat, slat.to(pipe.device), _to_device(condition.conds[size], pipe.device), ptype,

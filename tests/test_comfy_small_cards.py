@@ -135,6 +135,8 @@ def test_working_memory_covers_the_measured_peaks():
         assert 1.0 < plan.decoder_working_bytes(tokens) / (measured_gib * 2 ** 30) < 1.5
     assert 1.0 < plan.flow_working_bytes(9600) / (1.6 * 2 ** 30) < 1.5  # shape flow 1024, CFG pair
     assert plan.SS_WORKING_BYTES > 1.1 * 2 ** 30
+    # texture: two decoders side by side outweigh the flow (2 x 192 > 224 KiB a token)
+    assert plan.texture_working_bytes(20336) == 2 * plan.decoder_working_bytes(20336) > plan.flow_working_bytes(20336)
     assert plan.geometry_token_bound("512", 3000) == 3000 == plan.geometry_token_bound("1024", 3000)
     # 1024 cascade: grid 32 -> 64, each structure voxel at most 2^3 second-stage tokens, never lowered
     assert plan.geometry_token_bound("1024_cascade", 3000, 20000) == 24000
