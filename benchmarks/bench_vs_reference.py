@@ -54,7 +54,7 @@ def import_reference(src: str, dense: bool):
         from make_encoder_goldens import import_reference as import_with_dense_conv
         import_with_dense_conv(src)
     else:
-        import flex_gemm  # noqa: F401 - fail here, before any slow work, when it is not built
+        import flex_gemm.kernels.cuda  # noqa: F401 - fail here, before any slow work, when it is not built
         convert = types.ModuleType("o_voxel.convert")
         convert.flexible_dual_grid_to_mesh = None
         ov = types.ModuleType("o_voxel")
@@ -78,8 +78,8 @@ def _flex_cache(coords: torch.Tensor, grid: int, channels: int):
 
 def _flex_map(coords: torch.Tensor, grid: int) -> torch.Tensor:
     """FlexGEMM's hash-table build alone: ``[N, 27]`` uint32, 0xFFFFFFFF where no neighbour."""
-    from flex_gemm import kernels, utils
-    from flex_gemm.ops import spconv
+    from flex_gemm import kernels
+    from flex_gemm.ops import spconv, utils
     keys, vals = utils.init_hashmap(torch.Size([1, CONV_CHANNELS, grid, grid, grid]),
                                     int(spconv.HASHMAP_RATIO * coords.shape[0]), coords.device)
     return kernels.cuda.hashmap_build_submanifold_conv_neighbour_map(keys, vals, coords, grid, grid, grid,

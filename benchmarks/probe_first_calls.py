@@ -6,7 +6,11 @@ pipeline's order, per warm-up mode (issue 21):
 - ``first``: no warm-up at load; the flow's first forward compiles its blocks' kernels side by side
   first (``dit.set_block_precompile``, off: measured slower in all than ``load``), the decoder as before;
 - ``load``: both warm-ups started at load (``start_kernel_precompile``, one background thread, in
-  that order), as ``Trellis2GeometryPipeline`` does on CUDA unless offload (the default since session 9).
+  that order), as ``Trellis2GeometryPipeline`` did on CUDA unless offload (the default in session 9);
+- ``early``: as ``load``, and Triton's own start (``sparse.triton_start.start_triton_runtime``: its
+  compiler hash and driver utilities) queued before the networks are built, as
+  ``Trellis2GeometryPipeline.from_pretrained`` / ``from_comfy_files`` do before reading the weights
+  (the default since session 10).
 
 One fresh process: build the sparse-structure flow (bf16) and the shape decoder (fp16), full size,
 random weights (the stand-in for loading them), start the warm-ups (``load``); then the structure flow's first
@@ -15,7 +19,7 @@ decoder; the shape flow, which sits in between in a real run, is left out: the d
 gets less time to overlap here than in a pipeline), the decoder's first forward (20k tokens ->
 1024 grid) and a second one. Every figure is wall time between synchronizes.
 
-    D=$(mktemp -d); for r in cold warm; do for m in before first load; do TRITON_CACHE_DIR=$D/$m \\
+    D=$(mktemp -d); for r in cold warm; do for m in before first load early; do TRITON_CACHE_DIR=$D/$m \\
         python benchmarks/probe_first_calls.py --mode $m --out first_${m}_$r.json; done; done
     python benchmarks/probe_first_calls.py --tiny --mode load --out x.json   # CPU script check
 """
@@ -37,7 +41,7 @@ from _common import SHAPE_DECODER_FULL, default_device, device_name, sync, write
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mode", choices=["before", "first", "load"], required=True, help="warm-up mode (see above)")
+    p.add_argument("--mode", choices=["before", "first", "load", "early"], required=True, help="warm-up mode (see above)")
     p.add_argument("--ss-steps", type=int, default=11, help="structure-flow forwards after its first")
     p.add_argument("--tiny", action="store_true", help="tiny networks on the CPU (script check)")
     p.add_argument("--out", default=None)
@@ -61,13 +65,16 @@ def main(argv=None) -> int:
     stamp("import_ours_ms")
     torch.zeros(1, device=device)
     stamp("cuda_init_ms")
+    if args.mode == "early":
+        from know3d_core.sparse.triton_start import start_triton_runtime
+        log["runtime_started"] = start_triton_runtime(device)
     flow = build("ss", TINY if args.tiny else FULL, "float32" if args.tiny else "bfloat16", device)
     stamp("build_flow_ms")
     cfg = dict(shape_mod.TINY_ARGS) if args.tiny else dict(SHAPE_DECODER_FULL)
     decoder = init_random(shape_mod.FlexiDualGridVaeDecoder(**cfg).to(device))
     decoder.convert_to(torch.float16 if device.type == "cuda" else torch.float32)
     stamp("build_decoder_ms")
-    if args.mode == "load":
+    if args.mode in ("load", "early"):
         log["started"] = [flow.start_kernel_precompile(device), decoder.start_kernel_precompile(device)]
     elif args.mode == "first":  # off by default until measured: the side-by-side compile at the first forward
         set_block_precompile(True)

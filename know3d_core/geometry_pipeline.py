@@ -81,6 +81,7 @@ from .plan import (
 )
 from .plan import pipeline_type as pipeline_type_plan
 from .sparse import SparseTensor
+from .sparse.triton_start import start_triton_runtime
 from .trellis2.loading import PipelineConfig, load_pipeline_models, read_pipeline_config
 from .trellis2.sparse_structure_decoder import decode_occupancy
 
@@ -316,6 +317,7 @@ class Trellis2GeometryPipeline:
         there). The constructor calls it on CUDA (``kernel_warmup``)."""
         if self.offload:
             return 0
+        start_triton_runtime(self.device)  # first in the queue (a no-op when the loading started it)
         started = 0
         for model in self.models.values():
             start = getattr(model, "start_kernel_precompile", None)
@@ -355,6 +357,7 @@ class Trellis2GeometryPipeline:
         """
         folder = os.fspath(folder)
         device = torch.device(device)
+        start_triton_runtime(device)  # overlaps the reading of the weights
         config = read_pipeline_config(folder)
         keys = models_for_types(pipeline_types)
         if texture:
@@ -394,6 +397,7 @@ class Trellis2GeometryPipeline:
         from .trellis2.comfy_files import load_comfy_model_set
 
         device = torch.device(device)
+        start_triton_runtime(device)  # overlaps the reading of the weights
         home = torch.device("cpu") if offload else device
         models, config = load_comfy_model_set(os.fspath(diffusion_file), os.fspath(vae_file), device=home,
                                               dtype=_dtype(dtype), keys=models_for_types(pipeline_types),

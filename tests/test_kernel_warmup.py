@@ -278,6 +278,91 @@ def test_pipeline_starts_each_networks_warmup_when_asked_unless_offloaded(demo, 
     assert loaded.start_kernel_warmups() == 0  # once per network (or none with offload)
 
 
+# ----------------------------------------------------------------------------- Triton's own start
+def test_triton_start_is_queued_once_on_the_warmup_thread_and_only_on_cuda(monkeypatch):
+    from know3d_core.sparse import triton_start
+
+    ran, done = [], threading.Event()
+    monkeypatch.setattr(triton_start, "_RUNTIME", KernelWarmup())
+    monkeypatch.setattr(triton_start, "_start_runtime",
+                        lambda: (ran.append(threading.current_thread().name), done.set()))
+    monkeypatch.setattr(triton_start, "triton_available", lambda: True)
+    assert not triton_start.start_triton_runtime("cpu") and not triton_start.triton_runtime_started()
+    assert triton_start.start_triton_runtime(torch.device("cuda", 0))
+    assert not triton_start.start_triton_runtime("cuda")  # once per process
+    assert triton_start.triton_runtime_started()
+    # the one background thread may still run an earlier test's warm-up on a loaded CI machine: wait long
+    assert done.wait(120), "the background thread never ran Triton's start"
+    triton_start._RUNTIME.ensure(triton_start._KEY, lambda: pytest.fail("queued: joined, not run again"))
+    assert ran and ran[0].startswith("know3d-kernel-warmup")
+    monkeypatch.setattr(triton_start, "triton_available", lambda: False)
+    monkeypatch.setattr(triton_start, "_RUNTIME", KernelWarmup())
+    assert not triton_start.start_triton_runtime("cuda")  # no Triton: nothing to start
+
+
+def test_triton_start_without_its_internals_is_skipped_not_raised(monkeypatch):
+    """``_start_runtime`` uses two Triton internals; where they are missing it returns False (logged)."""
+    import builtins
+
+    from know3d_core.sparse import triton_start
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name.startswith("triton"):
+            raise ImportError(f"no module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    assert triton_start._start_runtime() is False
+
+
+@pytest.mark.parametrize("entry", ["from_pretrained", "from_comfy_files"])
+def test_loading_starts_triton_before_reading_the_weights(monkeypatch, entry):
+    """Both loaders queue Triton's start first, so that it overlaps the reading of the weights."""
+    from know3d_core import geometry_pipeline as gp
+    from know3d_core.trellis2 import comfy_files
+
+    order = []
+
+    def stop(*a, **k):
+        order.append("read")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(gp, "start_triton_runtime", lambda device: order.append(("start", str(device))))
+    monkeypatch.setattr(gp, "read_pipeline_config", stop)
+    monkeypatch.setattr(comfy_files, "load_comfy_model_set", stop)
+    with pytest.raises(RuntimeError, match="stop here"):
+        if entry == "from_pretrained":
+            gp.Trellis2GeometryPipeline.from_pretrained("folder", device="cuda:0")
+        else:
+            gp.Trellis2GeometryPipeline.from_comfy_files("d.safetensors", "v.safetensors", device="cuda:0")
+    assert order == [("start", "cuda:0"), "read"]
+
+
+_TRITON_START_SCRIPT = """
+import torch
+from triton.runtime.cache import triton_key
+from know3d_core.sparse import triton_start
+assert triton_start.start_triton_runtime("cuda")
+triton_start._RUNTIME.ensure(triton_start._KEY, lambda: None)
+assert triton_key.cache_info().currsize == 1, triton_key.cache_info()
+print("ok")
+"""
+
+
+@cuda
+@pytest.mark.cuda
+def test_triton_start_computes_the_compiler_hash_in_the_background():
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _TRITON_START_SCRIPT], env=env, cwd=here, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 # ----------------------------------------------------------------------------- CUDA: coverage
 _FLOW_SCRIPT = """
 import glob, os, torch
