@@ -66,7 +66,7 @@ def _find(rows: list[dict], **match) -> dict | None:
     return None
 
 
-PARTS = ("flows", "conv", "decoder", "geometry", "first", "injection", "maps", "train")
+PARTS = ("flows", "conv", "decoder", "geometry", "first", "injection", "maps", "train", "reference")
 
 # Issue 21 / issue 19 item 8 rows (in-run baselines: the PyTorch map build, the PyTorch block path).
 MAP_LIMIT_MS = 0.6  # FlexGEMM's build, +0.4-0.6 ms on an H200 (issue 21)
@@ -76,7 +76,7 @@ DECODER_BASELINES = (("mlp_off", "ConvNeXt tail as PyTorch ops"), ("c2s_earlier"
                      ("torch_maps", "PyTorch map build"), ("wide_rule", "BN 256 conv tiles"))
 
 
-def collect(tiny: bool, tmp: str, parts=PARTS) -> dict:
+def collect(tiny: bool, tmp: str, parts=PARTS, trellis2: str | None = None) -> dict:
     t = ["--tiny"] if tiny else []
     raw = {}
     dec_args = t if tiny else ["--cases", "shape_1024", "--dtypes", "float16"]
@@ -104,7 +104,7 @@ def collect(tiny: bool, tmp: str, parts=PARTS) -> dict:
                 raw[f"first_{name}_{run}"] = run_script(script, args, os.path.join(tmp, f"first_{name}_{run}.json"), env=env)
         # The same in the pipeline's order (structure flow, then the decoder), warm-ups started at load
         # vs session 6's path (probe_first_calls.py), each mode with a new cache: compiles, then loads.
-        for mode in ("before", "load"):
+        for mode in ("before", "load", "early"):
             env = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton-{mode}-")}
             for run in ("cold", "warm"):
                 raw[f"first_pipeline_{mode}_{run}"] = run_script(
@@ -116,15 +116,24 @@ def collect(tiny: bool, tmp: str, parts=PARTS) -> dict:
         raw["maps"] = run_script("bench_neighbour_map.py", t, os.path.join(tmp, "maps.json"))
     if "train" in parts:
         raw["train"] = run_script("bench_flow_training.py", t, os.path.join(tmp, "train.json"))
+    if "reference" in parts:
+        if trellis2:  # the TRELLIS.2 reference with a built FlexGEMM beside ours, one process
+            raw["reference"] = run_script("bench_vs_reference.py", t + ["--trellis2", trellis2],
+                                          os.path.join(tmp, "reference.json"), timeout=600)
+        else:
+            print("  reference: skipped (give --trellis2 and put a built FlexGEMM on PYTHONPATH)", flush=True)
     return raw
 
 
 def summarise_first_calls(raw: dict) -> list[dict]:
-    """Issue 21's first-call rows in the pipeline's order (probe_first_calls.py): warm-ups at load vs
-    session 6's path, each run in a fresh process, with an empty kernel cache and with it on disk."""
+    """Issue 21's first-call rows in the pipeline's order (probe_first_calls.py): the pipeline's path
+    (``early``: Triton's start before the weights, warm-ups at load; ``load`` where no ``early`` run
+    exists) vs session 6's path, each run in a fresh process, with an empty kernel cache and with it on disk."""
     out = []
     for run, limit in (("warm", 1.0), ("cold", 2.0)):
-        now, before = (((raw.get(f"first_pipeline_{m}_{run}") or {}).get("log")) for m in ("load", "before"))
+        logs = {m: ((raw.get(f"first_pipeline_{m}_{run}") or {}).get("log")) for m in ("early", "load", "before")}
+        mode = "early" if logs["early"] else "load"
+        now, before = logs[mode], logs["before"]
         if not now:
             continue
         fmt = lambda log: (f"{log['ss_first_ms'] / 1000:.2f} s / {log['decoder_first_ms'] / 1000:.2f} s"  # noqa: E731
@@ -132,7 +141,9 @@ def summarise_first_calls(raw: dict) -> list[dict]:
         out.append({"figure": f"first call, pipeline order, {'cache on disk' if run == 'warm' else 'empty cache'}: "
                               "structure flow (B=2) / decoder (20k)",
                     "target": f"< {limit:g} s each", "anchors": "ComfyUI 0.5 / 0.2 s (empty cache, issue 21)",
-                    "ours": fmt(now) + " warm-ups at load", "baseline": fmt(before) + " session 6's path",
+                    "ours": fmt(now) + (" Triton start + warm-ups at load" if mode == "early" else " warm-ups at load"),
+                    "baseline": fmt(before) + " session 6's path" + (
+                        f"; {fmt(logs['load'])} warm-ups at load only" if mode == "early" and logs["load"] else ""),
                     "ok": max(now["ss_first_ms"], now["decoder_first_ms"]) < 1000 * limit})
     return out
 
@@ -157,12 +168,37 @@ def summarise_kernels(raw: dict) -> list[dict]:
                     "target": "<= 0.85x reference, peak <= earlier", "anchors": r["anchor"],
                     "ours": f"{r['ms']:.1f} ms ({r['ms'] / ref:.2f}x), +{r['peak_gib'] or 0:.2f} GiB",
                     "baseline": base, "ok": r["ms"] <= 0.85 * ref and peak_ok})
+    out += summarise_reference(raw)
     for r in _rows(raw.get("train")):
         out.append({"figure": f"flow fwd+bwd / inference fwd, {r['case']}", "target": f"<= {TRAIN_RATIO_LIMIT}x",
                     "anchors": "issue 19 item 8",
                     "ours": f"{r['train_ms']:.0f} / {r['infer_ms']:.0f} ms = {r['ratio']:.2f}x, grads {r['with_grad']}/{r['params']}",
                     "baseline": f"{r['train_torch_ms']:.0f} ms ({r['torch_ratio']:.2f}x) PyTorch block path",
                     "ok": r["ratio"] <= TRAIN_RATIO_LIMIT and r["with_grad"] == r["params"]})
+    return out
+
+
+def summarise_reference(raw: dict) -> list[dict]:
+    """Issue 21's rows against the TRELLIS.2 reference measured in the same run (bench_vs_reference.py):
+    a new coordinate set's neighbour structure (ours <= FlexGEMM's) and the decoder network (<= 0.85x)."""
+    out = []
+    data = raw.get("reference") or {}
+    for r in _rows(data):
+        if "ref_cache_ms" in r:
+            out.append({"figure": f"neighbour structure of new coords, {r['case'][4:]} ({r['voxels']} voxels), in-run",
+                        "target": "<= FlexGEMM", "anchors": "FlexGEMM in the same process",
+                        "ours": f"{r['ours_cache_ms']:.3f} ms map+layout (map {r['ours_map_ms']:.3f}); "
+                                f"conv cold-warm {r['ours_conv_cold_minus_warm_ms']:.3f}",
+                        "baseline": f"FlexGEMM {r['ref_cache_ms']:.3f} ms cache (map {r['ref_map_ms']:.3f}); "
+                                    f"conv cold-warm {r['ref_conv_cold_minus_warm_ms']:.3f}; same map {r['same_map']}",
+                        "ok": r["ours_cache_ms"] <= r["ref_cache_ms"] and r["same_map"]})
+        elif "ref_ms" in r:
+            out.append({"figure": f"shape {r['case']} network ({r['tokens']} tokens) vs reference, in-run",
+                        "target": "<= 0.85x reference", "anchors": "TRELLIS.2 + FlexGEMM in the same process",
+                        "ours": f"{r['ours_ms']:.1f} ms ({r['ratio']:.2f}x), +{r['ours_peak_gib'] or 0:.2f} GiB",
+                        "baseline": f"reference {r['ref_ms']:.1f} ms, +{r['ref_peak_gib'] or 0:.2f} GiB; "
+                                    f"same coords {r['same_coords']}",
+                        "ok": r["ratio"] <= 0.85 and r["same_coords"]})
     return out
 
 
@@ -254,6 +290,8 @@ def main(argv=None) -> int:
                    help=f"comma list of what to run (default all: {','.join(PARTS)})")
     p.add_argument("--merge", nargs="*", default=[],
                    help="earlier --out files whose raw rows join this run's (this run wins on overlap)")
+    p.add_argument("--trellis2", default=None,
+                   help="part 'reference': a checkout of microsoft/TRELLIS.2 (FlexGEMM built and on PYTHONPATH)")
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]
     unknown = sorted(set(parts) - set(PARTS))
@@ -264,7 +302,7 @@ def main(argv=None) -> int:
         with open(path) as f:
             raw.update(json.load(f)["raw"])
     with tempfile.TemporaryDirectory() as tmp:
-        raw.update(collect(args.tiny, tmp, parts))
+        raw.update(collect(args.tiny, tmp, parts, args.trellis2))
     summary = summarise(raw)
     device = next((d.get("device") for d in raw.values() if isinstance(d, dict) and d.get("device")), "cpu")
     with open(args.out, "w") as f:
