@@ -134,6 +134,8 @@ _BASELINE_PATHS = {
     "uniform_rule": lambda model: conv_triton.use_config_rule("uniform"),  # child/skip convs with plain configs
     "torch_children": lambda model: neighbour_triton.use_triton_children(False),
     "torch_head": lambda model: fused_norm.use_fused_head(False),
+    "half_lookup": lambda model: neighbour_triton.use_half_lookup(True),  # symmetric half map lookup on
+    "full_lookup": lambda model: neighbour_triton.use_half_lookup(False),  # ... off
 }
 BASELINES = tuple(_BASELINE_PATHS)
 

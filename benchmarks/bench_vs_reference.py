@@ -27,6 +27,7 @@ checkout on ``PYTHONPATH``). ``cumesh`` and ``o_voxel`` are stubbed: the decoder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -41,7 +42,7 @@ from _common import SHAPE_DECODER_FULL, bench_device, device_name, sample_times,
 from bench_neighbour_map import DECODER_CASES, MAP_CASES, shell_coords  # noqa: E402
 from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
-from know3d_core.sparse import SparseTensor, conv  # noqa: E402
+from know3d_core.sparse import SparseTensor, conv, neighbour_triton  # noqa: E402
 from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
 
 CONV_CHANNELS = 64
@@ -86,8 +87,46 @@ def _flex_map(coords: torch.Tensor, grid: int) -> torch.Tensor:
                                                                      3, 3, 3, 1, 1, 1)
 
 
+# Map-build variants of ours timed beside the default (neighbour_triton's module settings; A/B runs):
+# the symmetric half lookup with int32 keys at 8 / 4 / 2 table slots a voxel.
+MAP_VARIANTS = {"half": {"half": True}, "half_s4": {"half": True, "SLOTS_PER_VOXEL": 4},
+                "half_s2": {"half": True, "SLOTS_PER_VOXEL": 2}}
+
+
+@contextlib.contextmanager
+def map_variant(settings: dict):
+    """``neighbour_triton``'s settings changed inside the block only (``half``: :func:`use_half_lookup`;
+    other keys: module constants)."""
+    settings = dict(settings)
+    half = settings.pop("half", None)
+    saved = {k: getattr(neighbour_triton, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(neighbour_triton, k, v)
+        with neighbour_triton.use_half_lookup(half) if half is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for k, v in saved.items():
+            setattr(neighbour_triton, k, v)
+
+
+def _ours_map_figures(coords, shape, conv_args, ref_map, med) -> dict:
+    """Ours with the current settings: map alone, map + tile layout, conv cold minus warm, same map."""
+    feats, w, b = conv_args
+    warm_x = SparseTensor(feats, coords, shape, batch_size=1)
+    conv.submanifold_conv3d(warm_x, w, b)
+    cold = med(lambda: conv.submanifold_conv3d(SparseTensor(feats, coords, shape, batch_size=1), w, b))
+    warm = med(lambda: conv.submanifold_conv3d(warm_x, w, b))
+    nbr = conv._build_neighbour_map(coords, shape, 3, 1, batch_size=1)[0]
+    nbr = torch.where(nbr < coords.shape[0], nbr.long(), -1)
+    return {"map_ms": med(lambda: conv._build_neighbour_map(coords, shape, 3, 1, batch_size=1)),
+            "cache_ms": med(lambda: _ours_cache(coords, shape)), "conv_warm_ms": warm,
+            "conv_cold_minus_warm_ms": round(cold - warm, 3), "same_map": torch.equal(nbr, ref_map),
+            "neighbours": int((nbr >= 0).sum())}
+
+
 def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
-    """One map row (see the module docstring)."""
+    """One map row (see the module docstring); ``variants``: ours with each of :data:`MAP_VARIANTS`."""
     from flex_gemm.ops.spconv import sparse_submanifold_conv3d
     coords, grid = shell_coords(n, device)
     coords = coords.contiguous()
@@ -96,38 +135,34 @@ def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
     def med(fn):
         return round(statistics.median(sample_times(fn, device, warmup, repeats)[0]), 3)
 
-    row = {"case": name, "voxels": int(coords.shape[0]), "grid": grid,
-           "ours_map_ms": med(lambda: conv._build_neighbour_map(coords, shape, 3, 1)),
-           "ours_cache_ms": med(lambda: _ours_cache(coords, shape)),
-           "ref_map_ms": med(lambda: _flex_map(coords, grid)),
-           "ref_cache_ms": med(lambda: _flex_cache(coords, grid, CONV_CHANNELS))}
-    ours = conv._build_neighbour_map(coords, shape, 3, 1)[0]
-    ours = torch.where(ours < coords.shape[0], ours.long(), -1)
-    ref = _flex_map(coords, grid).view(torch.int32).long()
-    row["same_map"] = torch.equal(ours, ref)
-    row["neighbours_ours"], row["neighbours_ref"] = int((ours >= 0).sum()), int((ref >= 0).sum())
-
     gen = torch.Generator(device=device).manual_seed(3)
     feats = torch.randn(coords.shape[0], CONV_CHANNELS, device=device, dtype=torch.float16, generator=gen)
     w = torch.randn(CONV_CHANNELS, 3, 3, 3, CONV_CHANNELS, device=device, dtype=torch.float16, generator=gen) * 0.03
     b = torch.zeros(CONV_CHANNELS, device=device, dtype=torch.float16)
     size = torch.Size([1, CONV_CHANNELS, grid, grid, grid])
-    warm_x = SparseTensor(feats, coords, shape, batch_size=1)
+    ref_map = _flex_map(coords, grid).view(torch.int32).long()
     _, cache = sparse_submanifold_conv3d(feats, coords, size, w, b, None)
-    ours_cold = med(lambda: conv.submanifold_conv3d(SparseTensor(feats, coords, shape, batch_size=1), w, b))
-    ours_warm = med(lambda: conv.submanifold_conv3d(warm_x, w, b))
     ref_cold = med(lambda: sparse_submanifold_conv3d(feats, coords, size, w, b, None))
     ref_warm = med(lambda: sparse_submanifold_conv3d(feats, coords, size, w, b, cache))
-    row.update({"ours_conv_warm_ms": ours_warm, "ours_conv_cold_minus_warm_ms": round(ours_cold - ours_warm, 3),
-                "ref_conv_warm_ms": ref_warm, "ref_conv_cold_minus_warm_ms": round(ref_cold - ref_warm, 3)})
-    out_ours = conv.submanifold_conv3d(warm_x, w, b).feats.float()
+    row = {"case": name, "voxels": int(coords.shape[0]), "grid": grid,
+           "ref_map_ms": med(lambda: _flex_map(coords, grid)),
+           "ref_cache_ms": med(lambda: _flex_cache(coords, grid, CONV_CHANNELS)),
+           "ref_conv_warm_ms": ref_warm, "ref_conv_cold_minus_warm_ms": round(ref_cold - ref_warm, 3),
+           "neighbours_ref": int((ref_map >= 0).sum())}
+    ours = _ours_map_figures(coords, shape, (feats, w, b), ref_map, med)
+    row.update({f"ours_{k}" if k != "same_map" else k: v for k, v in ours.items()})
+    row["variants"] = {}
+    for vname, settings in MAP_VARIANTS.items():
+        with map_variant(settings):
+            row["variants"][vname] = _ours_map_figures(coords, shape, (feats, w, b), ref_map, med)
+    out_ours = conv.submanifold_conv3d(SparseTensor(feats, coords, shape, batch_size=1), w, b).feats.float()
     out_ref = sparse_submanifold_conv3d(feats, coords, size, w, b, cache)[0].float()
     row["conv_rel_err"] = float((out_ours - out_ref).abs().max() / out_ref.abs().max())
     return row
 
 
 def _ours_cache(coords: torch.Tensor, shape: tuple):
-    nbr, bits = conv._build_neighbour_map(coords, shape, 3, 1)
+    nbr, bits = conv._build_neighbour_map(coords, shape, 3, 1, batch_size=1)
     return conv.NeighbourMap(nbr, 3, 1, bits).tile_layout(128)
 
 
@@ -164,16 +199,31 @@ def bench_decoder(case, ours, ref, sp, device, warmup: int, repeats: int) -> dic
             times, peak, _ = sample_times(fn, device, warmup, repeats, track_peak=True, empty_cache=True)
             row[f"{who}_ms"] = round(statistics.median(times), 2)
             row[f"{who}_peak_gib"] = None if peak is None else round(peak, 2)
+        with map_variant(MAP_VARIANTS["half"]):
+            run_ours()
+            times, peak, _ = sample_times(run_ours, device, warmup, repeats, track_peak=True, empty_cache=True)
+            row["ours_half_ms"] = round(statistics.median(times), 2)
         a, b = run_ours(), run_ref()
     a_coords, b_coords = a.coords.long(), b.coords.long()
     order_a, order_b = _row_order(a_coords), _row_order(b_coords)
-    row["voxels"] = int(a_coords.shape[0])
+    row["voxels"], row["ref_voxels"] = int(a_coords.shape[0]), int(b_coords.shape[0])
     row["same_coords"] = same = torch.equal(a_coords[order_a], b_coords[order_b])
+    row["coords_iou"] = _iou(a_coords, b_coords)
     if same:
         fa, fb = a.feats.float()[order_a], b.feats.float()[order_b]
         row["rel_err"] = float((fa - fb).abs().max() / fb.abs().max())
     row["ratio"] = round(row["ours_ms"] / row["ref_ms"], 3)
     return row
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Intersection over union of two ``[N, 4]`` voxel sets (fp16 rounding can flip a subdivision
+    logit next to zero: the implementations then reach slightly different voxels)."""
+    scale = int(max(a[:, 1:].max(), b[:, 1:].max())) + 1
+    key = lambda c: ((c[:, 0] * scale + c[:, 1]) * scale + c[:, 2]) * scale + c[:, 3]  # noqa: E731
+    ka, kb = key(a), key(b)
+    inter = int(torch.isin(ka, kb).sum())
+    return round(inter / (ka.numel() + kb.numel() - inter), 6)
 
 
 def _row_order(coords: torch.Tensor) -> torch.Tensor:
@@ -222,10 +272,14 @@ def main(argv=None) -> int:
                   f"{r['ref_cache_ms']}; conv cold-warm {r['ours_conv_cold_minus_warm_ms']} vs "
                   f"{r['ref_conv_cold_minus_warm_ms']} (warm conv {r['ours_conv_warm_ms']} vs {r['ref_conv_warm_ms']}); "
                   f"same map {r['same_map']}")
+            for vname, v in r["variants"].items():
+                print(f"   ours {vname:<8} map {v['map_ms']} cache {v['cache_ms']} conv cold-warm "
+                      f"{v['conv_cold_minus_warm_ms']} same map {v['same_map']}")
         else:
             print(f"{r['case']:<13} ours {r['ours_ms']} [{r['ours_peak_gib']} GiB] vs ref {r['ref_ms']} "
                   f"[{r['ref_peak_gib']} GiB]: x{r['ratio']}; ref first call {r['ref_first_ms']}; "
-                  f"same coords {r['same_coords']}, rel err {r.get('rel_err')}")
+                  f"same coords {r['same_coords']} (IoU {r['coords_iou']}), rel err {r.get('rel_err')}; ours with "
+                  f"the half map lookup {r['ours_half_ms']}")
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "tiny": args.tiny,
                           "rows": rows})
     return 0

@@ -30,11 +30,12 @@ def _coords(batch: int, res: int, n: int, seed: int, device) -> torch.Tensor:
     return torch.cat(out).int().to(device)
 
 
-def _check(device, cases, bm):
+def _check(device, cases, bm, batch_known=False):
     for batch, res, n, k, d in cases:
         coords = _coords(batch, res, n, seed=res + n, device=device)
         ref = conv._build_neighbour_map_torch(coords, (res,) * 3, k, d, conv.DEFAULT_TABLE_BYTES)
-        nbr, bits = neighbour_triton.build_neighbour_map_triton(coords, (res,) * 3, k, d)
+        nbr, bits = neighbour_triton.build_neighbour_map_triton(coords, (res,) * 3, k, d,
+                                                                batch if batch_known else None)
         assert torch.equal(nbr, ref), (batch, res, n, k, d)
         if k ** 3 > 31:
             assert bits is None
@@ -48,22 +49,28 @@ def _check(device, cases, bm):
             assert torch.equal(getattr(got, field), getattr(want, field)), field
 
 
+# (EAGER_VALUES, HALF_LOOKUP, batch size passed: int32 keys with the half lookup)
+VARIANTS = [(False, False, False), (True, False, False), (False, True, False), (False, True, True)]
+
+
 @interpreter
-@pytest.mark.parametrize("eager", [False, True])
-def test_triton_build_matches_torch_in_the_interpreter(monkeypatch, eager):
+@pytest.mark.parametrize("eager,half,batch_known", VARIANTS)
+def test_triton_build_matches_torch_in_the_interpreter(monkeypatch, eager, half, batch_known):
     monkeypatch.setattr(neighbour_triton, "EAGER_VALUES", eager)  # values loaded with the keys, or after a hit
-    _check("cpu", [(2, 10, 300, 3, 1), (1, 12, 400, 3, 2), (1, 6, 80, 5, 1)], bm=16)
+    with neighbour_triton.use_half_lookup(half):  # offsets before the centre + mirror writes
+        _check("cpu", [(2, 10, 300, 3, 1), (1, 12, 400, 3, 2), (1, 6, 80, 5, 1)], bm=16, batch_known=batch_known)
 
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("eager", [False, True])
-def test_triton_build_matches_torch_on_cuda(monkeypatch, eager):
+@pytest.mark.parametrize("eager,half,batch_known", VARIANTS)
+def test_triton_build_matches_torch_on_cuda(monkeypatch, eager, half, batch_known):
     # dense and sparse fills, two batch items, dilation 2, a 5^3 kernel (no pattern bits), a
     # partial last tile
     monkeypatch.setattr(neighbour_triton, "EAGER_VALUES", eager)
-    _check("cuda", [(2, 40, 20000, 3, 1), (1, 64, 3000, 3, 1), (1, 30, 5000, 3, 2), (1, 16, 900, 5, 1),
-                    (3, 20, 1001, 3, 1)], bm=128)
+    with neighbour_triton.use_half_lookup(half):
+        _check("cuda", [(2, 40, 20000, 3, 1), (1, 64, 3000, 3, 1), (1, 30, 5000, 3, 2), (1, 16, 900, 5, 1),
+                        (3, 20, 1001, 3, 1)], bm=128, batch_known=batch_known)
 
 
 @cuda

@@ -100,11 +100,13 @@ def build_neighbour_map(
     return _build_neighbour_map(coords, spatial_shape, kernel_size, dilation, max_table_bytes)[0]
 
 
-def _build_neighbour_map(coords, spatial_shape, kernel_size=3, dilation=1, max_table_bytes=DEFAULT_TABLE_BYTES):
+def _build_neighbour_map(coords, spatial_shape, kernel_size=3, dilation=1, max_table_bytes=DEFAULT_TABLE_BYTES,
+                         batch_size=None):
     """``(nbr, pattern bits [N] int32 or None)``: the Triton build where available (bits when
-    ``k^3 <= 31``), else the PyTorch ops (no bits)."""
+    ``k^3 <= 31``; ``batch_size``, when known without a host sync, lets it use smaller hash keys), else
+    the PyTorch ops (no bits)."""
     if neighbour_triton.available(coords):
-        return neighbour_triton.build_neighbour_map_triton(coords, spatial_shape, kernel_size, dilation)
+        return neighbour_triton.build_neighbour_map_triton(coords, spatial_shape, kernel_size, dilation, batch_size)
     return _build_neighbour_map_torch(coords, spatial_shape, kernel_size, dilation, max_table_bytes), None
 
 
@@ -301,7 +303,8 @@ def neighbour_map(x: SparseTensor, kernel_size: int = 3, dilation: int = 1) -> N
     key = ("subm_neighbour_map", int(kernel_size), int(dilation))
     nm = x.cache.get(key)
     if nm is None:
-        nbr, bits = _build_neighbour_map(x.coords, x.spatial_shape, kernel_size, dilation)
+        nbr, bits = _build_neighbour_map(x.coords, x.spatial_shape, kernel_size, dilation,
+                                         batch_size=x.cache.get("batch_size"))
         nm = NeighbourMap(nbr, kernel_size, dilation, bits)
         x.cache[key] = nm
     return nm

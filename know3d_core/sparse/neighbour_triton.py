@@ -55,7 +55,14 @@ LARGE_BUILD = 1 << 21
 # per probe) instead of after the key matched (two dependent ones); misses read a value they drop.
 # Off: measured slower on the H100 (1M voxels 0.779 vs 0.762 ms, 200k 0.177 vs 0.169; session6/NOTES.md).
 EAGER_VALUES = False
+# Symmetric half lookup (the idea of FlexGEMM's build): a submanifold map is symmetric (j is i's
+# neighbour at offset v exactly when i is j's at K-1-v), so each voxel looks up the offsets before the
+# centre only and also writes its mirror entry into the neighbour's row: 13 probes a voxel instead of 26.
+# With it, keys are int32 when the padded grid (times the batch) has fewer than 2^31 cells (half the
+# table's bytes). Off until measured on CUDA; :func:`use_half_lookup` for A/B runs.
+HALF_LOOKUP_BY_DEFAULT = False
 _switch = KernelSwitch(True)
+_half_switch = KernelSwitch(HALF_LOOKUP_BY_DEFAULT)
 
 
 def available(coords: torch.Tensor) -> bool:
@@ -66,6 +73,11 @@ def available(coords: torch.Tensor) -> bool:
 def use_triton_maps(enabled: bool) -> ContextManager[None]:
     """Context manager: build neighbour maps with these kernels (default) or the PyTorch ops (A/B)."""
     return _switch.use(enabled)
+
+
+def use_half_lookup(enabled: bool) -> ContextManager[None]:
+    """Context manager: the symmetric half lookup (``HALF_LOOKUP_BY_DEFAULT``) on or off inside the block."""
+    return _half_switch.use(enabled)
 
 
 # On: measured on an H100 (session 9, benchmarks/bench_neighbour_map.py, baseline torch_children): 0.36 ms
@@ -115,14 +127,17 @@ if triton is not None:
         return ((b * X + x + pad) * Y + y + pad) * Z + z + pad
 
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask"])
-    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, N, X, Y, Z, pad, mask, BLOCK: tl.constexpr):
+    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, N, X, Y, Z, pad, mask, BLOCK: tl.constexpr,
+                            KEY32: tl.constexpr = False):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
         key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
         slot = _hash(key, mask)
+        key_ty = tl.int32 if KEY32 else tl.int64
+        key = key.to(key_ty)  # int32 keys: the caller checked that every cell index fits
         active = ok
-        empty = tl.full((BLOCK,), -1, tl.int64)
-        never = tl.full((BLOCK,), -2, tl.int64)  # no slot holds -2: a compare that never swaps
+        empty = tl.full((BLOCK,), -1, key_ty)
+        never = tl.full((BLOCK,), -2, key_ty)  # no slot holds -2: a compare that never swaps
         while tl.max(active.to(tl.int32), axis=0) > 0:
             # atomic_cas takes no mask: finished lanes compare their own slot against -2 (no write,
             # no shared address to contend for)
@@ -166,6 +181,49 @@ if triton is not None:
             bits = tl.sum(tl.where((res < N) & v_ok[None, :], 1 << v[None, :], 0), axis=1)
             tl.store(bits_ptr + i, bits, mask=ok)
 
+    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
+    def _hash_lookup_half_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, ksize, dilation,
+                                 BLOCK: tl.constexpr, HP: tl.constexpr, KEY32: tl.constexpr):
+        """Offsets ``v < K // 2`` looked up (lanes ``v``), the centre written as the voxel itself, and for
+        each hit ``j`` the mirror entry ``nbr[j, K - 1 - v] = i``; ``nbr`` must hold N (missing) before."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < N
+        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
+        v = tl.arange(0, HP)
+        c = K // 2
+        looked = v < c
+        r = ksize // 2
+        dx = (v // (ksize * ksize) - r) * dilation
+        dy = ((v // ksize) % ksize - r) * dilation
+        dz = (v % ksize - r) * dilation
+        target = key[:, None] + ((dx.to(tl.int64) * Y + dy) * Z + dz)[None, :]
+        slot = _hash(target, mask)
+        target = target.to(tl.int32 if KEY32 else tl.int64)
+        active = ok[:, None] & looked[None, :]
+        res = tl.full((BLOCK, HP), N, tl.int32)
+        while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
+            k = tl.load(keys_ptr + slot, mask=active, other=-1)
+            hit = active & (k == target)
+            val = tl.load(vals_ptr + slot, mask=hit, other=0)
+            res = tl.where(hit, val, res)
+            active = active & (k != -1) & (~hit)  # an empty slot ends the probe: not present
+            slot = (slot + 1) & mask
+        rows = tl.broadcast_to(i[:, None], (BLOCK, HP))
+        res = tl.where(v[None, :] == c, rows, res)
+        tl.store(nbr_ptr + i.to(tl.int64)[:, None] * K + v[None, :], res, mask=ok[:, None] & (v <= c)[None, :])
+        mirror = ok[:, None] & looked[None, :] & (res < N)
+        tl.store(nbr_ptr + res.to(tl.int64) * K + (K - 1 - v)[None, :], rows, mask=mirror)
+
+    @triton.jit(do_not_specialize=["N", "K"])
+    def _pattern_bits_kernel(nbr_ptr, bits_ptr, N, K, BLOCK: tl.constexpr, KP: tl.constexpr):
+        """``bits[i]``: bit v set where ``nbr[i, v]`` exists (K <= 31)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < N
+        v = tl.arange(0, KP)
+        both = ok[:, None] & (v < K)[None, :]
+        row = tl.load(nbr_ptr + i.to(tl.int64)[:, None] * K + v[None, :], mask=both, other=N)
+        tl.store(bits_ptr + i, tl.sum(tl.where(row < N, 1 << v[None, :], 0), axis=1), mask=ok)
+
     @triton.jit
     def _or(a, b):
         return a | b
@@ -208,10 +266,13 @@ if triton is not None:
 
 
 def build_neighbour_map_triton(
-    coords: torch.Tensor, spatial_shape: Sequence[int], kernel_size: int = 3, dilation: int = 1
+    coords: torch.Tensor, spatial_shape: Sequence[int], kernel_size: int = 3, dilation: int = 1,
+    batch_size: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(nbr [N, K] int32 (missing = N), bits [N] int32 or None)``; as
-    :func:`know3d_core.sparse.conv.build_neighbour_map`, plus the pattern bits when ``K <= 31``."""
+    :func:`know3d_core.sparse.conv.build_neighbour_map`, plus the pattern bits when ``K <= 31``.
+    ``batch_size`` (known without a host sync, or None): with the half lookup, int32 hash keys when
+    ``batch_size`` times the padded grid's cells fit."""
     N = coords.shape[0]
     K = kernel_size ** 3
     device = coords.device
@@ -226,6 +287,9 @@ def build_neighbour_map_triton(
     pad = dilation * (kernel_size // 2)
     X, Y, Z = (int(s) + 2 * pad for s in spatial_shape)
     slots = triton.next_power_of_2((SLOTS_PER_VOXEL if N <= LARGE_BUILD else LARGE_SLOTS_PER_VOXEL) * N)
+    if _half_switch.enabled:
+        key32 = batch_size is not None and batch_size * X * Y * Z < 2**31 - 1
+        return _build_half(coords, nbr, bits, X, Y, Z, pad, slots, kernel_size, dilation, key32)
     keys = torch.full((slots,), -1, dtype=torch.int64, device=device)
     vals = torch.empty(slots, dtype=torch.int32, device=device)
     _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
@@ -233,6 +297,23 @@ def build_neighbour_map_triton(
     _hash_lookup_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
         coords, keys, vals, nbr, bits if with_bits else nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
         BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, EAGER=EAGER_VALUES, num_warps=LOOKUP_WARPS)
+    return nbr, bits
+
+
+def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, slots: int, kernel_size: int, dilation: int,
+                key32: bool):
+    """The symmetric half lookup's build into ``nbr`` (and ``bits`` when not None); ``key32``: int32 hash keys."""
+    N, K = nbr.shape
+    keys = torch.full((slots,), -1, dtype=torch.int32 if key32 else torch.int64, device=coords.device)
+    vals = torch.empty(slots, dtype=torch.int32, device=coords.device)
+    nbr.fill_(N)
+    _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
+        coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, KEY32=key32, num_warps=4)
+    _hash_lookup_half_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
+        coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
+        BLOCK=BLOCK_LOOKUP, HP=triton.next_power_of_2(K // 2 + 1), KEY32=key32, num_warps=LOOKUP_WARPS)
+    if bits is not None:
+        _pattern_bits_kernel[(triton.cdiv(N, 64),)](nbr, bits, N, K, BLOCK=64, KP=triton.next_power_of_2(K), num_warps=4)
     return nbr, bits
 
 
@@ -335,6 +416,9 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
                                   1, BLOCK=BLOCK_LOOKUP, KP=KP, BITS=K <= 31, EAGER=EAGER_VALUES,
                                   num_warps=LOOKUP_WARPS)
 
+    def half():  # the half lookup's kernels as the decoders reach them (batch size known: int32 keys)
+        _build_half(coords, nbr.clone(), bits.clone() if K <= 31 else None, 6, 6, 6, 1, 8, kernel_size, 1, True)
+
     def layout():
         out = torch.empty(K, 4, dtype=torch.int32, device=device)
         small = torch.empty(4, dtype=torch.int32, device=device)
@@ -348,5 +432,6 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
     def children():
         children_triton(coords, torch.zeros(4, 2, dtype=torch.int64, device=device))
 
-    jobs = [insert, lookup, layout, child_tiles] if K <= 31 else [insert, lookup]
+    build = [half] if _half_switch.enabled else [insert, lookup]
+    jobs = build + [layout, child_tiles] if K <= 31 else build
     return jobs + [children] if _children_switch.enabled else jobs
