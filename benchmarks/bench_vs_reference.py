@@ -88,8 +88,8 @@ def _flex_map(coords: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 # Map-build variants of ours timed beside the default (neighbour_triton's module settings; A/B runs):
-# the symmetric half lookup with int32 keys at 8 / 4 / 2 table slots a voxel.
-MAP_VARIANTS = {"half": {"half": True}, "half_s4": {"half": True, "SLOTS_PER_VOXEL": 4},
+# the full lookup (26 probes a voxel), the symmetric half lookup with int32 keys at 8 / 4 / 2 table slots a voxel.
+MAP_VARIANTS = {"full": {"half": False}, "half": {"half": True}, "half_s4": {"half": True, "SLOTS_PER_VOXEL": 4},
                 "half_s2": {"half": True, "SLOTS_PER_VOXEL": 2}}
 
 
