@@ -88,9 +88,11 @@ def _flex_map(coords: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 # Map-build variants of ours timed beside the default (neighbour_triton's module settings; A/B runs):
-# the full lookup (26 probes a voxel), the symmetric half lookup with int32 keys at 8 / 4 / 2 table slots a voxel.
+# the full lookup (26 probes a voxel), the symmetric half lookup with int32 keys at 8 / 4 / 2 table slots a voxel,
+# and with 32 voxels a program.
 MAP_VARIANTS = {"full": {"half": False}, "half": {"half": True}, "half_s4": {"half": True, "SLOTS_PER_VOXEL": 4},
-                "half_s2": {"half": True, "SLOTS_PER_VOXEL": 2}}
+                "half_s2": {"half": True, "SLOTS_PER_VOXEL": 2},
+                "half_b32": {"half": True, "BLOCK_LOOKUP": 32}}  # 32 voxels x 16 lanes (the full one: 16 x 32)
 
 
 @contextlib.contextmanager
@@ -270,7 +272,8 @@ def main(argv=None) -> int:
         if "ref_map_ms" in r:
             print(f"{r['case']:<13} map {r['ours_map_ms']} vs {r['ref_map_ms']}; cache {r['ours_cache_ms']} vs "
                   f"{r['ref_cache_ms']}; conv cold-warm {r['ours_conv_cold_minus_warm_ms']} vs "
-                  f"{r['ref_conv_cold_minus_warm_ms']} (warm conv {r['ours_conv_warm_ms']} vs {r['ref_conv_warm_ms']}); "
+                  f"{r['ref_conv_cold_minus_warm_ms']} (warm conv {r['ours_conv_warm_ms']} vs "
+                  f"{r['ref_conv_warm_ms']}); "
                   f"same map {r['same_map']}")
             for vname, v in r["variants"].items():
                 print(f"   ours {vname:<8} map {v['map_ms']} cache {v['cache_ms']} conv cold-warm "

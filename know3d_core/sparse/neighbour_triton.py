@@ -313,7 +313,8 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, slots: int,
         coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
         BLOCK=BLOCK_LOOKUP, HP=triton.next_power_of_2(K // 2 + 1), KEY32=key32, num_warps=LOOKUP_WARPS)
     if bits is not None:
-        _pattern_bits_kernel[(triton.cdiv(N, 64),)](nbr, bits, N, K, BLOCK=64, KP=triton.next_power_of_2(K), num_warps=4)
+        _pattern_bits_kernel[(triton.cdiv(N, 64),)](nbr, bits, N, K, BLOCK=64, KP=triton.next_power_of_2(K),
+                                                     num_warps=4)
     return nbr, bits
 
 
