@@ -127,14 +127,13 @@ if triton is not None:
         return ((b * X + x + pad) * Y + y + pad) * Z + z + pad
 
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask"])
-    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, N, X, Y, Z, pad, mask, BLOCK: tl.constexpr,
-                            KEY32: tl.constexpr = False):
+    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, N, X, Y, Z, pad, mask, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
         key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
         slot = _hash(key, mask)
-        key_ty = tl.int32 if KEY32 else tl.int64
-        key = key.to(key_ty)  # int32 keys: the caller checked that every cell index fits
+        key_ty = keys_ptr.dtype.element_ty  # int64, or int32 where the caller checked that every key fits
+        key = key.to(key_ty)
         active = ok
         empty = tl.full((BLOCK,), -1, key_ty)
         never = tl.full((BLOCK,), -2, key_ty)  # no slot holds -2: a compare that never swaps
@@ -183,7 +182,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
     def _hash_lookup_half_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, ksize, dilation,
-                                 BLOCK: tl.constexpr, HP: tl.constexpr, KEY32: tl.constexpr):
+                                 BLOCK: tl.constexpr, HP: tl.constexpr):
         """Offsets ``v < K // 2`` looked up (lanes ``v``), the centre written as the voxel itself, and for
         each hit ``j`` the mirror entry ``nbr[j, K - 1 - v] = i``; ``nbr`` must hold N (missing) before."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -198,7 +197,7 @@ if triton is not None:
         dz = (v % ksize - r) * dilation
         target = key[:, None] + ((dx.to(tl.int64) * Y + dy) * Z + dz)[None, :]
         slot = _hash(target, mask)
-        target = target.to(tl.int32 if KEY32 else tl.int64)
+        target = target.to(keys_ptr.dtype.element_ty)
         active = ok[:, None] & looked[None, :]
         res = tl.full((BLOCK, HP), N, tl.int32)
         while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
@@ -308,10 +307,10 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, slots: int,
     vals = torch.empty(slots, dtype=torch.int32, device=coords.device)
     nbr.fill_(N)
     _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
-        coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, KEY32=key32, num_warps=4)
+        coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
     _hash_lookup_half_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
         coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
-        BLOCK=BLOCK_LOOKUP, HP=triton.next_power_of_2(K // 2 + 1), KEY32=key32, num_warps=LOOKUP_WARPS)
+        BLOCK=BLOCK_LOOKUP, HP=triton.next_power_of_2(K // 2 + 1), num_warps=LOOKUP_WARPS)
     if bits is not None:
         _pattern_bits_kernel[(triton.cdiv(N, 64),)](nbr, bits, N, K, BLOCK=64, KP=triton.next_power_of_2(K),
                                                      num_warps=4)
