@@ -11,6 +11,8 @@ costs are real), ours and the in-run baseline side by side:
     python benchmarks/perf_report.py --tiny --out perf.json   # CPU script check
     python benchmarks/perf_report.py --parts flows,conv --out a.json           # a subset ...
     python benchmarks/perf_report.py --parts geometry --merge a.json --out perf.json  # ... then the rest
+    PYTHONPATH=$FLEXGEMM python benchmarks/perf_report.py --parts reference --trellis2 $TRELLIS2 --out r.json
+        # the TRELLIS.2 reference (FlexGEMM built in its checkout) beside ours, one process (bench_vs_reference.py)
 
 The table is printed last; ``--out`` gets the raw rows of every script plus the summary.
 First calls: each in a fresh process; the first of two runs sharing a new Triton cache directory
