@@ -41,6 +41,13 @@ def _pipeline_module():
     return pipeline
 
 
+def _start_triton(device: torch.device) -> None:
+    """Triton's own start (``sparse.triton_start``) on the kernel warm-up thread, where it runs (CUDA)."""
+    from ..know3d_core.sparse.triton_start import start_triton_runtime
+
+    start_triton_runtime(device)
+
+
 def knowledge_info(knowledge) -> Optional[dict]:
     """What the mesh records about the knowledge it was built with (the CLI's record, same function)."""
     return _pipeline_module().knowledge_info(knowledge)
@@ -210,6 +217,7 @@ class Know3DLoadModel(IO.ComfyNode):
         know3d = None if know3d_checkpoint == NONE else _host.full_path("know3d", know3d_checkpoint, SOURCES["know3d"])
         dino = None if dinov3 == FROM_FOLDER else _host.full_path("clip_vision", dinov3, SOURCES["clip_vision"])
         sources = {"know3d": know3d, "dinov3": dino or "dinov3 (next to the TRELLIS.2 folder)"}
+        _start_triton(_host.torch_device())  # the stages run there: Triton's start overlaps the reading
         with _host.stage("load TRELLIS.2", torch.device("cpu")):
             if trellis2.endswith("/"):
                 folder = _host.full_path("trellis2", trellis2, SOURCES["trellis2"])

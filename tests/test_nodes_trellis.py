@@ -76,6 +76,24 @@ def test_load_model_official_folder_and_know3d(know3d_model, plain_model):
     assert {"sparse_structure_flow_model", "shape_slat_decoder", "dinov3"} <= set(know3d_model.managed)
 
 
+def test_load_model_starts_triton_on_the_comfy_device_before_reading(files, monkeypatch):
+    """The loader reads the weights on the CPU; the stages run on ComfyUI's device, where Triton's start is
+    queued first so that it overlaps the reading."""
+    triton_start = submodule("know3d_core.sparse.triton_start")
+    order = []
+    monkeypatch.setattr(host, "torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(triton_start, "start_triton_runtime", lambda device: order.append(("start", str(device))))
+    real = tr._pipeline_module().Trellis2GeometryPipeline.from_pretrained
+
+    def reading(*args, **kwargs):
+        order.append("read")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr._pipeline_module().Trellis2GeometryPipeline, "from_pretrained", reading)
+    load_model(files, know3d=False)
+    assert order == [("start", "cuda:0"), "read"]
+
+
 def test_load_model_missing_files_name_file_folder_and_source(files):
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors.*know3d.*Know3D release"):
         tr.Know3DLoadModel.execute(files["trellis"], tr.FROM_FOLDER, tr.FROM_FOLDER, "nope.safetensors", "float32")
