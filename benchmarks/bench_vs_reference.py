@@ -31,7 +31,6 @@ import contextlib
 import os
 import statistics
 import sys
-import types
 
 import torch
 
@@ -56,15 +55,8 @@ def import_reference(src: str, dense: bool):
         import_with_dense_conv(src)
     else:
         import flex_gemm.kernels.cuda  # noqa: F401 - fail here, before any slow work, when it is not built
-        convert = types.ModuleType("o_voxel.convert")
-        convert.flexible_dual_grid_to_mesh = None
-        ov = types.ModuleType("o_voxel")
-        ov.convert = convert
-        pkg = types.ModuleType("trellis2")
-        pkg.__path__ = [os.path.join(src, "trellis2")]
-        sys.modules.update({"cumesh": types.ModuleType("cumesh"), "o_voxel": ov, "o_voxel.convert": convert,
-                            "trellis2": pkg})
-        os.environ["SPARSE_CONV_BACKEND"] = "flex_gemm"
+        from make_encoder_goldens import install_reference_package
+        install_reference_package(src)
     from trellis2.models.sc_vaes.fdg_vae import FlexiDualGridVaeDecoder
     import trellis2.modules.sparse as sp
     return FlexiDualGridVaeDecoder, sp

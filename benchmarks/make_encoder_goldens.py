@@ -42,6 +42,20 @@ def _dense_submanifold_conv3d(feats, coords, shape, weight, bias, neighbor_cache
     return out[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]], None
 
 
+def install_reference_package(src: str) -> None:
+    """Make ``import trellis2`` load the checkout ``src`` (without running its package ``__init__``), with
+    ``cumesh`` and ``o_voxel`` as empty stubs (mesh code only) and FlexGEMM as its sparse-conv backend."""
+    convert = types.ModuleType("o_voxel.convert")
+    convert.flexible_dual_grid_to_mesh = None
+    ov = types.ModuleType("o_voxel")
+    ov.convert = convert
+    pkg = types.ModuleType("trellis2")
+    pkg.__path__ = [os.path.join(src, "trellis2")]
+    sys.modules.update({"cumesh": types.ModuleType("cumesh"), "o_voxel": ov, "o_voxel.convert": convert,
+                        "trellis2": pkg})
+    os.environ["SPARSE_CONV_BACKEND"] = "flex_gemm"  # the reference reads its backend from the environment
+
+
 def import_reference(src: str):
     """(FlexiDualGridVaeEncoder, SparseStructureEncoder, trellis2.modules.sparse) of the checkout."""
     spconv = types.ModuleType("flex_gemm.ops.spconv")
@@ -52,16 +66,9 @@ def import_reference(src: str):
     ops.grid_sample.grid_sample_3d = None
     fg = types.ModuleType("flex_gemm")
     fg.ops = ops
-    convert = types.ModuleType("o_voxel.convert")
-    convert.flexible_dual_grid_to_mesh = None
-    ov = types.ModuleType("o_voxel")
-    ov.convert = convert
-    pkg = types.ModuleType("trellis2")
-    pkg.__path__ = [os.path.join(src, "trellis2")]
     sys.modules.update({"flex_gemm": fg, "flex_gemm.ops": ops, "flex_gemm.ops.spconv": spconv,
-                        "flex_gemm.ops.grid_sample": ops.grid_sample, "cumesh": types.ModuleType("cumesh"),
-                        "o_voxel": ov, "o_voxel.convert": convert, "trellis2": pkg})
-    os.environ["SPARSE_CONV_BACKEND"] = "flex_gemm"
+                        "flex_gemm.ops.grid_sample": ops.grid_sample})
+    install_reference_package(src)
     from trellis2.models.sc_vaes.fdg_vae import FlexiDualGridVaeEncoder
     from trellis2.models.sparse_structure_vae import SparseStructureEncoder
     import trellis2.modules.sparse as sp

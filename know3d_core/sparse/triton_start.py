@@ -19,7 +19,7 @@ import torch
 from .conv_triton import triton_available
 from .kernel_dispatch import KernelWarmup
 
-__all__ = ["start_triton_runtime", "triton_runtime_started"]
+__all__ = ["start_triton_runtime"]
 
 _log = logging.getLogger(__name__)
 _RUNTIME = KernelWarmup()
@@ -32,11 +32,6 @@ def start_triton_runtime(device: Union[str, torch.device]) -> bool:
     if torch.device(device).type != "cuda" or not triton_available():
         return False
     return _RUNTIME.start(_KEY, _start_runtime)
-
-
-def triton_runtime_started() -> bool:
-    """True once :func:`start_triton_runtime` queued the start in this process (done or pending)."""
-    return _RUNTIME.pending(_KEY) or _RUNTIME.done(_KEY)
 
 
 def _start_runtime() -> bool:
