@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import SHAPE_DECODER_FULL, bench_device, device_name, sample_times, wall_ms, write_json  # noqa: E402
+from _common import (SHAPE_DECODER_FULL, bench_device, device_name, kernel_times, sample_times, wall_ms,  # noqa: E402
+                     write_json)
 from bench_neighbour_map import DECODER_CASES, MAP_CASES, shell_coords  # noqa: E402
 from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
@@ -80,11 +81,15 @@ def _flex_map(coords: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 # Map-build variants of ours timed beside the default (neighbour_triton's module settings; A/B runs):
-# the full lookup (26 probes a voxel), the symmetric half lookup with int32 keys at 8 / 4 / 2 table slots a voxel,
-# and with 32 voxels a program.
-MAP_VARIANTS = {"full": {"half": False}, "half": {"half": True}, "half_s4": {"half": True, "SLOTS_PER_VOXEL": 4},
-                "half_s2": {"half": True, "SLOTS_PER_VOXEL": 2},
-                "half_b32": {"half": True, "BLOCK_LOOKUP": 32}}  # 32 voxels x 16 lanes (the full one: 16 x 32)
+# the full lookup (26 probes a voxel); the symmetric half lookup (13 probes + mirror writes) with int32
+# keys packed with the row into int64 slots at 4 (its default) / 2 / 8 table slots a voxel, with separate
+# int64 keys and int32 rows, and with 128 / 1024 (voxel, offset) lanes a program.
+MAP_VARIANTS = {"full": {"half": False}, "half": {"half": True},
+                "half_s2": {"half": True, "HALF_SLOTS_PER_VOXEL": 2},
+                "half_s8": {"half": True, "HALF_SLOTS_PER_VOXEL": 8},
+                "half_unpacked": {"half": True, "PACKED_TABLE": False},
+                "half_b128": {"half": True, "HALF_BLOCK": 128},
+                "half_b1024_w8": {"half": True, "HALF_BLOCK": 1024, "HALF_WARPS": 8}}
 
 
 @contextlib.contextmanager
@@ -113,10 +118,16 @@ def _ours_map_figures(coords, shape, conv_args, ref_map, med) -> dict:
     warm = med(lambda: conv.submanifold_conv3d(warm_x, w, b))
     nbr = conv._build_neighbour_map(coords, shape, 3, 1, batch_size=1)[0]
     nbr = torch.where(nbr < coords.shape[0], nbr.long(), -1)
-    return {"map_ms": med(lambda: conv._build_neighbour_map(coords, shape, 3, 1, batch_size=1)),
+    build = lambda: conv._build_neighbour_map(coords, shape, 3, 1, batch_size=1)  # noqa: E731
+    return {"map_ms": med(build), "map_kernels_us": _kernel_us(build),
             "cache_ms": med(lambda: _ours_cache(coords, shape)), "conv_warm_ms": warm,
             "conv_cold_minus_warm_ms": round(cold - warm, 3), "same_map": torch.equal(nbr, ref_map),
             "neighbours": int((nbr >= 0).sum())}
+
+
+def _kernel_us(fn) -> dict:
+    """``{kernel: device us per call}`` of ``fn`` (torch.profiler; where a build's time goes)."""
+    return {k: round(v["us"], 1) for k, v in sorted(kernel_times(fn).items(), key=lambda kv: -kv[1]["us"])}
 
 
 def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
@@ -139,7 +150,7 @@ def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
     ref_cold = med(lambda: sparse_submanifold_conv3d(feats, coords, size, w, b, None))
     ref_warm = med(lambda: sparse_submanifold_conv3d(feats, coords, size, w, b, cache))
     row = {"case": name, "voxels": int(coords.shape[0]), "grid": grid,
-           "ref_map_ms": med(lambda: _flex_map(coords, grid)),
+           "ref_map_ms": med(lambda: _flex_map(coords, grid)), "ref_map_kernels_us": _kernel_us(lambda: _flex_map(coords, grid)),
            "ref_cache_ms": med(lambda: _flex_cache(coords, grid, CONV_CHANNELS)),
            "ref_conv_warm_ms": ref_warm, "ref_conv_cold_minus_warm_ms": round(ref_cold - ref_warm, 3),
            "neighbours_ref": int((ref_map >= 0).sum())}
@@ -267,9 +278,10 @@ def main(argv=None) -> int:
                   f"{r['ref_conv_cold_minus_warm_ms']} (warm conv {r['ours_conv_warm_ms']} vs "
                   f"{r['ref_conv_warm_ms']}); "
                   f"same map {r['same_map']}")
+            print(f"   FlexGEMM map kernels (us): {r['ref_map_kernels_us']}")
             for vname, v in r["variants"].items():
-                print(f"   ours {vname:<8} map {v['map_ms']} cache {v['cache_ms']} conv cold-warm "
-                      f"{v['conv_cold_minus_warm_ms']} same map {v['same_map']}")
+                print(f"   ours {vname:<13} map {v['map_ms']} cache {v['cache_ms']} conv cold-warm "
+                      f"{v['conv_cold_minus_warm_ms']} same map {v['same_map']}; kernels (us) {v['map_kernels_us']}")
         else:
             print(f"{r['case']:<13} ours {r['ours_ms']} [{r['ours_peak_gib']} GiB] vs ref {r['ref_ms']} "
                   f"[{r['ref_peak_gib']} GiB]: x{r['ratio']}; ref first call {r['ref_first_ms']}; "

@@ -49,28 +49,41 @@ def _check(device, cases, bm, batch_known=False):
             assert torch.equal(getattr(got, field), getattr(want, field)), field
 
 
-# (EAGER_VALUES, HALF_LOOKUP, batch size passed: int32 keys with the half lookup)
-VARIANTS = [(False, False, False), (True, False, False), (False, True, False), (False, True, True)]
+# The build's variants: module settings, the half lookup on or off, the batch size passed (int32 keys in
+# the packed table with the half lookup); a small table and a program of 64 lanes (not a multiple of the
+# 14 lanes a voxel) give long probes and voxels split across programs.
+VARIANTS = {
+    "full": ({}, False, False),
+    "full_eager": ({"EAGER_VALUES": True}, False, False),
+    "half_int64": ({}, True, False),
+    "half_packed": ({}, True, True),
+    "half_packed_s2_b64": ({"HALF_SLOTS_PER_VOXEL": 2, "HALF_BLOCK": 64, "HALF_WARPS": 2}, True, True),
+    "half_unpacked_batch_known": ({"PACKED_TABLE": False}, True, True),
+}
+
+
+def _check_variant(monkeypatch, device, name, cases, bm):
+    settings, half, batch_known = VARIANTS[name]
+    for key, value in settings.items():
+        monkeypatch.setattr(neighbour_triton, key, value)
+    with neighbour_triton.use_half_lookup(half):  # offsets before the centre + mirror writes
+        _check(device, cases, bm=bm, batch_known=batch_known)
 
 
 @interpreter
-@pytest.mark.parametrize("eager,half,batch_known", VARIANTS)
-def test_triton_build_matches_torch_in_the_interpreter(monkeypatch, eager, half, batch_known):
-    monkeypatch.setattr(neighbour_triton, "EAGER_VALUES", eager)  # values loaded with the keys, or after a hit
-    with neighbour_triton.use_half_lookup(half):  # offsets before the centre + mirror writes
-        _check("cpu", [(2, 10, 300, 3, 1), (1, 12, 400, 3, 2), (1, 6, 80, 5, 1)], bm=16, batch_known=batch_known)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_triton_build_matches_torch_in_the_interpreter(monkeypatch, name):
+    _check_variant(monkeypatch, "cpu", name, [(2, 10, 300, 3, 1), (1, 12, 400, 3, 2), (1, 6, 80, 5, 1)], bm=16)
 
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("eager,half,batch_known", VARIANTS)
-def test_triton_build_matches_torch_on_cuda(monkeypatch, eager, half, batch_known):
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_triton_build_matches_torch_on_cuda(monkeypatch, name):
     # dense and sparse fills, two batch items, dilation 2, a 5^3 kernel (no pattern bits), a
     # partial last tile
-    monkeypatch.setattr(neighbour_triton, "EAGER_VALUES", eager)
-    with neighbour_triton.use_half_lookup(half):
-        _check("cuda", [(2, 40, 20000, 3, 1), (1, 64, 3000, 3, 1), (1, 30, 5000, 3, 2), (1, 16, 900, 5, 1),
-                        (3, 20, 1001, 3, 1)], bm=128, batch_known=batch_known)
+    _check_variant(monkeypatch, "cuda", name, [(2, 40, 20000, 3, 1), (1, 64, 3000, 3, 1), (1, 30, 5000, 3, 2),
+                                               (1, 16, 900, 5, 1), (3, 20, 1001, 3, 1)], bm=128)
 
 
 @cuda

@@ -58,9 +58,19 @@ EAGER_VALUES = False
 # Symmetric half lookup (the idea of FlexGEMM's build): a submanifold map is symmetric (j is i's
 # neighbour at offset v exactly when i is j's at K-1-v), so each voxel looks up the offsets before the
 # centre only and also writes its mirror entry into the neighbour's row: 13 probes a voxel instead of 26.
-# With it, keys are int32 when the padded grid (times the batch) has fewer than 2^31 cells (half the
-# table's bytes). Off until measured on CUDA; :func:`use_half_lookup` for A/B runs.
+# With it, keys are int32 when the padded grid (times the batch) has fewer than 2^31 cells, packed with
+# the row into one int64 slot. Off until measured on CUDA; :func:`use_half_lookup` for A/B runs.
 HALF_LOOKUP_BY_DEFAULT = False
+# The half lookup's table and launch (A/B knobs, benchmarks/bench_vs_reference.py MAP_VARIANTS):
+# - PACKED_TABLE: with int32 keys, one int64 slot holds ``key << 32 | row`` (one load per probe, one CAS
+#   per insert, no separate value array); off: int32/int64 keys plus an int32 value array;
+# - HALF_SLOTS_PER_VOXEL: table of next_pow2(this * N) slots (FlexGEMM: 2 N, load 1/2);
+# - HALF_BLOCK / HALF_WARPS: (voxel, offset) pairs per program, laid out flat (K // 2 + 1 per voxel, no
+#   padding lanes) and warps per program; the probe loop runs to the program's longest probe.
+PACKED_TABLE = True
+HALF_SLOTS_PER_VOXEL = 4
+HALF_BLOCK = 256
+HALF_WARPS = 4
 _switch = KernelSwitch(True)
 _half_switch = KernelSwitch(HALF_LOOKUP_BY_DEFAULT)
 
@@ -115,6 +125,17 @@ if triton is not None:
         h = h * 0x2C1B3C6D
         h = h ^ (h >> 13)
         return h & mask
+
+    @triton.jit
+    def _hash32(key, mask):
+        """Slot of a non-negative int32 key (32-bit murmur3 finaliser on the unsigned bits, then the low bits)."""
+        h = key.to(tl.uint32, bitcast=True)
+        h = h ^ (h >> 16)
+        h = h * 0x85EBCA6B
+        h = h ^ (h >> 13)
+        h = h * 0xC2B2AE35
+        h = h ^ (h >> 16)
+        return h.to(tl.int32, bitcast=True) & mask
 
     @triton.jit
     def _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad):
@@ -180,38 +201,76 @@ if triton is not None:
             bits = tl.sum(tl.where((res < N) & v_ok[None, :], 1 << v[None, :], 0), axis=1)
             tl.store(bits_ptr + i, bits, mask=ok)
 
-    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
-    def _hash_lookup_half_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, ksize, dilation,
-                                 BLOCK: tl.constexpr, HP: tl.constexpr):
-        """Offsets ``v < K // 2`` looked up (lanes ``v``), the centre written as the voxel itself, and for
-        each hit ``j`` the mirror entry ``nbr[j, K - 1 - v] = i``; ``nbr`` must hold N (missing) before."""
+    @triton.jit
+    def _voxel_keys32(coords_ptr, i, ok, X, Y, Z, pad):
+        """:func:`_voxel_keys` in int32 (the caller checked that ``batch * X * Y * Z < 2^31``)."""
+        base = coords_ptr + i.to(tl.int64) * 4
+        b = tl.load(base, mask=ok, other=0)
+        x = tl.load(base + 1, mask=ok, other=0)
+        y = tl.load(base + 2, mask=ok, other=0)
+        z = tl.load(base + 3, mask=ok, other=0)
+        return ((b * X + x + pad) * Y + y + pad) * Z + z + pad
+
+    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask"])
+    def _hash_insert_packed_kernel(coords_ptr, table_ptr, N, X, Y, Z, pad, mask, BLOCK: tl.constexpr):
+        """Voxel ``i`` into the packed table (int64 slots ``key << 32 | i``, empty = -1; int32 keys)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
-        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
-        v = tl.arange(0, HP)
+        key = _voxel_keys32(coords_ptr, i, ok, X, Y, Z, pad)
+        slot = _hash32(key, mask)
+        packed = (key.to(tl.int64) << 32) | i.to(tl.int64)
+        active = ok
+        empty = tl.full((BLOCK,), -1, tl.int64)
+        never = tl.full((BLOCK,), -2, tl.int64)  # no slot holds -2: a compare that never swaps
+        while tl.max(active.to(tl.int32), axis=0) > 0:
+            prev = tl.atomic_cas(table_ptr + slot, tl.where(active, empty, never), tl.where(active, packed, never))
+            done = active & ((prev == -1) | ((prev >> 32) == key))
+            active = active & (~done)
+            slot = tl.where(active, (slot + 1) & mask, slot)
+
+    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
+    def _hash_lookup_half_flat_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, ksize,
+                                      dilation, BLOCK: tl.constexpr, PACKED: tl.constexpr, KEY32: tl.constexpr):
+        """The symmetric half lookup, one lane per (voxel ``i``, offset ``v <= K // 2``) pair laid out flat:
+        offsets ``v < K // 2`` looked up, the centre written as the voxel itself, and for each hit ``j``
+        the mirror entry ``nbr[j, K - 1 - v] = i``; ``nbr [N, K]`` must hold N (missing) before.
+        ``PACKED``: ``keys_ptr`` is the packed table (``vals_ptr`` unused); ``KEY32``: int32 keys hashed
+        with :func:`_hash32`."""
+        H = K // 2 + 1
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        i = (e // H).to(tl.int32)
+        v = (e % H).to(tl.int32)
+        ok = i < N
         c = K // 2
-        looked = v < c
         r = ksize // 2
         dx = (v // (ksize * ksize) - r) * dilation
         dy = ((v // ksize) % ksize - r) * dilation
         dz = (v % ksize - r) * dilation
-        target = key[:, None] + ((dx.to(tl.int64) * Y + dy) * Z + dz)[None, :]
-        slot = _hash(target, mask)
-        target = target.to(keys_ptr.dtype.element_ty)
-        active = ok[:, None] & looked[None, :]
-        res = tl.full((BLOCK, HP), N, tl.int32)
-        while tl.max(tl.max(active.to(tl.int32), axis=1), axis=0) > 0:
-            k = tl.load(keys_ptr + slot, mask=active, other=-1)
-            hit = active & (k == target)
-            val = tl.load(vals_ptr + slot, mask=hit, other=0)
-            res = tl.where(hit, val, res)
-            active = active & (k != -1) & (~hit)  # an empty slot ends the probe: not present
+        if KEY32:
+            target = _voxel_keys32(coords_ptr, i, ok, X, Y, Z, pad) + (dx * Y + dy) * Z + dz
+            slot = _hash32(target, mask)
+        else:
+            target = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad) + (dx.to(tl.int64) * Y + dy) * Z + dz
+            slot = _hash(target, mask)
+            target = target.to(keys_ptr.dtype.element_ty)
+        active = ok & (v < c)
+        res = tl.full((BLOCK,), N, tl.int32)
+        while tl.max(active.to(tl.int32), axis=0) > 0:
+            if PACKED:
+                p = tl.load(keys_ptr + slot, mask=active, other=-1)
+                hit = active & ((p >> 32).to(tl.int32) == target)
+                res = tl.where(hit, p.to(tl.int32), res)  # the low 32 bits: the row
+                gone = p == -1
+            else:
+                k = tl.load(keys_ptr + slot, mask=active, other=-1)
+                hit = active & (k == target)
+                res = tl.where(hit, tl.load(vals_ptr + slot, mask=hit, other=0), res)
+                gone = k == -1
+            active = active & (~gone) & (~hit)  # an empty slot ends the probe: not present
             slot = (slot + 1) & mask
-        rows = tl.broadcast_to(i[:, None], (BLOCK, HP))
-        res = tl.where(v[None, :] == c, rows, res)
-        tl.store(nbr_ptr + i.to(tl.int64)[:, None] * K + v[None, :], res, mask=ok[:, None] & (v <= c)[None, :])
-        mirror = ok[:, None] & looked[None, :] & (res < N)
-        tl.store(nbr_ptr + res.to(tl.int64) * K + (K - 1 - v)[None, :], rows, mask=mirror)
+        res = tl.where(v == c, i, res)
+        tl.store(nbr_ptr + i.to(tl.int64) * K + v, res, mask=ok)
+        tl.store(nbr_ptr + res.to(tl.int64) * K + (K - 1 - v), i, mask=ok & (v < c) & (res < N))
 
     @triton.jit(do_not_specialize=["N", "K"])
     def _pattern_bits_kernel(nbr_ptr, bits_ptr, N, K, BLOCK: tl.constexpr, KP: tl.constexpr):
@@ -270,8 +329,8 @@ def build_neighbour_map_triton(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(nbr [N, K] int32 (missing = N), bits [N] int32 or None)``; as
     :func:`know3d_core.sparse.conv.build_neighbour_map`, plus the pattern bits when ``K <= 31``.
-    ``batch_size`` (known without a host sync, or None): with the half lookup, int32 hash keys when
-    ``batch_size`` times the padded grid's cells fit."""
+    ``batch_size`` (known without a host sync, or None): with the half lookup, int32 keys in a packed
+    table (``PACKED_TABLE``) when ``batch_size`` times the padded grid's cells fit."""
     N = coords.shape[0]
     K = kernel_size ** 3
     device = coords.device
@@ -285,10 +344,10 @@ def build_neighbour_map_triton(
     coords = coords.to(torch.int32).contiguous()
     pad = dilation * (kernel_size // 2)
     X, Y, Z = (int(s) + 2 * pad for s in spatial_shape)
-    slots = triton.next_power_of_2((SLOTS_PER_VOXEL if N <= LARGE_BUILD else LARGE_SLOTS_PER_VOXEL) * N)
     if _half_switch.enabled:
         key32 = batch_size is not None and batch_size * X * Y * Z < 2**31 - 1
-        return _build_half(coords, nbr, bits, X, Y, Z, pad, slots, kernel_size, dilation, key32)
+        return _build_half(coords, nbr, bits, X, Y, Z, pad, kernel_size, dilation, key32)
+    slots = triton.next_power_of_2((SLOTS_PER_VOXEL if N <= LARGE_BUILD else LARGE_SLOTS_PER_VOXEL) * N)
     keys = torch.full((slots,), -1, dtype=torch.int64, device=device)
     vals = torch.empty(slots, dtype=torch.int32, device=device)
     _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
@@ -299,18 +358,27 @@ def build_neighbour_map_triton(
     return nbr, bits
 
 
-def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, slots: int, kernel_size: int, dilation: int,
-                key32: bool):
+def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, kernel_size: int, dilation: int, key32: bool):
     """The symmetric half lookup's build into ``nbr`` (and ``bits`` when not None); ``key32``: int32 hash keys."""
     N, K = nbr.shape
-    keys = torch.full((slots,), -1, dtype=torch.int32 if key32 else torch.int64, device=coords.device)
-    vals = torch.empty(slots, dtype=torch.int32, device=coords.device)
+    per_voxel = HALF_SLOTS_PER_VOXEL if N <= LARGE_BUILD else min(HALF_SLOTS_PER_VOXEL, LARGE_SLOTS_PER_VOXEL)
+    slots = triton.next_power_of_2(per_voxel * N)
     nbr.fill_(N)
-    _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
-        coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
-    _hash_lookup_half_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
+    packed = PACKED_TABLE and key32
+    if packed:
+        keys = torch.full((slots,), -1, dtype=torch.int64, device=coords.device)
+        vals = keys
+        _hash_insert_packed_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
+            coords, keys, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
+    else:
+        keys = torch.full((slots,), -1, dtype=torch.int64, device=coords.device)
+        vals = torch.empty(slots, dtype=torch.int32, device=coords.device)
+        _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
+            coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
+    H = K // 2 + 1
+    _hash_lookup_half_flat_kernel[(triton.cdiv(N * H, HALF_BLOCK),)](
         coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
-        BLOCK=BLOCK_LOOKUP, HP=triton.next_power_of_2(K // 2 + 1), num_warps=LOOKUP_WARPS)
+        BLOCK=HALF_BLOCK, PACKED=packed, KEY32=packed, num_warps=HALF_WARPS)
     if bits is not None:
         _pattern_bits_kernel[(triton.cdiv(N, 64),)](nbr, bits, N, K, BLOCK=64, KP=triton.next_power_of_2(K),
                                                      num_warps=4)
@@ -417,7 +485,7 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
                                   num_warps=LOOKUP_WARPS)
 
     def half():  # the half lookup's kernels as the decoders reach them (batch size known: int32 keys)
-        _build_half(coords, nbr.clone(), bits.clone() if K <= 31 else None, 6, 6, 6, 1, 8, kernel_size, 1, True)
+        _build_half(coords, nbr.clone(), bits.clone() if K <= 31 else None, 6, 6, 6, 1, kernel_size, 1, True)
 
     def layout():
         out = torch.empty(K, 4, dtype=torch.int32, device=device)
