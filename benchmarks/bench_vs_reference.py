@@ -82,14 +82,15 @@ def _flex_map(coords: torch.Tensor, grid: int) -> torch.Tensor:
 
 # Map-build variants of ours timed beside the default (neighbour_triton's module settings; A/B runs):
 # the full lookup (26 probes a voxel); the symmetric half lookup (13 probes + mirror writes) with int32
-# keys packed with the row into int64 slots at 4 (its default) / 2 / 8 table slots a voxel, with separate
-# int64 keys and int32 rows, and with 128 / 1024 (voxel, offset) lanes a program.
+# keys packed with the row into int64 slots at 4 (its default) / 8 table slots a voxel, with separate int64
+# keys and int32 rows, with 64 (voxel, offset) lanes a program in 2 warps, its insert with 256 voxels a
+# program in 4 warps (its default: 32 in 1), and with the map's fill as its own kernel before the insert.
 MAP_VARIANTS = {"full": {"half": False}, "half": {"half": True},
-                "half_s2": {"half": True, "HALF_SLOTS_PER_VOXEL": 2},
                 "half_s8": {"half": True, "HALF_SLOTS_PER_VOXEL": 8},
                 "half_unpacked": {"half": True, "PACKED_TABLE": False},
-                "half_b128": {"half": True, "HALF_BLOCK": 128},
-                "half_b1024_w8": {"half": True, "HALF_BLOCK": 1024, "HALF_WARPS": 8}}
+                "half_b64_w2": {"half": True, "HALF_BLOCK": 64, "HALF_WARPS": 2},
+                "half_i256_w4": {"half": True, "HALF_INSERT_BLOCK": 256, "HALF_INSERT_WARPS": 4},
+                "half_fill_before": {"half": True, "HALF_FILL_IN_INSERT": False}}
 
 
 @contextlib.contextmanager

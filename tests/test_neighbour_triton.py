@@ -57,8 +57,11 @@ VARIANTS = {
     "full_eager": ({"EAGER_VALUES": True}, False, False),
     "half_int64": ({}, True, False),
     "half_packed": ({}, True, True),
-    "half_packed_s2_b64": ({"HALF_SLOTS_PER_VOXEL": 2, "HALF_BLOCK": 64, "HALF_WARPS": 2}, True, True),
+    "half_packed_s2_b64": ({"HALF_SLOTS_PER_VOXEL": 2, "HALF_BLOCK": 64, "HALF_WARPS": 2, "HALF_INSERT_BLOCK": 32,
+                            "HALF_INSERT_WARPS": 1}, True, True),
     "half_unpacked_batch_known": ({"PACKED_TABLE": False}, True, True),
+    "half_fill_before": ({"HALF_FILL_IN_INSERT": False, "HALF_INSERT_BLOCK": 256, "HALF_INSERT_WARPS": 4}, True, True),
+    "half_int64_fill_before": ({"HALF_FILL_IN_INSERT": False}, True, False),
 }
 
 

@@ -59,18 +59,30 @@ EAGER_VALUES = False
 # neighbour at offset v exactly when i is j's at K-1-v), so each voxel looks up the offsets before the
 # centre only and also writes its mirror entry into the neighbour's row: 13 probes a voxel instead of 26.
 # With it, keys are int32 when the padded grid (times the batch) has fewer than 2^31 cells, packed with
-# the row into one int64 slot. Off until measured on CUDA; :func:`use_half_lookup` for A/B runs.
-HALF_LOOKUP_BY_DEFAULT = False
+# the row into one int64 slot. On: exact on CUDA (tests/test_neighbour_triton.py, every variant below) and
+# measured on an H100 (session 11): map 0.545 against 0.802 ms at 1M voxels, 0.163 against 0.193 ms at
+# 200k; the 1024 decoder 165.8 against 171.4 ms (512: 76.1 against 76.6, within the run's 1.3 ms noise).
+# :func:`use_half_lookup` for A/B runs.
+HALF_LOOKUP_BY_DEFAULT = True
 # The half lookup's table and launch (A/B knobs, benchmarks/bench_vs_reference.py MAP_VARIANTS):
 # - PACKED_TABLE: with int32 keys, one int64 slot holds ``key << 32 | row`` (one load per probe, one CAS
 #   per insert, no separate value array); off: int32/int64 keys plus an int32 value array;
 # - HALF_SLOTS_PER_VOXEL: table of next_pow2(this * N) slots (FlexGEMM: 2 N, load 1/2);
 # - HALF_BLOCK / HALF_WARPS: (voxel, offset) pairs per program, laid out flat (K // 2 + 1 per voxel, no
 #   padding lanes) and warps per program; the probe loop runs to the program's longest probe.
+# - HALF_INSERT_BLOCK / HALF_INSERT_WARPS: voxels and warps per program of its insert; the CAS loop runs
+#   to the program's longest probe, so one warp a program retires like CUDA threads do;
+# - HALF_FILL_IN_INSERT: the insert also sets its voxels' rows of ``nbr`` to N (else one fill before).
+# Measured on an H100 (session 11, bench_vs_reference.py, 1M shell voxels): map 0.487 ms with these
+# against 0.545 (insert 256 voxels / 4 warps), 0.541 (lookup 64 lanes / 2 warps), 0.654 (unpacked),
+# 0.802 (full lookup); FlexGEMM 0.363. Kernel time of the insert 121 us against 183 us.
 PACKED_TABLE = True
 HALF_SLOTS_PER_VOXEL = 4
 HALF_BLOCK = 256
 HALF_WARPS = 4
+HALF_INSERT_BLOCK = 32
+HALF_INSERT_WARPS = 1
+HALF_FILL_IN_INSERT = True
 _switch = KernelSwitch(True)
 _half_switch = KernelSwitch(HALF_LOOKUP_BY_DEFAULT)
 
@@ -147,10 +159,22 @@ if triton is not None:
         z = tl.load(base + 3, mask=ok, other=0).to(tl.int64)
         return ((b * X + x + pad) * Y + y + pad) * Z + z + pad
 
-    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask"])
-    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, N, X, Y, Z, pad, mask, BLOCK: tl.constexpr):
+    @triton.jit
+    def _fill_rows(nbr_ptr, i, ok, N, K, KP: tl.constexpr):
+        """Rows ``i`` of ``nbr [N, K]`` set to N (missing); ``KP``: a power of two >= K."""
+        v = tl.arange(0, KP)
+        tl.store(nbr_ptr + i.to(tl.int64)[:, None] * K + v[None, :], tl.full((i.shape[0], KP), N, tl.int32),
+                 mask=ok[:, None] & (v < K)[None, :])
+
+    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K"])
+    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, BLOCK: tl.constexpr,
+                            KP: tl.constexpr, FILL: tl.constexpr):
+        """Voxels into the table (``keys`` int64 or int32, ``vals`` int32 rows); ``FILL``: also their rows of
+        ``nbr [N, K]`` set to N (``KP``: a power of two >= K; unused otherwise)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
+        if FILL:
+            _fill_rows(nbr_ptr, i, ok, N, K, KP)
         key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
         slot = _hash(key, mask)
         key_ty = keys_ptr.dtype.element_ty  # int64, or int32 where the caller checked that every key fits
@@ -211,11 +235,15 @@ if triton is not None:
         z = tl.load(base + 3, mask=ok, other=0)
         return ((b * X + x + pad) * Y + y + pad) * Z + z + pad
 
-    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask"])
-    def _hash_insert_packed_kernel(coords_ptr, table_ptr, N, X, Y, Z, pad, mask, BLOCK: tl.constexpr):
-        """Voxel ``i`` into the packed table (int64 slots ``key << 32 | i``, empty = -1; int32 keys)."""
+    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K"])
+    def _hash_insert_packed_kernel(coords_ptr, table_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, BLOCK: tl.constexpr,
+                                   KP: tl.constexpr, FILL: tl.constexpr):
+        """Voxel ``i`` into the packed table (int64 slots ``key << 32 | i``, empty = -1; int32 keys); ``FILL``:
+        also its row of ``nbr [N, K]`` set to N (``KP``: a power of two >= K)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
+        if FILL:
+            _fill_rows(nbr_ptr, i, ok, N, K, KP)
         key = _voxel_keys32(coords_ptr, i, ok, X, Y, Z, pad)
         slot = _hash32(key, mask)
         packed = (key.to(tl.int64) << 32) | i.to(tl.int64)
@@ -233,8 +261,8 @@ if triton is not None:
                                       dilation, BLOCK: tl.constexpr, PACKED: tl.constexpr, KEY32: tl.constexpr):
         """The symmetric half lookup, one lane per (voxel ``i``, offset ``v <= K // 2``) pair laid out flat:
         offsets ``v < K // 2`` looked up, the centre written as the voxel itself, and for each hit ``j``
-        the mirror entry ``nbr[j, K - 1 - v] = i``; ``nbr [N, K]`` must hold N (missing) before.
-        ``PACKED``: ``keys_ptr`` is the packed table (``vals_ptr`` unused); ``KEY32``: int32 keys hashed
+        the mirror entry ``nbr[j, K - 1 - v] = i``; ``nbr [N, K]`` must hold N (missing) before (the
+        insert fills it, ``HALF_FILL_IN_INSERT``). ``PACKED``: ``keys_ptr`` is the packed table (``vals_ptr`` unused); ``KEY32``: int32 keys hashed
         with :func:`_hash32`."""
         H = K // 2 + 1
         e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -351,7 +379,7 @@ def build_neighbour_map_triton(
     keys = torch.full((slots,), -1, dtype=torch.int64, device=device)
     vals = torch.empty(slots, dtype=torch.int32, device=device)
     _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
-        coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
+        coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=BLOCK_INSERT, KP=1, FILL=False, num_warps=4)
     _hash_lookup_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
         coords, keys, vals, nbr, bits if with_bits else nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
         BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, EAGER=EAGER_VALUES, num_warps=LOOKUP_WARPS)
@@ -363,18 +391,21 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, kernel_size
     N, K = nbr.shape
     per_voxel = HALF_SLOTS_PER_VOXEL if N <= LARGE_BUILD else min(HALF_SLOTS_PER_VOXEL, LARGE_SLOTS_PER_VOXEL)
     slots = triton.next_power_of_2(per_voxel * N)
-    nbr.fill_(N)
     packed = PACKED_TABLE and key32
+    keys = torch.full((slots,), -1, dtype=torch.int64, device=coords.device)
+    grid = (triton.cdiv(N, HALF_INSERT_BLOCK),)
+    fill = HALF_FILL_IN_INSERT
+    KP = triton.next_power_of_2(K) if fill else 1
+    if not fill:
+        nbr.fill_(N)
     if packed:
-        keys = torch.full((slots,), -1, dtype=torch.int64, device=coords.device)
         vals = keys
-        _hash_insert_packed_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
-            coords, keys, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
+        _hash_insert_packed_kernel[grid](coords, keys, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=HALF_INSERT_BLOCK,
+                                         KP=KP, FILL=fill, num_warps=HALF_INSERT_WARPS)
     else:
-        keys = torch.full((slots,), -1, dtype=torch.int64, device=coords.device)
         vals = torch.empty(slots, dtype=torch.int32, device=coords.device)
-        _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
-            coords, keys, vals, N, X, Y, Z, pad, slots - 1, BLOCK=BLOCK_INSERT, num_warps=4)
+        _hash_insert_kernel[grid](coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=HALF_INSERT_BLOCK,
+                                  KP=KP, FILL=fill, num_warps=HALF_INSERT_WARPS)
     H = K // 2 + 1
     _hash_lookup_half_flat_kernel[(triton.cdiv(N * H, HALF_BLOCK),)](
         coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
@@ -476,8 +507,8 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
     order = torch.arange(4, device=device)
 
     def insert():
-        _hash_insert_kernel[(1,)](coords, keys.clone(), vals.clone(), 4, 6, 6, 6, 1, 7,
-                                  BLOCK=BLOCK_INSERT, num_warps=4)
+        _hash_insert_kernel[(1,)](coords, keys.clone(), vals.clone(), nbr, 4, 6, 6, 6, 1, 7, K,
+                                  BLOCK=BLOCK_INSERT, KP=1, FILL=False, num_warps=4)
 
     def lookup():
         _hash_lookup_kernel[(1,)](coords, keys, vals, nbr.clone(), bits.clone(), 4, 6, 6, 6, 1, 7, K, kernel_size,
