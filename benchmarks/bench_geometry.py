@@ -185,6 +185,10 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool 
             **({"step_ms": per_step} if step_times else {})}
 
 
+# --plan-ahead: the pipeline's plan_attention_ahead per row (None: its default)
+PLAN_AHEAD = {"auto": [None], "off": [False], "both": [False, None]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (checks the script)")
@@ -199,6 +203,9 @@ def main(argv=None) -> int:
                     help="record every sampler step's time (device sync per step: profiling only)")
     ap.add_argument("--repeat-object", action="store_true",
                     help="also time the same object again (every shape seen): the warm steady state")
+    ap.add_argument("--plan-ahead", default="auto", choices=["auto", "off", "both"],
+                    help="the pipeline's attention plans built ahead for the unguided steps (auto: its default, on "
+                         "CUDA); both: a row without them first, then one with them, each on its own new token count")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
@@ -216,12 +223,15 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         pipe = build_pipeline(args.tiny, device, offload)
         build_s = time.perf_counter() - start
-        for ptype in args.types.split(","):
-            n = n512 if ptype == "512" else n_cascade
+        for ptype, ahead, extra in [(p, a, i * 8) for p in args.types.split(",")
+                                    for i, a in enumerate(PLAN_AHEAD[args.plan_ahead])]:
+            n = (n512 if ptype == "512" else n_cascade) + extra  # each row's token counts new
             n_warm = int(n * 0.9)
-            run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
+            pipe.plan_attention_ahead = ahead
+            if not extra:
+                run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
             row = run_row(pipe, ptype, n, steps, image, args.step_times)
-            row["warmup_tokens"] = n_warm
+            row.update(warmup_tokens=n_warm, plan_attention_ahead=ahead)
             if args.repeat_object:
                 again = run_row(pipe, ptype, n, steps, image, args.step_times)
                 row["same_object_again"] = {k: again[k] for k in ("timings_s", "total_s", "step_ms") if k in again}
@@ -230,7 +240,7 @@ def main(argv=None) -> int:
             row["build_s"] = round(build_s, 2)
             rows.append(row)
             peak = max(row["peak_vram_gib"].values()) if row["peak_vram_gib"] else float("nan")
-            print(f"{ptype:>13} offload={str(offload):5} total {row['total_s']:8.3f} s  peak {peak:6.2f} GiB  "
+            print(f"{ptype:>13} offload={str(offload):5} plan_ahead={str(ahead):5} total {row['total_s']:8.3f} s  peak {peak:6.2f} GiB  "
                   + "  ".join(f"{k} {v:.3f}" for k, v in row["timings_s"].items())
                   + f"  tokens {row['num_tokens']}  faces {row['mesh_faces']}", flush=True)
         del pipe

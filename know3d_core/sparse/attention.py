@@ -13,14 +13,70 @@ Each path computes per row exactly ``softmax(q k^T * scale) v`` over that item's
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["varlen_attention", "dense_attention"]
+__all__ = ["varlen_attention", "dense_attention", "AttentionPlans", "record_attention_plans"]
 
 SeqLens = Union[Sequence[int], torch.Tensor]
+
+
+class AttentionPlans:
+    """Signatures of the dense SDPA calls made while recording (:func:`record_attention_plans`), to
+    build torch's cuDNN attention plans for another batch size before that batch size is used.
+
+    cuDNN attention builds an execution plan on its first call with each new (batch, lengths,
+    strides) and keeps it in a per-thread cache: 40-60 ms a build on an H100
+    (benchmarks/probe_sdpa_plans.py). A flow's unguided steps run at half its guided batch, so
+    for a new token count their plans are new too; :meth:`prebuild` makes those calls early, on
+    the caller's thread, while the GPU still runs the work queued before.
+    """
+
+    def __init__(self):
+        self.signatures: dict = {}  # (q, k, v shape/stride, dtype, device, scale) -> None, in call order
+        self.recording = True
+
+    def note(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> None:
+        """Remember one call's ``q/k/v [B, H, L, D]`` (as passed to SDPA) when recording."""
+        if self.recording:
+            key = tuple((tuple(t.shape), t.stride()) for t in (q, k, v)) + (q.dtype, q.device, scale)
+            self.signatures.setdefault(key, None)
+
+    def prebuild(self, batch: int) -> int:
+        """Stop recording; call SDPA once per recorded signature with the batch dim set to ``batch``
+        (signatures already at ``batch`` are skipped), on uninitialised tensors of the same strides
+        sharing one buffer. Returns the number of calls made."""
+        self.recording = False
+        calls = 0
+        for *tensors, dtype, device, scale in self.signatures:
+            if tensors[0][0][0] == batch:
+                continue
+            sizes = [(batch, *size[1:]) for size, _ in tensors]
+            strides = [stride for _, stride in tensors]
+            need = max(1 + sum((n - 1) * st for n, st in zip(size, stride)) for size, stride in zip(sizes, strides))
+            buf = torch.empty(need, dtype=dtype, device=device)
+            q, k, v = (buf.as_strided(size, stride) for size, stride in zip(sizes, strides))
+            F.scaled_dot_product_attention(q, k, v, scale=scale)
+            calls += 1
+        return calls
+
+
+_recorders: List[AttentionPlans] = []
+
+
+@contextlib.contextmanager
+def record_attention_plans() -> Iterator[AttentionPlans]:
+    """Inside the block, every :func:`dense_attention` call's signature goes to the yielded
+    :class:`AttentionPlans` (this thread's calls and any other's: use it around one run)."""
+    plans = AttentionPlans()
+    _recorders.append(plans)
+    try:
+        yield plans
+    finally:
+        _recorders.remove(plans)
 
 
 def dense_attention(
@@ -33,10 +89,10 @@ def dense_attention(
     Returns:
         ``[B, Lq, H, Dv]``.
     """
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
-    )
-    return out.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    for plans in _recorders:
+        plans.note(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
 def varlen_attention(

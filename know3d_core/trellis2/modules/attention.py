@@ -10,9 +10,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ...sparse import varlen_attention
+from ...sparse import dense_attention, varlen_attention
 from ...sparse.kernel_dispatch import grad_needed
 from .fused import fused_enabled, qk_norm_rope_pair
 from .norm import MultiHeadRMSNorm
@@ -64,8 +63,7 @@ def attend(
         ``[B, Lq, H, D]`` (or ``[1, Nq, H, D]`` when q is packed).
     """
     if q_layout is None and kv_layout is None:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
+        return dense_attention(q, k, v)
     layout = q_layout if q_layout is not None else kv_layout
     B = layout.batch_size
 
