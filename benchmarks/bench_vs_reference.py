@@ -131,8 +131,8 @@ def _kernel_us(fn) -> dict:
     return {k: round(v["us"], 1) for k, v in sorted(kernel_times(fn).items(), key=lambda kv: -kv[1]["us"])}
 
 
-def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
-    """One map row (see the module docstring); ``variants``: ours with each of :data:`MAP_VARIANTS`."""
+def bench_map(name: str, n: int, device, warmup: int, repeats: int, variants=tuple(MAP_VARIANTS)) -> dict:
+    """One map row (see the module docstring); ``variants``: ours with each of these :data:`MAP_VARIANTS`."""
     from flex_gemm.ops.spconv import sparse_submanifold_conv3d
     coords, grid = shell_coords(n, device)
     coords = coords.contiguous()
@@ -158,8 +158,8 @@ def bench_map(name: str, n: int, device, warmup: int, repeats: int) -> dict:
     ours = _ours_map_figures(coords, shape, (feats, w, b), ref_map, med)
     row.update({f"ours_{k}" if k != "same_map" else k: v for k, v in ours.items()})
     row["variants"] = {}
-    for vname, settings in MAP_VARIANTS.items():
-        with map_variant(settings):
+    for vname in variants:
+        with map_variant(MAP_VARIANTS[vname]):
             row["variants"][vname] = _ours_map_figures(coords, shape, (feats, w, b), ref_map, med)
     out_ours = conv.submanifold_conv3d(SparseTensor(feats, coords, shape, batch_size=1), w, b).feats.float()
     out_ref = sparse_submanifold_conv3d(feats, coords, size, w, b, cache)[0].float()
@@ -246,10 +246,15 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU script check (dense conv stand-in; decoder rows only)")
     p.add_argument("--device", default=None)
     p.add_argument("--parts", default="map,decoder", help="comma list of map,decoder")
+    p.add_argument("--variants", default=",".join(MAP_VARIANTS), help="comma list of MAP_VARIANTS timed in map rows")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(MAP_VARIANTS))
+    if unknown:
+        p.error(f"unknown --variants {unknown} (known: {', '.join(MAP_VARIANTS)})")
     if not os.path.isdir(os.path.join(args.trellis2, "trellis2")):
         p.error(f"--trellis2 {args.trellis2}: no trellis2/ package there (give a checkout of microsoft/TRELLIS.2)")
     device = bench_device(args)
@@ -260,7 +265,7 @@ def main(argv=None) -> int:
     rows = []
     if "map" in parts and not args.tiny:
         for name, n in MAP_CASES:
-            rows.append(bench_map(name, n, device, args.warmup + 1, args.repeats + 3))
+            rows.append(bench_map(name, n, device, args.warmup + 1, args.repeats + 3, variants))
             print(rows[-1], flush=True)
     if "decoder" in parts:
         cfg = dict(shape_mod.TINY_ARGS) if args.tiny else dict(SHAPE_DECODER_FULL)
