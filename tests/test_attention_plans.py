@@ -21,7 +21,7 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def _signature(q, k, v):
-    return tuple((tuple(t.shape), t.stride()) for t in (q, k, v))
+    return tuple((tuple(t.shape), t.stride(), t.storage_offset()) for t in (q, k, v))
 
 
 @pytest.fixture
@@ -58,8 +58,9 @@ def test_prebuild_calls_each_recorded_signature_once_at_the_new_batch(sdpa_calls
     assert plans.prebuild(2) == 2
     assert not plans.recording
     prebuilt = sdpa_calls[len(recorded):]
-    # the batch dim set to 2, strides as recorded (q/k/v as transposed [B, H, L, D] views)
-    want = [tuple(((2, *shape[1:]), stride) for shape, stride in recorded[i]) for i in (0, 2)]
+    # the batch dim set to 2, strides and storage offsets as recorded (q/k/v: transposed [B, H, L, D] views of
+    # one projection, k and v after q in it)
+    want = [tuple(((2, *shape[1:]), stride, offset) for shape, stride, offset in recorded[i]) for i in (0, 2)]
     assert prebuilt == want
     with record_attention_plans() as again:
         pass

@@ -42,23 +42,22 @@ class AttentionPlans:
     def note(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> None:
         """Remember one call's ``q/k/v [B, H, L, D]`` (as passed to SDPA) when recording."""
         if self.recording:
-            key = tuple((tuple(t.shape), t.stride()) for t in (q, k, v)) + (q.dtype, q.device, scale)
+            key = tuple((tuple(t.shape), t.stride(), t.storage_offset()) for t in (q, k, v)) + (q.dtype, q.device, scale)
             self.signatures.setdefault(key, None)
 
     def prebuild(self, batch: int) -> int:
         """Stop recording; call SDPA once per recorded signature with the batch dim set to ``batch``
-        (signatures already at ``batch`` are skipped), on uninitialised tensors of the same strides
-        sharing one buffer. Returns the number of calls made."""
+        (signatures already at ``batch`` are skipped), on uninitialised tensors of the same strides and
+        storage offsets (so the same alignment) sharing one buffer. Returns the number of calls made."""
         self.recording = False
         calls = 0
         for *tensors, dtype, device, scale in self.signatures:
             if tensors[0][0][0] == batch:
                 continue
-            sizes = [(batch, *size[1:]) for size, _ in tensors]
-            strides = [stride for _, stride in tensors]
-            need = max(1 + sum((n - 1) * st for n, st in zip(size, stride)) for size, stride in zip(sizes, strides))
+            views = [((batch, *size[1:]), stride, offset) for size, stride, offset in tensors]
+            need = max(offset + 1 + sum((n - 1) * st for n, st in zip(size, stride)) for size, stride, offset in views)
             buf = torch.empty(need, dtype=dtype, device=device)
-            q, k, v = (buf.as_strided(size, stride) for size, stride in zip(sizes, strides))
+            q, k, v = (buf.as_strided(*view) for view in views)
             F.scaled_dot_product_attention(q, k, v, scale=scale)
             calls += 1
         return calls
