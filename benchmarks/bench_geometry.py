@@ -186,7 +186,7 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool 
 
 
 # --plan-ahead: the pipeline's plan_attention_ahead per row (None: its default)
-PLAN_AHEAD = {"auto": [None], "off": [False], "both": [False, None]}
+PLAN_AHEAD = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
 
 
 def main(argv=None) -> int:
@@ -203,9 +203,10 @@ def main(argv=None) -> int:
                     help="record every sampler step's time (device sync per step: profiling only)")
     ap.add_argument("--repeat-object", action="store_true",
                     help="also time the same object again (every shape seen): the warm steady state")
-    ap.add_argument("--plan-ahead", default="auto", choices=["auto", "off", "both"],
-                    help="the pipeline's attention plans built ahead for the unguided steps (auto: its default, on "
-                         "CUDA); both: a row without them first, then one with them, each on its own new token count")
+    ap.add_argument("--plan-ahead", default="auto", choices=["auto", "on", "off", "both"],
+                    help="the pipeline's attention plans built ahead for the unguided steps (auto: its default, "
+                         "PLAN_ATTENTION_AHEAD_BY_DEFAULT); both: a row without them first, then one with them, each "
+                         "on its own new token count")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
@@ -227,7 +228,8 @@ def main(argv=None) -> int:
                                     for i, a in enumerate(PLAN_AHEAD[args.plan_ahead])]:
             n = (n512 if ptype == "512" else n_cascade) + extra  # each row's token counts new
             n_warm = int(n * 0.9)
-            pipe.plan_attention_ahead = ahead
+            if ahead is not None:
+                pipe.plan_attention_ahead = ahead
             if not extra:
                 run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
             row = run_row(pipe, ptype, n, steps, image, args.step_times)

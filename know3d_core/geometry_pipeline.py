@@ -244,6 +244,13 @@ def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.
 
 
 # ----------------------------------------------------------------------------------- pipeline
+# Trellis2GeometryPipeline.plan_attention_ahead's default. Off: written in session 11 (the prebuilt calls
+# have exactly the later calls' shapes, strides and offsets: tests/test_attention_plans.py) but its time on
+# CUDA is not measured yet (`benchmarks/bench_geometry.py --plan-ahead both`); if torch's cuDNN plan cache
+# keyed on anything the prebuilt calls do not share, each new object would pay the builds twice.
+PLAN_ATTENTION_AHEAD_BY_DEFAULT = False
+
+
 def kernel_warmup_by_default(device: torch.device) -> bool:
     """Whether a pipeline on ``device`` starts its kernel warm-ups at load unless told: on CUDA (the
     warm-ups compile Triton kernels; elsewhere there are none to compile)."""
@@ -295,8 +302,7 @@ class Trellis2GeometryPipeline:
         if self.image_cond_model is not None:
             self.image_cond_model.to(home)
         self.visits: Dict[int, Any] = {}  # id(network) -> device_visits.PinnedVisits (pin_host_copies)
-        # _attention_plans_ahead: None (default) on a CUDA device; True / False: always / never (A/B runs)
-        self.plan_attention_ahead: Optional[bool] = None
+        self.plan_attention_ahead = PLAN_ATTENTION_AHEAD_BY_DEFAULT  # see _attention_plans_ahead
         if kernel_warmup_by_default(self.device) if kernel_warmup is None else kernel_warmup:
             self.start_kernel_warmups()
 
@@ -599,13 +605,12 @@ class Trellis2GeometryPipeline:
         """A sampler callback (wrapping ``progress``) that, once the first step's kernels are queued,
         builds the cuDNN attention plans the unguided steps to come will need (batch ``batch``; the
         guided steps ran ``2 batch``): for a new token count each build costs 40-60 ms on the host,
-        which then overlaps the GPU's work instead of stalling the first unguided step (H100,
+        which could then overlap the GPU's work instead of stalling the first unguided step (H100,
         session 11: 512 pass, step 10 took 182 ms against 60 ms for the same object again).
-        Only with :attr:`plan_attention_ahead` (None: on CUDA, where the plans are) and a guided
+        Only with :attr:`plan_attention_ahead` on (``PLAN_ATTENTION_AHEAD_BY_DEFAULT``) and a guided
         first step followed by an unguided one; else ``progress`` itself."""
-        wanted = self.device.type == "cuda" if self.plan_attention_ahead is None else self.plan_attention_ahead
         guided = [uses_cfg(t, params) for t in time_schedule(params.steps, params.rescale_t)[:-1]]
-        if not (wanted and guided and guided[0] and not all(guided)):
+        if not (self.plan_attention_ahead and guided and guided[0] and not all(guided)):
             yield progress
             return
         with record_attention_plans() as plans:

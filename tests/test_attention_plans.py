@@ -3,14 +3,15 @@ halved, are exactly the calls the unguided steps make, and building them early c
 
 torch keeps cuDNN attention plans per (shape, strides); what is checked here is that the prebuilt calls
 have the shapes and strides of the later real calls (on the CPU, where SDPA has no plans, the calls
-themselves are the same). The time it saves is measured in benchmarks/bench_geometry.py (GPU).
+themselves are the same). Its time is for benchmarks/bench_geometry.py --plan-ahead both (GPU; off by
+default until that has run).
 """
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
+from know3d_core.geometry_pipeline import PLAN_ATTENTION_AHEAD_BY_DEFAULT, Trellis2GeometryPipeline
 from know3d_core.plan import SS_STAGE
 from know3d_core.sampling import SamplerParams, time_schedule, uses_cfg
 from know3d_core.sparse import AttentionPlans, attention as sparse_attention, dense_attention, record_attention_plans
@@ -93,7 +94,7 @@ def _run(pipe, demo, events, ahead):
         return pipe.run(Image.open(demo.image), pipeline_type="512", seed=3, ss_params={"steps": 2},
                         shape_params=SHAPE, callback=lambda stage, step, total: events.append((stage, step)))
     finally:
-        pipe.plan_attention_ahead = None
+        pipe.plan_attention_ahead = PLAN_ATTENTION_AHEAD_BY_DEFAULT
 
 
 def _shape_stage(events):
@@ -150,12 +151,18 @@ def test_unguided_steps_only_make_calls_that_were_prebuilt(pipe, monkeypatch):
     assert torch.equal(out.slat.feats, plain.slat.feats) and torch.equal(out.slat.coords, plain.slat.coords)
 
 
-def test_off_on_the_cpu_by_default_and_without_unguided_steps(pipe):
+def test_off_by_default_and_without_unguided_steps(pipe):
     pipe, _ = pipe
     progress = object()
-    every_step_guided = SamplerParams(steps=4, guidance_interval=(0.0, 1.0))
-    with pipe._attention_plans_ahead(every_step_guided, 1, progress) as cb:
-        assert cb is progress
+    assert pipe.plan_attention_ahead is PLAN_ATTENTION_AHEAD_BY_DEFAULT is False  # until measured on CUDA
     with pipe._attention_plans_ahead(pipe.sampler_params("shape_slat", SHAPE), 1, progress) as cb:
-        assert cb is progress  # CPU: no cuDNN plans to build
-        assert sparse_attention._recorders == []
+        assert cb is progress and sparse_attention._recorders == []
+    pipe.plan_attention_ahead = True
+    try:
+        every_step_guided = SamplerParams(steps=4, guidance_interval=(0.0, 1.0))
+        with pipe._attention_plans_ahead(every_step_guided, 1, progress) as cb:
+            assert cb is progress and sparse_attention._recorders == []
+        with pipe._attention_plans_ahead(pipe.sampler_params("shape_slat", SHAPE), 1, progress) as cb:
+            assert cb is not progress and len(sparse_attention._recorders) == 1
+    finally:
+        pipe.plan_attention_ahead = PLAN_ATTENTION_AHEAD_BY_DEFAULT
