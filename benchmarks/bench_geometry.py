@@ -242,7 +242,8 @@ def main(argv=None) -> int:
             row["build_s"] = round(build_s, 2)
             rows.append(row)
             peak = max(row["peak_vram_gib"].values()) if row["peak_vram_gib"] else float("nan")
-            print(f"{ptype:>13} offload={str(offload):5} plan_ahead={str(ahead):5} total {row['total_s']:8.3f} s  peak {peak:6.2f} GiB  "
+            print(f"{ptype:>13} offload={str(offload):5} plan_ahead={str(ahead):5} "
+                  f"total {row['total_s']:8.3f} s  peak {peak:6.2f} GiB  "
                   + "  ".join(f"{k} {v:.3f}" for k, v in row["timings_s"].items())
                   + f"  tokens {row['num_tokens']}  faces {row['mesh_faces']}", flush=True)
         del pipe

@@ -151,7 +151,8 @@ def bench_map(name: str, n: int, device, warmup: int, repeats: int, variants=tup
     ref_cold = med(lambda: sparse_submanifold_conv3d(feats, coords, size, w, b, None))
     ref_warm = med(lambda: sparse_submanifold_conv3d(feats, coords, size, w, b, cache))
     row = {"case": name, "voxels": int(coords.shape[0]), "grid": grid,
-           "ref_map_ms": med(lambda: _flex_map(coords, grid)), "ref_map_kernels_us": _kernel_us(lambda: _flex_map(coords, grid)),
+           "ref_map_ms": med(lambda: _flex_map(coords, grid)),
+           "ref_map_kernels_us": _kernel_us(lambda: _flex_map(coords, grid)),
            "ref_cache_ms": med(lambda: _flex_cache(coords, grid, CONV_CHANNELS)),
            "ref_conv_warm_ms": ref_warm, "ref_conv_cold_minus_warm_ms": round(ref_cold - ref_warm, 3),
            "neighbours_ref": int((ref_map >= 0).sum())}

@@ -42,8 +42,8 @@ class AttentionPlans:
     def note(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> None:
         """Remember one call's ``q/k/v [B, H, L, D]`` (as passed to SDPA) when recording."""
         if self.recording:
-            key = tuple((tuple(t.shape), t.stride(), t.storage_offset()) for t in (q, k, v)) + (q.dtype, q.device, scale)
-            self.signatures.setdefault(key, None)
+            views = tuple((tuple(t.shape), t.stride(), t.storage_offset()) for t in (q, k, v))
+            self.signatures.setdefault(views + (q.dtype, q.device, scale), None)
 
     def prebuild(self, batch: int) -> int:
         """Stop recording; call SDPA once per recorded signature with the batch dim set to ``batch``

@@ -1,17 +1,18 @@
-"""Neighbour map and tile layout of a submanifold conv in three Triton launches (CUDA).
+"""Neighbour map and tile layout of a submanifold conv in a few Triton launches (CUDA).
 
 The PyTorch build (:func:`know3d_core.sparse.conv.build_neighbour_map` plus
 :func:`know3d_core.sparse.conv_triton.tile_layout`) issues a few hundred small launches per
 coordinate set (one lookup, compare and copy per kernel offset, per-offset pattern bits and tile
-flags), which cost 6-13 ms per structure on an H200 (issue 21). Here:
+flags), which cost 6-13 ms per structure on an H200 (issue 21). Here (the idea of FlexGEMM's build):
 
-1. :func:`_hash_insert_kernel`: every voxel's key (its cell on the grid padded by the kernel reach,
-   as in the PyTorch build) goes into an open-addressing hash table (linear probing, ``atomic_cas``
-   on int64 keys, table of ``2^ceil(log2 8N)`` slots (2N above 2M voxels); the idea of FlexGEMM's
-   build);
-2. :func:`_hash_lookup_kernel`: each program looks up ``BLOCK`` voxels x all ``K`` offsets at once,
-   writes ``nbr [N, K]`` (missing = N) and, for ``K <= 31``, each row's pattern bits (bit v: the
-   neighbour at offset v exists);
+1. an insert kernel puts every voxel's key (its cell on the grid padded by the kernel reach, as in the
+   PyTorch build) into an open-addressing hash table (linear probing, ``atomic_cas``);
+2. a lookup kernel writes ``nbr [N, K]`` (missing = N). By default the symmetric half lookup
+   (:func:`_hash_insert_packed_kernel`, :func:`_hash_lookup_half_flat_kernel`, :func:`_pattern_bits_kernel`:
+   offsets before the centre only, each hit also writing its mirror entry; int32 keys packed with the
+   row into int64 slots when the batch size is known); else the full lookup
+   (:func:`_hash_insert_kernel`, :func:`_hash_lookup_kernel`: all ``K`` offsets, int64 keys). For
+   ``K <= 31`` each row's pattern bits come with it (bit v: the neighbour at offset v exists);
 3. after one stable sort of the pattern bits (torch), :func:`_tile_layout_kernel` writes the
    implicit GEMM's :class:`~know3d_core.sparse.conv_triton.TileLayout`: the ``[K, N]`` neighbour
    table in sorted row order, the sorted rows, and per tile the active offsets (OR of the tile's
@@ -66,7 +67,7 @@ EAGER_VALUES = False
 HALF_LOOKUP_BY_DEFAULT = True
 # The half lookup's table and launch (A/B knobs, benchmarks/bench_vs_reference.py MAP_VARIANTS):
 # - PACKED_TABLE: with int32 keys, one int64 slot holds ``key << 32 | row`` (one load per probe, one CAS
-#   per insert, no separate value array); off: int32/int64 keys plus an int32 value array;
+#   per insert, no separate row array); off (or batch size unknown): int64 keys plus an int32 row array;
 # - HALF_SLOTS_PER_VOXEL: table of next_pow2(this * N) slots (FlexGEMM: 2 N, load 1/2);
 # - HALF_BLOCK / HALF_WARPS: (voxel, offset) pairs per program, laid out flat (K // 2 + 1 per voxel, no
 #   padding lanes) and warps per program; the probe loop runs to the program's longest probe.
@@ -169,7 +170,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K"])
     def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, BLOCK: tl.constexpr,
                             KP: tl.constexpr, FILL: tl.constexpr):
-        """Voxels into the table (``keys`` int64 or int32, ``vals`` int32 rows); ``FILL``: also their rows of
+        """Voxels into the table (int64 ``keys``, int32 rows ``vals``); ``FILL``: also their rows of
         ``nbr [N, K]`` set to N (``KP``: a power of two >= K; unused otherwise)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
@@ -177,7 +178,7 @@ if triton is not None:
             _fill_rows(nbr_ptr, i, ok, N, K, KP)
         key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
         slot = _hash(key, mask)
-        key_ty = keys_ptr.dtype.element_ty  # int64, or int32 where the caller checked that every key fits
+        key_ty = keys_ptr.dtype.element_ty  # the table's key dtype
         key = key.to(key_ty)
         active = ok
         empty = tl.full((BLOCK,), -1, key_ty)
@@ -258,12 +259,12 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
     def _hash_lookup_half_flat_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, ksize,
-                                      dilation, BLOCK: tl.constexpr, PACKED: tl.constexpr, KEY32: tl.constexpr):
+                                      dilation, BLOCK: tl.constexpr, PACKED: tl.constexpr):
         """The symmetric half lookup, one lane per (voxel ``i``, offset ``v <= K // 2``) pair laid out flat:
         offsets ``v < K // 2`` looked up, the centre written as the voxel itself, and for each hit ``j``
         the mirror entry ``nbr[j, K - 1 - v] = i``; ``nbr [N, K]`` must hold N (missing) before (the
-        insert fills it, ``HALF_FILL_IN_INSERT``). ``PACKED``: ``keys_ptr`` is the packed table (``vals_ptr`` unused); ``KEY32``: int32 keys hashed
-        with :func:`_hash32`."""
+        insert fills it: ``HALF_FILL_IN_INSERT``). ``PACKED``: ``keys_ptr`` is the packed table of int32
+        keys hashed with :func:`_hash32` (``vals_ptr`` unused); else int64 keys and int32 rows."""
         H = K // 2 + 1
         e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         i = (e // H).to(tl.int32)
@@ -274,7 +275,7 @@ if triton is not None:
         dx = (v // (ksize * ksize) - r) * dilation
         dy = ((v // ksize) % ksize - r) * dilation
         dz = (v % ksize - r) * dilation
-        if KEY32:
+        if PACKED:
             target = _voxel_keys32(coords_ptr, i, ok, X, Y, Z, pad) + (dx * Y + dy) * Z + dz
             slot = _hash32(target, mask)
         else:
@@ -409,7 +410,7 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, kernel_size
     H = K // 2 + 1
     _hash_lookup_half_flat_kernel[(triton.cdiv(N * H, HALF_BLOCK),)](
         coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
-        BLOCK=HALF_BLOCK, PACKED=packed, KEY32=packed, num_warps=HALF_WARPS)
+        BLOCK=HALF_BLOCK, PACKED=packed, num_warps=HALF_WARPS)
     if bits is not None:
         _pattern_bits_kernel[(triton.cdiv(N, 64),)](nbr, bits, N, K, BLOCK=64, KP=triton.next_power_of_2(K),
                                                      num_warps=4)
