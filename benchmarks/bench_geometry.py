@@ -227,10 +227,10 @@ def main(argv=None) -> int:
         for ptype, ahead, extra in [(p, a, i * 8) for p in args.types.split(",")
                                     for i, a in enumerate(PLAN_AHEAD[args.plan_ahead])]:
             n = (n512 if ptype == "512" else n_cascade) + extra  # each row's token counts new
-            n_warm = int(n * 0.9)
             if ahead is not None:
                 pipe.plan_attention_ahead = ahead
             if not extra:
+                n_warm = int(n * 0.9)
                 run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
             row = run_row(pipe, ptype, n, steps, image, args.step_times)
             row.update(warmup_tokens=n_warm, plan_attention_ahead=ahead)

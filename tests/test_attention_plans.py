@@ -166,3 +166,21 @@ def test_off_by_default_and_without_unguided_steps(pipe):
             assert cb is not progress and len(sparse_attention._recorders) == 1
     finally:
         pipe.plan_attention_ahead = PLAN_ATTENTION_AHEAD_BY_DEFAULT
+
+
+def test_geometry_bench_times_the_plans_ahead_off_then_on_each_on_new_tokens(tmp_path):
+    """``bench_geometry.py --plan-ahead both`` (the A/B that decides the default): a row without, then one
+    with, on token counts no earlier row used (so both pay, or save, the plan builds of a new object)."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_geometry
+
+    out = tmp_path / "geometry.json"
+    assert bench_geometry.main(["--tiny", "--plan-ahead", "both", "--types", "512", "--offload", "off",
+                                "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["plan_attention_ahead"] for r in rows] == [False, True]
+    tokens = [r["num_tokens"]["shape_slat_512"] for r in rows]
+    assert rows[0]["warmup_tokens"] == rows[1]["warmup_tokens"] < tokens[0] < tokens[1]
