@@ -8,7 +8,7 @@ flags), which cost 6-13 ms per structure on an H200 (issue 21). Here (the idea o
 1. an insert kernel puts every voxel's key (its cell on the grid padded by the kernel reach, as in the
    PyTorch build) into an open-addressing hash table (linear probing, ``atomic_cas``);
 2. a lookup kernel writes ``nbr [N, K]`` (missing = N). By default the symmetric half lookup
-   (:func:`_hash_insert_packed_kernel`, :func:`_hash_lookup_half_flat_kernel`, :func:`_pattern_bits_kernel`:
+   (:func:`_hash_insert_kernel`, :func:`_hash_lookup_half_flat_kernel`, :func:`_pattern_bits_kernel`:
    offsets before the centre only, each hit also writing its mirror entry; int32 keys packed with the
    row into int64 slots when the batch size is known); else the full lookup
    (:func:`_hash_insert_kernel`, :func:`_hash_lookup_kernel`: all ``K`` offsets, int64 keys). For
@@ -151,13 +151,16 @@ if triton is not None:
         return h.to(tl.int32, bitcast=True) & mask
 
     @triton.jit
-    def _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad):
-        """Keys of voxels ``i`` on the padded grid ``(X, Y, Z)`` (each side padded by ``pad``)."""
+    def _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad, KEY32: tl.constexpr):
+        """Keys of voxels ``i`` on the padded grid ``(X, Y, Z)`` (each side padded by ``pad``): int64, or
+        int32 with ``KEY32`` (the caller checked that ``batch * X * Y * Z < 2^31``)."""
         base = coords_ptr + i.to(tl.int64) * 4
-        b = tl.load(base, mask=ok, other=0).to(tl.int64)
-        x = tl.load(base + 1, mask=ok, other=0).to(tl.int64)
-        y = tl.load(base + 2, mask=ok, other=0).to(tl.int64)
-        z = tl.load(base + 3, mask=ok, other=0).to(tl.int64)
+        b = tl.load(base, mask=ok, other=0)
+        x = tl.load(base + 1, mask=ok, other=0)
+        y = tl.load(base + 2, mask=ok, other=0)
+        z = tl.load(base + 3, mask=ok, other=0)
+        if not KEY32:
+            b, x, y, z = b.to(tl.int64), x.to(tl.int64), y.to(tl.int64), z.to(tl.int64)
         return ((b * X + x + pad) * Y + y + pad) * Z + z + pad
 
     @triton.jit
@@ -169,26 +172,33 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K"])
     def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, BLOCK: tl.constexpr,
-                            KP: tl.constexpr, FILL: tl.constexpr):
-        """Voxels into the table (int64 ``keys``, int32 rows ``vals``); ``FILL``: also their rows of
+                            KP: tl.constexpr, FILL: tl.constexpr, PACKED: tl.constexpr):
+        """Voxels ``i`` into the table of int64 slots (empty = -1): int64 keys and int32 rows ``vals``, or with
+        ``PACKED`` int32 keys packed as ``key << 32 | i`` (``vals_ptr`` unused). ``FILL``: also their rows of
         ``nbr [N, K]`` set to N (``KP``: a power of two >= K; unused otherwise)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
         if FILL:
             _fill_rows(nbr_ptr, i, ok, N, K, KP)
-        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
-        slot = _hash(key, mask)
-        key_ty = keys_ptr.dtype.element_ty  # the table's key dtype
-        key = key.to(key_ty)
+        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad, PACKED)
+        if PACKED:
+            slot = _hash32(key, mask)
+            entry = (key.to(tl.int64) << 32) | i.to(tl.int64)
+        else:
+            slot = _hash(key, mask)
+            entry = key
         active = ok
-        empty = tl.full((BLOCK,), -1, key_ty)
-        never = tl.full((BLOCK,), -2, key_ty)  # no slot holds -2: a compare that never swaps
+        empty = tl.full((BLOCK,), -1, tl.int64)
+        never = tl.full((BLOCK,), -2, tl.int64)  # no slot holds -2: a compare that never swaps
         while tl.max(active.to(tl.int32), axis=0) > 0:
             # atomic_cas takes no mask: finished lanes compare their own slot against -2 (no write,
             # no shared address to contend for)
-            prev = tl.atomic_cas(keys_ptr + slot, tl.where(active, empty, never), tl.where(active, key, never))
-            done = active & ((prev == -1) | (prev == key))
-            tl.store(vals_ptr + slot, i, mask=done)
+            prev = tl.atomic_cas(keys_ptr + slot, tl.where(active, empty, never), tl.where(active, entry, never))
+            if PACKED:
+                done = active & ((prev == -1) | ((prev >> 32) == key))
+            else:
+                done = active & ((prev == -1) | (prev == key))
+                tl.store(vals_ptr + slot, i, mask=done)
             active = active & (~done)
             slot = tl.where(active, (slot + 1) & mask, slot)
 
@@ -198,7 +208,7 @@ if triton is not None:
                             BLOCK: tl.constexpr, KP: tl.constexpr, BITS: tl.constexpr, EAGER: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
-        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad)
+        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad, False)
         v = tl.arange(0, KP)
         v_ok = v < K
         r = ksize // 2
@@ -226,37 +236,6 @@ if triton is not None:
             bits = tl.sum(tl.where((res < N) & v_ok[None, :], 1 << v[None, :], 0), axis=1)
             tl.store(bits_ptr + i, bits, mask=ok)
 
-    @triton.jit
-    def _voxel_keys32(coords_ptr, i, ok, X, Y, Z, pad):
-        """:func:`_voxel_keys` in int32 (the caller checked that ``batch * X * Y * Z < 2^31``)."""
-        base = coords_ptr + i.to(tl.int64) * 4
-        b = tl.load(base, mask=ok, other=0)
-        x = tl.load(base + 1, mask=ok, other=0)
-        y = tl.load(base + 2, mask=ok, other=0)
-        z = tl.load(base + 3, mask=ok, other=0)
-        return ((b * X + x + pad) * Y + y + pad) * Z + z + pad
-
-    @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K"])
-    def _hash_insert_packed_kernel(coords_ptr, table_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, BLOCK: tl.constexpr,
-                                   KP: tl.constexpr, FILL: tl.constexpr):
-        """Voxel ``i`` into the packed table (int64 slots ``key << 32 | i``, empty = -1; int32 keys); ``FILL``:
-        also its row of ``nbr [N, K]`` set to N (``KP``: a power of two >= K)."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < N
-        if FILL:
-            _fill_rows(nbr_ptr, i, ok, N, K, KP)
-        key = _voxel_keys32(coords_ptr, i, ok, X, Y, Z, pad)
-        slot = _hash32(key, mask)
-        packed = (key.to(tl.int64) << 32) | i.to(tl.int64)
-        active = ok
-        empty = tl.full((BLOCK,), -1, tl.int64)
-        never = tl.full((BLOCK,), -2, tl.int64)  # no slot holds -2: a compare that never swaps
-        while tl.max(active.to(tl.int32), axis=0) > 0:
-            prev = tl.atomic_cas(table_ptr + slot, tl.where(active, empty, never), tl.where(active, packed, never))
-            done = active & ((prev == -1) | ((prev >> 32) == key))
-            active = active & (~done)
-            slot = tl.where(active, (slot + 1) & mask, slot)
-
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
     def _hash_lookup_half_flat_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, ksize,
                                       dilation, BLOCK: tl.constexpr, PACKED: tl.constexpr):
@@ -275,13 +254,13 @@ if triton is not None:
         dx = (v // (ksize * ksize) - r) * dilation
         dy = ((v // ksize) % ksize - r) * dilation
         dz = (v % ksize - r) * dilation
+        key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad, PACKED)
         if PACKED:
-            target = _voxel_keys32(coords_ptr, i, ok, X, Y, Z, pad) + (dx * Y + dy) * Z + dz
+            target = key + (dx * Y + dy) * Z + dz
             slot = _hash32(target, mask)
         else:
-            target = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad) + (dx.to(tl.int64) * Y + dy) * Z + dz
+            target = key + (dx.to(tl.int64) * Y + dy) * Z + dz
             slot = _hash(target, mask)
-            target = target.to(keys_ptr.dtype.element_ty)
         active = ok & (v < c)
         res = tl.full((BLOCK,), N, tl.int32)
         while tl.max(active.to(tl.int32), axis=0) > 0:
@@ -380,7 +359,8 @@ def build_neighbour_map_triton(
     keys = torch.full((slots,), -1, dtype=torch.int64, device=device)
     vals = torch.empty(slots, dtype=torch.int32, device=device)
     _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
-        coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=BLOCK_INSERT, KP=1, FILL=False, num_warps=4)
+        coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=BLOCK_INSERT, KP=1, FILL=False, PACKED=False,
+        num_warps=4)
     _hash_lookup_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
         coords, keys, vals, nbr, bits if with_bits else nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
         BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, EAGER=EAGER_VALUES, num_warps=LOOKUP_WARPS)
@@ -399,14 +379,9 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, kernel_size
     KP = triton.next_power_of_2(K) if fill else 1
     if not fill:
         nbr.fill_(N)
-    if packed:
-        vals = keys
-        _hash_insert_packed_kernel[grid](coords, keys, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=HALF_INSERT_BLOCK,
-                                         KP=KP, FILL=fill, num_warps=HALF_INSERT_WARPS)
-    else:
-        vals = torch.empty(slots, dtype=torch.int32, device=coords.device)
-        _hash_insert_kernel[grid](coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=HALF_INSERT_BLOCK,
-                                  KP=KP, FILL=fill, num_warps=HALF_INSERT_WARPS)
+    vals = keys if packed else torch.empty(slots, dtype=torch.int32, device=coords.device)
+    _hash_insert_kernel[grid](coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=HALF_INSERT_BLOCK, KP=KP,
+                              FILL=fill, PACKED=packed, num_warps=HALF_INSERT_WARPS)
     H = K // 2 + 1
     _hash_lookup_half_flat_kernel[(triton.cdiv(N * H, HALF_BLOCK),)](
         coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
@@ -509,7 +484,7 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
 
     def insert():
         _hash_insert_kernel[(1,)](coords, keys.clone(), vals.clone(), nbr, 4, 6, 6, 6, 1, 7, K,
-                                  BLOCK=BLOCK_INSERT, KP=1, FILL=False, num_warps=4)
+                                  BLOCK=BLOCK_INSERT, KP=1, FILL=False, PACKED=False, num_warps=4)
 
     def lookup():
         _hash_lookup_kernel[(1,)](coords, keys, vals, nbr.clone(), bits.clone(), 4, 6, 6, 6, 1, 7, K, kernel_size,
