@@ -13,6 +13,8 @@ Rows:
   TRELLIS.2 reference's 94-107 / 202-239 ms on an H200 (issue 21).
 - ``children``: one subdivision's child coords and source rows as at the 1024 decoder's last level
   (1.25 M parents), one Triton launch against the PyTorch ops (``torch_ms``), identical outputs.
+- ``child map``: the children's map at that subdivision derived from the parents' map
+  (:mod:`know3d_core.sparse.child_maps`) against the hashed build on their coords, identical maps.
 - ``--profile``: kernel time of one 1024 decoder forward by category (where the time goes).
 
     python benchmarks/bench_neighbour_map.py --out maps.json [--profile]   # GPU
@@ -41,14 +43,15 @@ from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: 
 
 REFERENCE = {"map": "FlexGEMM +0.4-0.6 ms (H200, issue 21)", "decoder 512": "reference 94-107 ms (H200, issue 21)",
              "decoder 1024": "reference 202-239 ms (H200, issue 21)",
-             "children": "PyTorch ops: index_select 2.96 ms at 1.25 M -> 4.9 M in the 1024 profile (H100, session 6)"}
+             "children": "PyTorch ops: index_select 2.96 ms at 1.25 M -> 4.9 M in the 1024 profile (H100, session 6)",
+             "child map": "torch_ms here: the hashed build on the children's coords (in run)"}
 MAP_CASES = [("map N=200k", 200_000), ("map N=1M", 1_000_000)]
 CHILDREN_PARENTS = 1_250_000  # the 1024 decoder's last subdivision: ~1.25 M parents -> ~4.9 M children
 DECODER_CASES = [("decoder 512", 32, 8000), ("decoder 1024", 64, 20000)]
 CATEGORIES = [  # first match wins, lower-cased kernel names
     ("sparse conv (Triton)", ("_subm_conv",)),
     ("ConvNeXt tail: LN+MLP+residual (Triton)", ("_convnext_mlp",)),
-    ("neighbour map (Triton)", ("_hash_", "_tile_layout", "_child_tile")),
+    ("neighbour map (Triton)", ("_hash_", "_tile_layout", "_child_tile", "_child_map", "_pattern_bits")),
     ("subdivision children (Triton)", ("_children_kernel",)),
     ("head: LayerNorm + linear (Triton)", ("_layer_norm_linear",)),
     ("layer norm (+SiLU)", ("_layer_norm_act", "layer_norm")),
@@ -116,6 +119,34 @@ def bench_children(n: int, device, warmup: int, repeats: int) -> dict:
             "equal": torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]), "anchor": REFERENCE["children"]}
 
 
+def bench_child_map(n: int, device, warmup: int, repeats: int) -> dict:
+    """The children's 3x3x3 map (and pattern bits) at the 1024 decoder's last subdivision (children of
+    ~n shell parents, each present with probability 0.49): derived from the parents' map
+    (:mod:`know3d_core.sparse.child_maps`; the Triton kernel on CUDA, switched on for this row) against
+    the hashed build on the children's coords (``hashed_ms``, what conv2 pays without it); identical maps."""
+    from know3d_core.sparse import child_maps, spatial
+
+    coords, grid = shell_coords(n, device)
+    gen = torch.Generator(device=device).manual_seed(2)
+    mask = torch.rand(coords.shape[0], 8, device=device, generator=gen) < 0.49
+    parent = SparseTensor(torch.zeros(coords.shape[0], 1, device=device), coords, (grid,) * 3)
+    parent_nbr = conv.neighbour_map(parent).nbr
+    _, fine, src, _ = spatial._subdivide(parent, mask)
+    src = src.int()  # as the decoders pass it
+
+    def med(fn):
+        return round(statistics.median(sample_times(fn, device, warmup, repeats)[0]), 3)
+
+    hashed_ms = med(lambda: conv._build_neighbour_map(fine, (2 * grid,) * 3, 3, 1, batch_size=1))
+    want = conv._build_neighbour_map(fine, (2 * grid,) * 3, 3, 1, batch_size=1)
+    with neighbour_triton.use_triton_child_maps(True):
+        ms = med(lambda: child_maps.child_neighbour_map(parent_nbr, src))
+        got = child_maps.child_neighbour_map(parent_nbr, src)
+    equal = torch.equal(got[0], want[0]) and (got[1] is None or torch.equal(got[1], want[1]))
+    return {"case": "child map", "voxels": int(fine.shape[0]), "parents": int(coords.shape[0]),
+            "triton_ms": ms, "torch_ms": hashed_ms, "equal": equal, "anchor": REFERENCE["child map"]}
+
+
 @contextlib.contextmanager
 def _earlier_c2s(model):
     set_children_only(model, False)
@@ -136,6 +167,8 @@ _BASELINE_PATHS = {
     "torch_head": lambda model: fused_norm.use_fused_head(False),
     "half_lookup": lambda model: neighbour_triton.use_half_lookup(True),  # symmetric half map lookup on
     "full_lookup": lambda model: neighbour_triton.use_half_lookup(False),  # ... off
+    "child_maps_on": lambda model: neighbour_triton.use_triton_child_maps(True),  # children's maps derived on CUDA
+    "child_maps_off": lambda model: neighbour_triton.use_triton_child_maps(False),  # ... hashed
 }
 BASELINES = tuple(_BASELINE_PATHS)
 
@@ -146,7 +179,9 @@ def bench_decoder(case, model, device, warmup: int, repeats: int, baselines=BASE
     ``torch_maps`` the PyTorch map build, ``c2s_earlier`` conv1 for all 8 children and the skip added
     after conv2, ``wide_rule`` the BN 256 conv tiles, ``uniform_rule`` the child and skip convs with the
     plain convs' warps and stages (before session 9), ``torch_children`` the subdivision children by
-    PyTorch ops, ``torch_head`` the head as LayerNorm then ``addmm``. ``*_same_coords`` / ``*_rel_err``: whether the
+    PyTorch ops, ``torch_head`` the head as LayerNorm then ``addmm``, ``half_lookup`` / ``full_lookup`` the
+    hashed maps' lookup, ``child_maps_on`` / ``_off`` the children's maps derived from their parents' on
+    CUDA or hashed. ``*_same_coords`` / ``*_rel_err``: whether the
     baseline reached the same voxels and its head's largest difference relative to its largest value
     (a subdivision logit next to zero can flip with other rounding, and the later levels differ)."""
     name, grid, target = case
@@ -341,7 +376,8 @@ def print_table(rows: list, mlp_sweep: list, device: str) -> None:
     print(f"\n({device}) ms; peak extra GiB in brackets")
     for r in rows:
         if "triton_ms" in r:
-            print(f"{r['case']:<14} ours {r['triton_ms']:.3f}  torch build {r['torch_ms']:.3f}  equal {r['equal']}"
+            base = "hashed build" if r["case"] == "child map" else "torch build"
+            print(f"{r['case']:<14} ours {r['triton_ms']:.3f}  {base} {r['torch_ms']:.3f}  equal {r['equal']}"
                   f"  | {r['anchor']}")
             continue
         base = "  ".join(f"{b} {r[b + '_ms']} [{r[b + '_peak_gib']}]" for b in BASELINES if b + "_ms" in r)
@@ -389,9 +425,10 @@ def main(argv=None) -> int:
         for name, n in MAP_CASES:
             rows.append(bench_map(name, n // 1000 if args.tiny else n, device, args.warmup, args.repeats))
             print(rows[-1], flush=True)
-        rows.append(bench_children(CHILDREN_PARENTS // 1000 if args.tiny else CHILDREN_PARENTS, device,
-                                   args.warmup, args.repeats))
-        print(rows[-1], flush=True)
+        for bench in (bench_children, bench_child_map):
+            rows.append(bench(CHILDREN_PARENTS // 1000 if args.tiny else CHILDREN_PARENTS, device, args.warmup,
+                              args.repeats))
+            print(rows[-1], flush=True)
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:

@@ -47,6 +47,7 @@ __all__ = [
     "SparseConv3d",
     "NeighbourMap",
     "neighbour_map",
+    "neighbour_map_key",
     "build_neighbour_map",
     "kernel_offsets",
     "submanifold_conv3d",
@@ -298,9 +299,14 @@ def _greedy_row_chunks(row_lo: torch.Tensor, row_hi: torch.Tensor, budget_rows: 
     return bounds
 
 
+def neighbour_map_key(kernel_size: int = 3, dilation: int = 1) -> tuple:
+    """The key of a coordinate set's :class:`NeighbourMap` in its tensor's ``cache``."""
+    return ("subm_neighbour_map", int(kernel_size), int(dilation))
+
+
 def neighbour_map(x: SparseTensor, kernel_size: int = 3, dilation: int = 1) -> NeighbourMap:
-    """The NeighbourMap of x's coords, cached in ``x.cache`` under ``("subm_neighbour_map", k, d)``."""
-    key = ("subm_neighbour_map", int(kernel_size), int(dilation))
+    """The NeighbourMap of x's coords, cached in ``x.cache`` under :func:`neighbour_map_key`."""
+    key = neighbour_map_key(kernel_size, dilation)
     nm = x.cache.get(key)
     if nm is None:
         nbr, bits = _build_neighbour_map(x.coords, x.spatial_shape, kernel_size, dilation,

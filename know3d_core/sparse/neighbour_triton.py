@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
 __all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_layout_triton", "child_tile_flags",
-           "children_available", "children_triton", "use_triton_children", "set_triton_children", "CHILDREN_BY_DEFAULT"]
+           "children_available", "children_triton", "use_triton_children", "set_triton_children", "CHILDREN_BY_DEFAULT",
+           "child_maps_available", "child_map_triton", "use_triton_child_maps", "CHILD_MAPS_BY_DEFAULT"]
 
 BLOCK_INSERT = 256
 BLOCK_LOOKUP = 16  # voxels per program (x 32 offset lanes): the probe loop runs to the program's longest probe
@@ -466,6 +467,78 @@ def children_triton(coords: torch.Tensor, pk: torch.Tensor) -> Tuple[torch.Tenso
     return out, src
 
 
+# Children's 3x3x3 maps derived from the parent map (:func:`child_map_triton`, used by
+# :func:`know3d_core.sparse.child_maps.inherit_child_map`): exact in Triton's interpreter
+# (tests/test_child_maps.py); off until its CUDA test and the decoder A/B (benchmarks/bench_child_maps.py)
+# have run on a GPU.
+CHILD_MAPS_BY_DEFAULT = False
+_child_maps_switch = KernelSwitch(CHILD_MAPS_BY_DEFAULT)
+BLOCK_CHILD_MAP = 32  # children per program (x 32 offset lanes)
+
+
+def child_maps_available(nbr: torch.Tensor) -> bool:
+    """:func:`child_map_triton` may run on the parent map ``nbr`` (Triton present, CUDA, its switch on)."""
+    return _child_maps_switch.enabled and triton is not None and nbr.is_cuda
+
+
+def use_triton_child_maps(enabled: bool) -> ContextManager[None]:
+    """Context manager: children's maps derived by :func:`child_map_triton` inside the block (A/B runs, tests)."""
+    return _child_maps_switch.use(enabled)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _parent_step(o, d):
+        """Child bit ``o`` (0/1) moved by ``d`` (-1/0/1) -> (parent step + 1 in 0..2, new child bit)."""
+        s = o + d + 2  # 1..4: non-negative, so // and & are floor division and the parity
+        return s // 2, s & 1
+
+    @triton.jit(do_not_specialize=["n", "M"])
+    def _child_map_kernel(parent_nbr_ptr, src_ptr, child_rows_ptr, nbr_ptr, bits_ptr, n, M, BLOCK: tl.constexpr):
+        """Row ``i`` of the children's 3x3x3 map: child ``src[i] = p * 8 + k`` sits at ``2 * P + bits(k)``
+        (``P`` its parent's voxel); its neighbour at offset ``d`` is child ``k'`` of the parent at offset
+        ``e = floor((bits(k) + d) / 2)`` from ``P``, with ``bits(k') = bits(k) + d - 2 e``: one entry of the
+        parent map ``[M, 27]`` (missing = M), then one of ``child_rows [M * 8]`` (missing = n)."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        s = tl.load(src_ptr + i, mask=ok, other=0).to(tl.int64)
+        p = s >> 3
+        k = (s & 7).to(tl.int32)
+        v = tl.arange(0, 32)
+        v_ok = v < 27
+        ex, ox = _parent_step((k & 1)[:, None], (v // 9 - 1)[None, :])
+        ey, oy = _parent_step(((k >> 1) & 1)[:, None], ((v // 3) % 3 - 1)[None, :])
+        ez, oz = _parent_step(((k >> 2) & 1)[:, None], (v % 3 - 1)[None, :])
+        both = ok[:, None] & v_ok[None, :]
+        q = tl.load(parent_nbr_ptr + p[:, None] * 27 + (ex * 9 + ey * 3 + ez), mask=both, other=M)
+        found = both & (q < M)
+        row = tl.load(child_rows_ptr + q.to(tl.int64) * 8 + (ox + 2 * oy + 4 * oz), mask=found, other=n)
+        tl.store(nbr_ptr + i[:, None] * 27 + v[None, :], row, mask=both)
+        tl.store(bits_ptr + i, tl.sum(tl.where(row < n, 1 << v[None, :], 0), axis=1), mask=ok)
+
+
+def child_map_triton(parent_nbr: torch.Tensor, src: torch.Tensor, child_rows: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The children's 3x3x3 map in one launch: ``parent_nbr [M, 27]`` int32 (missing = M), ``src [n]``
+    (``parent * 8 + k`` per child, in child order), ``child_rows [M * 8]`` int32 (the child row of
+    ``parent * 8 + k``, or n) -> ``(nbr [n, 27] int32 (missing = n), bits [n] int32)``, equal to the
+    hashed build on the children's coords (tests/test_child_maps.py)."""
+    if triton is None:
+        raise RuntimeError("child_map_triton needs Triton")
+    M, K = parent_nbr.shape
+    if K != 27 or parent_nbr.dtype != torch.int32 or child_rows.shape != (M * 8,) or child_rows.dtype != torch.int32:
+        raise ValueError(f"child_map_triton: need parent_nbr int32 [M, 27] and child_rows int32 [M * 8], got "
+                         f"{parent_nbr.dtype} {tuple(parent_nbr.shape)} and {child_rows.dtype} {tuple(child_rows.shape)}")
+    n = src.shape[0]
+    nbr = torch.empty((n, K), dtype=torch.int32, device=parent_nbr.device)
+    bits = torch.empty(n, dtype=torch.int32, device=parent_nbr.device)
+    if n:
+        _child_map_kernel[(triton.cdiv(n, BLOCK_CHILD_MAP),)](parent_nbr.contiguous(), src.contiguous(), child_rows,
+                                                              nbr, bits, n, M, BLOCK=BLOCK_CHILD_MAP, num_warps=4)
+    return nbr, bits
+
+
 def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> list:
     """One call per kernel of the build (as the forward specialises them), each runnable on its
     own thread on dummy inputs, so that first-use compiles run side by side (CUDA; the tensors of
@@ -507,6 +580,15 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
     def children():
         children_triton(coords, torch.zeros(4, 2, dtype=torch.int64, device=device))
 
+    def child_maps():  # src as the decoders pass it (int32 child ids)
+        child_map_triton(torch.full((4, 27), 4, dtype=torch.int32, device=device),
+                         torch.arange(4, dtype=torch.int32, device=device) * 8,
+                         torch.full((32,), 4, dtype=torch.int32, device=device))
+
     build = [half] if _half_switch.enabled else [insert, lookup]
     jobs = build + [layout, child_tiles] if K <= 31 else build
-    return jobs + [children] if _children_switch.enabled else jobs
+    if _children_switch.enabled:
+        jobs.append(children)
+    if kernel_size == 3 and _child_maps_switch.enabled:
+        jobs.append(child_maps)
+    return jobs

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..mesh.types import Mesh
 from ..sparse import NeighbourMap, SparseLinear, SparseTensor, SubMConv3d, channel_to_spatial, child_bits
+from ..sparse.child_maps import inherit_child_map
 from ..sparse.conv import add_repeated_rows_, submanifold_conv3d_children, submanifold_conv3d_skip
 from ..sparse.kernel_dispatch import KernelWarmup
 from .modules.fused import fused_enabled
@@ -165,6 +166,7 @@ class SparseResBlockC2S3d(nn.Module):
             feats = _norm(h.view(-1, self.out_channels), None, silu=True, index=src)  # [N', Co]
             del h
         del a
+        inherit_child_map(x, fine, src)  # conv2's map from the one conv1 used, before it is released
         if release_input_maps:
             _drop_neighbour_maps(x)
         table = x.feats.reshape(-1, self.channels // 8)  # skip: child row i gets parent block src[i]
