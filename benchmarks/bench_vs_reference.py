@@ -90,7 +90,8 @@ MAP_VARIANTS = {"full": {"half": False}, "half": {"half": True},
                 "half_unpacked": {"half": True, "PACKED_TABLE": False},
                 "half_b64_w2": {"half": True, "HALF_BLOCK": 64, "HALF_WARPS": 2},
                 "half_i256_w4": {"half": True, "HALF_INSERT_BLOCK": 256, "HALF_INSERT_WARPS": 4},
-                "half_fill_before": {"half": True, "HALF_FILL_IN_INSERT": False}}
+                "half_fill_before": {"half": True, "HALF_FILL_IN_INSERT": False},
+                "half_bits_in_lookup": {"half": True, "HALF_BITS_IN_LOOKUP": True}}
 
 
 @contextlib.contextmanager

@@ -62,6 +62,8 @@ VARIANTS = {
     "half_unpacked_batch_known": ({"PACKED_TABLE": False}, True, True),
     "half_fill_before": ({"HALF_FILL_IN_INSERT": False, "HALF_INSERT_BLOCK": 256, "HALF_INSERT_WARPS": 4}, True, True),
     "half_int64_fill_before": ({"HALF_FILL_IN_INSERT": False}, True, False),
+    "half_bits_in_lookup": ({"HALF_BITS_IN_LOOKUP": True, "HALF_BLOCK": 64, "HALF_WARPS": 2}, True, True),
+    "half_int64_bits_in_lookup": ({"HALF_BITS_IN_LOOKUP": True, "HALF_FILL_IN_INSERT": False}, True, False),
 }
 
 

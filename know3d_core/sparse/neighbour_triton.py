@@ -85,6 +85,11 @@ HALF_WARPS = 4
 HALF_INSERT_BLOCK = 32
 HALF_INSERT_WARPS = 1
 HALF_FILL_IN_INSERT = True
+# HALF_BITS_IN_LOOKUP: the pattern bits ORed in by the lookup's hits (two relaxed atomics a hit; the insert
+# starts each voxel's bits) instead of a pass over ``nbr`` after it (41 us of 487 at 1M voxels, and one of the
+# three Triton launches that bound the 200k build, session 11). Exact in the interpreter; off until timed
+# (the ``half_bits_in_lookup`` variant of benchmarks/bench_vs_reference.py).
+HALF_BITS_IN_LOOKUP = False
 _switch = KernelSwitch(True)
 _half_switch = KernelSwitch(HALF_LOOKUP_BY_DEFAULT)
 
@@ -172,15 +177,19 @@ if triton is not None:
                  mask=ok[:, None] & (v < K)[None, :])
 
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K"])
-    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, BLOCK: tl.constexpr,
-                            KP: tl.constexpr, FILL: tl.constexpr, PACKED: tl.constexpr):
+    def _hash_insert_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, bits_ptr, N, X, Y, Z, pad, mask, K,
+                            BLOCK: tl.constexpr, KP: tl.constexpr, FILL: tl.constexpr, PACKED: tl.constexpr,
+                            BITS: tl.constexpr):
         """Voxels ``i`` into the table of int64 slots (empty = -1): int64 keys and int32 rows ``vals``, or with
         ``PACKED`` int32 keys packed as ``key << 32 | i`` (``vals_ptr`` unused). ``FILL``: also their rows of
-        ``nbr [N, K]`` set to N (``KP``: a power of two >= K; unused otherwise)."""
+        ``nbr [N, K]`` set to N (``KP``: a power of two >= K; unused otherwise). ``BITS``: their pattern bits
+        started as the centre's alone (the half lookup ORs in the rest)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < N
         if FILL:
             _fill_rows(nbr_ptr, i, ok, N, K, KP)
+        if BITS:
+            tl.store(bits_ptr + i, tl.full((BLOCK,), 1, tl.int32) << (K // 2), mask=ok)
         key = _voxel_keys(coords_ptr, i, ok, X, Y, Z, pad, PACKED)
         if PACKED:
             slot = _hash32(key, mask)
@@ -238,13 +247,15 @@ if triton is not None:
             tl.store(bits_ptr + i, bits, mask=ok)
 
     @triton.jit(do_not_specialize=["N", "X", "Y", "Z", "pad", "mask", "K", "ksize", "dilation"])
-    def _hash_lookup_half_flat_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, N, X, Y, Z, pad, mask, K, ksize,
-                                      dilation, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+    def _hash_lookup_half_flat_kernel(coords_ptr, keys_ptr, vals_ptr, nbr_ptr, bits_ptr, N, X, Y, Z, pad, mask, K,
+                                      ksize, dilation, BLOCK: tl.constexpr, PACKED: tl.constexpr,
+                                      BITS: tl.constexpr):
         """The symmetric half lookup, one lane per (voxel ``i``, offset ``v <= K // 2``) pair laid out flat:
         offsets ``v < K // 2`` looked up, the centre written as the voxel itself, and for each hit ``j``
         the mirror entry ``nbr[j, K - 1 - v] = i``; ``nbr [N, K]`` must hold N (missing) before (the
         insert fills it: ``HALF_FILL_IN_INSERT``). ``PACKED``: ``keys_ptr`` is the packed table of int32
-        keys hashed with :func:`_hash32` (``vals_ptr`` unused); else int64 keys and int32 rows."""
+        keys hashed with :func:`_hash32` (``vals_ptr`` unused); else int64 keys and int32 rows. ``BITS``: each
+        hit also ORs bit v into ``bits[i]`` and bit ``K - 1 - v`` into ``bits[j]`` (started by the insert)."""
         H = K // 2 + 1
         e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         i = (e // H).to(tl.int32)
@@ -279,7 +290,12 @@ if triton is not None:
             slot = (slot + 1) & mask
         res = tl.where(v == c, i, res)
         tl.store(nbr_ptr + i.to(tl.int64) * K + v, res, mask=ok)
-        tl.store(nbr_ptr + res.to(tl.int64) * K + (K - 1 - v), i, mask=ok & (v < c) & (res < N))
+        found = ok & (v < c) & (res < N)
+        tl.store(nbr_ptr + res.to(tl.int64) * K + (K - 1 - v), i, mask=found)
+        if BITS:
+            one = tl.full((BLOCK,), 1, tl.int32)
+            tl.atomic_or(bits_ptr + i, one << v, mask=found, sem="relaxed")
+            tl.atomic_or(bits_ptr + res, one << (K - 1 - v), mask=found, sem="relaxed")
 
     @triton.jit(do_not_specialize=["N", "K"])
     def _pattern_bits_kernel(nbr_ptr, bits_ptr, N, K, BLOCK: tl.constexpr, KP: tl.constexpr):
@@ -360,8 +376,8 @@ def build_neighbour_map_triton(
     keys = torch.full((slots,), -1, dtype=torch.int64, device=device)
     vals = torch.empty(slots, dtype=torch.int32, device=device)
     _hash_insert_kernel[(triton.cdiv(N, BLOCK_INSERT),)](
-        coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=BLOCK_INSERT, KP=1, FILL=False, PACKED=False,
-        num_warps=4)
+        coords, keys, vals, nbr, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=BLOCK_INSERT, KP=1, FILL=False,
+        PACKED=False, BITS=False, num_warps=4)
     _hash_lookup_kernel[(triton.cdiv(N, BLOCK_LOOKUP),)](
         coords, keys, vals, nbr, bits if with_bits else nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
         BLOCK=BLOCK_LOOKUP, KP=triton.next_power_of_2(K), BITS=with_bits, EAGER=EAGER_VALUES, num_warps=LOOKUP_WARPS)
@@ -381,13 +397,16 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, kernel_size
     if not fill:
         nbr.fill_(N)
     vals = keys if packed else torch.empty(slots, dtype=torch.int32, device=coords.device)
-    _hash_insert_kernel[grid](coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, BLOCK=HALF_INSERT_BLOCK, KP=KP,
-                              FILL=fill, PACKED=packed, num_warps=HALF_INSERT_WARPS)
+    bits_in_lookup = bits is not None and HALF_BITS_IN_LOOKUP
+    bits_arg = bits if bits_in_lookup else nbr
+    _hash_insert_kernel[grid](coords, keys, vals, nbr, bits_arg, N, X, Y, Z, pad, slots - 1, K,
+                              BLOCK=HALF_INSERT_BLOCK, KP=KP, FILL=fill, PACKED=packed, BITS=bits_in_lookup,
+                              num_warps=HALF_INSERT_WARPS)
     H = K // 2 + 1
     _hash_lookup_half_flat_kernel[(triton.cdiv(N * H, HALF_BLOCK),)](
-        coords, keys, vals, nbr, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
-        BLOCK=HALF_BLOCK, PACKED=packed, num_warps=HALF_WARPS)
-    if bits is not None:
+        coords, keys, vals, nbr, bits_arg, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
+        BLOCK=HALF_BLOCK, PACKED=packed, BITS=bits_in_lookup, num_warps=HALF_WARPS)
+    if bits is not None and not bits_in_lookup:
         _pattern_bits_kernel[(triton.cdiv(N, 64),)](nbr, bits, N, K, BLOCK=64, KP=triton.next_power_of_2(K),
                                                      num_warps=4)
     return nbr, bits
@@ -556,8 +575,8 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
     order = torch.arange(4, device=device)
 
     def insert():
-        _hash_insert_kernel[(1,)](coords, keys.clone(), vals.clone(), nbr, 4, 6, 6, 6, 1, 7, K,
-                                  BLOCK=BLOCK_INSERT, KP=1, FILL=False, PACKED=False, num_warps=4)
+        _hash_insert_kernel[(1,)](coords, keys.clone(), vals.clone(), nbr, nbr, 4, 6, 6, 6, 1, 7, K,
+                                  BLOCK=BLOCK_INSERT, KP=1, FILL=False, PACKED=False, BITS=False, num_warps=4)
 
     def lookup():
         _hash_lookup_kernel[(1,)](coords, keys, vals, nbr.clone(), bits.clone(), 4, 6, 6, 6, 1, 7, K, kernel_size,
