@@ -51,3 +51,12 @@ def test_first_call_rows_take_the_early_start_when_it_ran():
     del raw["first_pipeline_early_warm"]
     warm = pr.summarise_first_calls(raw)[0]
     assert not warm["ok"] and "Triton start" not in warm["ours"]  # the load-only run: 1.21 s >= 1 s
+
+
+def test_child_map_row_needs_the_derived_map_no_slower_and_identical():
+    pr = _perf_report()
+    row = {"case": "child map", "voxels": 4_900_000, "parents": 1_250_000, "triton_ms": 0.9, "torch_ms": 2.1,
+           "equal": True, "anchor": "in run"}
+    ok = lambda r: [x["ok"] for x in pr.summarise_kernels({"maps": {"rows": [r]}}) if "children" in x["figure"]]  # noqa: E731
+    assert ok(row) == [True]  # 0.9 <= 2.1 ms, same map
+    assert ok(dict(row, triton_ms=2.2)) == [False] and ok(dict(row, equal=False)) == [False]
