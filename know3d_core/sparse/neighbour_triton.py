@@ -488,7 +488,7 @@ def children_triton(coords: torch.Tensor, pk: torch.Tensor) -> Tuple[torch.Tenso
 
 # Children's 3x3x3 maps derived from the parent map (:func:`child_map_triton`, used by
 # :func:`know3d_core.sparse.child_maps.inherit_child_map`): exact in Triton's interpreter
-# (tests/test_child_maps.py); off until its CUDA test and the decoder A/B (benchmarks/bench_child_maps.py)
+# (tests/test_child_maps.py); off until its CUDA test and the decoder A/B (benchmarks/bench_neighbour_map.py)
 # have run on a GPU.
 CHILD_MAPS_BY_DEFAULT = False
 _child_maps_switch = KernelSwitch(CHILD_MAPS_BY_DEFAULT)
