@@ -232,8 +232,9 @@ def variants():
 from know3d_core.sparse import neighbour_triton
 from know3d_core.trellis2.modules import fused_mlp, fused_norm
 fused_mlp.set_fused_mlp(True)  # cover the MLP kernels too (whatever the default)
-neighbour_triton.set_triton_children(True)  # and the children and head kernels (off by default)
+neighbour_triton.set_triton_children(True)  # and the children, head and child-map kernels (off by default)
 fused_norm.set_fused_head(True)
+neighbour_triton.set_triton_child_maps(True)
 model = tdf._cuda_decoder(torch.float16)
 ran = model.precompile_kernels()
 compiled = variants()

@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 __all__ = ["available", "use_triton_maps", "build_neighbour_map_triton", "tile_layout_triton", "child_tile_flags",
            "children_available", "children_triton", "use_triton_children", "set_triton_children", "CHILDREN_BY_DEFAULT",
-           "child_maps_available", "child_map_triton", "use_triton_child_maps", "CHILD_MAPS_BY_DEFAULT"]
+           "child_maps_available", "child_map_triton", "use_triton_child_maps", "set_triton_child_maps",
+           "CHILD_MAPS_BY_DEFAULT"]
 
 BLOCK_INSERT = 256
 BLOCK_LOOKUP = 16  # voxels per program (x 32 offset lanes): the probe loop runs to the program's longest probe
@@ -498,6 +499,11 @@ BLOCK_CHILD_MAP = 32  # children per program (x 32 offset lanes)
 def child_maps_available(nbr: torch.Tensor) -> bool:
     """:func:`child_map_triton` may run on the parent map ``nbr`` (Triton present, CUDA, its switch on)."""
     return _child_maps_switch.enabled and triton is not None and nbr.is_cuda
+
+
+def set_triton_child_maps(enabled: bool) -> None:
+    """Switch :func:`child_map_triton` on or off for the rest of the process (see ``CHILD_MAPS_BY_DEFAULT``)."""
+    _child_maps_switch.set(enabled)
 
 
 def use_triton_child_maps(enabled: bool) -> ContextManager[None]:
