@@ -68,6 +68,21 @@ def test_prebuild_calls_each_recorded_signature_once_at_the_new_batch(sdpa_calls
     assert again.prebuild(1) == 0 and sparse_attention._recorders == []
 
 
+def test_a_recorder_ignores_other_threads_calls():
+    """torch keeps cuDNN plans per thread, so a call on another thread (a kernel warm-up's forward running
+    beside the sampler) says nothing about the plans the recording thread will need."""
+    import threading
+
+    q = torch.zeros(2, 2, 3, 4)
+    with record_attention_plans() as plans:
+        worker = threading.Thread(target=dense_attention, args=(q, q, q))
+        worker.start()
+        worker.join()
+        assert plans.signatures == {}
+        dense_attention(q, q, q)
+    assert len(plans.signatures) == 1
+
+
 def test_a_stopped_recorder_takes_no_more_calls():
     plans = AttentionPlans()
     plans.prebuild(1)

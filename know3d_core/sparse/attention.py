@@ -14,6 +14,7 @@ Each path computes per row exactly ``softmax(q k^T * scale) v`` over that item's
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -30,7 +31,11 @@ class AttentionPlans:
 
     cuDNN attention builds an execution plan on its first call with each new (batch, lengths,
     strides) and keeps it in a per-thread cache: 40-60 ms a build on an H100
-    (benchmarks/probe_sdpa_plans.py). A flow's unguided steps run at half its guided batch, so
+    (benchmarks/probe_sdpa_plans.py). torch keys that cache on the device, dtype, the q/k/v sizes and
+    strides and the call's flags (causal, dropout, statistics, bias), not on data pointers or the scale
+    (``MHAParams`` in torch's ``aten/src/ATen/native/cudnn/MHA.cpp``; the cache is ``thread_local``), so a
+    call on another buffer with the recorded sizes and strides, on the same thread, builds the very plan
+    the real call will look up. A flow's unguided steps run at half its guided batch, so
     for a new token count their plans are new too; :meth:`prebuild` makes those calls early, on
     the caller's thread, while the GPU still runs the work queued before.
     """
@@ -38,10 +43,12 @@ class AttentionPlans:
     def __init__(self):
         self.signatures: dict = {}  # (q, k, v shape/stride, dtype, device, scale) -> None, in call order
         self.recording = True
+        self.thread = threading.get_ident()  # the plan cache is per thread: only this thread's calls count
 
     def note(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> None:
-        """Remember one call's ``q/k/v [B, H, L, D]`` (as passed to SDPA) when recording."""
-        if self.recording:
+        """Remember one call's ``q/k/v [B, H, L, D]`` (as passed to SDPA) when recording and made on the
+        recorder's thread (another thread's calls, e.g. a kernel warm-up's forward, build their own plans)."""
+        if self.recording and threading.get_ident() == self.thread:
             views = tuple((tuple(t.shape), t.stride(), t.storage_offset()) for t in (q, k, v))
             self.signatures.setdefault(views + (q.dtype, q.device, scale), None)
 
@@ -68,8 +75,8 @@ _recorders: List[AttentionPlans] = []
 
 @contextlib.contextmanager
 def record_attention_plans() -> Iterator[AttentionPlans]:
-    """Inside the block, every :func:`dense_attention` call's signature goes to the yielded
-    :class:`AttentionPlans` (this thread's calls and any other's: use it around one run)."""
+    """Inside the block, every :func:`dense_attention` call this thread makes has its signature noted by
+    the yielded :class:`AttentionPlans`."""
     plans = AttentionPlans()
     _recorders.append(plans)
     try:
