@@ -105,7 +105,8 @@ def _count_builds(monkeypatch):
     return calls
 
 
-def _tiny_decoder():
+def _tiny_decoder(device="cpu", dtype=None):
+    """A 3-level decoder (fp32; ``dtype``: its blocks cast as the pipeline casts them) and a 2-item input."""
     torch.manual_seed(0)
     model = shape_mod.FlexiDualGridVaeDecoder(resolution=32, model_channels=[32, 16, 8], latent_channels=4,
                                               num_blocks=[1, 1, 1], block_type=["SparseConvNeXtBlock3d"] * 3,
@@ -115,8 +116,12 @@ def _tiny_decoder():
             if isinstance(block, shape_mod.SparseResBlockC2S3d):
                 torch.nn.init.normal_(block.to_subdiv.weight, std=0.5)
                 torch.nn.init.zeros_(block.to_subdiv.bias)
-    coords = _parents(2, 8, 150, 7)
-    return model, SparseTensor(torch.randn(coords.shape[0], 4), coords, (8, 8, 8), cache={"batch_size": 2})
+    model = model.to(device)
+    if dtype is not None:
+        model.convert_to(dtype)
+    coords = _parents(2, 8, 150, 7).to(device)
+    feats = torch.randn(coords.shape[0], 4).to(device)
+    return model, SparseTensor(feats, coords, (8, 8, 8), cache={"batch_size": 2})
 
 
 def test_decoder_hashes_once_and_gives_the_same_output(monkeypatch):
@@ -165,12 +170,10 @@ def test_triton_kernel_matches_on_cuda(batch, res, n, density, seed):
 @cuda
 @pytest.mark.cuda
 def test_decoder_on_cuda_is_the_same_with_derived_maps():
-    model, x = _tiny_decoder()
-    model, x = model.cuda().half(), SparseTensor(x.feats.cuda().half(), x.coords.cuda(), x.spatial_shape,
-                                                 cache={"batch_size": 2})
-    want = model(x)
+    model, x = _tiny_decoder("cuda", torch.float16)
+    want = model(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=2))
     with neighbour_triton.use_triton_child_maps(True):
-        got = model(x)
+        got = model(SparseTensor(x.feats, x.coords, x.spatial_shape, batch_size=2))
     assert torch.equal(got.coords, want.coords) and torch.equal(got.feats, want.feats)
 
 
