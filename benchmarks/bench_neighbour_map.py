@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import SHAPE_DECODER_FULL, bench_device, device_name, kernel_times, sample_times, write_json  # noqa: E402
 from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
-from know3d_core.sparse import SparseTensor, conv, conv_triton, neighbour_triton  # noqa: E402
+from know3d_core.sparse import SparseTensor, child_maps, conv, conv_triton, neighbour_triton  # noqa: E402
 from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
 from know3d_core.trellis2.modules import fused_mlp, fused_norm  # noqa: E402
 from know3d_core.trellis2.shape_decoder import FlexiDualGridVaeDecoder  # noqa: E402
@@ -124,7 +124,7 @@ def bench_child_map(n: int, device, warmup: int, repeats: int) -> dict:
     ~n shell parents, each present with probability 0.49): derived from the parents' map
     (:mod:`know3d_core.sparse.child_maps`; the Triton kernel on CUDA, switched on for this row) against
     the hashed build on the children's coords (``hashed_ms``, what conv2 pays without it); identical maps."""
-    from know3d_core.sparse import child_maps, spatial
+    from know3d_core.sparse import spatial
 
     coords, grid = shell_coords(n, device)
     gen = torch.Generator(device=device).manual_seed(2)
@@ -168,7 +168,7 @@ _BASELINE_PATHS = {
     "half_lookup": lambda model: neighbour_triton.use_half_lookup(True),  # symmetric half map lookup on
     "full_lookup": lambda model: neighbour_triton.use_half_lookup(False),  # ... off
     "child_maps_on": lambda model: neighbour_triton.use_triton_child_maps(True),  # children's maps derived on CUDA
-    "child_maps_off": lambda model: neighbour_triton.use_triton_child_maps(False),  # ... hashed
+    "child_maps_off": lambda model: child_maps.use_child_maps(False),  # ... hashed, on any device
 }
 BASELINES = tuple(_BASELINE_PATHS)
 
