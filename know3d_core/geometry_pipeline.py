@@ -245,9 +245,9 @@ def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.
 
 # ----------------------------------------------------------------------------------- pipeline
 # Trellis2GeometryPipeline.plan_attention_ahead's default. Off: written in session 11 (the prebuilt calls
-# have exactly the later calls' shapes, strides and offsets: tests/test_attention_plans.py) but its time on
-# CUDA is not measured yet (`benchmarks/bench_geometry.py --plan-ahead both`); if torch's cuDNN plan cache
-# keyed on anything the prebuilt calls do not share, each new object would pay the builds twice.
+# have exactly the later calls' shapes, strides and offsets: tests/test_attention_plans.py; torch's plan cache
+# keys on no more than those, see sparse.AttentionPlans) but its time on CUDA is not measured yet
+# (`benchmarks/bench_geometry.py --plan-ahead both`): how much of the builds overlaps the GPU's queued work.
 PLAN_ATTENTION_AHEAD_BY_DEFAULT = False
 
 

@@ -20,9 +20,10 @@ flags), which cost 6-13 ms per structure on an H200 (issue 21). Here (the idea o
 
 :func:`children_triton` writes a subdivision's child coords and source rows in one launch (the
 channel-to-space blocks; on by default, measured 10x faster than the PyTorch ops on an H100:
-``CHILDREN_BY_DEFAULT``, :func:`set_triton_children`). Results are identical to the PyTorch build and ops
-(tests/test_neighbour_triton.py). Inference helper only:
-integer outputs, nothing to differentiate.
+``CHILDREN_BY_DEFAULT``, :func:`set_triton_children`); :func:`child_map_triton` derives the children's
+3x3x3 map from their parents' map in one launch (:mod:`.child_maps`; off until timed:
+``CHILD_MAPS_BY_DEFAULT``). Results are identical to the PyTorch build and ops (tests/test_neighbour_triton.py,
+tests/test_child_maps.py). Inference helper only: integer outputs, nothing to differentiate.
 """
 from __future__ import annotations
 
@@ -554,7 +555,8 @@ def child_map_triton(parent_nbr: torch.Tensor, src: torch.Tensor, child_rows: to
     M, K = parent_nbr.shape
     if K != 27 or parent_nbr.dtype != torch.int32 or child_rows.shape != (M * 8,) or child_rows.dtype != torch.int32:
         raise ValueError(f"child_map_triton: need parent_nbr int32 [M, 27] and child_rows int32 [M * 8], got "
-                         f"{parent_nbr.dtype} {tuple(parent_nbr.shape)} and {child_rows.dtype} {tuple(child_rows.shape)}")
+                         f"{parent_nbr.dtype} {tuple(parent_nbr.shape)} and "
+                         f"{child_rows.dtype} {tuple(child_rows.shape)}")
     n = src.shape[0]
     nbr = torch.empty((n, K), dtype=torch.int32, device=parent_nbr.device)
     bits = torch.empty(n, dtype=torch.int32, device=parent_nbr.device)
