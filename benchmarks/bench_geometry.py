@@ -130,11 +130,14 @@ def sphere_shell(grid: int, n_target: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).int()
 
 
-def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool = False) -> dict:
+def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool = False,
+            host_sync: bool = False) -> dict:
     """One generation stage by stage (fixed structure coords); returns timings and memory.
 
     ``step_times``: also the wall time of every sampler step (a device sync after each step, so the
-    GPU time of that step; for profiling, it removes the overlap between steps)."""
+    GPU time of that step; for profiling, it removes the overlap between steps). ``host_sync``: a
+    device sync after every step without timing it (the baseline of sampler steps that queue ahead:
+    before session 13 every step waited for the GPU)."""
     timer = StageTimer(pipe.device)
     gen = torch.Generator().manual_seed(0)
     params = None if steps is None else {"steps": steps}
@@ -147,7 +150,7 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool 
         per_step.setdefault(stage, []).append(round(1000 * (now - clock[0]), 1))
         clock[0] = now
 
-    cb = on_step if step_times else None
+    cb = on_step if step_times else (lambda stage, step, total: sync(pipe.device)) if host_sync else None
 
     def start_clock():
         sync(pipe.device)
@@ -187,6 +190,8 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool 
 
 # --plan-ahead: the pipeline's plan_attention_ahead per row (None: its default)
 PLAN_AHEAD = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
+# --host-sync: a device sync after every sampler step per row (the baseline for steps that queue ahead)
+HOST_SYNC = {"off": [False], "on": [True], "both": [True, False]}
 
 
 def main(argv=None) -> int:
@@ -207,6 +212,9 @@ def main(argv=None) -> int:
                     help="the pipeline's attention plans built ahead for the unguided steps (auto: its default, "
                          "PLAN_ATTENTION_AHEAD_BY_DEFAULT); both: a row without them first, then one with them, each "
                          "on its own new token count")
+    ap.add_argument("--host-sync", default="off", choices=["off", "on", "both"],
+                    help="a device sync after every sampler step (on), none (off, the pipeline as it runs), or a "
+                         "row with them first, then one without (both), each on its own new token count")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
@@ -224,25 +232,26 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         pipe = build_pipeline(args.tiny, device, offload)
         build_s = time.perf_counter() - start
-        for ptype, ahead, extra in [(p, a, i * 8) for p in args.types.split(",")
-                                    for i, a in enumerate(PLAN_AHEAD[args.plan_ahead])]:
+        variants = [(a, h) for h in HOST_SYNC[args.host_sync] for a in PLAN_AHEAD[args.plan_ahead]]
+        for ptype, (ahead, hsync), extra in [(p, v, i * 8) for p in args.types.split(",")
+                                             for i, v in enumerate(variants)]:
             n = (n512 if ptype == "512" else n_cascade) + extra  # each row's token counts new
             if ahead is not None:
                 pipe.plan_attention_ahead = ahead
             if not extra:
                 n_warm = int(n * 0.9)
                 run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
-            row = run_row(pipe, ptype, n, steps, image, args.step_times)
-            row.update(warmup_tokens=n_warm, plan_attention_ahead=ahead)
+            row = run_row(pipe, ptype, n, steps, image, args.step_times, hsync)
+            row.update(warmup_tokens=n_warm, plan_attention_ahead=ahead, host_sync_each_step=hsync)
             if args.repeat_object:
-                again = run_row(pipe, ptype, n, steps, image, args.step_times)
+                again = run_row(pipe, ptype, n, steps, image, args.step_times, hsync)
                 row["same_object_again"] = {k: again[k] for k in ("timings_s", "total_s", "step_ms") if k in again}
                 print(f"{'(same again)':>13} total {again['total_s']:8.3f} s  "
                       + "  ".join(f"{k} {v:.3f}" for k, v in again["timings_s"].items()), flush=True)
             row["build_s"] = round(build_s, 2)
             rows.append(row)
             peak = max(row["peak_vram_gib"].values()) if row["peak_vram_gib"] else float("nan")
-            print(f"{ptype:>13} offload={str(offload):5} plan_ahead={str(ahead):5} "
+            print(f"{ptype:>13} offload={str(offload):5} plan_ahead={str(ahead):5} host_sync={str(hsync):5} "
                   f"total {row['total_s']:8.3f} s  peak {peak:6.2f} GiB  "
                   + "  ".join(f"{k} {v:.3f}" for k, v in row["timings_s"].items())
                   + f"  tokens {row['num_tokens']}  faces {row['mesh_faces']}", flush=True)

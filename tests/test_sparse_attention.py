@@ -75,3 +75,27 @@ def test_cuda_varlen_matches_per_sample(dtype):
         out = varlen_attention(q.cuda().to(dtype), k.cuda().to(dtype), v.cuda().to(dtype), q_lens, kv_lens)
         ref = per_sample_reference(q.to(dtype), k.to(dtype), v.to(dtype), q_lens, kv)
         assert (out.cpu().double() - ref).abs().max().item() < 2e-2, name
+
+
+def test_padding_index_places_each_item_at_its_slots():
+    """Item b's n_b rows go to slots b*L .. b*L + n_b - 1 of the padded layout."""
+    idx = attention_module._padding_index([2, 0, 3], 4, torch.device("cpu"))
+    assert idx.tolist() == [0, 1, 8, 9, 10]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_varlen_with_python_lengths_never_syncs():
+    """With the lengths as python ints every strategy only queues work (the padded-query one included:
+    its row index is made on the device); torch's sync debug mode raises on any synchronising call."""
+    inputs = {}
+    for name, (q_lens, kv_lens, _) in CASES.items():
+        kv = q_lens if kv_lens is None else kv_lens
+        inputs[name] = [torch.randn(sum(n), 4, 64, device="cuda", dtype=torch.bfloat16) for n in (q_lens, kv, kv)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for name, (q_lens, kv_lens, _) in CASES.items():
+            varlen_attention(*inputs[name], q_lens, kv_lens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..sampling import host_time
+
 __all__ = ["MULTI_VIEW_MODES", "MultiViewCondition", "multi_view_model_fn", "multi_view_condition"]
 
 MULTI_VIEW_MODES = ("stochastic", "multidiffusion", "concat")
@@ -46,7 +48,8 @@ class MultiViewCondition:
 
     In ``stochastic`` mode the condition counts sampling steps from the model time it is called
     with: a smaller time than the last call starts the next step, a larger one a new trajectory
-    (so one object serves several runs). Reading the time costs one host sync per call.
+    (so one object serves several runs). The sampler's time tensors carry their value
+    (``sampling.host_time``), so reading it costs no host sync.
     """
 
     def __init__(self, views: Sequence[torch.Tensor], mode: str = "stochastic"):
@@ -121,8 +124,7 @@ def multi_view_model_fn(model_fn: ModelFn) -> ModelFn:
         if cond.mode == "concat":
             return model_fn(x, t, cond.concatenated())
         if cond.mode == "stochastic":
-            t_value = float(torch.as_tensor(t).reshape(-1)[0])
-            return model_fn(x, t, cond.view_for_step(cond.step_for_time(t_value)))
+            return model_fn(x, t, cond.view_for_step(cond.step_for_time(host_time(t))))
         return _mean_prediction([model_fn(x, t, view) for view in cond.views])
 
     return fn

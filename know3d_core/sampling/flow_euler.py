@@ -51,6 +51,7 @@ __all__ = [
     "reference_noise",
     "dense_cfg_batch",
     "sparse_cfg_batch",
+    "host_time",
 ]
 
 ModelFn = Callable[[Any, torch.Tensor, Any], Any]
@@ -178,8 +179,10 @@ def sparse_std(x: Any) -> torch.Tensor:
     lengths = getattr(x, "seqlens", None)  # know3d_core.sparse caches it on the device
     if lengths is None:
         lengths = torch.tensor([s.stop - s.start for s in x.layout], device=f.device)
-    mean = torch.segment_reduce(f.mean(dim=dims, keepdim=True), "mean", lengths=lengths)
-    mean2 = torch.segment_reduce((f**2).mean(dim=dims, keepdim=True), "mean", lengths=lengths)
+    # unsafe: skips segment_reduce's checks of the lengths (two host syncs a call on CUDA); the
+    # lengths come from the tensor's own layout, so they are non-negative and sum to N.
+    mean = torch.segment_reduce(f.mean(dim=dims, keepdim=True), "mean", lengths=lengths, unsafe=True)
+    mean2 = torch.segment_reduce((f**2).mean(dim=dims, keepdim=True), "mean", lengths=lengths, unsafe=True)
     return (mean2 - mean**2).sqrt().reshape(-1)
 
 
@@ -263,6 +266,17 @@ def sparse_cfg_batch(model_fn: ModelFn) -> BatchedModelFn:
     return batched
 
 
+# ------------------------------------------------------------------------------------------ model time
+_HOST_TIME = "host_time"  # attribute of the sampler's model-time tensors: their value as a python float
+
+
+def host_time(t_model: torch.Tensor) -> float:
+    """The model time of a call (``t_model [B]``, all equal) as a python float: the value the sampler
+    attached to it (no host sync), else read from the tensor (a host sync when it is on a GPU)."""
+    value = getattr(t_model, _HOST_TIME, None)
+    return float(value) if value is not None else float(torch.as_tensor(t_model).reshape(-1)[0])
+
+
 # ------------------------------------------------------------------------------------------ sampler
 class FlowEulerGuidanceIntervalSampler:
     """Euler sampler for rectified-flow velocity models with interval CFG and CFG rescale.
@@ -296,8 +310,12 @@ class FlowEulerGuidanceIntervalSampler:
 
     @staticmethod
     def model_time(x: Any, t: float) -> torch.Tensor:
-        """The model's time input: ``[1000 t] * B`` float32 on x's device."""
-        return torch.tensor([1000 * t] * _batch_size(x), device=_device(x), dtype=torch.float32)
+        """The model's time input: ``[1000 t] * B`` float32 on x's device, filled there (a tensor
+        made from host data would be a synchronous copy: the host would wait for the GPU every step).
+        It carries its value as a python float for :func:`host_time`."""
+        out = torch.full((_batch_size(x),), 1000 * t, device=_device(x), dtype=torch.float32)
+        setattr(out, _HOST_TIME, 1000 * t)
+        return out
 
     def guided_velocity(
         self,

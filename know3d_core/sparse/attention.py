@@ -168,8 +168,8 @@ def _per_item(q, k, v, q_lens: list[int], kv_lens: list[int], scale) -> torch.Te
 
 def _padding_index(lens: list[int], L: int, device) -> torch.Tensor:
     """``row_idx [T]``: packed row t (items of lengths ``lens``) sits at slot ``row_idx[t]`` of a
-    ``[B * L]`` padded layout. Built on the host from python ints, one async copy (no sync)."""
-    return torch.cat([torch.arange(n) + b * L for b, n in enumerate(lens)]).to(device)
+    ``[B * L]`` padded layout. Made on ``device`` (a copy of host data would wait for the GPU's queue)."""
+    return torch.cat([torch.arange(b * L, b * L + n, device=device) for b, n in enumerate(lens)])
 
 
 def _as_list(seqlens: SeqLens) -> list[int]:
