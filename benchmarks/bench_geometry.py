@@ -22,6 +22,10 @@ attention one execution-plan build per attention shape (~50-110 ms each on an H1
 step with ``--step-times``). ``--repeat-object`` adds the same object again (every shape seen): the
 steady state, which is how the reference and ComfyUI anchors were summed.
 
+Row variants, each on token counts no earlier row used: ``--plan-ahead``, ``--flash-first-step`` (the
+pipeline's switches) and ``--host-sync`` (a device sync after every sampler step: the baseline for steps
+that queue ahead); ``both`` gives a row without, then one with.
+
     python benchmarks/bench_geometry.py --out geometry.json            # GPU, full size
     python benchmarks/bench_geometry.py --tiny --out geometry_tiny.json   # CPU check, tiny widths
 """
@@ -52,6 +56,7 @@ from know3d_core.sampling.flow_euler import OFFICIAL_SAMPLER_PARAMS  # noqa: E40
 from know3d_core.trellis2.loading import FULL_SIZE_FLOW_CONFIGS, PipelineConfig, get_model_class  # noqa: E402
 from know3d_core.geometry_pipeline import StageTimer, Trellis2GeometryPipeline, quantize_coords  # noqa: E402
 from know3d_core.trellis2.tiny import tiny_flow_args  # noqa: E402
+from know3d_core.sparse.attention import _new_shapes  # noqa: E402  (its count of FlashAttention-2 first calls)
 
 SHAPE_DECODER_512 = {**SHAPE_DECODER_FULL, "resolution": 512}
 TINY_WIDTHS = dict(model_channels=32, num_blocks=2, num_heads=2, cond_channels=32)
@@ -192,6 +197,8 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool 
 PLAN_AHEAD = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
 # --host-sync: a device sync after every sampler step per row (the baseline for steps that queue ahead)
 HOST_SYNC = {"off": [False], "on": [True], "both": [True, False]}
+# --flash-first-step: the pipeline's flash_first_step per row (None: its default)
+FLASH_FIRST = PLAN_AHEAD
 
 
 def main(argv=None) -> int:
@@ -212,6 +219,9 @@ def main(argv=None) -> int:
                     help="the pipeline's attention plans built ahead for the unguided steps (auto: its default, "
                          "PLAN_ATTENTION_AHEAD_BY_DEFAULT); both: a row without them first, then one with them, each "
                          "on its own new token count")
+    ap.add_argument("--flash-first-step", default="auto", choices=["auto", "on", "off", "both"],
+                    help="the pipeline's FlashAttention-2 first step for new attention shapes (auto: its default, "
+                         "FLASH_FIRST_STEP_BY_DEFAULT); both: a row without, then one with, each on new token counts")
     ap.add_argument("--host-sync", default="off", choices=["off", "on", "both"],
                     help="a device sync after every sampler step (on), none (off, the pipeline as it runs), or a "
                          "row with them first, then one without (both), each on its own new token count")
@@ -232,17 +242,23 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         pipe = build_pipeline(args.tiny, device, offload)
         build_s = time.perf_counter() - start
-        variants = [(a, h) for h in HOST_SYNC[args.host_sync] for a in PLAN_AHEAD[args.plan_ahead]]
-        for ptype, (ahead, hsync), extra in [(p, v, i * 8) for p in args.types.split(",")
-                                             for i, v in enumerate(variants)]:
+        variants = [(a, h, f) for h in HOST_SYNC[args.host_sync] for f in FLASH_FIRST[args.flash_first_step]
+                    for a in PLAN_AHEAD[args.plan_ahead]]
+        for ptype, (ahead, hsync, flash), extra in [(p, v, i * 8) for p in args.types.split(",")
+                                                    for i, v in enumerate(variants)]:
             n = (n512 if ptype == "512" else n_cascade) + extra  # each row's token counts new
             if ahead is not None:
                 pipe.plan_attention_ahead = ahead
+            if flash is not None:
+                pipe.flash_first_step = flash
             if not extra:
                 n_warm = int(n * 0.9)
                 run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
+            flash_before = _new_shapes.flash_calls
             row = run_row(pipe, ptype, n, steps, image, args.step_times, hsync)
-            row.update(warmup_tokens=n_warm, plan_attention_ahead=ahead, host_sync_each_step=hsync)
+            row.update(warmup_tokens=n_warm, plan_attention_ahead=pipe.plan_attention_ahead,
+                       flash_first_step=pipe.flash_first_step, host_sync_each_step=hsync,
+                       flash_calls=_new_shapes.flash_calls - flash_before)
             if args.repeat_object:
                 again = run_row(pipe, ptype, n, steps, image, args.step_times, hsync)
                 row["same_object_again"] = {k: again[k] for k in ("timings_s", "total_s", "step_ms") if k in again}
@@ -251,7 +267,8 @@ def main(argv=None) -> int:
             row["build_s"] = round(build_s, 2)
             rows.append(row)
             peak = max(row["peak_vram_gib"].values()) if row["peak_vram_gib"] else float("nan")
-            print(f"{ptype:>13} offload={str(offload):5} plan_ahead={str(ahead):5} host_sync={str(hsync):5} "
+            print(f"{ptype:>13} offload={str(offload):5} plan_ahead={str(pipe.plan_attention_ahead):5} "
+                  f"flash_first={str(pipe.flash_first_step):5}({row['flash_calls']}) host_sync={str(hsync):5} "
                   f"total {row['total_s']:8.3f} s  peak {peak:6.2f} GiB  "
                   + "  ".join(f"{k} {v:.3f}" for k, v in row["timings_s"].items())
                   + f"  tokens {row['num_tokens']}  faces {row['mesh_faces']}", flush=True)

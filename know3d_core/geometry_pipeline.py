@@ -82,7 +82,7 @@ from .plan import (
     texture_models,
 )
 from .plan import pipeline_type as pipeline_type_plan
-from .sparse import SparseTensor, record_attention_plans
+from .sparse import SparseTensor, flash_for_new_shapes, record_attention_plans
 from .sparse.triton_start import start_triton_runtime
 from .trellis2.loading import PipelineConfig, load_pipeline_models, read_pipeline_config
 from .trellis2.sparse_structure_decoder import decode_occupancy
@@ -249,6 +249,10 @@ def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.
 # keys on no more than those, see sparse.AttentionPlans) but its time on CUDA is not measured yet
 # (`benchmarks/bench_geometry.py --plan-ahead both`): how much of the builds overlaps the GPU's queued work.
 PLAN_ATTENTION_AHEAD_BY_DEFAULT = False
+# Trellis2GeometryPipeline.flash_first_step's default. Off: written in session 13, not yet timed on CUDA
+# (`benchmarks/bench_geometry.py --flash-first-step both`). Expected: a new object's first-step plan builds
+# (+125 ms on an H100, session 11) against FlashAttention-2's slower first step (about +35 ms).
+FLASH_FIRST_STEP_BY_DEFAULT = False
 
 
 def kernel_warmup_by_default(device: torch.device) -> bool:
@@ -302,7 +306,8 @@ class Trellis2GeometryPipeline:
         if self.image_cond_model is not None:
             self.image_cond_model.to(home)
         self.visits: Dict[int, Any] = {}  # id(network) -> device_visits.PinnedVisits (pin_host_copies)
-        self.plan_attention_ahead = PLAN_ATTENTION_AHEAD_BY_DEFAULT  # see _attention_plans_ahead
+        self.plan_attention_ahead = PLAN_ATTENTION_AHEAD_BY_DEFAULT  # see _attention_plan_builds
+        self.flash_first_step = FLASH_FIRST_STEP_BY_DEFAULT  # see _attention_plan_builds
         if kernel_warmup_by_default(self.device) if kernel_warmup is None else kernel_warmup:
             self.start_kernel_warmups()
 
@@ -601,21 +606,34 @@ class Trellis2GeometryPipeline:
         return lambda step, total, t: callback(stage, step, total)
 
     @contextlib.contextmanager
-    def _attention_plans_ahead(self, params: SamplerParams, batch: int, progress):
-        """A sampler callback (wrapping ``progress``) that, once the first step's kernels are queued,
-        builds the cuDNN attention plans the unguided steps to come will need (batch ``batch``; the
-        guided steps ran ``2 batch``): for a new token count each build costs 40-60 ms on the host,
-        which could then overlap the GPU's work instead of stalling the first unguided step (H100,
-        session 11: 512 pass, step 10 took 182 ms against 60 ms for the same object again).
-        Only with :attr:`plan_attention_ahead` on (``PLAN_ATTENTION_AHEAD_BY_DEFAULT``) and a guided
-        first step followed by an unguided one; else ``progress`` itself."""
+    def _attention_plan_builds(self, params: SamplerParams, batch: int, progress):
+        """A sampler callback (wrapping ``progress``) that moves a new token count's cuDNN attention plan
+        builds (40-60 ms of host time each on an H100, one per new attention shape) off the host's
+        critical path; the sampler's steps after the first make no host sync, so a build made while the
+        GPU runs queued work overlaps it.
+
+        - :attr:`flash_first_step` (``FLASH_FIRST_STEP_BY_DEFAULT``): the first step's attention calls of
+          shapes this thread has not run yet take FlashAttention-2 (``sparse.flash_for_new_shapes``), so
+          the guided batch's plans are built at step 2, while the GPU runs step 1. Step 1's numbers then
+          differ from a run whose shapes were seen before by the two kernels' rounding.
+        - :attr:`plan_attention_ahead` (``PLAN_ATTENTION_AHEAD_BY_DEFAULT``), with a guided first step
+          followed by an unguided one: once the first step is queued, the unguided batch ``batch``'s plans
+          are built (the guided steps ran ``2 batch``; session 11: the first unguided step of a 512 pass
+          took 182 ms against 60 ms for the same object again).
+        Neither on: ``progress`` itself."""
         guided = [uses_cfg(t, params) for t in time_schedule(params.steps, params.rescale_t)[:-1]]
-        if not (self.plan_attention_ahead and guided and guided[0] and not all(guided)):
+        ahead = self.plan_attention_ahead and guided and guided[0] and not all(guided)
+        if not (ahead or self.flash_first_step):
             yield progress
             return
-        with record_attention_plans() as plans:
+        with contextlib.ExitStack() as stack:
+            stop_flash = stack.enter_context(flash_for_new_shapes()) if self.flash_first_step else None
+            plans = stack.enter_context(record_attention_plans()) if ahead else None
+
             def step_done(step: int, total: int, t: float) -> None:
-                if plans.recording:
+                if stop_flash is not None:
+                    stop_flash()
+                if plans is not None and plans.recording:
                     plans.prebuild(batch)
                 if progress is not None:
                     progress(step, total, t)
@@ -733,7 +751,7 @@ class Trellis2GeometryPipeline:
         self.last_num_tokens[stage] = int(coords.shape[0])
         sampler = FlowEulerGuidanceIntervalSampler(params)
         with self.use(flow), self._guided(flow, cond, knowledge, image_size, sparse=True) as (fn, batched, c, n), \
-                self._attention_plans_ahead(sampler.params, B, self._progress(callback, stage)) as progress:
+                self._attention_plan_builds(sampler.params, B, self._progress(callback, stage)) as progress:
             out = sampler.sample(fn, x, c, n, batched_model_fn=batched, callback=progress, cancel_check=cancel)
         del x, noise
         mean = self.slat_mean.to(self.device)
@@ -860,7 +878,7 @@ class Trellis2GeometryPipeline:
             model_fn, batched, c = multi_view_model_fn(fn), None, view
         else:
             model_fn, batched = fn, sparse_cfg_batch(fn)
-        with self.use(flow), self._attention_plans_ahead(sampler.params, B, self._progress(callback, TEX_STAGE)) \
+        with self.use(flow), self._attention_plan_builds(sampler.params, B, self._progress(callback, TEX_STAGE)) \
                 as progress:
             out = sampler.sample(model_fn, x, c, n, batched_model_fn=batched, callback=progress, cancel_check=cancel)
         del x, noise

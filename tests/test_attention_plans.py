@@ -170,14 +170,14 @@ def test_off_by_default_and_without_unguided_steps(pipe):
     pipe, _ = pipe
     progress = object()
     assert pipe.plan_attention_ahead is PLAN_ATTENTION_AHEAD_BY_DEFAULT is False  # until measured on CUDA
-    with pipe._attention_plans_ahead(pipe.sampler_params("shape_slat", SHAPE), 1, progress) as cb:
+    with pipe._attention_plan_builds(pipe.sampler_params("shape_slat", SHAPE), 1, progress) as cb:
         assert cb is progress and sparse_attention._recorders == []
     pipe.plan_attention_ahead = True
     try:
         every_step_guided = SamplerParams(steps=4, guidance_interval=(0.0, 1.0))
-        with pipe._attention_plans_ahead(every_step_guided, 1, progress) as cb:
+        with pipe._attention_plan_builds(every_step_guided, 1, progress) as cb:
             assert cb is progress and sparse_attention._recorders == []
-        with pipe._attention_plans_ahead(pipe.sampler_params("shape_slat", SHAPE), 1, progress) as cb:
+        with pipe._attention_plan_builds(pipe.sampler_params("shape_slat", SHAPE), 1, progress) as cb:
             assert cb is not progress and len(sparse_attention._recorders) == 1
     finally:
         pipe.plan_attention_ahead = PLAN_ATTENTION_AHEAD_BY_DEFAULT

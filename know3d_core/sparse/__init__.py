@@ -1,7 +1,7 @@
 """Sparse voxel toolkit in pure PyTorch: SparseTensor, submanifold conv, norms, channel<->space,
 variable-length attention. See docs/internals.md ("Contract: sparse toolkit")."""
 from .tensor import SparseTensor, flat_keys, sparse_cat, sparse_cat_channels
-from .attention import AttentionPlans, dense_attention, record_attention_plans, varlen_attention
+from .attention import AttentionPlans, dense_attention, flash_for_new_shapes, record_attention_plans, varlen_attention
 from .conv import (
     ALGORITHMS,
     NeighbourMap,
@@ -24,6 +24,7 @@ __all__ = [
     "sparse_cat",
     "sparse_cat_channels",
     "AttentionPlans",
+    "flash_for_new_shapes",
     "dense_attention",
     "record_attention_plans",
     "varlen_attention",

@@ -10,17 +10,23 @@ Strategy, chosen from the lengths alone:
   (padded query rows are computed and thrown away; every real row sees exactly its own keys);
 - otherwise: one SDPA per batch item (each item's own lengths, no mask, no padding).
 Each path computes per row exactly ``softmax(q k^T * scale) v`` over that item's keys.
+
+Plan builds: on CUDA, SDPA's default kernel for the flows (cuDNN) builds an execution plan the first time a
+thread calls it with new sizes and strides (40-60 ms on an H100). :func:`flash_for_new_shapes` lets a
+caller run such first calls with FlashAttention-2 instead (no plan), leaving the builds to later calls
+that the host makes while the GPU is busy.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["varlen_attention", "dense_attention", "AttentionPlans", "record_attention_plans"]
+__all__ = ["varlen_attention", "dense_attention", "AttentionPlans", "record_attention_plans", "flash_for_new_shapes"]
 
 SeqLens = Union[Sequence[int], torch.Tensor]
 
@@ -66,6 +72,8 @@ class AttentionPlans:
             buf = torch.empty(need, dtype=dtype, device=device)
             q, k, v = (buf.as_strided(*view) for view in views)
             F.scaled_dot_product_attention(q, k, v, scale=scale)
+            if q.device.type in PLAN_DEVICES:
+                _new_shapes.seen.add(_plan_key(q, k, v))  # built: the later real call is not a first call
             calls += 1
         return calls
 
@@ -85,6 +93,66 @@ def record_attention_plans() -> Iterator[AttentionPlans]:
         _recorders.remove(plans)
 
 
+PLAN_DEVICES = ("cuda",)  # device types whose default SDPA kernel builds a plan per new signature
+NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+SEEN_LIMIT = 4096  # signatures remembered per thread; past it the memory starts again (a later first call
+#                    may then take FlashAttention-2 once more: slower, never wrong)
+
+
+class _NewShapes(threading.local):
+    """Per thread, like torch's plan cache: the signatures this thread has run with SDPA's default
+    kernels (so their plans exist), whether :func:`flash_for_new_shapes` is on, and its count of calls
+    that took FlashAttention-2."""
+
+    def __init__(self):
+        self.seen: set = set()
+        self.active = False
+        self.flash_calls = 0
+
+
+_new_shapes = _NewShapes()
+
+
+@contextlib.contextmanager
+def flash_for_new_shapes() -> Iterator[Callable[[], None]]:
+    """Inside the block (until the yielded ``stop()`` is called), a :func:`dense_attention` call on a
+    plan-building device (``PLAN_DEVICES``) whose signature (q/k/v sizes and strides, dtype, device: what
+    torch keys its plans on, see :class:`AttentionPlans`) this thread has not yet run with the default
+    kernels runs with FlashAttention-2 (then the memory-efficient kernel, then math), which builds no
+    plan; every other call runs as usual. Elsewhere it changes nothing."""
+    before = _new_shapes.active
+    _new_shapes.active = True
+
+    def stop() -> None:
+        _new_shapes.active = False
+
+    try:
+        yield stop
+    finally:
+        _new_shapes.active = before
+
+
+def _plan_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    return tuple((tuple(t.shape), t.stride()) for t in (q, k, v)) + (q.dtype, q.device)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """SDPA on ``[B, H, L, D]``; on a plan-building device, the first call of a signature takes
+    FlashAttention-2 while :func:`flash_for_new_shapes` is on, else it is remembered as built."""
+    state = _new_shapes
+    if q.device.type in PLAN_DEVICES:
+        key = _plan_key(q, k, v)
+        if key not in state.seen:
+            if state.active:
+                state.flash_calls += 1
+                with sdpa_kernel(NO_PLAN_BACKENDS):
+                    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+            if len(state.seen) >= SEEN_LIMIT:
+                state.seen.clear()
+            state.seen.add(key)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
 ) -> torch.Tensor:
@@ -98,7 +166,7 @@ def dense_attention(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     for plans in _recorders:
         plans.note(q, k, v, scale)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+    return _sdpa(q, k, v, scale).transpose(1, 2)
 
 
 def varlen_attention(

@@ -1,0 +1,176 @@
+"""A new token count's first sampler step on FlashAttention-2 (``sparse.flash_for_new_shapes``,
+``Trellis2GeometryPipeline.flash_first_step``): only calls whose signature this thread has not yet run
+with SDPA's default kernels change backend, and only while the switch is on.
+
+On CUDA the default kernel (cuDNN) builds a plan per new signature; on the CPU there are no plans, so
+these tests add "cpu" to ``attention.PLAN_DEVICES`` to drive the same bookkeeping. Which backends SDPA
+was allowed is read inside each call from torch's own state (``sdpa_kernel``).
+"""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+
+from know3d_core.geometry_pipeline import FLASH_FIRST_STEP_BY_DEFAULT, Trellis2GeometryPipeline
+from know3d_core.sparse import AttentionPlans, attention, dense_attention, flash_for_new_shapes, record_attention_plans
+
+from _pipeline_helpers import geometry_demo, one_thread
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+FLASH = set(attention.NO_PLAN_BACKENDS)
+
+
+@pytest.fixture
+def backends(monkeypatch):
+    """Plan bookkeeping on the CPU, a fresh memory of seen signatures, and per SDPA call whether it was
+    restricted to the plan-free backends (True) or not (False)."""
+    monkeypatch.setattr(attention, "PLAN_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(attention._new_shapes, "seen", set())
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append(set(_cur_sdpa_kernel_backends()) == FLASH)
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def _qkv(B=2, L=6, H=2, D=8):
+    return [torch.randn(B, L, H, D) for _ in range(3)]
+
+
+def test_only_unseen_signatures_take_flash_while_on(backends):
+    a, b = _qkv(L=6), _qkv(L=7)
+    dense_attention(*a)  # run with the default kernels: its plan exists from now on
+    with flash_for_new_shapes() as stop:
+        dense_attention(*a)  # seen
+        dense_attention(*b)  # new: flash, and not remembered (no plan was built)
+        dense_attention(*b)
+        stop()
+        dense_attention(*b)  # after stop: the default kernels, remembered
+    with flash_for_new_shapes():
+        dense_attention(*b)
+    assert backends == [False, False, True, True, False, False]
+
+
+def test_flash_gives_the_same_attention(backends):
+    q, k, v = _qkv()
+    with flash_for_new_shapes():
+        out = dense_attention(q, k, v)
+    assert backends == [True]
+    ref = F.softmax(q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2) / 8 ** 0.5, -1) @ v.transpose(1, 2)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
+def test_nothing_changes_off_plan_devices(monkeypatch):
+    monkeypatch.setattr(attention._new_shapes, "seen", set())
+    with flash_for_new_shapes():
+        dense_attention(*_qkv())  # the CPU builds no plans (PLAN_DEVICES is CUDA only)
+    assert attention.PLAN_DEVICES == ("cuda",) and attention._new_shapes.seen == set()
+
+
+def test_memory_is_per_thread_bounded_and_counts_prebuilt_plans(backends, monkeypatch):
+    a = _qkv()
+    worker = threading.Thread(target=dense_attention, args=a)
+    worker.start()
+    worker.join()  # another thread's plan (torch's plan cache is per thread too)
+    with flash_for_new_shapes():
+        dense_attention(*a)
+    assert backends == [False, True]
+
+    monkeypatch.setattr(attention, "SEEN_LIMIT", 2)
+    for L in (3, 4, 5):
+        dense_attention(*_qkv(L=L))
+    assert len(attention._new_shapes.seen) == 1  # full at 2: forgotten, then the third remembered
+
+    with record_attention_plans() as plans:
+        dense_attention(*_qkv(B=4, L=9))
+    plans.prebuild(2)  # builds batch 2's plan for L=9
+    with flash_for_new_shapes():
+        dense_attention(*_qkv(B=2, L=9))
+    assert backends[-1] is False
+
+
+# ----------------------------------------------------------------------------- in the pipeline
+SHAPE = {"steps": 3}
+STAGE = "shape_slat_512"
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    demo = geometry_demo(tmp_path_factory)
+    return Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32"), demo
+
+
+def _run(pipe, demo, flash, calls):
+    """One 512 run with ``flash_first_step`` set; returns (result, {step: [flash? per SDPA call]}) of its
+    shape stage (a call belongs to the step whose callback comes next)."""
+    pipe.flash_first_step = flash
+    marks, start = [], len(calls)
+    try:
+        out = pipe.run(Image.open(demo.image), pipeline_type="512", seed=3, ss_params={"steps": 2},
+                       shape_params=SHAPE, callback=lambda stage, step, total: marks.append((stage, step, len(calls))))
+    finally:
+        pipe.flash_first_step = FLASH_FIRST_STEP_BY_DEFAULT
+    begins = [start] + [n for _, _, n in marks]
+    steps = {step: calls[begin:end] for (stage, step, end), begin in zip(marks, begins) if stage == STAGE}
+    return out, steps
+
+
+def test_a_new_objects_first_shape_step_takes_flash_and_a_seen_one_runs_as_without(pipe, backends):
+    pipe, demo = pipe
+    assert pipe.flash_first_step is FLASH_FIRST_STEP_BY_DEFAULT is False  # until timed on CUDA
+    first, steps = _run(pipe, demo, True, backends)
+    assert steps[1] and all(steps[1])  # every attention call of step 1: new shapes
+    assert not any(steps[2] + steps[3])  # later steps: the default kernels
+    again, steps = _run(pipe, demo, True, backends)
+    assert not any(sum(steps.values(), []))  # the same token count again: every shape seen
+    plain, _ = _run(pipe, demo, False, backends)
+    assert torch.equal(again.slat.feats, plain.slat.feats)  # seen shapes: exactly the run without it
+    torch.testing.assert_close(first.slat.feats, plain.slat.feats, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_first_step_on_flash_then_the_default_kernels(tmp_path_factory, monkeypatch):
+    """On CUDA (the real plan-building device): step 1 of a new object on FlashAttention-2, later steps and
+    the same object again on the default kernels, and the run again equal to one without the switch."""
+    monkeypatch.setattr(attention._new_shapes, "seen", set())
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: calls.append(set(_cur_sdpa_kernel_backends()) == FLASH)
+                        or real(q, k, v, *a, **kw))
+    demo = geometry_demo(tmp_path_factory)
+    pipe = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cuda")
+    first, steps = _run(pipe, demo, True, calls)
+    assert steps[1] and all(steps[1]) and not any(steps[2] + steps[3])
+    again, steps = _run(pipe, demo, True, calls)
+    assert not any(sum(steps.values(), []))
+    plain, _ = _run(pipe, demo, False, calls)
+    assert torch.equal(again.slat.feats, plain.slat.feats)
+    assert (first.slat.feats.float() - plain.slat.feats.float()).abs().max().item() < 0.1
+
+
+def test_geometry_bench_times_flash_first_step_off_then_on_each_on_new_tokens(tmp_path):
+    """``bench_geometry.py --flash-first-step both`` (the A/B that decides the default): a row without, then
+    one with, on token counts no earlier row used; each row counts its FlashAttention-2 calls."""
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_geometry
+
+    out = tmp_path / "geometry.json"
+    assert bench_geometry.main(["--tiny", "--flash-first-step", "both", "--types", "512", "--offload", "off",
+                                "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["flash_first_step"] for r in rows] == [False, True]
+    assert [r["flash_calls"] for r in rows] == [0, 0]  # the CPU builds no plans: nothing to avoid
+    tokens = [r["num_tokens"]["shape_slat_512"] for r in rows]
+    assert rows[0]["warmup_tokens"] < tokens[0] < tokens[1]
