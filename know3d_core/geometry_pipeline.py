@@ -672,9 +672,9 @@ class Trellis2GeometryPipeline:
         B = cond["cond"].shape[0]
         R = flow.resolution
         noise = reference_noise(gen, B, flow.in_channels, R, R, R, device=self.device)
-        with self.use(flow), self._guided(flow, cond, knowledge, 512, sparse=False) as (fn, batched, c, n):
-            z = sampler.sample(fn, noise, c, n, batched_model_fn=batched,
-                               callback=self._progress(callback, SS_STAGE), cancel_check=cancel)
+        with self.use(flow), self._guided(flow, cond, knowledge, 512, sparse=False) as (fn, batched, c, n), \
+                self._attention_plan_builds(sampler.params, B, self._progress(callback, SS_STAGE)) as progress:
+            z = sampler.sample(fn, noise, c, n, batched_model_fn=batched, callback=progress, cancel_check=cancel)
         del noise
         with self.use(decoder):
             logits = decoder(z)

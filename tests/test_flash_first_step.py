@@ -15,6 +15,7 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
 
 from know3d_core.geometry_pipeline import FLASH_FIRST_STEP_BY_DEFAULT, Trellis2GeometryPipeline
+from know3d_core.plan import SS_STAGE
 from know3d_core.sparse import AttentionPlans, attention, dense_attention, flash_for_new_shapes, record_attention_plans
 
 from _pipeline_helpers import geometry_demo, one_thread
@@ -23,21 +24,33 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 FLASH = set(attention.NO_PLAN_BACKENDS)
 
 
+def _spy_backends(monkeypatch) -> list:
+    """Per ``dense_attention`` call (the flows' attention; other SDPA users such as DINOv3 are not
+    counted), whether SDPA was restricted to the plan-free backends (True) or not (False)."""
+    calls, seen_in_sdpa = [], []
+    real_sdpa, real_flows = F.scaled_dot_product_attention, attention._sdpa
+
+    def sdpa(q, k, v, *args, **kwargs):
+        seen_in_sdpa.append(set(_cur_sdpa_kernel_backends()) == FLASH)
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    def flows(q, k, v, scale):
+        n = len(seen_in_sdpa)
+        out = real_flows(q, k, v, scale)
+        calls.append(seen_in_sdpa[n])
+        return out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    monkeypatch.setattr(attention, "_sdpa", flows)
+    return calls
+
+
 @pytest.fixture
 def backends(monkeypatch):
-    """Plan bookkeeping on the CPU, a fresh memory of seen signatures, and per SDPA call whether it was
-    restricted to the plan-free backends (True) or not (False)."""
+    """Plan bookkeeping on the CPU, a fresh memory of seen signatures, and the backends of each call."""
     monkeypatch.setattr(attention, "PLAN_DEVICES", ("cpu", "cuda"))
     monkeypatch.setattr(attention._new_shapes, "seen", set())
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def spy(q, k, v, *args, **kwargs):
-        calls.append(set(_cur_sdpa_kernel_backends()) == FLASH)
-        return real(q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    return calls
+    return _spy_backends(monkeypatch)
 
 
 def _qkv(B=2, L=6, H=2, D=8):
@@ -118,16 +131,21 @@ def _run(pipe, demo, flash, calls):
     finally:
         pipe.flash_first_step = FLASH_FIRST_STEP_BY_DEFAULT
     begins = [start] + [n for _, _, n in marks]
-    steps = {step: calls[begin:end] for (stage, step, end), begin in zip(marks, begins) if stage == STAGE}
+    steps = {(stage, step): calls[begin:end] for (stage, step, end), begin in zip(marks, begins)}
     return out, steps
 
 
-def test_a_new_objects_first_shape_step_takes_flash_and_a_seen_one_runs_as_without(pipe, backends):
+def _first_step_only(steps) -> bool:
+    """Each stage's first step made attention calls, all on flash; no later step made one on flash."""
+    return all(calls and all(calls) if step == 1 else not any(calls) for (_, step), calls in steps.items())
+
+
+def test_a_new_objects_first_steps_take_flash_and_a_seen_one_runs_as_without(pipe, backends):
     pipe, demo = pipe
     assert pipe.flash_first_step is FLASH_FIRST_STEP_BY_DEFAULT is False  # until timed on CUDA
     first, steps = _run(pipe, demo, True, backends)
-    assert steps[1] and all(steps[1])  # every attention call of step 1: new shapes
-    assert not any(steps[2] + steps[3])  # later steps: the default kernels
+    assert {stage for stage, _ in steps} == {SS_STAGE, STAGE}
+    assert _first_step_only(steps)  # step 1: new shapes, all on flash; later steps: the default kernels
     again, steps = _run(pipe, demo, True, backends)
     assert not any(sum(steps.values(), []))  # the same token count again: every shape seen
     plain, _ = _run(pipe, demo, False, backends)
@@ -141,15 +159,11 @@ def test_cuda_first_step_on_flash_then_the_default_kernels(tmp_path_factory, mon
     """On CUDA (the real plan-building device): step 1 of a new object on FlashAttention-2, later steps and
     the same object again on the default kernels, and the run again equal to one without the switch."""
     monkeypatch.setattr(attention._new_shapes, "seen", set())
-    calls = []
-    real = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, *a, **kw: calls.append(set(_cur_sdpa_kernel_backends()) == FLASH)
-                        or real(q, k, v, *a, **kw))
+    calls = _spy_backends(monkeypatch)
     demo = geometry_demo(tmp_path_factory)
     pipe = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cuda")
     first, steps = _run(pipe, demo, True, calls)
-    assert steps[1] and all(steps[1]) and not any(steps[2] + steps[3])
+    assert _first_step_only(steps)
     again, steps = _run(pipe, demo, True, calls)
     assert not any(sum(steps.values(), []))
     plain, _ = _run(pipe, demo, False, calls)
