@@ -60,3 +60,21 @@ def test_child_map_row_needs_the_derived_map_no_slower_and_identical():
     ok = lambda r: [x["ok"] for x in pr.summarise_kernels({"maps": {"rows": [r]}}) if "children" in x["figure"]]  # noqa: E731
     assert ok(row) == [True]  # 0.9 <= 2.1 ms, same map
     assert ok(dict(row, triton_ms=2.2)) == [False] and ok(dict(row, equal=False)) == [False]
+
+
+def test_new_object_rows_take_the_pipeline_as_it_runs_with_the_synced_baseline():
+    """Issue 21's new-object rows read the row that ran the pipeline as it is (not the per-step sync
+    baseline, which bench_geometry writes first), with the same object again and the synced row beside it.
+    Figures: session 11's H100 (512: 2.139 s new, 1.977 s again; cascade 3.383 s) and invented synced rows."""
+    pr = _perf_report()
+    rows = [{"pipeline_type": "512", "offload": False, "host_sync_each_step": True, "total_s": 2.139},
+            {"pipeline_type": "512", "offload": False, "host_sync_each_step": False, "total_s": 1.99,
+             "same_object_again": {"total_s": 1.977}, "flash_first_step": True, "plan_attention_ahead": False},
+            {"pipeline_type": "1024_cascade", "offload": False, "total_s": 3.383}]  # an older file: no sync key
+    new512, cascade = pr.summarise_new_objects({"geometry": {"rows": rows}})
+    assert new512["ok"] and "1.99 s" in new512["ours"]  # 1.99 <= 2.0, not the synced 2.139
+    assert "1.98 s the same object again" in new512["baseline"] and "2.14 s with a device sync" in new512["baseline"]
+    assert cascade["ok"] and cascade["baseline"] == "-"  # 3.383 <= 3.5
+    rows[1]["total_s"] = 2.01
+    assert not pr.summarise_new_objects({"geometry": {"rows": rows}})[0]["ok"]
+    assert pr.summarise_new_objects({}) == []
