@@ -56,6 +56,22 @@ def test_start_runs_in_the_background_and_ensure_joins_it():
     w.ensure(KEY, lambda: pytest.fail("done: nothing runs"))
 
 
+def test_wait_for_warmups_returns_once_every_started_warmup_has_run():
+    from know3d_core.sparse.kernel_dispatch import wait_for_warmups
+
+    gate, finished = threading.Event(), []
+    first, second = KernelWarmup(), KernelWarmup()
+    first.start(KEY, lambda: gate.wait(120) and finished.append("first"))
+    second.start(KEY, lambda: finished.append("second"))
+    waiter = threading.Thread(target=wait_for_warmups)
+    waiter.start()
+    time.sleep(0.1)
+    assert waiter.is_alive() and finished == []  # the first is still held at its gate
+    gate.set()
+    waiter.join(120)
+    assert not waiter.is_alive() and finished == ["first", "second"]  # both ran, in start order
+
+
 def test_ensure_without_start_runs_the_warmup_in_the_caller_once():
     calls = []
     w = KernelWarmup()

@@ -15,6 +15,7 @@ from torch.profiler import profile
 from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
 from know3d_core.knowledge import MultiViewCondition, multi_view_model_fn
 from know3d_core.sampling import FlowEulerGuidanceIntervalSampler, SamplerParams, host_time
+from know3d_core.sparse.kernel_dispatch import wait_for_warmups
 
 from _pipeline_helpers import geometry_demo, hidden_knowledge, one_thread
 
@@ -116,10 +117,12 @@ def test_stochastic_views_read_the_time_without_a_sync():
 @pytest.mark.parametrize("ptype", ["512", "1024_cascade"])
 def test_flow_steps_after_the_first_never_sync_on_cuda(tmp_path_factory, ptype):
     """torch's sync debug mode set to error from the end of each stage's first step to the end of its
-    last: any synchronising call in between raises inside the run. The mode is process-wide, so a first
-    run finishes the kernel warm-ups (background threads) before the checked one."""
+    last: any synchronising call in between raises inside the run. The mode is process-wide, so the
+    kernel warm-ups (a background thread) finish first, and a first run makes every first call (compiles,
+    plan builds) before the checked one."""
     demo = geometry_demo(tmp_path_factory)
     pipe = Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cuda", know3d=demo.know3d, texture=True)
+    wait_for_warmups()
     image = Image.open(demo.image)
     run = dict(pipeline_type=ptype, seed=1, knowledge=hidden_knowledge(), ss_params=STEPS, shape_params=STEPS,
                tex_params=STEPS, texture=True)

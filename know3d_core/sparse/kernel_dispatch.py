@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Hashable, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["grad_needed", "use_kernel", "check_no_grad", "KernelSwitch", "KernelWarmup"]
+__all__ = ["grad_needed", "use_kernel", "check_no_grad", "KernelSwitch", "KernelWarmup", "wait_for_warmups"]
 
 
 class KernelSwitch:
@@ -93,6 +93,13 @@ def _background() -> ThreadPoolExecutor:
         if register is not None:
             register(_cancel_queued)
     return _BACKGROUND
+
+
+def wait_for_warmups() -> None:
+    """Block until every warm-up started so far has run (the background thread takes them in order), so
+    that nothing runs beside what comes next (tests and benchmarks that watch the process as a whole)."""
+    if _BACKGROUND is not None:
+        _BACKGROUND.submit(lambda: None).result()
 
 
 def _cancel_queued() -> None:
