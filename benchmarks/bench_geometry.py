@@ -22,8 +22,8 @@ attention one execution-plan build per attention shape (~50-110 ms each on an H1
 step with ``--step-times``). ``--repeat-object`` adds the same object again (every shape seen): the
 steady state, which is how the reference and ComfyUI anchors were summed.
 
-Row variants, each on token counts no earlier row used: ``--plan-ahead``, ``--flash-first-step`` (the
-pipeline's switches) and ``--host-sync`` (a device sync after every sampler step: the baseline for steps
+Row variants, each on token counts no earlier row used: ``--plan-ahead``, ``--flash-first-step``,
+``--zero-negative`` (the pipeline's switches) and ``--host-sync`` (a device sync after every sampler step: the baseline for steps
 that queue ahead); ``both`` gives a row without, then one with.
 
     python benchmarks/bench_geometry.py --out geometry.json            # GPU, full size
@@ -197,8 +197,8 @@ def run_row(pipe, pipeline_type: str, n_lr: int, steps, image, step_times: bool 
 PLAN_AHEAD = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}
 # --host-sync: a device sync after every sampler step per row (the baseline for steps that queue ahead)
 HOST_SYNC = {"off": [False], "on": [True], "both": [True, False]}
-# --flash-first-step: the pipeline's flash_first_step per row (None: its default)
-FLASH_FIRST = PLAN_AHEAD
+# --flash-first-step / --zero-negative: the pipeline's flash_first_step / zero_negative_shortcut per row
+FLASH_FIRST = ZERO_NEGATIVE = PLAN_AHEAD
 
 
 def main(argv=None) -> int:
@@ -222,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--flash-first-step", default="auto", choices=["auto", "on", "off", "both"],
                     help="the pipeline's FlashAttention-2 first step for new attention shapes (auto: its default, "
                          "FLASH_FIRST_STEP_BY_DEFAULT); both: a row without, then one with, each on new token counts")
+    ap.add_argument("--zero-negative", default="auto", choices=["auto", "on", "off", "both"],
+                    help="the pipeline's one-row cross-attention for the guided pair's all-zero negative half "
+                         "(auto: its default, ZERO_NEGATIVE_SHORTCUT_BY_DEFAULT); both: a row without, then one with")
     ap.add_argument("--host-sync", default="off", choices=["off", "on", "both"],
                     help="a device sync after every sampler step (on), none (off, the pipeline as it runs), or a "
                          "row with them first, then one without (both), each on its own new token count")
@@ -242,22 +245,25 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         pipe = build_pipeline(args.tiny, device, offload)
         build_s = time.perf_counter() - start
-        variants = [(a, h, f) for h in HOST_SYNC[args.host_sync] for f in FLASH_FIRST[args.flash_first_step]
-                    for a in PLAN_AHEAD[args.plan_ahead]]
-        for ptype, (ahead, hsync, flash), extra in [(p, v, i * 8) for p in args.types.split(",")
-                                                    for i, v in enumerate(variants)]:
+        variants = [(a, h, f, z) for h in HOST_SYNC[args.host_sync] for z in ZERO_NEGATIVE[args.zero_negative]
+                    for f in FLASH_FIRST[args.flash_first_step] for a in PLAN_AHEAD[args.plan_ahead]]
+        for ptype, (ahead, hsync, flash, zero), extra in [(p, v, i * 8) for p in args.types.split(",")
+                                                          for i, v in enumerate(variants)]:
             n = (n512 if ptype == "512" else n_cascade) + extra  # each row's token counts new
             if ahead is not None:
                 pipe.plan_attention_ahead = ahead
             if flash is not None:
                 pipe.flash_first_step = flash
+            if zero is not None:
+                pipe.zero_negative_shortcut = zero
             if not extra:
                 n_warm = int(n * 0.9)
                 run_row(pipe, ptype, n_warm, steps, image)  # warm-up: a previous object, other token counts
             flash_before = _new_shapes.flash_calls
             row = run_row(pipe, ptype, n, steps, image, args.step_times, hsync)
             row.update(warmup_tokens=n_warm, plan_attention_ahead=pipe.plan_attention_ahead,
-                       flash_first_step=pipe.flash_first_step, host_sync_each_step=hsync,
+                       flash_first_step=pipe.flash_first_step, zero_negative_shortcut=pipe.zero_negative_shortcut,
+                       host_sync_each_step=hsync,
                        flash_calls=_new_shapes.flash_calls - flash_before)
             if args.repeat_object:
                 again = run_row(pipe, ptype, n, steps, image, args.step_times, hsync)
@@ -268,7 +274,8 @@ def main(argv=None) -> int:
             rows.append(row)
             peak = max(row["peak_vram_gib"].values()) if row["peak_vram_gib"] else float("nan")
             print(f"{ptype:>13} offload={str(offload):5} plan_ahead={str(pipe.plan_attention_ahead):5} "
-                  f"flash_first={str(pipe.flash_first_step):5}({row['flash_calls']}) host_sync={str(hsync):5} "
+                  f"flash_first={str(pipe.flash_first_step):5}({row['flash_calls']}) "
+                  f"zero_neg={str(pipe.zero_negative_shortcut):5} host_sync={str(hsync):5} "
                   f"total {row['total_s']:8.3f} s  peak {peak:6.2f} GiB  "
                   + "  ".join(f"{k} {v:.3f}" for k, v in row["timings_s"].items())
                   + f"  tokens {row['num_tokens']}  faces {row['mesh_faces']}", flush=True)

@@ -236,11 +236,15 @@ def _dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     return parse_dtype(dtype)
 
 
-def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(cond, neg_cond, neg_cond is all zeros)`` on ``device``; a given neg_cond is checked (one host
+    sync a stage, before its sampling)."""
     c, n = cond["cond"], cond.get("neg_cond")
     c = c.to(device)
-    n = torch.zeros_like(c) if n is None else n.to(device)
-    return c, n
+    if n is None:
+        return c, torch.zeros_like(c), True
+    n = n.to(device)
+    return c, n, not bool(n.any())
 
 
 # ----------------------------------------------------------------------------------- pipeline
@@ -253,6 +257,13 @@ PLAN_ATTENTION_AHEAD_BY_DEFAULT = False
 # (`benchmarks/bench_geometry.py --flash-first-step both`). Expected: a new object's first-step plan builds
 # (+125 ms on an H100, session 11) against FlashAttention-2's slower first step (about +35 ms).
 FLASH_FIRST_STEP_BY_DEFAULT = False
+# Trellis2GeometryPipeline.zero_negative_shortcut's default. On (session 13): with an all-zero negative
+# condition (TRELLIS.2's), the guided pair's negative half gets its cross-attention as one row (the value of a
+# zero token: uniform attention over identical keys) instead of to_q, attention and to_out over its tokens,
+# and its SDPA calls take the unguided steps' shapes (one cuDNN plan fewer per new token count). Less work by
+# construction, equal up to rounding (tests/test_zero_negative.py); its time on CUDA is not measured yet
+# (`benchmarks/bench_geometry.py --zero-negative both`).
+ZERO_NEGATIVE_SHORTCUT_BY_DEFAULT = True
 
 
 def kernel_warmup_by_default(device: torch.device) -> bool:
@@ -308,6 +319,7 @@ class Trellis2GeometryPipeline:
         self.visits: Dict[int, Any] = {}  # id(network) -> device_visits.PinnedVisits (pin_host_copies)
         self.plan_attention_ahead = PLAN_ATTENTION_AHEAD_BY_DEFAULT  # see _attention_plan_builds
         self.flash_first_step = FLASH_FIRST_STEP_BY_DEFAULT  # see _attention_plan_builds
+        self.zero_negative_shortcut = ZERO_NEGATIVE_SHORTCUT_BY_DEFAULT  # see _guided
         if kernel_warmup_by_default(self.device) if kernel_warmup is None else kernel_warmup:
             self.start_kernel_warmups()
 
@@ -553,17 +565,22 @@ class Trellis2GeometryPipeline:
     @contextlib.contextmanager
     def _guided(self, flow: nn.Module, cond: Mapping[str, Any], knowledge: Any, image_size: int, sparse: bool):
         """``(model_fn, batched_model_fn | None, cond, neg_cond)`` for one stage; releases the
-        knowledge context afterwards (also on errors and cancellation)."""
-        c, n = _batched_cond(cond, self.device)
+        knowledge context afterwards (also on errors and cancellation). With an all-zero negative
+        condition and :attr:`zero_negative_shortcut` on (``ZERO_NEGATIVE_SHORTCUT_BY_DEFAULT``), the pair
+        forward gets ``zero_cond_from`` (the flows compute that half's cross-attention as one row)."""
+        c, n, neg_zero = _batched_cond(cond, self.device)
         ctx = None
-        batch = sparse_cfg_batch if sparse else dense_cfg_batch
+        make_batch = sparse_cfg_batch if sparse else dense_cfg_batch
+
+        def batch(model_fn, zero: bool = neg_zero):
+            return make_batch(model_fn, neg_is_zero=zero and self.zero_negative_shortcut)
         try:
             if knowledge is not None and knowledge.injected:
                 require_branch({type(flow).__name__: flow}, knowledge.kind)
                 ctx = prepare_knowledge(flow, knowledge.to(self.device))
 
-                def fn(x, t, cc):
-                    return flow(x, t, cc, knowledge=ctx)
+                def fn(x, t, cc, **kw):
+                    return flow(x, t, cc, knowledge=ctx, **kw)
 
                 yield fn, batch(fn), c, n
             elif knowledge is not None:  # multi_view: the back image is a second image condition
@@ -573,17 +590,17 @@ class Trellis2GeometryPipeline:
                 mode = knowledge.provenance.get("mode", "stochastic")
                 view = MultiViewCondition([c, back], mode)
 
-                def base(x, t, cc):
-                    return flow(x, t, cc)
+                def base(x, t, cc, **kw):
+                    return flow(x, t, cc, **kw)
 
                 if mode == "concat":  # zero negative tokens: same output for any token count
                     joint = view.concatenated()
-                    yield base, batch(base), joint, torch.zeros_like(joint)
+                    yield base, batch(base, zero=True), joint, torch.zeros_like(joint)
                 else:
                     yield multi_view_model_fn(base), None, view, n
             else:
-                def fn(x, t, cc):
-                    return flow(x, t, cc)
+                def fn(x, t, cc, **kw):
+                    return flow(x, t, cc, **kw)
 
                 yield fn, batch(fn), c, n
         finally:
@@ -868,16 +885,16 @@ class Trellis2GeometryPipeline:
         if x.batch_size != B:
             raise ValueError(f"the shape latent holds {x.batch_size} batch items, the condition {B}")
 
-        def fn(xt, t, cc):  # the CFG pair stacks x twice: the shape latent follows it
+        def fn(xt, t, cc, **kw):  # the CFG pair stacks x twice: the shape latent follows it
             reps = xt.feats.shape[0] // shape_feats.shape[0]
-            return flow(xt, t, cc, concat_cond=shape_feats if reps == 1 else shape_feats.repeat(reps, 1))
+            return flow(xt, t, cc, concat_cond=shape_feats if reps == 1 else shape_feats.repeat(reps, 1), **kw)
 
-        c, n = _batched_cond(cond, self.device)
+        c, n, neg_zero = _batched_cond(cond, self.device)
         if back_cond is not None:
             view = MultiViewCondition([c, back_cond["cond"].to(self.device).expand(c.shape[0], -1, -1)], back_mode)
             model_fn, batched, c = multi_view_model_fn(fn), None, view
         else:
-            model_fn, batched = fn, sparse_cfg_batch(fn)
+            model_fn, batched = fn, sparse_cfg_batch(fn, neg_is_zero=neg_zero and self.zero_negative_shortcut)
         with self.use(flow), self._attention_plan_builds(sampler.params, B, self._progress(callback, TEX_STAGE)) \
                 as progress:
             out = sampler.sample(model_fn, x, c, n, batched_model_fn=batched, callback=progress, cancel_check=cancel)

@@ -159,7 +159,11 @@ def test_unguided_steps_only_make_calls_that_were_prebuilt(pipe, monkeypatch):
     calls, prebuilt = _shape_stage(events[events.index((SS_STAGE, 2)) + 1:])
     assert prebuilt and all(sig[0][0][0] == 1 for sig in prebuilt)  # batch 1: the unguided steps' batch
     unguided = {sig for step, sigs in calls.items() if not guided[step - 1] for sig in sigs}
-    assert unguided == set(prebuilt)
+    in_guided = {sig for step, sigs in calls.items() if guided[step - 1] for sig in sigs}
+    # every unguided call's plan exists before those steps: prebuilt, or made by the guided steps themselves
+    # (the zero negative's shortcut runs the pair's cross-attention at the unguided batch), and nothing else
+    # is prebuilt
+    assert unguided <= set(prebuilt) | in_guided and set(prebuilt) <= unguided and not set(prebuilt) & in_guided
 
     # building them early changes nothing
     plain = _run(pipe, demo, [], ahead=False)

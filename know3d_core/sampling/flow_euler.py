@@ -233,21 +233,30 @@ def _cat_pair(a: Any, b: Any) -> Any:
     )
 
 
-def dense_cfg_batch(model_fn: ModelFn) -> BatchedModelFn:
+def _zero_negative(neg_is_zero: bool, batch: int) -> dict:
+    """The pair forward's keyword telling it that samples ``batch..`` (the negative half) have an all-zero
+    condition (the flows' ``zero_cond_from``); none when the negative condition is not known to be zero."""
+    return {"zero_cond_from": batch} if neg_is_zero else {}
+
+
+def dense_cfg_batch(model_fn: ModelFn, neg_is_zero: bool = False) -> BatchedModelFn:
     """A ``batched_model_fn`` for dense models: one forward on ``[x; x]`` with ``[cond; neg_cond]``
-    (tensors, or dicts/tuples of tensors, concatenated on dim 0); returns ``(v_cond, v_neg)``."""
+    (tensors, or dicts/tuples of tensors, concatenated on dim 0); returns ``(v_cond, v_neg)``.
+    ``neg_is_zero``: neg_cond is all zeros; the forward is called with ``zero_cond_from=B``."""
 
     def batched(x: torch.Tensor, t: torch.Tensor, cond: Any, neg_cond: Any):
-        v = model_fn(torch.cat([x, x], 0), torch.cat([t, t], 0), _cat_pair(cond, neg_cond))
+        v = model_fn(torch.cat([x, x], 0), torch.cat([t, t], 0), _cat_pair(cond, neg_cond),
+                     **_zero_negative(neg_is_zero, x.shape[0]))
         return v.chunk(2, dim=0)
 
     return batched
 
 
-def sparse_cfg_batch(model_fn: ModelFn) -> BatchedModelFn:
+def sparse_cfg_batch(model_fn: ModelFn, neg_is_zero: bool = False) -> BatchedModelFn:
     """A ``batched_model_fn`` for sparse models: the pair is one sparse tensor with 2B batch items
     (rows of the neg copy follow, batch index + B; same coords, so no padding). The doubled coords
-    are built once per coordinate set and reused (their cache, e.g. neighbour maps, too)."""
+    are built once per coordinate set and reused (their cache, e.g. neighbour maps, too).
+    ``neg_is_zero``: neg_cond is all zeros; the forward is called with ``zero_cond_from=B``."""
     memo: dict = {}
 
     def batched(x: Any, t: torch.Tensor, cond: Any, neg_cond: Any):
@@ -259,7 +268,8 @@ def sparse_cfg_batch(model_fn: ModelFn) -> BatchedModelFn:
             template = x.replace(torch.cat([x.feats, x.feats], 0), coords=coords)
             memo.update(template=template, coords=x.coords)
         pair = template.replace(torch.cat([x.feats, x.feats], 0))
-        v = model_fn(pair, torch.cat([t, t], 0), _cat_pair(cond, neg_cond))
+        v = model_fn(pair, torch.cat([t, t], 0), _cat_pair(cond, neg_cond),
+                     **_zero_negative(neg_is_zero, _batch_size(x)))
         n = x.feats.shape[0]
         return x.replace(v.feats[:n]), x.replace(v.feats[n:])
 

@@ -59,7 +59,7 @@ class SLatFlowModel(FlowDiT):
 
     def forward(
         self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None,
-        concat_cond: Optional[torch.Tensor] = None,
+        concat_cond: Optional[torch.Tensor] = None, zero_cond_from: Optional[int] = None,
     ) -> SparseTensor:
         """Predict the velocity.
 
@@ -71,6 +71,8 @@ class SLatFlowModel(FlowDiT):
             knowledge: optional Know3D knowledge, passed to ``knowledge_proj`` (see docs/internals.md).
             concat_cond: feats ``[N, in_channels - C_x]`` (a tensor or a SparseTensor on x's coords)
                 appended to x's channels (texture flows: the normalised shape latent).
+            zero_cond_from: samples from this index on have an all-zero ``cond`` (a guided pair's negative
+                half): their cross-attention is computed once as one row (equal up to rounding).
         Returns:
             velocity, SparseTensor with feats ``[N, out_channels]`` in x's dtype on x's coords.
         """
@@ -97,7 +99,8 @@ class SLatFlowModel(FlowDiT):
             h = h.unsqueeze(0)
             rope = phases.unsqueeze(0)
         for block in self.blocks:
-            h = block(h, mod, cond, rope=rope, layout=layout, knowledge_ctx=ctx, sparse=x)
+            h = block(h, mod, cond, rope=rope, layout=layout, knowledge_ctx=ctx, sparse=x,
+                      zero_cond_from=zero_cond_from)
         out = self._head(h.reshape(N, -1))
         return x.replace(out.to(x.dtype))
 

@@ -5,7 +5,7 @@ fastest), full self-attention with 3-D RoPE, cross-attention to the DINOv3 image
 Official config: resolution 16, in/out 8, model_channels 1536, cond 1024, 30 blocks, 12 heads,
 mlp_ratio 5.3334, pe_mode rope, share_mod, qk_rms_norm(+cross), dtype bfloat16.
 """
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -53,7 +53,8 @@ class SparseStructureFlowModel(FlowDiT):
                 *self._warmup_cond(device, 2, num_feature_tokens(512)))
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, knowledge: Any = None,
+        zero_cond_from: Optional[int] = None,
     ) -> torch.Tensor:
         """Predict the velocity.
 
@@ -62,6 +63,8 @@ class SparseStructureFlowModel(FlowDiT):
             t: ``[B]`` times on the reference scale, i.e. ``1000 * t`` with t in [0, 1].
             cond: image tokens ``[B, Lc, cond_channels]`` (1029 DINOv3 tokens at 512 px).
             knowledge: optional Know3D knowledge, passed to ``knowledge_proj`` (see docs/internals.md).
+            zero_cond_from: samples from this index on have an all-zero ``cond`` (a guided pair's negative
+                half): their cross-attention is computed once as one row (equal up to rounding).
         Returns:
             velocity ``[B, out_channels, R, R, R]`` in x's dtype.
         """
@@ -79,6 +82,6 @@ class SparseStructureFlowModel(FlowDiT):
         rope = self._rope_tables(x.device)
         h = h.to(self.dtype)
         for block in self.blocks:
-            h = block(h, mod, cond, rope=rope, knowledge_ctx=ctx)
+            h = block(h, mod, cond, rope=rope, knowledge_ctx=ctx, zero_cond_from=zero_cond_from)
         h = self._head(h)
         return h.transpose(1, 2).reshape(B, self.out_channels, R, R, R).to(x.dtype)

@@ -128,9 +128,14 @@ class MultiHeadAttention(nn.Module):
         context: Optional[torch.Tensor] = None,
         rope: Optional[torch.Tensor] = None,
         layout: Optional[TokenLayout] = None,
+        zero_from: Optional[int] = None,
     ) -> torch.Tensor:
         """x ``[B, L, C]`` (packed ``[1, N, C]`` with ``layout``); context ``[B, Lc, Cc]`` (cross);
-        rope: complex phases broadcastable to ``[B, L, D/2]`` (self with RoPE). Returns ``[B, L, C]``."""
+        rope: complex phases broadcastable to ``[B, L, D/2]`` (self with RoPE). Returns ``[B, L, C]``.
+        ``zero_from`` (cross only): samples ``zero_from..`` have an all-zero context (the negative half of a
+        guided pair), see :meth:`_zero_context_tail`."""
+        if zero_from is not None and self._type == "cross":
+            return self._zero_context_tail(x, context, layout, zero_from)
         B, L, _ = x.shape
         if self.use_rope and rope is None:
             raise ValueError("this attention uses RoPE: pass rope=phases")
@@ -140,6 +145,36 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self._qkv(x, context, rope)
         h = attend(q, k, v, q_layout=layout, kv_layout=layout if self._type == "self" else None)
         return self.to_out(h.reshape(B, L, -1))
+
+    def _zero_context_tail(self, x: torch.Tensor, context: torch.Tensor, layout: Optional[TokenLayout],
+                           first: int) -> torch.Tensor:
+        """Cross-attention where samples ``first..B-1`` have an all-zero context ``[Lc, Cc]``.
+
+        Every key of such a sample is ``to_kv(0)``'s key (normed or not), so each query's logits are
+        all equal: the softmax is uniform and the attention returns ``to_kv(0)``'s value, the same for
+        every query. Their rows are therefore one row, ``to_out(value of a zero token)``, computed once:
+        no ``to_q``, no attention, no ``to_out`` over them; the samples before ``first`` run as usual (so
+        SDPA sees the unguided steps' batch and shapes). Equal to the plain path up to rounding.
+        """
+        B = layout.batch_size if layout is not None else x.shape[0]
+        if not 0 <= first <= B:
+            raise ValueError(f"zero_from must be in [0, {B}], got {first}")
+        if first == B:
+            return self.forward(x, context, layout=layout)
+        zero = context.new_zeros(1, 1, self.ctx_channels)
+        value = self.to_kv(zero).reshape(1, 1, 2, self.channels)[:, :, 1]  # [1, 1, C]: (H, D) flattened
+        row = self.to_out(value)  # [1, 1, C]
+        if layout is None:
+            tail = row.expand(B - first, x.shape[1], -1)
+            if first == 0:
+                return tail.contiguous()
+            return torch.cat([self.forward(x[:first], context[:first]), tail], dim=0)
+        rows = sum(layout.seqlens_list[:first])
+        tail = row.expand(1, x.shape[1] - rows, -1)
+        if first == 0:
+            return tail.contiguous()
+        head = TokenLayout(layout.seqlens[:first], layout.seqlens_list[:first], layout.batch_index[:rows])
+        return torch.cat([self.forward(x[:, :rows], context[:first], layout=head), tail], dim=1)
 
     def _project(self, x: torch.Tensor, context: Optional[torch.Tensor]):
         """q, k, v ``[B', L', H, D]`` views of the projections (before norm/RoPE)."""

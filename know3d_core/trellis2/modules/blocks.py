@@ -127,6 +127,7 @@ class ModulatedTransformerCrossBlock(nn.Module):
         layout: Optional[TokenLayout] = None,
         knowledge_ctx: Any = None,
         sparse: Any = None,
+        zero_cond_from: Optional[int] = None,
     ) -> torch.Tensor:
         """One block.
 
@@ -138,11 +139,13 @@ class ModulatedTransformerCrossBlock(nn.Module):
             knowledge_ctx: projected knowledge for ``knowledge_attn`` (None: branch off).
             sparse: the sparse model's input SparseTensor (its rows are the tokens of x), so that
                 ``knowledge_attn`` receives a SparseTensor; None for the dense model.
+            zero_cond_from: samples from this index on have an all-zero context (their cross-attention
+                is one row, see ``MultiHeadAttention._zero_context_tail``); None: no such samples known.
         Returns:
             ``[B, L, C]``.
         """
         if fused_enabled(x):
-            return self._forward_fused(x, mod, context, rope, layout, knowledge_ctx, sparse)
+            return self._forward_fused(x, mod, context, rope, layout, knowledge_ctx, sparse, zero_cond_from)
         chunks = self._modulation(mod)
         if layout is None:
             chunks = [c.unsqueeze(1) for c in chunks]
@@ -152,7 +155,7 @@ class ModulatedTransformerCrossBlock(nn.Module):
 
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
         x = x + self.self_attn(h, rope=rope, layout=layout) * gate_msa
-        branch = self.cross_attn(self.norm2(x), context, layout=layout)
+        branch = self.cross_attn(self.norm2(x), context, layout=layout, zero_from=zero_cond_from)
         if self.knowledge_attn is not None and knowledge_ctx is not None:
             x = x + branch + self._knowledge_delta(x, knowledge_ctx, sparse)
         else:
@@ -160,7 +163,8 @@ class ModulatedTransformerCrossBlock(nn.Module):
         h = self.norm3(x) * (1 + scale_mlp) + shift_mlp
         return x + self.mlp(h) * gate_mlp
 
-    def _forward_fused(self, x, mod, context, rope, layout, knowledge_ctx, sparse) -> torch.Tensor:
+    def _forward_fused(self, x, mod, context, rope, layout, knowledge_ctx, sparse,
+                       zero_cond_from=None) -> torch.Tensor:
         """The same block with fused kernels (CUDA + Triton); same arguments and hook semantics."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self._modulation(mod)
         rows = None if layout is None else layout.batch_index
@@ -174,7 +178,7 @@ class ModulatedTransformerCrossBlock(nn.Module):
         else:
             x, h = residual_layer_norm_modulate(x, attn, gate_msa, self.norm2.weight, self.norm2.bias,
                                                 self.norm2.eps, 0.0, rows)
-        branch = self.cross_attn(h, context, layout=layout)
+        branch = self.cross_attn(h, context, layout=layout, zero_from=zero_cond_from)
         delta = None
         if prenorm is not None:
             delta = self._knowledge_delta(hk, knowledge_ctx, sparse, prenormed=True)
