@@ -42,7 +42,7 @@ from _common import (SHAPE_DECODER_FULL, bench_device, device_name, kernel_times
 from bench_neighbour_map import DECODER_CASES, MAP_CASES, shell_coords  # noqa: E402
 from bench_shape_decoder import init_random, sphere_shell_tokens  # noqa: E402
 
-from know3d_core.sparse import SparseTensor, conv, neighbour_triton  # noqa: E402
+from know3d_core.sparse import SparseTensor, conv, neighbour_triton, triton_launch  # noqa: E402
 from know3d_core.trellis2 import shape_decoder as shape_mod  # noqa: E402
 
 CONV_CHANNELS = 64
@@ -91,20 +91,23 @@ MAP_VARIANTS = {"full": {"half": False}, "half": {"half": True},
                 "half_b64_w2": {"half": True, "HALF_BLOCK": 64, "HALF_WARPS": 2},
                 "half_i256_w4": {"half": True, "HALF_INSERT_BLOCK": 256, "HALF_INSERT_WARPS": 4},
                 "half_fill_before": {"half": True, "HALF_FILL_IN_INSERT": False},
-                "half_bits_in_lookup": {"half": True, "HALF_BITS_IN_LOOKUP": True}}
+                "half_bits_in_lookup": {"half": True, "HALF_BITS_IN_LOOKUP": True},
+                "jit_launches": {"half": True, "direct": False}}  # Triton's JIT dispatch at every launch
 
 
 @contextlib.contextmanager
 def map_variant(settings: dict):
     """``neighbour_triton``'s settings changed inside the block only (``half``: :func:`use_half_lookup`;
-    other keys: module constants)."""
+    ``direct``: ``triton_launch.use_direct_launches``; other keys: module constants)."""
     settings = dict(settings)
     half = settings.pop("half", None)
+    direct = settings.pop("direct", None)
     saved = {k: getattr(neighbour_triton, k) for k in settings}
     try:
         for k, v in settings.items():
             setattr(neighbour_triton, k, v)
-        with neighbour_triton.use_half_lookup(half) if half is not None else contextlib.nullcontext():
+        with neighbour_triton.use_half_lookup(half) if half is not None else contextlib.nullcontext(), \
+                triton_launch.use_direct_launches(direct) if direct is not None else contextlib.nullcontext():
             yield
     finally:
         for k, v in saved.items():

@@ -32,6 +32,7 @@ from typing import ContextManager, Optional, Sequence, Tuple
 import torch
 
 from .kernel_dispatch import KernelSwitch
+from .triton_launch import TritonLauncher, in_int32
 
 try:
     import triton
@@ -350,6 +351,14 @@ if triton is not None:
         _store_tile_offsets(bits, t, offsets_ptr, counts_ptr, K, KP)
 
 
+if triton is not None:  # direct launches (kernels of the default build; the full lookup stays the A/B baseline)
+    _insert_launch = TritonLauncher(_hash_insert_kernel)
+    _half_lookup_launch = TritonLauncher(_hash_lookup_half_flat_kernel)
+    _pattern_bits_launch = TritonLauncher(_pattern_bits_kernel)
+    _tile_layout_launch = TritonLauncher(_tile_layout_kernel)
+    _child_tiles_launch = TritonLauncher(_child_tile_kernel)
+
+
 def build_neighbour_map_triton(
     coords: torch.Tensor, spatial_shape: Sequence[int], kernel_size: int = 3, dilation: int = 1,
     batch_size: Optional[int] = None,
@@ -401,16 +410,17 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, kernel_size
     vals = keys if packed else torch.empty(slots, dtype=torch.int32, device=coords.device)
     bits_in_lookup = bits is not None and HALF_BITS_IN_LOOKUP
     bits_arg = bits if bits_in_lookup else nbr
-    _hash_insert_kernel[grid](coords, keys, vals, nbr, bits_arg, N, X, Y, Z, pad, slots - 1, K,
-                              BLOCK=HALF_INSERT_BLOCK, KP=KP, FILL=fill, PACKED=packed, BITS=bits_in_lookup,
-                              num_warps=HALF_INSERT_WARPS)
+    spec = (in_int32(N * K, X * Y * Z, slots),)  # every int argument is do_not_specialize: only its width
+    _insert_launch(grid[0], [coords, keys, vals, nbr, bits_arg, N, X, Y, Z, pad, slots - 1, K], spec,
+                   {"BLOCK": HALF_INSERT_BLOCK, "KP": KP, "FILL": fill, "PACKED": packed, "BITS": bits_in_lookup},
+                   HALF_INSERT_WARPS)
     H = K // 2 + 1
-    _hash_lookup_half_flat_kernel[(triton.cdiv(N * H, HALF_BLOCK),)](
-        coords, keys, vals, nbr, bits_arg, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation,
-        BLOCK=HALF_BLOCK, PACKED=packed, BITS=bits_in_lookup, num_warps=HALF_WARPS)
+    _half_lookup_launch(triton.cdiv(N * H, HALF_BLOCK),
+                        [coords, keys, vals, nbr, bits_arg, N, X, Y, Z, pad, slots - 1, K, kernel_size, dilation],
+                        spec, {"BLOCK": HALF_BLOCK, "PACKED": packed, "BITS": bits_in_lookup}, HALF_WARPS)
     if bits is not None and not bits_in_lookup:
-        _pattern_bits_kernel[(triton.cdiv(N, 64),)](nbr, bits, N, K, BLOCK=64, KP=triton.next_power_of_2(K),
-                                                     num_warps=4)
+        _pattern_bits_launch(triton.cdiv(N, 64), [nbr, bits, N, K], spec,
+                             {"BLOCK": 64, "KP": triton.next_power_of_2(K)}, 4)
     return nbr, bits
 
 
@@ -428,8 +438,8 @@ def tile_layout_triton(nbr: torch.Tensor, bits: torch.Tensor, bm: int):
     offsets = torch.empty((T, K), dtype=torch.int32, device=device)
     counts = torch.empty(T, dtype=torch.int32, device=device)
     if N:
-        _tile_layout_kernel[(T,)](nbr, order, bits_sorted, nbr_sorted, rows, offsets, counts, N, K,
-                                  BM=bm, KP=triton.next_power_of_2(K), num_warps=4)
+        _tile_layout_launch(T, [nbr, order, bits_sorted, nbr_sorted, rows, offsets, counts, N, K], (in_int32(N * K),),
+                            {"BM": bm, "KP": triton.next_power_of_2(K)}, 4)
     return TileLayout(bm, T, rows, nbr_sorted, offsets, counts)
 
 
@@ -440,8 +450,8 @@ def child_tile_flags(parents: torch.Tensor, bits: torch.Tensor, N: int, K: int, 
     offsets = torch.empty((T, K), dtype=torch.int32, device=parents.device)
     counts = torch.empty(T, dtype=torch.int32, device=parents.device)
     if T:
-        _child_tile_kernel[(T,)](parents, bits, offsets, counts, N, K, BM=bm, KP=triton.next_power_of_2(K),
-                                 num_warps=4)
+        _child_tiles_launch(T, [parents, bits, offsets, counts, N, K], (in_int32(N),),
+                            {"BM": bm, "KP": triton.next_power_of_2(K)}, 4)
     return offsets, counts
 
 
@@ -465,6 +475,8 @@ if triton is not None:
 
 
 BLOCK_CHILDREN = 512
+if triton is not None:
+    _children_launch = TritonLauncher(_children_kernel)
 
 
 def children_triton(coords: torch.Tensor, pk: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -484,7 +496,8 @@ def children_triton(coords: torch.Tensor, pk: torch.Tensor) -> Tuple[torch.Tenso
     out = torch.empty(n, 4, dtype=torch.int32, device=coords.device)
     src = torch.empty(n, dtype=torch.int64, device=coords.device)
     if n:
-        _children_kernel[(triton.cdiv(n, BLOCK_CHILDREN),)](coords, pk, out, src, n, BLOCK=BLOCK_CHILDREN, num_warps=4)
+        _children_launch(triton.cdiv(n, BLOCK_CHILDREN), [coords, pk, out, src, n], (in_int32(n),),
+                         {"BLOCK": BLOCK_CHILDREN}, 4)
     return out, src
 
 
@@ -544,6 +557,10 @@ if triton is not None:
         tl.store(bits_ptr + i, tl.sum(tl.where(row < n, 1 << v[None, :], 0), axis=1), mask=ok)
 
 
+if triton is not None:
+    _child_map_launch = TritonLauncher(_child_map_kernel)
+
+
 def child_map_triton(parent_nbr: torch.Tensor, src: torch.Tensor, child_rows: torch.Tensor
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The children's 3x3x3 map in one launch: ``parent_nbr [M, 27]`` int32 (missing = M), ``src [n]``
@@ -561,8 +578,9 @@ def child_map_triton(parent_nbr: torch.Tensor, src: torch.Tensor, child_rows: to
     nbr = torch.empty((n, K), dtype=torch.int32, device=parent_nbr.device)
     bits = torch.empty(n, dtype=torch.int32, device=parent_nbr.device)
     if n:
-        _child_map_kernel[(triton.cdiv(n, BLOCK_CHILD_MAP),)](parent_nbr.contiguous(), src.contiguous(), child_rows,
-                                                              nbr, bits, n, M, BLOCK=BLOCK_CHILD_MAP, num_warps=4)
+        _child_map_launch(triton.cdiv(n, BLOCK_CHILD_MAP),
+                          [parent_nbr.contiguous(), src.contiguous(), child_rows, nbr, bits, n, M],
+                          (in_int32(n, M),), {"BLOCK": BLOCK_CHILD_MAP}, 4)
     return nbr, bits
 
 
@@ -580,7 +598,6 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
     vals = torch.zeros(8, dtype=torch.int32, device=device)
     nbr = torch.full((4, K), 4, dtype=torch.int32, device=device)
     bits = torch.zeros(4, dtype=torch.int32, device=device)
-    order = torch.arange(4, device=device)
 
     def insert():
         _hash_insert_kernel[(1,)](coords, keys.clone(), vals.clone(), nbr, nbr, 4, 6, 6, 6, 1, 7, K,
@@ -595,11 +612,7 @@ def warmup_jobs(device: torch.device, bm: int = 128, kernel_size: int = 3) -> li
         _build_half(coords, nbr.clone(), bits.clone() if K <= 31 else None, 6, 6, 6, 1, kernel_size, 1, True)
 
     def layout():
-        out = torch.empty(K, 4, dtype=torch.int32, device=device)
-        small = torch.empty(4, dtype=torch.int32, device=device)
-        offs = torch.empty(1, K, dtype=torch.int32, device=device)
-        _tile_layout_kernel[(1,)](nbr, order, bits, out, small, offs, small[:1].clone(), 4, K, BM=bm, KP=KP,
-                                  num_warps=4)
+        tile_layout_triton(nbr, bits, bm)
 
     def child_tiles():
         child_tile_flags(torch.full((bm,), 4, dtype=torch.int32, device=device), bits, 4, K, bm)

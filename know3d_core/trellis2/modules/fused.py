@@ -20,12 +20,12 @@ at first use (well under a second each) and stay cached in-process.
 """
 from __future__ import annotations
 
-import logging
 from typing import ContextManager, Optional
 
 import torch
 
 from ...sparse.kernel_dispatch import KernelSwitch, grad_needed
+from ...sparse.triton_launch import TritonLauncher
 
 try:
     import triton
@@ -33,8 +33,6 @@ try:
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
     tl = None
-
-_log = logging.getLogger(__name__)
 
 __all__ = [
     "fused_enabled", "use_fused_kernels", "layer_norm_modulate", "residual_layer_norm_modulate", "gated_residual",
@@ -52,44 +50,6 @@ def fused_enabled(x: torch.Tensor) -> bool:
 def use_fused_kernels(enabled: bool) -> ContextManager[None]:
     """Context manager: switch the fused kernels on or off inside the block (for A/B checks)."""
     return _switch.use(enabled)
-
-
-class _Launcher:
-    """Launch a ``@triton.jit`` kernel with less host time.
-
-    The first launch of each specialisation goes through Triton's JIT (compile + launch) and keeps
-    the compiled kernel; later launches with the same key call it directly, skipping Triton's
-    per-call argument binding (about 35 us of host time per launch, which adds up to several ms
-    per DiT forward where the GPU would otherwise wait). The key holds everything Triton
-    specialises on here: each tensor's dtype and 16-byte alignment, the specialised ints, the
-    constexprs. Any error on the direct path switches it off for good (plain JIT launches).
-    """
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled: dict = {}
-        self.direct = True
-
-    def __call__(self, grid: int, args: list, spec: tuple, constexprs: dict, num_warps: int) -> None:
-        key = (spec, num_warps, tuple(constexprs.values()),
-               tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)))
-        kernel = self.compiled.get(key) if self.direct else None
-        if kernel is not None:
-            try:
-                from triton import knobs
-                from triton.runtime import driver
-                all_args = (*args, *constexprs.values())
-                stream = driver.active.get_current_stream(driver.active.get_current_device())
-                meta = kernel.launch_metadata((grid, 1, 1), stream, *all_args)
-                kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, meta,
-                           knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *all_args)
-                return
-            except Exception as exc:  # noqa: BLE001 - Triton internals differ between versions
-                self.direct = False
-                _log.info("direct Triton launch unavailable (%s: %s); using the JIT launcher", type(exc).__name__, exc)
-        compiled = self.fn[(grid,)](*args, **constexprs, num_warps=num_warps)
-        if self.direct and compiled is not None:
-            self.compiled[key] = compiled
 
 
 if triton is not None:
@@ -309,10 +269,10 @@ if triton is not None:
 
 
 if triton is not None:
-    _residual_ln_launch = _Launcher(_residual_ln_kernel)
-    _residual_ln_bwd_launch = _Launcher(_residual_ln_bwd_kernel)
-    _qk_norm_rope_bwd_launch = _Launcher(_qk_norm_rope_bwd_kernel)
-    _qk_norm_rope_launch = _Launcher(_qk_norm_rope_kernel)
+    _residual_ln_launch = TritonLauncher(_residual_ln_kernel)
+    _residual_ln_bwd_launch = TritonLauncher(_residual_ln_bwd_kernel)
+    _qk_norm_rope_bwd_launch = TritonLauncher(_qk_norm_rope_bwd_kernel)
+    _qk_norm_rope_launch = TritonLauncher(_qk_norm_rope_kernel)
 
 
 def layer_norm_modulate(
