@@ -24,6 +24,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .kernel_dispatch import check_no_grad
+from .triton_launch import TritonLauncher, in_int32
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs have none.
     import triton
@@ -309,6 +310,10 @@ if triton is not None:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+if triton is not None:
+    _conv_launch = TritonLauncher(_subm_conv_kernel)
+
+
 def _grid(Co: int, cfg, num_tiles: int) -> tuple[int]:
     """One grid axis of ``cdiv(Co, BN) x num_tiles`` programs, column tiles fastest: the order
     ``_subm_conv_kernel`` derives ``(pid_m, pid_n)`` from (a second axis stops at 65535 tiles)."""
@@ -340,17 +345,24 @@ def conv_implicit_gemm(
     if N == 0 or Co == 0:
         return out
     table, index, skip_c, repeat = _skip_args(skip, N, Co, out)
-    grid = _grid(Co, cfg, layout.num_tiles)
-    _subm_conv_kernel[grid](
-        feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
-        layout.nbr, layout.rows, layout.offsets, layout.counts,
-        layout.rows, layout.counts, table, index,
-        N, Ci, Co, layout.nbr.shape[1], N, skip_c, repeat,
-        K=K, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, HAS_BIAS=bias is not None,
-        IEEE=feats.dtype == torch.float32, CHILD=False, SKIP=skip is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    P = layout.nbr.shape[1]
+    _conv_launch(
+        _grid(Co, cfg, layout.num_tiles)[0],
+        [feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
+         layout.nbr, layout.rows, layout.offsets, layout.counts,
+         layout.rows, layout.counts, table, index,
+         N, Ci, Co, P, N, skip_c, repeat],
+        (Ci, Co, in_int32(N * max(Ci, Co), P * K)),
+        _conv_constexprs(K, cfg, bias is not None, feats.dtype, child=False, skip=skip is not None),
+        cfg.num_warps, cfg.num_stages,
     )
     return out
+
+
+def _conv_constexprs(K: int, cfg, has_bias: bool, dtype: torch.dtype, child: bool, skip: bool) -> dict:
+    """``_subm_conv_kernel``'s constexprs, in its parameter order."""
+    return {"K": K, "BM": cfg.BM, "BN": cfg.BN, "BK": cfg.BK, "HAS_BIAS": has_bias,
+            "IEEE": dtype == torch.float32, "CHILD": child, "SKIP": skip}
 
 
 def _skip_args(skip, rows: int, Co: int, out: torch.Tensor):
@@ -397,14 +409,14 @@ def conv_children_implicit_gemm(
     out = torch.empty(num_children, Co, dtype=feats.dtype, device=feats.device)
     if num_children == 0 or N == 0:
         return out
-    grid = _grid(Co, cfg, layout.num_tiles)
-    _subm_conv_kernel[grid](
-        feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
-        nbr.contiguous(), layout.rows, layout.offsets, layout.counts,
-        layout.parents, layout.slots, out, out,
-        N, Ci, Co, N, num_children, 1, 1,
-        K=K, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, HAS_BIAS=bias is not None,
-        IEEE=feats.dtype == torch.float32, CHILD=True, SKIP=False,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    _conv_launch(
+        _grid(Co, cfg, layout.num_tiles)[0],
+        [feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
+         nbr.contiguous(), layout.rows, layout.offsets, layout.counts,
+         layout.parents, layout.slots, out, out,
+         N, Ci, Co, N, num_children, 1, 1],
+        (Ci, Co, in_int32(N * max(Ci, Co), N * K, num_children * Co)),
+        _conv_constexprs(K, cfg, bias is not None, feats.dtype, child=True, skip=False),
+        cfg.num_warps, cfg.num_stages,
     )
     return out

@@ -7,7 +7,7 @@ one compiled kernel serves every size and the key below stays small.
 from __future__ import annotations
 
 import logging
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 
@@ -49,10 +49,11 @@ class TritonLauncher:
         self.compiled: dict = {}
         self.direct = True
 
-    def __call__(self, grid: int, args: list, spec: tuple, constexprs: dict, num_warps: int) -> None:
+    def __call__(self, grid: int, args: list, spec: tuple, constexprs: dict, num_warps: int,
+                 num_stages: Optional[int] = None) -> None:
         """Launch ``fn`` on a 1-D ``grid`` with positional ``args`` then ``constexprs`` (in the kernel's
-        parameter order)."""
-        key = (spec, num_warps, tuple(constexprs.values()),
+        parameter order); ``num_stages``: Triton's default when None."""
+        key = (spec, num_warps, num_stages, tuple(constexprs.values()),
                tuple((a.dtype, a.device, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)))
         kernel = self.compiled.get(key) if self.direct and _direct_switch.enabled else None
         if kernel is not None:
@@ -68,6 +69,7 @@ class TritonLauncher:
             except Exception as exc:  # noqa: BLE001 - Triton internals differ between versions
                 self.direct = False
                 _log.info("direct Triton launch unavailable (%s: %s); using the JIT launcher", type(exc).__name__, exc)
-        compiled = self.fn[(grid,)](*args, **constexprs, num_warps=num_warps)
+        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+        compiled = self.fn[(grid,)](*args, **constexprs, **options)
         if self.direct and compiled is not None:
             self.compiled[key] = compiled
