@@ -237,14 +237,14 @@ def _dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
 
 
 def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(cond, neg_cond, neg_cond is all zeros)`` on ``device``; a given neg_cond is checked (one host
-    sync a stage, before its sampling)."""
+    """``(cond, neg_cond, neg_cond is all zeros)`` on ``device``; a given neg_cond is checked where it is
+    (on a GPU: one host sync a stage, before its sampling)."""
     c, n = cond["cond"], cond.get("neg_cond")
     c = c.to(device)
     if n is None:
         return c, torch.zeros_like(c), True
-    n = n.to(device)
-    return c, n, not bool(n.any())
+    zero = not bool(n.any())
+    return c, n.to(device), zero
 
 
 # ----------------------------------------------------------------------------------- pipeline

@@ -1,8 +1,9 @@
 """Launch compiled Triton kernels with less host time than Triton's JIT dispatch (CUDA).
 
-Used by the flows' fused kernels (``trellis2/modules/fused.py``) and the neighbour-map kernels
-(``neighbour_triton.py``). Kernels launched this way mark their varying ints ``do_not_specialize``, so
-one compiled kernel serves every size and the key below stays small.
+Used by the flows' fused kernels (``trellis2/modules/fused.py``), the neighbour-map kernels
+(``neighbour_triton.py``) and the sparse conv (``conv_triton.py``). Kernels launched this way mark their
+varying ints ``do_not_specialize``, so one compiled kernel serves every size and the key below stays small;
+an int left specialised (the conv's channel counts) goes into the caller's ``spec`` by value.
 """
 from __future__ import annotations
 
