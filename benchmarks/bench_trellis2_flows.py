@@ -6,7 +6,9 @@ Rows (research/performance.md has the reference and ComfyUI timings of the same 
 - ``ss B=1`` / ``ss B=2``: sparse-structure flow on ``[B, 8, 16, 16, 16]`` (4096 tokens), cond 1029;
 - ``shape N=8k``: shape flow, 8192 voxel tokens on a 32^3 grid, cond 1029 (the 512 stage);
 - ``shape N=8k B=2``: the same as a CFG pair on shared coords (one batched forward);
-- ``shape N=20k`` / ``shape N=40k``: 64^3 grid, cond 4101 (the 1024 stage).
+- ``shape N=20k`` / ``shape N=40k``: 64^3 grid, cond 4101 (the 1024 stage);
+- ``... zero neg``: the B=2 cases as the pipeline runs a guided pair since session 13 (the second sample's
+  cond all zeros, ``zero_cond_from=1``: its cross-attention one row); their baselines are the B=2 rows.
 Timing: CUDA events, median of --repeats after --warmup; ``peak_gib`` = peak allocated memory during
 the forward minus what was allocated before it (weights, inputs).
 
@@ -55,6 +57,8 @@ CASES = [
     ("ss B=2", "ss", 2, None, 16, (1029, 17)),
     ("shape N=8k", "shape512", 1, (8192, 512), (32, 16), (1029, 17)),
     ("shape N=8k B=2", "shape512", 2, (8192, 512), (32, 16), (1029, 17)),
+    ("ss B=2 zero neg", "ss", 2, None, 16, (1029, 17)),
+    ("shape N=8k B=2 zero neg", "shape512", 2, (8192, 512), (32, 16), (1029, 17)),
     ("shape N=20k", "shape1024", 1, (20000, 1000), (64, 16), (4101, 65)),
     ("shape N=40k", "shape1024", 1, (40000, 2000), (64, 16), (4101, 65)),
 ]
@@ -89,6 +93,10 @@ def run_case(case, tiny: bool, dtype: str, device, warmup: int, repeats: int, mo
     gen = torch.Generator(device=device).manual_seed(1)
     lc = cond_len[idx]
     cond = torch.randn(batch, lc, widths["cond_channels"], device=device, generator=gen)
+    extra = {}
+    if name.endswith("zero neg"):  # a guided pair: the negative half's condition is zeros
+        cond[batch // 2:] = 0
+        extra = {"zero_cond_from": batch // 2}
     t = torch.full((batch,), 700.0, device=device)
     if kind == "ss":
         x = torch.randn(batch, 8, 16, 16, 16, device=device, generator=gen)
@@ -102,7 +110,7 @@ def run_case(case, tiny: bool, dtype: str, device, warmup: int, repeats: int, mo
 
     def fwd():
         with torch.no_grad():
-            return model(x, t, cond)
+            return model(x, t, cond, **extra)
 
     first_ms = wall_ms(fwd, device)  # first call of this shape (includes run-time kernel compiles in a fresh process)
     ms, peak = time_ms(fwd, device, warmup, repeats)
