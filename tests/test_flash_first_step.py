@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends
+from torch.nn.attention import _cur_sdpa_kernel_backends
 
 from know3d_core.geometry_pipeline import FLASH_FIRST_STEP_BY_DEFAULT, Trellis2GeometryPipeline
 from know3d_core.plan import SS_STAGE
-from know3d_core.sparse import AttentionPlans, attention, dense_attention, flash_for_new_shapes, record_attention_plans
+from know3d_core.sparse import attention, dense_attention, flash_for_new_shapes, record_attention_plans
 from know3d_core.sparse.kernel_dispatch import wait_for_warmups
 
 from _pipeline_helpers import geometry_demo, one_thread
