@@ -7,6 +7,8 @@ attention and ``to_out`` over those tokens, and SDPA sees only the other samples
 Checked here: equal to the plain computation up to rounding, at the attention, the flows (dense, packed,
 with the Know3D branch) and the pipeline's wiring; less work (rows into ``to_q``, SDPA batch).
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,9 @@ from PIL import Image
 
 from know3d_core.geometry_pipeline import ZERO_NEGATIVE_SHORTCUT_BY_DEFAULT, Trellis2GeometryPipeline
 from know3d_core.sampling import dense_cfg_batch, sparse_cfg_batch
+from know3d_core.trellis2.modules import attention as attention_mod
+from know3d_core.trellis2.modules import blocks as blocks_mod
+from know3d_core.trellis2.modules import fused as fused_mod
 from know3d_core.trellis2.modules.attention import MultiHeadAttention, TokenLayout
 
 from _knowledge_helpers import knowledge_tensor, sparse_input, ss_inputs, tiny_slat, tiny_ss, with_branch
@@ -176,6 +181,26 @@ def test_geometry_bench_times_the_shortcut_off_then_on(tmp_path):
     assert [r["zero_negative_shortcut"] for r in rows] == [False, True]
     tokens = [r["num_tokens"]["shape_slat_512"] for r in rows]
     assert rows[0]["warmup_tokens"] < tokens[0] < tokens[1]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or fused_mod.triton is None,
+                    reason="needs Triton and TRITON_INTERPRET=1 (the fused block kernels on CPU tensors)")
+def test_fused_block_path_with_a_zero_negative_in_the_interpreter(monkeypatch, cross_batches):
+    """The blocks' fused path (what CUDA runs), here on CPU tensors through Triton's interpreter: with and
+    without the shortcut, both flows, the Know3D branch on the shape flow."""
+    for module in (fused_mod, blocks_mod, attention_mod):
+        monkeypatch.setattr(module, "fused_enabled", lambda x: True)
+    ss = tiny_ss()
+    x, t, cond = ss_inputs(batch=1, cond_tokens=COND_TOKENS)
+    x2, t2, c2 = torch.cat([x, x]), torch.cat([t, t]), _pair(cond)
+    got = ss(x2, t2, c2, zero_cond_from=1)
+    assert cross_batches == [1] * len(ss.blocks)  # the fused block passed it on
+    torch.testing.assert_close(got, ss(x2, t2, c2), rtol=1e-4, atol=1e-5)
+    slat = with_branch(tiny_slat(), seed=3)
+    xs, ts = sparse_input([40, 40]), torch.full((2,), 500.0)
+    cs, know = _pair(torch.randn(1, COND_TOKENS, 32)), knowledge_tensor(batch=2)
+    torch.testing.assert_close(slat(xs, ts, cs, knowledge=know, zero_cond_from=1).feats,
+                               slat(xs, ts, cs, knowledge=know).feats, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.cuda
