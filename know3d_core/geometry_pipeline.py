@@ -236,14 +236,16 @@ def _dtype(dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
     return parse_dtype(dtype)
 
 
-def _batched_cond(cond: Mapping[str, Any], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(cond, neg_cond, neg_cond is all zeros)`` on ``device``; a given neg_cond is checked where it is
-    (on a GPU: one host sync a stage, before its sampling)."""
+def _batched_cond(cond: Mapping[str, Any], device: torch.device, check_zero: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(cond, neg_cond, neg_cond is known to be all zeros)`` on ``device``. With ``check_zero``, a given
+    neg_cond is checked where it is (on a GPU: one host sync a stage, before its sampling); without, only
+    a neg_cond made here counts as zero."""
     c, n = cond["cond"], cond.get("neg_cond")
     c = c.to(device)
     if n is None:
         return c, torch.zeros_like(c), True
-    zero = not bool(n.any())
+    zero = check_zero and not bool(n.any())
     return c, n.to(device), zero
 
 
@@ -562,18 +564,24 @@ class Trellis2GeometryPipeline:
         require_branch({k: self.models[k] for k in keys if k in self.models}, kind)
 
     # ------------------------------------------------------------------ guidance plumbing
+    def _cond_pair(self, cond: Mapping[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(cond, neg_cond, use the zero-negative shortcut)`` on the device: the shortcut when
+        :attr:`zero_negative_shortcut` is on and neg_cond is all zeros (checked only then)."""
+        c, n, zero = _batched_cond(cond, self.device, check_zero=self.zero_negative_shortcut)
+        return c, n, zero and self.zero_negative_shortcut
+
     @contextlib.contextmanager
     def _guided(self, flow: nn.Module, cond: Mapping[str, Any], knowledge: Any, image_size: int, sparse: bool):
         """``(model_fn, batched_model_fn | None, cond, neg_cond)`` for one stage; releases the
         knowledge context afterwards (also on errors and cancellation). With an all-zero negative
         condition and :attr:`zero_negative_shortcut` on (``ZERO_NEGATIVE_SHORTCUT_BY_DEFAULT``), the pair
         forward gets ``zero_cond_from`` (the flows compute that half's cross-attention as one row)."""
-        c, n, neg_zero = _batched_cond(cond, self.device)
+        c, n, neg_zero = self._cond_pair(cond)
         ctx = None
         make_batch = sparse_cfg_batch if sparse else dense_cfg_batch
 
         def batch(model_fn, zero: bool = neg_zero):
-            return make_batch(model_fn, neg_is_zero=zero and self.zero_negative_shortcut)
+            return make_batch(model_fn, neg_is_zero=zero)
         try:
             if knowledge is not None and knowledge.injected:
                 require_branch({type(flow).__name__: flow}, knowledge.kind)
@@ -595,7 +603,7 @@ class Trellis2GeometryPipeline:
 
                 if mode == "concat":  # zero negative tokens: same output for any token count
                     joint = view.concatenated()
-                    yield base, batch(base, zero=True), joint, torch.zeros_like(joint)
+                    yield base, batch(base, zero=self.zero_negative_shortcut), joint, torch.zeros_like(joint)
                 else:
                     yield multi_view_model_fn(base), None, view, n
             else:
@@ -889,12 +897,12 @@ class Trellis2GeometryPipeline:
             reps = xt.feats.shape[0] // shape_feats.shape[0]
             return flow(xt, t, cc, concat_cond=shape_feats if reps == 1 else shape_feats.repeat(reps, 1), **kw)
 
-        c, n, neg_zero = _batched_cond(cond, self.device)
+        c, n, neg_zero = self._cond_pair(cond)
         if back_cond is not None:
             view = MultiViewCondition([c, back_cond["cond"].to(self.device).expand(c.shape[0], -1, -1)], back_mode)
             model_fn, batched, c = multi_view_model_fn(fn), None, view
         else:
-            model_fn, batched = fn, sparse_cfg_batch(fn, neg_is_zero=neg_zero and self.zero_negative_shortcut)
+            model_fn, batched = fn, sparse_cfg_batch(fn, neg_is_zero=neg_zero)
         with self.use(flow), self._attention_plan_builds(sampler.params, B, self._progress(callback, TEX_STAGE)) \
                 as progress:
             out = sampler.sample(model_fn, x, c, n, batched_model_fn=batched, callback=progress, cancel_check=cancel)

@@ -70,3 +70,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def cpu_geometry(tmp_path_factory):
+    """``(Trellis2GeometryPipeline on the CPU in float32, demo paths)`` of the geometry demo set."""
+    from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
+
+    demo = geometry_demo(tmp_path_factory)
+    return Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32"), demo
+
+
+def tiny_geometry_bench_rows(tmp_path, *flags: str) -> list:
+    """Rows of ``benchmarks/bench_geometry.py --tiny`` (512 type, no offload) run with ``flags``."""
+    import json
+    import sys
+
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    import bench_geometry
+
+    out = tmp_path / "geometry.json"
+    assert bench_geometry.main(["--tiny", *flags, "--types", "512", "--offload", "off", "--out", str(out)]) == 0
+    return json.loads(out.read_text())["rows"]

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from know3d_core.geometry_pipeline import PLAN_ATTENTION_AHEAD_BY_DEFAULT, Trellis2GeometryPipeline
+from know3d_core.geometry_pipeline import PLAN_ATTENTION_AHEAD_BY_DEFAULT
 from know3d_core.plan import SS_STAGE
 from know3d_core.sampling import SamplerParams, time_schedule, uses_cfg
 from know3d_core.sparse import AttentionPlans, attention as sparse_attention, dense_attention, record_attention_plans
 
-from _pipeline_helpers import geometry_demo, one_thread
+from _pipeline_helpers import cpu_geometry, one_thread, tiny_geometry_bench_rows
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -99,8 +99,7 @@ STAGE = "shape_slat_512"
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    demo = geometry_demo(tmp_path_factory)
-    return Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32"), demo
+    return cpu_geometry(tmp_path_factory)
 
 
 def _run(pipe, demo, events, ahead):
@@ -190,16 +189,7 @@ def test_off_by_default_and_without_unguided_steps(pipe):
 def test_geometry_bench_times_the_plans_ahead_off_then_on_each_on_new_tokens(tmp_path):
     """``bench_geometry.py --plan-ahead both`` (the A/B that decides the default): a row without, then one
     with, on token counts no earlier row used (so both pay, or save, the plan builds of a new object)."""
-    import json
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import bench_geometry
-
-    out = tmp_path / "geometry.json"
-    assert bench_geometry.main(["--tiny", "--plan-ahead", "both", "--types", "512", "--offload", "off",
-                                "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = tiny_geometry_bench_rows(tmp_path, "--plan-ahead", "both")
     assert [r["plan_attention_ahead"] for r in rows] == [False, True]
     tokens = [r["num_tokens"]["shape_slat_512"] for r in rows]
     assert rows[0]["warmup_tokens"] == rows[1]["warmup_tokens"] < tokens[0] < tokens[1]

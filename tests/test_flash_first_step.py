@@ -19,7 +19,7 @@ from know3d_core.plan import SS_STAGE
 from know3d_core.sparse import attention, dense_attention, flash_for_new_shapes, record_attention_plans
 from know3d_core.sparse.kernel_dispatch import wait_for_warmups
 
-from _pipeline_helpers import geometry_demo, one_thread
+from _pipeline_helpers import cpu_geometry, geometry_demo, one_thread, tiny_geometry_bench_rows
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 FLASH = set(attention.NO_PLAN_BACKENDS)
@@ -121,8 +121,7 @@ STAGE = "shape_slat_512"
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    demo = geometry_demo(tmp_path_factory)
-    return Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32"), demo
+    return cpu_geometry(tmp_path_factory)
 
 
 def _run(pipe, demo, flash, calls):
@@ -180,16 +179,7 @@ def test_cuda_first_step_on_flash_then_the_default_kernels(tmp_path_factory, mon
 def test_geometry_bench_times_flash_first_step_off_then_on_each_on_new_tokens(tmp_path):
     """``bench_geometry.py --flash-first-step both`` (the A/B that decides the default): a row without, then
     one with, on token counts no earlier row used; each row counts its FlashAttention-2 calls."""
-    import json
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import bench_geometry
-
-    out = tmp_path / "geometry.json"
-    assert bench_geometry.main(["--tiny", "--flash-first-step", "both", "--types", "512", "--offload", "off",
-                                "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = tiny_geometry_bench_rows(tmp_path, "--flash-first-step", "both")
     assert [r["flash_first_step"] for r in rows] == [False, True]
     assert [r["flash_calls"] for r in rows] == [0, 0]  # the CPU builds no plans: nothing to avoid
     tokens = [r["num_tokens"]["shape_slat_512"] for r in rows]

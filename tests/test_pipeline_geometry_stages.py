@@ -5,18 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
-from know3d_core.geometry_pipeline import Trellis2GeometryPipeline
 from know3d_core.plan import cond_resolutions, ss_resolution
 
-from _pipeline_helpers import FAST, geometry_demo, one_thread
+from _pipeline_helpers import FAST, cpu_geometry, one_thread
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    demo = geometry_demo(tmp_path_factory)
-    return Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32"), demo
+    return cpu_geometry(tmp_path_factory)
 
 
 @pytest.mark.parametrize("ptype", ["512", "1024_cascade"])

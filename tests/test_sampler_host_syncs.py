@@ -17,7 +17,7 @@ from know3d_core.knowledge import MultiViewCondition, multi_view_model_fn
 from know3d_core.sampling import FlowEulerGuidanceIntervalSampler, SamplerParams, host_time
 from know3d_core.sparse.kernel_dispatch import wait_for_warmups
 
-from _pipeline_helpers import geometry_demo, hidden_knowledge, one_thread
+from _pipeline_helpers import geometry_demo, hidden_knowledge, one_thread, tiny_geometry_bench_rows
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -146,16 +146,7 @@ def test_flow_steps_after_the_first_never_sync_on_cuda(tmp_path_factory, ptype):
 def test_geometry_bench_has_the_per_step_sync_baseline_in_the_same_run(tmp_path):
     """``bench_geometry.py --host-sync both``: a row whose host waits for the device after every step
     (the baseline), then one as the pipeline runs, each on token counts no earlier row used."""
-    import json
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import bench_geometry
-
-    out = tmp_path / "geometry.json"
-    assert bench_geometry.main(["--tiny", "--host-sync", "both", "--types", "512", "--offload", "off",
-                                "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = tiny_geometry_bench_rows(tmp_path, "--host-sync", "both")
     assert [r["host_sync_each_step"] for r in rows] == [True, False]
     tokens = [r["num_tokens"]["shape_slat_512"] for r in rows]
     assert rows[0]["warmup_tokens"] < tokens[0] < tokens[1]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from know3d_core.geometry_pipeline import ZERO_NEGATIVE_SHORTCUT_BY_DEFAULT, Trellis2GeometryPipeline
+from know3d_core.geometry_pipeline import ZERO_NEGATIVE_SHORTCUT_BY_DEFAULT
 from know3d_core.sampling import dense_cfg_batch, sparse_cfg_batch
 from know3d_core.trellis2.modules import attention as attention_mod
 from know3d_core.trellis2.modules import blocks as blocks_mod
@@ -22,7 +22,7 @@ from know3d_core.trellis2.modules import fused as fused_mod
 from know3d_core.trellis2.modules.attention import MultiHeadAttention, TokenLayout
 
 from _knowledge_helpers import knowledge_tensor, sparse_input, ss_inputs, tiny_slat, tiny_ss, with_branch
-from _pipeline_helpers import geometry_demo, one_thread
+from _pipeline_helpers import cpu_geometry, one_thread, tiny_geometry_bench_rows
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -137,8 +137,7 @@ def test_cfg_batches_pass_the_zero_half_only_when_told():
 # ----------------------------------------------------------------------------- in the pipeline
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    demo = geometry_demo(tmp_path_factory)
-    return Trellis2GeometryPipeline.from_pretrained(demo.trellis2, device="cpu", dtype="float32"), demo
+    return cpu_geometry(tmp_path_factory)
 
 
 def test_pipeline_tells_the_flows_when_its_negative_is_zero(pipe, monkeypatch):
@@ -153,7 +152,9 @@ def test_pipeline_tells_the_flows_when_its_negative_is_zero(pipe, monkeypatch):
                         or real(self, *a, **kw))
     params = {"steps": 2}
     a = pipe.sample_sparse_structure(cond, generator=torch.Generator().manual_seed(1), params=params)
-    assert calls == [1, 1]  # the guided pair, its negative half from sample 1
+    # 2 steps at t = 1 and 5 * 0.5 / (1 + 4 * 0.5) = 0.83 (rescale_t 5), both in the interval [0.6, 1]: two guided
+    # pair forwards, each told its negative half starts at sample 1
+    assert calls == [1, 1]
     pipe.zero_negative_shortcut = False
     try:
         b = pipe.sample_sparse_structure(cond, generator=torch.Generator().manual_seed(1), params=params)
@@ -168,16 +169,7 @@ def test_pipeline_tells_the_flows_when_its_negative_is_zero(pipe, monkeypatch):
 
 
 def test_geometry_bench_times_the_shortcut_off_then_on(tmp_path):
-    import json
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import bench_geometry
-
-    out = tmp_path / "geometry.json"
-    assert bench_geometry.main(["--tiny", "--zero-negative", "both", "--types", "512", "--offload", "off",
-                                "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = tiny_geometry_bench_rows(tmp_path, "--zero-negative", "both")
     assert [r["zero_negative_shortcut"] for r in rows] == [False, True]
     tokens = [r["num_tokens"]["shape_slat_512"] for r in rows]
     assert rows[0]["warmup_tokens"] < tokens[0] < tokens[1]

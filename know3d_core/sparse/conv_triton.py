@@ -314,10 +314,10 @@ if triton is not None:
     _conv_launch = TritonLauncher(_subm_conv_kernel)
 
 
-def _grid(Co: int, cfg, num_tiles: int) -> tuple[int]:
-    """One grid axis of ``cdiv(Co, BN) x num_tiles`` programs, column tiles fastest: the order
+def _grid(Co: int, cfg, num_tiles: int) -> int:
+    """Programs on the one grid axis, ``cdiv(Co, BN) x num_tiles``, column tiles fastest: the order
     ``_subm_conv_kernel`` derives ``(pid_m, pid_n)`` from (a second axis stops at 65535 tiles)."""
-    return (triton.cdiv(Co, cfg.BN) * num_tiles,)
+    return triton.cdiv(Co, cfg.BN) * num_tiles
 
 
 def conv_implicit_gemm(
@@ -347,7 +347,7 @@ def conv_implicit_gemm(
     table, index, skip_c, repeat = _skip_args(skip, N, Co, out)
     P = layout.nbr.shape[1]
     _conv_launch(
-        _grid(Co, cfg, layout.num_tiles)[0],
+        _grid(Co, cfg, layout.num_tiles),
         [feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
          layout.nbr, layout.rows, layout.offsets, layout.counts,
          layout.rows, layout.counts, table, index,
@@ -410,7 +410,7 @@ def conv_children_implicit_gemm(
     if num_children == 0 or N == 0:
         return out
     _conv_launch(
-        _grid(Co, cfg, layout.num_tiles)[0],
+        _grid(Co, cfg, layout.num_tiles),
         [feats.contiguous(), weight.contiguous(), bias if bias is not None else weight, out,
          nbr.contiguous(), layout.rows, layout.offsets, layout.counts,
          layout.parents, layout.slots, out, out,

@@ -402,7 +402,6 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, kernel_size
     slots = triton.next_power_of_2(per_voxel * N)
     packed = PACKED_TABLE and key32
     keys = torch.full((slots,), -1, dtype=torch.int64, device=coords.device)
-    grid = (triton.cdiv(N, HALF_INSERT_BLOCK),)
     fill = HALF_FILL_IN_INSERT
     KP = triton.next_power_of_2(K) if fill else 1
     if not fill:
@@ -411,7 +410,8 @@ def _build_half(coords, nbr, bits, X: int, Y: int, Z: int, pad: int, kernel_size
     bits_in_lookup = bits is not None and HALF_BITS_IN_LOOKUP
     bits_arg = bits if bits_in_lookup else nbr
     spec = (in_int32(N * K, X * Y * Z, slots),)  # every int argument is do_not_specialize: only its width
-    _insert_launch(grid[0], [coords, keys, vals, nbr, bits_arg, N, X, Y, Z, pad, slots - 1, K], spec,
+    _insert_launch(triton.cdiv(N, HALF_INSERT_BLOCK),
+                   [coords, keys, vals, nbr, bits_arg, N, X, Y, Z, pad, slots - 1, K], spec,
                    {"BLOCK": HALF_INSERT_BLOCK, "KP": KP, "FILL": fill, "PACKED": packed, "BITS": bits_in_lookup},
                    HALF_INSERT_WARPS)
     H = K // 2 + 1
